@@ -1,0 +1,46 @@
+# mdcluster build and test entry points. `make test` is what CI runs; it installs
+# whatever the tests need when it is missing, so a fresh machine needs nothing else.
+
+GO ?= go
+export PATH := /usr/local/go/bin:$(PATH)
+
+# Debian packages the tests use: mdadm (format interop checks).
+APT_PACKAGES ?= mdadm
+
+.PHONY: all build test demo deps vet race fuzz bench clean
+
+all: build
+
+build:
+	$(GO) build ./...
+
+# deps installs the system packages the tests need, only when one is missing.
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+vet:
+	$(GO) vet ./...
+
+race:
+	$(GO) test -race -count=1 ./...
+
+# fuzz runs every fuzz target briefly; the seed corpora already run in `race`.
+FUZZTIME ?= 10s
+fuzz:
+	@./scripts/fuzz-all.sh $(FUZZTIME)
+
+test: deps vet race fuzz
+
+demo:
+	$(GO) run ./cmd/mdcluster-demo
+
+bench:
+	$(GO) test -run '^$$' -bench . -benchmem ./dlm/
+
+clean:
+	$(GO) clean -testcache

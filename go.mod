@@ -1,0 +1,3 @@
+module github.com/mdcluster/mdcluster
+
+go 1.26
