@@ -1,0 +1,82 @@
+package dlm
+
+import "sort"
+
+// LockInfo describes one lock, for dumps and tests.
+type LockInfo struct {
+	ID        LockID
+	Owner     OwnerID
+	State     string // "granted", "converting" or "waiting"
+	Granted   Mode   // ModeIV for a waiting request
+	Requested Mode   // ModeIV when nothing is pending
+	Flags     Flags  // flags of the latest request or conversion
+	Orphan    bool
+}
+
+// ResourceInfo describes one resource and its queues, in the spirit of
+// dlm_tool lockdebug.
+type ResourceInfo struct {
+	Name       string
+	Granted    []LockInfo
+	Converting []LockInfo
+	Waiting    []LockInfo
+	// LVB is a copy of the resource's value block (nil if never written).
+	LVB         []byte
+	LVBSeq      uint32
+	ValNotValid bool
+}
+
+func lockInfo(l *lkb) LockInfo {
+	return LockInfo{
+		ID: l.id, Owner: l.owner, State: l.state.String(),
+		Granted: l.grmode, Requested: l.rqmode, Flags: l.exflags, Orphan: l.orphan,
+	}
+}
+
+func (r *resource) info() ResourceInfo {
+	ri := ResourceInfo{Name: r.name, LVBSeq: r.lvbSeq, ValNotValid: r.valNotValid}
+	if r.lvb != nil {
+		ri.LVB = append([]byte(nil), r.lvb...)
+	}
+	for l := r.granted.head; l != nil; l = l.next {
+		ri.Granted = append(ri.Granted, lockInfo(l))
+	}
+	for l := r.convert.head; l != nil; l = l.next {
+		ri.Converting = append(ri.Converting, lockInfo(l))
+	}
+	for l := r.wait.head; l != nil; l = l.next {
+		ri.Waiting = append(ri.Waiting, lockInfo(l))
+	}
+	return ri
+}
+
+// Resource describes the named resource, if the core knows it (it may be
+// cached with no locks).
+func (c *Core) Resource(name string) (ResourceInfo, bool) {
+	r := c.res[name]
+	if r == nil {
+		return ResourceInfo{}, false
+	}
+	return r.info(), true
+}
+
+// Resources describes every resource that has locks, sorted by name.
+func (c *Core) Resources() []ResourceInfo {
+	var out []ResourceInfo
+	for _, r := range c.res {
+		if !r.empty() {
+			out = append(out, r.info())
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
+
+// LockInfo describes one lock.
+func (c *Core) LockInfo(id LockID) (LockInfo, bool) {
+	l := c.lookup(id)
+	if l == nil {
+		return LockInfo{}, false
+	}
+	return lockInfo(l), true
+}

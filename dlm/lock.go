@@ -1,0 +1,274 @@
+package dlm
+
+import (
+	"context"
+	"fmt"
+)
+
+// ID returns the lock's ID in its lockspace on this node.
+func (lk *Lock) ID() LockID { return lk.id }
+
+// Resource returns the name of the locked resource.
+func (lk *Lock) Resource() string { return lk.resource }
+
+// Mode returns the granted mode (ModeIV once the lock is released or if it
+// was never granted).
+func (lk *Lock) Mode() Mode {
+	sp := lk.ls.sp
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	return lk.mode
+}
+
+// StatusFlags returns the status-block flags of the latest completed
+// operation: Demoted, ValNotValid, AltMode.
+func (lk *Lock) StatusFlags() StatusFlags {
+	sp := lk.ls.sp
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	return lk.sbflags
+}
+
+// LVB returns a copy of the lock's value block as last read (on a grant with
+// ValBlk) or set (SetLVB); nil if the lock never used one. Check
+// StatusFlags for ValNotValid before trusting it.
+func (lk *Lock) LVB() []byte {
+	sp := lk.ls.sp
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	if lk.lvb == nil {
+		return nil
+	}
+	return append([]byte(nil), lk.lvb...)
+}
+
+// LVBSeq returns the sequence number of the value in the lock's LVB: the
+// resource's count of LVB writes when the value was read or written.
+func (lk *Lock) LVBSeq() uint32 {
+	sp := lk.ls.sp
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	return lk.lvbseq
+}
+
+// SetLVB sets the value the next down-conversion or unlock from PW or EX with
+// ValBlk writes to the resource. b must be exactly the lockspace's LVB length.
+func (lk *Lock) SetLVB(b []byte) error {
+	sp := lk.ls.sp
+	if len(b) != sp.core.LVBLen() {
+		return fmt.Errorf("lock %q: %w: LVB is %d bytes, lockspace uses %d", lk.resource, ErrInvalid, len(b), sp.core.LVBLen())
+	}
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	if lk.gone {
+		return fmt.Errorf("lock %q: %w: lock already released", lk.resource, ErrNotFound)
+	}
+	if lk.pending {
+		return fmt.Errorf("lock %q: %w", lk.resource, ErrBusy)
+	}
+	if lk.lvb == nil {
+		lk.lvb = make([]byte, len(b))
+	}
+	copy(lk.lvb, b)
+	return nil
+}
+
+// usable checks that an operation may start on lk. Called with mu held.
+func (lk *Lock) usable(op string) error {
+	if lk.ls.released.Load() {
+		return fmt.Errorf("%s %q: %w", op, lk.resource, ErrReleased)
+	}
+	if lk.gone {
+		return fmt.Errorf("%s %q: %w: lock already released", op, lk.resource, ErrNotFound)
+	}
+	return nil
+}
+
+// Convert changes the lock's mode and waits for the outcome: nil when
+// granted; ErrAgain (NoQueue), ErrDeadlock (conversion deadlock: the lock
+// keeps its mode), ErrCancel or ErrTimeout (cancelled; the lock keeps its
+// mode). Converting a lock with an operation pending fails with ErrBusy.
+func (lk *Lock) Convert(ctx context.Context, mode Mode, flags Flags) error {
+	if err := lk.startConvert(ctx, mode, flags, nil); err != nil {
+		return err
+	}
+	return lk.wait(ctx)
+}
+
+// ConvertAsync starts a conversion; done is called once with its outcome on
+// the lockspace's callback goroutine, unless ConvertAsync itself returns an
+// error.
+func (lk *Lock) ConvertAsync(ctx context.Context, mode Mode, flags Flags, done func(*Lock, error)) error {
+	if done == nil {
+		return fmt.Errorf("convert %q: %w: nil completion callback", lk.resource, ErrInvalid)
+	}
+	return lk.startConvert(ctx, mode, flags, done)
+}
+
+func (lk *Lock) startConvert(ctx context.Context, mode Mode, flags Flags, done func(*Lock, error)) error {
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("convert %q: %w", lk.resource, ctxStatus(err))
+	}
+	sp := lk.ls.sp
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	if err := lk.usable("convert"); err != nil {
+		return err
+	}
+	allocated := false
+	if flags&ValBlk != 0 && lk.lvb == nil {
+		lk.lvb = make([]byte, sp.core.LVBLen())
+		allocated = true
+	}
+	if err := sp.core.Convert(lk.id, mode, flags|Convert, lk.lvb); err != nil {
+		if allocated {
+			lk.lvb = nil
+		}
+		return err
+	}
+	lk.pending = true
+	lk.done = done
+	lk.op++
+	sp.apply()
+	if lk.pending {
+		lk.ls.track(ctx, lk)
+	}
+	return nil
+}
+
+// Unlock releases the lock. flags may hold ValBlk or IVValBlk (the LVB rules
+// for a PW/EX holder), ForceUnlock (release even while a request or
+// conversion is pending; that operation then ends with ErrUnlocked) and
+// Cancel (same as Cancel). Unlocking twice fails with ErrNotFound.
+func (lk *Lock) Unlock(ctx context.Context, flags Flags) error {
+	return lk.startUnlock(ctx, flags, nil)
+}
+
+// UnlockAsync is Unlock with the outcome handed to done on the callback
+// goroutine (nil on success).
+func (lk *Lock) UnlockAsync(ctx context.Context, flags Flags, done func(*Lock, error)) error {
+	if done == nil {
+		return fmt.Errorf("unlock %q: %w: nil completion callback", lk.resource, ErrInvalid)
+	}
+	return lk.startUnlock(ctx, flags, done)
+}
+
+func (lk *Lock) startUnlock(ctx context.Context, flags Flags, done func(*Lock, error)) error {
+	if flags&Cancel != 0 && flags&ForceUnlock == 0 {
+		if err := lk.Cancel(); err != nil {
+			return err
+		}
+		if done != nil {
+			sp := lk.ls.sp
+			sp.mu.Lock()
+			sp.enqueue(event{lk: lk, kind: Completion, done: done})
+			sp.mu.Unlock()
+		}
+		return nil
+	}
+	sp := lk.ls.sp
+	sp.mu.Lock()
+	if err := lk.usable("unlock"); err != nil {
+		sp.mu.Unlock()
+		return err
+	}
+	wasPending := lk.pending
+	if !wasPending {
+		lk.pending, lk.unlocking, lk.done = true, true, done
+		lk.op++
+	}
+	if err := sp.core.Unlock(lk.id, flags, lk.lvb); err != nil {
+		if !wasPending {
+			lk.pending, lk.unlocking, lk.done = false, false, nil
+		}
+		sp.mu.Unlock()
+		return err
+	}
+	sp.apply()
+	if wasPending {
+		// A force-unlock overtook the pending operation, which ended with
+		// ErrUnlocked; this call itself succeeded.
+		if done != nil {
+			sp.enqueue(event{lk: lk, kind: Completion, done: done})
+		}
+		sp.mu.Unlock()
+		return nil
+	}
+	if lk.pending {
+		lk.ls.track(ctx, lk)
+	}
+	sp.mu.Unlock()
+	if done != nil {
+		return nil
+	}
+	return lk.wait(ctx)
+}
+
+// Cancel cancels the lock's pending request or conversion, which then ends
+// with ErrCancel (a cancelled conversion leaves the lock in its granted mode).
+// With nothing pending it does nothing and returns nil.
+func (lk *Lock) Cancel() error {
+	sp := lk.ls.sp
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	if err := lk.usable("cancel"); err != nil {
+		return err
+	}
+	if !lk.pending {
+		return nil
+	}
+	if err := sp.core.CancelStatus(lk.id, StatusCancel); err != nil {
+		return err
+	}
+	sp.apply()
+	return nil
+}
+
+// Release closes the handle: its locks are released, except those whose
+// latest request carried Persistent, which stay granted as orphans for a
+// later request with Orphan to adopt. Operations still pending end with
+// ErrReleased. Every later call on the handle or its locks fails with
+// ErrReleased.
+func (ls *Lockspace) Release() error {
+	if !ls.released.CompareAndSwap(false, true) {
+		return fmt.Errorf("release lockspace %q: %w", ls.sp.name, ErrReleased)
+	}
+	sp := ls.sp
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	orphaned, released := sp.core.PurgeOwner(ls.owner)
+	sp.apply()
+	for lk := range ls.waiting {
+		lk.pending, lk.gone, lk.inflight = false, true, false
+		lk.result = fmt.Errorf("lock %q: %w", lk.resource, ErrReleased)
+		if lk.stopAfter != nil {
+			lk.stopAfter()
+			lk.stopAfter = nil
+		}
+		switch {
+		case lk.waiter:
+			lk.waiter = false
+			lk.waitCh <- struct{}{}
+		case lk.done != nil:
+			sp.enqueue(event{lk: lk, kind: Completion, err: lk.result, done: lk.done})
+			lk.done = nil
+		}
+	}
+	ls.waiting = nil
+	delete(sp.open, ls)
+	sp.handles--
+	if sp.handles == 0 {
+		sp.stopDispatcher()
+	}
+	sp.log.Info("lockspace handle released", "owner", ls.owner, "orphaned", orphaned, "released", released)
+	return nil
+}
+
+// Dump describes every resource of the lockspace that has locks on this
+// node, with its queues and LVB.
+func (ls *Lockspace) Dump() []ResourceInfo {
+	sp := ls.sp
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	return sp.core.Resources()
+}

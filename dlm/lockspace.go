@@ -1,0 +1,445 @@
+package dlm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+)
+
+// Config configures a Node.
+type Config struct {
+	// Logger receives the lock manager's log; nil means slog.Default().
+	Logger *slog.Logger
+}
+
+// DefaultConfig returns the configuration for a node with default logging.
+func DefaultConfig() Config { return Config{} }
+
+// Node is this process's entry to the lock manager. It hosts the lockspaces
+// the node takes part in; each Open of a lockspace returns a new handle (an
+// owner of locks, like a process that opened a Linux lockspace).
+//
+// For now a Node is a cluster of one: every resource is mastered locally.
+type Node struct {
+	cfg Config
+	log *slog.Logger
+
+	mu     sync.Mutex
+	spaces map[string]*space
+	closed bool
+}
+
+// NewNode returns a node with no lockspaces.
+func NewNode(cfg Config) *Node {
+	lg := cfg.Logger
+	if lg == nil {
+		lg = slog.Default()
+	}
+	return &Node{cfg: cfg, log: lg, spaces: make(map[string]*space)}
+}
+
+// OpenOptions are the parameters of a lockspace, fixed when it is created;
+// every later Open must agree with them.
+type OpenOptions struct {
+	// LVBLen is the lock value block length, a positive multiple of 8; zero
+	// means DefaultLVBLen.
+	LVBLen int
+}
+
+// MaxLockspaceName is the longest lockspace name (Linux: DLM_LOCKSPACE_LEN).
+const MaxLockspaceName = 64
+
+// Open returns a new handle to the named lockspace, creating the lockspace on
+// first use. Locks taken through the handle belong to it: Release drops them.
+func (n *Node) Open(name string, opts OpenOptions) (*Lockspace, error) {
+	if name == "" || len(name) > MaxLockspaceName {
+		return nil, fmt.Errorf("open lockspace %q: %w: name must be 1..%d bytes", name, ErrInvalid, MaxLockspaceName)
+	}
+	lvbLen := opts.LVBLen
+	if lvbLen == 0 {
+		lvbLen = DefaultLVBLen
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.closed {
+		return nil, fmt.Errorf("open lockspace %q: %w: node closed", name, ErrReleased)
+	}
+	sp := n.spaces[name]
+	if sp == nil {
+		core, err := NewCore(CoreConfig{LVBLen: lvbLen})
+		if err != nil {
+			return nil, fmt.Errorf("open lockspace %q: %w", name, err)
+		}
+		sp = &space{name: name, core: core, log: n.log.With("lockspace", name)}
+		n.spaces[name] = sp
+		sp.log.Info("lockspace created", "lvb_len", lvbLen)
+	} else if sp.core.LVBLen() != lvbLen {
+		return nil, fmt.Errorf("open lockspace %q: %w: LVB length %d, the lockspace uses %d",
+			name, ErrInvalid, lvbLen, sp.core.LVBLen())
+	}
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	sp.nextOwner++
+	sp.handles++
+	if sp.handles == 1 {
+		sp.startDispatcher()
+	}
+	ls := &Lockspace{sp: sp, owner: sp.nextOwner}
+	if sp.open == nil {
+		sp.open = make(map[*Lockspace]struct{})
+	}
+	sp.open[ls] = struct{}{}
+	return ls, nil
+}
+
+// Close releases every handle of every lockspace.
+func (n *Node) Close() {
+	n.mu.Lock()
+	n.closed = true
+	spaces := n.spaces
+	n.spaces = map[string]*space{}
+	n.mu.Unlock()
+	for _, sp := range spaces {
+		sp.mu.Lock()
+		hs := make([]*Lockspace, 0, len(sp.open))
+		for h := range sp.open {
+			hs = append(hs, h)
+		}
+		sp.mu.Unlock()
+		for _, h := range hs {
+			_ = h.Release()
+		}
+	}
+}
+
+// space is the node's copy of one lockspace: the core and the machinery
+// around it. mu guards the core and every Lock handle's fields.
+type space struct {
+	name string
+	log  *slog.Logger
+
+	mu        sync.Mutex
+	core      *Core
+	nextOwner OwnerID
+	handles   int
+	open      map[*Lockspace]struct{}
+
+	// Callbacks for user code (async completions, blocking handlers) run on
+	// one dispatcher goroutine, in the order the core produced them.
+	dq      []event
+	dqBell  chan struct{}
+	dqStop  chan struct{}
+	dqDone  chan struct{}
+}
+
+type event struct {
+	lk   *Lock
+	kind CallbackKind
+	mode Mode
+	err  error
+	done func(*Lock, error)
+}
+
+// startDispatcher starts the callback goroutine; called with mu held when
+// the first handle opens. A previous dispatcher still draining is waited for,
+// so callbacks never run on two goroutines at once.
+func (sp *space) startDispatcher() {
+	prev := sp.dqDone
+	sp.dqBell = make(chan struct{}, 1)
+	sp.dqStop = make(chan struct{})
+	sp.dqDone = make(chan struct{})
+	go sp.dispatch(prev, sp.dqBell, sp.dqStop, sp.dqDone)
+}
+
+// stopDispatcher lets the dispatcher deliver what is queued and exit; called
+// with mu held when the last handle is released.
+func (sp *space) stopDispatcher() { close(sp.dqStop) }
+
+func (sp *space) dispatch(prev, bell, stop, done chan struct{}) {
+	defer close(done)
+	if prev != nil {
+		<-prev
+	}
+	var batch []event
+	for {
+		stopping := false
+		select {
+		case <-bell:
+		case <-stop:
+			stopping = true
+		}
+		for {
+			sp.mu.Lock()
+			batch, sp.dq = sp.dq, batch[:0]
+			sp.mu.Unlock()
+			if len(batch) == 0 {
+				break
+			}
+			for i := range batch {
+				ev := &batch[i]
+				switch ev.kind {
+				case Completion:
+					ev.done(ev.lk, ev.err)
+				case Blocking:
+					if h := ev.lk.onBlock; h != nil {
+						h(ev.lk, ev.mode)
+					}
+				}
+				*ev = event{}
+			}
+		}
+		if stopping {
+			return
+		}
+	}
+}
+
+func (sp *space) enqueue(ev event) {
+	sp.dq = append(sp.dq, ev)
+	select {
+	case sp.dqBell <- struct{}{}:
+	default:
+	}
+}
+
+// apply hands the core's callbacks to their lock handles. Called with mu held
+// after every step of the core.
+func (sp *space) apply() {
+	for _, cb := range sp.core.Callbacks() {
+		lk := cb.Tag.(*Lock)
+		if cb.Kind == Blocking {
+			if lk.onBlock != nil && !lk.gone {
+				sp.enqueue(event{lk: lk, kind: Blocking, mode: cb.Mode})
+			}
+			continue
+		}
+		lk.mode = cb.Mode
+		lk.sbflags = cb.Flags
+		lk.lvbseq = cb.LVBSeq
+		lk.pending = false
+		if cb.Mode == ModeIV {
+			lk.gone = true
+		}
+		var err error
+		if cb.Status != StatusOK && !(cb.Status == StatusUnlock && lk.unlocking) {
+			err = fmt.Errorf("lock %q: %w", lk.resource, cb.Status)
+		}
+		lk.unlocking = false
+		if lk.stopAfter != nil {
+			lk.stopAfter()
+			lk.stopAfter = nil
+		}
+		if lk.inflight {
+			lk.inflight = false
+			delete(lk.ls.waiting, lk)
+		}
+		lk.result = err
+		switch {
+		case lk.waiter:
+			lk.waiter = false
+			lk.waitCh <- struct{}{}
+		case lk.done != nil:
+			done := lk.done
+			lk.done = nil
+			sp.enqueue(event{lk: lk, kind: Completion, err: err, done: done})
+		}
+	}
+}
+
+// Lockspace is one handle to a lockspace on this node. It owns the locks
+// taken through it. It is safe for concurrent use.
+type Lockspace struct {
+	sp       *space
+	owner    OwnerID
+	released atomic.Bool
+	// waiting holds this handle's locks with an operation still pending
+	// after the call that started it returned, so Release can end them.
+	waiting map[*Lock]struct{}
+}
+
+// Name returns the lockspace's name.
+func (ls *Lockspace) Name() string { return ls.sp.name }
+
+// LVBLen returns the lockspace's lock value block length.
+func (ls *Lockspace) LVBLen() int { return ls.sp.core.LVBLen() }
+
+// Lock is a handle to one lock. Its accessors report the state as of the last
+// completed operation.
+type Lock struct {
+	ls       *Lockspace
+	id       LockID
+	resource string
+	onBlock  func(*Lock, Mode)
+
+	// Guarded by ls.sp.mu.
+	mode      Mode
+	sbflags   StatusFlags
+	lvbseq    uint32
+	lvb       []byte
+	pending   bool
+	gone      bool
+	unlocking bool
+	inflight  bool // counted in ls.waiting
+	done      func(*Lock, error)
+	stopAfter func() bool
+	waiter    bool          // a synchronous caller waits on waitCh
+	waitCh    chan struct{} // made on first wait, reused
+	result    error         // outcome of the latest completed operation
+	op        uint64        // counts operations, so a stale deadline cannot cancel a later one
+}
+
+// LockRequest is the full form of a lock request.
+type LockRequest struct {
+	Resource string
+	Mode     Mode
+	Flags    Flags
+	// OnBlock, when set, is called (on the lockspace's callback goroutine)
+	// with the blocked mode when this lock blocks another request. It may
+	// make locking calls but should not block for long.
+	OnBlock func(l *Lock, blocked Mode)
+}
+
+func (ls *Lockspace) check() error {
+	if ls.released.Load() {
+		return ErrReleased
+	}
+	return nil
+}
+
+// Lock requests a lock and waits until it is granted, refused (NoQueue:
+// ErrAgain) or cancelled. When ctx ends while the request waits, the request
+// is cancelled and Lock returns ErrTimeout (deadline) or ErrCancel.
+func (ls *Lockspace) Lock(ctx context.Context, resource string, mode Mode, flags Flags) (*Lock, error) {
+	return ls.Acquire(ctx, LockRequest{Resource: resource, Mode: mode, Flags: flags})
+}
+
+// Acquire is Lock with the full request.
+func (ls *Lockspace) Acquire(ctx context.Context, req LockRequest) (*Lock, error) {
+	lk, err := ls.start(ctx, req, nil)
+	if err != nil {
+		return nil, err
+	}
+	if err := lk.wait(ctx); err != nil {
+		return lk, err
+	}
+	return lk, nil
+}
+
+// LockAsync requests a lock without waiting. done is called once, on the
+// lockspace's callback goroutine, when the request completes (nil error when
+// granted). An error returned by LockAsync itself means the request was
+// refused outright; then done is never called. When ctx ends first, the
+// request is cancelled (ErrTimeout or ErrCancel).
+func (ls *Lockspace) LockAsync(ctx context.Context, req LockRequest, done func(*Lock, error)) (*Lock, error) {
+	if done == nil {
+		return nil, fmt.Errorf("lock %q: %w: nil completion callback", req.Resource, ErrInvalid)
+	}
+	return ls.start(ctx, req, done)
+}
+
+func ctxStatus(err error) Status {
+	if errors.Is(err, context.DeadlineExceeded) {
+		return StatusTimeout
+	}
+	return StatusCancel
+}
+
+func (ls *Lockspace) start(ctx context.Context, req LockRequest, done func(*Lock, error)) (*Lock, error) {
+	if err := ls.check(); err != nil {
+		return nil, fmt.Errorf("lock %q: %w", req.Resource, err)
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("lock %q: %w", req.Resource, ctxStatus(err))
+	}
+	sp := ls.sp
+	lk := &Lock{ls: ls, resource: req.Resource, onBlock: req.OnBlock, mode: ModeIV}
+	if req.Flags&ValBlk != 0 {
+		lk.lvb = make([]byte, sp.core.LVBLen())
+	}
+	sp.mu.Lock()
+	if ls.released.Load() {
+		sp.mu.Unlock()
+		return nil, fmt.Errorf("lock %q: %w", req.Resource, ErrReleased)
+	}
+	lk.pending = true
+	lk.done = done
+	lk.op++
+	id, err := sp.core.Lock(Request{
+		Resource: req.Resource, Mode: req.Mode, Flags: req.Flags, LVB: lk.lvb,
+		Owner: ls.owner, Blocking: req.OnBlock != nil, Tag: lk,
+	})
+	if err != nil {
+		sp.mu.Unlock()
+		return nil, err
+	}
+	lk.id = id
+	sp.apply()
+	if lk.pending {
+		ls.track(ctx, lk)
+	}
+	sp.mu.Unlock()
+	return lk, nil
+}
+
+// track notes a lock whose operation is still pending after its call
+// returned: Release must be able to end it, and ctx's end cancels it.
+// Called with mu held.
+func (ls *Lockspace) track(ctx context.Context, lk *Lock) {
+	if ls.waiting == nil {
+		ls.waiting = make(map[*Lock]struct{})
+	}
+	ls.waiting[lk] = struct{}{}
+	lk.inflight = true
+	if lk.done != nil && ctx.Done() != nil {
+		op := lk.op
+	lk.stopAfter = context.AfterFunc(ctx, func() { lk.cancelWith(op, ctxStatus(ctx.Err())) })
+	}
+}
+
+// wait blocks until the lock's pending operation completes.
+func (lk *Lock) wait(ctx context.Context) error {
+	sp := lk.ls.sp
+	sp.mu.Lock()
+	if !lk.pending {
+		err := lk.result
+		sp.mu.Unlock()
+		return err
+	}
+	if lk.waitCh == nil {
+		lk.waitCh = make(chan struct{}, 1)
+	}
+	lk.waiter = true
+	sp.mu.Unlock()
+	select {
+	case <-lk.waitCh:
+	case <-ctx.Done():
+		lk.cancelWith(lk.opNow(), ctxStatus(ctx.Err()))
+		<-lk.waitCh
+	}
+	sp.mu.Lock()
+	err := lk.result
+	sp.mu.Unlock()
+	return err
+}
+
+func (lk *Lock) opNow() uint64 {
+	sp := lk.ls.sp
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	return lk.op
+}
+
+// cancelWith cancels operation op of the lock, if it is still the pending
+// one, completing it with status st.
+func (lk *Lock) cancelWith(op uint64, st Status) {
+	sp := lk.ls.sp
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	if lk.pending && !lk.gone && lk.op == op {
+		_ = sp.core.CancelStatus(lk.id, st)
+		sp.apply()
+	}
+}
