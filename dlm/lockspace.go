@@ -129,10 +129,10 @@ type space struct {
 
 	// Callbacks for user code (async completions, blocking handlers) run on
 	// one dispatcher goroutine, in the order the core produced them.
-	dq      []event
-	dqBell  chan struct{}
-	dqStop  chan struct{}
-	dqDone  chan struct{}
+	dq     []event
+	dqBell chan struct{}
+	dqStop chan struct{}
+	dqDone chan struct{}
 }
 
 type event struct {
@@ -395,7 +395,7 @@ func (ls *Lockspace) track(ctx context.Context, lk *Lock) {
 	lk.inflight = true
 	if lk.done != nil && ctx.Done() != nil {
 		op := lk.op
-	lk.stopAfter = context.AfterFunc(ctx, func() { lk.cancelWith(op, ctxStatus(ctx.Err())) })
+		lk.stopAfter = context.AfterFunc(ctx, func() { lk.cancelWith(op, ctxStatus(ctx.Err())) })
 	}
 }
 
