@@ -1,0 +1,148 @@
+package transport
+
+import (
+	"bytes"
+	"errors"
+	"strings"
+	"testing"
+)
+
+func TestFrameRoundTrip(t *testing.T) {
+	in := Frame{Header: Header{Type: FrameData, Lockspace: 7, Generation: 9, Seq: 42, Ack: 41}, Payload: []byte("hello")}
+	b := EncodeFrame([]byte("prefix"), &in)
+	b = b[len("prefix"):]
+	if len(b) != HeaderSize+5 {
+		t.Fatalf("encoded %d bytes, want %d", len(b), HeaderSize+5)
+	}
+	out, n, err := DecodeFrame(append(b, "trailing"...), 1024)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n != len(b) {
+		t.Fatalf("used %d bytes, want %d", n, len(b))
+	}
+	in.Length = 5
+	if out.Header != in.Header || !bytes.Equal(out.Payload, in.Payload) {
+		t.Fatalf("decoded %+v, want %+v", out, in)
+	}
+}
+
+func TestDecodeRejectsMalformed(t *testing.T) {
+	valid := func() []byte {
+		return EncodeFrame(nil, &Frame{Header: Header{Type: FrameData, Lockspace: 1, Generation: 1, Seq: 1}, Payload: make([]byte, 16)})
+	}
+	mutate := func(f func(b []byte) []byte) []byte { return f(valid()) }
+	cases := []struct {
+		name string
+		b    []byte
+		max  int
+		want string
+	}{
+		{"empty", nil, 64, "truncated header"},
+		{"short header", valid()[:HeaderSize-1], 64, "truncated header"},
+		{"bad magic", mutate(func(b []byte) []byte { b[0] ^= 0xff; return b }), 64, "bad magic"},
+		{"bad version", mutate(func(b []byte) []byte { b[offVersion] = 9; return b }), 64, "unsupported version"},
+		{"flags", mutate(func(b []byte) []byte { b[offFlags+1] = 1; return b }), 64, "reserved flags"},
+		{"unknown type", mutate(func(b []byte) []byte { b[offType] = 99; return b }), 64, "unknown frame type"},
+		{"over max", valid(), 15, "over maximum"},
+		{"truncated payload", valid()[:HeaderSize+3], 64, "truncated data frame"},
+		{"data seq 0", mutate(func(b []byte) []byte { clear(b[offSeq : offSeq+8]); return b }), 64, "sequence 0"},
+		{"ack with payload", mutate(func(b []byte) []byte { b[offType] = byte(FrameAck); return b }), 64, "ack frame with"},
+		{"hello wrong size", mutate(func(b []byte) []byte {
+			b[offType] = byte(FrameHello)
+			clear(b[offLS:offLS+4])
+			clear(b[offGen : offSeq+8])
+			return b
+		}), 64, "hello frame body is 16 bytes"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			_, _, err := DecodeFrame(tc.b, tc.max)
+			if err == nil {
+				t.Fatal("decoded without error")
+			}
+			if !errors.Is(err, ErrMalformed) {
+				t.Fatalf("error %v does not wrap ErrMalformed", err)
+			}
+			if !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("error %q does not mention %q", err, tc.want)
+			}
+		})
+	}
+}
+
+func TestHandshakeMessages(t *testing.T) {
+	key := []byte("0123456789abcdef0123456789abcdef")
+	h := hello{From: 1, To: 2, Incarnation: 77, StreamFor: 5, Nonce: [nonceLen]byte{1, 2, 3}}
+	hf := helloFrame(&h)
+	f, _, err := DecodeFrame(hf, handshakeMaxBody)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := parseHello(f.Payload)
+	if err != nil || got != h {
+		t.Fatalf("hello round trip: %+v, %v", got, err)
+	}
+	a := hello{From: 2, To: 1, Incarnation: 88, Nonce: [nonceLen]byte{9}}
+	cf := challengeFrame(key, f.Payload, &a, 12)
+	cfr, _, err := DecodeFrame(cf, handshakeMaxBody)
+	if err != nil {
+		t.Fatal(err)
+	}
+	gotA, ack, mac, err := parseChallenge(cfr.Payload)
+	if err != nil || gotA != a || ack != 12 {
+		t.Fatalf("challenge round trip: %+v %d %v", gotA, ack, err)
+	}
+	if !bytes.Equal(mac, acceptorMAC(key, f.Payload, cfr.Payload[:challengeMACOff])) {
+		t.Fatal("challenge MAC does not verify")
+	}
+	if bytes.Equal(mac, acceptorMAC([]byte("another key, not the cluster's"), f.Payload, cfr.Payload[:challengeMACOff])) {
+		t.Fatal("challenge MAC verifies with the wrong key")
+	}
+	af := authFrame(key, f.Payload, cfr.Payload, 3)
+	afr, _, err := DecodeFrame(af, handshakeMaxBody)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ack, mac, err = parseAuth(afr.Payload)
+	if err != nil || ack != 3 {
+		t.Fatalf("auth: %d %v", ack, err)
+	}
+	if !bytes.Equal(mac, dialerMAC(key, f.Payload, cfr.Payload[:challengeMACOff], afr.Payload[:8])) {
+		t.Fatal("auth MAC does not verify")
+	}
+}
+
+func FuzzDecodeFrame(f *testing.F) {
+	f.Add(EncodeFrame(nil, &Frame{Header: Header{Type: FrameData, Lockspace: 3, Generation: 2, Seq: 1, Ack: 9}, Payload: []byte("payload")}))
+	f.Add(EncodeFrame(nil, &Frame{Header: Header{Type: FrameAck, Ack: 5}}))
+	f.Add(helloFrame(&hello{From: 1, To: 2, Incarnation: 3}))
+	f.Add(challengeFrame([]byte("k"), nil, &hello{From: 2, To: 1, Incarnation: 4}, 0))
+	f.Add(authFrame([]byte("k"), nil, make([]byte, challengeBodyLen), 1))
+	f.Add([]byte("MDLT"))
+	f.Add([]byte{})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		fr, n, err := DecodeFrame(b, 4096)
+		if err != nil {
+			if !errors.Is(err, ErrMalformed) {
+				t.Fatalf("error %v does not wrap ErrMalformed", err)
+			}
+			return
+		}
+		if n < HeaderSize || n > len(b) || int(fr.Length) != len(fr.Payload) {
+			t.Fatalf("inconsistent decode: n=%d len=%d length=%d payload=%d", n, len(b), fr.Length, len(fr.Payload))
+		}
+		// The encoding is canonical: re-encoding gives back the same bytes.
+		if re := EncodeFrame(nil, &fr); !bytes.Equal(re, b[:n]) {
+			t.Fatalf("re-encoding differs:\n got %x\nwant %x", re, b[:n])
+		}
+		switch fr.Type {
+		case FrameHello:
+			parseHello(fr.Payload)
+		case FrameChallenge:
+			parseChallenge(fr.Payload)
+		case FrameAuth:
+			parseAuth(fr.Payload)
+		}
+	})
+}

@@ -1,0 +1,718 @@
+package transport
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+// peer is the state kept for one other node. It outlives connections: the
+// outgoing stream (sequence numbers and unacknowledged frames) and the
+// incoming stream position survive reconnects and are reset only when the
+// peer turns out to be a new incarnation.
+//
+// Lock order: recvMu before mu.
+type peer struct {
+	t    *Transport
+	id   NodeID
+	log  *slog.Logger
+	stop chan struct{} // closed when the peer is removed
+	down chan struct{} // signalled (cap 1) when the connection is lost
+
+	// recvMu serialises the processing of received frames, and with it
+	// handler calls, across old and new connections.
+	recvMu sync.Mutex
+	// recvSeq is the highest sequence number received in order. Written
+	// under recvMu (and mu when reset), read atomically by writers that
+	// piggyback it as the ack.
+	recvSeq atomic.Uint64
+	// staleDrops counts stale-generation drops from this peer, to rate-
+	// limit their log lines. Under recvMu.
+	staleDrops uint64
+
+	mu      sync.Mutex
+	addr    string
+	removed bool
+	cur     *conn  // authenticated connection, nil while disconnected
+	peerInc uint64 // peer incarnation our streams are bound to; 0 = unbound
+
+	// Outgoing stream. sendBuf holds the encoded frames from the oldest
+	// unacknowledged one to the newest queued one, back to back. Positions
+	// are absolute byte offsets in the stream (bufBase is the offset of
+	// sendBuf[0]) so they stay valid when the buffer is compacted.
+	nextSeq  uint64
+	sendBuf  []byte
+	bufBase  int64
+	headAbs  int64 // offset of the oldest unacknowledged frame
+	highAbs  int64 // end of the furthest byte ever written (resend accounting)
+	unacked  int   // frames in sendBuf from headAbs on
+	ackedIn  uint64
+	ackDue   bool          // a standalone ack should go out with the next write
+	ackedOut atomic.Uint64 // ack value last written on cur
+	ackTimer *time.Timer
+	ackArmed atomic.Bool
+}
+
+func newPeer(t *Transport, id NodeID, addr string) *peer {
+	p := &peer{
+		t:       t,
+		id:      id,
+		log:     t.log.With("peer", uint32(id)),
+		stop:    make(chan struct{}),
+		down:    make(chan struct{}, 1),
+		addr:    addr,
+		nextSeq: 1,
+	}
+	p.ackTimer = time.AfterFunc(time.Hour, p.ackTimerFired)
+	p.ackTimer.Stop()
+	return p
+}
+
+func (p *peer) setAddr(addr string) {
+	p.mu.Lock()
+	p.addr = addr
+	p.mu.Unlock()
+}
+
+// remove disconnects the peer for good and drops what was queued for it.
+func (p *peer) remove(reason string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.removed {
+		return
+	}
+	p.removed = true
+	close(p.stop)
+	p.ackTimer.Stop()
+	if c := p.cur; c != nil {
+		p.cur = nil
+		c.retired.Store(true)
+		c.close()
+		p.log.Debug("connection closed", "reason", reason)
+	}
+	p.t.stats.dropRemove.Add(uint64(p.unacked))
+	p.discardSendLocked()
+}
+
+// send appends one data frame to the outgoing stream and, when the
+// connection is idle, writes it at once.
+func (p *peer) send(ls LockspaceID, gen uint64, payload []byte) error {
+	p.mu.Lock()
+	if p.removed {
+		p.mu.Unlock()
+		if p.t.closed.Load() {
+			return ErrClosed
+		}
+		return fmt.Errorf("transport: send to node %d: %w", p.id, ErrUnknownPeer)
+	}
+	seq := p.nextSeq
+	p.nextSeq++
+	n := len(p.sendBuf)
+	need := n + HeaderSize + len(payload)
+	if need > cap(p.sendBuf) {
+		p.growSendLocked(need)
+	}
+	p.sendBuf = p.sendBuf[:need]
+	putHeader(p.sendBuf[n:], FrameData, ls, uint32(len(payload)), gen, seq, 0)
+	copy(p.sendBuf[n+HeaderSize:], payload)
+	p.unacked++
+	p.flushLocked()
+	p.mu.Unlock()
+	return nil
+}
+
+// growSendLocked makes room for need bytes, compacting acknowledged bytes
+// away first.
+func (p *peer) growSendLocked(need int) {
+	dead := int(p.headAbs - p.bufBase)
+	live := len(p.sendBuf) - dead
+	if dead > 0 && live+(need-len(p.sendBuf)) <= cap(p.sendBuf) && dead >= cap(p.sendBuf)/4 {
+		copy(p.sendBuf, p.sendBuf[dead:])
+		p.sendBuf = p.sendBuf[:live]
+		p.bufBase = p.headAbs
+		return
+	}
+	nb := make([]byte, live, max(2*(live+need-len(p.sendBuf)), 4096))
+	copy(nb, p.sendBuf[dead:])
+	p.sendBuf = nb
+	p.bufBase = p.headAbs
+}
+
+// tailAbsLocked is the offset just past the newest queued frame.
+func (p *peer) tailAbsLocked() int64 { return p.bufBase + int64(len(p.sendBuf)) }
+
+// discardSendLocked empties the outgoing stream without renumbering it.
+func (p *peer) discardSendLocked() {
+	tail := p.tailAbsLocked()
+	if cap(p.sendBuf) > 1<<20 {
+		p.sendBuf = nil
+	} else {
+		p.sendBuf = p.sendBuf[:0]
+	}
+	p.bufBase, p.headAbs = tail, tail
+	p.unacked = 0
+}
+
+// trimLocked forgets frames acknowledged by ack. It fails if ack names a
+// frame never queued, which only a broken or confused peer does.
+func (p *peer) trimLocked(ack uint64) error {
+	if ack <= p.ackedIn {
+		return nil
+	}
+	if ack >= p.nextSeq {
+		return fmt.Errorf("peer acknowledged sequence %d, but the last sent is %d", ack, p.nextSeq-1)
+	}
+	p.ackedIn = ack
+	off := int(p.headAbs - p.bufBase)
+	for off < len(p.sendBuf) {
+		if binary.BigEndian.Uint64(p.sendBuf[off+offSeq:]) > ack {
+			break
+		}
+		off += HeaderSize + int(binary.BigEndian.Uint32(p.sendBuf[off+offLen:]))
+		p.unacked--
+	}
+	p.headAbs = p.bufBase + int64(off)
+	if off == len(p.sendBuf) {
+		p.discardSendLocked()
+	}
+	if c := p.cur; c != nil && c.sentAbs < p.headAbs {
+		c.sentAbs = p.headAbs
+	}
+	return nil
+}
+
+// hasWorkLocked reports whether c has frames or an ack to write.
+func (p *peer) hasWorkLocked(c *conn) bool {
+	return c.sentAbs < p.tailAbsLocked() || (p.ackDue && p.recvSeq.Load() > p.ackedOut.Load())
+}
+
+// fillLocked copies the next batch of unwritten frames into c's write
+// buffer, stamping each with the current cumulative ack, or a standalone
+// ack frame if there are no frames but an ack is due.
+func (p *peer) fillLocked(c *conn) []byte {
+	st := &p.t.stats
+	ack := p.recvSeq.Load()
+	buf := c.wbuf[:0]
+	start := max(c.sentAbs, p.headAbs)
+	off := int(start - p.bufBase)
+	end := off
+	limit := p.t.cfg.MaxWriteBatch
+	var sent, resent uint64
+	for end < len(p.sendBuf) {
+		n := HeaderSize + int(binary.BigEndian.Uint32(p.sendBuf[end+offLen:]))
+		if end > off && end-off+n > limit {
+			break
+		}
+		if p.bufBase+int64(end) < p.highAbs {
+			resent++
+		} else {
+			sent++
+		}
+		end += n
+	}
+	if end > off {
+		buf = append(buf, p.sendBuf[off:end]...)
+		for o := 0; o < len(buf); o += HeaderSize + int(binary.BigEndian.Uint32(buf[o+offLen:])) {
+			binary.BigEndian.PutUint64(buf[o+offAck:], ack)
+		}
+		c.sentAbs = p.bufBase + int64(end)
+		p.highAbs = max(p.highAbs, c.sentAbs)
+		st.framesSent.Add(sent)
+		if resent > 0 {
+			st.framesResent.Add(resent)
+		}
+		p.ackedOut.Store(ack)
+		p.ackDue = false
+	} else if p.ackDue && ack > p.ackedOut.Load() {
+		var h [HeaderSize]byte
+		putHeader(h[:], FrameAck, 0, 0, 0, 0, ack)
+		buf = append(buf, h[:]...)
+		p.ackedOut.Store(ack)
+		p.ackDue = false
+		st.acksSent.Add(1)
+	}
+	c.wbuf = buf
+	return buf
+}
+
+// flushLocked writes pending frames from the calling goroutine when nobody
+// else is writing to the connection: the common, idle case costs no
+// goroutine switch. The write is non-blocking; whatever the socket does not
+// take at once, and whatever other goroutines queue meanwhile, is handed to
+// the connection's flusher goroutine. p.mu is released during the write.
+func (p *peer) flushLocked() {
+	c := p.cur
+	if c == nil || c.writing || !p.hasWorkLocked(c) {
+		return
+	}
+	c.writing = true
+	buf := p.fillLocked(c)
+	p.mu.Unlock()
+	n, err := c.tryWrite(buf)
+	p.mu.Lock()
+	if n > 0 || err != nil {
+		p.t.stats.writes.Add(1)
+	}
+	if p.cur != c {
+		return // replaced or lost while we wrote; the new one resends
+	}
+	if err != nil {
+		p.connLostLocked(c, slog.LevelInfo, "write failed", err)
+		return
+	}
+	if n < len(buf) {
+		c.leftover = buf[n:]
+		c.wakeFlusher()
+		return
+	}
+	if p.hasWorkLocked(c) {
+		c.wakeFlusher() // ownership passes to the flusher, writing stays true
+		return
+	}
+	c.writing = false
+}
+
+// flushLoop is the connection's flusher: it takes over writing whenever a
+// direct write could not finish or found more work queued behind it, and
+// keeps writing (blocking) until nothing is left, coalescing everything
+// queued meanwhile into each write.
+func (p *peer) flushLoop(c *conn) {
+	defer p.t.wg.Done()
+	for {
+		select {
+		case <-c.wake:
+		case <-c.done:
+			return
+		}
+		p.mu.Lock()
+		for p.cur == c {
+			buf := c.leftover
+			c.leftover = nil
+			if len(buf) == 0 {
+				if !p.hasWorkLocked(c) {
+					c.writing = false
+					break
+				}
+				buf = p.fillLocked(c)
+			}
+			p.mu.Unlock()
+			_, err := c.nc.Write(buf)
+			p.mu.Lock()
+			p.t.stats.writes.Add(1)
+			if err != nil {
+				if p.cur == c {
+					p.connLostLocked(c, slog.LevelInfo, "write failed", err)
+				}
+				break
+			}
+		}
+		p.mu.Unlock()
+	}
+}
+
+// ackTimerFired sends a standalone ack if no data frame carried one since
+// frames were received.
+func (p *peer) ackTimerFired() {
+	p.mu.Lock()
+	p.ackArmed.Store(false)
+	if p.cur != nil && p.recvSeq.Load() > p.ackedOut.Load() {
+		p.ackDue = true
+		p.flushLocked()
+	}
+	p.mu.Unlock()
+}
+
+// afterBatch runs when the reader has consumed everything buffered: it
+// makes sure what was received gets acknowledged, at once if many frames
+// are waiting for it, otherwise after AckDelay unless a data frame carries
+// the ack first.
+func (p *peer) afterBatch() {
+	r := p.recvSeq.Load()
+	a := p.ackedOut.Load()
+	if r <= a {
+		return
+	}
+	if r-a >= uint64(p.t.cfg.AckEvery) {
+		p.mu.Lock()
+		p.ackDue = true
+		p.flushLocked()
+		p.mu.Unlock()
+		return
+	}
+	if !p.ackArmed.Swap(true) {
+		p.ackTimer.Reset(p.t.cfg.AckDelay)
+	}
+}
+
+// freshLocked reports whether a connection to a peer of incarnation peerInc,
+// whose outgoing stream is bound to our incarnation peerStreamFor, starts
+// new streams in both directions instead of continuing the current ones.
+// Both sides evaluate the same condition from the handshake, so they agree.
+func (p *peer) freshLocked(peerInc, peerStreamFor uint64) bool {
+	return peerInc != p.peerInc || peerStreamFor != p.t.inc
+}
+
+// install makes c the peer's connection after a successful handshake,
+// resetting the streams if the peer is a new incarnation, dropping what
+// the peer already has, and starting the reader and the flusher; then
+// resends whatever is unacknowledged.
+func (p *peer) install(c *conn, hs handshakeResult) {
+	t := p.t
+	p.recvMu.Lock()
+	p.mu.Lock()
+	if p.removed || t.closed.Load() {
+		p.mu.Unlock()
+		p.recvMu.Unlock()
+		c.close()
+		return
+	}
+	if p.freshLocked(hs.peerInc, hs.peerStreamFor) {
+		if p.peerInc != 0 {
+			if p.unacked > 0 {
+				t.stats.dropRestarted.Add(uint64(p.unacked))
+			}
+			p.log.Info("peer restarted or reset its stream: starting new streams",
+				"old_incarnation", p.peerInc, "new_incarnation", hs.peerInc, "dropped_unacked", p.unacked)
+			p.discardSendLocked()
+			p.nextSeq = 1
+		}
+		p.recvSeq.Store(0)
+		p.ackedIn = 0
+	}
+	p.peerInc = hs.peerInc
+	if err := p.trimLocked(hs.peerAck); err != nil {
+		p.mu.Unlock()
+		p.recvMu.Unlock()
+		t.stats.protocolErr.Add(1)
+		p.log.Warn("connection refused: protocol error in handshake", "reason", err.Error())
+		c.close()
+		return
+	}
+	if old := p.cur; old != nil {
+		old.retired.Store(true)
+		old.close()
+		p.log.Info("connection replaced by a new one")
+	}
+	p.cur = c
+	c.sentAbs = p.headAbs
+	p.ackedOut.Store(hs.ourAck)
+	p.ackDue = false
+	t.stats.connEstablished.Add(1)
+	t.wg.Add(2)
+	go p.readLoop(c)
+	go p.flushLoop(c)
+	p.mu.Unlock()
+	p.recvMu.Unlock()
+	p.log.Info("connected", "remote", c.nc.RemoteAddr().String(), "peer_incarnation", hs.peerInc,
+		"resending", p.unackedSnapshot())
+
+	p.mu.Lock()
+	p.flushLocked()
+	p.mu.Unlock()
+}
+
+func (p *peer) unackedSnapshot() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.unacked
+}
+
+// connLostLocked closes c, which was the current connection, logging why,
+// and wakes the dialer.
+func (p *peer) connLostLocked(c *conn, level slog.Level, what string, err error) {
+	if p.cur != c {
+		c.close()
+		return
+	}
+	p.cur = nil
+	c.retired.Store(true)
+	c.close()
+	if !p.t.closed.Load() && !p.removed {
+		p.t.stats.connLost.Add(1)
+		p.log.Log(context.Background(), level, "connection closed", "reason", what, "err", errString(err))
+	}
+	select {
+	case p.down <- struct{}{}:
+	default:
+	}
+}
+
+func errString(err error) string {
+	if err == nil {
+		return ""
+	}
+	return err.Error()
+}
+
+// errProtocol marks a well-formed frame that breaks the protocol.
+var errProtocol = errors.New("protocol error")
+
+// readLoop reads c's frames until it fails, handing data frames to the
+// handler. Payloads that fit the read buffer are passed without copying.
+func (p *peer) readLoop(c *conn) {
+	defer p.t.wg.Done()
+	t := p.t
+	maxPayload := t.cfg.MaxFrameSize
+	for {
+		hb, err := c.br.Peek(HeaderSize)
+		if err != nil {
+			p.readFailed(c, err)
+			return
+		}
+		h, err := DecodeHeader(hb, maxPayload)
+		if err != nil {
+			p.readFailed(c, err)
+			return
+		}
+		total := HeaderSize + int(h.Length)
+		var payload []byte
+		if total <= c.br.Size() {
+			b, err := c.br.Peek(total)
+			if err != nil {
+				p.readFailed(c, err)
+				return
+			}
+			payload = b[HeaderSize:]
+		} else {
+			c.br.Discard(HeaderSize)
+			total = int(h.Length)
+			if cap(c.big) < total {
+				c.big = make([]byte, total)
+			}
+			payload = c.big[:total]
+			if _, err := io.ReadFull(c.br, payload); err != nil {
+				p.readFailed(c, err)
+				return
+			}
+			total = 0
+		}
+		err = p.receive(c, &h, payload)
+		if total > 0 {
+			c.br.Discard(total)
+		}
+		if err != nil {
+			p.readFailed(c, err)
+			return
+		}
+		if c.br.Buffered() == 0 {
+			p.afterBatch()
+		}
+	}
+}
+
+// errRetired stops the reader of a connection that was replaced.
+var errRetired = errors.New("connection replaced")
+
+// receive processes one frame read from c.
+func (p *peer) receive(c *conn, h *Header, payload []byte) error {
+	t := p.t
+	p.recvMu.Lock()
+	defer p.recvMu.Unlock()
+	if c.retired.Load() {
+		return errRetired
+	}
+	if h.Ack > 0 {
+		p.mu.Lock()
+		err := p.trimLocked(h.Ack)
+		p.mu.Unlock()
+		if err != nil {
+			return fmt.Errorf("%w: %w", errProtocol, err)
+		}
+	}
+	switch h.Type {
+	case FrameAck:
+		return nil
+	case FrameData:
+	default:
+		return fmt.Errorf("%w: unexpected %v frame after handshake", errProtocol, h.Type)
+	}
+	r := p.recvSeq.Load()
+	if h.Seq <= r {
+		t.stats.dropDuplicate.Add(1)
+		return nil
+	}
+	if h.Seq != r+1 {
+		return fmt.Errorf("%w: sequence gap: got %d, expected %d", errProtocol, h.Seq, r+1)
+	}
+	p.recvSeq.Store(h.Seq)
+	t.stats.framesReceived.Add(1)
+	if cur := t.Generation(h.Lockspace); h.Generation < cur {
+		t.stats.dropStale.Add(1)
+		p.staleDrops++
+		if p.staleDrops&(p.staleDrops-1) == 0 { // 1, 2, 4, 8...: log without flooding
+			p.log.Warn("dropped frame from an old generation", "lockspace", uint32(h.Lockspace),
+				"frame_generation", h.Generation, "current_generation", cur, "dropped_from_peer", p.staleDrops)
+		}
+		return nil
+	}
+	t.cfg.Handler(p.id, h.Lockspace, h.Generation, payload)
+	t.stats.framesDelivered.Add(1)
+	return nil
+}
+
+// readFailed ends c after a read or protocol failure, logging the reason.
+func (p *peer) readFailed(c *conn, err error) {
+	if errors.Is(err, errRetired) {
+		return
+	}
+	level := slog.LevelInfo
+	what := "read failed"
+	switch {
+	case errors.Is(err, ErrMalformed):
+		p.t.stats.malformed.Add(1)
+		level, what = slog.LevelWarn, "malformed frame"
+	case errors.Is(err, errProtocol):
+		p.t.stats.protocolErr.Add(1)
+		level, what = slog.LevelWarn, "protocol error"
+	case errors.Is(err, io.EOF):
+		what = "peer closed the connection"
+	}
+	p.mu.Lock()
+	if p.cur == c {
+		p.connLostLocked(c, level, what, err)
+	} else {
+		c.close()
+	}
+	p.mu.Unlock()
+}
+
+// dialLoop keeps a connection to a peer with a higher ID up: it dials
+// whenever there is none, backing off exponentially (with jitter) after
+// failures. The first attempt after losing a connection that lived a while
+// is immediate.
+func (p *peer) dialLoop() {
+	t := p.t
+	defer t.wg.Done()
+	var backoff time.Duration
+	var established time.Time
+	failures := 0
+	for {
+		p.mu.Lock()
+		removed, connected, addr := p.removed, p.cur != nil, p.addr
+		p.mu.Unlock()
+		if removed {
+			return
+		}
+		if connected {
+			select {
+			case <-p.down:
+			case <-p.stop:
+				return
+			}
+			if time.Since(established) > t.cfg.ReconnectMax {
+				backoff = 0
+			} else {
+				backoff = max(backoff, t.cfg.ReconnectMin)
+			}
+			continue
+		}
+		if backoff > 0 {
+			d := backoff/2 + rand.N(backoff/2+1)
+			select {
+			case <-time.After(d):
+			case <-p.stop:
+				return
+			}
+		}
+		err := p.dialOnce(addr)
+		if err == nil {
+			established = time.Now()
+			failures = 0
+			continue
+		}
+		failures++
+		backoff = min(max(2*backoff, t.cfg.ReconnectMin), t.cfg.ReconnectMax)
+		level := slog.LevelDebug
+		if failures == 1 {
+			level = slog.LevelWarn
+		}
+		if !t.closed.Load() {
+			p.log.Log(context.Background(), level, "cannot connect to peer", "addr", addr, "err", err.Error(), "attempts", failures)
+		}
+	}
+}
+
+// dialOnce connects to addr, authenticates and installs the connection.
+func (p *peer) dialOnce(addr string) error {
+	t := p.t
+	d := net.Dialer{Timeout: t.cfg.DialTimeout, KeepAlive: -1}
+	nc, err := d.DialContext(t.ctx, "tcp", addr)
+	if err != nil {
+		return fmt.Errorf("dial %s: %w", addr, err)
+	}
+	if !t.trackHandshake(nc) {
+		return ErrClosed
+	}
+	defer t.untrackHandshake(nc)
+	t.tuneConn(nc)
+	c := newConn(nc, t.cfg.ReadBufferSize)
+	nc.SetDeadline(time.Now().Add(t.cfg.HandshakeTimeout))
+	hs, err := t.dialHandshake(c, p)
+	if err != nil {
+		t.handshakeFailed(nc, "dial", err)
+		return fmt.Errorf("handshake with %s: %w", addr, err)
+	}
+	nc.SetDeadline(time.Time{})
+	p.install(c, hs)
+	return nil
+}
+
+// conn is one authenticated (or authenticating) TCP connection. Fields
+// marked "mu" are guarded by the owning peer's mu.
+type conn struct {
+	nc      net.Conn
+	br      *bufio.Reader
+	big     []byte        // payloads larger than the read buffer (reader only)
+	wake    chan struct{} // hands write ownership to the flusher
+	done    chan struct{} // closed by close
+	once    sync.Once
+	retired atomic.Bool // set under the peer's recvMu when replaced or lost
+
+	writing  bool   // mu: a goroutine owns the socket's write side
+	leftover []byte // mu: unwritten tail of a partial direct write
+	wbuf     []byte // mu/owner: coalescing write buffer
+	sentAbs  int64  // mu: stream offset written so far on this connection
+
+	// Non-blocking direct writes (see tryWrite); owner only.
+	raw   syscall.RawConn
+	rawFn func(fd uintptr) bool
+	rwBuf []byte
+	rwN   int
+	rwErr error
+}
+
+func newConn(nc net.Conn, readBuf int) *conn {
+	c := &conn{
+		nc:   nc,
+		br:   bufio.NewReaderSize(nc, readBuf),
+		wake: make(chan struct{}, 1),
+		done: make(chan struct{}),
+		wbuf: make([]byte, 0, 4096),
+	}
+	c.initRaw()
+	return c
+}
+
+func (c *conn) wakeFlusher() {
+	select {
+	case c.wake <- struct{}{}:
+	default:
+	}
+}
+
+func (c *conn) close() {
+	c.once.Do(func() {
+		close(c.done)
+		c.nc.Close()
+	})
+}

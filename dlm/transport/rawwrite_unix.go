@@ -1,0 +1,63 @@
+//go:build unix
+
+package transport
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"syscall"
+)
+
+// initRaw prepares non-blocking direct writes when the connection exposes
+// its file descriptor (TCP does).
+func (c *conn) initRaw() {
+	sc, ok := c.nc.(syscall.Conn)
+	if !ok {
+		return
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return
+	}
+	c.raw = rc
+	c.rawFn = c.rawWrite // allocated once per connection, not per write
+}
+
+// rawWrite writes c.rwBuf with write(2) on the non-blocking socket, stopping
+// at EAGAIN instead of waiting; it never asks the runtime to park.
+func (c *conn) rawWrite(fd uintptr) bool {
+	for c.rwN < len(c.rwBuf) {
+		n, err := syscall.Write(int(fd), c.rwBuf[c.rwN:])
+		switch {
+		case errors.Is(err, syscall.EINTR):
+			continue
+		case errors.Is(err, syscall.EAGAIN):
+			return true
+		case err != nil:
+			c.rwErr = os.NewSyscallError("write", err)
+			return true
+		case n <= 0:
+			return true
+		}
+		c.rwN += n
+	}
+	return true
+}
+
+// tryWrite writes as much of b as the socket takes without blocking and
+// returns how much that was. Connections without a descriptor write nothing
+// here and leave it all to the flusher.
+func (c *conn) tryWrite(b []byte) (int, error) {
+	if c.raw == nil {
+		return 0, nil
+	}
+	c.rwBuf, c.rwN, c.rwErr = b, 0, nil
+	err := c.raw.Write(c.rawFn)
+	n, werr := c.rwN, c.rwErr
+	c.rwBuf, c.rwErr = nil, nil
+	if err != nil {
+		return n, fmt.Errorf("direct write: %w", err)
+	}
+	return n, werr
+}

@@ -1,0 +1,97 @@
+package transport
+
+import "sync/atomic"
+
+// Stats counts what a Transport did since it was created. The counters only
+// grow; tests and metrics compare snapshots.
+type Stats struct {
+	// FramesSent counts data frames written for the first time.
+	FramesSent uint64
+	// FramesResent counts data frames written again on a new connection
+	// because the previous one died before they were acknowledged.
+	FramesResent uint64
+	// AcksSent counts standalone ack frames (acks riding on data frames are
+	// free and not counted).
+	AcksSent uint64
+	// Writes counts write calls on connections; FramesSent+FramesResent+
+	// AcksSent divided by Writes is the coalescing factor.
+	Writes uint64
+	// FramesReceived counts data frames accepted in sequence (delivered or
+	// dropped for their generation), not counting duplicates.
+	FramesReceived uint64
+	// FramesDelivered counts handler calls.
+	FramesDelivered uint64
+	// Dropped counts frames not delivered or not sent, by reason.
+	Dropped DropStats
+	// ConnectionsEstablished counts authenticated connections.
+	ConnectionsEstablished uint64
+	// ConnectionsLost counts authenticated connections that ended for any
+	// reason other than Close.
+	ConnectionsLost uint64
+	// HandshakeFailures counts connections that did not authenticate, for
+	// any reason (including AuthFailures and UnknownNodes).
+	HandshakeFailures uint64
+	// AuthFailures counts handshakes whose MAC did not verify (wrong key).
+	AuthFailures uint64
+	// UnknownNodes counts handshakes from or to a node ID not in the peer
+	// set (or not the node expected at that address).
+	UnknownNodes uint64
+	// MalformedFrames counts connections closed because a frame did not
+	// decode.
+	MalformedFrames uint64
+	// ProtocolErrors counts connections closed because a well-formed frame
+	// broke the protocol (sequence gap, impossible ack, frame type out of
+	// place).
+	ProtocolErrors uint64
+}
+
+// DropStats counts dropped frames by reason.
+type DropStats struct {
+	// Duplicate: a data frame whose sequence number was already received
+	// (resent after a reconnect); discarded without delivery.
+	Duplicate uint64
+	// StaleGeneration: a data frame whose generation is older than the
+	// lockspace's current generation; acknowledged but never delivered.
+	StaleGeneration uint64
+	// PeerRestarted: queued or unacknowledged outgoing frames discarded
+	// because the peer came back with a new incarnation (or forgot us), so
+	// the stream they belonged to no longer exists.
+	PeerRestarted uint64
+	// PeerRemoved: queued outgoing frames discarded because the peer was
+	// removed from the peer set or the transport was closed.
+	PeerRemoved uint64
+}
+
+// counters is the live, atomically updated form of Stats.
+type counters struct {
+	framesSent, framesResent, acksSent, writes          atomic.Uint64
+	framesReceived, framesDelivered                     atomic.Uint64
+	dropDuplicate, dropStale, dropRestarted, dropRemove atomic.Uint64
+	connEstablished, connLost                           atomic.Uint64
+	handshakeFail, authFail, unknownNode                atomic.Uint64
+	malformed, protocolErr                              atomic.Uint64
+}
+
+func (c *counters) snapshot() Stats {
+	return Stats{
+		FramesSent:      c.framesSent.Load(),
+		FramesResent:    c.framesResent.Load(),
+		AcksSent:        c.acksSent.Load(),
+		Writes:          c.writes.Load(),
+		FramesReceived:  c.framesReceived.Load(),
+		FramesDelivered: c.framesDelivered.Load(),
+		Dropped: DropStats{
+			Duplicate:       c.dropDuplicate.Load(),
+			StaleGeneration: c.dropStale.Load(),
+			PeerRestarted:   c.dropRestarted.Load(),
+			PeerRemoved:     c.dropRemove.Load(),
+		},
+		ConnectionsEstablished: c.connEstablished.Load(),
+		ConnectionsLost:        c.connLost.Load(),
+		HandshakeFailures:      c.handshakeFail.Load(),
+		AuthFailures:           c.authFail.Load(),
+		UnknownNodes:           c.unknownNode.Load(),
+		MalformedFrames:        c.malformed.Load(),
+		ProtocolErrors:         c.protocolErr.Load(),
+	}
+}

@@ -1,0 +1,504 @@
+package transport
+
+import (
+	"context"
+	"crypto/hmac"
+	"crypto/rand"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Errors returned by Send. They mean the call itself was wrong or came too
+// late; network trouble is never reported by Send, it is handled by
+// reconnecting and resending.
+var (
+	// ErrClosed: the transport was closed.
+	ErrClosed = errors.New("transport closed")
+	// ErrUnknownPeer: the destination is not in the peer set.
+	ErrUnknownPeer = errors.New("unknown peer")
+	// ErrTooLarge: the payload is over Config.MaxFrameSize.
+	ErrTooLarge = errors.New("payload too large")
+)
+
+// Transport carries DLM messages between this node and its peers: one TCP
+// connection per pair of nodes (the node with the lower ID dials), mutually
+// authenticated with the cluster key, with per-peer sequence numbers,
+// acknowledgements and resend after reconnect, so each message is delivered
+// exactly once and in order as long as neither node restarts. Frames older
+// than a lockspace's current generation are dropped on receipt.
+//
+// All methods are safe for concurrent use.
+type Transport struct {
+	cfg Config
+	id  NodeID
+	inc uint64
+	log *slog.Logger
+	ln  net.Listener
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+	closed atomic.Bool
+
+	// mu serialises peer-set changes, Close, and the set of connections
+	// still in their handshake.
+	mu          sync.Mutex
+	handshaking map[net.Conn]struct{}
+	peers       atomic.Pointer[map[NodeID]*peer] // copy on write under mu
+
+	genMu sync.Mutex
+	gens  atomic.Pointer[map[LockspaceID]uint64] // copy on write under genMu
+
+	stats counters
+}
+
+// New starts a transport: it listens, and dials every peer with a higher ID.
+// It returns once the listener is up; connections come up in the background
+// and messages sent before then are queued.
+func New(cfg Config) (*Transport, error) {
+	cfg, err := cfg.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	t := &Transport{
+		cfg:         cfg,
+		id:          cfg.NodeID,
+		inc:         cfg.Incarnation,
+		log:         cfg.Logger.With("node", uint32(cfg.NodeID)),
+		handshaking: make(map[net.Conn]struct{}),
+	}
+	for t.inc == 0 {
+		var b [8]byte
+		if _, err := rand.Read(b[:]); err != nil {
+			return nil, fmt.Errorf("transport: random incarnation: %w", err)
+		}
+		t.inc = binary.BigEndian.Uint64(b[:])
+	}
+	t.ln = cfg.Listener
+	if t.ln == nil {
+		lc := net.ListenConfig{KeepAlive: -1}
+		t.ln, err = lc.Listen(context.Background(), "tcp", cfg.ListenAddr)
+		if err != nil {
+			return nil, fmt.Errorf("transport: listen on %s: %w", cfg.ListenAddr, err)
+		}
+	}
+	t.ctx, t.cancel = context.WithCancel(context.Background())
+	empty := map[NodeID]*peer{}
+	t.peers.Store(&empty)
+	noGens := map[LockspaceID]uint64{}
+	t.gens.Store(&noGens)
+	t.wg.Add(1)
+	go t.acceptLoop()
+	t.SetPeers(cfg.Peers)
+	t.log.Info("transport started", "addr", t.ln.Addr().String(), "incarnation", t.inc)
+	return t, nil
+}
+
+// Addr returns the address the transport listens on (useful with port 0).
+func (t *Transport) Addr() net.Addr { return t.ln.Addr() }
+
+// NodeID returns this node's ID.
+func (t *Transport) NodeID() NodeID { return t.id }
+
+// Incarnation returns this run's incarnation number, as sent to peers.
+func (t *Transport) Incarnation() uint64 { return t.inc }
+
+// Stats returns a snapshot of the counters.
+func (t *Transport) Stats() Stats { return t.stats.snapshot() }
+
+// Send queues payload for node to, tagged with lockspace ls and the sender's
+// generation gen for it, and returns without waiting for the network. When
+// the connection is idle the frame is written immediately by the calling
+// goroutine (a non-blocking write, so Send never waits on a slow peer);
+// otherwise it joins the next coalesced write. The payload is copied, so the
+// caller may reuse it at once. Errors only report invalid arguments or a
+// closed transport; frames to a disconnected peer wait for the connection.
+func (t *Transport) Send(to NodeID, ls LockspaceID, gen uint64, payload []byte) error {
+	if t.closed.Load() {
+		return ErrClosed
+	}
+	if len(payload) > t.cfg.MaxFrameSize {
+		return fmt.Errorf("transport: send to node %d: %w: %d bytes, max %d", to, ErrTooLarge, len(payload), t.cfg.MaxFrameSize)
+	}
+	p := (*t.peers.Load())[to]
+	if p == nil {
+		return fmt.Errorf("transport: send to node %d: %w", to, ErrUnknownPeer)
+	}
+	return p.send(ls, gen, payload)
+}
+
+// SetGeneration records gen as lockspace ls's current generation. From then
+// on, data frames for ls carrying an older generation are dropped on receipt
+// (acknowledged, counted in Stats.Dropped.StaleGeneration, never delivered).
+// Generations only move forward: a value lower than the current one is
+// ignored, so a late call from a stale view cannot re-admit old frames.
+// Lockspaces never set have generation 0, which drops nothing.
+func (t *Transport) SetGeneration(ls LockspaceID, gen uint64) {
+	t.genMu.Lock()
+	defer t.genMu.Unlock()
+	old := *t.gens.Load()
+	if cur, ok := old[ls]; ok && cur >= gen {
+		return
+	}
+	m := maps.Clone(old)
+	m[ls] = gen
+	t.gens.Store(&m)
+}
+
+// Generation returns lockspace ls's current generation (0 if never set).
+func (t *Transport) Generation(ls LockspaceID) uint64 {
+	return (*t.gens.Load())[ls]
+}
+
+// SetPeers replaces the peer set. New peers get connected (dialled when
+// their ID is higher than ours, awaited otherwise); removed peers are
+// disconnected and their queued frames dropped; a changed address is used
+// from the next connection attempt on. Inbound connections from node IDs
+// not in the set are refused.
+func (t *Transport) SetPeers(peers map[NodeID]string) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.closed.Load() {
+		return
+	}
+	old := *t.peers.Load()
+	next := make(map[NodeID]*peer, len(peers))
+	for id, addr := range peers {
+		if id == 0 || id == t.id {
+			t.log.Warn("ignoring invalid peer ID", "peer", uint32(id))
+			continue
+		}
+		if p := old[id]; p != nil {
+			p.setAddr(addr)
+			next[id] = p
+			continue
+		}
+		p := newPeer(t, id, addr)
+		next[id] = p
+		if t.id < id {
+			t.wg.Add(1)
+			go p.dialLoop()
+		}
+		t.log.Info("peer added", "peer", uint32(id), "addr", addr)
+	}
+	t.peers.Store(&next)
+	for id, p := range old {
+		if next[id] == nil {
+			p.remove("peer removed")
+			t.log.Info("peer removed", "peer", uint32(id))
+		}
+	}
+}
+
+// PeerStatus describes the state of one peer, for tests and diagnostics.
+type PeerStatus struct {
+	// Addr is the peer's configured address.
+	Addr string
+	// Connected reports an authenticated connection.
+	Connected bool
+	// Incarnation is the peer incarnation our streams are bound to (0
+	// before the first connection).
+	Incarnation uint64
+	// Unacked is the number of outgoing frames not yet acknowledged
+	// (including those not yet written).
+	Unacked int
+	// NextSeq is the sequence number the next frame sent will carry.
+	NextSeq uint64
+	// Received is the highest sequence number received in order.
+	Received uint64
+}
+
+// PeerStatus returns the status of peer id, and false if id is not a peer.
+func (t *Transport) PeerStatus(id NodeID) (PeerStatus, bool) {
+	p := (*t.peers.Load())[id]
+	if p == nil {
+		return PeerStatus{}, false
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return PeerStatus{
+		Addr:        p.addr,
+		Connected:   p.cur != nil,
+		Incarnation: p.peerInc,
+		Unacked:     p.unacked,
+		NextSeq:     p.nextSeq,
+		Received:    p.recvSeq.Load(),
+	}, true
+}
+
+// Close stops the transport: it closes the listener and every connection,
+// drops queued frames and waits for all its goroutines to finish (including
+// handler calls in progress, so it must not be called from a handler).
+// Later Sends return ErrClosed. Close is idempotent.
+func (t *Transport) Close() error {
+	t.mu.Lock()
+	if t.closed.Swap(true) {
+		t.mu.Unlock()
+		t.wg.Wait()
+		return nil
+	}
+	t.cancel()
+	err := t.ln.Close()
+	for nc := range t.handshaking {
+		nc.Close()
+	}
+	for _, p := range *t.peers.Load() {
+		p.remove("transport closed")
+	}
+	t.mu.Unlock()
+	t.wg.Wait()
+	t.log.Info("transport closed")
+	if err != nil && !errors.Is(err, net.ErrClosed) {
+		return fmt.Errorf("transport: close listener: %w", err)
+	}
+	return nil
+}
+
+// trackHandshake registers a connection in its handshake so Close can
+// interrupt it; it reports false (and closes nc) if the transport is closed.
+func (t *Transport) trackHandshake(nc net.Conn) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.closed.Load() {
+		nc.Close()
+		return false
+	}
+	t.handshaking[nc] = struct{}{}
+	return true
+}
+
+func (t *Transport) untrackHandshake(nc net.Conn) {
+	t.mu.Lock()
+	delete(t.handshaking, nc)
+	t.mu.Unlock()
+}
+
+// acceptLoop accepts connections from peers with lower IDs.
+func (t *Transport) acceptLoop() {
+	defer t.wg.Done()
+	var delay time.Duration
+	for {
+		nc, err := t.ln.Accept()
+		if err != nil {
+			if t.closed.Load() {
+				return
+			}
+			// Typically out of file descriptors: back off instead of
+			// spinning.
+			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+			t.log.Warn("accept failed", "err", err, "retry_in", delay)
+			select {
+			case <-time.After(delay):
+			case <-t.ctx.Done():
+				return
+			}
+			continue
+		}
+		delay = 0
+		t.wg.Add(1)
+		go t.serveInbound(nc)
+	}
+}
+
+// handshakeError is a handshake failure with the counter it bumps.
+type handshakeError struct {
+	counter *atomic.Uint64 // extra counter besides HandshakeFailures, or nil
+	err     error
+}
+
+func (e *handshakeError) Error() string { return e.err.Error() }
+func (e *handshakeError) Unwrap() error { return e.err }
+
+// refuse builds a handshake error counted in counter.
+func refuse(counter *atomic.Uint64, format string, args ...any) error {
+	return &handshakeError{counter: counter, err: fmt.Errorf(format, args...)}
+}
+
+// handshakeFailed logs and counts a failed handshake and closes nc.
+func (t *Transport) handshakeFailed(nc net.Conn, side string, err error) {
+	nc.Close()
+	if t.closed.Load() {
+		return
+	}
+	t.stats.handshakeFail.Add(1)
+	var he *handshakeError
+	if errors.As(err, &he) && he.counter != nil {
+		he.counter.Add(1)
+	}
+	if errors.Is(err, ErrMalformed) {
+		t.stats.malformed.Add(1)
+	}
+	t.log.Warn("connection refused: handshake failed", "side", side,
+		"remote", nc.RemoteAddr().String(), "reason", err.Error())
+}
+
+// serveInbound authenticates an accepted connection and hands it to its peer.
+func (t *Transport) serveInbound(nc net.Conn) {
+	defer t.wg.Done()
+	if !t.trackHandshake(nc) {
+		return
+	}
+	defer t.untrackHandshake(nc)
+	t.tuneConn(nc)
+	c := newConn(nc, t.cfg.ReadBufferSize)
+	nc.SetDeadline(time.Now().Add(t.cfg.HandshakeTimeout))
+	p, hs, err := t.acceptHandshake(c)
+	if err != nil {
+		t.handshakeFailed(nc, "accept", err)
+		return
+	}
+	nc.SetDeadline(time.Time{})
+	p.install(c, hs)
+}
+
+// handshakeResult is what a completed handshake tells about the peer.
+type handshakeResult struct {
+	peerInc       uint64 // the peer's incarnation
+	peerStreamFor uint64 // our incarnation as the peer's outgoing stream knows it
+	peerAck       uint64 // highest of our sequence numbers the peer has
+	ourAck        uint64 // the ack we sent in the handshake
+}
+
+// streamAck is the acknowledgement to report in a handshake with a peer of
+// incarnation peerInc whose outgoing stream is bound to our incarnation
+// peerStreamFor: our receive position if the streams continue, 0 if they
+// start afresh.
+func (p *peer) streamAck(peerInc, peerStreamFor uint64) uint64 {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.freshLocked(peerInc, peerStreamFor) {
+		return 0
+	}
+	return p.recvSeq.Load()
+}
+
+// readHandshake reads one handshake frame of type want from c.
+func (t *Transport) readHandshake(c *conn, want FrameType) ([]byte, error) {
+	hb, err := c.br.Peek(HeaderSize)
+	if err != nil {
+		return nil, fmt.Errorf("reading %v: %w", want, err)
+	}
+	h, err := DecodeHeader(hb, handshakeMaxBody)
+	if err != nil {
+		return nil, fmt.Errorf("reading %v: %w", want, err)
+	}
+	if h.Type != want {
+		return nil, fmt.Errorf("%w: got %v frame, want %v", ErrMalformed, h.Type, want)
+	}
+	b, err := c.br.Peek(HeaderSize + int(h.Length))
+	if err != nil {
+		return nil, fmt.Errorf("reading %v body: %w", want, err)
+	}
+	body := append([]byte(nil), b[HeaderSize:]...)
+	c.br.Discard(len(b))
+	return body, nil
+}
+
+// acceptHandshake runs the acceptor's side of the handshake.
+func (t *Transport) acceptHandshake(c *conn) (*peer, handshakeResult, error) {
+	var res handshakeResult
+	helloBody, err := t.readHandshake(c, FrameHello)
+	if err != nil {
+		return nil, res, err
+	}
+	hi, err := parseHello(helloBody)
+	if err != nil {
+		return nil, res, err
+	}
+	if hi.To != t.id {
+		return nil, res, refuse(&t.stats.unknownNode, "node %d dialled node %d, but this is node %d", hi.From, hi.To, t.id)
+	}
+	p := (*t.peers.Load())[hi.From]
+	if p == nil {
+		return nil, res, refuse(&t.stats.unknownNode, "unknown node %d", hi.From)
+	}
+	if hi.From > t.id {
+		return nil, res, refuse(&t.stats.unknownNode, "node %d dialled a lower node ID; the lower ID dials", hi.From)
+	}
+	nonce, err := newNonce()
+	if err != nil {
+		return nil, res, err
+	}
+	res.ourAck = p.streamAck(hi.Incarnation, hi.StreamFor)
+	p.mu.Lock()
+	streamFor := p.peerInc
+	p.mu.Unlock()
+	me := hello{From: t.id, To: hi.From, Incarnation: t.inc, StreamFor: streamFor, Nonce: nonce}
+	ch := challengeFrame(t.cfg.ClusterKey, helloBody, &me, res.ourAck)
+	if _, err := c.nc.Write(ch); err != nil {
+		return nil, res, fmt.Errorf("writing challenge to node %d: %w", hi.From, err)
+	}
+	authBody, err := t.readHandshake(c, FrameAuth)
+	if err != nil {
+		return nil, res, fmt.Errorf("node %d: %w", hi.From, err)
+	}
+	ack, mac, err := parseAuth(authBody)
+	if err != nil {
+		return nil, res, err
+	}
+	want := dialerMAC(t.cfg.ClusterKey, helloBody, ch[HeaderSize:HeaderSize+challengeMACOff], authBody[:8])
+	if !hmac.Equal(mac, want) {
+		return nil, res, refuse(&t.stats.authFail, "node %d failed authentication (wrong cluster key?)", hi.From)
+	}
+	res.peerInc, res.peerStreamFor, res.peerAck = hi.Incarnation, hi.StreamFor, ack
+	return p, res, nil
+}
+
+// dialHandshake runs the dialer's side of the handshake with peer p.
+func (t *Transport) dialHandshake(c *conn, p *peer) (handshakeResult, error) {
+	var res handshakeResult
+	nonce, err := newNonce()
+	if err != nil {
+		return res, err
+	}
+	p.mu.Lock()
+	streamFor := p.peerInc
+	p.mu.Unlock()
+	me := hello{From: t.id, To: p.id, Incarnation: t.inc, StreamFor: streamFor, Nonce: nonce}
+	hf := helloFrame(&me)
+	if _, err := c.nc.Write(hf); err != nil {
+		return res, fmt.Errorf("writing hello: %w", err)
+	}
+	chBody, err := t.readHandshake(c, FrameChallenge)
+	if err != nil {
+		return res, err
+	}
+	hi, ack, mac, err := parseChallenge(chBody)
+	if err != nil {
+		return res, err
+	}
+	if hi.From != p.id || hi.To != t.id {
+		return res, refuse(&t.stats.unknownNode, "expected node %d, found node %d (which wants node %d)", p.id, hi.From, hi.To)
+	}
+	if !hmac.Equal(mac, acceptorMAC(t.cfg.ClusterKey, hf[HeaderSize:], chBody[:challengeMACOff])) {
+		return res, refuse(&t.stats.authFail, "node %d failed authentication (wrong cluster key?)", hi.From)
+	}
+	res.peerInc, res.peerStreamFor, res.peerAck = hi.Incarnation, hi.StreamFor, ack
+	res.ourAck = p.streamAck(hi.Incarnation, hi.StreamFor)
+	if _, err := c.nc.Write(authFrame(t.cfg.ClusterKey, hf[HeaderSize:], chBody, res.ourAck)); err != nil {
+		return res, fmt.Errorf("writing auth: %w", err)
+	}
+	return res, nil
+}
+
+// tuneConn sets the socket options every connection gets: no Nagle delay
+// (latency is the point) and dead-peer detection bounded by PeerTimeout.
+func (t *Transport) tuneConn(nc net.Conn) {
+	tc, ok := nc.(*net.TCPConn)
+	if !ok {
+		return
+	}
+	tc.SetNoDelay(true)
+	pt := t.cfg.PeerTimeout
+	tc.SetKeepAliveConfig(net.KeepAliveConfig{Enable: true, Idle: pt / 2, Interval: pt / 6, Count: 3})
+	if err := setUserTimeout(tc, pt); err != nil {
+		t.log.Debug("cannot set TCP user timeout", "err", err)
+	}
+}
