@@ -24,8 +24,8 @@ import (
 //   - be safe to call repeatedly and concurrently with the same generation;
 //   - return an error when ctx is done before the stamp is durable.
 //
-// This package only defines the hook; the member-device side lives with the
-// superblock code.
+// This package only defines the hook; writing and checking the generation
+// on the member devices is implemented elsewhere.
 type GenerationStamper interface {
 	Stamp(ctx context.Context, gen uint64) error
 }
