@@ -2,6 +2,7 @@ package dlm
 
 import (
 	"fmt"
+	"slices"
 )
 
 // MaxResourceName is the longest resource name, in bytes (Linux's
@@ -541,6 +542,12 @@ func (r *resource) canBeGrantedRaw(l *lkb, now bool) bool {
 	if l.exflags&NoOrder != 0 {
 		return true
 	}
+	// HeadQue puts the request at the head of its queue, so it is judged as
+	// the head would be. (Linux queues it and leaves it there until some
+	// other change re-examines the queue; we grant what is grantable.)
+	if now && l.exflags&HeadQue != 0 && (conv || r.convert.n == 0) {
+		return true
+	}
 	// 6-3: a queued conversion waits for every conversion ahead of it.
 	if !now && conv && r.convert.head == l {
 		return true
@@ -971,8 +978,16 @@ func (c *Core) Unlock(id LockID, flags Flags, lvb []byte) error {
 	return nil
 }
 
-// unlock removes l, with or without telling its owner.
+// unlock removes l, with or without telling its owner, and grants what its
+// departure made grantable.
 func (c *Core) unlock(l *lkb, flags Flags, notify bool) {
+	r := l.res
+	c.remove(l, flags, notify)
+	c.grantPending(r)
+}
+
+// remove takes l off its resource, applying the unlock LVB rule.
+func (c *Core) remove(l *lkb, flags Flags, notify bool) {
 	r := l.res
 	if l.grmode != ModeIV {
 		c.setLVBOnUnlock(r, l, flags)
@@ -987,7 +1002,6 @@ func (c *Core) unlock(l *lkb, flags Flags, notify bool) {
 		c.queueCast(l, StatusUnlock)
 	}
 	c.freeLkb(l)
-	c.grantPending(r)
 }
 
 // CancelStatus cancels l's pending request or conversion and completes it
@@ -1028,11 +1042,17 @@ func (c *Core) PurgeOwner(owner OwnerID) (orphaned, released int) {
 	if owner == 0 {
 		return 0, 0
 	}
+	// Detach every lock of the owner before granting anything, so none of
+	// its locks is granted (and announced) on the way out.
+	var touched []*resource
 	for _, l := range c.slots {
 		if l.state == stFree || l.owner != owner || l.orphan {
 			continue
 		}
 		r := l.res
+		if !slices.Contains(touched, r) {
+			touched = append(touched, r)
+		}
 		if l.exflags&Persistent != 0 && l.state != stWaiting {
 			if l.state == stConverting {
 				r.del(l)
@@ -1043,11 +1063,13 @@ func (c *Core) PurgeOwner(owner OwnerID) (orphaned, released int) {
 			l.owner, l.tag, l.lvb, l.blocking = 0, nil, nil, false
 			r.orphans++
 			orphaned++
-			c.grantPending(r)
 			continue
 		}
-		c.unlock(l, ForceUnlock, false)
+		c.remove(l, ForceUnlock, false)
 		released++
+	}
+	for _, r := range touched {
+		c.grantPending(r)
 	}
 	return orphaned, released
 }

@@ -262,6 +262,14 @@ func TestHeadQue(t *testing.T) {
 	h.must(h.unlock("a", 0))
 	h.expect("a: EUNLOCK IV; c: OK EX; c: bast EX")
 
+	// A HEADQUE request that is grantable at the head is granted at once.
+	h = newHarness(t)
+	h.must(h.lock("a", "r", PR, 0))
+	h.must(h.lock("b", "r", EX, 0))
+	h.must(h.lock("c", "r", PR, HeadQue))
+	h.expect("a: OK PR; a: bast EX; c: OK PR")
+	h.expectQueues("r", "G[a:PR c:PR] C[] W[b:EX]")
+
 	// On the convert queue too.
 	h = newHarness(t)
 	h.must(h.lock("a", "r", PR, 0))
