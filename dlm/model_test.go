@@ -531,7 +531,8 @@ func (m *model) finish() {
 			m.drain()
 		}
 	}
-	for _, l := range m.sorted() {
+	for len(m.locks) > 0 {
+		l := m.sorted()[0]
 		if l.orphan {
 			m.cur = nil
 			buf := make([]byte, modelLVB)
