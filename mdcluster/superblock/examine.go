@@ -354,13 +354,15 @@ func (s *Superblock) examine(w *bytes.Buffer, opt ExamineOptions) {
 	}
 	p("   Array State : ")
 	inconsistent := false
+	// One character per raid disk. Roles are 16-bit, so beyond 65536 disks
+	// (only in corrupt superblocks) every slot would print "."; we stop there
+	// rather than print billions of them as mdadm would.
+	var counts [1 << 16]int
+	for _, r := range sb.DevRoles {
+		counts[r]++
+	}
 	for d := uint32(0); d < sb.RaidDisks+deltaExtra && d < 1<<16; d++ {
-		cnt := 0
-		for _, r := range sb.DevRoles {
-			if uint32(r) == d {
-				cnt++
-			}
-		}
+		cnt := counts[d]
 		switch {
 		case cnt == 2 && sb.Level > 0:
 			p("R")
