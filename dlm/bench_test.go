@@ -12,7 +12,10 @@ import (
 // BenchmarkLockUnlockLocal: one op is an uncontended EX lock + unlock pair
 // through the public synchronous API of a single-node lockspace.
 func BenchmarkLockUnlockLocal(b *testing.B) {
-	n := dlm.NewNode(dlm.Config{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	n, err := dlm.NewNode(dlm.Config{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		b.Fatal(err)
+	}
 	defer n.Close()
 	ls, err := n.Open("bench", dlm.OpenOptions{})
 	if err != nil {

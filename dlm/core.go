@@ -212,6 +212,9 @@ type Core struct {
 
 	tossHead, tossTail *resource
 	tossN              int
+	// evicted names the cached resources dropped since the owner of the
+	// core last looked (a master must tell the directory).
+	evicted []string
 
 	out []Callback
 }
@@ -319,6 +322,7 @@ func (c *Core) toss(r *resource) {
 		old := c.tossHead
 		c.untoss(old)
 		delete(c.res, old.name)
+		c.evicted = append(c.evicted, old.name)
 	}
 }
 

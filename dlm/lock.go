@@ -6,7 +6,7 @@ import (
 )
 
 // ID returns the lock's ID in its lockspace on this node.
-func (lk *Lock) ID() LockID { return lk.id }
+func (lk *Lock) ID() LockID { return LockID(lk.proc.id) }
 
 // Resource returns the name of the locked resource.
 func (lk *Lock) Resource() string { return lk.resource }
@@ -55,8 +55,8 @@ func (lk *Lock) LVBSeq() uint32 {
 // ValBlk writes to the resource. b must be exactly the lockspace's LVB length.
 func (lk *Lock) SetLVB(b []byte) error {
 	sp := lk.ls.sp
-	if len(b) != sp.core.LVBLen() {
-		return fmt.Errorf("lock %q: %w: LVB is %d bytes, lockspace uses %d", lk.resource, ErrInvalid, len(b), sp.core.LVBLen())
+	if len(b) != sp.sp.LVBLen() {
+		return fmt.Errorf("lock %q: %w: LVB is %d bytes, lockspace uses %d", lk.resource, ErrInvalid, len(b), sp.sp.LVBLen())
 	}
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
@@ -117,10 +117,10 @@ func (lk *Lock) startConvert(ctx context.Context, mode Mode, flags Flags, done f
 	}
 	allocated := false
 	if flags&ValBlk != 0 && lk.lvb == nil {
-		lk.lvb = make([]byte, sp.core.LVBLen())
+		lk.lvb = make([]byte, sp.sp.LVBLen())
 		allocated = true
 	}
-	if err := sp.core.Convert(lk.id, mode, flags|Convert, lk.lvb); err != nil {
+	if err := sp.sp.Convert(&lk.proc, mode, flags|Convert, lk.lvb); err != nil {
 		if allocated {
 			lk.lvb = nil
 		}
@@ -129,7 +129,7 @@ func (lk *Lock) startConvert(ctx context.Context, mode Mode, flags Flags, done f
 	lk.pending = true
 	lk.done = done
 	lk.op++
-	sp.apply()
+	sp.flush()
 	if lk.pending {
 		lk.ls.track(ctx, lk)
 	}
@@ -177,14 +177,14 @@ func (lk *Lock) startUnlock(ctx context.Context, flags Flags, done func(*Lock, e
 		lk.pending, lk.unlocking, lk.done = true, true, done
 		lk.op++
 	}
-	if err := sp.core.Unlock(lk.id, flags, lk.lvb); err != nil {
+	if err := sp.sp.Unlock(&lk.proc, flags, lk.lvb); err != nil {
 		if !wasPending {
 			lk.pending, lk.unlocking, lk.done = false, false, nil
 		}
 		sp.mu.Unlock()
 		return err
 	}
-	sp.apply()
+	sp.flush()
 	if wasPending {
 		// A force-unlock overtook the pending operation, which ended with
 		// ErrUnlocked; this call itself succeeded.
@@ -217,10 +217,10 @@ func (lk *Lock) Cancel() error {
 	if !lk.pending {
 		return nil
 	}
-	if err := sp.core.CancelStatus(lk.id, StatusCancel); err != nil {
+	if err := sp.sp.Cancel(&lk.proc, StatusCancel); err != nil {
 		return err
 	}
-	sp.apply()
+	sp.flush()
 	return nil
 }
 
@@ -236,8 +236,8 @@ func (ls *Lockspace) Release() error {
 	sp := ls.sp
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
-	orphaned, released := sp.core.PurgeOwner(ls.owner)
-	sp.apply()
+	orphaned, released := sp.sp.PurgeOwner(ls.owner)
+	sp.flush()
 	for lk := range ls.waiting {
 		lk.pending, lk.gone, lk.inflight = false, true, false
 		lk.result = fmt.Errorf("lock %q: %w", lk.resource, ErrReleased)
@@ -270,5 +270,5 @@ func (ls *Lockspace) Dump() []ResourceInfo {
 	sp := ls.sp
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
-	return sp.core.Resources()
+	return sp.sp.core.Resources()
 }

@@ -1,44 +1,193 @@
 package dlm
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"log/slog"
+	"maps"
+	"net"
+	"slices"
 	"sync"
 	"sync/atomic"
+	"time"
+
+	"github.com/mdcluster/mdcluster/dlm/transport"
 )
 
 // Config configures a Node.
 type Config struct {
 	// Logger receives the lock manager's log; nil means slog.Default().
 	Logger *slog.Logger
+	// ID is this node's ID in the cluster; 0 means 1 (a cluster of one).
+	ID NodeID
+	// Peers maps every other node's ID to its transport address. Empty
+	// means a cluster of one: every resource is mastered here and no
+	// message is ever sent.
+	Peers map[NodeID]string
+	// ListenAddr is where this node accepts its peers (e.g. "10.0.0.1:7410").
+	ListenAddr string
+	// Listener, if set, is used instead of ListenAddr (tests listen on port 0
+	// first to learn every address).
+	Listener net.Listener
+	// ClusterKey is the secret every node of the cluster shares; peers that
+	// cannot prove they know it are refused. At least 16 bytes.
+	ClusterKey []byte
+	// Transport tunes the node-to-node transport; zero fields take its
+	// defaults. Its identity, addresses, key and handler come from the
+	// fields above.
+	Transport transport.Config
+	// TickInterval is how often cached directory information ages (0: 1s).
+	TickInterval time.Duration
 }
 
-// DefaultConfig returns the configuration for a node with default logging.
+// DefaultConfig returns the configuration of a cluster of one with default
+// logging.
 func DefaultConfig() Config { return Config{} }
 
 // Node is this process's entry to the lock manager. It hosts the lockspaces
 // the node takes part in; each Open of a lockspace returns a new handle (an
 // owner of locks, like a process that opened a Linux lockspace).
 //
-// For now a Node is a cluster of one: every resource is mastered locally.
+// The member list is static for now: this node and Config.Peers, at
+// generation 1. Every member must open a lockspace before it is used;
+// messages for a lockspace not yet opened here wait until it is.
 type Node struct {
 	cfg Config
 	log *slog.Logger
+	id  NodeID
+	tr  *transport.Transport // nil for a cluster of one
 
-	mu     sync.Mutex
-	spaces map[string]*space
-	closed bool
+	mu      sync.Mutex
+	spaces  map[string]*space
+	byID    map[transport.LockspaceID]*space
+	early   map[transport.LockspaceID][]earlyMsg
+	members []NodeID
+	closed  bool
+	stop    chan struct{}
+	stopped chan struct{}
 }
 
-// NewNode returns a node with no lockspaces.
-func NewNode(cfg Config) *Node {
+type earlyMsg struct {
+	from    NodeID
+	payload []byte
+}
+
+// maxEarly bounds the messages held for lockspaces not yet opened here.
+const maxEarly = 1 << 16
+
+// NewNode starts a node: with peers configured it listens for them and
+// connects to them in the background.
+func NewNode(cfg Config) (*Node, error) {
 	lg := cfg.Logger
 	if lg == nil {
 		lg = slog.Default()
 	}
-	return &Node{cfg: cfg, log: lg, spaces: make(map[string]*space)}
+	if cfg.ID == 0 {
+		cfg.ID = 1
+	}
+	n := &Node{cfg: cfg, log: lg.With("node", cfg.ID), id: cfg.ID, spaces: make(map[string]*space),
+		byID: map[transport.LockspaceID]*space{}, early: map[transport.LockspaceID][]earlyMsg{},
+		members: []NodeID{cfg.ID}, stop: make(chan struct{}), stopped: make(chan struct{})}
+	if len(cfg.Peers) > 0 {
+		tc := cfg.Transport
+		tc.NodeID = transport.NodeID(cfg.ID)
+		tc.ListenAddr, tc.Listener, tc.ClusterKey = cfg.ListenAddr, cfg.Listener, cfg.ClusterKey
+		tc.Peers = map[transport.NodeID]string{}
+		for id, addr := range cfg.Peers {
+			if id == 0 || id == cfg.ID {
+				return nil, fmt.Errorf("new node %d: %w: peer ID %d", cfg.ID, ErrInvalid, id)
+			}
+			tc.Peers[transport.NodeID(id)] = addr
+			n.members = append(n.members, id)
+		}
+		tc.Handler = n.receive
+		tc.Logger = n.log
+		tr, err := transport.New(tc)
+		if err != nil {
+			return nil, fmt.Errorf("new node %d: %w", cfg.ID, err)
+		}
+		n.tr = tr
+	}
+	slices.Sort(n.members)
+	tick := cfg.TickInterval
+	if tick <= 0 {
+		tick = time.Second
+	}
+	go n.ticker(tick)
+	return n, nil
+}
+
+// ID returns this node's ID.
+func (n *Node) ID() NodeID { return n.id }
+
+// Addr returns the address the node's transport listens on (nil for a
+// cluster of one).
+func (n *Node) Addr() net.Addr {
+	if n.tr == nil {
+		return nil
+	}
+	return n.tr.Addr()
+}
+
+// Transport returns the node's transport (nil for a cluster of one), for
+// statistics and diagnostics.
+func (n *Node) Transport() *transport.Transport { return n.tr }
+
+func (n *Node) ticker(every time.Duration) {
+	defer close(n.stopped)
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-n.stop:
+			return
+		case <-t.C:
+		}
+		n.mu.Lock()
+		spaces := slices.Collect(maps.Values(n.spaces))
+		n.mu.Unlock()
+		for _, sp := range spaces {
+			sp.mu.Lock()
+			sp.sp.Tick()
+			sp.flush()
+			sp.mu.Unlock()
+		}
+	}
+}
+
+// lockspaceID names a lockspace on the wire: a hash of its name.
+func lockspaceID(name string) transport.LockspaceID {
+	h := fnv.New32a()
+	h.Write([]byte(name))
+	return transport.LockspaceID(h.Sum32())
+}
+
+// receive is the transport's handler: a message for one of our lockspaces.
+func (n *Node) receive(from transport.NodeID, ls transport.LockspaceID, gen uint64, payload []byte) {
+	n.mu.Lock()
+	sp := n.byID[ls]
+	if sp == nil {
+		if n.closed {
+			n.mu.Unlock()
+			return
+		}
+		q := n.early[ls]
+		if len(q) >= maxEarly {
+			n.mu.Unlock()
+			n.log.Warn("dropping message for a lockspace not opened here", "lockspace_id", ls, "from", from)
+			return
+		}
+		n.early[ls] = append(q, earlyMsg{NodeID(from), bytes.Clone(payload)})
+		n.mu.Unlock()
+		return
+	}
+	n.mu.Unlock()
+	sp.mu.Lock()
+	sp.step(NodeID(from), payload)
+	sp.mu.Unlock()
 }
 
 // OpenOptions are the parameters of a lockspace, fixed when it is created;
@@ -69,16 +218,36 @@ func (n *Node) Open(name string, opts OpenOptions) (*Lockspace, error) {
 	}
 	sp := n.spaces[name]
 	if sp == nil {
-		core, err := NewCore(CoreConfig{LVBLen: lvbLen})
+		id := lockspaceID(name)
+		if other := n.byID[id]; other != nil {
+			return nil, fmt.Errorf("open lockspace %q: %w: its wire ID collides with lockspace %q", name, ErrInvalid, other.name)
+		}
+		s, err := NewSpace(SpaceConfig{Self: n.id, LVBLen: lvbLen})
 		if err != nil {
 			return nil, fmt.Errorf("open lockspace %q: %w", name, err)
 		}
-		sp = &space{name: name, core: core, log: n.log.With("lockspace", name)}
+		const gen = 1
+		if err := s.SetMembers(gen, n.members); err != nil {
+			return nil, fmt.Errorf("open lockspace %q: %w", name, err)
+		}
+		sp = &space{name: name, id: id, node: n, sp: s, log: n.log.With("lockspace", name)}
+		if n.tr != nil {
+			n.tr.SetGeneration(id, gen)
+		}
 		n.spaces[name] = sp
-		sp.log.Info("lockspace created", "lvb_len", lvbLen)
-	} else if sp.core.LVBLen() != lvbLen {
+		n.byID[id] = sp
+		sp.log.Info("lockspace created", "lvb_len", lvbLen, "members", n.members, "generation", gen)
+		if early := n.early[id]; len(early) > 0 {
+			delete(n.early, id)
+			sp.mu.Lock()
+			for _, m := range early {
+				sp.step(m.from, m.payload)
+			}
+			sp.mu.Unlock()
+		}
+	} else if sp.sp.LVBLen() != lvbLen {
 		return nil, fmt.Errorf("open lockspace %q: %w: LVB length %d, the lockspace uses %d",
-			name, ErrInvalid, lvbLen, sp.core.LVBLen())
+			name, ErrInvalid, lvbLen, sp.sp.LVBLen())
 	}
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
@@ -95,13 +264,19 @@ func (n *Node) Open(name string, opts OpenOptions) (*Lockspace, error) {
 	return ls, nil
 }
 
-// Close releases every handle of every lockspace.
+// Close releases every handle of every lockspace and stops the transport.
 func (n *Node) Close() {
 	n.mu.Lock()
+	if n.closed {
+		n.mu.Unlock()
+		return
+	}
 	n.closed = true
 	spaces := n.spaces
 	n.spaces = map[string]*space{}
 	n.mu.Unlock()
+	close(n.stop)
+	<-n.stopped
 	for _, sp := range spaces {
 		sp.mu.Lock()
 		hs := make([]*Lockspace, 0, len(sp.open))
@@ -113,16 +288,21 @@ func (n *Node) Close() {
 			_ = h.Release()
 		}
 	}
+	if n.tr != nil {
+		_ = n.tr.Close()
+	}
 }
 
 // space is the node's copy of one lockspace: the core and the machinery
 // around it. mu guards the core and every Lock handle's fields.
 type space struct {
 	name string
+	id   transport.LockspaceID
+	node *Node
 	log  *slog.Logger
 
 	mu        sync.Mutex
-	core      *Core
+	sp        *Space
 	nextOwner OwnerID
 	handles   int
 	open      map[*Lockspace]struct{}
@@ -205,10 +385,31 @@ func (sp *space) enqueue(ev event) {
 	}
 }
 
-// apply hands the core's callbacks to their lock handles. Called with mu held
-// after every step of the core.
-func (sp *space) apply() {
-	for _, cb := range sp.core.Callbacks() {
+// step applies a received message; called with mu held.
+func (sp *space) step(from NodeID, payload []byte) {
+	if err := sp.sp.Step(from, payload); err != nil {
+		sp.log.Warn("dropping malformed lock message", "from", from, "err", err)
+		return
+	}
+	sp.flush()
+}
+
+// flush sends the messages the Space produced and hands its callbacks to
+// their lock handles. Called with mu held after every step, so messages leave
+// in the order they were made.
+func (sp *space) flush() {
+	out, cbs := sp.sp.Ready()
+	for _, o := range out {
+		if err := sp.node.tr.Send(transport.NodeID(o.To), sp.id, sp.sp.Generation(), o.Payload); err != nil {
+			sp.log.Error("cannot send lock message", "to", o.To, "err", err)
+		}
+	}
+	sp.apply(cbs)
+}
+
+// apply hands callbacks to their lock handles.
+func (sp *space) apply(cbs []Callback) {
+	for _, cb := range cbs {
 		lk := cb.Tag.(*Lock)
 		if cb.Kind == Blocking {
 			if lk.onBlock != nil && !lk.gone {
@@ -264,13 +465,13 @@ type Lockspace struct {
 func (ls *Lockspace) Name() string { return ls.sp.name }
 
 // LVBLen returns the lockspace's lock value block length.
-func (ls *Lockspace) LVBLen() int { return ls.sp.core.LVBLen() }
+func (ls *Lockspace) LVBLen() int { return ls.sp.sp.LVBLen() }
 
 // Lock is a handle to one lock. Its accessors report the state as of the last
 // completed operation.
 type Lock struct {
 	ls       *Lockspace
-	id       LockID
+	proc     Proc
 	resource string
 	onBlock  func(*Lock, Mode)
 
@@ -357,7 +558,7 @@ func (ls *Lockspace) start(ctx context.Context, req LockRequest, done func(*Lock
 	sp := ls.sp
 	lk := &Lock{ls: ls, resource: req.Resource, onBlock: req.OnBlock, mode: ModeIV}
 	if req.Flags&ValBlk != 0 {
-		lk.lvb = make([]byte, sp.core.LVBLen())
+		lk.lvb = make([]byte, sp.sp.LVBLen())
 	}
 	sp.mu.Lock()
 	if ls.released.Load() {
@@ -367,7 +568,7 @@ func (ls *Lockspace) start(ctx context.Context, req LockRequest, done func(*Lock
 	lk.pending = true
 	lk.done = done
 	lk.op++
-	id, err := sp.core.Lock(Request{
+	err := sp.sp.Lock(&lk.proc, Request{
 		Resource: req.Resource, Mode: req.Mode, Flags: req.Flags, LVB: lk.lvb,
 		Owner: ls.owner, Blocking: req.OnBlock != nil, Tag: lk,
 	})
@@ -375,8 +576,7 @@ func (ls *Lockspace) start(ctx context.Context, req LockRequest, done func(*Lock
 		sp.mu.Unlock()
 		return nil, err
 	}
-	lk.id = id
-	sp.apply()
+	sp.flush()
 	if lk.pending {
 		ls.track(ctx, lk)
 	}
@@ -439,7 +639,7 @@ func (lk *Lock) cancelWith(op uint64, st Status) {
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
 	if lk.pending && !lk.gone && lk.op == op {
-		_ = sp.core.CancelStatus(lk.id, st)
-		sp.apply()
+		_ = sp.sp.Cancel(&lk.proc, st)
+		sp.flush()
 	}
 }

@@ -23,7 +23,10 @@ const guard = 10 * time.Second
 
 func newNode(t *testing.T) *dlm.Node {
 	t.Helper()
-	n := dlm.NewNode(dlm.Config{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	n, err := dlm.NewNode(dlm.Config{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
 	t.Cleanup(n.Close)
 	return n
 }

@@ -77,7 +77,10 @@ func (p *printer) dump(ls *dlm.Lockspace, owners map[dlm.LockID]string) {
 
 func run(w io.Writer, seed uint64, nclients, nops int) error {
 	p := &printer{w: w}
-	node := dlm.NewNode(dlm.Config{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	node, err := dlm.NewNode(dlm.Config{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		return err
+	}
 	defer node.Close()
 	ctx := context.Background()
 	owners := map[dlm.LockID]string{}

@@ -1,0 +1,264 @@
+package dlm
+
+import (
+	"encoding/binary"
+	"fmt"
+)
+
+// NodeID is a cluster node's stable identity. 0 is never a node.
+type NodeID uint32
+
+// msgType names a lock-manager message between nodes. The transport carries
+// them as opaque payloads, stamped with lockspace and generation.
+type msgType uint8
+
+const (
+	// msgLookup asks a resource's directory node who masters it.
+	msgLookup msgType = iota + 1
+	// msgLookupReply answers with the master (the asker, if nobody had it).
+	msgLookupReply
+	// msgRemove tells the directory node that the master dropped the resource.
+	msgRemove
+	// msgRequest asks the master for a new lock.
+	msgRequest
+	// msgConvert asks the master to convert a lock.
+	msgConvert
+	// msgUnlock releases a lock at the master.
+	msgUnlock
+	// msgCancel cancels a pending request or conversion at the master.
+	msgCancel
+	// msgCast is a completion from the master.
+	msgCast
+	// msgBast is a blocking callback from the master.
+	msgBast
+	// msgNotMaster refuses a request sent to a node that no longer masters
+	// the resource; the requester looks the master up again.
+	msgNotMaster
+	msgMax
+)
+
+var msgNames = [...]string{"", "lookup", "lookup-reply", "remove", "request", "convert", "unlock", "cancel", "cast", "bast", "not-master"}
+
+func (t msgType) String() string {
+	if t > 0 && t < msgMax {
+		return msgNames[t]
+	}
+	return fmt.Sprintf("msg(%d)", uint8(t))
+}
+
+// message is the decoded form of every message; fields not used by a type
+// are zero.
+type message struct {
+	typ    msgType
+	lock   uint64 // the requester's lock ID
+	name   string // resource name (lookup, lookup-reply, remove, request)
+	master NodeID // lookup-reply
+	mode   Mode
+	flags  Flags
+	status Status
+	sbf    StatusFlags
+	bast   bool   // request: the owner wants blocking callbacks
+	seq    uint32 // cast: LVB sequence
+	lvb    []byte // request/convert/unlock: the value to write; cast: the value read
+}
+
+// Wire layout, little-endian: type(1) then per type:
+//
+//	lookup, remove:  namelen(1) name
+//	lookup-reply:    master(4) namelen(1) name
+//	request:         lock(8) mode(1) flags(4) bast(1) namelen(1) name lvblen(2) lvb
+//	convert, unlock: lock(8) mode(1) flags(4) lvblen(2) lvb
+//	cancel:          lock(8) status(1)
+//	cast:            lock(8) status(1) mode(1) sbflags(1) seq(4) lvblen(2) lvb
+//	bast:            lock(8) mode(1)
+//	not-master:      lock(8)
+
+func appendName(b []byte, n string) []byte {
+	b = append(b, byte(len(n)))
+	return append(b, n...)
+}
+
+func appendLVB(b []byte, v []byte) []byte {
+	b = binary.LittleEndian.AppendUint16(b, uint16(len(v)))
+	return append(b, v...)
+}
+
+// appendMessage encodes m onto b.
+func appendMessage(b []byte, m *message) []byte {
+	b = append(b, byte(m.typ))
+	switch m.typ {
+	case msgLookup, msgRemove:
+		b = appendName(b, m.name)
+	case msgLookupReply:
+		b = binary.LittleEndian.AppendUint32(b, uint32(m.master))
+		b = appendName(b, m.name)
+	case msgRequest:
+		b = binary.LittleEndian.AppendUint64(b, m.lock)
+		b = append(b, byte(m.mode))
+		b = binary.LittleEndian.AppendUint32(b, uint32(m.flags))
+		bast := byte(0)
+		if m.bast {
+			bast = 1
+		}
+		b = append(b, bast)
+		b = appendName(b, m.name)
+		b = appendLVB(b, m.lvb)
+	case msgConvert, msgUnlock:
+		b = binary.LittleEndian.AppendUint64(b, m.lock)
+		b = append(b, byte(m.mode))
+		b = binary.LittleEndian.AppendUint32(b, uint32(m.flags))
+		b = appendLVB(b, m.lvb)
+	case msgCancel:
+		b = binary.LittleEndian.AppendUint64(b, m.lock)
+		b = append(b, byte(m.status))
+	case msgCast:
+		b = binary.LittleEndian.AppendUint64(b, m.lock)
+		b = append(b, byte(m.status), byte(m.mode), byte(m.sbf))
+		b = binary.LittleEndian.AppendUint32(b, m.seq)
+		b = appendLVB(b, m.lvb)
+	case msgBast:
+		b = binary.LittleEndian.AppendUint64(b, m.lock)
+		b = append(b, byte(m.mode))
+	case msgNotMaster:
+		b = binary.LittleEndian.AppendUint64(b, m.lock)
+	}
+	return b
+}
+
+// reader decodes little-endian fields, remembering the first error.
+type reader struct {
+	b   []byte
+	err error
+}
+
+func (r *reader) need(n int, what string) []byte {
+	if r.err != nil {
+		return nil
+	}
+	if len(r.b) < n {
+		r.err = fmt.Errorf("%w: message truncated in %s", ErrInvalid, what)
+		return nil
+	}
+	v := r.b[:n]
+	r.b = r.b[n:]
+	return v
+}
+
+func (r *reader) u8(what string) uint8 {
+	if v := r.need(1, what); v != nil {
+		return v[0]
+	}
+	return 0
+}
+
+func (r *reader) u16(what string) uint16 {
+	if v := r.need(2, what); v != nil {
+		return binary.LittleEndian.Uint16(v)
+	}
+	return 0
+}
+
+func (r *reader) u32(what string) uint32 {
+	if v := r.need(4, what); v != nil {
+		return binary.LittleEndian.Uint32(v)
+	}
+	return 0
+}
+
+func (r *reader) u64(what string) uint64 {
+	if v := r.need(8, what); v != nil {
+		return binary.LittleEndian.Uint64(v)
+	}
+	return 0
+}
+
+func (r *reader) name() string {
+	n := int(r.u8("name length"))
+	if r.err == nil && (n == 0 || n > MaxResourceName) {
+		r.err = fmt.Errorf("%w: resource name length %d", ErrInvalid, n)
+		return ""
+	}
+	return string(r.need(n, "name"))
+}
+
+func (r *reader) mode(what string) Mode {
+	m := Mode(int8(r.u8(what)))
+	if r.err == nil && !m.Valid() && m != ModeIV {
+		r.err = fmt.Errorf("%w: bad %s %d", ErrInvalid, what, int(m))
+	}
+	return m
+}
+
+func (r *reader) lvb(max int) []byte {
+	n := int(r.u16("lvb length"))
+	if r.err == nil && n > max {
+		r.err = fmt.Errorf("%w: LVB of %d bytes, lockspace uses %d", ErrInvalid, n, max)
+		return nil
+	}
+	return r.need(n, "lvb")
+}
+
+// decodeMessage parses one message. lvbLen bounds the LVB. The returned
+// message's lvb aliases b. Every malformed input yields an error, never a
+// panic.
+func decodeMessage(b []byte, lvbLen int) (message, error) {
+	r := &reader{b: b}
+	var m message
+	m.typ = msgType(r.u8("type"))
+	if r.err == nil && (m.typ == 0 || m.typ >= msgMax) {
+		return m, fmt.Errorf("%w: unknown message type %d", ErrInvalid, uint8(m.typ))
+	}
+	switch m.typ {
+	case msgLookup, msgRemove:
+		m.name = r.name()
+	case msgLookupReply:
+		m.master = NodeID(r.u32("master"))
+		m.name = r.name()
+		if r.err == nil && m.master == 0 {
+			r.err = fmt.Errorf("%w: lookup reply names node 0", ErrInvalid)
+		}
+	case msgRequest:
+		m.lock = r.u64("lock")
+		m.mode = r.mode("mode")
+		m.flags = Flags(r.u32("flags"))
+		m.bast = r.u8("bast") != 0
+		m.name = r.name()
+		m.lvb = r.lvb(lvbLen)
+	case msgConvert, msgUnlock:
+		m.lock = r.u64("lock")
+		m.mode = r.mode("mode")
+		m.flags = Flags(r.u32("flags"))
+		m.lvb = r.lvb(lvbLen)
+	case msgCancel:
+		m.lock = r.u64("lock")
+		m.status = Status(r.u8("status"))
+		if r.err == nil && m.status != StatusCancel && m.status != StatusTimeout {
+			r.err = fmt.Errorf("%w: cancel with status %d", ErrInvalid, m.status)
+		}
+	case msgCast:
+		m.lock = r.u64("lock")
+		m.status = Status(r.u8("status"))
+		m.mode = r.mode("mode")
+		m.sbf = StatusFlags(r.u8("status flags"))
+		m.seq = r.u32("lvb sequence")
+		m.lvb = r.lvb(lvbLen)
+		if r.err == nil && m.status > StatusReleased {
+			r.err = fmt.Errorf("%w: cast with status %d", ErrInvalid, m.status)
+		}
+	case msgBast:
+		m.lock = r.u64("lock")
+		m.mode = r.mode("mode")
+		if r.err == nil && !m.mode.Valid() {
+			r.err = fmt.Errorf("%w: blocking callback for mode %v", ErrInvalid, m.mode)
+		}
+	case msgNotMaster:
+		m.lock = r.u64("lock")
+	}
+	if r.err == nil && len(r.b) != 0 {
+		r.err = fmt.Errorf("%w: %d bytes after %v message", ErrInvalid, len(r.b), m.typ)
+	}
+	if r.err != nil {
+		return message{}, fmt.Errorf("decode %v: %w", m.typ, r.err)
+	}
+	return m, nil
+}

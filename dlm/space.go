@@ -1,0 +1,766 @@
+package dlm
+
+import (
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"slices"
+)
+
+// SpaceConfig configures one node's part of a lockspace.
+type SpaceConfig struct {
+	// Self is this node's ID.
+	Self NodeID
+	// LVBLen is the lockspace's LVB length (0: DefaultLVBLen). Every node of
+	// the lockspace must use the same.
+	LVBLen int
+	// TossLimit bounds the unused resources this node keeps mastering (0:
+	// 1024). When one is dropped its directory entry is removed, so the next
+	// user anywhere becomes its master.
+	TossLimit int
+	// CacheTicks is how many Ticks an unused cached master is remembered;
+	// after that the master is looked up again on next use (0: 10).
+	CacheTicks int
+}
+
+// Outgoing is a message for another node, produced by a Space step. Payload
+// is valid until the Space is stepped again.
+type Outgoing struct {
+	To      NodeID
+	Payload []byte
+}
+
+// Space is one node's part of a lockspace spread over several nodes: the
+// resource directory entries that hash to this node, the resources it masters
+// (a Core holding local locks and the master copies of remote ones), and the
+// process copies of local locks whose resource is mastered elsewhere.
+//
+// It follows Linux's design: a resource's directory node is chosen by hashing
+// its name over the members; the first node to look a resource up becomes its
+// master; requesters cache the master; a lock request costs no message when
+// the resource is mastered here, and one round trip when the master is known
+// and remote. Down-conversions and unlocks are sent without waiting for a
+// reply, in order with everything sent later.
+//
+// Like Core, Space is a pure state machine: no I/O, goroutines or clock. The
+// driver calls the local operations and Step for each received message, then
+// Ready for the messages to send and the callbacks to run. Messages between
+// two nodes must be delivered in order, exactly once (the transport's job).
+type Space struct {
+	self       NodeID
+	gen        uint64
+	members    []NodeID
+	lvbLen     int
+	cacheTicks uint64
+
+	core *Core
+	dir  map[string]NodeID   // directory entries this node holds
+	rsbs map[string]*rsbInfo // what this node knows of each resource's master
+	// procs are local locks on resources mastered elsewhere, by ID.
+	procs  map[uint64]*Proc
+	nextID uint64
+	// mcopies are the master copies of remote nodes' locks.
+	mcopies map[mkey]*mcopy
+	tick    uint64
+
+	out    []Outgoing
+	outBuf []byte
+	cbs    []Callback
+}
+
+// rsbInfo is the requester's view of a resource.
+type rsbInfo struct {
+	name      string
+	master    NodeID // 0 while unknown
+	lookingUp bool
+	waiting   []*Proc // requests held until the master is known
+	remote    int     // local locks mastered elsewhere
+	lastUse   uint64
+}
+
+type mkey struct {
+	node NodeID
+	id   uint64
+}
+
+// mcopy is the master's copy of a remote node's lock.
+type mcopy struct {
+	key    mkey
+	coreID LockID
+	grmode Mode
+	flags  Flags
+	lvb    []byte
+	silent bool // the requester completed this operation itself (down-conversion, unlock)
+}
+
+type procState uint8
+
+const (
+	pFree       procState = iota
+	pLookup               // waiting for the master to be known
+	pRequesting           // new request sent to the master
+	pGranted
+	pConverting
+)
+
+// Proc is one local lock as its own node sees it (Linux: the process copy).
+// The driver allocates it (typically inside its lock handle) and passes it to
+// every operation on that lock; Space fills it in.
+type Proc struct {
+	name     string
+	id       uint64
+	coreID   LockID // when the resource is mastered here
+	local    bool   // mastered here: the core holds the lock
+	state    procState
+	grmode   Mode
+	rqmode   Mode
+	flags    Flags
+	lvb      []byte
+	lvbseq   uint32
+	tag      any
+	blocking bool
+	owner    OwnerID
+	orphan   bool
+	rsb      *rsbInfo
+}
+
+// Mode returns the lock's granted mode as this node knows it.
+func (p *Proc) Mode() Mode { return p.grmode }
+
+// NewSpace returns a node's part of a lockspace; members start as just Self.
+func NewSpace(cfg SpaceConfig) (*Space, error) {
+	if cfg.Self == 0 {
+		return nil, fmt.Errorf("%w: node ID 0", ErrInvalid)
+	}
+	if cfg.CacheTicks == 0 {
+		cfg.CacheTicks = 10
+	}
+	core, err := NewCore(CoreConfig{LVBLen: cfg.LVBLen, TossLimit: cfg.TossLimit})
+	if err != nil {
+		return nil, err
+	}
+	return &Space{
+		self: cfg.Self, members: []NodeID{cfg.Self}, lvbLen: core.LVBLen(), cacheTicks: uint64(cfg.CacheTicks),
+		core: core, dir: map[string]NodeID{}, rsbs: map[string]*rsbInfo{},
+		procs: map[uint64]*Proc{}, mcopies: map[mkey]*mcopy{},
+	}, nil
+}
+
+// LVBLen returns the lockspace's LVB length.
+func (s *Space) LVBLen() int { return s.core.LVBLen() }
+
+// Generation returns the generation of the current member list.
+func (s *Space) Generation() uint64 { return s.gen }
+
+// Members returns the current member list, sorted.
+func (s *Space) Members() []NodeID { return slices.Clone(s.members) }
+
+// SetMembers installs a member list (which must include this node) with its
+// generation. For now membership is static: it is set once, before use.
+// Agreed, changing views and recovery come with the membership layer.
+func (s *Space) SetMembers(gen uint64, members []NodeID) error {
+	ms := slices.Clone(members)
+	slices.Sort(ms)
+	ms = slices.Compact(ms)
+	if !slices.Contains(ms, s.self) {
+		return fmt.Errorf("%w: member list %v lacks this node %d", ErrInvalid, ms, s.self)
+	}
+	if slices.Contains(ms, 0) {
+		return fmt.Errorf("%w: member list contains node 0", ErrInvalid)
+	}
+	if gen < s.gen {
+		return fmt.Errorf("%w: generation %d is older than %d", ErrInvalid, gen, s.gen)
+	}
+	s.gen, s.members = gen, ms
+	return nil
+}
+
+// dirNode returns the directory node of a resource: its name hashed over the
+// sorted members, as Linux does (upper bits of the hash).
+func (s *Space) dirNode(name string) NodeID {
+	if len(s.members) == 1 {
+		return s.members[0]
+	}
+	h := fnv.New32a()
+	h.Write([]byte(name))
+	return s.members[(h.Sum32()>>16)%uint32(len(s.members))]
+}
+
+// Ready returns the messages to send and the callbacks to run that the last
+// steps produced, and forgets them. Both are valid until the next step.
+func (s *Space) Ready() ([]Outgoing, []Callback) {
+	out, cbs := s.out, s.cbs
+	s.out, s.outBuf, s.cbs = s.out[:0], s.outBuf[:0], s.cbs[:0]
+	return out, cbs
+}
+
+// HasReady reports whether Ready has anything.
+func (s *Space) HasReady() bool { return len(s.out) > 0 || len(s.cbs) > 0 }
+
+func (s *Space) send(to NodeID, m *message) {
+	start := len(s.outBuf)
+	s.outBuf = appendMessage(s.outBuf, m)
+	s.out = append(s.out, Outgoing{To: to, Payload: s.outBuf[start:len(s.outBuf):len(s.outBuf)]})
+}
+
+func (s *Space) cast(p *Proc, st Status, sbf StatusFlags) {
+	if p.tag == nil {
+		return
+	}
+	s.cbs = append(s.cbs, Callback{Kind: Completion, Lock: LockID(p.id), Tag: p.tag, Status: st, Mode: p.grmode, Flags: sbf, LVBSeq: p.lvbseq})
+}
+
+// --- local operations ---
+
+func (s *Space) rsb(name string) *rsbInfo {
+	r := s.rsbs[name]
+	if r == nil {
+		r = &rsbInfo{name: name}
+		s.rsbs[name] = r
+	}
+	r.lastUse = s.tick
+	return r
+}
+
+// Lock starts a new lock request for p (which must be new or released). It
+// validates like Core.Lock; on success exactly one completion follows.
+func (s *Space) Lock(p *Proc, req Request) error {
+	if err := checkName(req.Resource); err != nil {
+		return err
+	}
+	if err := checkLockFlags(req.Mode, req.Flags, false); err != nil {
+		return fmt.Errorf("resource %q: %w", req.Resource, err)
+	}
+	if err := s.core.checkLVB(req.LVB); err != nil {
+		return fmt.Errorf("resource %q: %w", req.Resource, err)
+	}
+	if req.Flags&ValBlk != 0 && req.LVB == nil {
+		return fmt.Errorf("resource %q: %w: VALBLK without an LVB buffer", req.Resource, ErrInvalid)
+	}
+	if req.Owner == 0 {
+		return fmt.Errorf("resource %q: %w: owner 0 is reserved for orphans", req.Resource, ErrInvalid)
+	}
+	if req.Flags&Orphan != 0 {
+		return s.adopt(p, req)
+	}
+	s.nextID++
+	*p = Proc{name: req.Resource, id: s.nextID, grmode: ModeIV, rqmode: req.Mode, flags: req.Flags,
+		lvb: req.LVB, tag: req.Tag, blocking: req.Blocking, owner: req.Owner}
+	r := s.rsb(req.Resource)
+	p.rsb = r
+	if r.master == 0 && !r.lookingUp {
+		if d := s.dirNode(req.Resource); d == s.self {
+			r.master = s.dirLookup(req.Resource, s.self)
+		}
+	}
+	switch {
+	case r.master == s.self:
+		s.lockLocal(p)
+	case r.master == 0:
+		p.state = pLookup
+		r.waiting = append(r.waiting, p)
+		r.remote++
+		if !r.lookingUp {
+			r.lookingUp = true
+			s.send(s.dirNode(req.Resource), &message{typ: msgLookup, name: req.Resource})
+		}
+	default:
+		r.remote++
+		s.request(p)
+	}
+	return nil
+}
+
+func (s *Space) lockLocal(p *Proc) {
+	p.local = true
+	id, err := s.core.Lock(Request{Resource: p.name, Mode: p.rqmode, Flags: p.flags, LVB: p.lvb,
+		Owner: p.owner, Blocking: p.blocking, Tag: p})
+	if err != nil {
+		// Validated already; a refusal here is a bug, reported as such.
+		p.state = pFree
+		s.cast(p, statusOf(err), 0)
+		return
+	}
+	p.coreID = id
+	p.state = pRequesting
+	s.drainCore()
+}
+
+func (s *Space) request(p *Proc) {
+	p.state = pRequesting
+	s.procs[p.id] = p
+	m := message{typ: msgRequest, lock: p.id, name: p.name, mode: p.rqmode, flags: p.flags, bast: p.blocking}
+	s.send(p.rsb.master, &m)
+}
+
+// statusOf maps an error of this package to its Status.
+func statusOf(err error) Status {
+	var st Status
+	if errors.As(err, &st) {
+		return st
+	}
+	return StatusInvalid
+}
+
+func (s *Space) adopt(p *Proc, req Request) error {
+	other := false
+	for _, o := range s.procs {
+		if !o.orphan || o.name != req.Resource {
+			continue
+		}
+		if o.grmode != req.Mode {
+			other = true
+			continue
+		}
+		// A remote-mastered orphan: ownership moves here; the master's copy
+		// is unchanged. (Its LVB is not re-read.)
+		delete(s.procs, o.id)
+		*p = *o
+		p.orphan, p.owner, p.tag, p.blocking, p.lvb = false, req.Owner, req.Tag, req.Blocking, req.LVB
+		p.flags = req.Flags &^ Orphan
+		s.procs[p.id] = p
+		s.cast(p, StatusOK, 0)
+		return nil
+	}
+	if r := s.rsbs[req.Resource]; r != nil && r.master == s.self {
+		*p = Proc{name: req.Resource, grmode: ModeIV, rqmode: req.Mode, lvb: req.LVB, tag: req.Tag,
+			blocking: req.Blocking, owner: req.Owner, flags: req.Flags &^ Orphan, local: true, rsb: r}
+		id, err := s.core.Lock(Request{Resource: req.Resource, Mode: req.Mode, Flags: req.Flags, LVB: req.LVB,
+			Owner: req.Owner, Blocking: req.Blocking, Tag: p})
+		if err == nil {
+			s.nextID++
+			p.id, p.coreID, p.state = s.nextID, id, pRequesting
+			s.drainCore()
+			return nil
+		}
+		if errors.Is(err, ErrAgain) {
+			return err
+		}
+	}
+	if other {
+		return fmt.Errorf("resource %q: %w: orphans hold another mode than %v", req.Resource, ErrAgain, req.Mode)
+	}
+	return fmt.Errorf("resource %q: %w: no orphan lock to adopt", req.Resource, ErrNotFound)
+}
+
+func (s *Space) checkProc(p *Proc) error {
+	if p.state == pFree || p.orphan {
+		return fmt.Errorf("lock on %q: %w", p.name, ErrNotFound)
+	}
+	return nil
+}
+
+// Convert starts a conversion of p. Errors are returned at once and change
+// nothing; otherwise one completion follows. A down-conversion of a lock
+// mastered elsewhere completes at once: the master applies it in order
+// before anything this node sends later.
+func (s *Space) Convert(p *Proc, mode Mode, flags Flags, lvb []byte) error {
+	if err := s.checkProc(p); err != nil {
+		return err
+	}
+	if p.local {
+		if lvb != nil {
+			p.lvb = lvb
+		}
+		if err := s.core.Convert(p.coreID, mode, flags, lvb); err != nil {
+			return err
+		}
+		p.flags = flags | Convert
+		p.state = pConverting
+		s.drainCore()
+		return nil
+	}
+	if err := checkLockFlags(mode, flags, true); err != nil {
+		return fmt.Errorf("lock on %q: %w", p.name, err)
+	}
+	if err := s.core.checkLVB(lvb); err != nil {
+		return fmt.Errorf("lock on %q: %w", p.name, err)
+	}
+	if p.state != pGranted {
+		return fmt.Errorf("lock on %q: %w", p.name, ErrBusy)
+	}
+	if flags&QueCvt != 0 && !quecvtOK[p.grmode][mode] {
+		return fmt.Errorf("lock on %q: %w: QUECVT from %v to %v is not an up-conversion", p.name, ErrInvalid, p.grmode, mode)
+	}
+	if flags&ValBlk != 0 && lvb == nil && p.lvb == nil {
+		return fmt.Errorf("lock on %q: %w: VALBLK without an LVB buffer", p.name, ErrInvalid)
+	}
+	if lvb != nil {
+		p.lvb = lvb
+	}
+	p.flags = flags | Convert
+	m := message{typ: msgConvert, lock: p.id, mode: mode, flags: p.flags}
+	if flags&ValBlk != 0 {
+		m.lvb = p.lvb
+	}
+	s.send(p.rsb.master, &m)
+	if downConversion(p.grmode, mode) {
+		p.grmode = mode
+		s.cast(p, StatusOK, 0)
+		return nil
+	}
+	p.state, p.rqmode = pConverting, mode
+	return nil
+}
+
+// Unlock releases p (see Core.Unlock for the flags). The completion comes at
+// once: for a lock mastered elsewhere the unlock is sent without waiting.
+func (s *Space) Unlock(p *Proc, flags Flags, lvb []byte) error {
+	if bad := flags &^ unlockFlagsMask; bad != 0 {
+		return fmt.Errorf("lock on %q: %w: flags %v not allowed on unlock", p.name, ErrInvalid, bad)
+	}
+	if flags&Cancel != 0 && flags&ForceUnlock != 0 {
+		return fmt.Errorf("lock on %q: %w: CANCEL with FORCEUNLOCK", p.name, ErrInvalid)
+	}
+	if flags&Cancel != 0 {
+		return s.Cancel(p, StatusCancel)
+	}
+	if err := s.checkProc(p); err != nil {
+		return err
+	}
+	if err := s.core.checkLVB(lvb); err != nil {
+		return fmt.Errorf("lock on %q: %w", p.name, err)
+	}
+	if p.local {
+		if err := s.core.Unlock(p.coreID, flags, lvb); err != nil {
+			return err
+		}
+		if lvb != nil {
+			p.lvb = lvb
+		}
+		s.drainCore()
+		return nil
+	}
+	if p.state != pGranted && flags&ForceUnlock == 0 {
+		return fmt.Errorf("lock on %q: %w", p.name, ErrBusy)
+	}
+	if flags&ValBlk != 0 && lvb == nil && p.lvb == nil {
+		return fmt.Errorf("lock on %q: %w: VALBLK without an LVB buffer", p.name, ErrInvalid)
+	}
+	if lvb != nil {
+		p.lvb = lvb
+	}
+	if p.state == pLookup {
+		p.rsb.waiting = slices.DeleteFunc(p.rsb.waiting, func(o *Proc) bool { return o == p })
+	} else {
+		m := message{typ: msgUnlock, lock: p.id, flags: flags}
+		if flags&ValBlk != 0 {
+			m.lvb = p.lvb
+		}
+		s.send(p.rsb.master, &m)
+	}
+	s.freeProc(p)
+	s.cast(p, StatusUnlock, 0)
+	return nil
+}
+
+func (s *Space) freeProc(p *Proc) {
+	p.state, p.grmode, p.rqmode = pFree, ModeIV, ModeIV
+	if !p.local {
+		delete(s.procs, p.id)
+		p.rsb.remote--
+		p.rsb.lastUse = s.tick
+	}
+}
+
+// Cancel cancels p's pending request or conversion, which completes with st
+// (StatusCancel or StatusTimeout). With nothing pending it does nothing.
+func (s *Space) Cancel(p *Proc, st Status) error {
+	if err := s.checkProc(p); err != nil {
+		return err
+	}
+	if p.local {
+		if err := s.core.CancelStatus(p.coreID, st); err != nil {
+			return err
+		}
+		s.drainCore()
+		return nil
+	}
+	switch p.state {
+	case pLookup:
+		p.rsb.waiting = slices.DeleteFunc(p.rsb.waiting, func(o *Proc) bool { return o == p })
+		s.freeProc(p)
+		s.cast(p, st, 0)
+	case pRequesting, pConverting:
+		s.send(p.rsb.master, &message{typ: msgCancel, lock: p.id, status: st})
+	}
+	return nil
+}
+
+// PurgeOwner drops every lock of owner on this node, as Core.PurgeOwner does:
+// Persistent granted locks become orphans (kept at their master), the rest
+// are released. No callbacks are produced for the owner.
+func (s *Space) PurgeOwner(owner OwnerID) (orphaned, released int) {
+	o, r := s.core.PurgeOwner(owner)
+	orphaned, released = o, r
+	ids := make([]uint64, 0, len(s.procs))
+	for id, p := range s.procs {
+		if p.owner == owner && !p.orphan {
+			ids = append(ids, id)
+		}
+	}
+	slices.Sort(ids)
+	for _, id := range ids {
+		p := s.procs[id]
+		if p.flags&Persistent != 0 && (p.state == pGranted || p.state == pConverting) {
+			if p.state == pConverting {
+				s.send(p.rsb.master, &message{typ: msgCancel, lock: p.id, status: StatusCancel})
+			}
+			p.orphan, p.owner, p.tag, p.lvb, p.blocking = true, 0, nil, nil, false
+			orphaned++
+			continue
+		}
+		s.send(p.rsb.master, &message{typ: msgUnlock, lock: p.id, flags: ForceUnlock})
+		s.freeProc(p)
+		released++
+	}
+	for _, rb := range s.rsbs {
+		n := len(rb.waiting)
+		rb.waiting = slices.DeleteFunc(rb.waiting, func(p *Proc) bool { return p.owner == owner })
+		rb.remote -= n - len(rb.waiting)
+		released += n - len(rb.waiting)
+	}
+	s.drainCore()
+	return orphaned, released
+}
+
+// Tick advances the Space's clock by one unit: cached masters unused for
+// CacheTicks are forgotten.
+func (s *Space) Tick() {
+	s.tick++
+	for name, r := range s.rsbs {
+		if r.master != s.self && r.remote == 0 && !r.lookingUp && s.tick-r.lastUse > s.cacheTicks {
+			delete(s.rsbs, name)
+		}
+	}
+}
+
+// --- the directory ---
+
+// dirLookup answers a lookup at this (directory) node: the recorded master,
+// or asker as the new master.
+func (s *Space) dirLookup(name string, asker NodeID) NodeID {
+	if m, ok := s.dir[name]; ok {
+		return m
+	}
+	s.dir[name] = asker
+	return asker
+}
+
+// --- master side: the core's callbacks ---
+
+// drainCore turns the core's callbacks into local callbacks (for local
+// locks) and messages (for remote nodes' locks), and acts on dropped
+// resources.
+func (s *Space) drainCore() {
+	for _, cb := range s.core.Callbacks() {
+		switch t := cb.Tag.(type) {
+		case *Proc:
+			p := t
+			if cb.Kind == Blocking {
+				s.cbs = append(s.cbs, Callback{Kind: Blocking, Lock: LockID(p.id), Tag: p.tag, Mode: cb.Mode})
+				continue
+			}
+			p.grmode, p.lvbseq = cb.Mode, cb.LVBSeq
+			if cb.Mode == ModeIV {
+				p.state = pFree
+			} else {
+				p.state = pGranted
+			}
+			s.cbs = append(s.cbs, Callback{Kind: Completion, Lock: LockID(p.id), Tag: p.tag, Status: cb.Status,
+				Mode: cb.Mode, Flags: cb.Flags, LVBSeq: cb.LVBSeq})
+		case *mcopy:
+			mc := t
+			if cb.Kind == Blocking {
+				s.send(mc.key.node, &message{typ: msgBast, lock: mc.key.id, mode: cb.Mode})
+				continue
+			}
+			mc.grmode = cb.Mode
+			if cb.Mode == ModeIV {
+				delete(s.mcopies, mc.key)
+			}
+			if mc.silent {
+				mc.silent = false
+				continue
+			}
+			m := message{typ: msgCast, lock: mc.key.id, status: cb.Status, mode: cb.Mode, sbf: cb.Flags, seq: cb.LVBSeq}
+			if cb.Status == StatusOK && mc.flags&ValBlk != 0 && mc.lvb != nil {
+				m.lvb = mc.lvb
+			}
+			s.send(mc.key.node, &m)
+		}
+	}
+	for _, name := range s.core.evicted {
+		s.dropMastery(name)
+	}
+	s.core.evicted = s.core.evicted[:0]
+}
+
+// dropMastery forgets a resource this node mastered and no longer caches,
+// clearing its directory entry so the next user becomes master.
+func (s *Space) dropMastery(name string) {
+	if r := s.rsbs[name]; r != nil && r.master == s.self && r.remote == 0 && len(r.waiting) == 0 {
+		delete(s.rsbs, name)
+	}
+	if d := s.dirNode(name); d == s.self {
+		if s.dir[name] == s.self {
+			delete(s.dir, name)
+		}
+	} else {
+		s.send(d, &message{typ: msgRemove, name: name})
+	}
+}
+
+// --- received messages ---
+
+// Step applies a message from node from. A malformed message is refused
+// with an error and changes nothing.
+func (s *Space) Step(from NodeID, payload []byte) error {
+	m, err := decodeMessage(payload, s.lvbLen)
+	if err != nil {
+		return fmt.Errorf("from node %d: %w", from, err)
+	}
+	if from == 0 || from == s.self {
+		return fmt.Errorf("%w: %v message from node %d", ErrInvalid, m.typ, from)
+	}
+	switch m.typ {
+	case msgLookup:
+		master := s.dirLookup(m.name, from)
+		s.send(from, &message{typ: msgLookupReply, name: m.name, master: master})
+	case msgRemove:
+		if s.dir[m.name] == from {
+			delete(s.dir, m.name)
+		}
+	case msgLookupReply:
+		s.lookupReply(m.name, m.master)
+	case msgRequest:
+		s.masterRequest(from, &m)
+	case msgConvert, msgUnlock, msgCancel:
+		s.masterOp(from, &m)
+	case msgCast:
+		s.remoteCast(&m)
+	case msgBast:
+		if p := s.procs[m.lock]; p != nil && p.tag != nil && p.blocking && !Compatible(m.mode, p.grmode) {
+			s.cbs = append(s.cbs, Callback{Kind: Blocking, Lock: LockID(p.id), Tag: p.tag, Mode: m.mode})
+		}
+	case msgNotMaster:
+		if p := s.procs[m.lock]; p != nil && p.state == pRequesting {
+			delete(s.procs, p.id)
+			r := p.rsb
+			if r.master != 0 && r.master != s.self {
+				r.master = 0
+			}
+			p.state = pLookup
+			r.waiting = append(r.waiting, p)
+			if r.master == 0 && !r.lookingUp {
+				r.lookingUp = true
+				s.send(s.dirNode(r.name), &message{typ: msgLookup, name: r.name})
+			} else if r.master != 0 {
+				s.lookupReply(r.name, r.master)
+			}
+		}
+	}
+	return nil
+}
+
+func (s *Space) lookupReply(name string, master NodeID) {
+	r := s.rsbs[name]
+	if r == nil {
+		return
+	}
+	r.lookingUp = false
+	r.master = master
+	waiting := r.waiting
+	r.waiting = nil
+	for _, p := range waiting {
+		if master == s.self {
+			r.remote--
+			s.lockLocal(p)
+		} else {
+			s.request(p)
+		}
+	}
+}
+
+func (s *Space) masterRequest(from NodeID, m *message) {
+	r := s.rsbs[m.name]
+	if r == nil || r.master != s.self {
+		s.send(from, &message{typ: msgNotMaster, lock: m.lock})
+		return
+	}
+	key := mkey{from, m.lock}
+	if s.mcopies[key] != nil {
+		return // a duplicate: the transport should never deliver one
+	}
+	mc := &mcopy{key: key, grmode: ModeIV, flags: m.flags}
+	if m.flags&ValBlk != 0 {
+		mc.lvb = make([]byte, s.lvbLen)
+	}
+	id, err := s.core.Lock(Request{Resource: m.name, Mode: m.mode, Flags: m.flags &^ Orphan, LVB: mc.lvb,
+		Owner: OwnerID(0x80000000 | uint32(from)), Blocking: m.bast, Tag: mc})
+	if err != nil {
+		s.send(from, &message{typ: msgCast, lock: m.lock, status: statusOf(err), mode: ModeIV})
+		return
+	}
+	mc.coreID = id
+	s.mcopies[key] = mc
+	s.drainCore()
+}
+
+func (s *Space) masterOp(from NodeID, m *message) {
+	mc := s.mcopies[mkey{from, m.lock}]
+	if mc == nil {
+		return // the lock is gone here already (e.g. cancelled and released)
+	}
+	if len(m.lvb) > 0 {
+		if mc.lvb == nil {
+			mc.lvb = make([]byte, s.lvbLen)
+		}
+		copy(mc.lvb, m.lvb)
+	}
+	var err error
+	switch m.typ {
+	case msgConvert:
+		mc.flags = m.flags
+		if mc.flags&ValBlk != 0 && mc.lvb == nil {
+			mc.lvb = make([]byte, s.lvbLen)
+		}
+		mc.silent = downConversion(mc.grmode, m.mode)
+		err = s.core.Convert(mc.coreID, m.mode, m.flags, mc.lvb)
+	case msgUnlock:
+		mc.silent = true
+		err = s.core.Unlock(mc.coreID, m.flags|ForceUnlock, mc.lvb)
+	case msgCancel:
+		err = s.core.CancelStatus(mc.coreID, m.status)
+	}
+	if err != nil {
+		mc.silent = false
+		if m.typ == msgConvert {
+			s.send(from, &message{typ: msgCast, lock: m.lock, status: statusOf(err), mode: mc.grmode})
+		}
+		return
+	}
+	s.drainCore()
+}
+
+func (s *Space) remoteCast(m *message) {
+	p := s.procs[m.lock]
+	if p == nil {
+		return // released here meanwhile
+	}
+	prev := p.grmode
+	if p.state == pConverting && m.sbf&Demoted != 0 {
+		prev = NL
+	}
+	if m.status == StatusOK && p.flags&ValBlk != 0 && p.lvb != nil && lvbOperation(prev, m.mode) == lvbRead && len(m.lvb) == len(p.lvb) {
+		copy(p.lvb, m.lvb)
+	}
+	p.grmode, p.lvbseq = m.mode, m.seq
+	p.rqmode = ModeIV
+	if m.mode == ModeIV {
+		s.freeProc(p)
+	} else {
+		p.state = pGranted
+	}
+	s.cast(p, m.status, m.sbf)
+}
