@@ -117,12 +117,12 @@ func (p *peer) send(ls LockspaceID, gen uint64, payload []byte) error {
 	}
 	seq := p.nextSeq
 	p.nextSeq++
-	n := len(p.sendBuf)
-	need := n + HeaderSize + len(payload)
-	if need > cap(p.sendBuf) {
-		p.growSendLocked(need)
+	extra := HeaderSize + len(payload)
+	if len(p.sendBuf)+extra > cap(p.sendBuf) {
+		p.growSendLocked(extra)
 	}
-	p.sendBuf = p.sendBuf[:need]
+	n := len(p.sendBuf)
+	p.sendBuf = p.sendBuf[:n+extra]
 	putHeader(p.sendBuf[n:], FrameData, ls, uint32(len(payload)), gen, seq, 0)
 	copy(p.sendBuf[n+HeaderSize:], payload)
 	p.unacked++
@@ -131,18 +131,18 @@ func (p *peer) send(ls LockspaceID, gen uint64, payload []byte) error {
 	return nil
 }
 
-// growSendLocked makes room for need bytes, compacting acknowledged bytes
-// away first.
-func (p *peer) growSendLocked(need int) {
+// growSendLocked makes room for extra more bytes, by compacting
+// acknowledged bytes away when that frees enough, else by reallocating.
+func (p *peer) growSendLocked(extra int) {
 	dead := int(p.headAbs - p.bufBase)
 	live := len(p.sendBuf) - dead
-	if dead > 0 && live+(need-len(p.sendBuf)) <= cap(p.sendBuf) && dead >= cap(p.sendBuf)/4 {
+	if dead > 0 && live+extra <= cap(p.sendBuf) && dead >= cap(p.sendBuf)/4 {
 		copy(p.sendBuf, p.sendBuf[dead:])
 		p.sendBuf = p.sendBuf[:live]
 		p.bufBase = p.headAbs
 		return
 	}
-	nb := make([]byte, live, max(2*(live+need-len(p.sendBuf)), 4096))
+	nb := make([]byte, live, max(2*(live+extra), 4096))
 	copy(nb, p.sendBuf[dead:])
 	p.sendBuf = nb
 	p.bufBase = p.headAbs
@@ -343,15 +343,20 @@ func (p *peer) afterBatch() {
 		return
 	}
 	if r-a >= uint64(p.t.cfg.AckEvery) {
-		p.mu.Lock()
-		p.ackDue = true
-		p.flushLocked()
-		p.mu.Unlock()
+		p.ackNow()
 		return
 	}
 	if !p.ackArmed.Swap(true) {
 		p.ackTimer.Reset(p.t.cfg.AckDelay)
 	}
+}
+
+// ackNow writes an acknowledgement as soon as the connection allows.
+func (p *peer) ackNow() {
+	p.mu.Lock()
+	p.ackDue = true
+	p.flushLocked()
+	p.mu.Unlock()
 }
 
 // freshLocked reports whether a connection to a peer of incarnation peerInc,
@@ -506,6 +511,8 @@ func (p *peer) readLoop(c *conn) {
 		}
 		if c.br.Buffered() == 0 {
 			p.afterBatch()
+		} else if p.recvSeq.Load()-p.ackedOut.Load() >= uint64(t.cfg.AckEvery) {
+			p.ackNow() // a long stream never drains the buffer: ack as we go
 		}
 	}
 }
@@ -555,8 +562,8 @@ func (p *peer) receive(c *conn, h *Header, payload []byte) error {
 		}
 		return nil
 	}
-	t.cfg.Handler(p.id, h.Lockspace, h.Generation, payload)
 	t.stats.framesDelivered.Add(1)
+	t.cfg.Handler(p.id, h.Lockspace, h.Generation, payload)
 	return nil
 }
 

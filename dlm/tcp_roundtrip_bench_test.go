@@ -1,0 +1,68 @@
+package dlm_test
+
+import (
+	"io"
+	"net"
+	"testing"
+)
+
+// BenchmarkTCPRoundTrip is the physical floor for a remote lock request: a
+// ping-pong of one 64-byte frame over a plain loopback TCP connection with
+// TCP_NODELAY, one goroutine on each end doing io.ReadFull then Write. Run
+// it together with the lock and transport benchmarks so they are compared
+// on the same machine in the same state.
+func BenchmarkTCPRoundTrip(b *testing.B) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer ln.Close()
+	echoed := make(chan error, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			echoed <- err
+			return
+		}
+		defer c.Close()
+		c.(*net.TCPConn).SetNoDelay(true)
+		buf := make([]byte, 64)
+		for {
+			if _, err := io.ReadFull(c, buf); err != nil {
+				echoed <- nil // the client hung up: done
+				return
+			}
+			if _, err := c.Write(buf); err != nil {
+				echoed <- err
+				return
+			}
+		}
+	}()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		b.Fatal(err)
+	}
+	c.(*net.TCPConn).SetNoDelay(true)
+	buf := make([]byte, 64)
+	ping := func() {
+		if _, err := c.Write(buf); err != nil {
+			b.Fatal(err)
+		}
+		if _, err := io.ReadFull(c, buf); err != nil {
+			b.Fatal(err)
+		}
+	}
+	for range 100 {
+		ping()
+	}
+	b.ReportAllocs()
+	b.ResetTimer()
+	for range b.N {
+		ping()
+	}
+	b.StopTimer()
+	c.Close()
+	if err := <-echoed; err != nil {
+		b.Fatal(err)
+	}
+}
