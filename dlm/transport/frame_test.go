@@ -50,7 +50,7 @@ func TestDecodeRejectsMalformed(t *testing.T) {
 		{"ack with payload", mutate(func(b []byte) []byte { b[offType] = byte(FrameAck); return b }), 64, "ack frame with"},
 		{"hello wrong size", mutate(func(b []byte) []byte {
 			b[offType] = byte(FrameHello)
-			clear(b[offLS:offLS+4])
+			clear(b[offLS : offLS+4])
 			clear(b[offGen : offSeq+8])
 			return b
 		}), 64, "hello frame body is 16 bytes"},
