@@ -53,6 +53,10 @@ func MdadmStride(sb *Superblock) int64 {
 	return int64(uint32(n)>>9) << 9
 }
 
+// shortRead explains a failed superblock read. mdadm prints whatever errno
+// happens to hold at that point; we say what went wrong.
+const shortRead = "short read (a bitmap superblock needs 256 bytes)"
+
 // ioChunk is the size of mdadm's bitmap reads.
 const ioChunk = 8192
 
@@ -197,7 +201,7 @@ func Examine(out, errOut io.Writer, prog string, src ExamineSource) int {
 	}
 	info := readSlotInfo(src.Dev, off)
 	if info.readFailure {
-		perr("failed to read superblock of bitmap file: %s\n", "short read")
+		perr("failed to read superblock of bitmap file: %s\n", shortRead)
 		return 1
 	}
 	if info.short {
@@ -261,7 +265,7 @@ func Examine(out, errOut io.Writer, prog string, src ExamineSource) int {
 		si := readSlotInfo(src.Dev, off)
 		cursor = si.next
 		if si.readFailure {
-			perr("failed to read superblock of bitmap file: %s\n", "short read")
+			perr("failed to read superblock of bitmap file: %s\n", shortRead)
 			fmt.Fprintf(&w, "   Unable to read bitmap on node: %d\n", i)
 			continue
 		}
