@@ -4,7 +4,9 @@ import "sort"
 
 // LockInfo describes one lock, for dumps and tests.
 type LockInfo struct {
-	ID        LockID
+	ID LockID
+	// Node is the node the lock belongs to (filled in by Space.Dump).
+	Node      NodeID
 	Owner     OwnerID
 	State     string // "granted", "converting" or "waiting"
 	Granted   Mode   // ModeIV for a waiting request
@@ -16,7 +18,11 @@ type LockInfo struct {
 // ResourceInfo describes one resource and its queues, in the spirit of
 // dlm_tool lockdebug.
 type ResourceInfo struct {
-	Name       string
+	Name string
+	// Master is the node mastering the resource (filled in by Space.Dump).
+	// When it is another node, the queues hold only this node's locks as
+	// this node knows them.
+	Master     NodeID
 	Granted    []LockInfo
 	Converting []LockInfo
 	Waiting    []LockInfo

@@ -264,11 +264,13 @@ func (ls *Lockspace) Release() error {
 	return nil
 }
 
-// Dump describes every resource of the lockspace that has locks on this
-// node, with its queues and LVB.
+// Dump describes the lockspace as this node sees it, in the spirit of
+// dlm_tool lockdebug: each resource mastered here with its master, queues
+// (modes, owning node and owner) and LVB with its sequence, then each
+// resource mastered elsewhere on which this node holds locks.
 func (ls *Lockspace) Dump() []ResourceInfo {
 	sp := ls.sp
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
-	return sp.sp.core.Resources()
+	return sp.sp.Dump()
 }

@@ -4,7 +4,9 @@ import (
 	"errors"
 	"fmt"
 	"hash/fnv"
+	"maps"
 	"slices"
+	"strings"
 )
 
 // SpaceConfig configures one node's part of a lockspace.
@@ -111,6 +113,7 @@ type Proc struct {
 	id       uint64
 	coreID   LockID // when the resource is mastered here
 	local    bool   // mastered here: the core holds the lock
+	master   NodeID // where the request went: every later message for the lock goes there
 	state    procState
 	grmode   Mode
 	rqmode   Mode
@@ -288,9 +291,10 @@ func (s *Space) lockLocal(p *Proc) {
 
 func (s *Space) request(p *Proc) {
 	p.state = pRequesting
+	p.master = p.rsb.master
 	s.procs[p.id] = p
 	m := message{typ: msgRequest, lock: p.id, name: p.name, mode: p.rqmode, flags: p.flags, bast: p.blocking}
-	s.send(p.rsb.master, &m)
+	s.send(p.master, &m)
 }
 
 // statusOf maps an error of this package to its Status.
@@ -393,7 +397,7 @@ func (s *Space) Convert(p *Proc, mode Mode, flags Flags, lvb []byte) error {
 	if flags&ValBlk != 0 {
 		m.lvb = p.lvb
 	}
-	s.send(p.rsb.master, &m)
+	s.send(p.master, &m)
 	if downConversion(p.grmode, mode) {
 		p.grmode = mode
 		s.cast(p, StatusOK, 0)
@@ -447,7 +451,7 @@ func (s *Space) Unlock(p *Proc, flags Flags, lvb []byte) error {
 		if flags&ValBlk != 0 {
 			m.lvb = p.lvb
 		}
-		s.send(p.rsb.master, &m)
+		s.send(p.master, &m)
 	}
 	s.freeProc(p)
 	s.cast(p, StatusUnlock, 0)
@@ -482,7 +486,7 @@ func (s *Space) Cancel(p *Proc, st Status) error {
 		s.freeProc(p)
 		s.cast(p, st, 0)
 	case pRequesting, pConverting:
-		s.send(p.rsb.master, &message{typ: msgCancel, lock: p.id, status: st})
+		s.send(p.master, &message{typ: msgCancel, lock: p.id, status: st})
 	}
 	return nil
 }
@@ -504,13 +508,13 @@ func (s *Space) PurgeOwner(owner OwnerID) (orphaned, released int) {
 		p := s.procs[id]
 		if p.flags&Persistent != 0 && (p.state == pGranted || p.state == pConverting) {
 			if p.state == pConverting {
-				s.send(p.rsb.master, &message{typ: msgCancel, lock: p.id, status: StatusCancel})
+				s.send(p.master, &message{typ: msgCancel, lock: p.id, status: StatusCancel})
 			}
 			p.orphan, p.owner, p.tag, p.lvb, p.blocking = true, 0, nil, nil, false
 			orphaned++
 			continue
 		}
-		s.send(p.rsb.master, &message{typ: msgUnlock, lock: p.id, flags: ForceUnlock})
+		s.send(p.master, &message{typ: msgUnlock, lock: p.id, flags: ForceUnlock})
 		s.freeProc(p)
 		released++
 	}
@@ -697,7 +701,7 @@ func (s *Space) masterRequest(from NodeID, m *message) {
 		mc.lvb = make([]byte, s.lvbLen)
 	}
 	id, err := s.core.Lock(Request{Resource: m.name, Mode: m.mode, Flags: m.flags &^ Orphan, LVB: mc.lvb,
-		Owner: OwnerID(0x80000000 | uint32(from)), Blocking: m.bast, Tag: mc})
+		Owner: OwnerID(remoteOwner | uint32(from)), Blocking: m.bast, Tag: mc})
 	if err != nil {
 		s.send(from, &message{typ: msgCast, lock: m.lock, status: statusOf(err), mode: ModeIV})
 		return
@@ -763,4 +767,62 @@ func (s *Space) remoteCast(m *message) {
 		p.state = pGranted
 	}
 	s.cast(p, m.status, m.sbf)
+}
+
+// remoteOwner marks core owners that stand for another node's locks.
+const remoteOwner = 0x80000000
+
+// Dump describes the lockspace as this node sees it, sorted by name: every
+// resource mastered here with its full queues (each lock with its node),
+// then every resource mastered elsewhere on which this node has locks, with
+// those locks only.
+func (s *Space) Dump() []ResourceInfo {
+	out := s.core.Resources()
+	for i := range out {
+		out[i].Master = s.self
+		for _, q := range [][]LockInfo{out[i].Granted, out[i].Converting, out[i].Waiting} {
+			for j := range q {
+				if q[j].Owner&remoteOwner != 0 {
+					q[j].Node = NodeID(q[j].Owner &^ remoteOwner)
+				} else {
+					q[j].Node = s.self
+				}
+			}
+		}
+	}
+	idx := map[string]int{}
+	var remote []ResourceInfo
+	add := func(p *Proc) {
+		i, ok := idx[p.name]
+		if !ok {
+			i = len(remote)
+			idx[p.name] = i
+			remote = append(remote, ResourceInfo{Name: p.name, Master: p.rsb.master})
+		}
+		ri := &remote[i]
+		li := LockInfo{ID: LockID(p.id), Node: s.self, Owner: p.owner, Granted: p.grmode, Requested: p.rqmode,
+			Flags: p.flags, Orphan: p.orphan}
+		switch p.state {
+		case pGranted:
+			li.State, li.Requested = "granted", ModeIV
+			ri.Granted = append(ri.Granted, li)
+		case pConverting:
+			li.State = "converting"
+			ri.Converting = append(ri.Converting, li)
+		default:
+			li.State = "waiting"
+			ri.Waiting = append(ri.Waiting, li)
+		}
+	}
+	for _, id := range slices.Sorted(maps.Keys(s.procs)) {
+		add(s.procs[id])
+	}
+	for _, name := range slices.Sorted(maps.Keys(s.rsbs)) {
+		for _, p := range s.rsbs[name].waiting {
+			add(p)
+		}
+	}
+	out = append(out, remote...)
+	slices.SortFunc(out, func(a, b ResourceInfo) int { return strings.Compare(a.Name, b.Name) })
+	return out
 }
