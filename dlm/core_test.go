@@ -138,6 +138,9 @@ func TestCompatibilityMatrix(t *testing.T) {
 	for _, a := range allModes {
 		for _, b := range allModes {
 			want := !conflict[[2]Mode{a, b}]
+			if refCompatible(a, b) != want {
+				t.Fatalf("the tests' reference matrix disagrees with the conflict list at %v,%v", a, b)
+			}
 			if Compatible(a, b) != want {
 				t.Errorf("Compatible(%v,%v) = %v, want %v", a, b, !want, want)
 			}

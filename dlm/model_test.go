@@ -462,7 +462,7 @@ func (m *model) check() {
 		held = append(held, ri.Converting...)
 		for i := range held {
 			for j := i + 1; j < len(held); j++ {
-				if !Compatible(held[i].Granted, held[j].Granted) {
+				if !refCompatible(held[i].Granted, held[j].Granted) {
 					m.fail("%s: %v and %v granted together", ri.Name, held[i].Granted, held[j].Granted)
 				}
 			}
@@ -472,7 +472,7 @@ func (m *model) check() {
 			head := ri.Converting[0]
 			ok := true
 			for _, o := range held {
-				if o.ID != head.ID && !Compatible(o.Granted, head.Requested) {
+				if o.ID != head.ID && !refCompatible(o.Granted, head.Requested) {
 					ok = false
 				}
 			}
@@ -483,7 +483,7 @@ func (m *model) check() {
 			head := ri.Waiting[0]
 			ok := true
 			for _, o := range held {
-				if !Compatible(o.Granted, head.Requested) {
+				if !refCompatible(o.Granted, head.Requested) {
 					ok = false
 				}
 			}

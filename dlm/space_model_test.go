@@ -161,7 +161,7 @@ func (m *smodel) checkHeld(res string) {
 	}
 	for i := range held {
 		for j := i + 1; j < len(held); j++ {
-			if !Compatible(mode(held[i]), mode(held[j])) {
+			if !refCompatible(mode(held[i]), mode(held[j])) {
 				m.fail("%s: lock %d (node %d) holds %v while lock %d (node %d) holds %v", res,
 					held[i].name, held[i].node+1, held[i].gr, held[j].name, held[j].node+1, held[j].gr)
 			}
@@ -373,7 +373,7 @@ func (m *smodel) finish() {
 				head := ri.Converting[0]
 				ok := true
 				for _, o := range held {
-					if o.ID != head.ID && !Compatible(o.Granted, head.Requested) {
+					if o.ID != head.ID && !refCompatible(o.Granted, head.Requested) {
 						ok = false
 					}
 				}
@@ -383,7 +383,7 @@ func (m *smodel) finish() {
 			} else if len(ri.Waiting) > 0 {
 				ok := true
 				for _, o := range held {
-					if !Compatible(o.Granted, ri.Waiting[0].Requested) {
+					if !refCompatible(o.Granted, ri.Waiting[0].Requested) {
 						ok = false
 					}
 				}
