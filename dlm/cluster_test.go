@@ -525,3 +525,60 @@ func refCompatible(a, b dlm.Mode) bool {
 	}
 	return !conflicts[[2]dlm.Mode{a, b}] && !conflicts[[2]dlm.Mode{b, a}]
 }
+
+// TestDeferredUnlockReleasedOnDemand: a node holds back its unlocks (here for
+// an hour) to send them with its next message, but a node waiting for the
+// lock must not wait for that: the master's blocking callback makes the
+// holder's node send what it holds back at once.
+func TestDeferredUnlockReleasedOnDemand(t *testing.T) {
+	c := &cluster{addrs: map[dlm.NodeID]string{}}
+	lns := map[dlm.NodeID]net.Listener{}
+	for i := dlm.NodeID(1); i <= 3; i++ {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		lns[i], c.addrs[i] = ln, ln.Addr().String()
+	}
+	for i := dlm.NodeID(1); i <= 3; i++ {
+		peers := map[dlm.NodeID]string{}
+		for p, a := range c.addrs {
+			if p != i {
+				peers[p] = a
+			}
+		}
+		cfg := dlm.Config{ID: i, Peers: peers, Listener: lns[i], ClusterKey: testKey, Logger: quietLogger()}
+		// Nothing else may carry held-back frames: no timers, no acks.
+		cfg.Transport.DeferDelay = time.Hour
+		cfg.Transport.AckDelay, cfg.Transport.AckEvery = time.Hour, 1<<30
+		n, err := dlm.NewNode(cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(n.Close)
+		c.nodes = append(c.nodes, n)
+	}
+	ls := c.open(t, "md0", 0)
+	ctx := withGuard(t)
+	pin, err := ls[2].Lock(ctx, "r", dlm.NL, 0) // node 3 masters r
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pin.Unlock(ctx, 0)
+	for round := range 20 {
+		holder, err := ls[0].Lock(ctx, "r", dlm.EX, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := holder.Unlock(ctx, 0); err != nil { // held back at node 1
+			t.Fatal(err)
+		}
+		l, err := ls[1].Lock(ctx, "r", dlm.EX, 0)
+		if err != nil {
+			t.Fatalf("round %d: waiter: %v", round, err)
+		}
+		if err := l.Unlock(ctx, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+}

@@ -400,7 +400,17 @@ func (sp *space) step(from NodeID, payload []byte) {
 func (sp *space) flush() {
 	out, cbs := sp.sp.Ready()
 	for _, o := range out {
-		if err := sp.node.tr.Send(transport.NodeID(o.To), sp.id, sp.sp.Generation(), o.Payload); err != nil {
+		to := transport.NodeID(o.To)
+		var err error
+		switch {
+		case o.Flush:
+			sp.node.tr.Flush(to)
+		case o.Defer:
+			err = sp.node.tr.SendDeferred(to, sp.id, sp.sp.Generation(), o.Payload)
+		default:
+			err = sp.node.tr.Send(to, sp.id, sp.sp.Generation(), o.Payload)
+		}
+		if err != nil {
 			sp.log.Error("cannot send lock message", "to", o.To, "err", err)
 		}
 	}

@@ -30,6 +30,13 @@ type SpaceConfig struct {
 type Outgoing struct {
 	To      NodeID
 	Payload []byte
+	// Defer marks a message nobody waits for (an unlock, a down-conversion):
+	// the driver may hold it briefly so that it travels with the next message
+	// to the same node, as long as order is kept.
+	Defer bool
+	// Flush (with no payload) asks the driver to send at once whatever it
+	// holds for To: that node is waiting on something held back.
+	Flush bool
 }
 
 // Space is one node's part of a lockspace spread over several nodes: the
@@ -206,6 +213,12 @@ func (s *Space) send(to NodeID, m *message) {
 	s.out = append(s.out, Outgoing{To: to, Payload: s.outBuf[start:len(s.outBuf):len(s.outBuf)]})
 }
 
+// sendDeferred sends a message nobody waits for; see Outgoing.Defer.
+func (s *Space) sendDeferred(to NodeID, m *message) {
+	s.send(to, m)
+	s.out[len(s.out)-1].Defer = true
+}
+
 func (s *Space) cast(p *Proc, st Status, sbf StatusFlags) {
 	if p.tag == nil {
 		return
@@ -293,7 +306,10 @@ func (s *Space) request(p *Proc) {
 	p.state = pRequesting
 	p.master = p.rsb.master
 	s.procs[p.id] = p
-	m := message{typ: msgRequest, lock: p.id, name: p.name, mode: p.rqmode, flags: p.flags, bast: p.blocking}
+	// Blocking callbacks are always asked for: besides the owner's handler
+	// (if any), they tell this node that someone waits, so that it sends
+	// what it holds back at once.
+	m := message{typ: msgRequest, lock: p.id, name: p.name, mode: p.rqmode, flags: p.flags, bast: true}
 	s.send(p.master, &m)
 }
 
@@ -397,12 +413,13 @@ func (s *Space) Convert(p *Proc, mode Mode, flags Flags, lvb []byte) error {
 	if flags&ValBlk != 0 {
 		m.lvb = p.lvb
 	}
-	s.send(p.master, &m)
 	if downConversion(p.grmode, mode) {
+		s.sendDeferred(p.master, &m)
 		p.grmode = mode
 		s.cast(p, StatusOK, 0)
 		return nil
 	}
+	s.send(p.master, &m)
 	p.state, p.rqmode = pConverting, mode
 	return nil
 }
@@ -451,7 +468,11 @@ func (s *Space) Unlock(p *Proc, flags Flags, lvb []byte) error {
 		if flags&ValBlk != 0 {
 			m.lvb = p.lvb
 		}
-		s.send(p.master, &m)
+		if p.state == pGranted {
+			s.sendDeferred(p.master, &m)
+		} else {
+			s.send(p.master, &m) // it may be granted meanwhile: let it go
+		}
 	}
 	s.freeProc(p)
 	s.cast(p, StatusUnlock, 0)
@@ -644,7 +665,14 @@ func (s *Space) Step(from NodeID, payload []byte) error {
 	case msgCast:
 		s.remoteCast(&m)
 	case msgBast:
-		if p := s.procs[m.lock]; p != nil && p.tag != nil && p.blocking && !Compatible(m.mode, p.grmode) {
+		p := s.procs[m.lock]
+		if p == nil || Compatible(m.mode, p.grmode) {
+			// Released or down-converted here already, maybe still held
+			// back: someone waits for it at the master.
+			s.out = append(s.out, Outgoing{To: from, Flush: true})
+			return nil
+		}
+		if p.tag != nil && p.blocking {
 			s.cbs = append(s.cbs, Callback{Kind: Blocking, Lock: LockID(p.id), Tag: p.tag, Mode: m.mode})
 		}
 	case msgNotMaster:

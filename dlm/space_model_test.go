@@ -74,6 +74,9 @@ func (m *smodel) nodeIndex(id NodeID) int { return int(id) - 1 }
 func (m *smodel) collect(i int) {
 	out, cbs := m.nodes[i].sp.Ready()
 	for _, o := range out {
+		if o.Flush {
+			continue // the model network holds nothing back
+		}
 		k := [2]int{i, m.nodeIndex(o.To)}
 		m.net[k] = append(m.net[k], bytes.Clone(o.Payload))
 	}

@@ -61,6 +61,9 @@ type peer struct {
 	ackedOut atomic.Uint64 // ack value last written on cur
 	ackTimer *time.Timer
 	ackArmed atomic.Bool
+	// deferTimer writes deferred frames that no later Send carried out.
+	deferTimer *time.Timer
+	deferArmed atomic.Bool
 }
 
 func newPeer(t *Transport, id NodeID, addr string) *peer {
@@ -75,6 +78,8 @@ func newPeer(t *Transport, id NodeID, addr string) *peer {
 	}
 	p.ackTimer = time.AfterFunc(time.Hour, p.ackTimerFired)
 	p.ackTimer.Stop()
+	p.deferTimer = time.AfterFunc(time.Hour, p.flush)
+	p.deferTimer.Stop()
 	return p
 }
 
@@ -94,6 +99,7 @@ func (p *peer) remove(reason string) {
 	p.removed = true
 	close(p.stop)
 	p.ackTimer.Stop()
+	p.deferTimer.Stop()
 	if c := p.cur; c != nil {
 		p.cur = nil
 		c.retired.Store(true)
@@ -106,7 +112,7 @@ func (p *peer) remove(reason string) {
 
 // send appends one data frame to the outgoing stream and, when the
 // connection is idle, writes it at once.
-func (p *peer) send(ls LockspaceID, gen uint64, payload []byte) error {
+func (p *peer) send(ls LockspaceID, gen uint64, payload []byte, deferred bool) error {
 	p.mu.Lock()
 	if p.removed {
 		p.mu.Unlock()
@@ -126,9 +132,24 @@ func (p *peer) send(ls LockspaceID, gen uint64, payload []byte) error {
 	putHeader(p.sendBuf[n:], FrameData, ls, uint32(len(payload)), gen, seq, 0)
 	copy(p.sendBuf[n+HeaderSize:], payload)
 	p.unacked++
+	if deferred {
+		p.mu.Unlock()
+		if !p.deferArmed.Swap(true) {
+			p.deferTimer.Reset(p.t.cfg.DeferDelay)
+		}
+		return nil
+	}
 	p.flushLocked()
 	p.mu.Unlock()
 	return nil
+}
+
+// flush writes whatever is queued for the peer, deferred frames included.
+func (p *peer) flush() {
+	p.deferArmed.Store(false)
+	p.mu.Lock()
+	p.flushLocked()
+	p.mu.Unlock()
 }
 
 // growSendLocked makes room for extra more bytes, by compacting

@@ -609,3 +609,43 @@ func expectClosed(t *testing.T, nc net.Conn) {
 		return
 	}
 }
+
+func TestSendDeferred(t *testing.T) {
+	a := newNode(t, 1, testKey, func(c *Config) { c.DeferDelay = time.Hour })
+	b := newNode(t, 2, testKey, nil)
+	connect(a, b)
+	a.Send(2, 1, 1, message(0, 8))
+	waitFor(t, "connection", func() bool { return b.in.count(1) == 1 })
+
+	// Deferred frames wait (the delay is an hour) ...
+	before := a.Stats()
+	a.SendDeferred(2, 1, 1, message(1, 16))
+	a.SendDeferred(2, 1, 1, message(2, 16))
+	time.Sleep(50 * time.Millisecond)
+	if got := b.in.count(1); got != 1 {
+		t.Fatalf("deferred frames delivered early: %d", got)
+	}
+	if w := a.Stats().Writes; w != before.Writes {
+		t.Fatalf("deferred frames written: %d writes", w-before.Writes)
+	}
+	// ... and the next Send carries them, in order, in one write.
+	a.Send(2, 1, 1, message(3, 16))
+	waitFor(t, "delivery", func() bool { return b.in.count(1) == 4 })
+	b.in.check(t)
+	if w := a.Stats().Writes - before.Writes; w != 1 {
+		t.Fatalf("deferred frames and the next one took %d writes, want 1", w)
+	}
+	// Flush sends them without waiting for another Send.
+	a.SendDeferred(2, 1, 1, message(4, 16))
+	a.Flush(2)
+	waitFor(t, "flush", func() bool { return b.in.count(1) == 5 })
+
+	// With a short delay, the timer sends them on its own.
+	c := newNode(t, 3, testKey, func(c *Config) { c.DeferDelay = time.Millisecond })
+	connect(a, b, c)
+	c.Send(2, 1, 1, message(0, 8))
+	waitFor(t, "connection", func() bool { return b.in.count(3) == 1 })
+	c.SendDeferred(2, 1, 1, message(1, 8))
+	waitFor(t, "deferred delivery by timer", func() bool { return b.in.count(3) == 2 })
+	b.in.check(t)
+}
