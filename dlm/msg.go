@@ -221,7 +221,15 @@ func decodeMessage(b []byte, lvbLen int) (message, error) {
 		m.lock = r.u64("lock")
 		m.mode = r.mode("mode")
 		m.flags = Flags(r.u32("flags"))
-		m.bast = r.u8("bast") != 0
+		switch r.u8("bast") {
+		case 0:
+		case 1:
+			m.bast = true
+		default:
+			if r.err == nil {
+				r.err = fmt.Errorf("%w: bast flag is not 0 or 1", ErrInvalid)
+			}
+		}
 		m.name = r.name()
 		m.lvb = r.lvb(lvbLen)
 	case msgConvert, msgUnlock:
