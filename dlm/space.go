@@ -264,11 +264,6 @@ func (s *Space) Lock(p *Proc, req Request) error {
 		lvb: req.LVB, tag: req.Tag, blocking: req.Blocking, owner: req.Owner}
 	r := s.rsb(req.Resource)
 	p.rsb = r
-	if r.master == 0 && !r.lookingUp {
-		if d := s.dirNode(req.Resource); d == s.self {
-			r.master = s.dirLookup(req.Resource, s.self)
-		}
-	}
 	switch {
 	case r.master == s.self:
 		s.lockLocal(p)
@@ -276,15 +271,26 @@ func (s *Space) Lock(p *Proc, req Request) error {
 		p.state = pLookup
 		r.waiting = append(r.waiting, p)
 		r.remote++
-		if !r.lookingUp {
-			r.lookingUp = true
-			s.send(s.dirNode(req.Resource), &message{typ: msgLookup, name: req.Resource})
-		}
+		s.lookup(r)
 	default:
 		r.remote++
 		s.request(p)
 	}
 	return nil
+}
+
+// lookup finds the master of r for the requests waiting on it: at once when
+// this node holds r's directory entry, else by asking the directory node.
+func (s *Space) lookup(r *rsbInfo) {
+	if r.lookingUp {
+		return
+	}
+	if d := s.dirNode(r.name); d != s.self {
+		r.lookingUp = true
+		s.send(d, &message{typ: msgLookup, name: r.name})
+		return
+	}
+	s.lookupReply(r.name, s.dirLookup(r.name, s.self))
 }
 
 func (s *Space) lockLocal(p *Proc) {
@@ -684,10 +690,9 @@ func (s *Space) Step(from NodeID, payload []byte) error {
 			}
 			p.state = pLookup
 			r.waiting = append(r.waiting, p)
-			if r.master == 0 && !r.lookingUp {
-				r.lookingUp = true
-				s.send(s.dirNode(r.name), &message{typ: msgLookup, name: r.name})
-			} else if r.master != 0 {
+			if r.master == 0 {
+				s.lookup(r)
+			} else {
 				s.lookupReply(r.name, r.master)
 			}
 		}

@@ -337,8 +337,21 @@ func (m *smodel) unlock(l *slock) {
 	}
 }
 
-// checkMasters: a resource with locks is mastered by at most one node.
+// checkMasters: a resource with locks is mastered by at most one node. It
+// also forgets the LVB of resources no master caches any more: a dropped
+// resource's value is gone (as in Linux; an NL lock keeps it).
 func (m *smodel) checkMasters() {
+	for name, r := range m.res {
+		cached := false
+		for _, n := range m.nodes {
+			if _, ok := n.sp.core.Resource(name); ok {
+				cached = true
+			}
+		}
+		if !cached {
+			clear(r.val)
+		}
+	}
 	seen := map[string]NodeID{}
 	for _, n := range m.nodes {
 		for _, ri := range n.sp.core.Resources() {
@@ -438,7 +451,9 @@ func runSpaceModel(t *testing.T, seed uint64, steps int) {
 		ids = append(ids, NodeID(i+1))
 	}
 	for _, id := range ids {
-		sp, err := NewSpace(SpaceConfig{Self: id, LVBLen: 16, CacheTicks: 2})
+		// A tiny toss limit makes masters drop idle resources, exercising
+		// directory removal, re-lookup and NotMaster.
+		sp, err := NewSpace(SpaceConfig{Self: id, LVBLen: 16, CacheTicks: 2, TossLimit: 1 + int(seed%3)})
 		if err != nil {
 			t.Fatal(err)
 		}
