@@ -306,6 +306,7 @@ type space struct {
 	nextOwner OwnerID
 	handles   int
 	open      map[*Lockspace]struct{}
+	chans     []chan struct{} // idle wait channels
 
 	// Callbacks for user code (async completions, blocking handlers) run on
 	// one dispatcher goroutine, in the order the core produced them.
@@ -497,7 +498,7 @@ type Lock struct {
 	done      func(*Lock, error)
 	stopAfter func() bool
 	waiter    bool          // a synchronous caller waits on waitCh
-	waitCh    chan struct{} // made on first wait, reused
+	waitCh    chan struct{} // taken from the space's pool while waiting
 	result    error         // outcome of the latest completed operation
 	op        uint64        // counts operations, so a stale deadline cannot cancel a later one
 }
@@ -618,19 +619,30 @@ func (lk *Lock) wait(ctx context.Context) error {
 		sp.mu.Unlock()
 		return err
 	}
-	if lk.waitCh == nil {
-		lk.waitCh = make(chan struct{}, 1)
+	// Wait channels are reused across locks: a lock handle usually waits
+	// once, and a channel is an allocation.
+	ch := lk.waitCh
+	if ch == nil {
+		if n := len(sp.chans); n > 0 {
+			ch = sp.chans[n-1]
+			sp.chans = sp.chans[:n-1]
+		} else {
+			ch = make(chan struct{}, 1)
+		}
+		lk.waitCh = ch
 	}
 	lk.waiter = true
 	sp.mu.Unlock()
 	select {
-	case <-lk.waitCh:
+	case <-ch:
 	case <-ctx.Done():
 		lk.cancelWith(lk.opNow(), ctxStatus(ctx.Err()))
-		<-lk.waitCh
+		<-ch
 	}
 	sp.mu.Lock()
 	err := lk.result
+	lk.waitCh = nil // drained: back to the pool
+	sp.chans = append(sp.chans, ch)
 	sp.mu.Unlock()
 	return err
 }

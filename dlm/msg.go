@@ -51,7 +51,8 @@ func (t msgType) String() string {
 type message struct {
 	typ    msgType
 	lock   uint64 // the requester's lock ID
-	name   string // resource name (lookup, lookup-reply, remove, request)
+	name   string // resource name (lookup, lookup-reply, remove, request), to encode
+	nameb  []byte // the same, decoded (aliases the input; no allocation)
 	master NodeID // lookup-reply
 	mode   Mode
 	flags  Flags
@@ -172,13 +173,13 @@ func (r *reader) u64(what string) uint64 {
 	return 0
 }
 
-func (r *reader) name() string {
+func (r *reader) name() []byte {
 	n := int(r.u8("name length"))
 	if r.err == nil && (n == 0 || n > MaxResourceName) {
 		r.err = fmt.Errorf("%w: resource name length %d", ErrInvalid, n)
-		return ""
+		return nil
 	}
-	return string(r.need(n, "name"))
+	return r.need(n, "name")
 }
 
 func (r *reader) mode(what string) Mode {
@@ -199,7 +200,7 @@ func (r *reader) lvb(max int) []byte {
 }
 
 // decodeMessage parses one message. lvbLen bounds the LVB. The returned
-// message's lvb aliases b. Every malformed input yields an error, never a
+// message's lvb and nameb alias b. Every malformed input yields an error, never a
 // panic.
 func decodeMessage(b []byte, lvbLen int) (message, error) {
 	r := &reader{b: b}
@@ -210,10 +211,10 @@ func decodeMessage(b []byte, lvbLen int) (message, error) {
 	}
 	switch m.typ {
 	case msgLookup, msgRemove:
-		m.name = r.name()
+		m.nameb = r.name()
 	case msgLookupReply:
 		m.master = NodeID(r.u32("master"))
-		m.name = r.name()
+		m.nameb = r.name()
 		if r.err == nil && m.master == 0 {
 			r.err = fmt.Errorf("%w: lookup reply names node 0", ErrInvalid)
 		}
@@ -230,7 +231,7 @@ func decodeMessage(b []byte, lvbLen int) (message, error) {
 				r.err = fmt.Errorf("%w: bast flag is not 0 or 1", ErrInvalid)
 			}
 		}
-		m.name = r.name()
+		m.nameb = r.name()
 		m.lvb = r.lvb(lvbLen)
 	case msgConvert, msgUnlock:
 		m.lock = r.u64("lock")

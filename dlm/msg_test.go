@@ -36,6 +36,7 @@ func TestMessageRoundTrip(t *testing.T) {
 		if len(got.lvb) == 0 {
 			got.lvb = nil
 		}
+		got.name, got.nameb = string(got.nameb), nil
 		if !reflect.DeepEqual(got, m) {
 			t.Fatalf("%v: got %+v want %+v", m.typ, got, m)
 		}
@@ -77,6 +78,7 @@ func FuzzDecodeMessage(f *testing.F) {
 		if err != nil {
 			return
 		}
+		m.name = string(m.nameb)
 		if again := appendMessage(nil, &m); !bytes.Equal(again, b) {
 			t.Fatalf("re-encoding %x gave %x", b, again)
 		}

@@ -68,8 +68,10 @@ type Space struct {
 	// procs are local locks on resources mastered elsewhere, by ID.
 	procs  map[uint64]*Proc
 	nextID uint64
-	// mcopies are the master copies of remote nodes' locks.
+	// mcopies are the master copies of remote nodes' locks; mfree keeps
+	// released ones for reuse.
 	mcopies map[mkey]*mcopy
+	mfree   []*mcopy
 	tick    uint64
 
 	out    []Outgoing
@@ -578,6 +580,18 @@ func (s *Space) dirLookup(name string, asker NodeID) NodeID {
 	return asker
 }
 
+// newMcopy returns a reset master copy, reusing a released one (keeping
+// its LVB buffer) when there is one.
+func (s *Space) newMcopy() *mcopy {
+	if n := len(s.mfree); n > 0 {
+		mc := s.mfree[n-1]
+		s.mfree = s.mfree[:n-1]
+		*mc = mcopy{lvb: mc.lvb}
+		return mc
+	}
+	return &mcopy{}
+}
+
 // --- master side: the core's callbacks ---
 
 // drainCore turns the core's callbacks into local callbacks (for local
@@ -607,18 +621,19 @@ func (s *Space) drainCore() {
 				continue
 			}
 			mc.grmode = cb.Mode
+			if !mc.silent {
+				m := message{typ: msgCast, lock: mc.key.id, status: cb.Status, mode: cb.Mode, sbf: cb.Flags, seq: cb.LVBSeq}
+				if cb.Status == StatusOK && mc.flags&ValBlk != 0 && mc.lvb != nil {
+					m.lvb = mc.lvb
+				}
+				s.send(mc.key.node, &m)
+			}
+			mc.silent = false
 			if cb.Mode == ModeIV {
+				// The lock is gone: nothing refers to the copy any more.
 				delete(s.mcopies, mc.key)
+				s.mfree = append(s.mfree, mc)
 			}
-			if mc.silent {
-				mc.silent = false
-				continue
-			}
-			m := message{typ: msgCast, lock: mc.key.id, status: cb.Status, mode: cb.Mode, sbf: cb.Flags, seq: cb.LVBSeq}
-			if cb.Status == StatusOK && mc.flags&ValBlk != 0 && mc.lvb != nil {
-				m.lvb = mc.lvb
-			}
-			s.send(mc.key.node, &m)
 		}
 	}
 	for _, name := range s.core.evicted {
@@ -656,14 +671,15 @@ func (s *Space) Step(from NodeID, payload []byte) error {
 	}
 	switch m.typ {
 	case msgLookup:
-		master := s.dirLookup(m.name, from)
-		s.send(from, &message{typ: msgLookupReply, name: m.name, master: master})
+		name := string(m.nameb)
+		master := s.dirLookup(name, from)
+		s.send(from, &message{typ: msgLookupReply, name: name, master: master})
 	case msgRemove:
-		if s.dir[m.name] == from {
-			delete(s.dir, m.name)
+		if s.dir[string(m.nameb)] == from {
+			delete(s.dir, string(m.nameb))
 		}
 	case msgLookupReply:
-		s.lookupReply(m.name, m.master)
+		s.lookupReply(string(m.nameb), m.master)
 	case msgRequest:
 		s.masterRequest(from, &m)
 	case msgConvert, msgUnlock, msgCancel:
@@ -720,7 +736,7 @@ func (s *Space) lookupReply(name string, master NodeID) {
 }
 
 func (s *Space) masterRequest(from NodeID, m *message) {
-	r := s.rsbs[m.name]
+	r := s.rsbs[string(m.nameb)]
 	if r == nil || r.master != s.self {
 		s.send(from, &message{typ: msgNotMaster, lock: m.lock})
 		return
@@ -729,13 +745,15 @@ func (s *Space) masterRequest(from NodeID, m *message) {
 	if s.mcopies[key] != nil {
 		return // a duplicate: the transport should never deliver one
 	}
-	mc := &mcopy{key: key, grmode: ModeIV, flags: m.flags}
-	if m.flags&ValBlk != 0 {
+	mc := s.newMcopy()
+	mc.key, mc.grmode, mc.flags = key, ModeIV, m.flags
+	if m.flags&ValBlk != 0 && mc.lvb == nil {
 		mc.lvb = make([]byte, s.lvbLen)
 	}
-	id, err := s.core.Lock(Request{Resource: m.name, Mode: m.mode, Flags: m.flags &^ Orphan, LVB: mc.lvb,
+	id, err := s.core.Lock(Request{Resource: r.name, Mode: m.mode, Flags: m.flags &^ Orphan, LVB: mc.lvb,
 		Owner: OwnerID(remoteOwner | uint32(from)), Blocking: m.bast, Tag: mc})
 	if err != nil {
+		s.mfree = append(s.mfree, mc)
 		s.send(from, &message{typ: msgCast, lock: m.lock, status: statusOf(err), mode: ModeIV})
 		return
 	}

@@ -141,6 +141,9 @@ func (p *peer) send(ls LockspaceID, gen uint64, payload []byte, deferred bool) e
 	}
 	p.flushLocked()
 	p.mu.Unlock()
+	if p.deferArmed.Load() && p.deferArmed.Swap(false) {
+		p.deferTimer.Stop() // this write carried the deferred frames
+	}
 	return nil
 }
 
