@@ -20,8 +20,14 @@ func pinMaster(b *testing.B, ls *dlm.Lockspace, resource string) {
 
 // BenchmarkLockUnlockRemote: 2 nodes, the master on the other node; one op is
 // a synchronous EX lock + unlock pair from node 1 (the unlock is sent without
-// waiting, as Linux does).
+// waiting, as Linux does). The other node runs in this process or, as in a
+// real cluster, in a process of its own.
 func BenchmarkLockUnlockRemote(b *testing.B) {
+	b.Run("in-process", lockUnlockRemoteInProcess)
+	b.Run("two-processes", lockUnlockRemoteTwoProcesses)
+}
+
+func lockUnlockRemoteInProcess(b *testing.B) {
 	c := startCluster(b, 2, nil)
 	ls := c.open(b, "bench", 0)
 	pinMaster(b, ls[1], "remote")

@@ -8,10 +8,16 @@ import (
 
 // BenchmarkTCPRoundTrip is the physical floor for a remote lock request: a
 // ping-pong of one 64-byte frame over a plain loopback TCP connection with
-// TCP_NODELAY, one goroutine on each end doing io.ReadFull then Write. Run
-// it together with the lock and transport benchmarks so they are compared
-// on the same machine in the same state.
+// TCP_NODELAY, one goroutine on each end doing io.ReadFull then Write, with
+// both ends in this process or the echo end in a child process. Run it
+// together with the lock and transport benchmarks so they are compared on
+// the same machine in the same state.
 func BenchmarkTCPRoundTrip(b *testing.B) {
+	b.Run("in-process", tcpRoundTripInProcess)
+	b.Run("two-processes", tcpRoundTripTwoProcesses)
+}
+
+func tcpRoundTripInProcess(b *testing.B) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		b.Fatal(err)
