@@ -2,6 +2,7 @@ package dlm
 
 import (
 	"fmt"
+	"maps"
 	"slices"
 )
 
@@ -123,6 +124,7 @@ type lkb struct {
 	lastCastMode Mode // mode of the last completion queued
 	lastCbMode   Mode // mode of the last callback queued
 	lastCbBast   bool // whether the last callback queued was a blocking one
+	lvbBad       bool // restored by recovery with a value its holder knew to be invalid
 
 	prev, next *lkb // links in the resource queue named by state
 }
@@ -298,7 +300,10 @@ func (c *Core) freeLkb(l *lkb) {
 func (c *Core) getResource(name string) *resource {
 	r := c.res[name]
 	if r == nil {
-		r = &resource{name: name}
+		// A new resource has no value yet. (It may also be one whose
+		// master died with no survivor holding a lock on it, so that
+		// nobody can tell it from a new one.)
+		r = &resource{name: name, valNotValid: true}
 		c.res[name] = r
 		return r
 	}
@@ -454,10 +459,13 @@ func (c *Core) sendBlockingASTsAll(r *resource, rq *lkb) {
 
 // setLVBOnGrant applies the LVB transfer of a grant (new request or
 // conversion) from l.grmode to l.rqmode, before the mode changes.
+// Like Linux, only a lock using its LVB (ValBlk and a buffer) is told that
+// the value is invalid.
 func (c *Core) setLVBOnGrant(r *resource, l *lkb) {
+	uses := l.lvb != nil && l.exflags&ValBlk != 0
 	switch lvbOperation(l.grmode, l.rqmode) {
 	case lvbRead:
-		if l.lvb != nil && l.exflags&ValBlk != 0 {
+		if uses {
 			if r.lvb != nil {
 				copy(l.lvb, r.lvb)
 			} else {
@@ -468,13 +476,15 @@ func (c *Core) setLVBOnGrant(r *resource, l *lkb) {
 	case lvbWrite:
 		if l.exflags&IVValBlk != 0 {
 			r.valNotValid = true
-			break
+			return
 		}
-		if l.lvb != nil && l.exflags&ValBlk != 0 {
+		if uses {
 			c.writeLVB(r, l)
 		}
+	case lvbNone:
+		return
 	}
-	if r.valNotValid {
+	if uses && r.valNotValid {
 		l.sbflags |= ValNotValid
 	}
 }
@@ -856,7 +866,7 @@ func (c *Core) adopt(req Request) (LockID, error) {
 			}
 			l.lvbseq = r.lvbSeq
 		}
-		if r.valNotValid {
+		if r.valNotValid && l.lvb != nil && l.exflags&ValBlk != 0 {
 			l.sbflags |= ValNotValid
 		}
 		c.queueCast(l, StatusOK)
@@ -1076,4 +1086,108 @@ func (c *Core) PurgeOwner(owner OwnerID) (orphaned, released int) {
 		c.grantPending(r)
 	}
 	return orphaned, released
+}
+
+// --- recovery primitives: used by Space while the lockspace is stopped ---
+
+// dropLocks removes every lock for which drop returns true, without granting
+// anything, queueing callbacks or dropping resources (recovery rebuilds
+// them). A removed lock held in PW or EX for which invalidate returns true
+// invalidates its resource's LVB: its holder died, so the value may be half
+// written.
+func (c *Core) dropLocks(drop func(*lkb) bool, invalidate func(*lkb) bool) {
+	for _, l := range c.slots {
+		if l.state == stFree || !drop(l) {
+			continue
+		}
+		r := l.res
+		if l.grmode >= PW && invalidate(l) {
+			r.valNotValid = true
+		}
+		r.del(l)
+		if l.orphan {
+			r.orphans--
+		}
+		l.state = stFree
+		l.res, l.tag, l.lvb = nil, nil, nil
+		c.free = append(c.free, uint32(l.id)-1)
+	}
+}
+
+// restoreGranted puts back a lock granted in mode, as its holder reports it
+// during recovery: no grant rules, no callbacks.
+func (c *Core) restoreGranted(name string, mode Mode, flags Flags, lvb []byte, lvbseq uint32, lvbBad bool, owner OwnerID, blocking bool, tag any) LockID {
+	r := c.getResource(name)
+	l := c.allocLkb()
+	l.res, l.grmode, l.exflags, l.lvb, l.lvbseq, l.lvbBad = r, mode, flags, lvb, lvbseq, lvbBad
+	l.owner, l.blocking, l.tag = owner, blocking, tag
+	l.lastCastMode = mode
+	r.add(l, stGranted, false)
+	return l.id
+}
+
+// recoverLVB sets a rebuilt resource's value the way Linux's recover_lvb
+// does: from a lock held above CR if there is one (no writer can have
+// changed the value since its holder read or wrote it); otherwise from the
+// lock with the highest sequence, and the value is marked invalid, since a
+// PW/EX holder may have died with it. Unlike Linux, a holder whose value
+// itself came with ValNotValid does not make it valid again.
+func (r *resource) recoverLVB(lvbLen int) {
+	var best *lkb
+	for l := r.granted.head; l != nil; l = l.next {
+		if l.lvb == nil || l.exflags&ValBlk == 0 {
+			continue // its holder has not been using the value
+		}
+		if l.grmode > CR && !l.lvbBad {
+			best = l
+			break
+		}
+		if best == nil || int32(l.lvbseq-best.lvbseq) > 0 {
+			best = l
+		}
+	}
+	if r.lvb == nil {
+		r.lvb = make([]byte, lvbLen)
+	}
+	if best == nil {
+		clear(r.lvb)
+		r.lvbSeq, r.valNotValid = 0, true
+		return
+	}
+	copy(r.lvb, best.lvb)
+	r.lvbSeq = best.lvbseq
+	r.valNotValid = best.grmode <= CR || best.lvbBad
+}
+
+// dropEmptyResources forgets every resource without locks (recovery clears
+// the cache, as Linux's dlm_clear_toss does) and returns their names.
+func (c *Core) dropEmptyResources() []string {
+	var names []string
+	for _, name := range slices.Sorted(maps.Keys(c.res)) {
+		r := c.res[name]
+		if !r.empty() {
+			continue
+		}
+		if r.tossed {
+			c.untoss(r)
+		}
+		delete(c.res, name)
+		names = append(names, name)
+	}
+	return names
+}
+
+// grantAll re-examines every resource's queues after recovery and tosses
+// those left empty.
+func (c *Core) grantAll() {
+	for _, name := range slices.Sorted(maps.Keys(c.res)) {
+		r := c.res[name]
+		if r == nil {
+			continue // dropped by a toss earlier in this loop
+		}
+		c.grantPending(r)
+		if r.empty() && !r.tossed {
+			c.toss(r)
+		}
+	}
 }

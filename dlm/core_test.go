@@ -547,12 +547,17 @@ func TestLVBRules(t *testing.T) {
 	h.log()
 	h.must(h.convert("q", PR, ValBlk))
 	h.expect("q: OK PR VALNOTVALID")
-	// Unlock from PR with IVVALBLK does nothing (only PW/EX holders count).
+	// Unlock from PR with IVVALBLK does nothing (only PW/EX holders count);
+	// a value never written is not valid either.
 	h2 := newHarness(t)
 	h2.must(h2.lock("a", "r", PR, 0))
 	h2.must(h2.unlock("a", IVValBlk))
 	h2.must(h2.lock("b", "r", PR, ValBlk))
-	h2.expect("a: OK PR; a: EUNLOCK IV; b: OK PR")
+	h2.expect("a: OK PR; a: EUNLOCK IV; b: OK PR VALNOTVALID")
+	h2.must(h2.convert("b", EX, ValBlk))
+	h2.must(h2.convert("b", NL, ValBlk))
+	h2.must(h2.convert("b", PR, ValBlk))
+	h2.expect("b: OK EX VALNOTVALID; b: OK NL; b: OK PR")
 }
 
 func TestLVBKeptWhileResourceCached(t *testing.T) {

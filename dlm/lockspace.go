@@ -72,6 +72,7 @@ type Node struct {
 
 type earlyMsg struct {
 	from    NodeID
+	gen     uint64
 	payload []byte
 }
 
@@ -180,13 +181,13 @@ func (n *Node) receive(from transport.NodeID, ls transport.LockspaceID, gen uint
 			n.log.Warn("dropping message for a lockspace not opened here", "lockspace_id", ls, "from", from)
 			return
 		}
-		n.early[ls] = append(q, earlyMsg{NodeID(from), bytes.Clone(payload)})
+		n.early[ls] = append(q, earlyMsg{NodeID(from), gen, bytes.Clone(payload)})
 		n.mu.Unlock()
 		return
 	}
 	n.mu.Unlock()
 	sp.mu.Lock()
-	sp.step(NodeID(from), payload)
+	sp.step(NodeID(from), gen, payload)
 	sp.mu.Unlock()
 }
 
@@ -241,7 +242,7 @@ func (n *Node) Open(name string, opts OpenOptions) (*Lockspace, error) {
 			delete(n.early, id)
 			sp.mu.Lock()
 			for _, m := range early {
-				sp.step(m.from, m.payload)
+				sp.step(m.from, m.gen, m.payload)
 			}
 			sp.mu.Unlock()
 		}
@@ -387,8 +388,8 @@ func (sp *space) enqueue(ev event) {
 }
 
 // step applies a received message; called with mu held.
-func (sp *space) step(from NodeID, payload []byte) {
-	if err := sp.sp.Step(from, payload); err != nil {
+func (sp *space) step(from NodeID, gen uint64, payload []byte) {
+	if err := sp.sp.Step(from, gen, payload); err != nil {
 		sp.log.Warn("dropping malformed lock message", "from", from, "err", err)
 		return
 	}

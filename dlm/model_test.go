@@ -72,7 +72,7 @@ func (m *model) fail(format string, args ...any) {
 func (m *model) resource(name string) *mres {
 	r := m.res[name]
 	if r == nil {
-		r = &mres{val: make([]byte, modelLVB)}
+		r = &mres{val: make([]byte, modelLVB), invalid: true} // never written
 		m.res[name] = r
 	}
 	return r
@@ -388,7 +388,9 @@ func (m *model) completion(l *mlock, cb Callback) {
 		} else if l.flags&ValBlk != 0 && cb.Flags&ValNotValid == 0 && !bytes.Equal(l.lvb, r.val) {
 			m.fail("adopter of lock %d read LVB %q, last written %q", l.name, l.lvb, r.val)
 		}
-		if (cb.Flags&ValNotValid != 0) != r.invalid {
+		op := lvbOperation(prev, cb.Mode)
+		told := op == lvbRead || (op == lvbWrite && l.flags&IVValBlk == 0) // the invalidator is not told
+		if l.flags&ValBlk != 0 && told && (cb.Flags&ValNotValid != 0) != r.invalid {
 			m.fail("lock %d granted with flags %v, LVB invalid=%v", l.name, cb.Flags, r.invalid)
 		}
 	case StatusAgain, StatusDeadlock, StatusCancel, StatusTimeout:

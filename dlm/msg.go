@@ -34,14 +34,29 @@ const (
 	// msgNotMaster refuses a request sent to a node that no longer masters
 	// the resource; the requester looks the master up again.
 	msgNotMaster
+	// msgNames (recovery) lists resources the sender masters whose
+	// directory entry is on the receiver; the last one of a batch says so.
+	msgNames
+	// msgLocksDone (recovery): the sender has resent all its locks.
+	msgLocksDone
+	// msgRecoverLock (recovery) re-establishes a lock at its master: the
+	// requester's view of it is the truth the master rebuilds from.
+	msgRecoverLock
 	msgMax
 )
 
-var msgNames = [...]string{"", "lookup", "lookup-reply", "remove", "request", "convert", "unlock", "cancel", "cast", "bast", "not-master"}
+var msgTypeNames = [...]string{"", "lookup", "lookup-reply", "remove", "request", "convert", "unlock", "cancel",
+	"cast", "bast", "not-master", "names", "locks-done", "recover-lock"}
+
+// recovery reports whether t belongs to recovery; other messages wait while
+// the lockspace recovers.
+func (t msgType) recovery() bool {
+	return t == msgNames || t == msgLocksDone || t == msgRecoverLock || t == msgLookup || t == msgLookupReply
+}
 
 func (t msgType) String() string {
 	if t > 0 && t < msgMax {
-		return msgNames[t]
+		return msgTypeNames[t]
 	}
 	return fmt.Sprintf("msg(%d)", uint8(t))
 }
@@ -59,8 +74,12 @@ type message struct {
 	status Status
 	sbf    StatusFlags
 	bast   bool   // request: the owner wants blocking callbacks
-	seq    uint32 // cast: LVB sequence
-	lvb    []byte // request/convert/unlock: the value to write; cast: the value read
+	seq    uint32 // cast, recover-lock: LVB sequence
+	lvb    []byte // request/convert/unlock: the value to write; cast: the value read; recover-lock: the holder's value
+	names  []string // names (to encode)
+	namesb [][]byte // names (decoded, aliasing the input)
+	last   bool     // names: the last batch from the sender
+	bad    bool     // recover-lock: the holder's value came with ValNotValid
 }
 
 // Wire layout, little-endian: type(1) then per type:
@@ -73,6 +92,9 @@ type message struct {
 //	cast:            lock(8) status(1) mode(1) sbflags(1) seq(4) lvblen(2) lvb
 //	bast:            lock(8) mode(1)
 //	not-master:      lock(8)
+//	names:           last(1) count(2) { namelen(1) name }
+//	locks-done:      (nothing)
+//	recover-lock:    lock(8) mode(1) flags(4) seq(4) bad(1) namelen(1) name lvblen(2) lvb
 
 func appendName(b []byte, n string) []byte {
 	b = append(b, byte(len(n)))
@@ -122,6 +144,29 @@ func appendMessage(b []byte, m *message) []byte {
 		b = append(b, byte(m.mode))
 	case msgNotMaster:
 		b = binary.LittleEndian.AppendUint64(b, m.lock)
+	case msgNames:
+		last := byte(0)
+		if m.last {
+			last = 1
+		}
+		b = append(b, last)
+		b = binary.LittleEndian.AppendUint16(b, uint16(len(m.names)))
+		for _, n := range m.names {
+			b = appendName(b, n)
+		}
+	case msgLocksDone:
+	case msgRecoverLock:
+		b = binary.LittleEndian.AppendUint64(b, m.lock)
+		b = append(b, byte(m.mode))
+		b = binary.LittleEndian.AppendUint32(b, uint32(m.flags))
+		b = binary.LittleEndian.AppendUint32(b, m.seq)
+		bad := byte(0)
+		if m.bad {
+			bad = 1
+		}
+		b = append(b, bad)
+		b = appendName(b, m.name)
+		b = appendLVB(b, m.lvb)
 	}
 	return b
 }
@@ -262,6 +307,40 @@ func decodeMessage(b []byte, lvbLen int) (message, error) {
 		}
 	case msgNotMaster:
 		m.lock = r.u64("lock")
+	case msgNames:
+		switch r.u8("last") {
+		case 0:
+		case 1:
+			m.last = true
+		default:
+			if r.err == nil {
+				r.err = fmt.Errorf("%w: names last flag is not 0 or 1", ErrInvalid)
+			}
+		}
+		n := int(r.u16("name count"))
+		for i := 0; i < n && r.err == nil; i++ {
+			m.namesb = append(m.namesb, r.name())
+		}
+	case msgLocksDone:
+	case msgRecoverLock:
+		m.lock = r.u64("lock")
+		m.mode = r.mode("mode")
+		m.flags = Flags(r.u32("flags"))
+		m.seq = r.u32("lvb sequence")
+		switch r.u8("bad") {
+		case 0:
+		case 1:
+			m.bad = true
+		default:
+			if r.err == nil {
+				r.err = fmt.Errorf("%w: recover-lock bad flag is not 0 or 1", ErrInvalid)
+			}
+		}
+		m.nameb = r.name()
+		m.lvb = r.lvb(lvbLen)
+		if r.err == nil && !m.mode.Valid() {
+			r.err = fmt.Errorf("%w: recovered lock in mode %v", ErrInvalid, m.mode)
+		}
 	}
 	if r.err == nil && len(r.b) != 0 {
 		r.err = fmt.Errorf("%w: %d bytes after %v message", ErrInvalid, len(r.b), m.typ)

@@ -23,6 +23,11 @@ func sampleMessages() []message {
 		{typ: msgCast, lock: 13, status: StatusAgain, mode: ModeIV},
 		{typ: msgBast, lock: 14, mode: PR},
 		{typ: msgNotMaster, lock: 15},
+		{typ: msgNames, names: []string{"a", "bitmap0002"}, last: true},
+		{typ: msgNames},
+		{typ: msgLocksDone},
+		{typ: msgRecoverLock, lock: 16, name: "token", mode: PW, flags: ValBlk, seq: 4, lvb: lvb},
+		{typ: msgRecoverLock, lock: 17, name: "r", mode: PR, bad: true},
 	}
 }
 
@@ -37,6 +42,10 @@ func TestMessageRoundTrip(t *testing.T) {
 			got.lvb = nil
 		}
 		got.name, got.nameb = string(got.nameb), nil
+		for _, n := range got.namesb {
+			got.names = append(got.names, string(n))
+		}
+		got.namesb = nil
 		if !reflect.DeepEqual(got, m) {
 			t.Fatalf("%v: got %+v want %+v", m.typ, got, m)
 		}
@@ -79,6 +88,9 @@ func FuzzDecodeMessage(f *testing.F) {
 			return
 		}
 		m.name = string(m.nameb)
+		for _, n := range m.namesb {
+			m.names = append(m.names, string(n))
+		}
 		if again := appendMessage(nil, &m); !bytes.Equal(again, b) {
 			t.Fatalf("re-encoding %x gave %x", b, again)
 		}

@@ -74,9 +74,23 @@ type Space struct {
 	mfree   []*mcopy
 	tick    uint64
 
+	// Recovery (see recovery.go).
+	stopped      bool
+	rec          *recovery
+	held         []heldMsg // messages waiting for recovery to end
+	future       []heldMsg // messages of a generation not yet installed here
+	cancels      []pendingCancel
+	staleDrops   uint64
+	recoveredGen uint64
+
 	out    []Outgoing
 	outBuf []byte
 	cbs    []Callback
+}
+
+type pendingCancel struct {
+	p  *Proc
+	st Status
 }
 
 // rsbInfo is the requester's view of a resource.
@@ -134,6 +148,10 @@ type Proc struct {
 	owner    OwnerID
 	orphan   bool
 	rsb      *rsbInfo
+	cancelSt Status // a cancel was sent for the pending operation
+	// lvbBad: the value in lvb came with ValNotValid; recovery must not
+	// take it for the resource's value.
+	lvbBad bool
 }
 
 // Mode returns the lock's granted mode as this node knows it.
@@ -243,6 +261,9 @@ func (s *Space) rsb(name string) *rsbInfo {
 // Lock starts a new lock request for p (which must be new or released). It
 // validates like Core.Lock; on success exactly one completion follows.
 func (s *Space) Lock(p *Proc, req Request) error {
+	if s.stopped {
+		return fmt.Errorf("resource %q: %w", req.Resource, ErrStopped)
+	}
 	if err := checkName(req.Resource); err != nil {
 		return err
 	}
@@ -386,6 +407,10 @@ func (s *Space) Convert(p *Proc, mode Mode, flags Flags, lvb []byte) error {
 	if err := s.checkProc(p); err != nil {
 		return err
 	}
+	if s.stopped {
+		return fmt.Errorf("lock on %q: %w", p.name, ErrStopped)
+	}
+	p.cancelSt = 0
 	if p.local {
 		if lvb != nil {
 			p.lvb = lvb
@@ -421,6 +446,9 @@ func (s *Space) Convert(p *Proc, mode Mode, flags Flags, lvb []byte) error {
 	if flags&ValBlk != 0 {
 		m.lvb = p.lvb
 	}
+	if lvbOperation(p.grmode, mode) == lvbWrite && flags&ValBlk != 0 && flags&IVValBlk == 0 {
+		p.lvbBad = false // it is now the resource's value
+	}
 	if downConversion(p.grmode, mode) {
 		s.sendDeferred(p.master, &m)
 		p.grmode = mode
@@ -446,6 +474,9 @@ func (s *Space) Unlock(p *Proc, flags Flags, lvb []byte) error {
 	}
 	if err := s.checkProc(p); err != nil {
 		return err
+	}
+	if s.stopped {
+		return fmt.Errorf("lock on %q: %w", p.name, ErrStopped)
 	}
 	if err := s.core.checkLVB(lvb); err != nil {
 		return fmt.Errorf("lock on %q: %w", p.name, err)
@@ -502,6 +533,11 @@ func (s *Space) Cancel(p *Proc, st Status) error {
 	if err := s.checkProc(p); err != nil {
 		return err
 	}
+	if s.stopped {
+		// Done when recovery ends (the request may even be granted first).
+		s.cancels = append(s.cancels, pendingCancel{p, st})
+		return nil
+	}
 	if p.local {
 		if err := s.core.CancelStatus(p.coreID, st); err != nil {
 			return err
@@ -515,6 +551,7 @@ func (s *Space) Cancel(p *Proc, st Status) error {
 		s.freeProc(p)
 		s.cast(p, st, 0)
 	case pRequesting, pConverting:
+		p.cancelSt = st
 		s.send(p.master, &message{typ: msgCancel, lock: p.id, status: st})
 	}
 	return nil
@@ -607,6 +644,9 @@ func (s *Space) drainCore() {
 				continue
 			}
 			p.grmode, p.lvbseq = cb.Mode, cb.LVBSeq
+			if cb.Status == StatusOK {
+				p.lvbBad = cb.Flags&ValNotValid != 0
+			}
 			if cb.Mode == ModeIV {
 				p.state = pFree
 			} else {
@@ -659,15 +699,37 @@ func (s *Space) dropMastery(name string) {
 
 // --- received messages ---
 
-// Step applies a message from node from. A malformed message is refused
-// with an error and changes nothing.
-func (s *Space) Step(from NodeID, payload []byte) error {
+// Step applies a message that node from sent in generation gen. A message
+// of an older generation is dropped (and counted), never applied; one of a
+// newer generation waits until this node recovers into it; while the
+// lockspace is stopped, all but recovery's messages wait. A malformed
+// message is refused with an error and changes nothing.
+func (s *Space) Step(from NodeID, gen uint64, payload []byte) error {
+	if gen < s.gen {
+		s.staleDrops++
+		return nil
+	}
+	if gen > s.gen {
+		s.holdMessage(&s.future, from, gen, payload)
+		return nil
+	}
 	m, err := decodeMessage(payload, s.lvbLen)
 	if err != nil {
 		return fmt.Errorf("from node %d: %w", from, err)
 	}
 	if from == 0 || from == s.self {
 		return fmt.Errorf("%w: %v message from node %d", ErrInvalid, m.typ, from)
+	}
+	if s.stopped {
+		if s.rec != nil && m.typ.recovery() {
+			s.stepRecovery(from, &m)
+		} else {
+			s.holdMessage(&s.held, from, gen, payload)
+		}
+		return nil
+	}
+	if m.typ == msgNames || m.typ == msgLocksDone || m.typ == msgRecoverLock {
+		return fmt.Errorf("%w: %v message from node %d outside recovery", ErrInvalid, m.typ, from)
 	}
 	switch m.typ {
 	case msgLookup:
@@ -810,8 +872,11 @@ func (s *Space) remoteCast(m *message) {
 	if m.status == StatusOK && p.flags&ValBlk != 0 && p.lvb != nil && lvbOperation(prev, m.mode) == lvbRead && len(m.lvb) == len(p.lvb) {
 		copy(p.lvb, m.lvb)
 	}
+	if m.status == StatusOK {
+		p.lvbBad = m.sbf&ValNotValid != 0
+	}
 	p.grmode, p.lvbseq = m.mode, m.seq
-	p.rqmode = ModeIV
+	p.rqmode, p.cancelSt = ModeIV, 0
 	if m.mode == ModeIV {
 		s.freeProc(p)
 	} else {

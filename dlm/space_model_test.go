@@ -2,6 +2,7 @@ package dlm
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -26,9 +27,21 @@ import (
 // that everything can be released. DLM_SPACE_SEEDS sets the number of seeds
 // (default 300), DLM_SPACE_SEED replays one.
 
+type nodeState uint8
+
+const (
+	up   nodeState = iota
+	down           // crashed: its locks are gone with it
+	cut            // partitioned away and fenced: its locks count for nothing until it rejoins clean
+)
+
 type snode struct {
-	id NodeID
-	sp *Space
+	id    NodeID
+	sp    *Space
+	state nodeState
+	// rejoining: back from a cut, its old locks end (ErrReleased) as it
+	// recovers clean.
+	rejoining bool
 }
 
 type slock struct {
@@ -46,8 +59,14 @@ type slock struct {
 
 // sres is what the model knows of a resource's LVB: the last value a PW/EX
 // holder wrote.
+type netMsg struct {
+	gen     uint64
+	payload []byte
+}
+
 type sres struct {
-	val []byte
+	val     []byte
+	invalid bool // a PW/EX holder died: the next grantee must be told (VALNOTVALID) unless someone wrote since
 }
 
 type smodel struct {
@@ -55,11 +74,15 @@ type smodel struct {
 	seed  uint64
 	rng   *rand.Rand
 	nodes []*snode
-	net   map[[2]int][][]byte // (from, to) -> FIFO of payloads
+	net   map[[2]int][]netMsg // (from, to) -> FIFO
 	locks map[*Proc]*slock
 	res   map[string]*sres
 	names int
 	step  int
+	gen   uint64 // the cluster's current generation
+	toss  int
+	// membership turns on crashes, partitions and rejoins.
+	membership bool
 }
 
 func (m *smodel) fail(format string, args ...any) {
@@ -73,12 +96,15 @@ func (m *smodel) nodeIndex(id NodeID) int { return int(id) - 1 }
 // collect moves node i's output to the network and its callbacks to the model.
 func (m *smodel) collect(i int) {
 	out, cbs := m.nodes[i].sp.Ready()
+	if m.nodes[i].state == down {
+		return
+	}
 	for _, o := range out {
-		if o.Flush {
-			continue // the model network holds nothing back
+		if o.Flush || m.nodes[i].state == cut || m.nodes[m.nodeIndex(o.To)].state != up {
+			continue // held back nothing; or partitioned away
 		}
 		k := [2]int{i, m.nodeIndex(o.To)}
-		m.net[k] = append(m.net[k], bytes.Clone(o.Payload))
+		m.net[k] = append(m.net[k], netMsg{m.nodes[i].sp.Generation(), bytes.Clone(o.Payload)})
 	}
 	for _, cb := range cbs {
 		l := cb.Tag.(*slock)
@@ -100,7 +126,7 @@ func (m *smodel) trace(format string, args ...any) {
 
 func (m *smodel) completion(l *slock, cb Callback) {
 	m.trace("lock %d node %d %s -> %s %v %v", l.name, l.node+1, l.op, statusWord(cb.Status), cb.Mode, cb.Flags)
-	if !l.pending {
+	if !l.pending && cb.Status != StatusReleased {
 		m.fail("completion %v for lock %d (node %d) with nothing pending", cb.Status, l.name, l.node+1)
 	}
 	l.pending = false
@@ -119,7 +145,11 @@ func (m *smodel) completion(l *slock, cb Callback) {
 		}
 		l.gr = cb.Mode
 		m.checkHeld(l.res)
-		if l.flags&ValBlk != 0 && lvbOperation(prev, cb.Mode) == lvbRead && cb.Mode >= PW && cb.Flags&ValNotValid == 0 {
+		if l.flags&ValBlk != 0 && lvbOperation(prev, cb.Mode) == lvbRead && cb.Mode >= PW && cb.Flags&ValNotValid == 0 &&
+			m.nodes[l.node].state == up {
+			if r.invalid {
+				m.fail("lock %d (%v) granted a value a dead PW/EX holder may have left half written, without VALNOTVALID", l.name, cb.Mode)
+			}
 			if !bytes.Equal(r.val, l.lvb) {
 				m.fail("lock %d (%v) read LVB %q, last written %q", l.name, cb.Mode, l.lvb, r.val)
 			}
@@ -136,6 +166,11 @@ func (m *smodel) completion(l *slock, cb Callback) {
 		}
 	case StatusUnlock:
 		delete(m.locks, l.p)
+	case StatusReleased:
+		if !m.nodes[l.node].rejoining {
+			m.fail("lock %d on node %d released, but the node was never cut off", l.name, l.node+1)
+		}
+		delete(m.locks, l.p)
 	default:
 		m.fail("lock %d: unexpected status %v", l.name, cb.Status)
 	}
@@ -149,7 +184,7 @@ func (m *smodel) checkHeld(res string) {
 		// already; its owner may not count on its old mode until the
 		// completion says (DEMOTED).
 		demotable := l.pending && l.op == "convert" && l.flags&ConvDeadlk != 0
-		if l.res == res && l.gr != ModeIV && !demotable {
+		if l.res == res && l.gr != ModeIV && !demotable && m.nodes[l.node].state == up {
 			held = append(held, l)
 		}
 	}
@@ -165,6 +200,15 @@ func (m *smodel) checkHeld(res string) {
 	for i := range held {
 		for j := i + 1; j < len(held); j++ {
 			if !refCompatible(mode(held[i]), mode(held[j])) {
+				if os.Getenv("DLM_SPACE_TRACE") != "" {
+					for _, n := range m.nodes {
+						for _, ri := range n.sp.Dump() {
+							if ri.Name == res {
+								fmt.Printf("node %d (gen %d, stopped %v): %+v\n", n.id, n.sp.gen, n.sp.stopped, ri)
+							}
+						}
+					}
+				}
 				m.fail("%s: lock %d (node %d) holds %v while lock %d (node %d) holds %v", res,
 					held[i].name, held[i].node+1, held[i].gr, held[j].name, held[j].node+1, held[j].gr)
 			}
@@ -199,12 +243,98 @@ func (m *smodel) run() {
 			m.fail("cancel %d: %v", l.name, err)
 		}
 		m.collect(l.node)
-	default:
+	case k < 99:
 		i := m.rng.IntN(len(m.nodes))
-		m.nodes[i].sp.Tick()
-		m.collect(i)
+		if m.nodes[i].state != down {
+			m.nodes[i].sp.Tick()
+			m.collect(i)
+		}
+	default:
+		if m.membership && m.rng.IntN(3) == 0 {
+			m.changeMembership()
+		}
 	}
 	m.checkMasters()
+}
+
+// changeMembership crashes a node, partitions one away, or brings one back,
+// and has the members recover into the next generation.
+func (m *smodel) changeMembership() {
+	var upNodes, others []int
+	for i, n := range m.nodes {
+		if n.state == up {
+			upNodes = append(upNodes, i)
+		} else {
+			others = append(others, i)
+		}
+	}
+	switch {
+	case len(others) > 0 && (len(upNodes) <= 2 || m.rng.IntN(2) == 0):
+		i := others[m.rng.IntN(len(others))]
+		reset := m.nodes[i].state == cut
+		if m.nodes[i].state == down {
+			// A restart: a fresh process with no lock state.
+			sp, err := NewSpace(SpaceConfig{Self: m.nodes[i].id, LVBLen: 16, CacheTicks: 2, TossLimit: m.toss})
+			if err != nil {
+				m.t.Fatal(err)
+			}
+			m.nodes[i].sp = sp
+		}
+		m.trace("node %d rejoins (reset %v)", i+1, reset)
+		m.nodes[i].state, m.nodes[i].rejoining = up, reset
+		upNodes = append(upNodes, i)
+		slices.Sort(upNodes)
+		m.recover(upNodes, nil, map[int]bool{i: reset})
+		m.nodes[i].rejoining = false
+	case len(upNodes) > 2:
+		i := upNodes[m.rng.IntN(len(upNodes))]
+		how := down
+		if m.rng.IntN(2) == 0 {
+			how = cut
+		}
+		m.trace("node %d %s", i+1, map[nodeState]string{down: "crashes", cut: "is cut off"}[how])
+		m.nodes[i].state = how
+		// Its messages in flight are lost, as are those to it.
+		for k := range m.net {
+			if k[0] == i || k[1] == i {
+				delete(m.net, k)
+			}
+		}
+		for _, l := range m.live() {
+			if l.node != i {
+				continue
+			}
+			if l.gr >= PW {
+				// It may have written half a value: the next grantee must
+				// be told. (A request still pending cannot have written.)
+				m.res[l.res].invalid = true
+			}
+			if how == down {
+				delete(m.locks, l.p)
+			}
+		}
+		upNodes = slices.DeleteFunc(upNodes, func(j int) bool { return j == i })
+		m.recover(upNodes, []NodeID{m.nodes[i].id}, nil)
+	}
+}
+
+// recover stops every member, then has each recover into the next
+// generation (the membership layer's job: fencing comes before this).
+func (m *smodel) recover(members []int, departed []NodeID, reset map[int]bool) {
+	m.gen++
+	var ids []NodeID
+	for _, i := range members {
+		ids = append(ids, m.nodes[i].id)
+	}
+	for _, i := range members {
+		m.nodes[i].sp.Stop()
+	}
+	for _, i := range members {
+		if err := m.nodes[i].sp.Recover(m.gen, ids, departed, reset[i]); err != nil {
+			m.fail("node %d recover: %v", i+1, err)
+		}
+		m.collect(i)
+	}
 }
 
 func (m *smodel) deliver() {
@@ -219,9 +349,17 @@ func (m *smodel) deliver() {
 	}
 	slices.SortFunc(keys, func(a, b [2]int) int { return (a[0]*16 + a[1]) - (b[0]*16 + b[1]) })
 	k := keys[m.rng.IntN(len(keys))]
-	payload := m.net[k][0]
+	msg := m.net[k][0]
 	m.net[k] = m.net[k][1:]
-	if err := m.nodes[k[1]].sp.Step(m.nodes[k[0]].id, payload); err != nil {
+	if m.nodes[k[0]].state != up || m.nodes[k[1]].state != up {
+		return
+	}
+	if os.Getenv("DLM_SPACE_TRACE") != "" {
+		if dm, err := decodeMessage(msg.payload, 16); err == nil && (dm.typ.recovery() || dm.typ == msgRemove || dm.typ == msgNotMaster) {
+			fmt.Printf("step %d: deliver %d->%d gen %d %v %s master %d names %q\n", m.step, k[0]+1, k[1]+1, msg.gen, dm.typ, dm.nameb, dm.master, dm.namesb)
+		}
+	}
+	if err := m.nodes[k[1]].sp.Step(m.nodes[k[0]].id, msg.gen, msg.payload); err != nil {
 		m.fail("node %d refused a message from %d: %v", k[1]+1, k[0]+1, err)
 	}
 	m.collect(k[1])
@@ -229,6 +367,9 @@ func (m *smodel) deliver() {
 
 func (m *smodel) newLock() {
 	i := m.rng.IntN(len(m.nodes))
+	if m.nodes[i].state == down {
+		return
+	}
 	l := &slock{name: m.names, node: i, p: new(Proc), res: fmt.Sprintf("r%d", m.rng.IntN(6)), gr: ModeIV,
 		rq: Mode(m.rng.IntN(6)), op: "lock", pending: true, lvb: make([]byte, 16)}
 	m.names++
@@ -252,6 +393,10 @@ func (m *smodel) newLock() {
 	m.trace("lock %d node %d %s %v %v", l.name, i+1, l.res, l.rq, f)
 	if err := m.nodes[i].sp.Lock(l.p, Request{Resource: l.res, Mode: l.rq, Flags: f, LVB: l.lvb,
 		Owner: OwnerID(1 + m.rng.IntN(2)), Blocking: true, Tag: l}); err != nil {
+		if errors.Is(err, ErrStopped) && m.nodes[i].sp.Stopped() {
+			delete(m.locks, l.p)
+			return
+		}
 		m.fail("lock refused: %v", err)
 	}
 	m.collect(i)
@@ -274,9 +419,15 @@ func (m *smodel) convert(l *slock) {
 	if !l.pending && l.gr != ModeIV && quecvtOK[l.gr][rq] && m.rng.IntN(5) == 0 {
 		f |= QueCvt
 	}
-	copy(l.lvb, fmt.Sprintf("n%d.s%d", l.node+1, m.step))
+	stopped := m.nodes[l.node].sp.Stopped() // the call will be refused: leave the buffer alone
+	if !stopped && !l.pending && l.gr != ModeIV && lvbOperation(l.gr, rq) == lvbWrite && f&ValBlk != 0 {
+		copy(l.lvb, fmt.Sprintf("n%d.s%d", l.node+1, m.step)) // only a writer changes its buffer
+	}
 	m.trace("convert lock %d node %d %v->%v %v", l.name, l.node+1, l.gr, rq, f)
 	err := m.nodes[l.node].sp.Convert(l.p, rq, f, nil)
+	if errors.Is(err, ErrStopped) && m.nodes[l.node].sp.Stopped() {
+		return
+	}
 	if l.pending || l.gr == ModeIV {
 		if err == nil {
 			m.fail("convert of pending lock %d accepted", l.name)
@@ -296,10 +447,14 @@ func (m *smodel) convert(l *slock) {
 // recordWrite notes the LVB effect of a release from PW/EX. The master
 // applies it before any later grant, so the model applies it at once.
 func (m *smodel) recordWrite(l *slock, f Flags) {
+	if m.nodes[l.node].state != up {
+		return // a fenced node's writes do not reach the cluster
+	}
 	if f&IVValBlk != 0 || f&ValBlk == 0 {
 		return // an invalidation is reported to the grantee (VALNOTVALID)
 	}
 	copy(m.res[l.res].val, l.lvb)
+	m.res[l.res].invalid = false
 }
 
 func (m *smodel) unlock(l *slock) {
@@ -315,9 +470,14 @@ func (m *smodel) unlock(l *slock) {
 		// master's order is not visible to the model, so it writes no LVB.
 		f = f&^ValBlk | ForceUnlock
 	}
-	copy(l.lvb, fmt.Sprintf("u%d.s%d", l.node+1, m.step))
+	if !l.pending && l.gr >= PW && f&ValBlk != 0 && !m.nodes[l.node].sp.Stopped() {
+		copy(l.lvb, fmt.Sprintf("u%d.s%d", l.node+1, m.step))
+	}
 	m.trace("unlock lock %d node %d %v", l.name, l.node+1, f)
 	err := m.nodes[l.node].sp.Unlock(l.p, f, nil)
+	if errors.Is(err, ErrStopped) && m.nodes[l.node].sp.Stopped() {
+		return
+	}
 	if l.pending && f&ForceUnlock == 0 {
 		if err == nil {
 			m.fail("unlock of pending lock %d accepted", l.name)
@@ -344,7 +504,16 @@ func (m *smodel) checkMasters() {
 	for name, r := range m.res {
 		cached := false
 		for _, n := range m.nodes {
+			if n.state != up {
+				continue
+			}
 			if _, ok := n.sp.core.Resource(name); ok {
+				cached = true
+			}
+		}
+		// Recovery restores the value from a surviving holder above CR.
+		for _, l := range m.locks {
+			if l.res == name && l.gr > CR && m.nodes[l.node].state == up {
 				cached = true
 			}
 		}
@@ -354,6 +523,9 @@ func (m *smodel) checkMasters() {
 	}
 	seen := map[string]NodeID{}
 	for _, n := range m.nodes {
+		if n.state != up || n.sp.Stopped() {
+			continue
+		}
 		for _, ri := range n.sp.core.Resources() {
 			if other, ok := seen[ri.Name]; ok {
 				m.fail("%s mastered by nodes %d and %d", ri.Name, other, n.id)
@@ -380,9 +552,35 @@ func (m *smodel) quiesce() {
 
 func (m *smodel) finish() {
 	m.step = -1
+	// Cut-off nodes rejoin clean, so their locks are released.
+	var upNodes []int
+	rejoin := map[int]bool{}
+	for i, n := range m.nodes {
+		if n.state == cut {
+			n.state, n.rejoining = up, true
+			rejoin[i] = true
+		}
+		if n.state == up {
+			upNodes = append(upNodes, i)
+		}
+	}
+	if len(rejoin) > 0 {
+		m.recover(upNodes, nil, rejoin)
+		for i := range rejoin {
+			m.nodes[i].rejoining = false
+		}
+	}
 	m.quiesce()
+	for i, n := range m.nodes {
+		if n.state == up && n.sp.Stopped() {
+			m.fail("node %d still recovering on a quiet network", i+1)
+		}
+	}
 	// Nothing grantable may be left waiting at any master.
 	for _, n := range m.nodes {
+		if n.state != up {
+			continue
+		}
 		for _, ri := range n.sp.core.Resources() {
 			held := append(slices.Clone(ri.Granted), ri.Converting...)
 			if len(ri.Converting) > 0 {
@@ -433,6 +631,9 @@ func (m *smodel) finish() {
 		m.fail("%d locks left", len(m.locks))
 	}
 	for _, n := range m.nodes {
+		if n.state != up {
+			continue
+		}
 		if rs := n.sp.core.Resources(); len(rs) != 0 {
 			m.fail("node %d still has locks: %+v", n.id, rs)
 		}
@@ -445,7 +646,8 @@ func (m *smodel) finish() {
 func runSpaceModel(t *testing.T, seed uint64, steps int) {
 	rng := rand.New(rand.NewPCG(seed, 0x5eed))
 	n := 3 + rng.IntN(3)
-	m := &smodel{t: t, seed: seed, rng: rng, net: map[[2]int][][]byte{}, locks: map[*Proc]*slock{}, res: map[string]*sres{}}
+	m := &smodel{t: t, seed: seed, rng: rng, net: map[[2]int][]netMsg{}, locks: map[*Proc]*slock{}, res: map[string]*sres{},
+		gen: 1, toss: 1 + int(seed%3), membership: os.Getenv("DLM_SPACE_MEMBERSHIP") != ""}
 	var ids []NodeID
 	for i := range n {
 		ids = append(ids, NodeID(i+1))
@@ -453,7 +655,7 @@ func runSpaceModel(t *testing.T, seed uint64, steps int) {
 	for _, id := range ids {
 		// A tiny toss limit makes masters drop idle resources, exercising
 		// directory removal, re-lookup and NotMaster.
-		sp, err := NewSpace(SpaceConfig{Self: id, LVBLen: 16, CacheTicks: 2, TossLimit: 1 + int(seed%3)})
+		sp, err := NewSpace(SpaceConfig{Self: id, LVBLen: 16, CacheTicks: 2, TossLimit: m.toss})
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -29,8 +29,13 @@ const (
 	// StatusNotFound (ENOENT): no such lock (already unlocked, or never
 	// existed), or no orphan to adopt.
 	StatusNotFound
-	// StatusReleased: the lockspace handle was released.
+	// StatusReleased: the lockspace handle was released, or the node
+	// rejoined the cluster from an older generation and its locks were
+	// dropped.
 	StatusReleased
+	// StatusStopped: the lockspace is stopped for a membership change;
+	// retry once recovery is over.
+	StatusStopped
 )
 
 // The errors below are the Status values as errors. Functions of this package
@@ -45,6 +50,7 @@ var (
 	ErrInvalid  error = StatusInvalid
 	ErrNotFound error = StatusNotFound
 	ErrReleased error = StatusReleased
+	ErrStopped  error = StatusStopped
 )
 
 var statusText = [...]string{
@@ -58,6 +64,7 @@ var statusText = [...]string{
 	StatusInvalid:  "dlm: invalid argument (EINVAL)",
 	StatusNotFound: "dlm: no such lock (ENOENT)",
 	StatusReleased: "dlm: lockspace released",
+	StatusStopped:  "dlm: lockspace stopped for recovery",
 }
 
 // Error returns a short description naming the Linux errno.

@@ -1,0 +1,469 @@
+package dlm
+
+import (
+	"bytes"
+	"fmt"
+	"maps"
+	"slices"
+)
+
+// Recovery, when the membership changes.
+//
+// The membership layer first stops the lockspace on every member (Stop),
+// agrees on the new view and fences the departed nodes, then tells every
+// member to recover into the new view (Recover). Recovery rebuilds all
+// remote lock state from the requesters' side, in Linux's order:
+//
+//  1. Apply the membership; drop cached idle resources; every master drops
+//     the master copies of all remote locks (a departed PW/EX holder
+//     invalidates the resource's LVB); forget masters that departed; clear
+//     the directory.
+//  2. Rebuild the directory: every node sends each directory node the names
+//     of the resources it still masters (names). A directory node answers
+//     lookups only once it has heard from every member.
+//  3. Choose new masters and resend locks: every node looks up, in the
+//     rebuilt directory, the master of each remote resource it holds locks on
+//     (cached masters are not trusted across a view change), and sends each
+//     lock (granted or converting) there (recover-lock); the first node to
+//     look up a resource whose master departed becomes its new master. Then
+//     it tells every member it is done (locks-done).
+//  4. When every member is done: new masters recover the LVB (from a lock
+//     above CR, else from the highest sequence and marked invalid), every
+//     master grants what became grantable, and the node resumes: pending
+//     requests and conversions are sent again, held messages are applied.
+//
+// Because the masters rebuild from what the requesters hold, a message of
+// the old generation lost in flight (a grant, an unlock) changes nothing:
+// those messages are dropped, never applied. A second failure during
+// recovery simply starts it again in the next generation.
+
+type recovery struct {
+	gen       uint64
+	mastered  map[string]bool // resources this node masters that survive
+	rebuilt   map[string]bool // resources this node masters afresh
+	names     map[NodeID]bool // members whose names arrived (this node included)
+	dirReady  bool
+	held      []mkeyName // lookups waiting for the directory
+	lookups   map[string][]*Proc
+	resend    []*Proc // locks still to resend (while their master is looked up)
+	reconvert []*Proc // conversions to send again after recovery
+	sentDone  bool
+	done      map[NodeID]bool
+}
+
+type mkeyName struct {
+	from NodeID
+	name string
+}
+
+type heldMsg struct {
+	from    NodeID
+	gen     uint64
+	payload []byte
+}
+
+// Stop suspends the lockspace for a membership change: local operations
+// fail with ErrStopped until recovery ends, and received messages other than
+// recovery's wait.
+func (s *Space) Stop() { s.stopped = true }
+
+// Stopped reports whether the lockspace is stopped or recovering.
+func (s *Space) Stopped() bool { return s.stopped }
+
+// TakeRecovered reports, once, that recovery into a generation finished on
+// this node since the last call.
+func (s *Space) TakeRecovered() (gen uint64, ok bool) {
+	if s.recoveredGen == 0 {
+		return 0, false
+	}
+	g := s.recoveredGen
+	s.recoveredGen = 0
+	return g, true
+}
+
+// StaleDropped counts messages dropped because they came from an older
+// generation.
+func (s *Space) StaleDropped() uint64 { return s.staleDrops }
+
+// Recover starts recovery into view (gen, members). departed are the nodes
+// that failed since the last view and have been fenced; reset says this node
+// rejoins from an older generation and must drop all its lock state (its
+// owners' locks end with ErrReleased).
+func (s *Space) Recover(gen uint64, members []NodeID, departed []NodeID, reset bool) error {
+	ms := slices.Clone(members)
+	slices.Sort(ms)
+	ms = slices.Compact(ms)
+	if !slices.Contains(ms, s.self) {
+		return fmt.Errorf("recover to generation %d: %w: members %v lack this node %d", gen, ErrInvalid, ms, s.self)
+	}
+	if gen <= s.gen {
+		return fmt.Errorf("recover to generation %d: %w: already at generation %d", gen, ErrInvalid, s.gen)
+	}
+	s.gen, s.members, s.stopped = gen, ms, true
+	if reset {
+		s.resetAll()
+	}
+	gone := map[NodeID]bool{}
+	for _, n := range departed {
+		gone[n] = true
+	}
+	rec := &recovery{gen: gen, mastered: map[string]bool{}, rebuilt: map[string]bool{}, names: map[NodeID]bool{},
+		lookups: map[string][]*Proc{}, done: map[NodeID]bool{}}
+	s.rec = rec
+
+	// 1. Master side: idle cached resources go; remote locks are dropped
+	// (their holders resend them); what is left with locks is still ours.
+	for _, name := range s.core.dropEmptyResources() {
+		if r := s.rsbs[name]; r != nil && r.master == s.self && len(r.waiting) == 0 && r.remote == 0 {
+			delete(s.rsbs, name)
+		}
+	}
+	for name := range s.core.res {
+		rec.mastered[name] = true
+	}
+	s.core.dropLocks(func(l *lkb) bool { return l.owner&remoteOwner != 0 },
+		func(l *lkb) bool { return gone[NodeID(l.owner&^remoteOwner)] || !slices.Contains(ms, NodeID(l.owner&^remoteOwner)) })
+	s.mcopies = map[mkey]*mcopy{}
+	s.core.evicted = s.core.evicted[:0]
+	// Requester side: every cached master is forgotten, so that each lock
+	// is resent where the rebuilt directory says, never on a stale cache's
+	// word; lookups in flight were lost with the old generation.
+	for _, name := range slices.Sorted(maps.Keys(s.rsbs)) {
+		r := s.rsbs[name]
+		r.lookingUp = false
+		if r.master != s.self || !rec.mastered[name] {
+			r.master = 0
+		}
+	}
+	s.dir = map[string]NodeID{}
+
+	// 2. The directory.
+	byDir := map[NodeID][]string{}
+	for _, name := range slices.Sorted(maps.Keys(rec.mastered)) {
+		d := s.dirNode(name)
+		if d == s.self {
+			s.dir[name] = s.self
+		} else {
+			byDir[d] = append(byDir[d], name)
+		}
+	}
+	for _, d := range ms {
+		if d == s.self {
+			continue
+		}
+		names := byDir[d]
+		for len(names) > 512 {
+			s.send(d, &message{typ: msgNames, names: names[:512]})
+			names = names[512:]
+		}
+		s.send(d, &message{typ: msgNames, names: names, last: true})
+	}
+	s.namesFrom(s.self)
+
+	// 3. Resend locks held on remote resources; requests start over later.
+	for _, id := range slices.Sorted(maps.Keys(s.procs)) {
+		p := s.procs[id]
+		switch p.state {
+		case pGranted, pConverting:
+			rec.resend = append(rec.resend, p)
+		case pRequesting:
+			delete(s.procs, p.id)
+			p.state = pLookup
+			p.rsb.waiting = append(p.rsb.waiting, p)
+		}
+	}
+	resend := rec.resend
+	rec.resend = nil
+	for _, p := range resend {
+		s.resendLock(p)
+	}
+	s.maybeLocksDone()
+
+	// Messages of this generation that arrived early.
+	future := s.future
+	s.future = nil
+	for _, h := range future {
+		if err := s.Step(h.from, h.gen, h.payload); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// resetAll drops every lock this node knows: it rejoins from an older
+// generation, so its state must not merge with the cluster's.
+func (s *Space) resetAll() {
+	var ended []*Proc
+	for _, l := range s.core.slots {
+		if l.state != stFree {
+			if p, ok := l.tag.(*Proc); ok {
+				ended = append(ended, p)
+			}
+		}
+	}
+	for _, id := range slices.Sorted(maps.Keys(s.procs)) {
+		ended = append(ended, s.procs[id])
+	}
+	for _, name := range slices.Sorted(maps.Keys(s.rsbs)) {
+		ended = append(ended, s.rsbs[name].waiting...)
+	}
+	core, _ := NewCore(CoreConfig{LVBLen: s.lvbLen, TossLimit: s.core.tossLimit})
+	s.core = core
+	s.dir, s.rsbs, s.procs, s.mcopies = map[string]NodeID{}, map[string]*rsbInfo{}, map[uint64]*Proc{}, map[mkey]*mcopy{}
+	s.held, s.future = nil, nil
+	for _, p := range ended {
+		p.state, p.grmode, p.rqmode = pFree, ModeIV, ModeIV
+		s.cast(p, StatusReleased, 0)
+	}
+}
+
+// resendLock re-establishes p at its master, or looks the master up first.
+func (s *Space) resendLock(p *Proc) {
+	rec := s.rec
+	r := p.rsb
+	if r.master == 0 {
+		first := len(rec.lookups[r.name]) == 0
+		rec.lookups[r.name] = append(rec.lookups[r.name], p)
+		if first {
+			if d := s.dirNode(r.name); d == s.self {
+				rec.held = append(rec.held, mkeyName{s.self, r.name})
+				s.answerLookups()
+			} else {
+				s.send(d, &message{typ: msgLookup, name: r.name})
+			}
+		}
+		return
+	}
+	if r.master == s.self {
+		// This node is the resource's new master: the lock becomes local.
+		delete(s.procs, p.id)
+		r.remote--
+		p.local, p.master = true, s.self
+		p.coreID = s.core.restoreGranted(p.name, p.grmode, p.flags&^Convert, p.lvb, p.lvbseq, p.lvbBad, p.owner, p.blocking, p)
+		if !rec.mastered[p.name] {
+			rec.rebuilt[p.name] = true
+		}
+		if p.orphan {
+			s.core.lookup(p.coreID).orphan = true
+			s.core.res[p.name].orphans++
+		}
+		return
+	}
+	if p.state == pConverting {
+		rec.reconvert = append(rec.reconvert, p)
+	}
+	p.master = r.master
+	m := message{typ: msgRecoverLock, lock: p.id, name: p.name, mode: p.grmode, flags: p.flags &^ Convert, seq: p.lvbseq, bad: p.lvbBad}
+	if p.lvb != nil {
+		m.lvb = p.lvb
+	}
+	s.send(r.master, &m)
+}
+
+// maybeLocksDone tells every member this node has resent its locks, once
+// no master lookup is outstanding.
+func (s *Space) maybeLocksDone() {
+	rec := s.rec
+	if rec == nil || rec.sentDone || len(rec.lookups) > 0 {
+		return
+	}
+	rec.sentDone = true
+	for _, d := range s.members {
+		if d != s.self {
+			s.send(d, &message{typ: msgLocksDone})
+		}
+	}
+	s.locksDoneFrom(s.self)
+}
+
+func (s *Space) namesFrom(from NodeID) {
+	rec := s.rec
+	rec.names[from] = true
+	if !rec.dirReady && len(rec.names) == len(s.members) {
+		rec.dirReady = true
+		s.answerLookups()
+		s.maybeFinish()
+	}
+}
+
+// answerLookups answers the lookups held until the directory was rebuilt.
+func (s *Space) answerLookups() {
+	rec := s.rec
+	if !rec.dirReady {
+		return
+	}
+	held := rec.held
+	rec.held = nil
+	for _, h := range held {
+		master := s.dirLookup(h.name, h.from)
+		if h.from == s.self {
+			s.recoveryLookupReply(h.name, master)
+		} else {
+			s.send(h.from, &message{typ: msgLookupReply, name: h.name, master: master})
+		}
+	}
+}
+
+// recoveryLookupReply resends the locks that waited for name's master.
+func (s *Space) recoveryLookupReply(name string, master NodeID) {
+	rec := s.rec
+	ps := rec.lookups[name]
+	if len(ps) == 0 {
+		return
+	}
+	delete(rec.lookups, name)
+	ps[0].rsb.master = master
+	for _, p := range ps {
+		s.resendLock(p)
+	}
+	s.maybeLocksDone()
+}
+
+func (s *Space) locksDoneFrom(from NodeID) {
+	s.rec.done[from] = true
+	s.maybeFinish()
+}
+
+// recoverLock rebuilds a remote node's lock at this, its master.
+func (s *Space) recoverLock(from NodeID, m *message) {
+	rec := s.rec
+	name := string(m.nameb)
+	r := s.rsb(name)
+	r.master = s.self // the directory sent the holder here
+	if !rec.mastered[name] {
+		rec.rebuilt[name] = true
+	}
+	key := mkey{from, m.lock}
+	mc := s.newMcopy()
+	mc.key, mc.grmode, mc.flags = key, m.mode, m.flags
+	if len(m.lvb) > 0 {
+		if mc.lvb == nil {
+			mc.lvb = make([]byte, s.lvbLen)
+		}
+		copy(mc.lvb, m.lvb)
+	} else {
+		mc.lvb = nil
+	}
+	mc.coreID = s.core.restoreGranted(name, m.mode, m.flags, mc.lvb, m.seq, m.bad, OwnerID(remoteOwner|uint32(from)), true, mc)
+	s.mcopies[key] = mc
+}
+
+// maybeFinish ends recovery once the directory is rebuilt and every member
+// has resent its locks.
+func (s *Space) maybeFinish() {
+	rec := s.rec
+	if rec == nil || !rec.dirReady || len(rec.done) < len(s.members) {
+		return
+	}
+	for _, name := range slices.Sorted(maps.Keys(rec.rebuilt)) {
+		if r := s.core.res[name]; r != nil {
+			r.recoverLVB(s.lvbLen)
+		}
+	}
+	s.rec, s.stopped = nil, false
+	s.recoveredGen = rec.gen
+	s.core.grantAll()
+	s.drainCore()
+	// Conversions pending at the time of the failure are asked again,
+	// unless they were cancelled (the cancel may have been lost): those
+	// resent to a remote master in this recovery, and local locks whose
+	// owner waits on a conversion the core no longer has (restored as
+	// granted, in this or an interrupted earlier recovery).
+	for _, l := range s.core.slots {
+		if p, ok := l.tag.(*Proc); ok && l.state == stGranted && p.state == pConverting {
+			rec.reconvert = append(rec.reconvert, p)
+		}
+	}
+	for _, p := range rec.reconvert {
+		if p.state != pConverting {
+			continue
+		}
+		if p.cancelSt != 0 {
+			p.state, p.rqmode = pGranted, ModeIV
+			st := p.cancelSt
+			p.cancelSt = 0
+			s.cast(p, st, 0)
+			continue
+		}
+		if p.local {
+			if err := s.core.Convert(p.coreID, p.rqmode, p.flags, nil); err != nil {
+				p.state = pGranted
+				s.cast(p, statusOf(err), 0)
+			}
+			s.drainCore()
+			continue
+		}
+		s.send(p.master, &message{typ: msgConvert, lock: p.id, mode: p.rqmode, flags: p.flags, lvb: lvbIf(p)})
+	}
+	// Requests waiting for a master, including those sent before the
+	// failure, start over.
+	for _, name := range slices.Sorted(maps.Keys(s.rsbs)) {
+		r := s.rsbs[name]
+		r.waiting = slices.DeleteFunc(r.waiting, func(p *Proc) bool {
+			if p.cancelSt == 0 {
+				return false
+			}
+			st := p.cancelSt
+			p.cancelSt = 0
+			s.freeProc(p)
+			s.cast(p, st, 0)
+			return true
+		})
+		if len(r.waiting) == 0 {
+			continue
+		}
+		if r.master != 0 {
+			s.lookupReply(name, r.master)
+		} else {
+			s.lookup(r)
+		}
+	}
+	// Cancels asked for while stopped.
+	cancels := s.cancels
+	s.cancels = nil
+	for _, c := range cancels {
+		if c.p.state != pFree {
+			_ = s.Cancel(c.p, c.st)
+		}
+	}
+	held := s.held
+	s.held = nil
+	for _, h := range held {
+		_ = s.Step(h.from, h.gen, h.payload)
+	}
+}
+
+func lvbIf(p *Proc) []byte {
+	if p.flags&ValBlk != 0 {
+		return p.lvb
+	}
+	return nil
+}
+
+// stepRecovery handles a recovery message (and lookups) while recovering.
+func (s *Space) stepRecovery(from NodeID, m *message) {
+	rec := s.rec
+	switch m.typ {
+	case msgNames:
+		for _, n := range m.namesb {
+			s.dir[string(n)] = from
+		}
+		if m.last {
+			s.namesFrom(from)
+		}
+	case msgLookup:
+		rec.held = append(rec.held, mkeyName{from, string(m.nameb)})
+		s.answerLookups()
+	case msgLookupReply:
+		s.recoveryLookupReply(string(m.nameb), m.master)
+	case msgRecoverLock:
+		s.recoverLock(from, m)
+	case msgLocksDone:
+		s.locksDoneFrom(from)
+	}
+}
+
+// holdMessage keeps a message for later (a copy: payloads are not retained).
+func (s *Space) holdMessage(to *[]heldMsg, from NodeID, gen uint64, payload []byte) {
+	*to = append(*to, heldMsg{from, gen, bytes.Clone(payload)})
+}
