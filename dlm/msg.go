@@ -73,9 +73,9 @@ type message struct {
 	flags  Flags
 	status Status
 	sbf    StatusFlags
-	bast   bool   // request: the owner wants blocking callbacks
-	seq    uint32 // cast, recover-lock: LVB sequence
-	lvb    []byte // request/convert/unlock: the value to write; cast: the value read; recover-lock: the holder's value
+	bast   bool     // request: the owner wants blocking callbacks
+	seq    uint32   // cast, recover-lock: LVB sequence
+	lvb    []byte   // request/convert/unlock: the value to write; cast: the value read; recover-lock: the holder's value
 	names  []string // names (to encode)
 	namesb [][]byte // names (decoded, aliasing the input)
 	last   bool     // names: the last batch from the sender

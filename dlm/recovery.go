@@ -122,7 +122,9 @@ func (s *Space) Recover(gen uint64, members []NodeID, departed []NodeID, reset b
 		rec.mastered[name] = true
 	}
 	s.core.dropLocks(func(l *lkb) bool { return l.owner&remoteOwner != 0 },
-		func(l *lkb) bool { return gone[NodeID(l.owner&^remoteOwner)] || !slices.Contains(ms, NodeID(l.owner&^remoteOwner)) })
+		func(l *lkb) bool {
+			return gone[NodeID(l.owner&^remoteOwner)] || !slices.Contains(ms, NodeID(l.owner&^remoteOwner))
+		})
 	s.mcopies = map[mkey]*mcopy{}
 	s.core.evicted = s.core.evicted[:0]
 	// Requester side: every cached master is forgotten, so that each lock
