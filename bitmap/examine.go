@@ -72,9 +72,10 @@ type slotInfo struct {
 
 // readSlotInfo reads a bitmap superblock at off and counts the dirty bits
 // after it the way mdadm does: 8 KiB reads until the promised number of
-// bits has been seen or the device ends.
-func readSlotInfo(r io.ReaderAt, off int64) slotInfo {
-	buf := make([]byte, ioChunk)
+// bits has been seen or the device ends. buf is the ioChunk-byte read
+// buffer, shared by all slots of one Examine so that memory stays at one
+// buffer however many slots a (possibly corrupt) superblock names.
+func readSlotInfo(r io.ReaderAt, off int64, buf []byte) slotInfo {
 	n, _ := r.ReadAt(buf, off)
 	info := slotInfo{next: off + int64(n)}
 	if n < SuperblockSize {
@@ -199,7 +200,8 @@ func Examine(out, errOut io.Writer, prog string, src ExamineSource) int {
 		perr("%s doesn't have bitmap\n", src.Name)
 		return 1
 	}
-	info := readSlotInfo(src.Dev, off)
+	buf := make([]byte, ioChunk)
+	info := readSlotInfo(src.Dev, off, buf)
 	if info.readFailure {
 		perr("failed to read superblock of bitmap file: %s\n", shortRead)
 		return 1
@@ -262,7 +264,7 @@ func Examine(out, errOut io.Writer, prog string, src ExamineSource) int {
 			fmt.Fprintf(&w, "   Unable to open bitmap file on node: %d\n", i)
 			continue
 		}
-		si := readSlotInfo(src.Dev, off)
+		si := readSlotInfo(src.Dev, off, buf)
 		cursor = si.next
 		if si.readFailure {
 			perr("failed to read superblock of bitmap file: %s\n", shortRead)

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"math/bits"
+	"slices"
 )
 
 // ErrNoRoom is returned (wrapped) when the bitmap slots do not fit in the
@@ -190,15 +191,19 @@ func DecodeSlot(b []byte) (*Slot, error) {
 	if err != nil {
 		return nil, err
 	}
+	if err := sb.Validate(); err != nil {
+		return nil, fmt.Errorf("new bitmap slot: %w", err)
+	}
+	// Check the length before NewSlot allocates what the header promises.
+	n := sb.Bits()
+	if need := SuperblockSize + (n+7)/8; uint64(len(b)) < need {
+		return nil, fmt.Errorf("bitmap slot: truncated: %d chunk bits need %d bytes, have %d", n, need, len(b))
+	}
 	s, err := NewSlot(*sb)
 	if err != nil {
 		return nil, err
 	}
-	need := SuperblockSize + len(s.bits)
-	if len(b) < need {
-		return nil, fmt.Errorf("bitmap slot: truncated: %d chunk bits need %d bytes, have %d", s.nbits, need, len(b))
-	}
-	copy(s.bits, b[SuperblockSize:need])
+	copy(s.bits, b[SuperblockSize:])
 	return s, nil
 }
 
@@ -207,12 +212,13 @@ func ReadSlot(r io.ReaderAt, l Layout, i int) (*Slot, error) {
 	if i < 0 || i >= l.Slots {
 		return nil, fmt.Errorf("bitmap slot %d: out of range (0..%d)", i, l.Slots-1)
 	}
-	buf := make([]byte, SuperblockSize+l.BitBytes())
-	if n, err := r.ReadAt(buf, l.SlotOffset(i)); n < len(buf) {
+	want := SuperblockSize + l.BitBytes()
+	buf, err := readGrowing(r, l.SlotOffset(i), want)
+	if len(buf) < want {
 		if err == nil || err == io.EOF {
 			err = io.ErrUnexpectedEOF
 		}
-		return nil, fmt.Errorf("bitmap slot %d at byte %d: read %d of %d bytes: %w", i, l.SlotOffset(i), n, len(buf), err)
+		return nil, fmt.Errorf("bitmap slot %d at byte %d: read %d of %d bytes: %w", i, l.SlotOffset(i), len(buf), want, err)
 	}
 	s, err := DecodeSlot(buf)
 	if err != nil {
@@ -222,6 +228,31 @@ func ReadSlot(r io.ReaderAt, l Layout, i int) (*Slot, error) {
 		return nil, fmt.Errorf("bitmap slot %d: %w: %d chunk bits, slot 0 has %d", i, ErrCorrupt, s.nbits, l.Bits)
 	}
 	return s, nil
+}
+
+// firstRead is the size of readGrowing's first read.
+const firstRead = 64 << 10
+
+// readGrowing reads up to want bytes at off. It starts with a small buffer
+// and doubles it only while the reader keeps filling it, so a header that
+// promises far more than the device holds (up to MaxBits/8 bytes) costs
+// about what the device holds, not what the header promises. It returns
+// what it read, and the read error when that is less than want.
+func readGrowing(r io.ReaderAt, off int64, want int) ([]byte, error) {
+	buf := make([]byte, min(want, firstRead))
+	got := 0
+	for {
+		n, err := r.ReadAt(buf[got:], off+int64(got))
+		got += n
+		if got < len(buf) {
+			return buf[:got], err
+		}
+		if got == want {
+			return buf, nil
+		}
+		grow := min(want-got, got)
+		buf = slices.Grow(buf, grow)[:got+grow]
+	}
 }
 
 // WriteSlot writes slot i (superblock and bits; the padding is left alone).

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"fmt"
 	"io"
+	"slices"
 	"strings"
 	"time"
 
@@ -353,31 +354,13 @@ func (s *Superblock) examine(w *bytes.Buffer, opt ExamineOptions) {
 		p("Active device %d\n", role)
 	}
 	p("   Array State : ")
-	inconsistent := false
-	// One character per raid disk. Roles are 16-bit, so beyond 65536 disks
-	// (only in corrupt superblocks) every slot would print "."; we stop there
-	// rather than print billions of them as mdadm would.
-	var counts [1 << 16]int
-	for _, r := range sb.DevRoles {
-		counts[r]++
-	}
-	for d := uint32(0); d < sb.RaidDisks+deltaExtra && d < 1<<16; d++ {
-		cnt := counts[d]
-		switch {
-		case cnt == 2 && sb.Level > 0:
-			p("R")
-		case cnt == 1:
-			p("A")
-		case cnt == 0:
-			p(".")
-		default:
-			p("?")
-			inconsistent = true
-		}
-	}
+	// One character per raid disk, from the count of roles equal to its
+	// index (mdadm's 32-bit unsigned sum, wrap-around included).
+	slots := sb.RaidDisks + deltaExtra
+	inconsistent := arrayState(w, sb.DevRoles, slots, sb.Level > 0)
 	p(" ('A' == active, '.' == missing, 'R' == replacing)\n")
 	for _, r := range sb.DevRoles {
-		if r <= RoleMax && uint32(r) > sb.RaidDisks+deltaExtra {
+		if r <= RoleMax && uint32(r) > slots {
 			inconsistent = true
 		}
 	}
@@ -392,4 +375,60 @@ func (s *Superblock) examine(w *bytes.Buffer, opt ExamineOptions) {
 		}
 		p("\n")
 	}
+}
+
+// maxArrayState is the most characters an Array State line shows. Roles
+// are 16-bit, so past 65536 disks (only in corrupt superblocks) every
+// character would be "."; we stop there rather than print billions of them
+// as mdadm would.
+const maxArrayState = 1 << 16
+
+// arrayState writes mdadm's Array State characters for disks 0..slots-1
+// (at most maxArrayState of them): "A" for a role held by one device, "R"
+// for two (replacement, redundant levels only), "." for none and "?" for
+// anything else, which makes the state inconsistent.
+//
+// The work is bounded by the number of roles (at most MaxDevs), not by
+// slots: a corrupt raid_disks costs a run of dots, not a per-disk loop or
+// a table with an entry per possible role.
+func arrayState(w *bytes.Buffer, roles []uint16, slots uint32, redundant bool) (inconsistent bool) {
+	n := min(uint64(slots), maxArrayState)
+	used := make([]uint16, 0, len(roles))
+	for _, r := range roles {
+		if uint64(r) < n {
+			used = append(used, r)
+		}
+	}
+	slices.Sort(used)
+	w.Grow(int(n))
+	next := uint64(0) // first disk not yet written
+	for i := 0; i < len(used); {
+		j := i + 1
+		for j < len(used) && used[j] == used[i] {
+			j++
+		}
+		d := uint64(used[i])
+		writeDots(w, d-next)
+		switch cnt := j - i; {
+		case cnt == 2 && redundant:
+			w.WriteByte('R')
+		case cnt == 1:
+			w.WriteByte('A')
+		default:
+			w.WriteByte('?')
+			inconsistent = true
+		}
+		next, i = d+1, j
+	}
+	writeDots(w, n-next)
+	return inconsistent
+}
+
+const dots = "................................................................"
+
+func writeDots(w *bytes.Buffer, n uint64) {
+	for ; n > uint64(len(dots)); n -= uint64(len(dots)) {
+		w.WriteString(dots)
+	}
+	w.WriteString(dots[:n])
 }
