@@ -1,0 +1,1040 @@
+package membership
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"slices"
+
+	"github.com/mdcluster/mdcluster/ddraid"
+)
+
+// Config configures one node's Agreement. Tick-based durations are counted
+// in calls to Tick; the driver picks the tick length (the daemon uses a few
+// tens of milliseconds).
+type Config struct {
+	// Self is this node. It must not be ddraid.NoNode.
+	Self NodeID
+	// Quorum is the cluster's ddraid quorum configuration. Only its data
+	// nodes count towards quorum; other nodes may be members too.
+	Quorum ddraid.Config
+	// State is the hard state persisted by the previous run of this node
+	// (zero for a node that never ran). A node that restarts while it was a
+	// member announces that it lost its lock state and is readmitted clean.
+	State HardState
+	// PrepareTimeout is how many ticks a coordinator waits for all answers
+	// to one phase before it drops the silent nodes and retries under a
+	// higher ballot. Default 10.
+	PrepareTimeout int
+	// RetransmitTicks is how often unanswered PREPARE, ACCEPT and COMMIT
+	// messages are sent again (the transport may drop them). Default 2.
+	RetransmitTicks int
+	// FenceRetryTicks is the wait before a failed fence is asked for again.
+	// Default 5.
+	FenceRetryTicks int
+	// SilentTicks is how long a node that stayed silent through a phase is
+	// left out of new proposals although the failure detector still lists
+	// it; any message from it readmits it earlier. Default 5*PrepareTimeout.
+	SilentTicks int
+	// HelloTicks is how often a leaving node repeats its LEAVE and a
+	// restarted node its HELLO. Default 5.
+	HelloTicks int
+}
+
+func (c *Config) setDefaults() {
+	if c.PrepareTimeout <= 0 {
+		c.PrepareTimeout = 10
+	}
+	if c.RetransmitTicks <= 0 {
+		c.RetransmitTicks = 2
+	}
+	if c.FenceRetryTicks <= 0 {
+		c.FenceRetryTicks = 5
+	}
+	if c.SilentTicks <= 0 {
+		c.SilentTicks = 5 * c.PrepareTimeout
+	}
+	if c.HelloTicks <= 0 {
+		c.HelloTicks = 5
+	}
+}
+
+type phase int
+
+const (
+	idle phase = iota
+	preparing
+	accepting
+	fencing
+)
+
+func (p phase) String() string {
+	return [...]string{"idle", "preparing", "accepting", "fencing"}[p]
+}
+
+type report struct {
+	installed Proposal
+	accepted  *Accepted
+	restarted bool
+	leaving   bool
+}
+
+type fenceState struct {
+	done, outstanding bool
+	retryAt           int64
+	attempts          int
+}
+
+// commitState tracks the last view this node committed as coordinator:
+// who has installed it and who finished recovery for it.
+type commitState struct {
+	acceptors   []NodeID
+	ballot      uint64
+	value, base Proposal
+	acked       map[NodeID]bool
+	done        map[NodeID]bool
+	lastSend    int64
+	allDone     bool
+}
+
+// Agreement is one node's view-agreement state machine. See the package
+// documentation and docs/membership.md for the protocol. It is not safe for
+// concurrent use: the driver serialises all calls.
+type Agreement struct {
+	cfg   Config
+	hs    HardState
+	dirty bool
+	tick  int64
+	stats Stats
+
+	alive     []NodeID // failure detector's belief, sorted, includes self
+	restarted bool     // this run started from a state in which self was a member
+	leaving   bool
+	left      bool
+	excluded  bool // a newer view without this node exists
+	// selfFenced is the generation of a view this coordinator completed
+	// although it named this node as failed (see onAccepted).
+	selfFenced uint64
+	stopped    uint64 // ballot of the last Stop emitted
+	quorate    bool
+	committer  NodeID // who committed our installed view (DONE goes there)
+
+	// Coordinator state.
+	phase          phase
+	ballot         uint64
+	maxSeen        uint64
+	targets        []NodeID
+	answers        map[NodeID]report
+	acks           map[NodeID]bool
+	value, base    Proposal
+	adopted        bool
+	phaseStart     int64
+	lastSend       int64
+	retryAt        int64
+	deferUntil     int64
+	fences         map[NodeID]*fenceState
+	commit         *commitState
+	silent         map[NodeID]int64 // node → tick until which it is left out
+	leavers        map[NodeID]bool
+	restartedPeer  map[NodeID]bool
+	lastNotQuorate string
+
+	ready Ready
+	inbox [][]byte
+}
+
+// New validates cfg and returns the node's machine. The failure detector's
+// belief starts as just Self; call SetAlive once it knows more.
+func New(cfg Config) (*Agreement, error) {
+	if cfg.Self == ddraid.NoNode {
+		return nil, errors.New("membership: Config.Self is not set")
+	}
+	if err := cfg.Quorum.Validate(); err != nil {
+		return nil, fmt.Errorf("membership: node %s: quorum configuration: %w", cfg.Self, err)
+	}
+	if err := checkProposal(cfg.State.Installed, true); err != nil {
+		return nil, fmt.Errorf("membership: node %s: persisted view: %w", cfg.Self, err)
+	}
+	if a := cfg.State.Accepted; a != nil {
+		if err := checkAccepted(*a); err != nil {
+			return nil, fmt.Errorf("membership: node %s: persisted accepted proposal: %w", cfg.Self, err)
+		}
+	}
+	cfg.setDefaults()
+	a := &Agreement{
+		cfg:           cfg,
+		hs:            cloneHardState(cfg.State),
+		alive:         []NodeID{cfg.Self},
+		answers:       map[NodeID]report{},
+		acks:          map[NodeID]bool{},
+		silent:        map[NodeID]int64{},
+		leavers:       map[NodeID]bool{},
+		restartedPeer: map[NodeID]bool{},
+	}
+	a.maxSeen = max(a.hs.Promised, a.hs.Installed.Gen)
+	if a.hs.Installed.Gen > 0 && contains(a.hs.Installed.Members, cfg.Self) {
+		a.restarted = true
+		a.log(slog.LevelWarn, "restarted as a member of a persisted view; lock state is lost, asking to be readmitted clean",
+			slog.Uint64("gen", a.hs.Installed.Gen))
+	}
+	return a, nil
+}
+
+// View returns the last installed view (generation 0 if none).
+func (a *Agreement) View() View {
+	v := a.hs.Installed.View()
+	v.Members = slices.Clone(v.Members)
+	return v
+}
+
+// HardState returns a copy of the state the driver must persist.
+func (a *Agreement) HardState() HardState { return cloneHardState(a.hs) }
+
+// Stats returns the drop counters.
+func (a *Agreement) Stats() Stats { return a.stats }
+
+// Coordinating reports whether this node currently considers itself the
+// coordinator (lowest live node of a quorate alive set).
+func (a *Agreement) Coordinating() bool { return a.isCoordinator() }
+
+// Quorate reports the local quorum status last announced in Ready.Quorate.
+func (a *Agreement) Quorate() bool { return a.quorate }
+
+// Ready returns what the driver must do now and clears it.
+func (a *Agreement) Ready() Ready {
+	r := a.ready
+	if a.dirty {
+		st := cloneHardState(a.hs)
+		r.State = &st
+		a.dirty = false
+	}
+	a.ready = Ready{}
+	return r
+}
+
+// SetAlive replaces the failure detector's belief of which nodes are alive.
+// Self is always counted as alive (until it has left). Losing quorum takes
+// effect at once: Ready.Quorate becomes false in the same call.
+func (a *Agreement) SetAlive(alive []NodeID) {
+	al := normalize(alive)
+	if !a.left && !contains(al, a.cfg.Self) {
+		al = normalize(append(al, a.cfg.Self))
+	}
+	if !slices.Equal(al, a.alive) {
+		a.log(slog.LevelDebug, "failure detector changed", slog.Any("alive", al))
+	}
+	a.alive = al
+	for _, m := range []map[NodeID]bool{a.leavers, a.restartedPeer} {
+		for id := range m {
+			if !contains(al, id) {
+				delete(m, id)
+			}
+		}
+	}
+	for id := range a.silent {
+		if !contains(al, id) {
+			delete(a.silent, id)
+		}
+	}
+	a.updateQuorum()
+	a.checkRole()
+	a.run()
+}
+
+// Tick advances the machine's clock by one tick: timeouts, retransmissions,
+// fence retries, and starting a change when one is due.
+func (a *Agreement) Tick() {
+	a.tick++
+	if a.left {
+		return
+	}
+	h := int64(a.cfg.HelloTicks)
+	if a.leaving && a.tick%h == 0 {
+		a.broadcastLeave()
+	}
+	if a.restarted && a.tick%h == 0 {
+		// Tell everyone: any of them may be (or become) the coordinator,
+		// and each must forget that an earlier run of this node was leaving.
+		for _, id := range a.alive {
+			if id != a.cfg.Self {
+				a.send(id, message{Type: mHello, Restarted: true})
+			}
+		}
+	}
+	a.checkRole()
+	switch a.phase {
+	case preparing, accepting:
+		a.phaseTick()
+	case fencing:
+		a.requestFences()
+	}
+	a.commitTick()
+	for _, id := range sortedKeys(a.silent) {
+		if a.tick >= a.silent[id] {
+			delete(a.silent, id)
+			a.log(slog.LevelInfo, "readmitting a node left out for silence", slog.Any("node", id))
+		}
+	}
+	a.run()
+}
+
+// Step processes one message from a peer. A payload that does not decode
+// is refused with an error and changes nothing.
+func (a *Agreement) Step(from NodeID, payload []byte) error {
+	if from == ddraid.NoNode {
+		a.stats.Malformed++
+		return fmt.Errorf("membership: node %s: message from node 0: %w", a.cfg.Self, ErrMalformed)
+	}
+	m, err := decodeMessage(payload)
+	if err != nil {
+		a.stats.Malformed++
+		return fmt.Errorf("membership: node %s: from %s: %w", a.cfg.Self, from, err)
+	}
+	a.handle(from, m)
+	a.run()
+	return nil
+}
+
+// FenceResult reports the outcome of a Ready.Fence request. A failure is
+// asked for again after FenceRetryTicks; nothing is installed until every
+// failed node of the change has been fenced.
+func (a *Agreement) FenceResult(node NodeID, ok bool) {
+	f := a.fences[node]
+	if a.phase != fencing || f == nil || !f.outstanding {
+		a.log(slog.LevelWarn, "fence result for a fence not pending, ignored", slog.Any("node", node), slog.Bool("ok", ok))
+		a.run()
+		return
+	}
+	f.outstanding = false
+	if ok {
+		f.done = true
+		a.log(slog.LevelInfo, "node fenced", slog.Any("node", node), slog.Uint64("gen", a.value.Gen), slog.Int("attempt", f.attempts))
+		if a.allFenced() {
+			a.commitValue()
+		}
+	} else {
+		f.retryAt = a.tick + int64(a.cfg.FenceRetryTicks)
+		a.log(slog.LevelWarn, "fencing failed; will retry, and nothing is installed until it succeeds",
+			slog.Any("node", node), slog.Uint64("gen", a.value.Gen), slog.Int("attempt", f.attempts),
+			slog.Int("retry_in_ticks", a.cfg.FenceRetryTicks))
+	}
+	a.run()
+}
+
+// RecoveryDone reports that DLM recovery for view gen finished on this
+// node. The coordinator that committed the view collects these to log when
+// the whole cluster has resumed.
+func (a *Agreement) RecoveryDone(gen uint64) {
+	if gen != a.hs.Installed.Gen || a.committer == ddraid.NoNode {
+		a.log(slog.LevelDebug, "recovery done for a view that is not current, ignored", slog.Uint64("gen", gen))
+	} else {
+		a.send(a.committer, message{Type: mDone, ViewGen: gen})
+	}
+	a.run()
+}
+
+// Leave starts a graceful leave. The driver calls it after it has stopped
+// I/O and released this node's locks: the node is then removed from the
+// view without being fenced. It keeps answering the protocol until a
+// committed view without it arrives (Ready.Exited); only then may it stop.
+func (a *Agreement) Leave() {
+	if a.leaving || a.left {
+		a.run()
+		return
+	}
+	if !contains(a.hs.Installed.Members, a.cfg.Self) {
+		a.left = true
+		a.ready.Exited = true
+		a.log(slog.LevelInfo, "left (was not a member of any view)")
+		a.updateQuorum()
+		a.run()
+		return
+	}
+	a.leaving = true
+	a.abort("leaving the cluster")
+	a.log(slog.LevelInfo, "leaving gracefully", slog.Uint64("gen", a.hs.Installed.Gen))
+	a.updateQuorum()
+	a.broadcastLeave()
+	a.run()
+}
+
+// run delivers self-addressed messages and starts a change when one is due,
+// until nothing more happens.
+func (a *Agreement) run() {
+	for range 64 {
+		a.drain()
+		before := a.phase
+		a.maybeStart()
+		if a.phase == before && len(a.inbox) == 0 {
+			return
+		}
+	}
+}
+
+func (a *Agreement) drain() {
+	for len(a.inbox) > 0 {
+		p := a.inbox[0]
+		a.inbox = a.inbox[1:]
+		m, err := decodeMessage(p)
+		if err != nil {
+			panic(fmt.Sprintf("membership: own message does not decode: %v", err)) // a bug in encodeMessage
+		}
+		a.handle(a.cfg.Self, m)
+	}
+}
+
+func (a *Agreement) send(to NodeID, m message) {
+	m.Gen = a.hs.Installed.Gen
+	p := encodeMessage(m)
+	if to == a.cfg.Self {
+		a.inbox = append(a.inbox, p)
+		return
+	}
+	a.ready.Messages = append(a.ready.Messages, Outgoing{To: to, Payload: p})
+}
+
+func (a *Agreement) log(level slog.Level, msg string, attrs ...slog.Attr) {
+	a.ready.Log = append(a.ready.Log, Event{Level: level, Msg: msg, Attrs: attrs})
+}
+
+func (a *Agreement) stale(from NodeID, m message, why string) {
+	a.stats.Stale++
+	a.log(slog.LevelDebug, "dropped stale message", slog.String("type", m.Type.String()), slog.Any("from", from),
+		slog.Uint64("sender_gen", m.Gen), slog.Uint64("ballot", m.Ballot), slog.String("why", why))
+}
+
+func (a *Agreement) handle(from NodeID, m message) {
+	if _, ok := a.silent[from]; ok && from != a.cfg.Self {
+		delete(a.silent, from)
+		a.log(slog.LevelInfo, "heard from a node left out for silence; readmitting it", slog.Any("node", from))
+	}
+	switch m.Type {
+	case mPrepare:
+		a.onPrepare(from, m)
+	case mPrepared:
+		a.onPrepared(from, m)
+	case mAccept:
+		a.onAccept(from, m)
+	case mAccepted:
+		a.onAccepted(from, m)
+	case mNack:
+		a.onNack(from, m)
+	case mCommit:
+		a.onCommit(from, m)
+	case mCommitted, mDone:
+		a.onAck(from, m)
+	case mLeave:
+		a.onLeave(from, m)
+	case mHello:
+		a.onHello(from, m)
+	}
+}
+
+// ---- acceptor side ----
+
+// promiseOK decides whether this node may answer ballot b from a
+// coordinator: never below its promise, and a ballot equal to its promise
+// only for the coordinator it promised it to.
+func (a *Agreement) promiseOK(from NodeID, b uint64) bool {
+	return b > a.hs.Promised || (b == a.hs.Promised && a.hs.PromisedTo == from)
+}
+
+func (a *Agreement) promise(from NodeID, b uint64) {
+	if b > a.hs.Promised {
+		a.hs.Promised, a.hs.PromisedTo = b, from
+		a.dirty = true
+	}
+	a.maxSeen = max(a.maxSeen, b)
+}
+
+func (a *Agreement) onPrepare(from NodeID, m message) {
+	if a.left {
+		a.stale(from, m, "this node has left")
+		return
+	}
+	if from < a.cfg.Self {
+		// A lower node coordinates: let it, instead of duelling with it
+		// (even if this ballot is refused, it will retry higher).
+		a.deferUntil = a.tick + 2*int64(a.cfg.PrepareTimeout)
+		if a.phase != idle {
+			a.abort(fmt.Sprintf("node %s, lower than this one, is coordinating", from))
+		}
+	}
+	if !a.promiseOK(from, m.Ballot) {
+		a.stale(from, m, "ballot below this node's promise")
+		a.send(from, message{Type: mNack, Ballot: m.Ballot, Promised: a.hs.Promised})
+		return
+	}
+	a.promise(from, m.Ballot)
+	if contains(m.Intended, a.cfg.Self) || contains(a.hs.Installed.Members, a.cfg.Self) {
+		a.stopFor(m.Ballot, m.Intended)
+	}
+	a.send(from, message{Type: mPrepared, Ballot: m.Ballot, Installed: a.hs.Installed,
+		Accepted: a.hs.Accepted, Restarted: a.restarted, Leaving: a.leaving})
+}
+
+func (a *Agreement) stopFor(ballot uint64, members []NodeID) {
+	if ballot <= a.stopped {
+		return
+	}
+	a.stopped = ballot
+	a.ready.Stop = &View{Gen: ballot, Members: slices.Clone(members)}
+	a.log(slog.LevelInfo, "view change began; stopping lock traffic", slog.Uint64("ballot", ballot), slog.Any("intended", members))
+}
+
+func (a *Agreement) onAccept(from NodeID, m message) {
+	if a.left {
+		a.stale(from, m, "this node has left")
+		return
+	}
+	if !a.promiseOK(from, m.Ballot) {
+		a.stale(from, m, "ballot below this node's promise")
+		a.send(from, message{Type: mNack, Ballot: m.Ballot, Promised: a.hs.Promised})
+		return
+	}
+	if !a.aliveQuorate() {
+		a.log(slog.LevelWarn, "not accepting a proposal while this node's alive set is not quorate",
+			slog.Uint64("ballot", m.Ballot), slog.String("quorum", a.cfg.Quorum.Describe(a.alive)))
+		return
+	}
+	a.promise(from, m.Ballot)
+	if contains(m.Base.Members, a.cfg.Self) && m.Base.Gen > a.hs.Installed.Gen {
+		// We missed the commit of the view this proposal builds on: it is
+		// chosen (it was installed somewhere), so install it first and
+		// do not skip it.
+		a.install(m.Base, 0, from)
+	}
+	if acc := a.hs.Accepted; acc == nil || acc.Ballot != m.Ballot || !acc.Value.equal(m.Value) {
+		a.hs.Accepted = &Accepted{Ballot: m.Ballot, Value: m.Value, Base: m.Base}
+		a.dirty = true
+	}
+	if contains(m.Value.Members, a.cfg.Self) {
+		a.stopFor(m.Ballot, m.Value.Members)
+	}
+	a.send(from, message{Type: mAccepted, Ballot: m.Ballot})
+}
+
+func (a *Agreement) onCommit(from NodeID, m message) {
+	v := m.Value
+	switch {
+	case v.Gen < a.hs.Installed.Gen:
+		a.stale(from, m, "view older than the installed one")
+		return
+	case v.Gen == a.hs.Installed.Gen:
+		a.send(from, message{Type: mCommitted, ViewGen: v.Gen}) // duplicate: acknowledge again
+		return
+	case a.left:
+		return
+	}
+	if !contains(v.Members, a.cfg.Self) {
+		if a.leaving {
+			// Out of the newest view: as a graceful leaver (Left) or, if it
+			// was cut off before, as a failed node already fenced. Either
+			// way it holds nothing any more.
+			a.exit(v.Gen)
+			a.send(from, message{Type: mCommitted, ViewGen: v.Gen})
+			return
+		}
+		if !a.excluded {
+			a.excluded = true
+			a.log(slog.LevelWarn, "a newer view leaves this node out; stopping until readmitted",
+				slog.Uint64("gen", v.Gen), slog.Any("members", v.Members))
+			a.updateQuorum()
+		}
+		return
+	}
+	if !a.aliveQuorate() {
+		a.log(slog.LevelWarn, "not installing a view while this node's alive set is not quorate",
+			slog.Uint64("gen", v.Gen), slog.String("quorum", a.cfg.Quorum.Describe(a.alive)))
+		return
+	}
+	if contains(m.Base.Members, a.cfg.Self) && m.Base.Gen > a.hs.Installed.Gen {
+		a.install(m.Base, 0, from)
+	}
+	a.install(v, m.Ballot, from)
+	a.send(from, message{Type: mCommitted, ViewGen: v.Gen})
+}
+
+// install makes p this node's view. p is chosen (a quorate set of data
+// nodes accepted it), so installing it is always consistent with every other
+// node; what remains local is whether this node continues from p.Prev or
+// must reset.
+func (a *Agreement) install(p Proposal, ballot uint64, from NodeID) {
+	prev := a.hs.Installed
+	reset := a.restarted || (prev.Gen != 0 && prev.Gen != p.Prev.Gen)
+	a.hs.Installed = p
+	if b := max(ballot, p.Gen); b > a.hs.Promised {
+		a.hs.Promised, a.hs.PromisedTo = b, from
+	}
+	a.maxSeen = max(a.maxSeen, a.hs.Promised)
+	a.dirty = true
+	a.committer = from
+	if a.restarted && (contains(p.Rejoined, a.cfg.Self) || !contains(p.Prev.Members, a.cfg.Self)) {
+		a.restarted = false
+	}
+	a.excluded = false
+	for _, id := range p.Left {
+		delete(a.leavers, id)
+	}
+	for _, id := range p.Rejoined {
+		delete(a.restartedPeer, id)
+	}
+	for _, id := range p.Joined() {
+		delete(a.restartedPeer, id)
+	}
+	in := Install{View: p.View(), Prev: p.Prev, Departed: p.Departed(), Left: p.Left,
+		Joined: p.Joined(), Rejoined: p.Rejoined, Reset: reset}
+	a.ready.Install = append(a.ready.Install, cloneInstall(in))
+	a.log(slog.LevelInfo, "installed view", slog.Uint64("gen", p.Gen), slog.Any("members", p.Members),
+		slog.Uint64("prev_gen", p.Prev.Gen), slog.Any("departed", in.Departed), slog.Any("left", p.Left),
+		slog.Any("joined", in.Joined), slog.Any("rejoined", p.Rejoined), slog.Bool("reset", reset),
+		slog.String("quorum", a.cfg.Quorum.Describe(p.Members)))
+	a.updateQuorum()
+}
+
+func (a *Agreement) onLeave(from NodeID, m message) {
+	if m.Gen < a.hs.Installed.Gen {
+		a.stale(from, m, "leaver is behind this node's view")
+		return
+	}
+	if !contains(a.hs.Installed.Members, from) || a.leavers[from] {
+		return
+	}
+	a.leavers[from] = true
+	a.log(slog.LevelInfo, "node announced a graceful leave", slog.Any("node", from), slog.Uint64("gen", m.Gen))
+}
+
+func (a *Agreement) onHello(from NodeID, m message) {
+	// HELLO carries no state that is applied; it only asks the coordinator
+	// to (re)admit the sender, so it is accepted from any generation.
+	delete(a.leavers, from)
+	if m.Restarted && contains(a.hs.Installed.Members, from) && !a.restartedPeer[from] {
+		a.restartedPeer[from] = true
+		a.log(slog.LevelInfo, "member restarted and lost its lock state; it will be readmitted clean",
+			slog.Any("node", from), slog.Uint64("sender_gen", m.Gen))
+	}
+}
+
+func (a *Agreement) broadcastLeave() {
+	for _, id := range normalize(append(slices.Clone(a.alive), a.hs.Installed.Members...)) {
+		if id != a.cfg.Self {
+			a.send(id, message{Type: mLeave})
+		}
+	}
+}
+
+// ---- coordinator side ----
+
+func (a *Agreement) aliveQuorate() bool { return a.cfg.Quorum.Quorate(a.alive) }
+
+// candidates are the nodes that may coordinate: alive and not known to be
+// leaving. A leaving node still counts itself, so that as the lowest node it
+// coordinates its own removal rather than leave the others waiting for it.
+func (a *Agreement) candidates() []NodeID {
+	var out []NodeID
+	for _, id := range a.alive {
+		if a.leavers[id] || (id == a.cfg.Self && a.left) {
+			continue
+		}
+		out = append(out, id)
+	}
+	return out
+}
+
+func (a *Agreement) exit(gen uint64) {
+	if a.left {
+		return
+	}
+	a.left = true
+	a.leaving = false
+	a.ready.Exited = true
+	a.abort("left the cluster")
+	a.log(slog.LevelInfo, "graceful leave complete", slog.Uint64("gen", gen))
+	a.updateQuorum()
+}
+
+func (a *Agreement) believedCoordinator() NodeID {
+	if c := a.candidates(); len(c) > 0 {
+		return c[0]
+	}
+	return ddraid.NoNode
+}
+
+func (a *Agreement) isCoordinator() bool {
+	return !a.left && a.aliveQuorate() && a.believedCoordinator() == a.cfg.Self
+}
+
+func (a *Agreement) checkRole() {
+	if a.phase != idle && !a.isCoordinator() {
+		a.abort("no longer the coordinator: " + a.cfg.Quorum.Describe(a.alive))
+	}
+}
+
+// target is who the coordinator proposes: the candidates that answered
+// lately, without itself if it is leaving.
+func (a *Agreement) target() []NodeID {
+	var out []NodeID
+	for _, id := range a.candidates() {
+		if _, s := a.silent[id]; !s && !(id == a.cfg.Self && a.leaving) {
+			out = append(out, id)
+		}
+	}
+	return out
+}
+
+func (a *Agreement) needChange(target []NodeID) (bool, string) {
+	in := a.hs.Installed
+	switch {
+	case in.Gen == 0:
+		return true, "no view installed yet"
+	case !slices.Equal(target, in.Members):
+		return true, "alive nodes differ from the view"
+	case a.restarted:
+		return true, "this node restarted"
+	case a.leaving:
+		return true, "this node is leaving"
+	case a.hs.Accepted != nil && a.hs.Accepted.Value.Gen > in.Gen:
+		return true, "an accepted proposal is not installed"
+	}
+	for _, id := range sortedKeys(a.restartedPeer) {
+		if contains(in.Members, id) {
+			return true, fmt.Sprintf("member %s restarted", id)
+		}
+	}
+	return false, ""
+}
+
+func (a *Agreement) maybeStart() {
+	if a.phase != idle || !a.isCoordinator() || a.tick < a.deferUntil || a.tick < a.retryAt {
+		return
+	}
+	target := a.target()
+	need, why := a.needChange(target)
+	if !need {
+		return
+	}
+	if !a.cfg.Quorum.Quorate(target) {
+		if d := a.cfg.Quorum.Describe(target); d != a.lastNotQuorate {
+			a.lastNotQuorate = d
+			a.log(slog.LevelWarn, "cannot propose a view: responsive nodes are not quorate",
+				slog.Any("target", target), slog.String("quorum", d))
+		}
+		return
+	}
+	a.lastNotQuorate = ""
+	a.ballot = max(a.maxSeen, a.hs.Promised, a.hs.Installed.Gen) + 1
+	if acc := a.hs.Accepted; acc != nil {
+		a.ballot = max(a.ballot, acc.Ballot+1)
+	}
+	a.maxSeen = a.ballot
+	a.phase = preparing
+	a.targets = target
+	a.answers = map[NodeID]report{}
+	a.acks = map[NodeID]bool{}
+	a.phaseStart, a.lastSend = a.tick, a.tick
+	a.log(slog.LevelInfo, "proposing a view change", slog.Uint64("ballot", a.ballot), slog.String("why", why),
+		slog.Uint64("gen", a.hs.Installed.Gen), slog.Any("members", a.hs.Installed.Members), slog.Any("target", target))
+	for _, id := range target {
+		a.send(id, message{Type: mPrepare, Ballot: a.ballot, Intended: target})
+	}
+}
+
+func (a *Agreement) abort(why string) {
+	if a.phase == idle {
+		return
+	}
+	a.log(slog.LevelInfo, "abandoning view change", slog.Uint64("ballot", a.ballot),
+		slog.String("phase", a.phase.String()), slog.String("why", why))
+	a.phase = idle
+	a.fences = nil
+	a.retryAt = a.tick + 1
+}
+
+func (a *Agreement) onPrepared(from NodeID, m message) {
+	if a.phase != preparing || m.Ballot != a.ballot {
+		a.stale(from, m, "answer to a ballot not in its prepare phase")
+		return
+	}
+	if !contains(a.targets, from) {
+		return
+	}
+	a.answers[from] = report{installed: m.Installed, accepted: m.Accepted, restarted: m.Restarted}
+	if len(a.answers) == len(a.targets) {
+		a.decide()
+	}
+}
+
+// decide picks the value once every target promised: the accepted proposal
+// with the highest ballot if it is newer than every installed view (it may
+// have been chosen, so it must be completed, Paxos-style), otherwise a fresh
+// view of the targets that succeeds the newest installed view.
+func (a *Agreement) decide() {
+	var newest Proposal
+	var highest *Accepted
+	for _, id := range a.targets {
+		r := a.answers[id]
+		if r.installed.Gen > newest.Gen {
+			newest = r.installed
+		}
+		if r.accepted != nil && (highest == nil || r.accepted.Ballot > highest.Ballot) {
+			highest = r.accepted
+		}
+		if r.restarted && !a.restartedPeer[id] {
+			a.restartedPeer[id] = true
+		}
+		if r.leaving && !a.leavers[id] {
+			a.leavers[id] = true
+			a.log(slog.LevelInfo, "node is leaving gracefully", slog.Any("node", id))
+		}
+	}
+	if a.leaving && !contains(newest.Members, a.cfg.Self) {
+		// Cut off before it left: the cluster moved on without it (and
+		// fenced it), so there is nothing left to hand over.
+		a.exit(newest.Gen)
+		return
+	}
+	if highest != nil && highest.Value.Gen > newest.Gen {
+		a.value, a.base, a.adopted = highest.Value, highest.Base, true
+		a.log(slog.LevelInfo, "adopting a proposal a previous coordinator left unfinished",
+			slog.Uint64("ballot", a.ballot), slog.Uint64("gen", a.value.Gen), slog.Any("members", a.value.Members),
+			slog.Uint64("accepted_ballot", highest.Ballot))
+	} else {
+		if a.ballot <= newest.Gen {
+			a.maxSeen = max(a.maxSeen, newest.Gen)
+			a.abort("ballot not above the newest installed view")
+			return
+		}
+		var members, left, rejoined []NodeID
+		for _, id := range a.targets {
+			if !a.leavers[id] {
+				members = append(members, id)
+			}
+		}
+		for _, id := range minus(newest.Members, members) {
+			if a.leavers[id] || (id == a.cfg.Self && a.leaving) {
+				left = append(left, id)
+			}
+		}
+		for _, id := range intersect(newest.Members, members) {
+			if a.restartedPeer[id] {
+				rejoined = append(rejoined, id)
+			}
+		}
+		if !a.cfg.Quorum.Quorate(members) {
+			a.abort("the view without the leaving nodes would not be quorate: " + a.cfg.Quorum.Describe(members))
+			a.retryAt = a.tick + int64(a.cfg.PrepareTimeout)
+			return
+		}
+		a.value = Proposal{Gen: a.ballot, Members: members, Prev: newest.View(), Left: left, Rejoined: rejoined}
+		a.base, a.adopted = newest, false
+	}
+	a.phase = accepting
+	a.acks = map[NodeID]bool{}
+	a.phaseStart, a.lastSend = a.tick, a.tick
+	for _, id := range a.targets {
+		a.send(id, message{Type: mAccept, Ballot: a.ballot, Value: a.value, Base: a.base})
+	}
+}
+
+func (a *Agreement) onAccepted(from NodeID, m message) {
+	if a.phase != accepting || m.Ballot != a.ballot {
+		a.stale(from, m, "answer to a ballot not in its accept phase")
+		return
+	}
+	if !contains(a.targets, from) {
+		return
+	}
+	a.acks[from] = true
+	if len(a.acks) < len(a.targets) {
+		return
+	}
+	// Every target (a quorate set) accepted: the value is chosen.
+	failed := a.value.Departed()
+	if contains(failed, a.cfg.Self) {
+		// An adopted value can name this coordinator as failed (it was cut
+		// off when the value was proposed). It does not fence itself: it
+		// stops its own I/O now (Quorate=false, acted on before the commit
+		// is sent) and rejoins with a reset later.
+		failed = minus(failed, []NodeID{a.cfg.Self})
+		a.selfFenced = a.value.Gen
+		if !a.excluded {
+			a.excluded = true
+			a.log(slog.LevelWarn, "this node is a failed member of the view being completed; stopping its own I/O instead of fencing itself",
+				slog.Uint64("gen", a.value.Gen))
+			a.updateQuorum()
+		}
+	}
+	a.log(slog.LevelInfo, "view chosen", slog.Uint64("gen", a.value.Gen), slog.Any("members", a.value.Members),
+		slog.Uint64("ballot", a.ballot), slog.Any("to_fence", failed), slog.Bool("adopted", a.adopted))
+	if len(failed) == 0 {
+		a.commitValue()
+		return
+	}
+	a.phase = fencing
+	a.fences = map[NodeID]*fenceState{}
+	for _, id := range failed {
+		a.fences[id] = &fenceState{}
+	}
+	a.requestFences()
+}
+
+func (a *Agreement) requestFences() {
+	if !a.aliveQuorate() {
+		return // only a quorate partition fences; checkRole aborts the change
+	}
+	for _, id := range sortedKeys(a.fences) {
+		f := a.fences[id]
+		if f.done || f.outstanding || a.tick < f.retryAt {
+			continue
+		}
+		f.outstanding = true
+		f.attempts++
+		a.ready.Fence = append(a.ready.Fence, FenceRequest{Node: id, Gen: a.value.Gen})
+		a.log(slog.LevelInfo, "fencing failed node before installing the view", slog.Any("node", id),
+			slog.Uint64("gen", a.value.Gen), slog.Int("attempt", f.attempts))
+	}
+}
+
+func (a *Agreement) allFenced() bool {
+	for _, f := range a.fences {
+		if !f.done {
+			return false
+		}
+	}
+	return true
+}
+
+func (a *Agreement) commitValue() {
+	a.commit = &commitState{acceptors: a.targets, ballot: a.ballot, value: a.value, base: a.base,
+		acked: map[NodeID]bool{}, done: map[NodeID]bool{}, lastSend: a.tick}
+	a.phase = idle
+	a.fences = nil
+	a.log(slog.LevelInfo, "committing view", slog.Uint64("gen", a.value.Gen), slog.Any("members", a.value.Members))
+	for _, id := range a.commitTargets() {
+		a.send(id, message{Type: mCommit, Ballot: a.ballot, Value: a.value, Base: a.base})
+	}
+}
+
+// commitTargets are the members, the leavers (so they know they are out)
+// and every acceptor (an acceptor left out of an adopted view learns it).
+func (a *Agreement) commitTargets() []NodeID {
+	v := a.commit.value
+	return normalize(append(append(append([]NodeID(nil), v.Members...), v.Left...), a.commit.acceptors...))
+}
+
+func (a *Agreement) commitTick() {
+	c := a.commit
+	if c == nil || a.tick-c.lastSend < int64(a.cfg.RetransmitTicks) {
+		return
+	}
+	c.lastSend = a.tick
+	for _, id := range a.commitTargets() {
+		if !c.acked[id] && contains(a.alive, id) {
+			a.send(id, message{Type: mCommit, Ballot: c.ballot, Value: c.value, Base: c.base})
+		}
+	}
+}
+
+func (a *Agreement) onAck(from NodeID, m message) {
+	c := a.commit
+	if c == nil || m.ViewGen != c.value.Gen {
+		a.stale(from, m, "acknowledges a view this node is not committing")
+		return
+	}
+	c.acked[from] = true
+	if m.Type != mDone {
+		return
+	}
+	c.done[from] = true
+	if !c.allDone && len(intersect(c.value.Members, sortedKeys(c.done))) == len(c.value.Members) {
+		c.allDone = true
+		a.log(slog.LevelInfo, "recovery finished on every member", slog.Uint64("gen", c.value.Gen))
+	}
+}
+
+func (a *Agreement) onNack(from NodeID, m message) {
+	a.maxSeen = max(a.maxSeen, m.Promised)
+	if (a.phase == preparing || a.phase == accepting) && m.Ballot == a.ballot {
+		a.abort(fmt.Sprintf("ballot refused by node %s, which promised ballot %d", from, m.Promised))
+		return
+	}
+	a.stale(from, m, "refusal of a ballot no longer pending")
+}
+
+func (a *Agreement) phaseTick() {
+	var missing []NodeID
+	for _, id := range a.targets {
+		_, answered := a.answers[id]
+		if a.phase == accepting {
+			answered = a.acks[id]
+		}
+		if !answered {
+			missing = append(missing, id)
+		}
+	}
+	if a.tick-a.phaseStart >= int64(a.cfg.PrepareTimeout) {
+		for _, id := range missing {
+			a.silent[id] = a.tick + int64(a.cfg.SilentTicks)
+		}
+		a.log(slog.LevelWarn, "nodes stayed silent; leaving them out and retrying under a higher ballot",
+			slog.Any("silent", missing), slog.Uint64("ballot", a.ballot), slog.String("phase", a.phase.String()))
+		a.abort("silent nodes")
+		a.retryAt = a.tick
+		return
+	}
+	if a.tick-a.lastSend < int64(a.cfg.RetransmitTicks) {
+		return
+	}
+	a.lastSend = a.tick
+	for _, id := range missing {
+		if a.phase == preparing {
+			a.send(id, message{Type: mPrepare, Ballot: a.ballot, Intended: a.targets})
+		} else {
+			a.send(id, message{Type: mAccept, Ballot: a.ballot, Value: a.value, Base: a.base})
+		}
+	}
+}
+
+func (a *Agreement) updateQuorum() {
+	in := a.hs.Installed
+	q := !a.left && !a.leaving && !a.excluded && in.Gen > 0 && contains(in.Members, a.cfg.Self) &&
+		a.cfg.Quorum.Quorate(intersect(in.Members, a.alive))
+	if q == a.quorate {
+		return
+	}
+	a.quorate = q
+	a.ready.Quorate = &q
+	level := slog.LevelInfo
+	if !q {
+		level = slog.LevelWarn
+	}
+	a.log(level, "quorum status changed", slog.Bool("quorate", q), slog.Uint64("gen", in.Gen),
+		slog.String("quorum", a.cfg.Quorum.Describe(intersect(in.Members, a.alive))),
+		slog.Bool("leaving", a.leaving || a.left), slog.Bool("excluded", a.excluded))
+}
+
+func sortedKeys[V any](m map[NodeID]V) []NodeID {
+	return slices.Sorted(maps.Keys(m))
+}
+
+func cloneProposal(p Proposal) Proposal {
+	return Proposal{Gen: p.Gen, Members: slices.Clone(p.Members),
+		Prev: View{Gen: p.Prev.Gen, Members: slices.Clone(p.Prev.Members)},
+		Left: slices.Clone(p.Left), Rejoined: slices.Clone(p.Rejoined)}
+}
+
+func cloneHardState(h HardState) HardState {
+	out := HardState{Promised: h.Promised, PromisedTo: h.PromisedTo, Installed: cloneProposal(h.Installed)}
+	if h.Accepted != nil {
+		out.Accepted = &Accepted{Ballot: h.Accepted.Ballot, Value: cloneProposal(h.Accepted.Value), Base: cloneProposal(h.Accepted.Base)}
+	}
+	return out
+}
+
+func cloneInstall(in Install) Install {
+	return Install{View: View{Gen: in.View.Gen, Members: slices.Clone(in.View.Members)},
+		Prev:     View{Gen: in.Prev.Gen, Members: slices.Clone(in.Prev.Members)},
+		Departed: slices.Clone(in.Departed), Left: slices.Clone(in.Left), Joined: slices.Clone(in.Joined),
+		Rejoined: slices.Clone(in.Rejoined), Reset: in.Reset}
+}

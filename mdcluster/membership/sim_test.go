@@ -1,0 +1,477 @@
+package membership
+
+import (
+	"cmp"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"os"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/mdcluster/mdcluster/ddraid"
+)
+
+// This file is an in-memory cluster for the tests: a seeded network with
+// per-pair delay, drops, duplicates and reordering, partitions, a failure
+// detector that reflects reachability after a lag, crashes and restarts
+// (a restart is a new Agreement built from the persisted hard state), a
+// fencer that powers its victim off, and a checker that verifies the
+// protocol's invariants after every Ready.
+
+var traceLines = 80
+
+// traceLog adds the machines' decision logs to the failure trace.
+var traceLog = os.Getenv("MEMBERSHIP_TRACE") != ""
+
+type simNode struct {
+	id        NodeID
+	a         *Agreement
+	up        bool
+	inc       int // incarnation, bumped at every restart
+	persisted HardState
+	lastGen   uint64 // last installed generation, across restarts (persisted)
+	alive     []NodeID
+	quorate   bool
+	exited    bool
+	stopped   uint64
+	installs  []Install
+}
+
+type simEvent struct {
+	at   int64
+	seq  int64
+	kind int // evMsg, evFD, evFence
+	from NodeID
+	to   NodeID
+	inc  int // recipient incarnation the event is for (evFence)
+	data []byte
+	gen  uint64
+	ok   bool
+}
+
+const (
+	evMsg = iota
+	evFD
+	evFence
+)
+
+type simNet struct {
+	MaxDelay  int     // messages take 1..MaxDelay ticks
+	Drop      float64 // probability a message is lost
+	Dup       float64 // probability a message is delivered twice
+	FDLag     int     // failure detector catches up 0..FDLag ticks after a change
+	FenceFail float64 // probability a fence attempt fails
+	FenceLag  int     // fences take 1..FenceLag ticks
+}
+
+type cluster struct {
+	t      testing.TB
+	rng    *rand.Rand
+	q      ddraid.Config
+	ids    []NodeID
+	nodes  map[NodeID]*simNode
+	now    int64
+	seq    int64
+	events []simEvent
+	group  map[NodeID]int // partition group; same group = connected
+	net    simNet
+	mkCfg  func(Config) Config
+
+	// checker state
+	views      map[uint64]Install // first install of each generation
+	fenced     map[[2]uint64]bool // (node, gen) fenced ok
+	fenceCalls int
+	installsN  int
+	failed     string
+	trace      []string
+	// manualFence, when set, leaves fence requests pending in fenceQueue
+	// instead of answering them.
+	manualFence bool
+	fenceQueue  []FenceRequest
+}
+
+func newCluster(t testing.TB, seed uint64, q ddraid.Config, extra []NodeID, net simNet) *cluster {
+	c := &cluster{
+		t: t, rng: rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15)), q: q,
+		nodes: map[NodeID]*simNode{}, group: map[NodeID]int{}, net: net,
+		views: map[uint64]Install{}, fenced: map[[2]uint64]bool{},
+	}
+	c.ids = normalize(append(slices.Clone(q.DataNodes), extra...))
+	for _, id := range c.ids {
+		c.nodes[id] = &simNode{id: id}
+	}
+	return c
+}
+
+func (c *cluster) config(id NodeID, st HardState) Config {
+	cfg := Config{Self: id, Quorum: c.q, State: st, PrepareTimeout: 12}
+	if c.mkCfg != nil {
+		cfg = c.mkCfg(cfg)
+	}
+	return cfg
+}
+
+// start brings a node up (first boot or restart from its persisted state).
+func (c *cluster) start(id NodeID) {
+	n := c.nodes[id]
+	a, err := New(c.config(id, n.persisted))
+	if err != nil {
+		c.t.Fatalf("New(%s): %v", id, err)
+	}
+	n.a, n.up, n.exited, n.quorate, n.stopped = a, true, false, false, 0
+	n.inc++
+	n.alive = []NodeID{id}
+	c.tracef("start %s (gen %d)", id, n.persisted.Installed.Gen)
+	c.process(n)
+	c.fdChanged()
+}
+
+func (c *cluster) crash(id NodeID) {
+	n := c.nodes[id]
+	if !n.up {
+		return
+	}
+	n.up = false
+	n.a = nil
+	c.tracef("crash %s", id)
+	c.fdChanged()
+}
+
+func (c *cluster) tracef(format string, args ...any) {
+	c.trace = append(c.trace, fmt.Sprintf("t=%d ", c.now)+fmt.Sprintf(format, args...))
+	if len(c.trace) > 4000 {
+		c.trace = c.trace[len(c.trace)-3000:]
+	}
+}
+
+func (c *cluster) push(e simEvent) {
+	c.seq++
+	e.seq = c.seq
+	c.events = append(c.events, e)
+}
+
+func (c *cluster) connected(a, b NodeID) bool { return c.group[a] == c.group[b] }
+
+// truth is what a perfect failure detector would tell node id.
+func (c *cluster) truth(id NodeID) []NodeID {
+	var out []NodeID
+	for _, o := range c.ids {
+		if c.nodes[o].up && c.connected(id, o) {
+			out = append(out, o)
+		}
+	}
+	return out
+}
+
+func (c *cluster) fdChanged() {
+	for _, id := range c.ids {
+		if c.nodes[id].up {
+			lag := 0
+			if c.net.FDLag > 0 {
+				lag = c.rng.IntN(c.net.FDLag + 1)
+			}
+			c.push(simEvent{at: c.now + int64(lag), kind: evFD, to: id})
+		}
+	}
+}
+
+func (c *cluster) partition(groups map[NodeID]int) {
+	c.group = groups
+	c.tracef("partition %v", groups)
+	c.fdChanged()
+}
+
+func (c *cluster) heal() { c.partition(map[NodeID]int{}) }
+
+// process drains a node's Ready and checks it.
+func (c *cluster) process(n *simNode) {
+	for range 100 {
+		if !n.up {
+			return
+		}
+		rd := n.a.Ready()
+		if rd.Empty() {
+			return
+		}
+		if g := n.a.selfFenced; g != 0 {
+			c.fenced[[2]uint64{uint64(n.id), g}] = true // it stopped itself (see onAccepted)
+		}
+		if traceLog {
+			for _, e := range rd.Log {
+				if e.Level >= slog.LevelInfo {
+					c.tracef("%s: %s %v", n.id, e.Msg, e.Attrs)
+				}
+			}
+		}
+		c.check(n, rd)
+		if rd.State != nil {
+			n.persisted = cloneHardState(*rd.State)
+		}
+		for _, m := range rd.Messages {
+			c.sendMsg(n.id, m)
+		}
+		if rd.Stop != nil {
+			n.stopped = rd.Stop.Gen
+		}
+		for _, in := range rd.Install {
+			n.installs = append(n.installs, in)
+			n.lastGen = in.View.Gen
+		}
+		if rd.Quorate != nil {
+			n.quorate = *rd.Quorate
+		}
+		for _, f := range rd.Fence {
+			c.fenceCalls++
+			if c.manualFence {
+				c.fenceQueue = append(c.fenceQueue, f)
+				continue
+			}
+			lag := 1
+			if c.net.FenceLag > 1 {
+				lag += c.rng.IntN(c.net.FenceLag)
+			}
+			ok := c.rng.Float64() >= c.net.FenceFail
+			c.push(simEvent{at: c.now + int64(lag), kind: evFence, from: f.Node, to: n.id, inc: n.inc, gen: f.Gen, ok: ok})
+		}
+		if rd.Exited {
+			n.exited = true
+			c.tracef("%s exited", n.id)
+			c.crash(n.id) // the daemon shuts down after a graceful leave
+			return
+		}
+	}
+	c.fail(fmt.Sprintf("node %s: Ready never empties", n.id))
+}
+
+func (c *cluster) sendMsg(from NodeID, m Outgoing) {
+	copies := 1
+	if c.rng.Float64() < c.net.Dup {
+		copies = 2
+	}
+	for range copies {
+		if c.rng.Float64() < c.net.Drop {
+			continue
+		}
+		d := 1
+		if c.net.MaxDelay > 1 {
+			d += c.rng.IntN(c.net.MaxDelay)
+		}
+		c.push(simEvent{at: c.now + int64(d), kind: evMsg, from: from, to: m.To, data: m.Payload})
+	}
+}
+
+// deliverDue runs every event due now, in time order (ties in send order).
+func (c *cluster) deliverDue() {
+	for {
+		i := -1
+		for j, e := range c.events {
+			if e.at <= c.now && (i < 0 || cmp.Or(cmp.Compare(e.at, c.events[i].at), cmp.Compare(e.seq, c.events[i].seq)) < 0) {
+				i = j
+			}
+		}
+		if i < 0 {
+			return
+		}
+		e := c.events[i]
+		c.events = slices.Delete(c.events, i, i+1)
+		c.deliver(e)
+		if c.failed != "" {
+			return
+		}
+	}
+}
+
+func (c *cluster) deliver(e simEvent) {
+	n := c.nodes[e.to]
+	if !n.up {
+		return
+	}
+	switch e.kind {
+	case evMsg:
+		// Partitions cut messages at delivery time too.
+		if !c.connected(e.from, e.to) {
+			return
+		}
+		if err := n.a.Step(e.from, e.data); err != nil {
+			c.fail(fmt.Sprintf("node %s: Step from %s: %v", e.to, e.from, err))
+			return
+		}
+	case evFD:
+		n.alive = c.truth(e.to)
+		n.a.SetAlive(n.alive)
+	case evFence:
+		if e.inc != n.inc {
+			return // the requester restarted; its fence request died with it
+		}
+		if e.ok {
+			victim := c.nodes[e.from]
+			c.fenced[[2]uint64{uint64(e.from), e.gen}] = true
+			c.tracef("%s fenced %s for gen %d", e.to, e.from, e.gen)
+			if victim.up {
+				c.crash(e.from) // fencing powers the victim off
+			}
+		} else {
+			c.tracef("%s: fence of %s failed", e.to, e.from)
+		}
+		n.a.FenceResult(e.from, e.ok)
+	}
+	c.process(n)
+}
+
+// step advances the simulation by one tick.
+func (c *cluster) step() {
+	c.now++
+	c.deliverDue()
+	for _, id := range c.ids {
+		if n := c.nodes[id]; n.up && c.failed == "" {
+			n.a.Tick()
+			c.process(n)
+		}
+	}
+}
+
+func (c *cluster) run(ticks int) {
+	for range ticks {
+		if c.failed != "" {
+			return
+		}
+		c.step()
+	}
+}
+
+// runUntil steps until cond holds (true) or the budget runs out (false).
+func (c *cluster) runUntil(ticks int, cond func() bool) bool {
+	for range ticks {
+		if c.failed != "" {
+			return false
+		}
+		if cond() {
+			return true
+		}
+		c.step()
+	}
+	return cond()
+}
+
+func (c *cluster) fail(msg string) {
+	if c.failed == "" {
+		c.failed = msg
+	}
+}
+
+// check verifies a node's Ready against the invariants.
+func (c *cluster) check(n *simNode, rd Ready) {
+	believedQuorate := c.q.Quorate(n.alive)
+	for _, in := range rd.Install {
+		c.installsN++
+		c.tracef("%s installs gen %d %v prev %d departed %v left %v joined %v rejoined %v reset %v",
+			n.id, in.View.Gen, in.View.Members, in.Prev.Gen, in.Departed, in.Left, in.Joined, in.Rejoined, in.Reset)
+		if in.View.Gen <= n.lastGen {
+			c.fail(fmt.Sprintf("node %s installed gen %d after gen %d: installs not monotonic", n.id, in.View.Gen, n.lastGen))
+		}
+		if !in.View.Contains(n.id) {
+			c.fail(fmt.Sprintf("node %s installed gen %d without being a member", n.id, in.View.Gen))
+		}
+		if !believedQuorate {
+			c.fail(fmt.Sprintf("node %s installed gen %d while its alive set %v is not quorate", n.id, in.View.Gen, n.alive))
+		}
+		if !c.q.Quorate(in.View.Members) {
+			c.fail(fmt.Sprintf("node %s installed gen %d %v, which is not quorate", n.id, in.View.Gen, in.View.Members))
+		}
+		fresh := n.lastGen == 0 && !in.Prev.Contains(n.id) // a brand-new node has no state to reset
+		if !in.Reset && in.Prev.Gen != n.lastGen && !fresh {
+			c.fail(fmt.Sprintf("node %s installed gen %d (prev %d) without reset, but its last view is %d: skipped a view",
+				n.id, in.View.Gen, in.Prev.Gen, n.lastGen))
+		}
+		if prev, ok := c.views[in.View.Gen]; ok {
+			if !prev.View.Equal(in.View) || !prev.Prev.Equal(in.Prev) {
+				c.fail(fmt.Sprintf("gen %d: node %s installed %v (prev %d %v), another node %v (prev %d %v): disagreement",
+					in.View.Gen, n.id, in.View.Members, in.Prev.Gen, in.Prev.Members, prev.View.Members, prev.Prev.Gen, prev.Prev.Members))
+			}
+		} else {
+			// The views form one chain: nothing installed between this
+			// view's predecessor and itself, and this view does not fall
+			// between another view and its predecessor.
+			for g, v := range c.views {
+				if g > in.Prev.Gen && g < in.View.Gen {
+					c.fail(fmt.Sprintf("gen %d succeeds gen %d, but gen %d was installed in between", in.View.Gen, in.Prev.Gen, g))
+				}
+				if in.View.Gen > v.Prev.Gen && in.View.Gen < g {
+					c.fail(fmt.Sprintf("gen %d installed between gen %d and its predecessor %d", in.View.Gen, g, v.Prev.Gen))
+				}
+			}
+			if in.Prev.Gen != 0 {
+				if p, ok := c.views[in.Prev.Gen]; ok && !p.View.Equal(in.Prev) {
+					c.fail(fmt.Sprintf("gen %d names prev %v, but gen %d was installed as %v", in.View.Gen, in.Prev, in.Prev.Gen, p.View))
+				}
+			}
+			c.views[in.View.Gen] = cloneInstall(in)
+		}
+		for _, d := range in.Departed {
+			if !c.fenced[[2]uint64{uint64(d), in.View.Gen}] {
+				c.fail(fmt.Sprintf("node %s installed gen %d removing failed node %s, which was not fenced for it", n.id, in.View.Gen, d))
+			}
+		}
+		n.lastGen = in.View.Gen
+	}
+	for _, f := range rd.Fence {
+		if !believedQuorate {
+			c.fail(fmt.Sprintf("node %s asked to fence %s while its alive set %v is not quorate", n.id, f.Node, n.alive))
+		}
+		if f.Node == n.id {
+			c.fail(fmt.Sprintf("node %s asked to fence itself", n.id))
+		}
+	}
+	if rd.Quorate != nil && *rd.Quorate && !believedQuorate {
+		c.fail(fmt.Sprintf("node %s reported quorate with alive set %v", n.id, n.alive))
+	}
+	if c.failed != "" {
+		c.tracef("FAIL: %s", c.failed)
+	}
+}
+
+func (c *cluster) dumpTrace() string {
+	start := max(0, len(c.trace)-traceLines)
+	return strings.Join(c.trace[start:], "\n")
+}
+
+// converged reports whether every up node installed the same view whose
+// members are exactly the up nodes, and nobody is mid-change.
+func (c *cluster) converged() bool {
+	var want []NodeID
+	for _, id := range c.ids {
+		if c.nodes[id].up {
+			want = append(want, id)
+		}
+	}
+	var gen uint64
+	for _, id := range want {
+		n := c.nodes[id]
+		v := n.a.View()
+		if !slices.Equal(v.Members, want) || (gen != 0 && v.Gen != gen) || !n.quorate {
+			return false
+		}
+		gen = v.Gen
+		if n.a.phase != idle {
+			return false
+		}
+	}
+	return gen != 0
+}
+
+func (c *cluster) describe() string {
+	var b strings.Builder
+	for _, id := range c.ids {
+		n := c.nodes[id]
+		if !n.up {
+			fmt.Fprintf(&b, "  %s down (gen %d)\n", id, n.lastGen)
+			continue
+		}
+		v := n.a.View()
+		fmt.Fprintf(&b, "  %s gen %d %v quorate=%v phase=%s alive=%v restarted=%v promised=%d\n",
+			id, v.Gen, v.Members, n.quorate, n.a.phase, n.alive, n.a.restarted, n.a.hs.Promised)
+	}
+	return b.String()
+}
