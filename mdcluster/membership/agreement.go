@@ -138,6 +138,7 @@ type Agreement struct {
 	silent         map[NodeID]int64 // node → tick until which it is left out
 	leavers        map[NodeID]bool
 	restartedPeer  map[NodeID]bool
+	readmitted     map[NodeID]uint64 // node → generation of the view that last (re)admitted it
 	lastNotQuorate string
 
 	ready Ready
@@ -171,6 +172,7 @@ func New(cfg Config) (*Agreement, error) {
 		silent:        map[NodeID]int64{},
 		leavers:       map[NodeID]bool{},
 		restartedPeer: map[NodeID]bool{},
+		readmitted:    map[NodeID]uint64{},
 	}
 	a.maxSeen = max(a.hs.Promised, a.hs.Installed.Gen)
 	if a.hs.Installed.Gen > 0 && contains(a.hs.Installed.Members, cfg.Self) {
@@ -577,11 +579,9 @@ func (a *Agreement) install(p Proposal, ballot uint64, from NodeID) {
 	for _, id := range p.Left {
 		delete(a.leavers, id)
 	}
-	for _, id := range p.Rejoined {
+	for _, id := range append(p.Joined(), p.Rejoined...) {
 		delete(a.restartedPeer, id)
-	}
-	for _, id := range p.Joined() {
-		delete(a.restartedPeer, id)
+		a.readmitted[id] = p.Gen
 	}
 	in := Install{View: p.View(), Prev: p.Prev, Departed: p.Departed(), Left: p.Left,
 		Joined: p.Joined(), Rejoined: p.Rejoined, Reset: reset}
@@ -608,6 +608,11 @@ func (a *Agreement) onLeave(from NodeID, m message) {
 func (a *Agreement) onHello(from NodeID, m message) {
 	// HELLO carries no state that is applied; it only asks the coordinator
 	// to (re)admit the sender, so it is accepted from any generation.
+	if m.Gen < a.readmitted[from] {
+		// Sent before the view that readmitted the sender reached it.
+		a.stale(from, m, "restart already handled by a newer view")
+		return
+	}
 	delete(a.leavers, from)
 	if m.Restarted && contains(a.hs.Installed.Members, from) && !a.restartedPeer[from] {
 		a.restartedPeer[from] = true

@@ -385,6 +385,9 @@ func (c *cluster) check(n *simNode, rd Ready) {
 			c.fail(fmt.Sprintf("node %s installed gen %d (prev %d) without reset, but its last view is %d: skipped a view",
 				n.id, in.View.Gen, in.Prev.Gen, n.lastGen))
 		}
+		if in.View.Gen > 0 && slices.Contains(in.Rejoined, n.id) && !in.Reset {
+			c.fail(fmt.Sprintf("node %s is listed as rejoined in gen %d (others drop its old state) but keeps its own", n.id, in.View.Gen))
+		}
 		if prev, ok := c.views[in.View.Gen]; ok {
 			if !prev.View.Equal(in.View) || !prev.Prev.Equal(in.Prev) {
 				c.fail(fmt.Sprintf("gen %d: node %s installed %v (prev %d %v), another node %v (prev %d %v): disagreement",
