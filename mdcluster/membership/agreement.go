@@ -139,6 +139,8 @@ type Agreement struct {
 	leavers        map[NodeID]bool
 	restartedPeer  map[NodeID]bool
 	readmitted     map[NodeID]uint64 // node → generation of the view that last (re)admitted it
+	lagging        map[NodeID]bool   // members that said they missed a view
+	acceptedAt     int64             // tick at which the pending accepted value was accepted
 	lastNotQuorate string
 
 	ready Ready
@@ -173,6 +175,7 @@ func New(cfg Config) (*Agreement, error) {
 		leavers:       map[NodeID]bool{},
 		restartedPeer: map[NodeID]bool{},
 		readmitted:    map[NodeID]uint64{},
+		lagging:       map[NodeID]bool{},
 	}
 	a.maxSeen = max(a.hs.Promised, a.hs.Installed.Gen)
 	if a.hs.Installed.Gen > 0 && contains(a.hs.Installed.Members, cfg.Self) {
@@ -227,7 +230,7 @@ func (a *Agreement) SetAlive(alive []NodeID) {
 		a.log(slog.LevelDebug, "failure detector changed", slog.Any("alive", al))
 	}
 	a.alive = al
-	for _, m := range []map[NodeID]bool{a.leavers, a.restartedPeer} {
+	for _, m := range []map[NodeID]bool{a.leavers, a.restartedPeer, a.lagging} {
 		for id := range m {
 			if !contains(al, id) {
 				delete(m, id)
@@ -254,6 +257,17 @@ func (a *Agreement) Tick() {
 	h := int64(a.cfg.HelloTicks)
 	if a.leaving && a.tick%h == 0 {
 		a.broadcastLeave()
+	}
+	if acc := a.hs.Accepted; acc != nil && acc.Value.Gen > a.hs.Installed.Gen &&
+		a.tick-a.acceptedAt >= 2*int64(a.cfg.PrepareTimeout) && a.tick%h == 0 && !a.isCoordinator() {
+		// Accepted a view long ago and never saw it committed: its
+		// coordinator may have died after committing to the others. Ask
+		// to be brought up to date.
+		for _, id := range a.alive {
+			if id != a.cfg.Self {
+				a.send(id, message{Type: mHello})
+			}
+		}
 	}
 	if a.restarted && a.tick%h == 0 {
 		// Tell everyone: any of them may be (or become) the coordinator,
@@ -510,6 +524,7 @@ func (a *Agreement) onAccept(from NodeID, m message) {
 	if acc := a.hs.Accepted; acc == nil || acc.Ballot != m.Ballot || !acc.Value.equal(m.Value) {
 		a.hs.Accepted = &Accepted{Ballot: m.Ballot, Value: m.Value, Base: m.Base}
 		a.dirty = true
+		a.acceptedAt = a.tick
 	}
 	if contains(m.Value.Members, a.cfg.Self) {
 		a.stopFor(m.Ballot, m.Value.Members)
@@ -579,10 +594,7 @@ func (a *Agreement) install(p Proposal, ballot uint64, from NodeID) {
 	for _, id := range p.Left {
 		delete(a.leavers, id)
 	}
-	for _, id := range append(p.Joined(), p.Rejoined...) {
-		delete(a.restartedPeer, id)
-		a.readmitted[id] = p.Gen
-	}
+	a.noteReadmitted(p)
 	in := Install{View: p.View(), Prev: p.Prev, Departed: p.Departed(), Left: p.Left,
 		Joined: p.Joined(), Rejoined: p.Rejoined, Reset: reset}
 	a.ready.Install = append(a.ready.Install, cloneInstall(in))
@@ -591,6 +603,17 @@ func (a *Agreement) install(p Proposal, ballot uint64, from NodeID) {
 		slog.Any("joined", in.Joined), slog.Any("rejoined", p.Rejoined), slog.Bool("reset", reset),
 		slog.String("quorum", a.cfg.Quorum.Describe(p.Members)))
 	a.updateQuorum()
+}
+
+// noteReadmitted records that view p (re)admitted its joiners and rejoined
+// members, so that their restart notices sent before they saw p are not
+// acted on twice. The coordinator records it at commit too, since it need not
+// be a member of what it commits.
+func (a *Agreement) noteReadmitted(p Proposal) {
+	for _, id := range append(p.Joined(), p.Rejoined...) {
+		delete(a.restartedPeer, id)
+		a.readmitted[id] = max(a.readmitted[id], p.Gen)
+	}
 }
 
 func (a *Agreement) onLeave(from NodeID, m message) {
@@ -607,14 +630,22 @@ func (a *Agreement) onLeave(from NodeID, m message) {
 
 func (a *Agreement) onHello(from NodeID, m message) {
 	// HELLO carries no state that is applied; it only asks the coordinator
-	// to (re)admit the sender, so it is accepted from any generation.
+	// to (re)admit the sender or bring it up to date, so it is accepted
+	// from any generation.
+	if !m.Restarted && contains(a.hs.Installed.Members, from) && m.Gen < a.hs.Installed.Gen && !a.lagging[from] {
+		a.lagging[from] = true
+		a.log(slog.LevelInfo, "member missed a view; it will be brought up to date",
+			slog.Any("node", from), slog.Uint64("sender_gen", m.Gen), slog.Uint64("gen", a.hs.Installed.Gen))
+	}
+	if !m.Restarted {
+		return
+	}
 	if m.Gen < a.readmitted[from] {
-		// Sent before the view that readmitted the sender reached it.
 		a.stale(from, m, "restart already handled by a newer view")
 		return
 	}
-	delete(a.leavers, from)
-	if m.Restarted && contains(a.hs.Installed.Members, from) && !a.restartedPeer[from] {
+	delete(a.leavers, from) // a restarted node is no longer leaving
+	if contains(a.hs.Installed.Members, from) && !a.restartedPeer[from] {
 		a.restartedPeer[from] = true
 		a.log(slog.LevelInfo, "member restarted and lost its lock state; it will be readmitted clean",
 			slog.Any("node", from), slog.Uint64("sender_gen", m.Gen))
@@ -707,6 +738,11 @@ func (a *Agreement) needChange(target []NodeID) (bool, string) {
 			return true, fmt.Sprintf("member %s restarted", id)
 		}
 	}
+	for _, id := range sortedKeys(a.lagging) {
+		if contains(in.Members, id) && contains(target, id) {
+			return true, fmt.Sprintf("member %s missed a view", id)
+		}
+	}
 	return false, ""
 }
 
@@ -785,9 +821,20 @@ func (a *Agreement) decide() {
 		if r.accepted != nil && (highest == nil || r.accepted.Ballot > highest.Ballot) {
 			highest = r.accepted
 		}
-		if r.restarted && !a.restartedPeer[id] {
+	}
+	a.noteReadmitted(newest)
+	for _, id := range a.targets {
+		r := a.answers[id]
+		// Whether a target lost its state is taken from its answer in
+		// this round only (a HELLO merely prompts the change): an answer
+		// older than the view that readmitted it does not count, and a
+		// target that says it did not restart is not marked.
+		if r.restarted && r.installed.Gen >= a.readmitted[id] {
 			a.restartedPeer[id] = true
+		} else {
+			delete(a.restartedPeer, id)
 		}
+		delete(a.lagging, id) // the accept phase brings it up to date
 		if r.leaving && !a.leavers[id] {
 			a.leavers[id] = true
 			a.log(slog.LevelInfo, "node is leaving gracefully", slog.Any("node", id))
@@ -915,6 +962,7 @@ func (a *Agreement) commitValue() {
 		acked: map[NodeID]bool{}, done: map[NodeID]bool{}, lastSend: a.tick}
 	a.phase = idle
 	a.fences = nil
+	a.noteReadmitted(a.value)
 	a.log(slog.LevelInfo, "committing view", slog.Uint64("gen", a.value.Gen), slog.Any("members", a.value.Members))
 	for _, id := range a.commitTargets() {
 		a.send(id, message{Type: mCommit, Ballot: a.ballot, Value: a.value, Base: a.base})

@@ -22,6 +22,12 @@ import (
 
 var traceLines = 80
 
+func init() {
+	if s := os.Getenv("MEMBERSHIP_TRACE_LINES"); s != "" {
+		fmt.Sscan(s, &traceLines)
+	}
+}
+
 // traceLog adds the machines' decision logs to the failure trace.
 var traceLog = os.Getenv("MEMBERSHIP_TRACE") != ""
 
