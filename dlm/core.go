@@ -125,6 +125,7 @@ type lkb struct {
 	lastCbMode   Mode // mode of the last callback queued
 	lastCbBast   bool // whether the last callback queued was a blocking one
 	lvbBad       bool // restored by recovery with a value its holder knew to be invalid
+	undecided    bool // restored by recovery amid a PR<->CW conversion: its granted mode is settled when recovery ends
 
 	prev, next *lkb // links in the resource queue named by state
 }
@@ -461,8 +462,13 @@ func (c *Core) sendBlockingASTsAll(r *resource, rq *lkb) {
 // conversion) from l.grmode to l.rqmode, before the mode changes.
 // Like Linux, only a lock using its LVB (ValBlk and a buffer) is told that
 // the value is invalid.
+//
+// Every grant also tells the lock the resource's current LVB sequence, even
+// without ValBlk: a holder that later writes the value (an unlock with
+// ValBlk) names the sequence its write replaces, which recovery relies on.
 func (c *Core) setLVBOnGrant(r *resource, l *lkb) {
 	uses := l.lvb != nil && l.exflags&ValBlk != 0
+	defer func() { l.lvbseq = r.lvbSeq }()
 	switch lvbOperation(l.grmode, l.rqmode) {
 	case lvbRead:
 		if uses {
@@ -471,7 +477,6 @@ func (c *Core) setLVBOnGrant(r *resource, l *lkb) {
 			} else {
 				clear(l.lvb)
 			}
-			l.lvbseq = r.lvbSeq
 		}
 	case lvbWrite:
 		if l.exflags&IVValBlk != 0 {
@@ -1116,14 +1121,56 @@ func (c *Core) dropLocks(drop func(*lkb) bool, invalidate func(*lkb) bool) {
 
 // restoreGranted puts back a lock granted in mode, as its holder reports it
 // during recovery: no grant rules, no callbacks.
-func (c *Core) restoreGranted(name string, mode Mode, flags Flags, lvb []byte, lvbseq uint32, lvbBad bool, owner OwnerID, blocking bool, tag any) LockID {
+func (c *Core) restoreGranted(name string, mode Mode, flags Flags, lvb []byte, lvbseq uint32, lvbBad, undecided bool, owner OwnerID, blocking bool, tag any) LockID {
 	r := c.getResource(name)
 	l := c.allocLkb()
-	l.res, l.grmode, l.exflags, l.lvb, l.lvbseq, l.lvbBad = r, mode, flags, lvb, lvbseq, lvbBad
+	l.res, l.grmode, l.exflags, l.lvb, l.lvbseq, l.lvbBad, l.undecided = r, mode, flags, lvb, lvbseq, lvbBad, undecided
 	l.owner, l.blocking, l.tag = owner, blocking, tag
 	l.lastCastMode = mode
 	r.add(l, stGranted, false)
 	return l.id
+}
+
+// settleUndecided gives every lock restored amid a conversion whose outcome
+// its owner could not know the granted mode the other holders allow. A
+// PR<->CW conversion: CW if another holds (or converts from) CW, PR if
+// another holds PR, else the mode it asked for (Linux: recover_conversion).
+// A ConvDeadlk conversion: its old mode, unless the others' modes show it was
+// demoted to NL. The owner asks for its conversion again afterwards.
+func (c *Core) settleUndecided(requested func(*lkb) Mode) {
+	for _, l := range c.slots {
+		if l.state == stFree || !l.undecided {
+			continue
+		}
+		l.undecided = false
+		r := l.res
+		others := func(m Mode) int32 {
+			n := r.grModes[m] + r.cvModes[m]
+			if l.grmode == m {
+				n--
+			}
+			return n
+		}
+		mode := l.grmode
+		if middleConversion(l.grmode, requested(l)) {
+			mode = requested(l)
+			if others(CW) > 0 {
+				mode = CW
+			} else if others(PR) > 0 {
+				mode = PR
+			}
+		}
+		// A ConvDeadlk conversion may have been demoted to NL already.
+		for m := NL; m <= EX; m++ {
+			if others(m) > 0 && !compat[m][mode] {
+				mode = NL
+				l.sbflags |= Demoted
+				break
+			}
+		}
+		r.setGrmode(l, mode)
+		l.lastCastMode = mode
+	}
 }
 
 // recoverLVB sets a rebuilt resource's value the way Linux's recover_lvb
@@ -1135,8 +1182,8 @@ func (c *Core) restoreGranted(name string, mode Mode, flags Flags, lvb []byte, l
 func (r *resource) recoverLVB(lvbLen int) {
 	var best *lkb
 	for l := r.granted.head; l != nil; l = l.next {
-		if l.lvb == nil || l.exflags&ValBlk == 0 {
-			continue // its holder has not been using the value
+		if l.lvb == nil {
+			continue
 		}
 		if l.grmode > CR && !l.lvbBad {
 			best = l
@@ -1159,13 +1206,14 @@ func (r *resource) recoverLVB(lvbLen int) {
 	r.valNotValid = best.grmode <= CR || best.lvbBad
 }
 
-// dropEmptyResources forgets every resource without locks (recovery clears
-// the cache, as Linux's dlm_clear_toss does) and returns their names.
-func (c *Core) dropEmptyResources() []string {
+// dropEmptyResources forgets every resource without locks, except those in
+// keep (recovery clears the cache, as Linux's dlm_clear_toss does), and
+// returns their names.
+func (c *Core) dropEmptyResources(keep map[string]bool) []string {
 	var names []string
 	for _, name := range slices.Sorted(maps.Keys(c.res)) {
 		r := c.res[name]
-		if !r.empty() {
+		if !r.empty() || keep[name] {
 			continue
 		}
 		if r.tossed {

@@ -3,6 +3,7 @@ package dlm
 import (
 	"context"
 	"fmt"
+	"strconv"
 )
 
 // ID returns the lock's ID in its lockspace on this node.
@@ -112,6 +113,9 @@ func (lk *Lock) startConvert(ctx context.Context, mode Mode, flags Flags, done f
 	sp := lk.ls.sp
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
+	if err := sp.awaitResume(ctx, "convert "+strconv.Quote(lk.resource)); err != nil {
+		return err
+	}
 	if err := lk.usable("convert"); err != nil {
 		return err
 	}
@@ -168,6 +172,10 @@ func (lk *Lock) startUnlock(ctx context.Context, flags Flags, done func(*Lock, e
 	}
 	sp := lk.ls.sp
 	sp.mu.Lock()
+	if err := sp.awaitResume(ctx, "unlock "+strconv.Quote(lk.resource)); err != nil {
+		sp.mu.Unlock()
+		return err
+	}
 	if err := lk.usable("unlock"); err != nil {
 		sp.mu.Unlock()
 		return err

@@ -10,6 +10,7 @@ import (
 	"maps"
 	"net"
 	"slices"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -41,6 +42,9 @@ type Config struct {
 	Transport transport.Config
 	// TickInterval is how often cached directory information ages (0: 1s).
 	TickInterval time.Duration
+	// OnRecovered, if set, is called (on its own goroutine) each time a
+	// lockspace of this node finishes recovering into a generation.
+	OnRecovered func(lockspace string, gen uint64)
 }
 
 // DefaultConfig returns the configuration of a cluster of one with default
@@ -65,6 +69,8 @@ type Node struct {
 	byID    map[transport.LockspaceID]*space
 	early   map[transport.LockspaceID][]earlyMsg
 	members []NodeID
+	gen     uint64 // generation of members
+	halted  bool   // Stop was called and no Recover yet
 	closed  bool
 	stop    chan struct{}
 	stopped chan struct{}
@@ -91,7 +97,7 @@ func NewNode(cfg Config) (*Node, error) {
 	}
 	n := &Node{cfg: cfg, log: lg.With("node", cfg.ID), id: cfg.ID, spaces: make(map[string]*space),
 		byID: map[transport.LockspaceID]*space{}, early: map[transport.LockspaceID][]earlyMsg{},
-		members: []NodeID{cfg.ID}, stop: make(chan struct{}), stopped: make(chan struct{})}
+		members: []NodeID{cfg.ID}, gen: 1, stop: make(chan struct{}), stopped: make(chan struct{})}
 	if len(cfg.Peers) > 0 {
 		tc := cfg.Transport
 		tc.NodeID = transport.NodeID(cfg.ID)
@@ -227,11 +233,15 @@ func (n *Node) Open(name string, opts OpenOptions) (*Lockspace, error) {
 		if err != nil {
 			return nil, fmt.Errorf("open lockspace %q: %w", name, err)
 		}
-		const gen = 1
+		gen := n.gen
 		if err := s.SetMembers(gen, n.members); err != nil {
 			return nil, fmt.Errorf("open lockspace %q: %w", name, err)
 		}
 		sp = &space{name: name, id: id, node: n, sp: s, log: n.log.With("lockspace", name)}
+		if n.halted {
+			s.Stop()
+			sp.resume = make(chan struct{})
+		}
 		if n.tr != nil {
 			n.tr.SetGeneration(id, gen)
 		}
@@ -294,6 +304,70 @@ func (n *Node) Close() {
 	}
 }
 
+// Stop suspends every lockspace of this node for a membership change: lock
+// calls wait (within their contexts) and lock traffic other than recovery's
+// waits, until Recover has run to its end. The membership layer calls it on
+// every member before it agrees on the new view.
+func (n *Node) Stop() {
+	n.mu.Lock()
+	n.halted = true
+	spaces := slices.Collect(maps.Values(n.spaces))
+	n.mu.Unlock()
+	for _, sp := range spaces {
+		sp.mu.Lock()
+		sp.sp.Stop()
+		if sp.resume == nil {
+			sp.resume = make(chan struct{})
+		}
+		sp.mu.Unlock()
+	}
+	n.log.Info("lockspaces stopped for a membership change", "lockspaces", len(spaces))
+}
+
+// Recover installs the agreed view (gen, members) in every lockspace of this
+// node and starts recovery. departed are the nodes that failed since the
+// last view, already fenced: their locks are purged (and the LVBs they held
+// in PW or EX invalidated). reset says this node comes back from an older
+// generation: all its lock state is dropped and its locks end with
+// ErrReleased. Calls resume as each lockspace finishes (see OnRecovered).
+func (n *Node) Recover(gen uint64, members []NodeID, departed []NodeID, reset bool) error {
+	ms := slices.Clone(members)
+	slices.Sort(ms)
+	n.mu.Lock()
+	if gen <= n.gen {
+		n.mu.Unlock()
+		return fmt.Errorf("recover node %d: %w: generation %d is not newer than %d", n.id, ErrInvalid, gen, n.gen)
+	}
+	n.gen, n.members, n.halted = gen, ms, false
+	spaces := slices.Collect(maps.Values(n.spaces))
+	n.mu.Unlock()
+	n.log.Info("recovering lockspaces", "generation", gen, "members", ms, "departed", departed, "reset", reset)
+	var firstErr error
+	for _, sp := range spaces {
+		sp.mu.Lock()
+		if sp.resume == nil {
+			sp.resume = make(chan struct{})
+		}
+		if n.tr != nil {
+			n.tr.SetGeneration(sp.id, gen)
+		}
+		err := sp.sp.Recover(gen, ms, departed, reset)
+		if err != nil && firstErr == nil {
+			firstErr = fmt.Errorf("recover lockspace %q: %w", sp.name, err)
+		}
+		sp.flush()
+		sp.mu.Unlock()
+	}
+	return firstErr
+}
+
+// Generation returns the generation of this node's current view.
+func (n *Node) Generation() uint64 {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.gen
+}
+
 // space is the node's copy of one lockspace: the core and the machinery
 // around it. mu guards the core and every Lock handle's fields.
 type space struct {
@@ -315,6 +389,30 @@ type space struct {
 	dqBell chan struct{}
 	dqStop chan struct{}
 	dqDone chan struct{}
+
+	// resume is closed when recovery ends; nil while running.
+	resume chan struct{}
+}
+
+// awaitResume waits, with mu released, until the lockspace resumes after a
+// membership change or ctx ends. Called with mu held; returns with it held.
+func (sp *space) awaitResume(ctx context.Context, what string) error {
+	for sp.sp.Stopped() {
+		ch := sp.resume
+		if ch == nil {
+			ch = make(chan struct{})
+			sp.resume = ch
+		}
+		sp.mu.Unlock()
+		select {
+		case <-ch:
+			sp.mu.Lock()
+		case <-ctx.Done():
+			sp.mu.Lock()
+			return fmt.Errorf("%s: waiting for recovery: %w", what, ctxStatus(ctx.Err()))
+		}
+	}
+	return nil
 }
 
 type event struct {
@@ -401,6 +499,16 @@ func (sp *space) step(from NodeID, gen uint64, payload []byte) {
 // in the order they were made.
 func (sp *space) flush() {
 	out, cbs := sp.sp.Ready()
+	if gen, ok := sp.sp.TakeRecovered(); ok {
+		if sp.resume != nil {
+			close(sp.resume)
+			sp.resume = nil
+		}
+		sp.log.Info("lockspace recovered", "generation", gen)
+		if f := sp.node.cfg.OnRecovered; f != nil {
+			go f(sp.name, gen)
+		}
+	}
 	for _, o := range out {
 		to := transport.NodeID(o.To)
 		var err error
@@ -573,6 +681,10 @@ func (ls *Lockspace) start(ctx context.Context, req LockRequest, done func(*Lock
 		lk.lvb = make([]byte, sp.sp.LVBLen())
 	}
 	sp.mu.Lock()
+	if err := sp.awaitResume(ctx, "lock "+strconv.Quote(req.Resource)); err != nil {
+		sp.mu.Unlock()
+		return nil, err
+	}
 	if ls.released.Load() {
 		sp.mu.Unlock()
 		return nil, fmt.Errorf("lock %q: %w", req.Resource, ErrReleased)

@@ -42,16 +42,24 @@ const (
 	// msgRecoverLock (recovery) re-establishes a lock at its master: the
 	// requester's view of it is the truth the master rebuilds from.
 	msgRecoverLock
+	// msgWriteAck tells a writer its LVB write (an unlock or down-conversion
+	// nobody waited for) reached the master.
+	msgWriteAck
+	// msgRecoverWrite (recovery) resends an unacknowledged LVB write (or,
+	// without a value, an invalidation); the master applies it only if the
+	// value is still the one it replaced.
+	msgRecoverWrite
 	msgMax
 )
 
 var msgTypeNames = [...]string{"", "lookup", "lookup-reply", "remove", "request", "convert", "unlock", "cancel",
-	"cast", "bast", "not-master", "names", "locks-done", "recover-lock"}
+	"cast", "bast", "not-master", "names", "locks-done", "recover-lock", "write-ack", "recover-write"}
 
 // recovery reports whether t belongs to recovery; other messages wait while
 // the lockspace recovers.
 func (t msgType) recovery() bool {
-	return t == msgNames || t == msgLocksDone || t == msgRecoverLock || t == msgLookup || t == msgLookupReply
+	return t == msgNames || t == msgLocksDone || t == msgRecoverLock || t == msgRecoverWrite ||
+		t == msgLookup || t == msgLookupReply
 }
 
 func (t msgType) String() string {
@@ -80,6 +88,8 @@ type message struct {
 	namesb [][]byte // names (decoded, aliasing the input)
 	last   bool     // names: the last batch from the sender
 	bad    bool     // recover-lock: the holder's value came with ValNotValid
+	wid    uint64   // convert, unlock, write-ack, recover-write: the writer's write ID (0: none)
+	rqmode Mode     // recover-lock: a conversion in flight whose outcome is undecided (PR<->CW, ConvDeadlk), else ModeIV
 }
 
 // Wire layout, little-endian: type(1) then per type:
@@ -87,14 +97,16 @@ type message struct {
 //	lookup, remove:  namelen(1) name
 //	lookup-reply:    master(4) namelen(1) name
 //	request:         lock(8) mode(1) flags(4) bast(1) namelen(1) name lvblen(2) lvb
-//	convert, unlock: lock(8) mode(1) flags(4) lvblen(2) lvb
+//	convert, unlock: lock(8) mode(1) flags(4) wid(8) lvblen(2) lvb
 //	cancel:          lock(8) status(1)
 //	cast:            lock(8) status(1) mode(1) sbflags(1) seq(4) lvblen(2) lvb
 //	bast:            lock(8) mode(1)
 //	not-master:      lock(8)
 //	names:           last(1) count(2) { namelen(1) name }
 //	locks-done:      (nothing)
-//	recover-lock:    lock(8) mode(1) flags(4) seq(4) bad(1) namelen(1) name lvblen(2) lvb
+//	recover-lock:    lock(8) mode(1) rqmode(1) flags(4) seq(4) bad(1) namelen(1) name lvblen(2) lvb
+//	write-ack:       wid(8)
+//	recover-write:   wid(8) seq(4) namelen(1) name lvblen(2) lvb
 
 func appendName(b []byte, n string) []byte {
 	b = append(b, byte(len(n)))
@@ -130,6 +142,7 @@ func appendMessage(b []byte, m *message) []byte {
 		b = binary.LittleEndian.AppendUint64(b, m.lock)
 		b = append(b, byte(m.mode))
 		b = binary.LittleEndian.AppendUint32(b, uint32(m.flags))
+		b = binary.LittleEndian.AppendUint64(b, m.wid)
 		b = appendLVB(b, m.lvb)
 	case msgCancel:
 		b = binary.LittleEndian.AppendUint64(b, m.lock)
@@ -157,7 +170,7 @@ func appendMessage(b []byte, m *message) []byte {
 	case msgLocksDone:
 	case msgRecoverLock:
 		b = binary.LittleEndian.AppendUint64(b, m.lock)
-		b = append(b, byte(m.mode))
+		b = append(b, byte(m.mode), byte(m.rqmode))
 		b = binary.LittleEndian.AppendUint32(b, uint32(m.flags))
 		b = binary.LittleEndian.AppendUint32(b, m.seq)
 		bad := byte(0)
@@ -165,6 +178,13 @@ func appendMessage(b []byte, m *message) []byte {
 			bad = 1
 		}
 		b = append(b, bad)
+		b = appendName(b, m.name)
+		b = appendLVB(b, m.lvb)
+	case msgWriteAck:
+		b = binary.LittleEndian.AppendUint64(b, m.wid)
+	case msgRecoverWrite:
+		b = binary.LittleEndian.AppendUint64(b, m.wid)
+		b = binary.LittleEndian.AppendUint32(b, m.seq)
 		b = appendName(b, m.name)
 		b = appendLVB(b, m.lvb)
 	}
@@ -282,6 +302,7 @@ func decodeMessage(b []byte, lvbLen int) (message, error) {
 		m.lock = r.u64("lock")
 		m.mode = r.mode("mode")
 		m.flags = Flags(r.u32("flags"))
+		m.wid = r.u64("write id")
 		m.lvb = r.lvb(lvbLen)
 	case msgCancel:
 		m.lock = r.u64("lock")
@@ -325,6 +346,7 @@ func decodeMessage(b []byte, lvbLen int) (message, error) {
 	case msgRecoverLock:
 		m.lock = r.u64("lock")
 		m.mode = r.mode("mode")
+		m.rqmode = r.mode("requested mode")
 		m.flags = Flags(r.u32("flags"))
 		m.seq = r.u32("lvb sequence")
 		switch r.u8("bad") {
@@ -341,6 +363,17 @@ func decodeMessage(b []byte, lvbLen int) (message, error) {
 		if r.err == nil && !m.mode.Valid() {
 			r.err = fmt.Errorf("%w: recovered lock in mode %v", ErrInvalid, m.mode)
 		}
+		if r.err == nil && m.rqmode != ModeIV && !middleConversion(m.mode, m.rqmode) && m.flags&ConvDeadlk == 0 {
+			r.err = fmt.Errorf("%w: recovered lock %v with undecided conversion to %v", ErrInvalid, m.mode, m.rqmode)
+		}
+	case msgWriteAck:
+		m.wid = r.u64("write id")
+	case msgRecoverWrite:
+		m.wid = r.u64("write id")
+		m.seq = r.u32("lvb sequence")
+		m.nameb = r.name()
+		m.lvb = r.lvb(lvbLen)
+
 	}
 	if r.err == nil && len(r.b) != 0 {
 		r.err = fmt.Errorf("%w: %d bytes after %v message", ErrInvalid, len(r.b), m.typ)

@@ -16,7 +16,7 @@ func sampleMessages() []message {
 		{typ: msgRemove, name: "resync"},
 		{typ: msgRequest, lock: 7, name: "message", mode: EX, flags: NoQueue | ValBlk, bast: true},
 		{typ: msgRequest, lock: 8, name: "ack", mode: CR},
-		{typ: msgConvert, lock: 9, mode: NL, flags: ValBlk | Convert, lvb: lvb},
+		{typ: msgConvert, lock: 9, mode: NL, flags: ValBlk | Convert, wid: 3, lvb: lvb},
 		{typ: msgUnlock, lock: 10, flags: IVValBlk},
 		{typ: msgCancel, lock: 11, status: StatusTimeout},
 		{typ: msgCast, lock: 12, status: StatusOK, mode: PW, sbf: ValNotValid, seq: 99, lvb: lvb},
@@ -26,8 +26,10 @@ func sampleMessages() []message {
 		{typ: msgNames, names: []string{"a", "bitmap0002"}, last: true},
 		{typ: msgNames},
 		{typ: msgLocksDone},
-		{typ: msgRecoverLock, lock: 16, name: "token", mode: PW, flags: ValBlk, seq: 4, lvb: lvb},
-		{typ: msgRecoverLock, lock: 17, name: "r", mode: PR, bad: true},
+		{typ: msgRecoverLock, lock: 16, name: "token", mode: PW, rqmode: ModeIV, flags: ValBlk, seq: 4, lvb: lvb},
+		{typ: msgRecoverLock, lock: 17, name: "r", mode: PR, rqmode: CW, bad: true},
+		{typ: msgWriteAck, wid: 5},
+		{typ: msgRecoverWrite, wid: 6, seq: 7, name: "r", lvb: lvb},
 	}
 }
 

@@ -44,11 +44,26 @@ type recovery struct {
 	names     map[NodeID]bool // members whose names arrived (this node included)
 	dirReady  bool
 	held      []mkeyName // lookups waiting for the directory
-	lookups   map[string][]*Proc
+	asked     map[string]bool    // master lookups this node started
+	lookups   map[string][]*Proc // locks waiting for their master to be known
 	resend    []*Proc // locks still to resend (while their master is looked up)
 	reconvert []*Proc // conversions to send again after recovery
 	sentDone  bool
 	done      map[NodeID]bool
+	rwrites   []recoverWrite // writes resent to this node, applied when recovery ends
+
+	// strong lists, per resource, the remote nodes whose PW/EX locks were
+	// dropped for rebuilding: if recovery is interrupted and one of them
+	// departs before resending, its death must still invalidate the LVB.
+	strong map[string][]NodeID
+}
+
+type recoverWrite struct {
+	from NodeID
+	wid  uint64
+	name string
+	base uint32
+	lvb  []byte
 }
 
 type mkeyName struct {
@@ -108,12 +123,19 @@ func (s *Space) Recover(gen uint64, members []NodeID, departed []NodeID, reset b
 		gone[n] = true
 	}
 	rec := &recovery{gen: gen, mastered: map[string]bool{}, rebuilt: map[string]bool{}, names: map[NodeID]bool{},
-		lookups: map[string][]*Proc{}, done: map[NodeID]bool{}}
-	s.rec = rec
+		asked: map[string]bool{}, lookups: map[string][]*Proc{}, done: map[NodeID]bool{}, strong: map[string][]NodeID{}}
 
 	// 1. Master side: idle cached resources go; remote locks are dropped
-	// (their holders resend them); what is left with locks is still ours.
-	for _, name := range s.core.dropEmptyResources() {
+	// (their holders resend them); what is left with locks is still ours,
+	// and so is what an interrupted recovery was still rebuilding.
+	var keep map[string]bool
+	if old := s.rec; old != nil {
+		keep = old.mastered
+		for name := range old.rebuilt {
+			keep[name] = true
+		}
+	}
+	for _, name := range s.core.dropEmptyResources(keep) {
 		if r := s.rsbs[name]; r != nil && r.master == s.self && len(r.waiting) == 0 && r.remote == 0 {
 			delete(s.rsbs, name)
 		}
@@ -121,9 +143,28 @@ func (s *Space) Recover(gen uint64, members []NodeID, departed []NodeID, reset b
 	for name := range s.core.res {
 		rec.mastered[name] = true
 	}
+	departedNow := func(n NodeID) bool { return gone[n] || !slices.Contains(ms, n) }
+	if old := s.rec; old != nil {
+		for _, name := range slices.Sorted(maps.Keys(old.strong)) {
+			r := s.core.res[name]
+			for _, n := range old.strong[name] {
+				switch {
+				case departedNow(n) && r != nil:
+					r.valNotValid = true
+				case !departedNow(n):
+					// Still a member, maybe still to resend: remember
+					// it through this recovery too.
+					rec.strong[name] = append(rec.strong[name], n)
+				}
+			}
+		}
+	}
+	s.rec = rec
 	s.core.dropLocks(func(l *lkb) bool { return l.owner&remoteOwner != 0 },
 		func(l *lkb) bool {
-			return gone[NodeID(l.owner&^remoteOwner)] || !slices.Contains(ms, NodeID(l.owner&^remoteOwner))
+			n := NodeID(l.owner &^ remoteOwner)
+			rec.strong[l.res.name] = append(rec.strong[l.res.name], n)
+			return departedNow(n)
 		})
 	s.mcopies = map[mkey]*mcopy{}
 	s.core.evicted = s.core.evicted[:0]
@@ -179,6 +220,15 @@ func (s *Space) Recover(gen uint64, members []NodeID, departed []NodeID, reset b
 	for _, p := range resend {
 		s.resendLock(p)
 	}
+	// Unacknowledged LVB writes go to the resources' masters too.
+	for _, name := range slices.Sorted(maps.Keys(s.writes)) {
+		r := s.rsb(name)
+		if r.master == s.self {
+			s.resendWrites(name, s.self)
+		} else {
+			s.askMaster(r)
+		}
+	}
 	s.maybeLocksDone()
 
 	// Messages of this generation that arrived early.
@@ -213,6 +263,7 @@ func (s *Space) resetAll() {
 	s.core = core
 	s.dir, s.rsbs, s.procs, s.mcopies = map[string]NodeID{}, map[string]*rsbInfo{}, map[uint64]*Proc{}, map[mkey]*mcopy{}
 	s.held, s.future = nil, nil
+	s.writes, s.writeAt = map[string][]pendingWrite{}, map[uint64]string{}
 	for _, p := range ended {
 		p.state, p.grmode, p.rqmode = pFree, ModeIV, ModeIV
 		s.cast(p, StatusReleased, 0)
@@ -224,27 +275,25 @@ func (s *Space) resendLock(p *Proc) {
 	rec := s.rec
 	r := p.rsb
 	if r.master == 0 {
-		first := len(rec.lookups[r.name]) == 0
 		rec.lookups[r.name] = append(rec.lookups[r.name], p)
-		if first {
-			if d := s.dirNode(r.name); d == s.self {
-				rec.held = append(rec.held, mkeyName{s.self, r.name})
-				s.answerLookups()
-			} else {
-				s.send(d, &message{typ: msgLookup, name: r.name})
-			}
-		}
+		s.askMaster(r)
 		return
 	}
+	// A conversion in flight whose outcome the master may have decided
+	// without this node knowing: PR<->CW, or a ConvDeadlk demotion.
+	middle := p.state == pConverting && (middleConversion(p.grmode, p.rqmode) || p.flags&ConvDeadlk != 0)
 	if r.master == s.self {
 		// This node is the resource's new master: the lock becomes local.
 		delete(s.procs, p.id)
 		r.remote--
 		p.local, p.master = true, s.self
-		p.coreID = s.core.restoreGranted(p.name, p.grmode, p.flags&^Convert, p.lvb, p.lvbseq, p.lvbBad, p.owner, p.blocking, p)
 		if !rec.mastered[p.name] {
 			rec.rebuilt[p.name] = true
 		}
+		// A PR<->CW conversion in flight is restored in its old mode for
+		// now and settled when recovery ends (see Core.settleUndecided).
+		p.coreID = s.core.restoreGranted(p.name, p.grmode, p.flags&^Convert, p.lvb, p.lvbseq, !p.lvbKnown, middle,
+			p.owner, p.blocking, p)
 		if p.orphan {
 			s.core.lookup(p.coreID).orphan = true
 			s.core.res[p.name].orphans++
@@ -255,18 +304,48 @@ func (s *Space) resendLock(p *Proc) {
 		rec.reconvert = append(rec.reconvert, p)
 	}
 	p.master = r.master
-	m := message{typ: msgRecoverLock, lock: p.id, name: p.name, mode: p.grmode, flags: p.flags &^ Convert, seq: p.lvbseq, bad: p.lvbBad}
+	m := message{typ: msgRecoverLock, lock: p.id, name: p.name, mode: p.grmode, rqmode: ModeIV, flags: p.flags &^ Convert,
+		seq: p.lvbseq, bad: !p.lvbKnown}
+	if middle {
+		m.rqmode = p.rqmode
+	}
 	if p.lvb != nil {
 		m.lvb = p.lvb
 	}
 	s.send(r.master, &m)
 }
 
+// askMaster starts a recovery lookup of r's master, once.
+func (s *Space) askMaster(r *rsbInfo) {
+	rec := s.rec
+	if rec.asked[r.name] {
+		return
+	}
+	rec.asked[r.name] = true
+	if d := s.dirNode(r.name); d == s.self {
+		rec.held = append(rec.held, mkeyName{s.self, r.name})
+		s.answerLookups()
+	} else {
+		s.send(d, &message{typ: msgLookup, name: r.name})
+	}
+}
+
+// resendWrites sends name's unacknowledged LVB writes to its master.
+func (s *Space) resendWrites(name string, master NodeID) {
+	for _, w := range s.writes[name] {
+		if master == s.self {
+			s.rec.rwrites = append(s.rec.rwrites, recoverWrite{s.self, w.wid, name, w.base, w.lvb})
+			continue
+		}
+		s.send(master, &message{typ: msgRecoverWrite, wid: w.wid, seq: w.base, name: name, lvb: w.lvb})
+	}
+}
+
 // maybeLocksDone tells every member this node has resent its locks, once
 // no master lookup is outstanding.
 func (s *Space) maybeLocksDone() {
 	rec := s.rec
-	if rec == nil || rec.sentDone || len(rec.lookups) > 0 {
+	if rec == nil || rec.sentDone || len(rec.asked) > 0 {
 		return
 	}
 	rec.sentDone = true
@@ -309,15 +388,17 @@ func (s *Space) answerLookups() {
 // recoveryLookupReply resends the locks that waited for name's master.
 func (s *Space) recoveryLookupReply(name string, master NodeID) {
 	rec := s.rec
-	ps := rec.lookups[name]
-	if len(ps) == 0 {
+	if !rec.asked[name] {
 		return
 	}
+	delete(rec.asked, name)
+	ps := rec.lookups[name]
 	delete(rec.lookups, name)
-	ps[0].rsb.master = master
+	s.rsb(name).master = master
 	for _, p := range ps {
 		s.resendLock(p)
 	}
+	s.resendWrites(name, master)
 	s.maybeLocksDone()
 }
 
@@ -346,7 +427,9 @@ func (s *Space) recoverLock(from NodeID, m *message) {
 	} else {
 		mc.lvb = nil
 	}
-	mc.coreID = s.core.restoreGranted(name, m.mode, m.flags, mc.lvb, m.seq, m.bad, OwnerID(remoteOwner|uint32(from)), true, mc)
+	mc.rqmode = m.rqmode
+	mc.coreID = s.core.restoreGranted(name, m.mode, m.flags, mc.lvb, m.seq, m.bad, m.rqmode != ModeIV,
+		OwnerID(remoteOwner|uint32(from)), true, mc)
 	s.mcopies[key] = mc
 }
 
@@ -357,9 +440,48 @@ func (s *Space) maybeFinish() {
 	if rec == nil || !rec.dirReady || len(rec.done) < len(s.members) {
 		return
 	}
+	// PR<->CW conversions in flight get the granted mode the other holders
+	// allow; their owners ask for the conversion again below.
+	s.core.settleUndecided(func(l *lkb) Mode {
+		switch t := l.tag.(type) {
+		case *Proc:
+			return t.rqmode
+		case *mcopy:
+			return t.rqmode
+		}
+		return l.grmode
+	})
+	for _, l := range s.core.slots {
+		if mc, ok := l.tag.(*mcopy); ok && l.state != stFree {
+			mc.grmode, mc.rqmode = l.grmode, ModeIV
+		}
+	}
 	for _, name := range slices.Sorted(maps.Keys(rec.rebuilt)) {
 		if r := s.core.res[name]; r != nil {
 			r.recoverLVB(s.lvbLen)
+		}
+	}
+	// Writes that may have been lost with the old generation: each applies
+	// only if the value is still the one it replaced (nobody else can have
+	// written in between: the writer held PW or EX until the write).
+	for _, w := range rec.rwrites {
+		r := s.core.getResource(w.name)
+		switch {
+		case r.lvbSeq != w.base:
+		case w.lvb == nil:
+			r.valNotValid = true
+		default:
+			if r.lvb == nil {
+				r.lvb = make([]byte, s.lvbLen)
+			}
+			copy(r.lvb, w.lvb)
+			r.lvbSeq++
+			r.valNotValid = false
+		}
+		if w.from == s.self {
+			s.writeAcked(w.wid)
+		} else {
+			s.sendDeferred(w.from, &message{typ: msgWriteAck, wid: w.wid})
 		}
 	}
 	s.rec, s.stopped = nil, false
@@ -380,22 +502,33 @@ func (s *Space) maybeFinish() {
 		if p.state != pConverting {
 			continue
 		}
-		if p.cancelSt != 0 {
+		st := p.cancelSt
+		p.cancelSt = 0
+		// A PR<->CW conversion's outcome is not known here (the master chose
+		// the mode): it is always asked again, and a cancel follows it.
+		if st != 0 && !middleConversion(p.grmode, p.rqmode) {
 			p.state, p.rqmode = pGranted, ModeIV
-			st := p.cancelSt
-			p.cancelSt = 0
 			s.cast(p, st, 0)
 			continue
 		}
+		// Queue order did not survive the view change: QueCvt goes (it may
+		// not even be valid if the master chose the requested mode).
+		p.flags &^= QueCvt
 		if p.local {
 			if err := s.core.Convert(p.coreID, p.rqmode, p.flags, nil); err != nil {
 				p.state = pGranted
 				s.cast(p, statusOf(err), 0)
+			} else if st != 0 {
+				_ = s.core.CancelStatus(p.coreID, st)
 			}
 			s.drainCore()
 			continue
 		}
 		s.send(p.master, &message{typ: msgConvert, lock: p.id, mode: p.rqmode, flags: p.flags, lvb: lvbIf(p)})
+		if st != 0 {
+			p.cancelSt = st
+			s.send(p.master, &message{typ: msgCancel, lock: p.id, status: st})
+		}
 	}
 	// Requests waiting for a master, including those sent before the
 	// failure, start over.
@@ -462,6 +595,12 @@ func (s *Space) stepRecovery(from NodeID, m *message) {
 		s.recoverLock(from, m)
 	case msgLocksDone:
 		s.locksDoneFrom(from)
+	case msgRecoverWrite:
+		var v []byte
+		if len(m.lvb) > 0 {
+			v = bytes.Clone(m.lvb)
+		}
+		rec.rwrites = append(rec.rwrites, recoverWrite{from, m.wid, string(m.nameb), m.seq, v})
 	}
 }
 

@@ -1,6 +1,7 @@
 package dlm
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"hash/fnv"
@@ -74,6 +75,13 @@ type Space struct {
 	mfree   []*mcopy
 	tick    uint64
 
+	// writes are this node's LVB writes sent without waiting (unlocks and
+	// down-conversions of locks mastered elsewhere) and not yet acknowledged,
+	// per resource in order; recovery resends them (see recovery.go).
+	writes  map[string][]pendingWrite
+	writeAt map[uint64]string
+	nextWID uint64
+
 	// Recovery (see recovery.go).
 	stopped      bool
 	rec          *recovery
@@ -86,6 +94,12 @@ type Space struct {
 	out    []Outgoing
 	outBuf []byte
 	cbs    []Callback
+}
+
+type pendingWrite struct {
+	wid  uint64
+	base uint32 // the resource's LVB sequence the write replaces
+	lvb  []byte
 }
 
 type pendingCancel struct {
@@ -113,6 +127,7 @@ type mcopy struct {
 	key    mkey
 	coreID LockID
 	grmode Mode
+	rqmode Mode // during recovery: an undecided PR<->CW conversion's target
 	flags  Flags
 	lvb    []byte
 	silent bool // the requester completed this operation itself (down-conversion, unlock)
@@ -149,9 +164,10 @@ type Proc struct {
 	orphan   bool
 	rsb      *rsbInfo
 	cancelSt Status // a cancel was sent for the pending operation
-	// lvbBad: the value in lvb came with ValNotValid; recovery must not
-	// take it for the resource's value.
-	lvbBad bool
+	// lvbKnown: lvb holds the resource's value as of lvbseq: the last
+	// completed operation read or wrote it (ValBlk) and it was valid.
+	// Recovery may take only such a value for the resource's.
+	lvbKnown bool
 }
 
 // Mode returns the lock's granted mode as this node knows it.
@@ -173,6 +189,7 @@ func NewSpace(cfg SpaceConfig) (*Space, error) {
 		self: cfg.Self, members: []NodeID{cfg.Self}, lvbLen: core.LVBLen(), cacheTicks: uint64(cfg.CacheTicks),
 		core: core, dir: map[string]NodeID{}, rsbs: map[string]*rsbInfo{},
 		procs: map[uint64]*Proc{}, mcopies: map[mkey]*mcopy{},
+		writes: map[string][]pendingWrite{}, writeAt: map[uint64]string{},
 	}, nil
 }
 
@@ -410,7 +427,6 @@ func (s *Space) Convert(p *Proc, mode Mode, flags Flags, lvb []byte) error {
 	if s.stopped {
 		return fmt.Errorf("lock on %q: %w", p.name, ErrStopped)
 	}
-	p.cancelSt = 0
 	if p.local {
 		if lvb != nil {
 			p.lvb = lvb
@@ -441,13 +457,20 @@ func (s *Space) Convert(p *Proc, mode Mode, flags Flags, lvb []byte) error {
 	if lvb != nil {
 		p.lvb = lvb
 	}
-	p.flags = flags | Convert
+	p.flags, p.cancelSt = flags|Convert, 0
 	m := message{typ: msgConvert, lock: p.id, mode: mode, flags: p.flags}
 	if flags&ValBlk != 0 {
 		m.lvb = p.lvb
 	}
-	if lvbOperation(p.grmode, mode) == lvbWrite && flags&ValBlk != 0 && flags&IVValBlk == 0 {
-		p.lvbBad = false // it is now the resource's value
+	if lvbOperation(p.grmode, mode) == lvbWrite {
+		switch {
+		case flags&IVValBlk != 0:
+			p.lvbKnown = false
+			m.wid = s.recordWrite(p, true)
+		case flags&ValBlk != 0 && p.lvb != nil:
+			p.lvbKnown = true // it is now the resource's value
+			m.wid = s.recordWrite(p, false)
+		}
 	}
 	if downConversion(p.grmode, mode) {
 		s.sendDeferred(p.master, &m)
@@ -507,6 +530,14 @@ func (s *Space) Unlock(p *Proc, flags Flags, lvb []byte) error {
 		if flags&ValBlk != 0 {
 			m.lvb = p.lvb
 		}
+		if p.state == pGranted && p.grmode >= PW {
+			switch {
+			case flags&IVValBlk != 0:
+				m.wid = s.recordWrite(p, true)
+			case flags&ValBlk != 0 && p.lvb != nil:
+				m.wid = s.recordWrite(p, false)
+			}
+		}
 		if p.state == pGranted {
 			s.sendDeferred(p.master, &m)
 		} else {
@@ -516,6 +547,36 @@ func (s *Space) Unlock(p *Proc, flags Flags, lvb []byte) error {
 	s.freeProc(p)
 	s.cast(p, StatusUnlock, 0)
 	return nil
+}
+
+// recordWrite remembers an LVB write sent without waiting until the master
+// acknowledges it, and returns its ID.
+// An invalidation (IVValBlk) is recorded as a write without a value.
+func (s *Space) recordWrite(p *Proc, invalidate bool) uint64 {
+	s.nextWID++
+	w := pendingWrite{wid: s.nextWID, base: p.lvbseq}
+	if !invalidate {
+		w.lvb = bytes.Clone(p.lvb)
+		p.lvbseq++ // what the master's sequence becomes
+	}
+	s.writes[p.name] = append(s.writes[p.name], w)
+	s.writeAt[w.wid] = p.name
+	return w.wid
+}
+
+// writeAcked forgets an acknowledged write.
+func (s *Space) writeAcked(wid uint64) {
+	name, ok := s.writeAt[wid]
+	if !ok {
+		return
+	}
+	delete(s.writeAt, wid)
+	ws := slices.DeleteFunc(s.writes[name], func(w pendingWrite) bool { return w.wid == wid })
+	if len(ws) == 0 {
+		delete(s.writes, name)
+	} else {
+		s.writes[name] = ws
+	}
 }
 
 func (s *Space) freeProc(p *Proc) {
@@ -645,7 +706,7 @@ func (s *Space) drainCore() {
 			}
 			p.grmode, p.lvbseq = cb.Mode, cb.LVBSeq
 			if cb.Status == StatusOK {
-				p.lvbBad = cb.Flags&ValNotValid != 0
+				p.lvbKnown = p.flags&ValBlk != 0 && p.flags&IVValBlk == 0 && cb.Flags&ValNotValid == 0
 			}
 			if cb.Mode == ModeIV {
 				p.state = pFree
@@ -728,7 +789,7 @@ func (s *Space) Step(from NodeID, gen uint64, payload []byte) error {
 		}
 		return nil
 	}
-	if m.typ == msgNames || m.typ == msgLocksDone || m.typ == msgRecoverLock {
+	if m.typ == msgNames || m.typ == msgLocksDone || m.typ == msgRecoverLock || m.typ == msgRecoverWrite {
 		return fmt.Errorf("%w: %v message from node %d outside recovery", ErrInvalid, m.typ, from)
 	}
 	switch m.typ {
@@ -759,6 +820,8 @@ func (s *Space) Step(from NodeID, gen uint64, payload []byte) error {
 		if p.tag != nil && p.blocking {
 			s.cbs = append(s.cbs, Callback{Kind: Blocking, Lock: LockID(p.id), Tag: p.tag, Mode: m.mode})
 		}
+	case msgWriteAck:
+		s.writeAcked(m.wid)
 	case msgNotMaster:
 		if p := s.procs[m.lock]; p != nil && p.state == pRequesting {
 			delete(s.procs, p.id)
@@ -827,6 +890,9 @@ func (s *Space) masterRequest(from NodeID, m *message) {
 func (s *Space) masterOp(from NodeID, m *message) {
 	mc := s.mcopies[mkey{from, m.lock}]
 	if mc == nil {
+		if m.wid != 0 {
+			s.sendDeferred(from, &message{typ: msgWriteAck, wid: m.wid})
+		}
 		return // the lock is gone here already (e.g. cancelled and released)
 	}
 	if len(m.lvb) > 0 {
@@ -849,6 +915,9 @@ func (s *Space) masterOp(from NodeID, m *message) {
 		err = s.core.Unlock(mc.coreID, m.flags|ForceUnlock, mc.lvb)
 	case msgCancel:
 		err = s.core.CancelStatus(mc.coreID, m.status)
+	}
+	if m.wid != 0 {
+		s.sendDeferred(from, &message{typ: msgWriteAck, wid: m.wid})
 	}
 	if err != nil {
 		mc.silent = false
@@ -873,7 +942,7 @@ func (s *Space) remoteCast(m *message) {
 		copy(p.lvb, m.lvb)
 	}
 	if m.status == StatusOK {
-		p.lvbBad = m.sbf&ValNotValid != 0
+		p.lvbKnown = p.flags&ValBlk != 0 && p.flags&IVValBlk == 0 && m.sbf&ValNotValid == 0
 	}
 	p.grmode, p.lvbseq = m.mode, m.seq
 	p.rqmode, p.cancelSt = ModeIV, 0
