@@ -43,11 +43,11 @@ type recovery struct {
 	rebuilt   map[string]bool // resources this node masters afresh
 	names     map[NodeID]bool // members whose names arrived (this node included)
 	dirReady  bool
-	held      []mkeyName // lookups waiting for the directory
+	held      []mkeyName         // lookups waiting for the directory
 	asked     map[string]bool    // master lookups this node started
 	lookups   map[string][]*Proc // locks waiting for their master to be known
-	resend    []*Proc // locks still to resend (while their master is looked up)
-	reconvert []*Proc // conversions to send again after recovery
+	resend    []*Proc            // locks still to resend (while their master is looked up)
+	reconvert []*Proc            // conversions to send again after recovery
 	sentDone  bool
 	done      map[NodeID]bool
 	rwrites   []recoverWrite // writes resent to this node, applied when recovery ends
