@@ -3,7 +3,6 @@ package dlm
 import (
 	"context"
 	"fmt"
-	"strconv"
 )
 
 // ID returns the lock's ID in its lockspace on this node.
@@ -113,7 +112,7 @@ func (lk *Lock) startConvert(ctx context.Context, mode Mode, flags Flags, done f
 	sp := lk.ls.sp
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
-	if err := sp.awaitResume(ctx, "convert "+strconv.Quote(lk.resource)); err != nil {
+	if err := sp.awaitResume(ctx, "convert", lk.resource); err != nil {
 		return err
 	}
 	if err := lk.usable("convert"); err != nil {
@@ -172,7 +171,7 @@ func (lk *Lock) startUnlock(ctx context.Context, flags Flags, done func(*Lock, e
 	}
 	sp := lk.ls.sp
 	sp.mu.Lock()
-	if err := sp.awaitResume(ctx, "unlock "+strconv.Quote(lk.resource)); err != nil {
+	if err := sp.awaitResume(ctx, "unlock", lk.resource); err != nil {
 		sp.mu.Unlock()
 		return err
 	}

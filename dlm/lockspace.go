@@ -10,7 +10,6 @@ import (
 	"maps"
 	"net"
 	"slices"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -396,7 +395,8 @@ type space struct {
 
 // awaitResume waits, with mu released, until the lockspace resumes after a
 // membership change or ctx ends. Called with mu held; returns with it held.
-func (sp *space) awaitResume(ctx context.Context, what string) error {
+// op and resource name the call, for the error.
+func (sp *space) awaitResume(ctx context.Context, op, resource string) error {
 	for sp.sp.Stopped() {
 		ch := sp.resume
 		if ch == nil {
@@ -409,7 +409,7 @@ func (sp *space) awaitResume(ctx context.Context, what string) error {
 			sp.mu.Lock()
 		case <-ctx.Done():
 			sp.mu.Lock()
-			return fmt.Errorf("%s: waiting for recovery: %w", what, ctxStatus(ctx.Err()))
+			return fmt.Errorf("%s %q: waiting for recovery: %w", op, resource, ctxStatus(ctx.Err()))
 		}
 	}
 	return nil
@@ -681,7 +681,7 @@ func (ls *Lockspace) start(ctx context.Context, req LockRequest, done func(*Lock
 		lk.lvb = make([]byte, sp.sp.LVBLen())
 	}
 	sp.mu.Lock()
-	if err := sp.awaitResume(ctx, "lock "+strconv.Quote(req.Resource)); err != nil {
+	if err := sp.awaitResume(ctx, "lock", req.Resource); err != nil {
 		sp.mu.Unlock()
 		return nil, err
 	}

@@ -300,8 +300,11 @@ func (s *Space) Lock(p *Proc, req Request) error {
 		return s.adopt(p, req)
 	}
 	s.nextID++
-	*p = Proc{name: req.Resource, id: s.nextID, grmode: ModeIV, rqmode: req.Mode, flags: req.Flags,
-		lvb: req.LVB, tag: req.Tag, blocking: req.Blocking, owner: req.Owner}
+	// Field by field: copying a whole struct with pointers costs a bulk
+	// write barrier whenever the collector runs, which is often here.
+	p.name, p.id, p.coreID, p.local, p.master, p.state = req.Resource, s.nextID, 0, false, 0, pFree
+	p.grmode, p.rqmode, p.flags, p.lvb, p.lvbseq = ModeIV, req.Mode, req.Flags, req.LVB, 0
+	p.tag, p.blocking, p.owner, p.orphan, p.cancelSt, p.lvbKnown = req.Tag, req.Blocking, req.Owner, false, 0, false
 	r := s.rsb(req.Resource)
 	p.rsb = r
 	switch {
