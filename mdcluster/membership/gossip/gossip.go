@@ -1,0 +1,319 @@
+// Package gossip is the daemon's side of cluster membership: it runs
+// hashicorp/memberlist as the failure detector and message carrier, and a
+// Runner that drives the pure membership.Agreement with a ticker and hands
+// what it decides to the daemon's hooks.
+//
+// memberlist (SWIM gossip) only says who looks alive. It gives no agreement,
+// and its leave notification looks the same for a crash and a graceful
+// leave; both gaps are closed by the Agreement on top (agreed views, and an
+// explicit LEAVE message of our own).
+package gossip
+
+import (
+	"bytes"
+	"context"
+	"crypto/hkdf"
+	"crypto/sha256"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"log/slog"
+	"net"
+	"slices"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/memberlist"
+
+	"github.com/mdcluster/mdcluster/mdcluster/membership"
+)
+
+// NodeID is the cluster node ID; memberlist node names are its decimal form.
+type NodeID = membership.NodeID
+
+// Profile selects failure-detector timings.
+type Profile int
+
+const (
+	// LAN is memberlist's DefaultLANConfig: probe every 1 s, suspicion
+	// 4 probe intervals. A crashed node is declared dead after about 5-7 s
+	// in small clusters. Tolerant of busy hosts and lossy networks.
+	LAN Profile = iota
+	// Fast is for a dedicated storage LAN between a handful of nodes: probe
+	// every 100 ms with a 50 ms timeout, suspicion 2 probe intervals, gossip
+	// every 20 ms. A crashed node is declared dead in about 0.3-0.6 s (see
+	// docs/membership.md for the measurement). It assumes sub-millisecond
+	// round trips and hosts that do not stall gossip goroutines for tens of
+	// milliseconds; otherwise expect false suspicions.
+	Fast
+)
+
+func (p Profile) String() string {
+	switch p {
+	case LAN:
+		return "lan"
+	case Fast:
+		return "fast"
+	}
+	return fmt.Sprintf("profile(%d)", int(p))
+}
+
+// Config describes one node's failure detector.
+type Config struct {
+	// Self is this node; its memberlist name is the decimal ID.
+	Self NodeID
+	// BindAddr is the address gossip binds to and advertises (UDP and TCP,
+	// same port). Default 127.0.0.1.
+	BindAddr string
+	// Port is the gossip port; 0 picks a free one (see Detector.Port).
+	Port int
+	// ClusterKey is the cluster's shared secret (any length, at least 16
+	// bytes). Gossip is encrypted and authenticated with a 32-byte key
+	// derived from it, so nodes of another cluster cannot join or inject
+	// messages.
+	ClusterKey []byte
+	// Profile selects the timings.
+	Profile Profile
+	// Logger receives memberlist's own log lines at their level; nil uses
+	// slog.Default.
+	Logger *slog.Logger
+}
+
+// DeriveKey derives memberlist's AES-256 gossip key (memberlist needs 16,
+// 24 or 32 bytes) from the cluster key, with a label so that the same
+// cluster key can be reused for other purposes without sharing this key.
+func DeriveKey(clusterKey []byte) ([]byte, error) {
+	if len(clusterKey) < 16 {
+		return nil, fmt.Errorf("gossip: cluster key of %d bytes, need at least 16", len(clusterKey))
+	}
+	k, err := hkdf.Key(sha256.New, clusterKey, nil, "mdcluster gossip v1", 32)
+	if err != nil {
+		return nil, fmt.Errorf("gossip: deriving gossip key: %w", err)
+	}
+	return k, nil
+}
+
+// MemberlistConfig returns the memberlist configuration for cfg, with no
+// delegates set.
+func MemberlistConfig(cfg Config) (*memberlist.Config, error) {
+	if cfg.Self == 0 {
+		return nil, errors.New("gossip: Config.Self is not set")
+	}
+	key, err := DeriveKey(cfg.ClusterKey)
+	if err != nil {
+		return nil, err
+	}
+	mc := memberlist.DefaultLANConfig()
+	switch cfg.Profile {
+	case LAN:
+	case Fast:
+		mc.ProbeInterval = 100 * time.Millisecond
+		mc.ProbeTimeout = 50 * time.Millisecond
+		mc.SuspicionMult = 2           // suspicion timeout 2 × max(1, log10 n) × 100 ms
+		mc.SuspicionMaxTimeoutMult = 3 // at most 3× that when waiting for confirmations
+		mc.IndirectChecks = 2
+		mc.GossipInterval = 20 * time.Millisecond
+		mc.GossipNodes = 3
+		mc.RetransmitMult = 3
+		mc.TCPTimeout = time.Second
+		mc.PushPullInterval = 5 * time.Second
+		mc.GossipToTheDeadTime = 5 * time.Second
+		mc.AwarenessMaxMultiplier = 3 // a struggling node slows its probing to at most 300 ms
+	default:
+		return nil, fmt.Errorf("gossip: unknown profile %d", int(cfg.Profile))
+	}
+	mc.Name = strconv.FormatUint(uint64(cfg.Self), 10)
+	addr := cfg.BindAddr
+	if addr == "" {
+		addr = "127.0.0.1"
+	}
+	mc.BindAddr, mc.AdvertiseAddr = addr, addr
+	mc.BindPort, mc.AdvertisePort = cfg.Port, cfg.Port
+	mc.SecretKey = key
+	mc.GossipVerifyIncoming, mc.GossipVerifyOutgoing = true, true
+	logger := cfg.Logger
+	if logger == nil {
+		logger = slog.Default()
+	}
+	mc.Logger = log.New(&slogWriter{l: logger.With("component", "memberlist", "node", cfg.Self)}, "", 0)
+	return mc, nil
+}
+
+// slogWriter turns memberlist's "[LEVEL] memberlist: ..." lines into slog
+// records at the matching level.
+type slogWriter struct{ l *slog.Logger }
+
+func (w *slogWriter) Write(p []byte) (int, error) {
+	line := string(bytes.TrimSpace(p))
+	level := slog.LevelInfo
+	for prefix, lv := range map[string]slog.Level{"[DEBUG]": slog.LevelDebug, "[INFO]": slog.LevelInfo,
+		"[WARN]": slog.LevelWarn, "[ERR]": slog.LevelError, "[ERROR]": slog.LevelError} {
+		if len(line) >= len(prefix) && line[:len(prefix)] == prefix {
+			level = lv
+			line = string(bytes.TrimSpace([]byte(line[len(prefix):])))
+			break
+		}
+	}
+	w.l.Log(context.Background(), level, line)
+	return len(p), nil
+}
+
+// Detector is one node's memberlist: it keeps the set of nodes memberlist
+// believes alive (alive or suspect; memberlist's Members) and carries the
+// agreement's messages over memberlist's encrypted TCP channel.
+type Detector struct {
+	ml   *memberlist.Memberlist
+	self NodeID
+
+	mu       sync.Mutex
+	alive    map[NodeID]bool
+	onChange func([]NodeID)
+	onMsg    func(from NodeID, payload []byte)
+	log      *slog.Logger
+}
+
+// NewDetector starts memberlist for cfg. onChange is called (from
+// memberlist's goroutines, never concurrently, and it must not block) with
+// the new alive set, Self included, whenever it changes; onMsg receives the
+// agreement messages other nodes sent with Send (it must not block either:
+// copy and queue).
+func NewDetector(cfg Config, onChange func([]NodeID), onMsg func(from NodeID, payload []byte)) (*Detector, error) {
+	mc, err := MemberlistConfig(cfg)
+	if err != nil {
+		return nil, err
+	}
+	logger := cfg.Logger
+	if logger == nil {
+		logger = slog.Default()
+	}
+	d := &Detector{self: cfg.Self, alive: map[NodeID]bool{cfg.Self: true}, onChange: onChange, onMsg: onMsg,
+		log: logger.With("node", cfg.Self)}
+	mc.Events = (*events)(d)
+	mc.Delegate = (*delegate)(d)
+	ml, err := memberlist.Create(mc)
+	if err != nil {
+		return nil, fmt.Errorf("gossip: node %s: starting memberlist on %s:%d: %w", cfg.Self, mc.BindAddr, cfg.Port, err)
+	}
+	d.ml = ml
+	return d, nil
+}
+
+// Port is the gossip port actually bound.
+func (d *Detector) Port() int { return int(d.ml.LocalNode().Port) }
+
+// Addr is "host:port" of this node's gossip endpoint, for other nodes' Join.
+func (d *Detector) Addr() string {
+	n := d.ml.LocalNode()
+	return net.JoinHostPort(n.Addr.String(), strconv.Itoa(int(n.Port)))
+}
+
+// Join contacts existing nodes ("host:port"); it succeeds if any answered.
+func (d *Detector) Join(peers []string) error {
+	if _, err := d.ml.Join(peers); err != nil {
+		return fmt.Errorf("gossip: node %s: joining %v: %w", d.self, peers, err)
+	}
+	return nil
+}
+
+// Alive returns the current alive set, sorted, Self included.
+func (d *Detector) Alive() []NodeID {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.sortedLocked()
+}
+
+func (d *Detector) sortedLocked() []NodeID {
+	out := make([]NodeID, 0, len(d.alive))
+	for id := range d.alive {
+		out = append(out, id)
+	}
+	slices.Sort(out)
+	return out
+}
+
+// Send delivers an agreement message to node to over memberlist's reliable
+// (TCP, encrypted) channel. The message is framed with the sender's ID.
+func (d *Detector) Send(to NodeID, payload []byte) error {
+	name := strconv.FormatUint(uint64(to), 10)
+	for _, n := range d.ml.Members() {
+		if n.Name == name {
+			msg := binary.BigEndian.AppendUint32(make([]byte, 0, 4+len(payload)), uint32(d.self))
+			if err := d.ml.SendReliable(n, append(msg, payload...)); err != nil {
+				return fmt.Errorf("gossip: node %s: sending to %s: %w", d.self, to, err)
+			}
+			return nil
+		}
+	}
+	return fmt.Errorf("gossip: node %s: node %s is not known to memberlist", d.self, to)
+}
+
+// Leave announces a graceful leave to memberlist and waits up to timeout
+// for it to spread. memberlist cannot be rejoined after this: Shutdown, and
+// create a new Detector to come back. Note that other nodes cannot tell this
+// from a crash; the agreement's own LEAVE message says it was graceful.
+func (d *Detector) Leave(timeout time.Duration) error {
+	if err := d.ml.Leave(timeout); err != nil {
+		return fmt.Errorf("gossip: node %s: leaving: %w", d.self, err)
+	}
+	return nil
+}
+
+// Shutdown stops gossiping at once without telling anyone (to others it
+// looks like a crash).
+func (d *Detector) Shutdown() error {
+	if err := d.ml.Shutdown(); err != nil {
+		return fmt.Errorf("gossip: node %s: shutdown: %w", d.self, err)
+	}
+	return nil
+}
+
+func (d *Detector) update(n *memberlist.Node, alive bool) {
+	id, err := strconv.ParseUint(n.Name, 10, 32)
+	if err != nil || id == 0 {
+		d.log.Warn("ignoring a memberlist node whose name is not a node ID", "name", n.Name)
+		return
+	}
+	d.mu.Lock()
+	if d.alive[NodeID(id)] == alive || NodeID(id) == d.self {
+		d.mu.Unlock()
+		return
+	}
+	if alive {
+		d.alive[NodeID(id)] = true
+	} else {
+		delete(d.alive, NodeID(id))
+	}
+	set := d.sortedLocked()
+	d.mu.Unlock()
+	d.log.Info("failure detector", "peer", id, "alive", alive, "alive_set", set)
+	if d.onChange != nil {
+		d.onChange(set)
+	}
+}
+
+type events Detector
+
+func (e *events) NotifyJoin(n *memberlist.Node)   { (*Detector)(e).update(n, true) }
+func (e *events) NotifyLeave(n *memberlist.Node)  { (*Detector)(e).update(n, false) }
+func (e *events) NotifyUpdate(n *memberlist.Node) {}
+
+type delegate Detector
+
+func (g *delegate) NodeMeta(limit int) []byte { return nil }
+
+func (g *delegate) NotifyMsg(b []byte) {
+	if len(b) < 4 || g.onMsg == nil {
+		return
+	}
+	from := NodeID(binary.BigEndian.Uint32(b))
+	g.onMsg(from, slices.Clone(b[4:]))
+}
+
+func (g *delegate) GetBroadcasts(overhead, limit int) [][]byte { return nil }
+func (g *delegate) LocalState(join bool) []byte                { return nil }
+func (g *delegate) MergeRemoteState(buf []byte, join bool)     {}
+
+var _ io.Writer = (*slogWriter)(nil)
