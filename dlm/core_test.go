@@ -796,3 +796,20 @@ func TestNewCoreRejectsBadLVBLen(t *testing.T) {
 		}
 	}
 }
+
+func TestBlockingCallbackHighbast(t *testing.T) {
+	// a is told about PW once; a completion of its own in between does
+	// not make a second PW request tell it again (highbast), until it is
+	// granted anew.
+	h := newHarness(t)
+	h.must(h.lock("a", "r", PR, 0))
+	h.must(h.lock("b", "r", PW, 0))
+	h.expect("a: OK PR; a: bast PW")
+	h.must(h.convert("a", EX, NoQueue))
+	h.expect("a: EAGAIN PR")
+	h.must(h.lock("c", "r", PW, 0))
+	h.expect("")
+	// A more restrictive request is still told.
+	h.must(h.lock("d", "r", EX, 0))
+	h.expect("a: bast EX")
+}
