@@ -803,13 +803,14 @@ func TestBlockingCallbackHighbast(t *testing.T) {
 	// granted anew.
 	h := newHarness(t)
 	h.must(h.lock("a", "r", PR, 0))
+	h.must(h.lock("x", "r", CR, 0))
 	h.must(h.lock("b", "r", PW, 0))
-	h.expect("a: OK PR; a: bast PW")
-	h.must(h.convert("a", EX, NoQueue))
+	h.expect("a: OK PR; x: OK CR; a: bast PW")
+	h.must(h.convert("a", EX, NoQueue)) // x's CR blocks EX
 	h.expect("a: EAGAIN PR")
 	h.must(h.lock("c", "r", PW, 0))
 	h.expect("")
 	// A more restrictive request is still told.
 	h.must(h.lock("d", "r", EX, 0))
-	h.expect("a: bast EX")
+	h.expect("a: bast EX; x: bast EX")
 }
