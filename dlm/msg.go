@@ -55,11 +55,12 @@ const (
 var msgTypeNames = [...]string{"", "lookup", "lookup-reply", "remove", "request", "convert", "unlock", "cancel",
 	"cast", "bast", "not-master", "names", "locks-done", "recover-lock", "write-ack", "recover-write"}
 
-// recovery reports whether t belongs to recovery; other messages wait while
-// the lockspace recovers.
+// recovery reports whether t is handled while the lockspace recovers; other
+// messages wait until it is over. The directory's messages (lookup, its
+// reply, remove) are all handled at once, so that they keep their order.
 func (t msgType) recovery() bool {
 	return t == msgNames || t == msgLocksDone || t == msgRecoverLock || t == msgRecoverWrite ||
-		t == msgLookup || t == msgLookupReply
+		t == msgLookup || t == msgLookupReply || t == msgRemove
 }
 
 func (t msgType) String() string {

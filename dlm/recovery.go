@@ -465,9 +465,15 @@ func (s *Space) maybeFinish() {
 	// only if the value is still the one it replaced (nobody else can have
 	// written in between: the writer held PW or EX until the write).
 	for _, w := range rec.rwrites {
-		r := s.core.getResource(w.name)
+		// Only a sequence with a known history can be compared: a
+		// resource this node kept mastering, or one rebuilt with a valid
+		// value. A resource whose master died with no valid value left (or
+		// that nobody holds) keeps ValNotValid: a PW/EX holder may have
+		// written after the resent write, and died.
+		r := s.core.res[w.name]
+		trusted := r != nil && (rec.mastered[w.name] || !r.valNotValid)
 		switch {
-		case r.lvbSeq != w.base:
+		case !trusted || r.lvbSeq != w.base:
 		case w.lvb == nil:
 			r.valNotValid = true
 		default:
@@ -595,6 +601,10 @@ func (s *Space) stepRecovery(from NodeID, m *message) {
 		s.recoverLock(from, m)
 	case msgLocksDone:
 		s.locksDoneFrom(from)
+	case msgRemove:
+		if s.dir[string(m.nameb)] == from {
+			delete(s.dir, string(m.nameb))
+		}
 	case msgRecoverWrite:
 		var v []byte
 		if len(m.lvb) > 0 {
