@@ -552,6 +552,16 @@ func (s *Space) Unlock(p *Proc, flags Flags, lvb []byte) error {
 	return nil
 }
 
+// knowsValue reports whether, after a grant from prev to mode, p's buffer
+// holds the resource's current value: the grant read or wrote it (ValBlk),
+// did not invalidate it, and the value was valid.
+func knowsValue(p *Proc, prev, mode Mode, sbf StatusFlags) bool {
+	if p.flags&ValBlk == 0 || p.flags&IVValBlk != 0 || sbf&ValNotValid != 0 {
+		return false
+	}
+	return lvbOperation(prev, mode) != lvbNone
+}
+
 // recordWrite remembers an LVB write sent without waiting until the master
 // acknowledges it, and returns its ID.
 // An invalidation (IVValBlk) is recorded as a write without a value.
@@ -707,10 +717,10 @@ func (s *Space) drainCore() {
 				s.cbs = append(s.cbs, Callback{Kind: Blocking, Lock: LockID(p.id), Tag: p.tag, Mode: cb.Mode})
 				continue
 			}
-			p.grmode, p.lvbseq = cb.Mode, cb.LVBSeq
 			if cb.Status == StatusOK {
-				p.lvbKnown = p.flags&ValBlk != 0 && p.flags&IVValBlk == 0 && cb.Flags&ValNotValid == 0
+				p.lvbKnown = knowsValue(p, p.grmode, cb.Mode, cb.Flags)
 			}
+			p.grmode, p.lvbseq = cb.Mode, cb.LVBSeq
 			if cb.Mode == ModeIV {
 				p.state = pFree
 			} else {
@@ -945,7 +955,7 @@ func (s *Space) remoteCast(m *message) {
 		copy(p.lvb, m.lvb)
 	}
 	if m.status == StatusOK {
-		p.lvbKnown = p.flags&ValBlk != 0 && p.flags&IVValBlk == 0 && m.sbf&ValNotValid == 0
+		p.lvbKnown = knowsValue(p, prev, m.mode, m.sbf)
 	}
 	p.grmode, p.lvbseq = m.mode, m.seq
 	p.rqmode, p.cancelSt = ModeIV, 0

@@ -323,9 +323,12 @@ func (m *smodel) changeMembership() {
 			if l.node != i {
 				continue
 			}
-			if l.gr >= PW {
+			demotable := l.pending && l.op == "convert" && l.flags&ConvDeadlk != 0
+			if l.gr >= PW && !demotable {
 				// It may have written half a value: the next grantee must
-				// be told. (A request still pending cannot have written.)
+				// be told. (A request still pending cannot have written; a
+				// ConvDeadlk conversion may have been demoted to NL already,
+				// and then its owner could not count on PW either.)
 				m.res[l.res].invalid = true
 			}
 			if how == down {
