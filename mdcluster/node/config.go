@@ -1,0 +1,151 @@
+package node
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"time"
+
+	"github.com/mdcluster/mdcluster/ddraid"
+	"github.com/mdcluster/mdcluster/dlm/transport"
+	"github.com/mdcluster/mdcluster/mdcluster/fence"
+	"github.com/mdcluster/mdcluster/mdcluster/membership/gossip"
+)
+
+// Config configures one storage node's cluster machinery. Start from a
+// profile (DefaultLANConfig or StorageLANConfig), which sets the timings,
+// and fill in the node's identity, addresses, quorum, key, data directory
+// and fencer.
+type Config struct {
+	// ID is this node's ID: the same number in the quorum configuration,
+	// in gossip (as the memberlist node name) and in the DLM.
+	ID NodeID
+	// Quorum is the cluster's m-of-n data-node configuration. Every node of
+	// the cluster must be given the same one.
+	Quorum ddraid.Config
+	// Peers maps every other configured node to its DLM transport address.
+	// The DLM keeps connections to all of them; the agreed view, not this
+	// list, decides who takes part in locking.
+	Peers map[NodeID]string
+	// DLMListenAddr is where the DLM transport accepts peers, e.g.
+	// "10.0.0.1:7410". Ignored when DLMListener is set.
+	DLMListenAddr string
+	// DLMListener, if set, is used instead of DLMListenAddr (tests listen on
+	// port 0 first to learn the address). The node closes it.
+	DLMListener net.Listener
+	// GossipBindAddr and GossipPort are the failure detector's endpoint (UDP
+	// and TCP, same port; port 0 picks one, see Node.GossipAddr). The
+	// address is also advertised to peers, so it must be this node's
+	// storage-network address, not a wildcard; empty means 127.0.0.1.
+	GossipBindAddr string
+	GossipPort     int
+	// Seeds are other nodes' gossip endpoints ("host:port") to join at
+	// start. The node retries every JoinRetry until one answers, so nodes
+	// may start in any order.
+	Seeds []string
+	// ClusterKey is the cluster's shared secret (at least 16 bytes). It
+	// authenticates the DLM transport and, through a derived key, encrypts
+	// gossip.
+	ClusterKey []byte
+	// DataDir holds the state store (badger). It must survive restarts: it
+	// keeps the agreement's promise, without which a restarted node could
+	// vote twice.
+	DataDir string
+	// Fencer fences failed nodes (e.g. fence.Levels of fence.Agent and a
+	// fence.StampFencer). Required: without a fence no view that removes a
+	// failed node can be installed.
+	Fencer fence.Fencer
+	// FenceTimeout bounds one fence attempt; a timeout is a failure, which
+	// the agreement asks for again after FenceRetryTicks.
+	FenceTimeout time.Duration
+
+	// Profile selects the failure detector's timings.
+	Profile gossip.Profile
+	// Tick is the agreement's tick.
+	Tick time.Duration
+	// PrepareTimeout, RetransmitTicks and FenceRetryTicks are the
+	// agreement's timeouts, in ticks (see membership.Config).
+	PrepareTimeout  int
+	RetransmitTicks int
+	FenceRetryTicks int
+	// JoinRetry is how often the node retries joining Seeds while it knows
+	// no other live node.
+	JoinRetry time.Duration
+	// DLMTick is how often the DLM ages its cached directory entries.
+	DLMTick time.Duration
+	// Transport tunes the DLM transport (zero fields take its defaults).
+	Transport transport.Config
+
+	// Logger receives the node's decision log and its components' logs;
+	// nil means slog.Default().
+	Logger *slog.Logger
+	// OnEvent, if set, is called synchronously for every membership event
+	// (for metrics and tests). It must return promptly: most events are
+	// reported from the agreement's goroutine.
+	OnEvent func(Event)
+}
+
+// DefaultLANConfig is the profile for an ordinary LAN or a busy host:
+// memberlist's LAN timings (a crashed node is declared dead after about
+// 5-7 s), a 50 ms agreement tick with a 1 s prepare timeout, and a 60 s
+// limit per fence attempt (the ClusterLabs agents' usual limit).
+func DefaultLANConfig() Config {
+	return Config{
+		Profile:         gossip.LAN,
+		Tick:            50 * time.Millisecond,
+		PrepareTimeout:  20,
+		RetransmitTicks: 2,
+		FenceRetryTicks: 20,
+		FenceTimeout:    60 * time.Second,
+		JoinRetry:       time.Second,
+		DLMTick:         time.Second,
+	}
+}
+
+// StorageLANConfig is the fast profile for a dedicated, lightly loaded
+// storage network between a handful of nodes: memberlist probes every
+// 100 ms (a crashed node is declared dead in about 0.3-0.6 s), the agreement
+// ticks every 10 ms with a 200 ms prepare timeout. A host that stalls for
+// tens of milliseconds will be suspected: prefer DefaultLANConfig where a
+// false suspicion (a view change and a fence of a healthy node) is worse
+// than slower failover.
+func StorageLANConfig() Config {
+	c := DefaultLANConfig()
+	c.Profile = gossip.Fast
+	c.Tick = 10 * time.Millisecond
+	c.PrepareTimeout = 20
+	c.RetransmitTicks = 3
+	c.FenceRetryTicks = 50
+	c.JoinRetry = 200 * time.Millisecond
+	return c
+}
+
+// validate checks what New cannot default.
+func (c *Config) validate() error {
+	var errs []error
+	if c.ID == ddraid.NoNode {
+		errs = append(errs, errors.New("ID is not set"))
+	}
+	if err := c.Quorum.Validate(); err != nil {
+		errs = append(errs, fmt.Errorf("quorum: %w", err))
+	}
+	for id := range c.Peers {
+		if id == ddraid.NoNode || id == c.ID {
+			errs = append(errs, fmt.Errorf("peer ID %s is invalid", id))
+		}
+	}
+	if len(c.ClusterKey) < 16 {
+		errs = append(errs, fmt.Errorf("cluster key of %d bytes, need at least 16", len(c.ClusterKey)))
+	}
+	if c.DataDir == "" {
+		errs = append(errs, errors.New("DataDir is not set"))
+	}
+	if c.Fencer == nil {
+		errs = append(errs, errors.New("no Fencer configured: failed nodes could never be fenced"))
+	}
+	if c.Tick <= 0 || c.FenceTimeout <= 0 || c.JoinRetry <= 0 {
+		errs = append(errs, errors.New("Tick, FenceTimeout and JoinRetry must be positive (start from a profile)"))
+	}
+	return errors.Join(errs...)
+}

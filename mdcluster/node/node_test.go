@@ -1,0 +1,310 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/mdcluster/mdcluster/ddraid"
+	"github.com/mdcluster/mdcluster/dlm"
+	"github.com/mdcluster/mdcluster/mdcluster/fence"
+	"github.com/mdcluster/mdcluster/mdcluster/membership"
+)
+
+var testKey = []byte("node package test cluster key!!!")
+
+// testLogger logs to the test at warn level (debug with NODE_TEST_LOG=1).
+func testLogger(t testing.TB) *slog.Logger {
+	level := slog.LevelWarn
+	if os.Getenv("NODE_TEST_LOG") != "" {
+		level = slog.LevelDebug
+	}
+	return slog.New(slog.NewTextHandler(tWriter{t}, &slog.HandlerOptions{Level: level}))
+}
+
+type tWriter struct{ t testing.TB }
+
+func (w tWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimRight(string(p), "\n"))
+	return len(p), nil
+}
+
+func TestConfigValidate(t *testing.T) {
+	c := StorageLANConfig()
+	err := c.validate()
+	if err == nil {
+		t.Fatal("an empty configuration was accepted")
+	}
+	for _, want := range []string{"ID is not set", "quorum", "cluster key", "DataDir", "Fencer"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error %q does not mention %q", err, want)
+		}
+	}
+	c.ID, c.Quorum, c.ClusterKey, c.DataDir, c.Fencer = 1, ddraid.Config{DataNodes: []NodeID{1, 2, 3}, Quorum: 2}, testKey, t.TempDir(), &fence.TestFencer{}
+	if err := c.validate(); err != nil {
+		t.Fatal(err)
+	}
+	c.Peers = map[NodeID]string{1: "x"}
+	if err := c.validate(); err == nil || !strings.Contains(err.Error(), "peer ID 1") {
+		t.Fatalf("self as a peer: %v", err)
+	}
+	lan, fast := DefaultLANConfig(), StorageLANConfig()
+	if lan.Profile == fast.Profile || fast.Tick >= lan.Tick {
+		t.Fatalf("profiles do not differ: lan %+v fast %+v", lan, fast)
+	}
+}
+
+func TestStorePersistsHardStateAndIdentity(t *testing.T) {
+	dir := t.TempDir()
+	lg := testLogger(t)
+	s, err := OpenStore(dir, 2, lg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok, err := s.LoadHardState(); err != nil || ok {
+		t.Fatalf("fresh store: ok %v err %v", ok, err)
+	}
+	hs := membership.HardState{Promised: 7, PromisedTo: 1,
+		Installed: membership.Proposal{Gen: 7, Members: []NodeID{1, 2, 3}, Prev: membership.View{Gen: 3, Members: []NodeID{1, 2}}}}
+	if err := s.SaveHardState(hs); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := OpenStore(dir, 3, lg); err == nil || !strings.Contains(err.Error(), "belongs to node 2") {
+		t.Fatalf("opening node 2's store as node 3: %v", err)
+	}
+	s, err = OpenStore(dir, 2, lg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	got, ok, err := s.LoadHardState()
+	if err != nil || !ok {
+		t.Fatalf("reopened store: ok %v err %v", ok, err)
+	}
+	if got.Promised != 7 || got.PromisedTo != 1 || !got.Installed.View().Equal(hs.Installed.View()) || !got.Installed.Prev.Equal(hs.Installed.Prev) {
+		t.Fatalf("reloaded %+v, saved %+v", got, hs)
+	}
+}
+
+// cluster is a set of in-process nodes on 127.0.0.1.
+type cluster struct {
+	t      *testing.T
+	q      ddraid.Config
+	fencer *fence.TestFencer
+	dirs   map[NodeID]string
+	addrs  map[NodeID]string
+	nodes  map[NodeID]*Node
+	log    *slog.Logger
+
+	mu     sync.Mutex
+	events []Event
+}
+
+func newCluster(t *testing.T, ids ...NodeID) *cluster {
+	c := &cluster{t: t, q: ddraid.Config{DataNodes: ids, Quorum: len(ids)/2 + 1}, fencer: &fence.TestFencer{},
+		dirs: map[NodeID]string{}, addrs: map[NodeID]string{}, nodes: map[NodeID]*Node{}, log: testLogger(t)}
+	lns := map[NodeID]net.Listener{}
+	for _, id := range ids {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		lns[id], c.addrs[id], c.dirs[id] = ln, ln.Addr().String(), t.TempDir()
+	}
+	var seed string
+	for _, id := range ids {
+		c.start(id, lns[id], seed, 0)
+		if seed == "" {
+			seed = c.nodes[id].GossipAddr()
+		}
+	}
+	t.Cleanup(func() {
+		for _, n := range c.nodes {
+			n.Close()
+		}
+	})
+	return c
+}
+
+// crash stops a node's agreement, gossip and DLM transport without
+// releasing its locks or leaving: to the others it is a crashed process.
+func (c *cluster) crash(id NodeID) {
+	n := c.nodes[id]
+	n.cancel()
+	<-n.runDone
+	n.det.Shutdown()
+	n.dlm.Transport().Close()
+}
+
+func (c *cluster) start(id NodeID, ln net.Listener, seed string, gossipPort int) {
+	cfg := StorageLANConfig()
+	cfg.ID, cfg.Quorum, cfg.ClusterKey, cfg.DataDir, cfg.Fencer = id, c.q, testKey, c.dirs[id], c.fencer
+	cfg.DLMListener, cfg.Logger, cfg.GossipPort = ln, c.log, gossipPort
+	cfg.FenceTimeout = 5 * time.Second
+	cfg.Peers = map[NodeID]string{}
+	for o, a := range c.addrs {
+		if o != id {
+			cfg.Peers[o] = a
+		}
+	}
+	if seed != "" {
+		cfg.Seeds = []string{seed}
+	}
+	cfg.OnEvent = func(e Event) {
+		c.mu.Lock()
+		c.events = append(c.events, e)
+		c.mu.Unlock()
+	}
+	n, err := New(cfg)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	c.nodes[id] = n
+}
+
+// waitView waits until every given node has installed and recovered a view
+// of exactly members.
+func (c *cluster) waitView(limit time.Duration, members []NodeID) uint64 {
+	c.t.Helper()
+	deadline := time.Now().Add(limit)
+	for {
+		var gen uint64
+		ok := true
+		for _, id := range members {
+			st := c.nodes[id].Status()
+			if !slices.Equal(st.View.Members, members) || !st.Quorate || st.Recovered != st.View.Gen || (gen != 0 && gen != st.View.Gen) {
+				ok = false
+				break
+			}
+			gen = st.View.Gen
+		}
+		if ok {
+			return gen
+		}
+		if time.Now().After(deadline) {
+			for _, id := range members {
+				c.t.Logf("node %d: %+v", id, c.nodes[id].Status())
+			}
+			c.t.Fatalf("no recovered view %v after %v", members, limit)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// TestClusterFailover runs three in-process nodes: a lock held by a node
+// that crashes is granted to a waiting survivor only after the crashed node
+// was fenced and the survivors installed a view without it.
+func TestClusterFailover(t *testing.T) {
+	if testing.Short() {
+		t.Skip("real sockets and timers")
+	}
+	c := newCluster(t, 1, 2, 3)
+	gen := c.waitView(20*time.Second, []NodeID{1, 2, 3})
+	spaces := map[NodeID]*dlm.Lockspace{}
+	for id, n := range c.nodes {
+		ls, err := n.Open("md0", dlm.OpenOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		spaces[id] = ls
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if _, err := spaces[3].Lock(ctx, "bitmap0003", dlm.EX, 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := spaces[1].Lock(ctx, "bitmap0003", dlm.EX, dlm.NoQueue); !errors.Is(err, dlm.ErrAgain) {
+		t.Fatalf("EX while node 3 holds EX: %v", err)
+	}
+	granted := make(chan error, 1)
+	go func() {
+		_, err := spaces[1].Lock(ctx, "bitmap0003", dlm.EX, 0)
+		granted <- err
+	}()
+	time.Sleep(50 * time.Millisecond)
+	select {
+	case err := <-granted:
+		t.Fatalf("granted while node 3 holds it: %v", err)
+	default:
+	}
+	c.crash(3)
+	if err := <-granted; err != nil {
+		t.Fatal(err)
+	}
+	calls := c.fencer.Calls()
+	if len(calls) == 0 || calls[0].Node != 3 || calls[0].Generation <= gen {
+		t.Fatalf("fence calls %+v, want node 3 for a view after %d", calls, gen)
+	}
+	st := c.nodes[1].Status()
+	if slices.Contains(st.View.Members, 3) || st.View.Gen <= gen {
+		t.Fatalf("node 1 granted in view %+v", st.View)
+	}
+}
+
+// TestRestartRejoinsClean restarts a node on its data directory: it loads
+// its persisted view, is readmitted as rejoined (its old locks recovered by
+// the others) and installs with Reset.
+func TestRestartRejoinsClean(t *testing.T) {
+	if testing.Short() {
+		t.Skip("real sockets and timers")
+	}
+	c := newCluster(t, 1, 2, 3)
+	gen := c.waitView(20*time.Second, []NodeID{1, 2, 3})
+	ls, err := c.nodes[2].Open("md0", dlm.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range []NodeID{1, 3} {
+		if _, err := c.nodes[id].Open("md0", dlm.OpenOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if _, err := ls.Lock(ctx, "r", dlm.EX, 0); err != nil {
+		t.Fatal(err)
+	}
+	addr := c.nodes[2].DLMAddr().String()
+	_, port, _ := net.SplitHostPort(c.nodes[2].GossipAddr())
+	gossipPort, _ := strconv.Atoi(port)
+	c.nodes[2].Close()
+	// Restart at once, before the others notice: the node comes back with
+	// its persisted view and must be readmitted clean, not fenced.
+	var ln net.Listener
+	for i := 0; ; i++ {
+		ln, err = net.Listen("tcp", addr)
+		if err == nil {
+			break
+		}
+		if i > 200 {
+			t.Fatal(err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	c.start(2, ln, c.nodes[1].GossipAddr(), gossipPort)
+	for _, id := range []NodeID{1, 2, 3} {
+		if _, err := c.nodes[id].Open("md0", dlm.OpenOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	gen2 := c.waitView(20*time.Second, []NodeID{1, 2, 3})
+	if gen2 <= gen {
+		t.Fatalf("view gen %d after restart, was %d", gen2, gen)
+	}
+	// The old incarnation's EX lock is gone: node 1 gets it.
+	ls1, _ := c.nodes[1].Open("md0", dlm.OpenOptions{})
+	if _, err := ls1.Lock(ctx, "r", dlm.EX, 0); err != nil {
+		t.Fatal(err)
+	}
+}
