@@ -279,9 +279,7 @@ func (s *Space) resendLock(p *Proc) {
 		s.askMaster(r)
 		return
 	}
-	// A conversion in flight whose outcome the master may have decided
-	// without this node knowing: PR<->CW, or a ConvDeadlk demotion.
-	middle := p.state == pConverting && (middleConversion(p.grmode, p.rqmode) || p.flags&ConvDeadlk != 0)
+	middle := undecided(p)
 	if r.master == s.self {
 		// This node is the resource's new master: the lock becomes local.
 		delete(s.procs, p.id)
@@ -510,9 +508,9 @@ func (s *Space) maybeFinish() {
 		}
 		st := p.cancelSt
 		p.cancelSt = 0
-		// A PR<->CW conversion's outcome is not known here (the master chose
-		// the mode): it is always asked again, and a cancel follows it.
-		if st != 0 && !middleConversion(p.grmode, p.rqmode) {
+		// An undecided conversion's outcome is not known here (the master
+		// chose the mode): it is always asked again, and a cancel follows.
+		if st != 0 && !undecided(p) {
 			p.state, p.rqmode = pGranted, ModeIV
 			s.cast(p, st, 0)
 			continue
@@ -572,6 +570,12 @@ func (s *Space) maybeFinish() {
 	for _, h := range held {
 		_ = s.Step(h.from, h.gen, h.payload)
 	}
+}
+
+// undecided reports a conversion in flight whose outcome the master may have
+// decided without this node knowing: PR<->CW, or a ConvDeadlk demotion.
+func undecided(p *Proc) bool {
+	return p.state == pConverting && (middleConversion(p.grmode, p.rqmode) || p.flags&ConvDeadlk != 0)
 }
 
 func lvbIf(p *Proc) []byte {
