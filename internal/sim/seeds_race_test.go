@@ -1,0 +1,8 @@
+//go:build race
+
+package sim
+
+// defaultSeeds is how many random seeds TestRandom runs by default under the
+// race detector, which slows the simulation about tenfold (the simulation
+// is single-threaded; the race run is there for the code it calls).
+const defaultSeeds = 200
