@@ -29,6 +29,7 @@ const (
 	EventRecovered
 )
 
+// String names the kind, as in logs and the process tests' event lines.
 func (k EventKind) String() string {
 	switch k {
 	case EventAlive:
