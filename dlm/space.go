@@ -759,8 +759,13 @@ func (s *Space) drainCore() {
 // dropMastery forgets a resource this node mastered and no longer caches,
 // clearing its directory entry so the next user becomes master.
 func (s *Space) dropMastery(name string) {
-	if r := s.rsbs[name]; r != nil && r.master == s.self && r.remote == 0 && len(r.waiting) == 0 {
-		delete(s.rsbs, name)
+	if r := s.rsbs[name]; r != nil && r.master == s.self {
+		// No longer master: the next use anywhere, here included, goes
+		// through the directory.
+		r.master = 0
+		if r.remote == 0 && len(r.waiting) == 0 {
+			delete(s.rsbs, name)
+		}
 	}
 	if d := s.dirNode(name); d == s.self {
 		if s.dir[name] == s.self {

@@ -24,8 +24,14 @@ import (
 //   - at most one node masters a resource;
 //
 // and at the end, once the network is quiet, that nothing grantable waits and
-// that everything can be released. DLM_SPACE_SEEDS sets the number of seeds
-// (default 300), DLM_SPACE_SEED replays one.
+// that everything can be released. Nodes crash, restart, get cut off and
+// rejoin, and the members recover into each new view (Stop, Recover), also
+// while a previous recovery is still running.
+//
+// DLM_SPACE_SEEDS sets the number of seeds (default 300), DLM_SPACE_SEED
+// replays one, DLM_SPACE_TRACE=1 prints the run, DLM_SPACE_WATCH=<resource>
+// prints each node's view of one resource as it changes, and
+// DLM_SPACE_STATIC=1 keeps the membership fixed.
 
 type nodeState uint8
 
@@ -261,6 +267,17 @@ func (m *smodel) run() {
 	}
 	m.checkMasters()
 	if os.Getenv("DLM_SPACE_WATCH") != "" {
+		for _, n := range m.nodes {
+			name := os.Getenv("DLM_SPACE_WATCH")
+			dk := fmt.Sprintf("dir %d rsb %v", n.sp.dir[name], n.sp.rsbs[name] != nil && n.sp.rsbs[name].master != 0)
+			if n.sp.rsbs[name] != nil {
+				dk += fmt.Sprintf(" m%d", n.sp.rsbs[name].master)
+			}
+			if m.watch[n.id+100] != dk {
+				fmt.Printf("step %d: WATCHDIR node %d %s\n", m.step, n.id, dk)
+				m.watch[n.id+100] = dk
+			}
+		}
 		for _, n := range m.nodes {
 			if ri, ok := n.sp.core.Resource(os.Getenv("DLM_SPACE_WATCH")); ok {
 				key := fmt.Sprintf("%d %q %d %v %v", n.id, ri.LVB, ri.LVBSeq, ri.ValNotValid, ri.Granted)
@@ -677,7 +694,7 @@ func runSpaceModel(t *testing.T, seed uint64, steps int) {
 	rng := rand.New(rand.NewPCG(seed, 0x5eed))
 	n := 3 + rng.IntN(3)
 	m := &smodel{t: t, seed: seed, rng: rng, net: map[[2]int][]netMsg{}, locks: map[*Proc]*slock{}, res: map[string]*sres{},
-		gen: 1, toss: 1 + int(seed%3), membership: os.Getenv("DLM_SPACE_MEMBERSHIP") != "", watch: map[NodeID]string{}}
+		gen: 1, toss: 1 + int(seed%3), membership: os.Getenv("DLM_SPACE_STATIC") == "", watch: map[NodeID]string{}}
 	var ids []NodeID
 	for i := range n {
 		ids = append(ids, NodeID(i+1))
