@@ -121,6 +121,7 @@ func (s *Sim) checkReady(n *Node, rd membership.Ready) {
 			// The one exception: a coordinator completing an adopted view
 			// that names itself as failed stops its own I/O instead.
 			if s.m.selfFenced[[2]uint64{uint64(d), in.View.Gen}] {
+				s.m.dropGhosts(d) // a new incarnation stopped itself: the old one is dead
 				continue
 			}
 			s.fail("node %s installed gen %d removing failed node %s, which was not fenced for it", n.ID, in.View.Gen, d)

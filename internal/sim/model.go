@@ -97,11 +97,11 @@ func held(l *Lock) dlm.Mode {
 		return dlm.ModeIV
 	}
 	if l.Pending && l.op == "convert" {
-		if middle(l.Gr, l.Rq) {
-			return dlm.CR
-		}
 		if l.flags&dlm.ConvDeadlk != 0 {
 			return dlm.NL
+		}
+		if middle(l.Gr, l.Rq) {
+			return dlm.CR
 		}
 	}
 	return l.Gr
