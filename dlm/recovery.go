@@ -262,7 +262,9 @@ func (s *Space) resetAll() {
 	core, _ := NewCore(CoreConfig{LVBLen: s.lvbLen, TossLimit: s.core.tossLimit})
 	s.core = core
 	s.dir, s.rsbs, s.procs, s.mcopies = map[string]NodeID{}, map[string]*rsbInfo{}, map[uint64]*Proc{}, map[mkey]*mcopy{}
-	s.held, s.future = nil, nil
+	// Held messages belong to the old state; those of the generation being
+	// recovered into (s.future) are kept: Recover replays them.
+	s.held = nil
 	s.writes, s.writeAt = map[string][]pendingWrite{}, map[uint64]string{}
 	for _, p := range ended {
 		p.state, p.grmode, p.rqmode = pFree, ModeIV, ModeIV

@@ -368,11 +368,18 @@ func (m *smodel) recover(members []int, departed []NodeID, reset map[int]bool) {
 	for _, i := range members {
 		m.nodes[i].sp.Stop()
 	}
-	for _, i := range members {
+	order := slices.Clone(members)
+	m.rng.Shuffle(len(order), func(a, b int) { order[a], order[b] = order[b], order[a] })
+	for _, i := range order {
 		if err := m.nodes[i].sp.Recover(m.gen, ids, departed, reset[i]); err != nil {
 			m.fail("node %d recover: %v", i+1, err)
 		}
 		m.collect(i)
+		// Members learn of the view at different times: messages of the
+		// new generation reach some before they recover into it.
+		for range m.rng.IntN(6) {
+			m.deliver()
+		}
 	}
 }
 
