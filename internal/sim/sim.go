@@ -838,3 +838,57 @@ func (s *Sim) Describe() string {
 	fmt.Fprintf(&b, "  DLM in flight: %v; partition %v\n", q, s.group)
 	return b.String()
 }
+
+// RunUntil delivers DLM messages and ticks, checking after each step, until
+// cond holds (true) or limit ticks passed (false).
+func (s *Sim) RunUntil(limit int, cond func() bool) bool {
+	for range limit {
+		if s.failed != "" {
+			return false
+		}
+		if cond() {
+			return true
+		}
+		for s.DeliverDLM() && s.failed == "" {
+			s.Check()
+		}
+		s.Tick()
+		s.Check()
+	}
+	return s.failed == "" && cond()
+}
+
+// ConvergedOn reports whether exactly the given nodes run a recovered
+// lockspace in one agreed view of exactly them, with no DLM message in
+// flight among them.
+func (s *Sim) ConvergedOn(ids ...NodeID) bool {
+	var gen uint64
+	for _, id := range ids {
+		n := s.nodes[id]
+		if !n.Up || n.fenced || !n.quorate || n.Sp.Stopped() {
+			return false
+		}
+		v := n.Ag.View()
+		if !slices.Equal(v.Members, ids) || (gen != 0 && v.Gen != gen) || n.Sp.Generation() != v.Gen {
+			return false
+		}
+		gen = v.Gen
+	}
+	for _, k := range s.pairs {
+		if len(s.dq[k]) > 0 && slices.Contains(ids, k[0]) && slices.Contains(ids, k[1]) {
+			return false
+		}
+	}
+	return true
+}
+
+// Installed reports whether any running node installed a view whose
+// members are exactly ids.
+func (s *Sim) Installed(ids ...NodeID) bool {
+	for _, id := range s.ids {
+		if n := s.nodes[id]; n.Up && slices.Equal(n.Ag.View().Members, ids) {
+			return true
+		}
+	}
+	return false
+}
