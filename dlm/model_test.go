@@ -587,24 +587,31 @@ func runModel(t *testing.T, seed uint64, steps int) {
 }
 
 func TestModelRandom(t *testing.T) {
-	if s := os.Getenv("DLM_MODEL_SEED"); s != "" {
+	forSeeds(t, "DLM_MODEL_SEED", "DLM_MODEL_SEEDS", 300, func(seed uint64) { runModel(t, seed, 400) })
+}
+
+// forSeeds runs a seeded test: the one seed named by the environment
+// variable one, or seeds 1..N (N from many, default n), stopping at the first
+// failure (whose message prints the replay command).
+func forSeeds(t *testing.T, one, many string, n int, run func(seed uint64)) {
+	t.Helper()
+	if s := os.Getenv(one); s != "" {
 		seed, err := strconv.ParseUint(s, 10, 64)
 		if err != nil {
-			t.Fatalf("DLM_MODEL_SEED: %v", err)
+			t.Fatalf("%s: %v", one, err)
 		}
-		runModel(t, seed, 400)
+		run(seed)
 		return
 	}
-	seeds := 300
-	if s := os.Getenv("DLM_MODEL_SEEDS"); s != "" {
-		n, err := strconv.Atoi(s)
+	if s := os.Getenv(many); s != "" {
+		v, err := strconv.Atoi(s)
 		if err != nil {
-			t.Fatalf("DLM_MODEL_SEEDS: %v", err)
+			t.Fatalf("%s: %v", many, err)
 		}
-		seeds = n
+		n = v
 	}
-	for seed := uint64(1); seed <= uint64(seeds); seed++ {
-		runModel(t, seed, 400)
+	for seed := uint64(1); seed <= uint64(n); seed++ {
+		run(seed)
 		if t.Failed() {
 			return
 		}

@@ -137,24 +137,7 @@ func tcpRoundTripTwoProcesses(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer c.Close()
-	c.(*net.TCPConn).SetNoDelay(true)
-	buf := make([]byte, 64)
-	ping := func() {
-		if _, err := c.Write(buf); err != nil {
-			b.Fatal(err)
-		}
-		if _, err := io.ReadFull(c, buf); err != nil {
-			b.Fatal(err)
-		}
-	}
-	for range 100 {
-		ping()
-	}
-	b.ReportAllocs()
-	b.ResetTimer()
-	for range b.N {
-		ping()
-	}
+	pingPong(b, c)
 }
 
 // lockUnlockRemoteTwoProcesses is BenchmarkLockUnlockRemote with the master

@@ -7,7 +7,6 @@ import (
 	"math/rand/v2"
 	"os"
 	"slices"
-	"strconv"
 	"testing"
 )
 
@@ -725,26 +724,5 @@ func runSpaceModel(t *testing.T, seed uint64, steps int) {
 }
 
 func TestSpaceModelRandom(t *testing.T) {
-	if s := os.Getenv("DLM_SPACE_SEED"); s != "" {
-		seed, err := strconv.ParseUint(s, 10, 64)
-		if err != nil {
-			t.Fatalf("DLM_SPACE_SEED: %v", err)
-		}
-		runSpaceModel(t, seed, 600)
-		return
-	}
-	seeds := 300
-	if s := os.Getenv("DLM_SPACE_SEEDS"); s != "" {
-		n, err := strconv.Atoi(s)
-		if err != nil {
-			t.Fatalf("DLM_SPACE_SEEDS: %v", err)
-		}
-		seeds = n
-	}
-	for seed := uint64(1); seed <= uint64(seeds); seed++ {
-		runSpaceModel(t, seed, 600)
-		if t.Failed() {
-			return
-		}
-	}
+	forSeeds(t, "DLM_SPACE_SEED", "DLM_SPACE_SEEDS", 300, func(seed uint64) { runSpaceModel(t, seed, 600) })
 }
