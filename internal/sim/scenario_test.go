@@ -1,7 +1,6 @@
 package sim
 
 import (
-	"os"
 	"testing"
 
 	"github.com/mdcluster/mdcluster/ddraid"
@@ -43,7 +42,9 @@ func finish(t *testing.T, s *Sim) {
 	}
 }
 
-func granted(l *Lock, mode dlm.Mode) bool { return l != nil && !l.Pending && l.Gr == mode && l.done == 1 }
+func granted(l *Lock, mode dlm.Mode) bool {
+	return l != nil && !l.Pending && l.Gr == mode && l.done == 1
+}
 
 // TestRequestRacesMasterDeparture: a request is on its way to (or looking
 // up) the master when the master crashes. After recovery it is granted by
@@ -186,4 +187,3 @@ func TestSecondFailureDuringRecovery(t *testing.T) {
 	finish(t, s)
 }
 
-func TestMain(m *testing.M) { os.Exit(m.Run()) }

@@ -16,9 +16,9 @@ import (
 const randomSteps = 1200
 
 // randomConfig derives a cluster shape and a fault profile from a seed.
-// full turns on the fault kinds that are off by default (see
-// docs/simulation.md, "Known issues").
-func randomConfig(seed uint64, full bool) Config {
+// SIM_FAULTS turns on the fault kinds that are off by default (see faultOn
+// and docs/simulation.md, "Known issues").
+func randomConfig(seed uint64) Config {
 	r := rng(seed)
 	var q ddraid.Config
 	var extra []NodeID
@@ -51,15 +51,26 @@ func randomConfig(seed uint64, full bool) Config {
 		Partition:    0.1,
 		Heal:         0.3,
 	}
-	f.Early, f.AnyPartition = full, full
-	if !full {
+	f.Early, f.AnyPartition = faultOn("early"), faultOn("partitions")
+	if !faultOn("storage") {
 		f.StorageFence = 0 // known issue: a live fenced node may never be readmitted
 	}
 	return Config{Seed: seed, Quorum: q, Extra: extra, LVBLen: []int{16, 64}[r.IntN(2)], TossLimit: 1 + r.IntN(3),
 		Faults: f, Resources: 4 + r.IntN(3), MaxLocks: 4 + r.IntN(4)}
 }
 
-func fullFaults() bool { return os.Getenv("SIM_FAULTS") == "full" }
+// faultOn reports whether SIM_FAULTS (a comma-separated list) turns on a
+// fault kind that is off by default because of a known issue: "early"
+// (Faults.Early), "partitions" (Faults.AnyPartition), "storage" (storage
+// fencing), or "full" for all of them.
+func faultOn(kind string) bool {
+	for _, k := range strings.Split(os.Getenv("SIM_FAULTS"), ",") {
+		if k == kind || k == "full" {
+			return true
+		}
+	}
+	return false
+}
 
 func traceWriter() io.Writer {
 	if os.Getenv("SIM_TRACE") != "" {
@@ -70,7 +81,7 @@ func traceWriter() io.Writer {
 
 // runRandom runs one random seed to the end and returns the failure, if any.
 func runRandom(seed uint64, steps int, trace io.Writer) (*Sim, string) {
-	cfg := randomConfig(seed, fullFaults())
+	cfg := randomConfig(seed)
 	cfg.Trace = trace
 	s, err := New(cfg)
 	if err != nil {
@@ -90,8 +101,8 @@ func runRandom(seed uint64, steps int, trace io.Writer) (*Sim, string) {
 
 func replay(test string, seed uint64) string {
 	env := ""
-	if fullFaults() {
-		env = "SIM_FAULTS=full "
+	if v := os.Getenv("SIM_FAULTS"); v != "" {
+		env = "SIM_FAULTS=" + v + " "
 	}
 	return fmt.Sprintf("%sSIM_SEED=%d go test -run '%s$' ./internal/sim/", env, seed, test)
 }
