@@ -186,4 +186,3 @@ func TestSecondFailureDuringRecovery(t *testing.T) {
 	_ = ls
 	finish(t, s)
 }
-
