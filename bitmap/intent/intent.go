@@ -34,9 +34,8 @@ type Device interface {
 }
 
 // Ownership is the seam for slot ownership over the DLM (md-cluster's
-// "bitmapNNNN" lock held in PW). The DLM-backed implementation will come
-// with issue 5 part 3; until then Static serves single-node arrays and
-// tests. Check is called before every bitmap write: once ownership is lost
+// "bitmapNNNN" lock held in PW), implemented by bitmap/ownership; Static
+// serves single-node arrays and tests. Check is called before every bitmap write: once ownership is lost
 // (lock revoked, node fenced) the slot must not be written any more.
 type Ownership interface {
 	// Slot is the bitmap slot this node owns.
@@ -383,6 +382,70 @@ func (in *Intent) clearable(now time.Duration, seq uint64) bool {
 func (in *Intent) idle(st *chunk, now time.Duration, seq uint64) bool {
 	return !st.inherited && st.inflight == 0 && st.lastEnd <= seq &&
 		now-st.idleSince >= in.sleep && st.setGen <= in.durableGen
+}
+
+// Merge marks chunks dirty in this node's slot on behalf of another slot
+// (a dead node's, during its recovery) and returns once they are durable
+// on every mirror. The merged bits are owned by this engine from then on:
+// its next page writes carry them instead of overwriting them, which a
+// write to the slot from outside the engine could not guarantee. Like bits
+// inherited from a crash, they are cleared only after ResyncDone, never by
+// Tick alone, because the data under them may still differ between mirrors.
+func (in *Intent) Merge(chunks []uint64) error {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	if in.closed {
+		return ErrClosed
+	}
+	if in.flushErr != nil {
+		return in.flushErr
+	}
+	for _, c := range chunks {
+		if c >= in.layout.Bits {
+			return fmt.Errorf("write intent: merge of chunk %d beyond the %d chunks the bitmap covers", c, in.layout.Bits)
+		}
+	}
+	var need uint64
+	for _, c := range chunks {
+		st := in.chunks[c]
+		if st == nil {
+			st = &chunk{}
+			in.chunks[c] = st
+		}
+		st.inherited = true
+		if in.slot.Set(c) {
+			in.dirtyGen++
+			st.setGen = in.dirtyGen
+			in.dirtyPages[pageOf(c)] = true
+			in.stats.BitsSet++
+		}
+		if st.setGen > need {
+			need = st.setGen
+		}
+	}
+	return in.waitDurable(need)
+}
+
+// ResyncDone records that the given chunks have been resynced (mirrors made
+// identical and synced). Bits that only a resync may clear (inherited from a
+// crash, or merged from a dead slot) become ordinary: Tick clears them once
+// idle, after its preflush, like the bits of this node's own writes. The
+// caller must have kept writes to those chunks out of the resync's way (as
+// md's resync barrier does); writes in flight keep their bits set as usual.
+func (in *Intent) ResyncDone(chunks []uint64) {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	for _, c := range chunks {
+		st := in.chunks[c]
+		if st == nil {
+			if !in.slot.Test(c) {
+				continue
+			}
+			st = &chunk{}
+			in.chunks[c] = st
+		}
+		st.inherited = false
+	}
 }
 
 // Dirty reports whether chunk c is marked in this node's slot (in memory).

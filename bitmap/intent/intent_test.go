@@ -424,3 +424,39 @@ func TestConcurrentWritersShareFlush(t *testing.T) {
 		t.Fatalf("%d bits on disk, want %d", s0.Dirty(), writers)
 	}
 }
+
+// TestMergeThenResyncDone: merged bits are durable on every mirror when
+// Merge returns, survive this node's own page writes and Ticks, and become
+// clearable only after ResyncDone.
+func TestMergeThenResyncDone(t *testing.T) {
+	r := newRig(t, nil)
+	if err := r.in.Merge([]uint64{2, 9}); err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range r.disks {
+		s, err := bitmap.ReadSlot(bytes.NewReader(d.Durable()), r.layout, ourSlot)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !s.Test(2) || !s.Test(9) {
+			t.Fatalf("%s: merged bits not durable: %v", d.Name, s.DirtyChunks())
+		}
+	}
+	// Our own write to the same page and a Tick long after must keep them.
+	if err := r.write(3*chunkSize, sec(0)); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := r.in.Tick(sec(100)); err != nil || n != 1 {
+		t.Fatalf("tick cleared %d (err %v), want only chunk 3", n, err)
+	}
+	if !r.in.Dirty(2) || !r.in.Dirty(9) || r.in.Dirty(3) {
+		t.Fatal("merged bits were cleared without a resync, or chunk 3 was kept")
+	}
+	r.in.ResyncDone([]uint64{2, 9})
+	if n, err := r.in.Tick(sec(200)); err != nil || n != 2 {
+		t.Fatalf("tick after resync cleared %d (err %v), want 2", n, err)
+	}
+	if err := r.in.Merge([]uint64{nChunks}); err == nil {
+		t.Fatal("merge beyond the bitmap accepted")
+	}
+}
