@@ -77,10 +77,17 @@ type heldMsg struct {
 	payload []byte
 }
 
-// Stop suspends the lockspace for a membership change: local operations
-// fail with ErrStopped until recovery ends, and received messages other than
-// recovery's wait.
-func (s *Space) Stop() { s.stopped = true }
+// Stop suspends the lockspace for a membership change (or because this node
+// lost quorum): local operations fail with ErrStopped until a recovery ends,
+// and received messages other than recovery's wait. A Stop during a recovery
+// outlasts it: that recovery completes its bookkeeping but grants nothing
+// and the lockspace stays stopped until the next Recover.
+func (s *Space) Stop() {
+	if s.rec != nil {
+		s.stopAgain = true
+	}
+	s.stopped = true
+}
 
 // Stopped reports whether the lockspace is stopped or recovering.
 func (s *Space) Stopped() bool { return s.stopped }
@@ -114,7 +121,7 @@ func (s *Space) Recover(gen uint64, members []NodeID, departed []NodeID, reset b
 	if gen <= s.gen {
 		return fmt.Errorf("recover to generation %d: %w: already at generation %d", gen, ErrInvalid, s.gen)
 	}
-	s.gen, s.members, s.stopped = gen, ms, true
+	s.gen, s.members, s.stopped, s.stopAgain = gen, ms, true, false
 	if reset {
 		s.resetAll()
 	}
@@ -490,8 +497,14 @@ func (s *Space) maybeFinish() {
 			s.sendDeferred(w.from, &message{typ: msgWriteAck, wid: w.wid})
 		}
 	}
-	s.rec, s.stopped = nil, false
 	s.recoveredGen = rec.gen
+	if s.stopAgain {
+		// Stopped again meanwhile: nothing may be granted or sent now;
+		// the next recovery rebuilds from here.
+		s.rec, s.stopAgain = nil, false
+		return
+	}
+	s.rec, s.stopped = nil, false
 	s.core.grantAll()
 	s.drainCore()
 	// Conversions pending at the time of the failure are asked again,

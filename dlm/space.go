@@ -84,6 +84,7 @@ type Space struct {
 
 	// Recovery (see recovery.go).
 	stopped      bool
+	stopAgain    bool // Stop was called during the current recovery
 	rec          *recovery
 	held         []heldMsg // messages waiting for recovery to end
 	future       []heldMsg // messages of a generation not yet installed here

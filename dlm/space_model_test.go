@@ -194,7 +194,8 @@ func (m *smodel) checkHeld(res string) {
 		// already; its owner may not count on its old mode until the
 		// completion says (DEMOTED).
 		demotable := l.pending && l.op == "convert" && l.flags&ConvDeadlk != 0
-		if l.res == res && l.gr != ModeIV && !demotable && m.nodes[l.node].state == up {
+		n := m.nodes[l.node]
+		if l.res == res && l.gr != ModeIV && !demotable && n.state == up && !n.rejoining {
 			held = append(held, l)
 		}
 	}
