@@ -7,7 +7,7 @@ export PATH := /usr/local/go/bin:$(PATH)
 # Debian packages the tests use: mdadm (format interop checks).
 APT_PACKAGES ?= mdadm
 
-.PHONY: all build test demo deps vet race fuzz bench clean
+.PHONY: all build test demo deps vet race sim fuzz bench clean
 
 all: build
 
@@ -29,12 +29,17 @@ vet:
 race:
 	$(GO) test -race -count=1 ./...
 
+# sim runs the deterministic cluster simulation at full strength (2,000
+# seeds; under -race above it runs fewer). SIM_SEEDS=N runs more.
+sim:
+	$(GO) test -count=1 ./internal/sim/
+
 # fuzz runs every fuzz target briefly; the seed corpora already run in `race`.
 FUZZTIME ?= 10s
 fuzz:
 	@./scripts/fuzz-all.sh $(FUZZTIME)
 
-test: deps vet race fuzz
+test: deps vet race sim fuzz
 
 demo:
 	$(GO) run ./cmd/mdcluster-demo
