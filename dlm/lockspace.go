@@ -54,9 +54,10 @@ func DefaultConfig() Config { return Config{} }
 // the node takes part in; each Open of a lockspace returns a new handle (an
 // owner of locks, like a process that opened a Linux lockspace).
 //
-// The member list is static for now: this node and Config.Peers, at
-// generation 1. Every member must open a lockspace before it is used;
-// messages for a lockspace not yet opened here wait until it is.
+// The members start as this node and Config.Peers, at generation 1; the
+// membership layer changes them with Stop and Recover (mdcluster/node does
+// that from the agreed views). Every member must open a lockspace before it
+// is used; messages for a lockspace not yet opened here wait until it is.
 type Node struct {
 	cfg Config
 	log *slog.Logger

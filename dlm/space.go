@@ -203,8 +203,8 @@ func (s *Space) Generation() uint64 { return s.gen }
 // Members returns the current member list, sorted.
 func (s *Space) Members() []NodeID { return slices.Clone(s.members) }
 
-// SetMembers installs a member list (which must include this node) with its
-// generation. For now membership is static: it is set once, before use.
+// SetMembers sets the initial member list (which must include this node) and
+// its generation, before use. Later changes go through Stop and Recover.
 // Agreed, changing views and recovery come with the membership layer.
 func (s *Space) SetMembers(gen uint64, members []NodeID) error {
 	ms := slices.Clone(members)
