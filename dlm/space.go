@@ -374,7 +374,8 @@ func statusOf(err error) Status {
 
 func (s *Space) adopt(p *Proc, req Request) error {
 	other := false
-	for _, o := range s.procs {
+	for _, id := range slices.Sorted(maps.Keys(s.procs)) { // deterministic: the oldest orphan first
+		o := s.procs[id]
 		if !o.orphan || o.name != req.Resource {
 			continue
 		}
