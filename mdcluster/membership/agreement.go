@@ -118,6 +118,17 @@ type Agreement struct {
 	selfFenced uint64
 	stopped    uint64 // ballot of the last Stop emitted
 	quorate    bool
+	// suspended: the driver was told to stop its lock manager (Stop or
+	// Quorate=false, or it just started) and no Install has followed. The
+	// lock manager resumes only through an Install, and recovery needs every
+	// member, so a member in this state asks for a new view (see
+	// wantsView).
+	suspended bool
+	// quietSince is the tick of the last sign that a change is under way
+	// (a PREPARE or ACCEPT this node answered, a Stop) or that quorum came
+	// back; a suspended member waits 2*PrepareTimeout ticks from it before
+	// it asks for a new view, so it does not disturb a change in progress.
+	quietSince int64
 	committer  NodeID // who committed our installed view (DONE goes there)
 
 	// Coordinator state.
@@ -137,9 +148,11 @@ type Agreement struct {
 	commit         *commitState
 	silent         map[NodeID]int64 // node → tick until which it is left out
 	leavers        map[NodeID]bool
+	leaveGen       map[NodeID]uint64 // leaver → generation its LEAVE was sent from
 	restartedPeer  map[NodeID]bool
 	readmitted     map[NodeID]uint64 // node → generation of the view that last (re)admitted it
 	lagging        map[NodeID]bool   // members that said they missed a view
+	stoppedPeer    map[NodeID]uint64 // member → generation in which it said its lock manager is stopped
 	acceptedAt     int64             // tick at which the pending accepted value was accepted
 	lastNotQuorate string
 
@@ -173,9 +186,12 @@ func New(cfg Config) (*Agreement, error) {
 		acks:          map[NodeID]bool{},
 		silent:        map[NodeID]int64{},
 		leavers:       map[NodeID]bool{},
+		leaveGen:      map[NodeID]uint64{},
 		restartedPeer: map[NodeID]bool{},
 		readmitted:    map[NodeID]uint64{},
 		lagging:       map[NodeID]bool{},
+		stoppedPeer:   map[NodeID]uint64{},
+		suspended:     true, // the driver starts its lock manager stopped
 	}
 	a.maxSeen = max(a.hs.Promised, a.hs.Installed.Gen)
 	if a.hs.Installed.Gen > 0 && contains(a.hs.Installed.Members, cfg.Self) {
@@ -215,6 +231,12 @@ func (a *Agreement) Ready() Ready {
 		a.dirty = false
 	}
 	a.ready = Ready{}
+	if len(r.Install) > 0 {
+		// The driver acts on Stop and Quorate=false before Install, so
+		// after this Ready its lock manager runs, whatever order the
+		// machine decided them in.
+		a.suspended = false
+	}
 	return r
 }
 
@@ -242,6 +264,11 @@ func (a *Agreement) SetAlive(alive []NodeID) {
 			delete(a.silent, id)
 		}
 	}
+	for id := range a.stoppedPeer {
+		if !contains(al, id) {
+			delete(a.stoppedPeer, id)
+		}
+	}
 	a.updateQuorum()
 	a.checkRole()
 	a.run()
@@ -266,6 +293,18 @@ func (a *Agreement) Tick() {
 		for _, id := range a.alive {
 			if id != a.cfg.Self {
 				a.send(id, message{Type: mHello})
+			}
+		}
+	}
+	if a.wantsView() && a.tick%h == 0 && !a.isCoordinator() {
+		// Stopped (lost quorum, or a change stopped it and was abandoned)
+		// and nothing under way: the view is unchanged, so the
+		// coordinator sees no reason for a change. Ask for one: this
+		// node can resume only by recovering a new view together with
+		// every member.
+		for _, id := range a.alive {
+			if id != a.cfg.Self {
+				a.send(id, message{Type: mHello, Stopped: true})
 			}
 		}
 	}
@@ -483,6 +522,7 @@ func (a *Agreement) onPrepare(from NodeID, m message) {
 		return
 	}
 	a.promise(from, m.Ballot)
+	a.quietSince = a.tick
 	if contains(m.Intended, a.cfg.Self) || contains(a.hs.Installed.Members, a.cfg.Self) {
 		a.stopFor(m.Ballot, m.Intended)
 	}
@@ -495,6 +535,7 @@ func (a *Agreement) stopFor(ballot uint64, members []NodeID) {
 		return
 	}
 	a.stopped = ballot
+	a.suspended, a.quietSince = true, a.tick
 	a.ready.Stop = &View{Gen: ballot, Members: slices.Clone(members)}
 	a.log(slog.LevelInfo, "view change began; stopping lock traffic", slog.Uint64("ballot", ballot), slog.Any("intended", members))
 }
@@ -515,6 +556,7 @@ func (a *Agreement) onAccept(from NodeID, m message) {
 		return
 	}
 	a.promise(from, m.Ballot)
+	a.quietSince = a.tick
 	if contains(m.Base.Members, a.cfg.Self) && m.Base.Gen > a.hs.Installed.Gen {
 		// We missed the commit of the view this proposal builds on: it is
 		// chosen (it was installed somewhere), so install it first and
@@ -591,8 +633,14 @@ func (a *Agreement) install(p Proposal, ballot uint64, from NodeID) {
 		a.restarted = false
 	}
 	a.excluded = false
+	a.suspended = false // the driver resumes through this Install
 	for _, id := range p.Left {
 		delete(a.leavers, id)
+	}
+	for id, g := range a.stoppedPeer {
+		if g < p.Gen {
+			delete(a.stoppedPeer, id) // this view lets it resume
+		}
 	}
 	a.noteReadmitted(p)
 	in := Install{View: p.View(), Prev: p.Prev, Departed: p.Departed(), Left: p.Left,
@@ -609,9 +657,17 @@ func (a *Agreement) install(p Proposal, ballot uint64, from NodeID) {
 // members, so that their restart notices sent before they saw p are not
 // acted on twice. The coordinator records it at commit too, since it need not
 // be a member of what it commits.
+//
+// A node that a view newer than its LEAVE (re)admits is no longer leaving
+// either: a leave announced by an earlier run of a restarted node must not
+// remove it again (a node still leaving repeats its LEAVE).
 func (a *Agreement) noteReadmitted(p Proposal) {
 	for _, id := range append(p.Joined(), p.Rejoined...) {
 		delete(a.restartedPeer, id)
+		if g, ok := a.leaveGen[id]; ok && p.Gen > g {
+			delete(a.leavers, id)
+			delete(a.leaveGen, id)
+		}
 		a.readmitted[id] = max(a.readmitted[id], p.Gen)
 	}
 }
@@ -625,13 +681,29 @@ func (a *Agreement) onLeave(from NodeID, m message) {
 		return
 	}
 	a.leavers[from] = true
+	a.leaveGen[from] = m.Gen
 	a.log(slog.LevelInfo, "node announced a graceful leave", slog.Any("node", from), slog.Uint64("gen", m.Gen))
 }
 
 func (a *Agreement) onHello(from NodeID, m message) {
 	// HELLO carries no state that is applied; it only asks the coordinator
-	// to (re)admit the sender or bring it up to date, so it is accepted
-	// from any generation.
+	// to (re)admit the sender, bring it up to date or give it a view to
+	// resume through, so it is accepted from any generation, except when
+	// the sender has since acknowledged a newer view this node committed
+	// (the HELLO was delayed, and acting on it would cost a needless view
+	// change).
+	if c := a.commit; !m.Restarted && c != nil && c.acked[from] && m.Gen < c.value.Gen {
+		a.stale(from, m, "the sender has since installed a newer view")
+		return
+	}
+	if m.Stopped && !m.Restarted && m.Gen >= a.hs.Installed.Gen {
+		if g, ok := a.stoppedPeer[from]; !ok || g < m.Gen {
+			a.stoppedPeer[from] = m.Gen
+			a.log(slog.LevelInfo, "member's lock manager is stopped since its last view; it needs a new view to resume",
+				slog.Any("node", from), slog.Uint64("sender_gen", m.Gen))
+		}
+		return
+	}
 	if !m.Restarted && contains(a.hs.Installed.Members, from) && m.Gen < a.hs.Installed.Gen && !a.lagging[from] {
 		a.lagging[from] = true
 		a.log(slog.LevelInfo, "member missed a view; it will be brought up to date",
@@ -719,6 +791,17 @@ func (a *Agreement) target() []NodeID {
 	return out
 }
 
+// wantsView reports whether this node needs a new view only to resume its
+// lock manager: it is a quorate member whose lock manager was stopped after
+// its last Install (quorum loss, or a Stop for a change that did not
+// complete), nothing has been under way for 2*PrepareTimeout ticks, and no
+// other reason for a change already covers it (a restarted node asks with
+// its own HELLO).
+func (a *Agreement) wantsView() bool {
+	return a.suspended && a.quorate && !a.restarted &&
+		a.tick-a.quietSince >= 2*int64(a.cfg.PrepareTimeout)
+}
+
 func (a *Agreement) needChange(target []NodeID) (bool, string) {
 	in := a.hs.Installed
 	switch {
@@ -732,6 +815,8 @@ func (a *Agreement) needChange(target []NodeID) (bool, string) {
 		return true, "this node is leaving"
 	case a.hs.Accepted != nil && a.hs.Accepted.Value.Gen > in.Gen:
 		return true, "an accepted proposal is not installed"
+	case a.wantsView():
+		return true, "this node's lock manager is stopped since its last view (quorum loss or an abandoned change); it resumes only through a new view"
 	}
 	for _, id := range sortedKeys(a.restartedPeer) {
 		if contains(in.Members, id) {
@@ -741,6 +826,13 @@ func (a *Agreement) needChange(target []NodeID) (bool, string) {
 	for _, id := range sortedKeys(a.lagging) {
 		if contains(in.Members, id) && contains(target, id) {
 			return true, fmt.Sprintf("member %s missed a view", id)
+		}
+	}
+	for _, id := range sortedKeys(a.stoppedPeer) {
+		// Only a request made in the installed view (or a newer one) counts:
+		// any newer view already let the member resume.
+		if g := a.stoppedPeer[id]; g >= in.Gen && contains(target, id) {
+			return true, fmt.Sprintf("member %s is stopped since view %d; it resumes only through a new view", id, g)
 		}
 	}
 	return false, ""
@@ -1061,6 +1153,9 @@ func (a *Agreement) updateQuorum() {
 	level := slog.LevelInfo
 	if !q {
 		level = slog.LevelWarn
+		a.suspended = true // the driver stops its lock manager
+	} else {
+		a.quietSince = a.tick // give a change under way time before asking for one
 	}
 	a.log(level, "quorum status changed", slog.Bool("quorate", q), slog.Uint64("gen", in.Gen),
 		slog.String("quorum", a.cfg.Quorum.Describe(intersect(in.Members, a.alive))),

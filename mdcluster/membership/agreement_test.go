@@ -423,6 +423,7 @@ func TestCodecRoundTrip(t *testing.T) {
 		{Type: mDone, Gen: 9, ViewGen: 9},
 		{Type: mLeave, Gen: 9},
 		{Type: mHello, Restarted: true},
+		{Type: mHello, Gen: 9, Stopped: true},
 	}
 	for _, m := range msgs {
 		b := encodeMessage(m)
@@ -471,6 +472,7 @@ func FuzzStep(f *testing.F) {
 		{Type: mNack, Ballot: 6, Promised: 8},
 		{Type: mLeave, Gen: 4},
 		{Type: mHello, Restarted: true},
+		{Type: mHello, Gen: 4, Stopped: true},
 		{Type: mDone, Gen: 6, ViewGen: 6},
 	}
 	for _, m := range seeds {

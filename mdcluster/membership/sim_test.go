@@ -43,6 +43,12 @@ type simNode struct {
 	exited    bool
 	stopped   uint64
 	installs  []Install
+	// dlmStopped models the driver's lock manager: stopped at start, by
+	// Quorate=false and by Stop, and resumed only by an Install (acted on
+	// after both within one Ready).
+	dlmStopped bool
+	// stoppedAt is the simulated time dlmStopped last became true.
+	stoppedAt int64
 }
 
 type simEvent struct {
@@ -55,6 +61,9 @@ type simEvent struct {
 	data []byte
 	gen  uint64
 	ok   bool
+	// belief, for evFD, is a false suspicion: the alive set the node's
+	// detector reports instead of the truth (nil: the truth).
+	belief []NodeID
 }
 
 const (
@@ -127,6 +136,7 @@ func (c *cluster) start(id NodeID) {
 		c.t.Fatalf("New(%s): %v", id, err)
 	}
 	n.a, n.up, n.exited, n.quorate, n.stopped = a, true, false, false, 0
+	n.dlmStopped, n.stoppedAt = true, c.now // the driver starts its lock manager stopped
 	n.inc++
 	n.alive = []NodeID{id}
 	c.tracef("start %s (gen %d)", id, n.persisted.Installed.Gen)
@@ -183,6 +193,25 @@ func (c *cluster) fdChanged() {
 	}
 }
 
+// believe makes node id's failure detector believe alive until the next
+// detector event for it (a lagging or flapping detector on that node only).
+func (c *cluster) believe(id NodeID, alive ...NodeID) {
+	n := c.nodes[id]
+	n.alive = normalize(alive)
+	c.tracef("%s's detector believes %v", id, n.alive)
+	n.a.SetAlive(n.alive)
+	c.process(n)
+}
+
+// flap makes node id's failure detector falsely suspect the nodes outside
+// keep for a while: at a later tick it believes only keep (of those it can
+// reach), and its detector corrects itself after ticks more.
+func (c *cluster) flap(id NodeID, keep []NodeID, after, ticks int) {
+	c.tracef("%s's detector will suspect all but %v for %d ticks", id, keep, ticks)
+	c.push(simEvent{at: c.now + int64(after), kind: evFD, to: id, belief: normalize(append(slices.Clone(keep), id))})
+	c.push(simEvent{at: c.now + int64(after+ticks), kind: evFD, to: id})
+}
+
 func (c *cluster) partition(groups map[NodeID]int) {
 	c.group = groups
 	c.tracef("partition %v", groups)
@@ -221,9 +250,13 @@ func (c *cluster) process(n *simNode) {
 		if rd.Stop != nil {
 			n.stopped = rd.Stop.Gen
 		}
+		if (rd.Stop != nil || (rd.Quorate != nil && !*rd.Quorate)) && !n.dlmStopped {
+			n.dlmStopped, n.stoppedAt = true, c.now
+		}
 		for _, in := range rd.Install {
 			n.installs = append(n.installs, in)
 			n.lastGen = in.View.Gen
+			n.dlmStopped = false
 		}
 		if rd.Quorate != nil {
 			n.quorate = *rd.Quorate
@@ -306,6 +339,9 @@ func (c *cluster) deliver(e simEvent) {
 		}
 	case evFD:
 		n.alive = c.truth(e.to)
+		if e.belief != nil {
+			n.alive = intersect(n.alive, e.belief)
+		}
 		n.a.SetAlive(n.alive)
 	case evFence:
 		if e.inc != n.inc {
@@ -470,6 +506,34 @@ func (c *cluster) converged() bool {
 	return gen != 0
 }
 
+// stoppedNodes lists the up nodes whose lock manager is stopped: they had a
+// Stop or Quorate=false (or just started) and no Install since.
+func (c *cluster) stoppedNodes() []NodeID {
+	var out []NodeID
+	for _, id := range c.ids {
+		if n := c.nodes[id]; n.up && n.dlmStopped {
+			out = append(out, id)
+		}
+	}
+	return out
+}
+
+// detectorsSettled reports whether every up node's failure detector tells
+// the truth and no detector update is still on its way.
+func (c *cluster) detectorsSettled() bool {
+	for _, e := range c.events {
+		if e.kind == evFD && c.nodes[e.to].up {
+			return false
+		}
+	}
+	for _, id := range c.ids {
+		if n := c.nodes[id]; n.up && !slices.Equal(n.alive, c.truth(id)) {
+			return false
+		}
+	}
+	return true
+}
+
 func (c *cluster) describe() string {
 	var b strings.Builder
 	for _, id := range c.ids {
@@ -479,8 +543,8 @@ func (c *cluster) describe() string {
 			continue
 		}
 		v := n.a.View()
-		fmt.Fprintf(&b, "  %s gen %d %v quorate=%v phase=%s alive=%v restarted=%v promised=%d\n",
-			id, v.Gen, v.Members, n.quorate, n.a.phase, n.alive, n.a.restarted, n.a.hs.Promised)
+		fmt.Fprintf(&b, "  %s gen %d %v quorate=%v phase=%s alive=%v restarted=%v promised=%d dlm_stopped=%v (since t=%d, last stop ballot %d)\n",
+			id, v.Gen, v.Members, n.quorate, n.a.phase, n.alive, n.a.restarted, n.a.hs.Promised, n.dlmStopped, n.stoppedAt, n.stopped)
 	}
 	return b.String()
 }

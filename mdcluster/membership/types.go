@@ -188,6 +188,10 @@ type Ready struct {
 	Messages []Outgoing
 	// Stop: a change towards this view began (View.Gen is the ballot of
 	// the attempt): suspend the lockspaces now and stop lock traffic.
+	// The lock manager resumes only through a later Install (after Stop
+	// and Quorate=false, an Install in the same Ready resumes it). If the
+	// change is abandoned, the machine still brings every member that
+	// stays quorate to a new view, so none is left stopped.
 	Stop *View
 	// Install lists the views to install, in order (usually one; two when
 	// this node catches up on a view it missed).
@@ -195,7 +199,9 @@ type Ready struct {
 	// Fence lists nodes this node (the coordinator) must fence now.
 	Fence []FenceRequest
 	// Quorate is set when the local quorum status changed. False means
-	// stop granting locks and stop array I/O now.
+	// stop granting locks and stop array I/O now. True resumes nothing:
+	// once quorum is back, the machine asks for a new view (even with the
+	// same members) and the Install resumes the lock manager.
 	Quorate *bool
 	// Exited is set once, when this node's graceful leave completed: it is
 	// out of the view and may shut down.

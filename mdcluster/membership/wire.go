@@ -38,7 +38,7 @@ const (
 	mCommitted                    // installed (acknowledges a commit)
 	mDone                         // DLM recovery for the view finished on the sender
 	mLeave                        // the sender is leaving gracefully
-	mHello                        // the sender restarted and wants to be (re)admitted
+	mHello                        // the sender restarted, missed a view, or is stopped: it asks for a new view
 	mTypeEnd
 )
 
@@ -79,6 +79,7 @@ type message struct {
 	Installed Proposal  // PREPARED
 	Accepted  *Accepted // PREPARED (optional)
 	Restarted bool      // PREPARED, HELLO
+	Stopped   bool      // HELLO: the sender's lock manager is stopped since its installed view
 	Leaving   bool      // PREPARED
 	Value     Proposal  // ACCEPT, COMMIT
 	Base      Proposal  // ACCEPT, COMMIT
@@ -118,6 +119,7 @@ func encodeMessage(m message) []byte {
 		e.u(m.ViewGen)
 	case mHello:
 		e.flag(m.Restarted)
+		e.flag(m.Stopped)
 	}
 	return e.b
 }
@@ -161,6 +163,7 @@ func decodeMessage(b []byte) (message, error) {
 		m.ViewGen = d.u()
 	case mHello:
 		m.Restarted = d.flag()
+		m.Stopped = d.flag()
 	}
 	if d.err == nil && len(d.b) != 0 {
 		d.fail(fmt.Sprintf("%d trailing bytes", len(d.b)))
