@@ -233,10 +233,12 @@ func (n *Node) aliveChanged(alive []NodeID) {
 func (n *Node) persist(hs membership.HardState) error { return n.store.SaveHardState(hs) }
 
 // quorumLine explains the quorum status of the current view with the nodes
-// the failure detector believes alive.
+// the failure detector last reported alive to the agreement.
 func (n *Node) quorumLine() (present, need, total int, alive []NodeID) {
 	v := n.run.View()
-	al := n.det.Alive()
+	n.mu.Lock()
+	al := n.lastAlive // what the agreement was last told
+	n.mu.Unlock()
 	var in []NodeID
 	for _, id := range v.Members {
 		if slices.Contains(al, id) {
@@ -256,8 +258,15 @@ func (n *Node) quorateChanged(q bool) {
 			present, total, need, total), "gen", v.Gen, "view", v.Members, "alive_in_view", in,
 			"quorum", n.cfg.Quorum.Describe(in))
 	} else {
+		n.mu.Lock()
+		stopped := n.dlmStopped
+		n.mu.Unlock()
 		n.log.Info(fmt.Sprintf("quorate: %d of %d data nodes alive (need %d of %d data nodes)", present, total, need, total),
-			"gen", v.Gen, "view", v.Members, "alive_in_view", in)
+			"gen", v.Gen, "view", v.Members, "alive_in_view", in, "lock_manager_stopped", stopped)
+		if stopped {
+			n.log.Info("quorum is back, but the lock manager stays stopped until a new view is installed and recovered; the agreement asks for one if nothing else changes",
+				"gen", v.Gen)
+		}
 	}
 	n.emit(Event{Kind: EventQuorum, Gen: v.Gen, Quorate: q, Nodes: in})
 }
@@ -460,8 +469,14 @@ type Status struct {
 	// Quorate is the local quorum status.
 	Quorate bool
 	// Recovered is the last view whose lock recovery finished here; locks
-	// are granted when Recovered == View.Gen and Quorate.
+	// are granted when Recovered == View.Gen, Quorate and not Stopped.
 	Recovered uint64
+	// Stopped: the lock manager is stopped (a loss of quorum or a view
+	// change began) and has not recovered into a view since. After a brief
+	// loss of quorum the view may be unchanged; the agreement then installs
+	// a new view with the same members, and recovery into it resumes the
+	// lock manager.
+	Stopped bool
 	// Err is set when the agreement stopped (the state store failed).
 	Err error
 }
@@ -470,7 +485,7 @@ type Status struct {
 func (n *Node) Status() Status {
 	n.mu.Lock()
 	defer n.mu.Unlock()
-	return Status{View: n.run.View(), Quorate: n.run.Quorate(), Recovered: n.doneGen, Err: n.runErr}
+	return Status{View: n.run.View(), Quorate: n.run.Quorate(), Recovered: n.doneGen, Stopped: n.dlmStopped, Err: n.runErr}
 }
 
 // Leave leaves the cluster gracefully: the other nodes remove this node from

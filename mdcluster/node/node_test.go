@@ -183,7 +183,7 @@ func (c *cluster) waitView(limit time.Duration, members []NodeID) uint64 {
 		ok := true
 		for _, id := range members {
 			st := c.nodes[id].Status()
-			if !slices.Equal(st.View.Members, members) || !st.Quorate || st.Recovered != st.View.Gen || (gen != 0 && gen != st.View.Gen) {
+			if !slices.Equal(st.View.Members, members) || !st.Quorate || st.Stopped || st.Recovered != st.View.Gen || (gen != 0 && gen != st.View.Gen) {
 				ok = false
 				break
 			}
@@ -306,5 +306,80 @@ func TestRestartRejoinsClean(t *testing.T) {
 	ls1, _ := c.nodes[1].Open("md0", dlm.OpenOptions{})
 	if _, err := ls1.Lock(ctx, "r", dlm.EX, 0); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestBriefQuorumLossResumesGranting: node 3's failure detector briefly
+// reports it alone (injected into the node's detector callback; nodes 1 and
+// 2 keep seeing everyone, so nobody is fenced). Node 3 loses quorum and
+// stops its lock manager; when its detector sees the others again the
+// view's members are unchanged, and yet node 3 must grant again: the
+// agreement installs a new view with the same members, recovered by all
+// three nodes together.
+func TestBriefQuorumLossResumesGranting(t *testing.T) {
+	if testing.Short() {
+		t.Skip("real sockets and timers")
+	}
+	c := newCluster(t, 1, 2, 3)
+	all := []NodeID{1, 2, 3}
+	gen := c.waitView(20*time.Second, all)
+	spaces := map[NodeID]*dlm.Lockspace{}
+	for _, id := range all {
+		ls, err := c.nodes[id].Open("md0", dlm.OpenOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		spaces[id] = ls
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if _, err := spaces[3].Lock(ctx, "before", dlm.EX, 0); err != nil {
+		t.Fatalf("node 3 before the quorum loss: %v", err)
+	}
+
+	n3 := c.nodes[3]
+	n3.aliveChanged([]NodeID{3})
+	waitFor(t, 20*time.Second, "node 3 to lose quorum and stop", func() bool {
+		st := n3.Status()
+		return !st.Quorate && st.Stopped
+	})
+	short, cancelShort := context.WithTimeout(ctx, 300*time.Millisecond)
+	_, err := spaces[3].Lock(short, "during", dlm.EX, 0)
+	cancelShort()
+	if !errors.Is(err, dlm.ErrTimeout) {
+		t.Fatalf("node 3 without quorum: lock request ended with %v, want it to wait (ErrTimeout)", err)
+	}
+
+	n3.aliveChanged(n3.det.Alive()) // the detector sees everyone again
+	if _, err := spaces[3].Lock(ctx, "after", dlm.EX, 0); err != nil {
+		for _, id := range all {
+			t.Logf("node %d: %+v", id, c.nodes[id].Status())
+		}
+		t.Fatalf("node 3 after quorum came back: %v", err)
+	}
+	gen2 := c.waitView(20*time.Second, all)
+	if gen2 <= gen {
+		t.Fatalf("view gen %d after the quorum loss, was %d: node 3 resumed without a new view", gen2, gen)
+	}
+	if calls := c.fencer.Calls(); len(calls) != 0 {
+		t.Fatalf("fence calls %+v; nobody failed", calls)
+	}
+	for _, id := range []NodeID{1, 2} {
+		if _, err := spaces[id].Lock(ctx, "others", dlm.PR, 0); err != nil {
+			t.Fatalf("node %d after the new view: %v", id, err)
+		}
+	}
+}
+
+// waitFor polls cond until it holds or limit passes (a generous guard, not
+// a timing assertion).
+func waitFor(t *testing.T, limit time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(limit)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", limit, what)
+		}
+		time.Sleep(5 * time.Millisecond)
 	}
 }
