@@ -57,19 +57,16 @@ type Faults struct {
 	// AnyPartition allows any split of the nodes (including splits where no
 	// side is quorate) and heals at any time. Without it, a partition cuts
 	// off a minority whose complement is quorate, and heals only once the
-	// cut-off nodes are down, fenced or out of the majority's view: a
-	// quorum loss that heals without a view change leaves the lockspaces
-	// stopped for good (docs/simulation.md, "Known issues"). SIM_FAULTS=full
-	// turns it on.
+	// cut-off nodes are down, fenced or out of the majority's view. (The
+	// random test turns it on.)
 	AnyPartition bool
 	// Early delivers DLM frames to a node's lockspace as soon as the
 	// network has them, as the transport does, even while the Agreement has
 	// stopped it (Quorate=false or Stop) and before it installed the frame's
 	// generation. Without it, a node's incoming lock traffic waits from a
 	// Stop or quorum loss until its next Install, and a frame of a newer
-	// generation waits until the receiver recovers into it. Early exposes
-	// two known lockspace bugs (docs/simulation.md, "Known issues"), so it
-	// is off by default (SIM_FAULTS=full turns it on).
+	// generation waits until the receiver recovers into it. (The random
+	// test turns it on; it found two lockspace bugs, since fixed.)
 	Early bool
 }
 
@@ -407,6 +404,18 @@ func (s *Sim) apply(n *Node, rd membership.Ready) {
 		s.install(n, in)
 		if !n.Up || s.failed != "" {
 			return
+		}
+	}
+	// A stop for a newer proposal, or quorum missing, after the installs of
+	// this Ready: applied again after them (it outlasts the recovery).
+	if k := len(rd.Install); k > 0 {
+		last := rd.Install[k-1].View.Gen
+		if (rd.Stop != nil && rd.Stop.Gen > last) || !n.Ag.Quorate() {
+			n.Sp.Stop()
+			n.hold = true
+			if !n.Ag.Quorate() {
+				n.quorate = false
+			}
 		}
 	}
 	for _, f := range rd.Fence {

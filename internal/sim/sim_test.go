@@ -15,9 +15,8 @@ import (
 // randomSteps is the number of chaos steps per random seed.
 const randomSteps = 1200
 
-// randomConfig derives a cluster shape and a fault profile from a seed.
-// SIM_FAULTS turns on the fault kinds that are off by default (see faultOn
-// and docs/simulation.md, "Known issues").
+// randomConfig derives a cluster shape and a fault profile from a seed. Every
+// fault kind is on: early delivery, partitions of any side, storage fencing.
 func randomConfig(seed uint64) Config {
 	r := rng(seed)
 	var q ddraid.Config
@@ -51,25 +50,9 @@ func randomConfig(seed uint64) Config {
 		Partition:    0.1,
 		Heal:         0.3,
 	}
-	f.Early, f.AnyPartition = true, faultOn("partitions")
-	if !faultOn("storage") {
-		f.StorageFence = 0 // known issue: a live fenced node may never be readmitted
-	}
+	f.Early, f.AnyPartition = true, true
 	return Config{Seed: seed, Quorum: q, Extra: extra, LVBLen: []int{16, 64}[r.IntN(2)], TossLimit: 1 + r.IntN(3),
 		Faults: f, Resources: 4 + r.IntN(3), MaxLocks: 4 + r.IntN(4)}
-}
-
-// faultOn reports whether SIM_FAULTS (a comma-separated list) turns on a
-// fault kind that is off by default because of a known issue: "partitions"
-// (Faults.AnyPartition), "storage" (storage fencing), or "full" for all of
-// them. (Early delivery, Faults.Early, is always on.)
-func faultOn(kind string) bool {
-	for _, k := range strings.Split(os.Getenv("SIM_FAULTS"), ",") {
-		if k == kind || k == "full" {
-			return true
-		}
-	}
-	return false
 }
 
 func traceWriter() io.Writer {
@@ -100,11 +83,7 @@ func runRandom(seed uint64, steps int, trace io.Writer) (*Sim, string) {
 }
 
 func replay(test string, seed uint64) string {
-	env := ""
-	if v := os.Getenv("SIM_FAULTS"); v != "" {
-		env = "SIM_FAULTS=" + v + " "
-	}
-	return fmt.Sprintf("%sSIM_SEED=%d go test -run '%s$' ./internal/sim/", env, seed, test)
+	return fmt.Sprintf("SIM_SEED=%d go test -run '%s$' ./internal/sim/", seed, test)
 }
 
 // TestRandom runs the cluster under seeded chaos: SIM_SEEDS=n runs n seeds

@@ -222,6 +222,20 @@ func (r *Runner) handle(ctx context.Context) error {
 			h.Install(in)
 		}
 	}
+	// One Ready can install a view and also stop for a newer proposal, or
+	// install a view this node is not quorate in: the stop comes after the
+	// install then, and must be applied again (a stop during recovery
+	// outlasts it).
+	if n := len(rd.Install); n > 0 {
+		last := rd.Install[n-1].View.Gen
+		if rd.Stop != nil && rd.Stop.Gen > last && h.Stop != nil {
+			h.Stop(*rd.Stop)
+		}
+		if !r.a.Quorate() && h.Quorate != nil {
+			r.quorate.Store(false)
+			h.Quorate(false)
+		}
+	}
 	for _, f := range rd.Fence {
 		go r.fence(ctx, f)
 	}
