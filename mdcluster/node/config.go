@@ -145,7 +145,7 @@ func (c *Config) validate() error {
 		errs = append(errs, errors.New("no Fencer configured: failed nodes could never be fenced"))
 	}
 	if c.Tick <= 0 || c.FenceTimeout <= 0 || c.JoinRetry <= 0 {
-		errs = append(errs, errors.New("Tick, FenceTimeout and JoinRetry must be positive (start from a profile)"))
+		errs = append(errs, errors.New("the Tick, FenceTimeout and JoinRetry settings must be positive (start from a profile)"))
 	}
 	return errors.Join(errs...)
 }
