@@ -1,0 +1,496 @@
+package ownership
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/mdcluster/mdcluster/bitmap"
+	"github.com/mdcluster/mdcluster/bitmap/intent"
+	"github.com/mdcluster/mdcluster/dlm"
+)
+
+// Array is what slot recovery needs from the RAID engine: make the given
+// chunks identical on every mirror and durable before returning. It must
+// keep writes to those chunks out of the copy's way (md's resync barrier,
+// across nodes through the announced resync window), or a write racing the
+// copy could leave the mirrors different with no bit left to say so.
+type Array interface {
+	Resync(ctx context.Context, chunks []uint64) error
+}
+
+// ErrNotOwner is returned (wrapped) by Check once this node no longer holds
+// its slot lock: the write-intent engine must not write the slot any more.
+var ErrNotOwner = errors.New("bitmap slot not owned")
+
+// Config configures a Driver.
+type Config struct {
+	// Lockspace is the array's lockspace (one per array, e.g. named by the
+	// array UUID), opened with an LVBSize value block.
+	Lockspace *dlm.Lockspace
+	// Node is this node's DLM ID; it owns bitmap slot Node-1.
+	Node dlm.NodeID
+	// Layout is the bitmap layout on each member device.
+	Layout bitmap.Layout
+	// Mirrors are the member devices, as this node reaches them.
+	Mirrors []intent.Device
+	// Array resyncs chunks during recovery.
+	Array Array
+	// DaemonSleep overrides the bitmap's daemon_sleep for the write-intent
+	// engine when non-zero.
+	DaemonSleep time.Duration
+	// Logger receives the driver's log; nil means slog.Default().
+	Logger *slog.Logger
+}
+
+// Driver carries out a Machine's actions with the real DLM, the member
+// devices and the array, and is the write-intent engine's Ownership.
+// Operations (Join, Departed, Reprobe, Leave) are serialised; Check may be
+// called concurrently with them.
+type Driver struct {
+	cfg  Config
+	log  *slog.Logger
+	slot int
+
+	op sync.Mutex // serialises operations and the machine
+
+	mu      sync.Mutex // guards the fields below; never held across I/O
+	m       *Machine
+	own     *dlm.Lock
+	held    map[int]*dlm.Lock // claimed slots' locks
+	in      *intent.Intent
+	closed  bool
+	history []Recovery
+}
+
+// Recovery records one recovered slot (for logs and tests).
+type Recovery struct {
+	Slot   int
+	Chunks []uint64 // the chunks merged and resynced
+	Err    error    // nil when the slot ended idle and clean
+}
+
+// New returns a driver for the node cfg.Node. It takes no lock yet: Join
+// does.
+func New(cfg Config) (*Driver, error) {
+	if cfg.Lockspace == nil || cfg.Array == nil || len(cfg.Mirrors) == 0 {
+		return nil, errors.New("bitmap ownership: lockspace, array and at least one mirror are required")
+	}
+	if l := cfg.Lockspace.LVBLen(); l < 16 {
+		return nil, fmt.Errorf("bitmap ownership: lockspace %q has a %d-byte value block, the resync window needs 16", cfg.Lockspace.Name(), l)
+	}
+	slot := int(cfg.Node) - 1
+	m, err := NewMachine(cfg.Layout.Slots, slot)
+	if err != nil {
+		return nil, fmt.Errorf("bitmap ownership: node %d: %w", cfg.Node, err)
+	}
+	lg := cfg.Logger
+	if lg == nil {
+		lg = slog.Default()
+	}
+	return &Driver{cfg: cfg, log: lg.With("node", cfg.Node, "slot", slot), slot: slot, m: m, held: map[int]*dlm.Lock{}}, nil
+}
+
+// Slot returns this node's bitmap slot (intent.Ownership).
+func (d *Driver) Slot() int { return d.slot }
+
+// Check returns an error once this node no longer holds its slot lock in PW
+// (intent.Ownership): the write-intent engine calls it before every bitmap
+// write, so a node that lost its slot stops writing it.
+func (d *Driver) Check() error {
+	d.mu.Lock()
+	own, closed, st := d.own, d.closed, d.m.State(d.slot)
+	d.mu.Unlock()
+	switch {
+	case closed:
+		return fmt.Errorf("slot %d: driver closed: %w", d.slot, ErrNotOwner)
+	case own == nil || st != Active:
+		return fmt.Errorf("slot %d is %s: %w", d.slot, st, ErrNotOwner)
+	case own.Mode() != dlm.PW:
+		return fmt.Errorf("slot %d: lock %s is held in %s: %w", d.slot, LockName(d.slot), own.Mode(), ErrNotOwner)
+	}
+	return nil
+}
+
+// Intent returns the write-intent engine of this node's slot (nil before
+// Join).
+func (d *Driver) Intent() *intent.Intent {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.in
+}
+
+// States returns what this node knows about every slot.
+func (d *Driver) States() []State {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.m.States()
+}
+
+// Recoveries returns the slots this node has recovered, in order.
+func (d *Driver) Recoveries() []Recovery {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return slices.Clone(d.history)
+}
+
+// Join takes this node's slot lock in PW (waiting, as a prober may hold it
+// for a moment), reads the slot, starts the write-intent engine on it,
+// resyncs any bits this node's earlier crash left, then probes every other
+// slot and recovers those that are granted and dirty.
+func (d *Driver) Join(ctx context.Context) error {
+	d.op.Lock()
+	defer d.op.Unlock()
+	if d.own != nil {
+		return fmt.Errorf("join slot %d: already joined", d.slot)
+	}
+	name := LockName(d.slot)
+	lk, err := d.cfg.Lockspace.Lock(ctx, name, dlm.PW, dlm.ValBlk)
+	if err != nil {
+		return fmt.Errorf("join slot %d: lock %s in PW: %w", d.slot, name, err)
+	}
+	slot, err := d.readUnion(d.slot)
+	if err != nil {
+		_ = lk.Unlock(context.WithoutCancel(ctx), 0)
+		return fmt.Errorf("join slot %d: %w", d.slot, err)
+	}
+	dirty := slot.DirtyChunks()
+	in, err := intent.New(intent.Config{Layout: d.cfg.Layout, Slot: slot, Mirrors: d.cfg.Mirrors, Owner: d, DaemonSleep: d.cfg.DaemonSleep})
+	if err != nil {
+		_ = lk.Unlock(context.WithoutCancel(ctx), 0)
+		return fmt.Errorf("join slot %d: %w", d.slot, err)
+	}
+	d.mu.Lock()
+	d.own, d.in = lk, in
+	acts := d.m.Joined(dirty)
+	d.mu.Unlock()
+	d.log.Info("joined: own bitmap slot locked in PW", "lock", name, "inherited_dirty", len(dirty))
+	return d.run(ctx, acts)
+}
+
+// Departed tells the driver that these nodes died and were fenced, and that
+// the DLM has recovered without them (so their locks are gone). Their slots
+// are probed; the one survivor whose NOQUEUE PW is granted merges each
+// slot's dirty bits into its own slot, clears them in the dead slot,
+// resyncs exactly those chunks and releases the lock. A slot another
+// survivor was recovering is probed again too, in case that survivor is
+// among the dead.
+func (d *Driver) Departed(ctx context.Context, nodes []dlm.NodeID) error {
+	d.op.Lock()
+	defer d.op.Unlock()
+	slots := make([]int, 0, len(nodes))
+	for _, n := range nodes {
+		slots = append(slots, int(n)-1)
+	}
+	d.mu.Lock()
+	acts := d.m.Departed(slots)
+	d.mu.Unlock()
+	d.log.Info("nodes departed: probing their slots", "departed", nodes, "probes", len(acts))
+	return d.run(ctx, acts)
+}
+
+// Reprobe probes every other slot again and retries owed resyncs: stale
+// Watching or Elsewhere knowledge is refreshed, and failed recoveries are
+// retried.
+func (d *Driver) Reprobe(ctx context.Context) error {
+	d.op.Lock()
+	defer d.op.Unlock()
+	d.mu.Lock()
+	acts := d.m.Reprobe()
+	d.mu.Unlock()
+	return d.run(ctx, acts)
+}
+
+// SetWindow publishes this node's resync window in its slot lock's value
+// block (a PW to PW conversion with VALBLK writes it, as md-cluster's
+// resync_info_update does). Nodes that join later, or watch the slot, read
+// it with Window.
+func (d *Driver) SetWindow(ctx context.Context, w Window) error {
+	d.mu.Lock()
+	own := d.own
+	d.mu.Unlock()
+	if own == nil {
+		return fmt.Errorf("set resync window of slot %d: not joined", d.slot)
+	}
+	if err := own.SetLVB(w.MarshalLVB()[:d.cfg.Lockspace.LVBLen()]); err != nil {
+		return fmt.Errorf("set resync window of slot %d: %w", d.slot, err)
+	}
+	if err := own.Convert(ctx, dlm.PW, dlm.ValBlk); err != nil {
+		return fmt.Errorf("set resync window of slot %d: publish: %w", d.slot, err)
+	}
+	return nil
+}
+
+// Window reads slot s's announced resync window with a CR lock (compatible
+// with the owner's PW, so it never disturbs it). ok is false when the value
+// is not valid (its owner died holding it, or it was never written).
+func (d *Driver) Window(ctx context.Context, s int) (w Window, ok bool, err error) {
+	name := LockName(s)
+	lk, err := d.cfg.Lockspace.Lock(ctx, name, dlm.CR, dlm.ValBlk)
+	if err != nil {
+		return Window{}, false, fmt.Errorf("read resync window of slot %d: lock %s in CR: %w", s, name, err)
+	}
+	defer func() {
+		if uerr := lk.Unlock(context.WithoutCancel(ctx), 0); uerr != nil && err == nil {
+			err = fmt.Errorf("read resync window of slot %d: unlock: %w", s, uerr)
+		}
+	}()
+	if lk.StatusFlags()&dlm.ValNotValid != 0 {
+		return Window{}, false, nil
+	}
+	w, err = UnmarshalLVB(lk.LVB())
+	if err != nil {
+		return Window{}, false, fmt.Errorf("slot %d: %w", s, err)
+	}
+	return w, true, nil
+}
+
+// Leave releases this node's slot lock after stopping the write-intent
+// engine. Bits still set stay on disk: the slot is then idle but dirty,
+// and the next node to probe it recovers it (md-cluster sends
+// BITMAP_NEEDS_SYNC for the same reason).
+func (d *Driver) Leave(ctx context.Context) error {
+	d.op.Lock()
+	defer d.op.Unlock()
+	d.mu.Lock()
+	own, in := d.own, d.in
+	d.own, d.closed = nil, true
+	d.m.Left()
+	d.mu.Unlock()
+	if in != nil {
+		_ = in.Close()
+	}
+	if own == nil {
+		return nil
+	}
+	if err := own.SetLVB(Window{}.MarshalLVB()[:d.cfg.Lockspace.LVBLen()]); err != nil {
+		return fmt.Errorf("leave slot %d: %w", d.slot, err)
+	}
+	if err := own.Unlock(ctx, dlm.ValBlk); err != nil {
+		return fmt.Errorf("leave slot %d: unlock %s: %w", d.slot, LockName(d.slot), err)
+	}
+	return nil
+}
+
+// Close stops the driver without touching the DLM: used when this node is
+// being torn down (or was fenced) and its locks go with its lockspace.
+func (d *Driver) Close() {
+	d.mu.Lock()
+	in := d.in
+	d.closed = true
+	d.m.OwnLost()
+	d.mu.Unlock()
+	if in != nil {
+		_ = in.Close()
+	}
+}
+
+// run carries out actions in order, feeding each outcome back to the
+// machine and appending what it asks for next. It stops at the first error
+// that leaves this node unable to continue (its own slot lost); other
+// errors are remembered and returned at the end, after the machine has
+// put every claimed slot back.
+func (d *Driver) run(ctx context.Context, acts []Action) error {
+	var errs []error
+	for len(acts) > 0 {
+		d.mu.Lock()
+		closed := d.closed
+		d.mu.Unlock()
+		if closed {
+			// Torn down or fenced: no more DLM calls or writes. Claimed
+			// locks go with the lockspace, their slots' bits with them
+			// still on disk for the next survivor.
+			errs = append(errs, fmt.Errorf("slot %d: driver closed with %d actions left: %w", d.slot, len(acts), ErrNotOwner))
+			break
+		}
+		a := acts[0]
+		acts = acts[1:]
+		next, err := d.do(ctx, a)
+		if err != nil {
+			errs = append(errs, err)
+			if errors.Is(err, ErrNotOwner) || errors.Is(err, intent.ErrClosed) {
+				// Our own slot is gone: nothing more may be written. The
+				// claimed locks go with the lockspace.
+				break
+			}
+		}
+		acts = append(acts, next...)
+	}
+	return errors.Join(errs...)
+}
+
+// do carries out one action and returns the machine's next actions.
+func (d *Driver) do(ctx context.Context, a Action) ([]Action, error) {
+	switch a.Op {
+	case OpProbe:
+		return d.probe(ctx, a.Slot)
+	case OpRead:
+		s, err := d.readUnion(a.Slot)
+		if err != nil {
+			return d.failed(a, err)
+		}
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		return d.m.Read(a.Slot, s.DirtyChunks()), nil
+	case OpMerge:
+		in := d.Intent()
+		if in == nil {
+			return d.failed(a, errors.New("not joined"))
+		}
+		if err := in.Merge(a.Chunks); err != nil {
+			return d.failed(a, fmt.Errorf("into own slot %d: %w", d.slot, err))
+		}
+		d.log.Info("dead slot's dirty bits merged into own slot (durable on every mirror)", "from", a.Slot, "chunks", len(a.Chunks))
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		return d.m.Merged(a.Slot), nil
+	case OpClear:
+		if err := d.clear(a.Slot); err != nil {
+			return d.failed(a, err)
+		}
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		return d.m.Cleared(a.Slot), nil
+	case OpResync:
+		err := d.resync(ctx, a.Chunks)
+		if err != nil {
+			err = fmt.Errorf("bitmap ownership: resync of %d chunks from slot %d: %w", len(a.Chunks), a.Slot, err)
+			d.log.Error("resync failed: the chunks stay dirty in our own slot and are retried", "from", a.Slot, "err", err)
+		} else if in := d.Intent(); in != nil {
+			in.ResyncDone(a.Chunks)
+		}
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		if a.Slot != d.slot {
+			d.history = append(d.history, Recovery{Slot: a.Slot, Chunks: slices.Clone(a.Chunks), Err: err})
+		}
+		return d.m.Resynced(a.Slot, a.Chunks, err == nil), err
+	case OpRelease:
+		return d.release(ctx, a.Slot)
+	}
+	return nil, fmt.Errorf("bitmap ownership: unknown action %v", a)
+}
+
+// failed reports a failed read, merge or clear of a claimed slot.
+func (d *Driver) failed(a Action, err error) ([]Action, error) {
+	err = fmt.Errorf("bitmap ownership: %s of slot %d: %w", a.Op, a.Slot, err)
+	d.log.Error("slot recovery step failed: releasing the slot with its bits still on disk", "op", a.Op, "slot", a.Slot, "err", err)
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.history = append(d.history, Recovery{Slot: a.Slot, Chunks: slices.Clone(a.Chunks), Err: err})
+	return d.m.StepFailed(a.Slot), err
+}
+
+// probe requests slot s's lock in PW with NOQUEUE.
+func (d *Driver) probe(ctx context.Context, s int) ([]Action, error) {
+	name := LockName(s)
+	lk, err := d.cfg.Lockspace.Lock(ctx, name, dlm.PW, dlm.NoQueue|dlm.ValBlk)
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	switch {
+	case err == nil:
+		d.held[s] = lk
+		d.log.Debug("probe granted: slot idle or its owner dead", "probe_slot", s)
+		return d.m.ProbeGranted(s), nil
+	case errors.Is(err, dlm.ErrAgain):
+		d.log.Debug("probe refused: slot owned by a live node", "probe_slot", s)
+		return d.m.ProbeRefused(s), nil
+	default:
+		return d.m.ProbeFailed(s), fmt.Errorf("bitmap ownership: probe %s: %w", name, err)
+	}
+}
+
+// release unlocks a claimed slot, writing a zero resync window: whatever
+// window its dead owner announced is over.
+func (d *Driver) release(ctx context.Context, s int) ([]Action, error) {
+	d.mu.Lock()
+	lk := d.held[s]
+	delete(d.held, s)
+	d.mu.Unlock()
+	var err error
+	if lk != nil {
+		if err = lk.SetLVB(Window{}.MarshalLVB()[:d.cfg.Lockspace.LVBLen()]); err == nil {
+			err = lk.Unlock(context.WithoutCancel(ctx), dlm.ValBlk)
+		}
+		if err != nil {
+			err = fmt.Errorf("bitmap ownership: release %s: %w", LockName(s), err)
+		}
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.m.Released(s), err
+}
+
+// readUnion reads slot s on every mirror and returns it with the union of
+// the bits: a crash can leave a bit durable on some mirrors only (the owner
+// writes them one after the other), and any copy's bit may guard data that
+// differs. Unreadable copies are skipped as long as one is readable.
+func (d *Driver) readUnion(s int) (*bitmap.Slot, error) {
+	var out *bitmap.Slot
+	var errs []error
+	for i, m := range d.cfg.Mirrors {
+		sl, err := bitmap.ReadSlot(m, d.cfg.Layout, s)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("mirror %d: %w", i, err))
+			continue
+		}
+		if out == nil {
+			out = sl
+			continue
+		}
+		for _, c := range sl.DirtyChunks() {
+			out.Set(c)
+		}
+	}
+	if out == nil {
+		return nil, fmt.Errorf("read slot %d: no mirror readable: %w", s, errors.Join(errs...))
+	}
+	if len(errs) > 0 {
+		d.log.Warn("slot unreadable on some mirrors; using the others", "read_slot", s, "err", errors.Join(errs...))
+	}
+	return out, nil
+}
+
+// clear writes slot s with every bit clear to every mirror, syncing each.
+// It runs only after the bits were merged durably into our own slot.
+func (d *Driver) clear(s int) error {
+	cur, err := d.readUnion(s)
+	if err != nil {
+		return err
+	}
+	clean, err := bitmap.NewSlot(cur.Super)
+	if err != nil {
+		return fmt.Errorf("clear slot %d: %w", s, err)
+	}
+	for i, m := range d.cfg.Mirrors {
+		if err := bitmap.WriteSlot(m, d.cfg.Layout, s, clean); err != nil {
+			return fmt.Errorf("clear slot %d: mirror %d: %w", s, i, err)
+		}
+		if err := m.Sync(); err != nil {
+			return fmt.Errorf("clear slot %d: mirror %d: sync: %w", s, i, err)
+		}
+	}
+	return nil
+}
+
+// resync announces the window covering chunks in our own value block, has
+// the array resync them, and withdraws the window.
+func (d *Driver) resync(ctx context.Context, chunks []uint64) error {
+	if len(chunks) == 0 {
+		return nil
+	}
+	per := uint64(d.cfg.Layout.ChunkSize) / 512
+	w := Window{Lo: slices.Min(chunks) * per, Hi: (slices.Max(chunks) + 1) * per}
+	if err := d.SetWindow(ctx, w); err != nil {
+		return err
+	}
+	err := d.cfg.Array.Resync(ctx, chunks)
+	if werr := d.SetWindow(context.WithoutCancel(ctx), Window{}); werr != nil && err == nil {
+		err = werr
+	}
+	return err
+}
