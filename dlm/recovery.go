@@ -51,6 +51,9 @@ type recovery struct {
 	sentDone  bool
 	done      map[NodeID]bool
 	rwrites   []recoverWrite // writes resent to this node, applied when recovery ends
+	// starting is set while Recover itself runs: a recovery that could
+	// complete at once (a lone survivor) completes at its end, not halfway.
+	starting bool
 
 	// strong lists, per resource, the remote nodes whose PW/EX locks were
 	// dropped for rebuilding: if recovery is interrupted and one of them
@@ -129,7 +132,7 @@ func (s *Space) Recover(gen uint64, members []NodeID, departed []NodeID, reset b
 	for _, n := range departed {
 		gone[n] = true
 	}
-	rec := &recovery{gen: gen, mastered: map[string]bool{}, rebuilt: map[string]bool{}, names: map[NodeID]bool{},
+	rec := &recovery{gen: gen, starting: true, mastered: map[string]bool{}, rebuilt: map[string]bool{}, names: map[NodeID]bool{},
 		asked: map[string]bool{}, lookups: map[string][]*Proc{}, done: map[NodeID]bool{}, strong: map[string][]NodeID{}}
 
 	// 1. Master side: idle cached resources go; remote locks are dropped
@@ -236,7 +239,9 @@ func (s *Space) Recover(gen uint64, members []NodeID, departed []NodeID, reset b
 			s.askMaster(r)
 		}
 	}
+	rec.starting = false
 	s.maybeLocksDone()
+	s.maybeFinish()
 
 	// Messages of this generation that arrived early.
 	future := s.future
@@ -444,7 +449,7 @@ func (s *Space) recoverLock(from NodeID, m *message) {
 // has resent its locks.
 func (s *Space) maybeFinish() {
 	rec := s.rec
-	if rec == nil || !rec.dirReady || len(rec.done) < len(s.members) {
+	if rec == nil || rec.starting || !rec.dirReady || len(rec.done) < len(s.members) {
 		return
 	}
 	// PR<->CW conversions in flight get the granted mode the other holders

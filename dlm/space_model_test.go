@@ -305,7 +305,7 @@ func (m *smodel) changeMembership() {
 		}
 	}
 	switch {
-	case len(others) > 0 && (len(upNodes) <= 2 || m.rng.IntN(2) == 0):
+	case len(others) > 0 && (len(upNodes) <= 1 || m.rng.IntN(2) == 0):
 		i := others[m.rng.IntN(len(others))]
 		reset := m.nodes[i].state == cut
 		if m.nodes[i].state == down {
@@ -322,7 +322,7 @@ func (m *smodel) changeMembership() {
 		slices.Sort(upNodes)
 		m.recover(upNodes, nil, map[int]bool{i: reset})
 		m.nodes[i].rejoining = false
-	case len(upNodes) > 2:
+	case len(upNodes) > 1:
 		i := upNodes[m.rng.IntN(len(upNodes))]
 		how := down
 		if m.rng.IntN(2) == 0 {
