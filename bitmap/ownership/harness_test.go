@@ -375,14 +375,6 @@ func (r *rig) kill(id int) {
 	n := r.node(id)
 	n.h.crash()
 	n.drv.Close()
-	// Work-around for a dlm bug (Space.Recover dereferences a nil recovery
-	// when recovery completes inside Recover, as it does for a sole
-	// survivor that must look up masters or resend LVB writes to a departed
-	// master): give the victim's transport a moment to send its deferred
-	// acknowledgements before it goes. The crash under test is the
-	// storage crash above; the DLM dies a little later, which a real node
-	// may do too.
-	time.Sleep(20 * time.Millisecond)
 	n.dlm.Close()
 	n.gone = true
 	var alive []dlm.NodeID
