@@ -154,6 +154,7 @@ type Agreement struct {
 	lagging        map[NodeID]bool   // members that said they missed a view
 	stoppedPeer    map[NodeID]uint64 // member → generation in which it said its lock manager is stopped
 	acceptedAt     int64             // tick at which the pending accepted value was accepted
+	acceptedRun    uint64            // generation of the last value this run (not an earlier one) accepted
 	lastNotQuorate string
 
 	ready Ready
@@ -568,6 +569,7 @@ func (a *Agreement) onAccept(from NodeID, m message) {
 		a.dirty = true
 		a.acceptedAt = a.tick
 	}
+	a.acceptedRun = m.Value.Gen
 	if contains(m.Value.Members, a.cfg.Self) {
 		a.stopFor(m.Ballot, m.Value.Members)
 	}
@@ -608,6 +610,15 @@ func (a *Agreement) onCommit(from NodeID, m message) {
 			slog.Uint64("gen", v.Gen), slog.String("quorum", a.cfg.Quorum.Describe(a.alive)))
 		return
 	}
+	if live := intersect(v.Members, a.alive); !a.cfg.Quorum.Quorate(live) {
+		// Installed now, the view would start DLM recovery (which may
+		// grant at once) in the same Ready that reports quorum lost. Wait
+		// unacknowledged: the COMMIT is repeated until this node installs
+		// it, once it sees enough of the view's members.
+		a.log(slog.LevelWarn, "not installing a view in which this node is not quorate",
+			slog.Uint64("gen", v.Gen), slog.String("quorum", a.cfg.Quorum.Describe(live)))
+		return
+	}
 	if contains(m.Base.Members, a.cfg.Self) && m.Base.Gen > a.hs.Installed.Gen {
 		a.install(m.Base, 0, from)
 	}
@@ -629,7 +640,13 @@ func (a *Agreement) install(p Proposal, ballot uint64, from NodeID) {
 	a.maxSeen = max(a.maxSeen, a.hs.Promised)
 	a.dirty = true
 	a.committer = from
-	if a.restarted && (contains(p.Rejoined, a.cfg.Self) || !contains(p.Prev.Members, a.cfg.Self)) {
+	// The restart is dealt with by a view that lists this node as
+	// Rejoined, or that joins it anew, but only if this run accepted that
+	// view: otherwise the others may have installed it, and sent its DLM
+	// recovery traffic, to the previous run (lost with it), so this node
+	// still asks to be readmitted as Rejoined.
+	if a.restarted && (contains(p.Rejoined, a.cfg.Self) ||
+		(!contains(p.Prev.Members, a.cfg.Self) && a.acceptedRun == p.Gen)) {
 		a.restarted = false
 	}
 	a.excluded = false
