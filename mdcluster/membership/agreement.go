@@ -113,6 +113,10 @@ type Agreement struct {
 	leaving   bool
 	left      bool
 	excluded  bool // a newer view without this node exists
+	// behind is the newest generation a peer said (in a HELLO) it has
+	// installed, when that is newer than this node's own view: the cluster
+	// moved on without this node and it missed the COMMIT that removed it.
+	behind uint64
 	// selfFenced is the generation of a view this coordinator completed
 	// although it named this node as failed (see onAccepted).
 	selfFenced uint64
@@ -308,6 +312,18 @@ func (a *Agreement) Tick() {
 				a.send(id, message{Type: mHello, Stopped: true})
 			}
 		}
+	}
+	if c := a.believedCoordinator(); a.tick%h == 0 && c != ddraid.NoNode && c != a.cfg.Self &&
+		contains(a.hs.Installed.Members, a.cfg.Self) && !contains(a.hs.Installed.Members, c) &&
+		a.tick-a.quietSince >= 2*int64(a.cfg.PrepareTimeout) {
+		// The node this one takes for the coordinator is not a member of
+		// its view, and no change has been under way for a while. It may
+		// not know that view: it was cut off, and the COMMIT that removed
+		// it (sent to the members only) never reached it. Then it holds
+		// an older view with the same members it sees alive, finds
+		// nothing to change, and nobody else may coordinate. Tell it this
+		// node's generation: it runs a change that readmits it.
+		a.send(c, message{Type: mHello})
 	}
 	if a.restarted && a.tick%h == 0 {
 		// Tell everyone: any of them may be (or become) the coordinator,
@@ -709,9 +725,22 @@ func (a *Agreement) onHello(from NodeID, m message) {
 	// the sender has since acknowledged a newer view this node committed
 	// (the HELLO was delayed, and acting on it would cost a needless view
 	// change).
-	if c := a.commit; !m.Restarted && c != nil && c.acked[from] && m.Gen < c.value.Gen {
-		a.stale(from, m, "the sender has since installed a newer view")
+	if c := a.commit; !m.Restarted && c != nil && m.Gen < c.value.Gen &&
+		(c.acked[from] || (c.value.Gen == a.hs.Installed.Gen && contains(a.commitTargets(), from))) {
+		// Sent before the sender installed the view this node committed,
+		// or while this node's COMMIT of its current view, repeated until
+		// acknowledged, is still on its way to it: either way it needs no
+		// change to catch up.
+		a.stale(from, m, "the sender has since installed, or is being sent, a newer view")
 		return
+	}
+	if m.Gen > a.hs.Installed.Gen && m.Gen > a.behind {
+		// The sender installed a view this node never did: this node was
+		// cut off and missed it (see needChange).
+		a.behind = m.Gen
+		a.maxSeen = max(a.maxSeen, m.Gen)
+		a.log(slog.LevelInfo, "a peer installed a newer view than this node's; this node missed it",
+			slog.Any("node", from), slog.Uint64("sender_gen", m.Gen), slog.Uint64("gen", a.hs.Installed.Gen))
 	}
 	if m.Stopped && !m.Restarted && m.Gen >= a.hs.Installed.Gen {
 		if g, ok := a.stoppedPeer[from]; !ok || g < m.Gen {
@@ -832,6 +861,15 @@ func (a *Agreement) needChange(target []NodeID) (bool, string) {
 		return true, "this node is leaving"
 	case a.hs.Accepted != nil && a.hs.Accepted.Value.Gen > in.Gen:
 		return true, "an accepted proposal is not installed"
+	case a.excluded:
+		// A newer view removed this node (and fenced it, unless it was
+		// the coordinator completing it). Its installed view may still
+		// list exactly the nodes it sees alive, so the comparison above
+		// finds nothing: without this, a removed node that is the lowest
+		// alive one would coordinate nothing, and nobody else may.
+		return true, "a newer view leaves this node out"
+	case a.behind > in.Gen:
+		return true, fmt.Sprintf("a peer installed view %d, newer than this node's; this node was left out", a.behind)
 	case a.wantsView():
 		return true, "this node's lock manager is stopped since its last view (quorum loss or an abandoned change); it resumes only through a new view"
 	}

@@ -93,7 +93,7 @@ func TestFailedFenceRetriedAndNothingInstalledMeanwhile(t *testing.T) {
 		t.Fatal("fence not asked again")
 	}
 	c.fenceQueue = nil
-	c.fenced[[2]uint64{3, c.nodes[1].a.value.Gen}] = true
+	c.fenceDone(3, c.nodes[1].a.value.Gen, true)
 	c.nodes[1].a.FenceResult(3, true)
 	c.process(c.nodes[1])
 	if !c.runUntil(100, c.converged) {
@@ -134,7 +134,7 @@ func TestMinorityNeverInstallsOrFences(t *testing.T) {
 		t.Fatalf("node 3 should be fencing as coordinator:\n%s", c.describe())
 	}
 	for _, f := range c.fenceQueue {
-		c.fenced[[2]uint64{uint64(f.Node), f.Gen}] = true
+		c.fenceDone(f.Node, f.Gen, false) // storage fencing: the minority runs on
 		c.nodes[3].a.FenceResult(f.Node, true)
 	}
 	c.fenceQueue = nil
@@ -191,7 +191,7 @@ func TestCutOffNodeRejoinsWithReset(t *testing.T) {
 	// fencing): it stays up with its old state.
 	f := c.fenceQueue[0]
 	c.fenceQueue = nil
-	c.fenced[[2]uint64{uint64(f.Node), f.Gen}] = true
+	c.fenceDone(f.Node, f.Gen, false)
 	c.nodes[1].a.FenceResult(f.Node, true)
 	c.process(c.nodes[1])
 	c.run(30)
@@ -504,4 +504,67 @@ func FuzzStep(f *testing.F) {
 			a.Ready()
 		}
 	})
+}
+
+// TestFencedLowestNodeReadmitted: the failure detectors of nodes 2 and 3
+// falsely suspect node 1, the lowest ID, while node 1 keeps seeing everyone
+// (so it never loses quorum). Nodes 2 and 3 remove it and fence it with
+// storage fencing, so it runs on. Node 1 never learns of that view (the
+// COMMIT goes to the view's members), or learns of it only as an excluded
+// node. Once the detectors recover, it is the lowest node alive, hence the
+// only one that may coordinate, and its own view lists exactly the nodes it
+// sees alive. It must still find out that it was left out and run the
+// change that readmits it, with a reset.
+func TestFencedLowestNodeReadmitted(t *testing.T) {
+	for _, sawCommit := range []bool{false, true} {
+		c := formed(t, three, nil, calm)
+		c.manualFence = true
+		first := c.nodes[1].a.View()
+		c.believe(2, 2, 3)
+		c.believe(3, 2, 3)
+		if !c.runUntil(100, func() bool { return len(c.fenceQueue) == 1 }) {
+			t.Fatalf("no fence request:\n%s", c.describe())
+		}
+		f := c.fenceQueue[0]
+		if f.Node != 1 {
+			t.Fatalf("fence request %+v, want node 1", f)
+		}
+		c.fenceQueue = nil
+		c.fenceDone(f.Node, f.Gen, false) // storage fencing: node 1 runs on
+		c.nodes[2].a.FenceResult(f.Node, true)
+		c.process(c.nodes[2])
+		c.manualFence = false
+		if !c.runUntil(100, func() bool { return c.nodes[3].a.View().Gen == f.Gen }) {
+			t.Fatalf("no view without node 1:\n%s", c.describe())
+		}
+		c.mustOK(t)
+		if !c.nodes[1].quorate {
+			t.Fatal("node 1 lost quorum; the scenario needs it to see everyone all along")
+		}
+		if sawCommit {
+			// The COMMIT that removes it reaches node 1 after all.
+			v := c.nodes[2].a.HardState().Installed
+			if err := c.nodes[1].a.Step(2, encodeMessage(message{Type: mCommit, Gen: v.Gen, Ballot: v.Gen, Value: v,
+				Base: Proposal{Gen: first.Gen, Members: first.Members}})); err != nil {
+				t.Fatal(err)
+			}
+			c.process(c.nodes[1])
+			if !c.nodes[1].a.excluded {
+				t.Fatal("node 1 does not know it was left out")
+			}
+		}
+		if g := c.nodes[1].a.View().Gen; g != first.Gen {
+			t.Fatalf("node 1 installed gen %d; the scenario needs it still at gen %d", g, first.Gen)
+		}
+		c.fdChanged() // the detectors of nodes 2 and 3 see node 1 again
+		if !c.runUntil(300, c.converged) {
+			c.mustOK(t)
+			t.Fatalf("saw commit %v: node 1 was not readmitted:\n%s\ntrace:\n%s", sawCommit, c.describe(), c.dumpTrace())
+		}
+		c.mustOK(t)
+		in := lastInstall(c.nodes[1])
+		if !in.Reset || in.Prev.Gen != f.Gen || !slices.Equal(in.Joined, []NodeID{1}) {
+			t.Fatalf("saw commit %v: node 1 rejoined with %+v; want a reset, joined [1], succeeding gen %d", sawCommit, in, f.Gen)
+		}
+	}
 }

@@ -18,7 +18,10 @@ import (
 // detector that reflects reachability after a lag, crashes and restarts
 // (a restart is a new Agreement built from the persisted hard state), a
 // fencer that powers its victim off, and a checker that verifies the
-// protocol's invariants after every Ready.
+// protocol's invariants after every Ready. The fencer powers its victim off,
+// or, with storage fencing, leaves it running cut off from the array: its
+// lock state no longer counts and it must come back through a view that
+// resets it.
 
 var traceLines = 80
 
@@ -49,6 +52,11 @@ type simNode struct {
 	dlmStopped bool
 	// stoppedAt is the simulated time dlmStopped last became true.
 	stoppedAt int64
+	// fencedFor is the newest generation this node was fenced for after
+	// its last install (0: none since). Like a storage fence, it survives
+	// restarts. The next view it installs after that generation must
+	// reset it: its old lock state must never merge with the cluster's.
+	fencedFor uint64
 }
 
 type simEvent struct {
@@ -79,6 +87,9 @@ type simNet struct {
 	FDLag     int     // failure detector catches up 0..FDLag ticks after a change
 	FenceFail float64 // probability a fence attempt fails
 	FenceLag  int     // fences take 1..FenceLag ticks
+	// StorageFence is the probability that a successful fence leaves its
+	// victim running (storage fencing) instead of powering it off.
+	StorageFence float64
 }
 
 type cluster struct {
@@ -232,6 +243,9 @@ func (c *cluster) process(n *simNode) {
 		}
 		if g := n.a.selfFenced; g != 0 {
 			c.fenced[[2]uint64{uint64(n.id), g}] = true // it stopped itself (see onAccepted)
+			if n.lastGen < g {
+				n.fencedFor = max(n.fencedFor, g) // and must rejoin clean, like a fenced node
+			}
 		}
 		if traceLog {
 			for _, e := range rd.Log {
@@ -348,18 +362,34 @@ func (c *cluster) deliver(e simEvent) {
 			return // the requester restarted; its fence request died with it
 		}
 		if e.ok {
-			victim := c.nodes[e.from]
-			c.fenced[[2]uint64{uint64(e.from), e.gen}] = true
-			c.tracef("%s fenced %s for gen %d", e.to, e.from, e.gen)
-			if victim.up {
-				c.crash(e.from) // fencing powers the victim off
-			}
+			// No draw without storage fencing: seeds without it replay as before.
+			powerOff := c.net.StorageFence == 0 || c.rng.Float64() >= c.net.StorageFence
+			c.fenceDone(e.from, e.gen, powerOff)
 		} else {
 			c.tracef("%s: fence of %s failed", e.to, e.from)
 		}
 		n.a.FenceResult(e.from, e.ok)
 	}
 	c.process(n)
+}
+
+// fenceDone records a successful fence of victim for view gen. powerOff
+// crashes a running victim; otherwise (storage fencing) it runs on, cut off
+// from the array until a view resets it.
+func (c *cluster) fenceDone(victim NodeID, gen uint64, powerOff bool) {
+	v := c.nodes[victim]
+	c.fenced[[2]uint64{uint64(victim), gen}] = true
+	if v.lastGen < gen {
+		v.fencedFor = max(v.fencedFor, gen)
+	}
+	if powerOff {
+		c.tracef("fenced %s for gen %d (powered off)", victim, gen)
+		if v.up {
+			c.crash(victim)
+		}
+		return
+	}
+	c.tracef("fenced %s for gen %d (storage: it runs on)", victim, gen)
 }
 
 // step advances the simulation by one tick.
@@ -429,6 +459,9 @@ func (c *cluster) check(n *simNode, rd Ready) {
 		}
 		if in.View.Gen > 0 && slices.Contains(in.Rejoined, n.id) && !in.Reset {
 			c.fail(fmt.Sprintf("node %s is listed as rejoined in gen %d (others drop its old state) but keeps its own", n.id, in.View.Gen))
+		}
+		if g := n.fencedFor; g != 0 && in.View.Gen > g {
+			n.fencedFor = 0
 		}
 		if prev, ok := c.views[in.View.Gen]; ok {
 			if !prev.View.Equal(in.View) || !prev.Prev.Equal(in.Prev) {
