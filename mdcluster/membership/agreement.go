@@ -646,9 +646,17 @@ func (a *Agreement) onCommit(from NodeID, m message) {
 // nodes accepted it), so installing it is always consistent with every other
 // node; what remains local is whether this node continues from p.Prev or
 // must reset.
+//
+// It resets whenever its installed view is not p.Prev, also when it has
+// installed none at all (only the very first view, whose Prev is generation
+// 0, continues from nothing). A node that never installed a view may still
+// have been a member of one (it accepted it, or an adopted value named it,
+// and its COMMIT never arrived) and been fenced when a later view removed
+// it; it cannot tell, and the view readmitting it must reset it. A node
+// with no lock state loses nothing by the reset.
 func (a *Agreement) install(p Proposal, ballot uint64, from NodeID) {
 	prev := a.hs.Installed
-	reset := a.restarted || (prev.Gen != 0 && prev.Gen != p.Prev.Gen)
+	reset := a.restarted || prev.Gen != p.Prev.Gen
 	a.hs.Installed = p
 	if b := max(ballot, p.Gen); b > a.hs.Promised {
 		a.hs.Promised, a.hs.PromisedTo = b, from

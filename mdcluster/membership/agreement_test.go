@@ -506,6 +506,66 @@ func FuzzStep(f *testing.F) {
 	})
 }
 
+// TestFencedNodeThatNeverInstalledRejoinsWithReset: node 3 accepts the
+// first view but is cut off before its COMMIT arrives, so it never installs
+// anything. The majority removes it (fencing it: storage fencing, it runs on)
+// and readmits it after the heal. Although node 3 has no installed view, it
+// was fenced, so the view that readmits it must reset it, and for the others
+// it is a joiner whose old locks went with the view that departed it.
+func TestFencedNodeThatNeverInstalledRejoinsWithReset(t *testing.T) {
+	c := newCluster(t, 1, three, nil, calm)
+	c.manualFence = true
+	for _, id := range c.ids {
+		c.start(id)
+	}
+	// The first view is committed by node 1; cut node 3 off at once, so
+	// the COMMIT on its way to node 3 is lost (retransmissions go only to
+	// nodes node 1 believes alive).
+	if !c.runUntil(100, func() bool { return c.nodes[1].a.View().Gen != 0 }) {
+		t.Fatalf("no first view:\n%s", c.describe())
+	}
+	first := c.nodes[1].a.View()
+	if !slices.Equal(first.Members, []NodeID{1, 2, 3}) {
+		t.Fatalf("first view %+v, want [1 2 3]", first)
+	}
+	c.partition(map[NodeID]int{3: 1})
+	if !c.runUntil(100, func() bool { return len(c.fenceQueue) == 1 }) {
+		t.Fatalf("no fence request:\n%s", c.describe())
+	}
+	if g := c.nodes[3].a.View().Gen; g != 0 {
+		t.Fatalf("node 3 installed gen %d; the scenario needs it to have installed nothing", g)
+	}
+	f := c.fenceQueue[0]
+	if f.Node != 3 {
+		t.Fatalf("fence request %+v, want node 3", f)
+	}
+	c.fenceQueue = nil
+	c.fenceDone(f.Node, f.Gen, false) // storage fencing: node 3 runs on
+	c.nodes[1].a.FenceResult(f.Node, true)
+	c.process(c.nodes[1])
+	c.manualFence = false
+	if !c.runUntil(100, func() bool { return slices.Equal(c.nodes[2].a.View().Members, []NodeID{1, 2}) }) {
+		t.Fatalf("no view without node 3:\n%s", c.describe())
+	}
+	c.mustOK(t)
+	c.heal()
+	if !c.runUntil(300, c.converged) {
+		c.mustOK(t)
+		t.Fatalf("no convergence after healing:\n%s", c.describe())
+	}
+	c.mustOK(t)
+	if len(c.nodes[3].installs) == 0 {
+		t.Fatal("node 3 installed nothing")
+	}
+	in := c.nodes[3].installs[0]
+	if !in.Reset || in.Prev.Gen != f.Gen || !slices.Equal(in.Joined, []NodeID{3}) {
+		t.Fatalf("node 3's first install %+v; want a reset, joined [3], succeeding gen %d (the view that fenced it)", in, f.Gen)
+	}
+	if in1 := lastInstall(c.nodes[1]); in1.Reset || !slices.Equal(in1.Joined, []NodeID{3}) {
+		t.Fatalf("node 1's install %+v; want node 3 joined, no reset for node 1", in1)
+	}
+}
+
 // TestFencedLowestNodeReadmitted: the failure detectors of nodes 2 and 3
 // falsely suspect node 1, the lowest ID, while node 1 keeps seeing everyone
 // (so it never loses quorum). Nodes 2 and 3 remove it and fence it with

@@ -11,8 +11,10 @@ import (
 
 // TestRandomized runs whole clusters under seeded chaos (delays, drops,
 // duplicates, reordering, partitions, crashes and restarts, graceful leaves,
-// failing fences, one node's detector briefly suspecting live peers) and
-// checks the invariants after every Ready (see cluster.check). After the
+// failing fences, fences that power the victim off or leave it running cut
+// off from storage, one node's detector briefly suspecting live peers) and
+// checks the invariants after every Ready (see cluster.check), among them
+// that a node fenced after its last install is readmitted only with Reset. After the
 // chaos the network heals and every node that is down restarts; the cluster
 // must then converge on one view of all nodes. Then, in three seeds of four,
 // one node's detector suspects live peers for a moment once more. No node's
@@ -103,6 +105,8 @@ func runSeed(t testing.TB, seed uint64) (*cluster, string) {
 		FDLag:     r.IntN(4),
 		FenceFail: []float64{0, 0.2, 0.5}[r.IntN(3)],
 		FenceLag:  1 + r.IntN(3),
+		// Drawn last, so the other parameters of each seed stay as they were.
+		StorageFence: []float64{0, 0.5, 1}[r.IntN(3)],
 	}
 	c := newCluster(t, seed, q, extra, net)
 	c.rng = r

@@ -461,6 +461,12 @@ func (c *cluster) check(n *simNode, rd Ready) {
 			c.fail(fmt.Sprintf("node %s is listed as rejoined in gen %d (others drop its old state) but keeps its own", n.id, in.View.Gen))
 		}
 		if g := n.fencedFor; g != 0 && in.View.Gen > g {
+			// Fenced after its last install: the first view after the
+			// fencing one must readmit it clean.
+			if !in.Reset {
+				c.fail(fmt.Sprintf("node %s was fenced for gen %d after its last install (gen %d), and installed gen %d (prev %d) without reset",
+					n.id, g, n.lastGen, in.View.Gen, in.Prev.Gen))
+			}
 			n.fencedFor = 0
 		}
 		if prev, ok := c.views[in.View.Gen]; ok {
