@@ -3,6 +3,7 @@ module github.com/mdcluster/mdcluster
 go 1.26.0
 
 require (
+	github.com/anatol/vmtest v0.0.0-20260509163454-0d3e5bd9399c
 	github.com/dgraph-io/badger/v4 v4.9.6
 	github.com/hashicorp/memberlist v0.7.0
 	golang.org/x/sys v0.49.0
