@@ -4,10 +4,11 @@
 GO ?= go
 export PATH := /usr/local/go/bin:$(PATH)
 
-# Debian packages the tests use: mdadm (format interop checks).
-APT_PACKAGES ?= mdadm
+# Debian packages the tests use: mdadm (format interop checks); QEMU and a
+# static busybox for the VM tests in vmtest/ (they fetch the kernel themselves).
+APT_PACKAGES ?= mdadm qemu-system-x86 busybox-static
 
-.PHONY: all build test demo deps vet race sim fuzz bench clean
+.PHONY: all build test demo deps vet race sim fuzz bench clean vmtest
 
 all: build
 
@@ -40,6 +41,10 @@ fuzz:
 	@./scripts/fuzz-all.sh $(FUZZTIME)
 
 test: deps vet race sim fuzz
+
+# vmtest runs only the VM tests (real kernel md and mdadm under QEMU); `race` runs them too.
+vmtest: deps
+	$(GO) test -count=1 -v ./vmtest/
 
 demo:
 	$(GO) run ./cmd/mdcluster-demo
