@@ -15,13 +15,16 @@ all: build
 build:
 	$(GO) build ./...
 
-# deps installs the system packages the tests need, only when one is missing.
+# deps installs the system packages the tests need, only when one is missing,
+# and makes sure apt has package lists (the VM test looks up the kernel package).
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do \
 	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	elif ! ls /var/lib/apt/lists/*_Packages >/dev/null 2>&1; then \
+	  apt-get update -qq; \
 	fi
 
 vet:
