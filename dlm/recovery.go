@@ -294,6 +294,10 @@ func (s *Space) resendLock(p *Proc) {
 		return
 	}
 	middle := undecided(p)
+	// A ConvDeadlk conversion may have been demoted to NL, after which a
+	// PW/EX holder may have come and gone: its value cannot vouch for the
+	// resource's.
+	bad := !p.lvbKnown || (middle && p.flags&ConvDeadlk != 0)
 	if r.master == s.self {
 		// This node is the resource's new master: the lock becomes local.
 		delete(s.procs, p.id)
@@ -304,7 +308,7 @@ func (s *Space) resendLock(p *Proc) {
 		}
 		// A PR<->CW conversion in flight is restored in its old mode for
 		// now and settled when recovery ends (see Core.settleUndecided).
-		p.coreID = s.core.restoreGranted(p.name, p.grmode, p.flags&^Convert, p.lvb, p.lvbseq, !p.lvbKnown, middle,
+		p.coreID = s.core.restoreGranted(p.name, p.grmode, p.flags&^Convert, p.lvb, p.lvbseq, bad, middle,
 			p.owner, p.blocking, p)
 		if p.orphan {
 			s.core.lookup(p.coreID).orphan = true
@@ -317,7 +321,7 @@ func (s *Space) resendLock(p *Proc) {
 	}
 	p.master = r.master
 	m := message{typ: msgRecoverLock, lock: p.id, name: p.name, mode: p.grmode, rqmode: ModeIV, flags: p.flags &^ Convert,
-		seq: p.lvbseq, bad: !p.lvbKnown}
+		seq: p.lvbseq, bad: bad}
 	if middle {
 		m.rqmode = p.rqmode
 	}
