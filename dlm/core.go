@@ -799,25 +799,37 @@ func checkLockFlags(mode Mode, flags Flags, conv bool) error {
 // is returned; ErrNotFound if the resource has no orphan, ErrAgain if its
 // orphans hold other modes.
 func (c *Core) Lock(req Request) (LockID, error) {
-	if err := checkName(req.Resource); err != nil {
+	if err := c.checkRequest(req); err != nil {
 		return 0, err
-	}
-	if err := checkLockFlags(req.Mode, req.Flags, false); err != nil {
-		return 0, fmt.Errorf("resource %q: %w", req.Resource, err)
-	}
-	if err := c.checkLVB(req.LVB); err != nil {
-		return 0, fmt.Errorf("resource %q: %w", req.Resource, err)
-	}
-	if req.Flags&ValBlk != 0 && req.LVB == nil {
-		return 0, fmt.Errorf("resource %q: %w: VALBLK without an LVB buffer", req.Resource, ErrInvalid)
-	}
-	if req.Owner == 0 {
-		return 0, fmt.Errorf("resource %q: %w: owner 0 is reserved for orphans", req.Resource, ErrInvalid)
 	}
 	if req.Flags&Orphan != 0 {
 		return c.adopt(req)
 	}
+	return c.lockChecked(req), nil
+}
 
+// checkRequest refuses a new lock request with bad arguments.
+func (c *Core) checkRequest(req Request) error {
+	if err := checkName(req.Resource); err != nil {
+		return err
+	}
+	if err := checkLockFlags(req.Mode, req.Flags, false); err != nil {
+		return fmt.Errorf("resource %q: %w", req.Resource, err)
+	}
+	if err := c.checkLVB(req.LVB); err != nil {
+		return fmt.Errorf("resource %q: %w", req.Resource, err)
+	}
+	if req.Flags&ValBlk != 0 && req.LVB == nil {
+		return fmt.Errorf("resource %q: %w: VALBLK without an LVB buffer", req.Resource, ErrInvalid)
+	}
+	if req.Owner == 0 {
+		return fmt.Errorf("resource %q: %w: owner 0 is reserved for orphans", req.Resource, ErrInvalid)
+	}
+	return nil
+}
+
+// lockChecked makes a new (not Orphan) request that checkRequest accepted.
+func (c *Core) lockChecked(req Request) LockID {
 	r := c.getResource(req.Resource)
 	l := c.allocLkb()
 	l.res = r
@@ -831,7 +843,7 @@ func (c *Core) Lock(req Request) (LockID, error) {
 	if ok, _ := c.canBeGranted(r, l, true); ok {
 		c.grant(r, l)
 		c.queueCast(l, StatusOK)
-		return l.id, nil
+		return l.id
 	}
 	if l.exflags&NoQueue != 0 {
 		if l.exflags&NoQueueBast != 0 {
@@ -839,11 +851,11 @@ func (c *Core) Lock(req Request) (LockID, error) {
 		}
 		c.queueCast(l, StatusAgain)
 		c.freeLkb(l)
-		return l.id, nil
+		return l.id
 	}
 	r.add(l, stWaiting, l.exflags&HeadQue != 0)
 	c.sendBlockingASTs(r, l)
-	return l.id, nil
+	return l.id
 }
 
 func (c *Core) adopt(req Request) (LockID, error) {

@@ -282,20 +282,8 @@ func (s *Space) Lock(p *Proc, req Request) error {
 	if s.stopped {
 		return fmt.Errorf("resource %q: %w", req.Resource, ErrStopped)
 	}
-	if err := checkName(req.Resource); err != nil {
+	if err := s.core.checkRequest(req); err != nil {
 		return err
-	}
-	if err := checkLockFlags(req.Mode, req.Flags, false); err != nil {
-		return fmt.Errorf("resource %q: %w", req.Resource, err)
-	}
-	if err := s.core.checkLVB(req.LVB); err != nil {
-		return fmt.Errorf("resource %q: %w", req.Resource, err)
-	}
-	if req.Flags&ValBlk != 0 && req.LVB == nil {
-		return fmt.Errorf("resource %q: %w: VALBLK without an LVB buffer", req.Resource, ErrInvalid)
-	}
-	if req.Owner == 0 {
-		return fmt.Errorf("resource %q: %w: owner 0 is reserved for orphans", req.Resource, ErrInvalid)
 	}
 	if req.Flags&Orphan != 0 {
 		return s.adopt(p, req)
@@ -339,15 +327,9 @@ func (s *Space) lookup(r *rsbInfo) {
 
 func (s *Space) lockLocal(p *Proc) {
 	p.local = true
-	id, err := s.core.Lock(Request{Resource: p.name, Mode: p.rqmode, Flags: p.flags, LVB: p.lvb,
+	// Space.Lock checked the request already.
+	p.coreID = s.core.lockChecked(Request{Resource: p.name, Mode: p.rqmode, Flags: p.flags, LVB: p.lvb,
 		Owner: p.owner, Blocking: p.blocking, Tag: p})
-	if err != nil {
-		// Validated already; a refusal here is a bug, reported as such.
-		p.state = pFree
-		s.cast(p, statusOf(err), 0)
-		return
-	}
-	p.coreID = id
 	p.state = pRequesting
 	s.drainCore()
 }
