@@ -3,8 +3,10 @@ package dlm_test
 import (
 	"context"
 	"fmt"
+	"io"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/mdcluster/mdcluster/dlm"
 )
@@ -109,4 +111,69 @@ func BenchmarkRemoteThroughput(b *testing.B) {
 	}
 	wg.Wait()
 	b.ReportMetric(float64(per*requesters)/b.Elapsed().Seconds(), "pairs/s")
+}
+
+// BenchmarkRemoteVsTCP measures the ratio the remote-locking target is
+// stated in, robustly on a noisy machine: it alternates blocks of remote
+// lock + unlock pairs (2 nodes in this process, master on the other node,
+// as BenchmarkLockUnlockRemote) with blocks of raw 64-byte TCP round trips
+// (as BenchmarkTCPRoundTrip), so both see the same machine state, and
+// reports each one's time and their ratio. One op is one pair plus one
+// round trip.
+func BenchmarkRemoteVsTCP(b *testing.B) {
+	c := startCluster(b, 2, nil)
+	ls := c.open(b, "bench", 0)
+	pinMaster(b, ls[1], "remote")
+	ctx := context.Background()
+	pair := func() {
+		l, err := ls[0].Lock(ctx, "remote", dlm.EX, 0)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := l.Unlock(ctx, 0); err != nil {
+			b.Fatal(err)
+		}
+	}
+	conn, wait := startEcho(b)
+	defer func() {
+		conn.Close()
+		if err := wait(); err != nil {
+			b.Error(err)
+		}
+	}()
+	buf := make([]byte, 64)
+	ping := func() {
+		if _, err := conn.Write(buf); err != nil {
+			b.Fatal(err)
+		}
+		if _, err := io.ReadFull(conn, buf); err != nil {
+			b.Fatal(err)
+		}
+	}
+	for range 200 { // warm both paths, the master cache included
+		pair()
+		ping()
+	}
+	const block = 64
+	var tPair, tPing time.Duration
+	b.ReportAllocs()
+	b.ResetTimer()
+	for done := 0; done < b.N; {
+		n := min(block, b.N-done)
+		t0 := time.Now()
+		for range n {
+			pair()
+		}
+		t1 := time.Now()
+		for range n {
+			ping()
+		}
+		tPing += time.Since(t1)
+		tPair += t1.Sub(t0)
+		done += n
+	}
+	b.StopTimer()
+	b.ReportMetric(float64(tPair.Nanoseconds())/float64(b.N), "pair-ns")
+	b.ReportMetric(float64(tPing.Nanoseconds())/float64(b.N), "rtt-ns")
+	b.ReportMetric(float64(tPair)/float64(tPing), "pair/rtt")
 }

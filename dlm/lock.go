@@ -132,6 +132,9 @@ func (lk *Lock) startConvert(ctx context.Context, mode Mode, flags Flags, done f
 	lk.pending = true
 	lk.done = done
 	lk.op++
+	if done == nil {
+		lk.claimReply()
+	}
 	sp.flush()
 	if lk.pending {
 		lk.ls.track(ctx, lk)
@@ -255,7 +258,7 @@ func (ls *Lockspace) Release() error {
 		switch {
 		case lk.waiter:
 			lk.waiter = false
-			lk.waitCh <- struct{}{}
+			lk.waitW.Wake()
 		case lk.done != nil:
 			sp.enqueue(event{lk: lk, kind: Completion, err: lk.result, done: lk.done})
 			lk.done = nil

@@ -381,7 +381,7 @@ type space struct {
 	nextOwner OwnerID
 	handles   int
 	open      map[*Lockspace]struct{}
-	chans     []chan struct{} // idle wait channels
+	waiters   []*transport.Waiter // idle ones, for synchronous calls to wait on
 
 	// Callbacks for user code (async completions, blocking handlers) run on
 	// one dispatcher goroutine, in the order the core produced them.
@@ -562,7 +562,7 @@ func (sp *space) apply(cbs []Callback) {
 		switch {
 		case lk.waiter:
 			lk.waiter = false
-			lk.waitCh <- struct{}{}
+			lk.waitW.Wake()
 		case lk.done != nil:
 			done := lk.done
 			lk.done = nil
@@ -607,10 +607,10 @@ type Lock struct {
 	inflight  bool // counted in ls.waiting
 	done      func(*Lock, error)
 	stopAfter func() bool
-	waiter    bool          // a synchronous caller waits on waitCh
-	waitCh    chan struct{} // taken from the space's pool while waiting
-	result    error         // outcome of the latest completed operation
-	op        uint64        // counts operations, so a stale deadline cannot cancel a later one
+	waiter    bool              // a synchronous caller waits on waitW
+	waitW     *transport.Waiter // taken from the space's pool while waiting
+	result    error             // outcome of the latest completed operation
+	op        uint64            // counts operations, so a stale deadline cannot cancel a later one
 }
 
 // LockRequest is the full form of a lock request.
@@ -701,6 +701,9 @@ func (ls *Lockspace) start(ctx context.Context, req LockRequest, done func(*Lock
 		sp.mu.Unlock()
 		return nil, err
 	}
+	if done == nil {
+		lk.claimReply()
+	}
 	sp.flush()
 	if lk.pending {
 		ls.track(ctx, lk)
@@ -724,41 +727,93 @@ func (ls *Lockspace) track(ctx context.Context, lk *Lock) {
 	}
 }
 
-// wait blocks until the lock's pending operation completes.
+// wait blocks until the lock's pending operation completes. When a message
+// from another node will complete it, the transport may let this goroutine
+// read that node's connection meanwhile (Transport.Await), so the reply
+// needs no goroutine to wake this one.
 func (lk *Lock) wait(ctx context.Context) error {
 	sp := lk.ls.sp
 	sp.mu.Lock()
 	if !lk.pending {
 		err := lk.result
+		lk.putWaiter()
 		sp.mu.Unlock()
 		return err
 	}
-	// Wait channels are reused across locks: a lock handle usually waits
-	// once, and a channel is an allocation.
-	ch := lk.waitCh
-	if ch == nil {
-		if n := len(sp.chans); n > 0 {
-			ch = sp.chans[n-1]
-			sp.chans = sp.chans[:n-1]
-		} else {
-			ch = make(chan struct{}, 1)
-		}
-		lk.waitCh = ch
-	}
+	w := lk.getWaiter()
 	lk.waiter = true
+	from := sp.sp.ReplyFrom(&lk.proc)
 	sp.mu.Unlock()
-	select {
-	case <-ch:
-	case <-ctx.Done():
-		lk.cancelWith(lk.opNow(), ctxStatus(ctx.Err()))
-		<-ch
+	var woken bool
+	if tr := sp.node.tr; tr != nil && from != 0 {
+		woken = tr.Await(ctx, transport.NodeID(from), w)
+	} else {
+		if tr != nil {
+			tr.Unclaim(w)
+		}
+		select {
+		case <-w.C():
+			woken = true
+		case <-ctx.Done():
+		}
 	}
+	if !woken {
+		lk.cancelWith(lk.opNow(), ctxStatus(ctx.Err()))
+		<-w.C()
+	}
+	w.Reset()
 	sp.mu.Lock()
 	err := lk.result
-	lk.waitCh = nil // drained: back to the pool
-	sp.chans = append(sp.chans, ch)
+	lk.putWaiter()
 	sp.mu.Unlock()
 	return err
+}
+
+// getWaiter returns the lock's waiter, taking one from the space's pool:
+// waiters are reused across locks, since a lock handle usually waits once
+// and a waiter is an allocation. Called with mu held.
+func (lk *Lock) getWaiter() *transport.Waiter {
+	if lk.waitW == nil {
+		sp := lk.ls.sp
+		if n := len(sp.waiters); n > 0 {
+			lk.waitW = sp.waiters[n-1]
+			sp.waiters = sp.waiters[:n-1]
+		} else {
+			lk.waitW = transport.NewWaiter()
+		}
+	}
+	return lk.waitW
+}
+
+// putWaiter returns the lock's waiter, if it has one, to the pool, giving up
+// a claim it may hold. Called with mu held, once the waiter is drained.
+func (lk *Lock) putWaiter() {
+	w := lk.waitW
+	if w == nil {
+		return
+	}
+	sp := lk.ls.sp
+	if tr := sp.node.tr; tr != nil {
+		tr.Unclaim(w)
+	}
+	lk.waitW = nil
+	sp.waiters = append(sp.waiters, w)
+}
+
+// claimReply is called by a synchronous call, after the core has taken its
+// request and before the request is sent: it claims the connection the
+// reply will come on (transport.Claim), so that this goroutine reads the
+// reply itself instead of being woken by the connection's watcher. Called
+// with mu held.
+func (lk *Lock) claimReply() {
+	sp := lk.ls.sp
+	tr := sp.node.tr
+	if tr == nil {
+		return
+	}
+	if from := sp.sp.ReplyFrom(&lk.proc); from != 0 {
+		tr.Claim(transport.NodeID(from), lk.getWaiter())
+	}
 }
 
 func (lk *Lock) opNow() uint64 {

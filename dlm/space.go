@@ -345,6 +345,26 @@ func (s *Space) request(p *Proc) {
 	s.send(p.master, &m)
 }
 
+// ReplyFrom returns the node whose message is expected to complete p's
+// pending operation: its master, or the directory node while the master is
+// being looked up; 0 when no remote message is awaited (mastered here, or
+// the lockspace is stopped and recovery will settle it). It is a hint for
+// the driver's waiting, never a promise.
+func (s *Space) ReplyFrom(p *Proc) NodeID {
+	switch {
+	case s.stopped || p.local:
+		return 0
+	case p.state == pLookup:
+		if d := s.dirNode(p.name); d != s.self {
+			return d
+		}
+		return 0
+	case p.master != 0 && p.master != s.self:
+		return p.master
+	}
+	return 0
+}
+
 // statusOf maps an error of this package to its Status.
 func statusOf(err error) Status {
 	var st Status

@@ -18,6 +18,19 @@ func BenchmarkTCPRoundTrip(b *testing.B) {
 }
 
 func tcpRoundTripInProcess(b *testing.B) {
+	c, wait := startEcho(b)
+	pingPong(b, c)
+	c.Close()
+	if err := wait(); err != nil {
+		b.Fatal(err)
+	}
+}
+
+// startEcho starts a loopback TCP echo server in this process (one
+// goroutine doing io.ReadFull then Write of 64-byte frames) and returns a
+// connection to it with TCP_NODELAY, and a function that waits for the
+// server to finish once the connection is closed.
+func startEcho(b *testing.B) (net.Conn, func() error) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		b.Fatal(err)
@@ -48,11 +61,8 @@ func tcpRoundTripInProcess(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	pingPong(b, c)
-	c.Close()
-	if err := <-echoed; err != nil {
-		b.Fatal(err)
-	}
+	c.(*net.TCPConn).SetNoDelay(true)
+	return c, func() error { return <-echoed }
 }
 
 // pingPong measures round trips of a 64-byte frame on c, whose other end

@@ -59,9 +59,16 @@ type peer struct {
 	ackedIn  uint64
 	ackDue   bool          // a standalone ack should go out with the next write
 	ackedOut atomic.Uint64 // ack value last written on cur
+	// ackTimer sends a standalone ack AckDelay after frames arrived if no
+	// data frame carried it meanwhile. It is armed only when not armed and
+	// never stopped early: arming a timer that becomes the earliest one
+	// wakes an idle thread, so arming it per frame would cost a wake-up
+	// per round trip.
 	ackTimer *time.Timer
 	ackArmed atomic.Bool
-	// deferTimer writes deferred frames that no later Send carried out.
+	// deferTimer writes deferred frames that no later Send carried out,
+	// DeferDelay after the first of them was queued. Like ackTimer it is
+	// not stopped when a write carries them; it then finds nothing to do.
 	deferTimer *time.Timer
 	deferArmed atomic.Bool
 }
@@ -141,9 +148,6 @@ func (p *peer) send(ls LockspaceID, gen uint64, payload []byte, deferred bool) e
 	}
 	p.flushLocked()
 	p.mu.Unlock()
-	if p.deferArmed.Load() && p.deferArmed.Swap(false) {
-		p.deferTimer.Stop() // this write carried the deferred frames
-	}
 	return nil
 }
 
@@ -257,6 +261,7 @@ func (p *peer) fillLocked(c *conn) []byte {
 		}
 		p.ackedOut.Store(ack)
 		p.ackDue = false
+
 	} else if p.ackDue && ack > p.ackedOut.Load() {
 		var h [HeaderSize]byte
 		putHeader(h[:], FrameAck, 0, 0, 0, 0, ack)
@@ -437,8 +442,9 @@ func (p *peer) install(c *conn, hs handshakeResult) {
 	p.ackedOut.Store(hs.ourAck)
 	p.ackDue = false
 	t.stats.connEstablished.Add(1)
+	c.log = p.log
 	t.wg.Add(2)
-	go p.readLoop(c)
+	go p.watch(c)
 	go p.flushLoop(c)
 	p.mu.Unlock()
 	p.recvMu.Unlock()
@@ -485,61 +491,6 @@ func errString(err error) string {
 
 // errProtocol marks a well-formed frame that breaks the protocol.
 var errProtocol = errors.New("protocol error")
-
-// readLoop reads c's frames until it fails, handing data frames to the
-// handler. Payloads that fit the read buffer are passed without copying.
-func (p *peer) readLoop(c *conn) {
-	defer p.t.wg.Done()
-	t := p.t
-	maxPayload := t.cfg.MaxFrameSize
-	for {
-		hb, err := c.br.Peek(HeaderSize)
-		if err != nil {
-			p.readFailed(c, err)
-			return
-		}
-		h, err := DecodeHeader(hb, maxPayload)
-		if err != nil {
-			p.readFailed(c, err)
-			return
-		}
-		total := HeaderSize + int(h.Length)
-		var payload []byte
-		if total <= c.br.Size() {
-			b, err := c.br.Peek(total)
-			if err != nil {
-				p.readFailed(c, err)
-				return
-			}
-			payload = b[HeaderSize:]
-		} else {
-			c.br.Discard(HeaderSize)
-			total = int(h.Length)
-			if cap(c.big) < total {
-				c.big = make([]byte, total)
-			}
-			payload = c.big[:total]
-			if _, err := io.ReadFull(c.br, payload); err != nil {
-				p.readFailed(c, err)
-				return
-			}
-			total = 0
-		}
-		err = p.receive(c, &h, payload)
-		if total > 0 {
-			c.br.Discard(total)
-		}
-		if err != nil {
-			p.readFailed(c, err)
-			return
-		}
-		if c.br.Buffered() == 0 {
-			p.afterBatch()
-		} else if p.recvSeq.Load()-p.ackedOut.Load() >= uint64(t.cfg.AckEvery) {
-			p.ackNow() // a long stream never drains the buffer: ack as we go
-		}
-	}
-}
 
 // errRetired stops the reader of a connection that was replaced.
 var errRetired = errors.New("connection replaced")
@@ -701,13 +652,19 @@ func (p *peer) dialOnce(addr string) error {
 // conn is one authenticated (or authenticating) TCP connection. Fields
 // marked "mu" are guarded by the owning peer's mu.
 type conn struct {
-	nc      net.Conn
-	br      *bufio.Reader
-	big     []byte        // payloads larger than the read buffer (reader only)
-	wake    chan struct{} // hands write ownership to the flusher
-	done    chan struct{} // closed by close
-	once    sync.Once
-	retired atomic.Bool // set under the peer's recvMu when replaced or lost
+	nc  net.Conn
+	log *slog.Logger
+	br  *bufio.Reader
+	rs  readSide // who reads (see readside.go); br and big belong to the token holder
+	big []byte   // payloads larger than the read buffer
+	// A large frame being read: its header and how much of it has arrived.
+	bigHdr     Header
+	bigHave    int
+	bigPending bool
+	wake       chan struct{} // hands write ownership to the flusher
+	done       chan struct{} // closed by close
+	once       sync.Once
+	retired    atomic.Bool // set under the peer's recvMu when replaced or lost
 
 	writing  bool   // mu: a goroutine owns the socket's write side
 	leftover []byte // mu: unwritten tail of a partial direct write
@@ -725,12 +682,12 @@ type conn struct {
 func newConn(nc net.Conn, readBuf int) *conn {
 	c := &conn{
 		nc:   nc,
-		br:   bufio.NewReaderSize(nc, readBuf),
 		wake: make(chan struct{}, 1),
 		done: make(chan struct{}),
 		wbuf: make([]byte, 0, 4096),
 	}
 	c.initRaw()
+	c.br = bufio.NewReaderSize(newRawReader(c), readBuf)
 	return c
 }
 
@@ -745,5 +702,6 @@ func (c *conn) close() {
 	c.once.Do(func() {
 		close(c.done)
 		c.nc.Close()
+		c.rs.shutdown()
 	})
 }

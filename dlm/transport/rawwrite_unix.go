@@ -3,7 +3,6 @@
 package transport
 
 import (
-	"errors"
 	"fmt"
 	"os"
 	"syscall"
@@ -28,14 +27,14 @@ func (c *conn) initRaw() {
 // at EAGAIN instead of waiting; it never asks the runtime to park.
 func (c *conn) rawWrite(fd uintptr) bool {
 	for c.rwN < len(c.rwBuf) {
-		n, err := syscall.Write(int(fd), c.rwBuf[c.rwN:])
+		n, e := sysWrite(fd, c.rwBuf[c.rwN:])
 		switch {
-		case errors.Is(err, syscall.EINTR):
+		case e == syscall.EINTR:
 			continue
-		case errors.Is(err, syscall.EAGAIN):
+		case e == syscall.EAGAIN:
 			return true
-		case err != nil:
-			c.rwErr = os.NewSyscallError("write", err)
+		case e != 0:
+			c.rwErr = os.NewSyscallError("write", e)
 			return true
 		case n <= 0:
 			return true

@@ -21,6 +21,12 @@ type Stats struct {
 	FramesReceived uint64
 	// FramesDelivered counts handler calls.
 	FramesDelivered uint64
+	// InlineWaits counts Await calls that read the connection themselves
+	// (instead of being woken by the connection's watcher goroutine).
+	InlineWaits uint64
+	// IdleWakes counts times a connection's watcher was woken by data that
+	// arrived while no goroutine was reading it (see readside.go).
+	IdleWakes uint64
 	// Dropped counts frames not delivered or not sent, by reason.
 	Dropped DropStats
 	// ConnectionsEstablished counts authenticated connections.
@@ -66,6 +72,7 @@ type DropStats struct {
 type counters struct {
 	framesSent, framesResent, acksSent, writes          atomic.Uint64
 	framesReceived, framesDelivered                     atomic.Uint64
+	inlineWaits, idleWakes                              atomic.Uint64
 	dropDuplicate, dropStale, dropRestarted, dropRemove atomic.Uint64
 	connEstablished, connLost                           atomic.Uint64
 	handshakeFail, authFail, unknownNode                atomic.Uint64
@@ -80,6 +87,8 @@ func (c *counters) snapshot() Stats {
 		Writes:          c.writes.Load(),
 		FramesReceived:  c.framesReceived.Load(),
 		FramesDelivered: c.framesDelivered.Load(),
+		InlineWaits:     c.inlineWaits.Load(),
+		IdleWakes:       c.idleWakes.Load(),
 		Dropped: DropStats{
 			Duplicate:       c.dropDuplicate.Load(),
 			StaleGeneration: c.dropStale.Load(),

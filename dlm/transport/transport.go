@@ -57,6 +57,9 @@ type Transport struct {
 	gens  atomic.Pointer[map[LockspaceID]uint64] // copy on write under genMu
 
 	stats counters
+
+	// inline counts callers reading connections in Await.
+	inline inlineGate
 }
 
 // New starts a transport: it listens, and dials every peer with a higher ID.
@@ -276,6 +279,7 @@ func (t *Transport) Close() error {
 		p.remove("transport closed")
 	}
 	t.mu.Unlock()
+	t.inline.closeAndWait()
 	t.wg.Wait()
 	t.log.Info("transport closed")
 	if err != nil && !errors.Is(err, net.ErrClosed) {
