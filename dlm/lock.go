@@ -89,10 +89,14 @@ func (lk *Lock) usable(op string) error {
 // keeps its mode), ErrCancel or ErrTimeout (cancelled; the lock keeps its
 // mode). Converting a lock with an operation pending fails with ErrBusy.
 func (lk *Lock) Convert(ctx context.Context, mode Mode, flags Flags) error {
-	if err := lk.startConvert(ctx, mode, flags, nil); err != nil {
+	wait, err := lk.startConvert(ctx, mode, flags, nil)
+	if err != nil {
 		return err
 	}
-	return lk.wait(ctx)
+	if !wait {
+		return lk.result
+	}
+	return lk.awaitDone(ctx)
 }
 
 // ConvertAsync starts a conversion; done is called once with its outcome on
@@ -102,21 +106,25 @@ func (lk *Lock) ConvertAsync(ctx context.Context, mode Mode, flags Flags, done f
 	if done == nil {
 		return fmt.Errorf("convert %q: %w: nil completion callback", lk.resource, ErrInvalid)
 	}
-	return lk.startConvert(ctx, mode, flags, done)
+	_, err := lk.startConvert(ctx, mode, flags, done)
+	return err
 }
 
-func (lk *Lock) startConvert(ctx context.Context, mode Mode, flags Flags, done func(*Lock, error)) error {
+// startConvert starts a conversion; for a synchronous one (done == nil) it
+// also readies the wait, and wait says whether there is one (else the
+// outcome is in lk.result already).
+func (lk *Lock) startConvert(ctx context.Context, mode Mode, flags Flags, done func(*Lock, error)) (wait bool, err error) {
 	if err := ctx.Err(); err != nil {
-		return fmt.Errorf("convert %q: %w", lk.resource, ctxStatus(err))
+		return false, fmt.Errorf("convert %q: %w", lk.resource, ctxStatus(err))
 	}
 	sp := lk.ls.sp
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
 	if err := sp.awaitResume(ctx, "convert", lk.resource); err != nil {
-		return err
+		return false, err
 	}
 	if err := lk.usable("convert"); err != nil {
-		return err
+		return false, err
 	}
 	allocated := false
 	if flags&ValBlk != 0 && lk.lvb == nil {
@@ -127,7 +135,7 @@ func (lk *Lock) startConvert(ctx context.Context, mode Mode, flags Flags, done f
 		if allocated {
 			lk.lvb = nil
 		}
-		return err
+		return false, err
 	}
 	lk.pending = true
 	lk.done = done
@@ -139,7 +147,10 @@ func (lk *Lock) startConvert(ctx context.Context, mode Mode, flags Flags, done f
 	if lk.pending {
 		lk.ls.track(ctx, lk)
 	}
-	return nil
+	if done == nil {
+		return lk.prepareWait(), nil
+	}
+	return false, nil
 }
 
 // Unlock releases the lock. flags may hold ValBlk or IVValBlk (the LVB rules
@@ -207,11 +218,17 @@ func (lk *Lock) startUnlock(ctx context.Context, flags Flags, done func(*Lock, e
 	if lk.pending {
 		lk.ls.track(ctx, lk)
 	}
-	sp.mu.Unlock()
 	if done != nil {
+		sp.mu.Unlock()
 		return nil
 	}
-	return lk.wait(ctx)
+	if !lk.prepareWait() {
+		err := lk.result
+		sp.mu.Unlock()
+		return err
+	}
+	sp.mu.Unlock()
+	return lk.awaitDone(ctx)
 }
 
 // Cancel cancels the lock's pending request or conversion, which then ends
@@ -248,7 +265,9 @@ func (ls *Lockspace) Release() error {
 	defer sp.mu.Unlock()
 	orphaned, released := sp.sp.PurgeOwner(ls.owner)
 	sp.flush()
-	for lk := range ls.waiting {
+	for lk := ls.pending; lk != nil; {
+		next := lk.nextPending
+		lk.prevPending, lk.nextPending = nil, nil
 		lk.pending, lk.gone, lk.inflight = false, true, false
 		lk.result = fmt.Errorf("lock %q: %w", lk.resource, ErrReleased)
 		if lk.stopAfter != nil {
@@ -263,8 +282,9 @@ func (ls *Lockspace) Release() error {
 			sp.enqueue(event{lk: lk, kind: Completion, err: lk.result, done: lk.done})
 			lk.done = nil
 		}
+		lk = next
 	}
-	ls.waiting = nil
+	ls.pending = nil
 	delete(sp.open, ls)
 	sp.handles--
 	if sp.handles == 0 {

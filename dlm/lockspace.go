@@ -67,6 +67,9 @@ type Node struct {
 	mu      sync.Mutex
 	spaces  map[string]*space
 	byID    map[transport.LockspaceID]*space
+	// lookup is byID for the transport's handler, read without mu: a
+	// copy published after each Open has replayed its early messages.
+	lookup  atomic.Pointer[map[transport.LockspaceID]*space]
 	early   map[transport.LockspaceID][]earlyMsg
 	members []NodeID
 	gen     uint64 // generation of members
@@ -98,6 +101,7 @@ func NewNode(cfg Config) (*Node, error) {
 	n := &Node{cfg: cfg, log: lg.With("node", cfg.ID), id: cfg.ID, spaces: make(map[string]*space),
 		byID: map[transport.LockspaceID]*space{}, early: map[transport.LockspaceID][]earlyMsg{},
 		members: []NodeID{cfg.ID}, gen: 1, stop: make(chan struct{}), stopped: make(chan struct{})}
+	n.lookup.Store(&map[transport.LockspaceID]*space{})
 	if len(cfg.Peers) > 0 {
 		tc := cfg.Transport
 		tc.NodeID = transport.NodeID(cfg.ID)
@@ -174,6 +178,12 @@ func lockspaceID(name string) transport.LockspaceID {
 
 // receive is the transport's handler: a message for one of our lockspaces.
 func (n *Node) receive(from transport.NodeID, ls transport.LockspaceID, gen uint64, payload []byte) {
+	if sp := (*n.lookup.Load())[ls]; sp != nil {
+		sp.mu.Lock()
+		sp.step(NodeID(from), gen, payload)
+		sp.mu.Unlock()
+		return
+	}
 	n.mu.Lock()
 	sp := n.byID[ls]
 	if sp == nil {
@@ -256,6 +266,9 @@ func (n *Node) Open(name string, opts OpenOptions) (*Lockspace, error) {
 			}
 			sp.mu.Unlock()
 		}
+		// Published only now, so no message overtakes the early ones.
+		m := maps.Clone(n.byID)
+		n.lookup.Store(&m)
 	} else if sp.sp.LVBLen() != lvbLen {
 		return nil, fmt.Errorf("open lockspace %q: %w: LVB length %d, the lockspace uses %d",
 			name, ErrInvalid, lvbLen, sp.sp.LVBLen())
@@ -381,7 +394,7 @@ type space struct {
 	nextOwner OwnerID
 	handles   int
 	open      map[*Lockspace]struct{}
-	waiters   []*transport.Waiter // idle ones, for synchronous calls to wait on
+	idle      sync.Pool // of *transport.Waiter, for synchronous calls to wait on
 
 	// Callbacks for user code (async completions, blocking handlers) run on
 	// one dispatcher goroutine, in the order the core produced them.
@@ -555,8 +568,7 @@ func (sp *space) apply(cbs []Callback) {
 			lk.stopAfter = nil
 		}
 		if lk.inflight {
-			lk.inflight = false
-			delete(lk.ls.waiting, lk)
+			lk.ls.untrack(lk)
 		}
 		lk.result = err
 		switch {
@@ -577,9 +589,10 @@ type Lockspace struct {
 	sp       *space
 	owner    OwnerID
 	released atomic.Bool
-	// waiting holds this handle's locks with an operation still pending
+	// pending lists this handle's locks with an operation still pending
 	// after the call that started it returned, so Release can end them.
-	waiting map[*Lock]struct{}
+	// Guarded by sp.mu.
+	pending *Lock
 }
 
 // Name returns the lockspace's name.
@@ -609,6 +622,9 @@ type Lock struct {
 	stopAfter func() bool
 	waiter    bool              // a synchronous caller waits on waitW
 	waitW     *transport.Waiter // taken from the space's pool while waiting
+	waitFrom  NodeID            // where the awaited reply comes from (0: not a message)
+	// The handle's list of locks with an operation pending (inflight).
+	prevPending, nextPending *Lock
 	result    error             // outcome of the latest completed operation
 	op        uint64            // counts operations, so a stale deadline cannot cancel a later one
 }
@@ -640,11 +656,16 @@ func (ls *Lockspace) Lock(ctx context.Context, resource string, mode Mode, flags
 
 // Acquire is Lock with the full request.
 func (ls *Lockspace) Acquire(ctx context.Context, req LockRequest) (*Lock, error) {
-	lk, err := ls.start(ctx, req, nil)
+	lk, wait, err := ls.start(ctx, req, nil)
 	if err != nil {
 		return nil, err
 	}
-	if err := lk.wait(ctx); err != nil {
+	if wait {
+		err = lk.awaitDone(ctx)
+	} else {
+		err = lk.result
+	}
+	if err != nil {
 		return lk, err
 	}
 	return lk, nil
@@ -659,7 +680,8 @@ func (ls *Lockspace) LockAsync(ctx context.Context, req LockRequest, done func(*
 	if done == nil {
 		return nil, fmt.Errorf("lock %q: %w: nil completion callback", req.Resource, ErrInvalid)
 	}
-	return ls.start(ctx, req, done)
+	lk, _, err := ls.start(ctx, req, done)
+	return lk, err
 }
 
 func ctxStatus(err error) Status {
@@ -669,37 +691,40 @@ func ctxStatus(err error) Status {
 	return StatusCancel
 }
 
-func (ls *Lockspace) start(ctx context.Context, req LockRequest, done func(*Lock, error)) (*Lock, error) {
+// start starts a lock request. For a synchronous one (done == nil) it also
+// readies the wait, and wait says whether there is one (else the outcome is
+// in lk.result already).
+func (ls *Lockspace) start(ctx context.Context, req LockRequest, done func(*Lock, error)) (lk *Lock, wait bool, err error) {
 	if err := ls.check(); err != nil {
-		return nil, fmt.Errorf("lock %q: %w", req.Resource, err)
+		return nil, false, fmt.Errorf("lock %q: %w", req.Resource, err)
 	}
 	if err := ctx.Err(); err != nil {
-		return nil, fmt.Errorf("lock %q: %w", req.Resource, ctxStatus(err))
+		return nil, false, fmt.Errorf("lock %q: %w", req.Resource, ctxStatus(err))
 	}
 	sp := ls.sp
-	lk := &Lock{ls: ls, resource: req.Resource, onBlock: req.OnBlock, mode: ModeIV}
+	lk = &Lock{ls: ls, resource: req.Resource, onBlock: req.OnBlock, mode: ModeIV}
 	if req.Flags&ValBlk != 0 {
 		lk.lvb = make([]byte, sp.sp.LVBLen())
 	}
 	sp.mu.Lock()
 	if err := sp.awaitResume(ctx, "lock", req.Resource); err != nil {
 		sp.mu.Unlock()
-		return nil, err
+		return nil, false, err
 	}
 	if ls.released.Load() {
 		sp.mu.Unlock()
-		return nil, fmt.Errorf("lock %q: %w", req.Resource, ErrReleased)
+		return nil, false, fmt.Errorf("lock %q: %w", req.Resource, ErrReleased)
 	}
 	lk.pending = true
 	lk.done = done
 	lk.op++
-	err := sp.sp.Lock(&lk.proc, Request{
+	err = sp.sp.Lock(&lk.proc, Request{
 		Resource: req.Resource, Mode: req.Mode, Flags: req.Flags, LVB: lk.lvb,
 		Owner: ls.owner, Blocking: req.OnBlock != nil, Tag: lk,
 	})
 	if err != nil {
 		sp.mu.Unlock()
-		return nil, err
+		return nil, false, err
 	}
 	if done == nil {
 		lk.claimReply()
@@ -708,45 +733,69 @@ func (ls *Lockspace) start(ctx context.Context, req LockRequest, done func(*Lock
 	if lk.pending {
 		ls.track(ctx, lk)
 	}
+	if done == nil {
+		wait = lk.prepareWait()
+	}
 	sp.mu.Unlock()
-	return lk, nil
+	return lk, wait, nil
 }
 
 // track notes a lock whose operation is still pending after its call
 // returned: Release must be able to end it, and ctx's end cancels it.
 // Called with mu held.
 func (ls *Lockspace) track(ctx context.Context, lk *Lock) {
-	if ls.waiting == nil {
-		ls.waiting = make(map[*Lock]struct{})
-	}
-	ls.waiting[lk] = struct{}{}
 	lk.inflight = true
+	lk.prevPending, lk.nextPending = nil, ls.pending
+	if ls.pending != nil {
+		ls.pending.prevPending = lk
+	}
+	ls.pending = lk
 	if lk.done != nil && ctx.Done() != nil {
 		op := lk.op
 		lk.stopAfter = context.AfterFunc(ctx, func() { lk.cancelWith(op, ctxStatus(ctx.Err())) })
 	}
 }
 
-// wait blocks until the lock's pending operation completes. When a message
-// from another node will complete it, the transport may let this goroutine
-// read that node's connection meanwhile (Transport.Await), so the reply
-// needs no goroutine to wake this one.
-func (lk *Lock) wait(ctx context.Context) error {
-	sp := lk.ls.sp
-	sp.mu.Lock()
-	if !lk.pending {
-		err := lk.result
-		lk.putWaiter()
-		sp.mu.Unlock()
-		return err
+// untrack takes a lock off the pending list. Called with mu held.
+func (ls *Lockspace) untrack(lk *Lock) {
+	lk.inflight = false
+	if lk.prevPending != nil {
+		lk.prevPending.nextPending = lk.nextPending
+	} else {
+		ls.pending = lk.nextPending
 	}
-	w := lk.getWaiter()
+	if lk.nextPending != nil {
+		lk.nextPending.prevPending = lk.prevPending
+	}
+	lk.prevPending, lk.nextPending = nil, nil
+}
+
+// prepareWait readies a synchronous call to wait for the lock's pending
+// operation, in the same critical section that started it; it reports false
+// (and returns the waiter, giving up its claim) if the operation is already
+// over. Called with mu held.
+func (lk *Lock) prepareWait() bool {
+	if !lk.pending {
+		lk.putWaiter()
+		return false
+	}
+	lk.getWaiter()
 	lk.waiter = true
-	from := sp.sp.ReplyFrom(&lk.proc)
-	sp.mu.Unlock()
+	lk.waitFrom = lk.ls.sp.sp.ReplyFrom(&lk.proc)
+	return true
+}
+
+// awaitDone blocks, without mu, until the operation prepareWait readied the
+// lock for completes, and returns its outcome. When a message from another
+// node will complete it, the transport may let this goroutine read that
+// node's connection meanwhile (Transport.Await), so the reply needs no
+// goroutine to wake this one.
+func (lk *Lock) awaitDone(ctx context.Context) error {
+	sp := lk.ls.sp
+	w := lk.waitW
 	var woken bool
-	if tr := sp.node.tr; tr != nil && from != 0 {
-		woken = tr.Await(ctx, transport.NodeID(from), w)
+	if tr := sp.node.tr; tr != nil && lk.waitFrom != 0 {
+		woken = tr.Await(ctx, transport.NodeID(lk.waitFrom), w)
 	} else {
 		if tr != nil {
 			tr.Unclaim(w)
@@ -761,23 +810,22 @@ func (lk *Lock) wait(ctx context.Context) error {
 		lk.cancelWith(lk.opNow(), ctxStatus(ctx.Err()))
 		<-w.C()
 	}
-	w.Reset()
-	sp.mu.Lock()
+	// The wake-up was sent after the outcome was recorded (under mu, by
+	// apply): receiving it orders these reads after those writes.
 	err := lk.result
-	lk.putWaiter()
-	sp.mu.Unlock()
+	w.Reset()
+	lk.waitW = nil
+	sp.idle.Put(w)
 	return err
 }
 
-// getWaiter returns the lock's waiter, taking one from the space's pool:
-// waiters are reused across locks, since a lock handle usually waits once
-// and a waiter is an allocation. Called with mu held.
+// getWaiter returns the lock's waiter, taking an idle one if it has none:
+// a lock handle usually waits once, and a waiter is an allocation. Called
+// with mu held.
 func (lk *Lock) getWaiter() *transport.Waiter {
 	if lk.waitW == nil {
-		sp := lk.ls.sp
-		if n := len(sp.waiters); n > 0 {
-			lk.waitW = sp.waiters[n-1]
-			sp.waiters = sp.waiters[:n-1]
+		if w, ok := lk.ls.sp.idle.Get().(*transport.Waiter); ok {
+			lk.waitW = w
 		} else {
 			lk.waitW = transport.NewWaiter()
 		}
@@ -785,8 +833,8 @@ func (lk *Lock) getWaiter() *transport.Waiter {
 	return lk.waitW
 }
 
-// putWaiter returns the lock's waiter, if it has one, to the pool, giving up
-// a claim it may hold. Called with mu held, once the waiter is drained.
+// putWaiter gives back the lock's unused waiter, if it has one, with any
+// claim it holds. Called with mu held.
 func (lk *Lock) putWaiter() {
 	w := lk.waitW
 	if w == nil {
@@ -797,7 +845,7 @@ func (lk *Lock) putWaiter() {
 		tr.Unclaim(w)
 	}
 	lk.waitW = nil
-	sp.waiters = append(sp.waiters, w)
+	sp.idle.Put(w)
 }
 
 // claimReply is called by a synchronous call, after the core has taken its

@@ -57,6 +57,7 @@ type peer struct {
 	highAbs  int64 // end of the furthest byte ever written (resend accounting)
 	unacked  int   // frames in sendBuf from headAbs on
 	ackedIn  uint64
+	ackedInA atomic.Uint64 // ackedIn, for receivers to skip taking mu when an ack changes nothing
 	ackDue   bool          // a standalone ack should go out with the next write
 	ackedOut atomic.Uint64 // ack value last written on cur
 	// ackTimer sends a standalone ack AckDelay after frames arrived if no
@@ -201,6 +202,7 @@ func (p *peer) trimLocked(ack uint64) error {
 		return fmt.Errorf("peer acknowledged sequence %d, but the last sent is %d", ack, p.nextSeq-1)
 	}
 	p.ackedIn = ack
+	p.ackedInA.Store(ack)
 	off := int(p.headAbs - p.bufBase)
 	for off < len(p.sendBuf) {
 		if binary.BigEndian.Uint64(p.sendBuf[off+offSeq:]) > ack {
@@ -422,6 +424,7 @@ func (p *peer) install(c *conn, hs handshakeResult) {
 		}
 		p.recvSeq.Store(0)
 		p.ackedIn = 0
+		p.ackedInA.Store(0)
 	}
 	p.peerInc = hs.peerInc
 	if err := p.trimLocked(hs.peerAck); err != nil {
@@ -503,7 +506,7 @@ func (p *peer) receive(c *conn, h *Header, payload []byte) error {
 	if c.retired.Load() {
 		return errRetired
 	}
-	if h.Ack > 0 {
+	if h.Ack > p.ackedInA.Load() {
 		p.mu.Lock()
 		err := p.trimLocked(h.Ack)
 		p.mu.Unlock()
@@ -673,7 +676,7 @@ type conn struct {
 
 	// Non-blocking direct writes (see tryWrite); owner only.
 	raw   syscall.RawConn
-	rawFn func(fd uintptr) bool
+	rawFn func(fd uintptr)
 	rwBuf []byte
 	rwN   int
 	rwErr error

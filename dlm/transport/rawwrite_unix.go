@@ -20,7 +20,11 @@ func (c *conn) initRaw() {
 		return
 	}
 	c.raw = rc
-	c.rawFn = c.rawWrite // allocated once per connection, not per write
+	// Built once per connection, not per write. Control only keeps the
+	// descriptor from being closed during the call; writers are already
+	// serialised by the peer (conn.writing), and the socket is
+	// non-blocking, so the poller's write lock and wait are not needed.
+	c.rawFn = func(fd uintptr) { c.rawWrite(fd) }
 }
 
 // rawWrite writes c.rwBuf with write(2) on the non-blocking socket, stopping
@@ -52,7 +56,7 @@ func (c *conn) tryWrite(b []byte) (int, error) {
 		return 0, nil
 	}
 	c.rwBuf, c.rwN, c.rwErr = b, 0, nil
-	err := c.raw.Write(c.rawFn)
+	err := c.raw.Control(c.rawFn)
 	n, werr := c.rwN, c.rwErr
 	c.rwBuf, c.rwErr = nil, nil
 	if err != nil {
