@@ -64,9 +64,9 @@ type Node struct {
 	id  NodeID
 	tr  *transport.Transport // nil for a cluster of one
 
-	mu      sync.Mutex
-	spaces  map[string]*space
-	byID    map[transport.LockspaceID]*space
+	mu     sync.Mutex
+	spaces map[string]*space
+	byID   map[transport.LockspaceID]*space
 	// lookup is byID for the transport's handler, read without mu: a
 	// copy published after each Open has replayed its early messages.
 	lookup  atomic.Pointer[map[transport.LockspaceID]*space]
@@ -625,8 +625,8 @@ type Lock struct {
 	waitFrom  NodeID            // where the awaited reply comes from (0: not a message)
 	// The handle's list of locks with an operation pending (inflight).
 	prevPending, nextPending *Lock
-	result    error             // outcome of the latest completed operation
-	op        uint64            // counts operations, so a stale deadline cannot cancel a later one
+	result                   error  // outcome of the latest completed operation
+	op                       uint64 // counts operations, so a stale deadline cannot cancel a later one
 }
 
 // LockRequest is the full form of a lock request.
