@@ -32,6 +32,13 @@ func quietLogger() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard
 
 func startCluster(tb testing.TB, n int, logger *slog.Logger) *cluster {
 	tb.Helper()
+	return startClusterWith(tb, n, logger, nil)
+}
+
+// startClusterWith is startCluster with each node's configuration passed
+// through tweak (when not nil) before the node starts.
+func startClusterWith(tb testing.TB, n int, logger *slog.Logger, tweak func(*dlm.Config)) *cluster {
+	tb.Helper()
 	c := &cluster{addrs: map[dlm.NodeID]string{}}
 	lns := map[dlm.NodeID]net.Listener{}
 	for i := 1; i <= n; i++ {
@@ -53,7 +60,11 @@ func startCluster(tb testing.TB, n int, logger *slog.Logger) *cluster {
 		if logger == nil {
 			logger = quietLogger()
 		}
-		node, err := dlm.NewNode(dlm.Config{ID: id, Peers: peers, Listener: lns[id], ClusterKey: testKey, Logger: logger})
+		cfg := dlm.Config{ID: id, Peers: peers, Listener: lns[id], ClusterKey: testKey, Logger: logger}
+		if tweak != nil {
+			tweak(&cfg)
+		}
+		node, err := dlm.NewNode(cfg)
 		if err != nil {
 			tb.Fatal(err)
 		}
@@ -549,7 +560,7 @@ func TestDeferredUnlockReleasedOnDemand(t *testing.T) {
 		}
 		cfg := dlm.Config{ID: i, Peers: peers, Listener: lns[i], ClusterKey: testKey, Logger: quietLogger()}
 		// Nothing else may carry held-back frames: no timers, no acks.
-		cfg.Transport.DeferDelay = time.Hour
+		cfg.DeferDelay = time.Hour
 		cfg.Transport.AckDelay, cfg.Transport.AckEvery = time.Hour, 1<<30
 		n, err := dlm.NewNode(cfg)
 		if err != nil {
@@ -580,5 +591,73 @@ func TestDeferredUnlockReleasedOnDemand(t *testing.T) {
 		if err := l.Unlock(ctx, 0); err != nil {
 			t.Fatal(err)
 		}
+	}
+}
+
+// heldBy reports whether node's lock in mode is granted on resource
+// according to the master's dump (ls is the master's handle).
+func heldBy(ls *dlm.Lockspace, resource string, node dlm.NodeID, mode dlm.Mode) bool {
+	for _, r := range ls.Dump() {
+		if r.Name != resource {
+			continue
+		}
+		for _, l := range r.Granted {
+			if l.Node == node && l.Granted == mode {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// TestDeferredUnlockRidesWithNextRequest: an unlock nobody waits for is
+// held back and leaves in the same frame as the next message to the same
+// node; without one, the deferral timer sends it.
+func TestDeferredUnlockRidesWithNextRequest(t *testing.T) {
+	for _, delay := range []time.Duration{time.Hour, 2 * time.Millisecond} {
+		t.Run(delay.String(), func(t *testing.T) {
+			c := startClusterWith(t, 2, nil, func(cfg *dlm.Config) { cfg.DeferDelay = delay })
+			ls := c.open(t, "md0", 0)
+			ctx := withGuard(t)
+			if _, err := ls[1].Lock(ctx, "r", dlm.NL, 0); err != nil { // node 2 masters r
+				t.Fatal(err)
+			}
+			l, err := ls[0].Lock(ctx, "r", dlm.EX, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			before := c.nodes[0].Transport().Stats().FramesSent
+			if err := l.Unlock(ctx, 0); err != nil {
+				t.Fatal(err)
+			}
+			if delay == time.Hour {
+				time.Sleep(20 * time.Millisecond)
+				if sent := c.nodes[0].Transport().Stats().FramesSent - before; sent != 0 {
+					t.Fatalf("the unlock was sent on its own (%d frames)", sent)
+				}
+				if !heldBy(ls[1], "r", 1, dlm.EX) {
+					t.Fatal("the master saw the unlock that was held back")
+				}
+				l2, err := ls[0].Lock(ctx, "r", dlm.PR, 0)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if sent := c.nodes[0].Transport().Stats().FramesSent - before; sent != 1 {
+					t.Fatalf("unlock and request took %d frames, want 1", sent)
+				}
+				if heldBy(ls[1], "r", 1, dlm.EX) || !heldBy(ls[1], "r", 1, dlm.PR) {
+					t.Fatalf("master's view after the carried unlock: %+v", ls[1].Dump())
+				}
+				l2.Unlock(ctx, 0)
+				return
+			}
+			deadline := time.Now().Add(guard)
+			for heldBy(ls[1], "r", 1, dlm.EX) {
+				if time.Now().After(deadline) {
+					t.Fatal("the deferral timer never sent the unlock")
+				}
+				time.Sleep(time.Millisecond)
+			}
+		})
 	}
 }

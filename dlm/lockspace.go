@@ -41,6 +41,12 @@ type Config struct {
 	Transport transport.Config
 	// TickInterval is how often cached directory information ages (0: 1s).
 	TickInterval time.Duration
+	// DeferDelay bounds how long a message nobody waits for (an unlock, a
+	// down-conversion) is held for a later message to the same node to
+	// carry it (0: 200µs). Go's timers may round sub-millisecond delays up
+	// to a millisecond in an idle process; a node waiting on such a message
+	// gets it at once anyway (see docs/dlm.md).
+	DeferDelay time.Duration
 	// OnRecovered, if set, is called (on its own goroutine) each time a
 	// lockspace of this node finishes recovering into a generation.
 	OnRecovered func(lockspace string, gen uint64)
@@ -77,6 +83,9 @@ type Node struct {
 	closed  bool
 	stop    chan struct{}
 	stopped chan struct{}
+	// deferDelay bounds how long a message nobody waits for is held for a
+	// later message to the same node to carry it.
+	deferDelay time.Duration
 }
 
 type earlyMsg struct {
@@ -102,6 +111,10 @@ func NewNode(cfg Config) (*Node, error) {
 		byID: map[transport.LockspaceID]*space{}, early: map[transport.LockspaceID][]earlyMsg{},
 		members: []NodeID{cfg.ID}, gen: 1, stop: make(chan struct{}), stopped: make(chan struct{})}
 	n.lookup.Store(&map[transport.LockspaceID]*space{})
+	n.deferDelay = cfg.DeferDelay
+	if n.deferDelay <= 0 {
+		n.deferDelay = 200 * time.Microsecond
+	}
 	if len(cfg.Peers) > 0 {
 		tc := cfg.Transport
 		tc.NodeID = transport.NodeID(cfg.ID)
@@ -311,6 +324,9 @@ func (n *Node) Close() {
 		for _, h := range hs {
 			_ = h.Release()
 		}
+		if n.tr != nil {
+			sp.sendHeld() // the releases' unlocks, for a graceful goodbye
+		}
 	}
 	if n.tr != nil {
 		_ = n.tr.Close()
@@ -405,6 +421,12 @@ type space struct {
 
 	// resume is closed when recovery ends; nil while running.
 	resume chan struct{}
+
+	// Outgoing batches per node, and the timer that sends messages held
+	// for a carrier (see send).
+	batches    []outBatch
+	deferTimer *time.Timer
+	deferArmed bool
 }
 
 // awaitResume waits, with mu released, until the lockspace resumes after a
@@ -523,22 +545,102 @@ func (sp *space) flush() {
 			go f(sp.name, gen)
 		}
 	}
-	for _, o := range out {
-		to := transport.NodeID(o.To)
-		var err error
-		switch {
-		case o.Flush:
-			sp.node.tr.Flush(to)
-		case o.Defer:
-			err = sp.node.tr.SendDeferred(to, sp.id, sp.sp.Generation(), o.Payload)
-		default:
-			err = sp.node.tr.Send(to, sp.id, sp.sp.Generation(), o.Payload)
-		}
-		if err != nil {
-			sp.log.Error("cannot send lock message", "to", o.To, "err", err)
-		}
+	if len(out) > 0 {
+		sp.send(out)
 	}
 	sp.apply(cbs)
+}
+
+// maxBatch bounds the payload of one frame of batched messages.
+const maxBatch = 32 << 10
+
+// outBatch gathers the messages for one node that leave in one frame.
+type outBatch struct {
+	to   NodeID
+	gen  uint64
+	buf  []byte
+	send bool // something in buf must go now, not just when carried
+}
+
+// send hands the Space's messages to the transport, batching: everything
+// for one node in one call goes in one frame, and messages nobody waits for
+// (Outgoing.Defer) wait in their node's batch for the next message to that
+// node, a Flush, or the deferral timer, whichever comes first. Order per node
+// is kept. Called with mu held.
+func (sp *space) send(out []Outgoing) {
+	gen := sp.sp.Generation()
+	for _, o := range out {
+		b := sp.batchFor(o.To, gen)
+		if o.Flush {
+			b.send = b.send || len(b.buf) > 0
+			continue
+		}
+		if len(b.buf) > 0 && len(b.buf)+len(o.Payload) > maxBatch {
+			sp.sendBatch(b)
+		}
+		b.buf = append(b.buf, o.Payload...)
+		b.send = b.send || !o.Defer
+	}
+	held := false
+	for i := range sp.batches {
+		b := &sp.batches[i]
+		if b.send {
+			sp.sendBatch(b)
+		} else if len(b.buf) > 0 {
+			held = true
+		}
+	}
+	if held && !sp.deferArmed {
+		// Armed only when idle and never stopped early: arming a timer
+		// that becomes the earliest one wakes an idle thread.
+		sp.deferArmed = true
+		if sp.deferTimer == nil {
+			sp.deferTimer = time.AfterFunc(sp.node.deferDelay, sp.sendHeld)
+		} else {
+			sp.deferTimer.Reset(sp.node.deferDelay)
+		}
+	}
+}
+
+// batchFor returns to's batch, first sending what it holds from an older
+// generation. Called with mu held.
+func (sp *space) batchFor(to NodeID, gen uint64) *outBatch {
+	for i := range sp.batches {
+		if b := &sp.batches[i]; b.to == to {
+			if b.gen != gen && len(b.buf) > 0 {
+				sp.sendBatch(b)
+			}
+			b.gen = gen
+			return b
+		}
+	}
+	sp.batches = append(sp.batches, outBatch{to: to, gen: gen})
+	return &sp.batches[len(sp.batches)-1]
+}
+
+// sendBatch sends b's messages as one frame. Called with mu held.
+func (sp *space) sendBatch(b *outBatch) {
+	if err := sp.node.tr.Send(transport.NodeID(b.to), sp.id, b.gen, b.buf); err != nil {
+		level := slog.LevelError
+		if errors.Is(err, transport.ErrClosed) {
+			level = slog.LevelDebug // the node is closing
+		}
+		sp.log.Log(context.Background(), level, "cannot send lock messages", "to", b.to, "bytes", len(b.buf), "err", err)
+	}
+	b.buf, b.send = b.buf[:0], false
+}
+
+// sendHeld is the deferral timer: it sends the messages still waiting for
+// a carrier.
+func (sp *space) sendHeld() {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	sp.deferArmed = false
+	for i := range sp.batches {
+		if b := &sp.batches[i]; len(b.buf) > 0 {
+			sp.sendBatch(b)
+		}
+	}
 }
 
 // apply hands callbacks to their lock handles.

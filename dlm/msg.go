@@ -265,15 +265,29 @@ func (r *reader) lvb(max int) []byte {
 	return r.need(n, "lvb")
 }
 
-// decodeMessage parses one message. lvbLen bounds the LVB. The returned
-// message's lvb and nameb alias b. Every malformed input yields an error, never a
-// panic.
+// decodeMessage parses a payload holding exactly one message. lvbLen bounds
+// the LVB. The returned message's lvb and nameb alias b. Every malformed
+// input yields an error, never a panic.
 func decodeMessage(b []byte, lvbLen int) (message, error) {
-	r := &reader{b: b}
 	var m message
+	rest, err := decodeNext(b, lvbLen, &m)
+	if err == nil && len(rest) != 0 {
+		err = fmt.Errorf("%w: %d bytes after %v message", ErrInvalid, len(rest), m.typ)
+	}
+	if err != nil {
+		return message{}, err
+	}
+	return m, nil
+}
+
+// decodeNext parses the first message of b into m (which must be zero) and
+// returns the bytes after it: a payload may carry several messages back to
+// back (the driver batches what goes to one node). m's lvb and nameb alias b.
+func decodeNext(b []byte, lvbLen int, m *message) ([]byte, error) {
+	r := reader{b: b}
 	m.typ = msgType(r.u8("type"))
 	if r.err == nil && (m.typ == 0 || m.typ >= msgMax) {
-		return m, fmt.Errorf("%w: unknown message type %d", ErrInvalid, uint8(m.typ))
+		return nil, fmt.Errorf("%w: unknown message type %d", ErrInvalid, uint8(m.typ))
 	}
 	switch m.typ {
 	case msgLookup, msgRemove:
@@ -376,11 +390,8 @@ func decodeMessage(b []byte, lvbLen int) (message, error) {
 		m.lvb = r.lvb(lvbLen)
 
 	}
-	if r.err == nil && len(r.b) != 0 {
-		r.err = fmt.Errorf("%w: %d bytes after %v message", ErrInvalid, len(r.b), m.typ)
-	}
 	if r.err != nil {
-		return message{}, fmt.Errorf("decode %v: %w", m.typ, r.err)
+		return nil, fmt.Errorf("decode %v: %w", m.typ, r.err)
 	}
-	return m, nil
+	return r.b, nil
 }

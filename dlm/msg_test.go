@@ -98,3 +98,61 @@ func FuzzDecodeMessage(f *testing.F) {
 		}
 	})
 }
+
+// A payload may carry several messages back to back; decodeNext takes them
+// one at a time and a damaged one is reported, not skipped.
+func TestMessageBatch(t *testing.T) {
+	var batch []byte
+	msgs := sampleMessages()
+	for _, m := range msgs {
+		batch = appendMessage(batch, &m)
+	}
+	rest := batch
+	for i := range msgs {
+		var m message
+		var err error
+		rest, err = decodeNext(rest, 16, &m)
+		if err != nil {
+			t.Fatalf("message %d: %v", i, err)
+		}
+		if m.typ != msgs[i].typ {
+			t.Fatalf("message %d: type %v, want %v", i, m.typ, msgs[i].typ)
+		}
+	}
+	if len(rest) != 0 {
+		t.Fatalf("%d bytes left", len(rest))
+	}
+	two := appendMessage(appendMessage(nil, &msgs[0]), &msgs[1])
+	var first, second message
+	rest, err := decodeNext(two[:len(two)-1], 16, &first)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := decodeNext(rest, 16, &second); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("truncated second message: err %v", err)
+	}
+}
+
+// FuzzDecodeBatch: walking a payload of back-to-back messages never panics
+// and always makes progress.
+func FuzzDecodeBatch(f *testing.F) {
+	var all []byte
+	for _, m := range sampleMessages() {
+		all = appendMessage(all, &m)
+		f.Add(appendMessage(nil, &m))
+	}
+	f.Add(all)
+	f.Fuzz(func(t *testing.T, b []byte) {
+		for len(b) > 0 {
+			var m message
+			rest, err := decodeNext(b, 16, &m)
+			if err != nil {
+				return
+			}
+			if len(rest) >= len(b) {
+				t.Fatalf("no progress on %x", b)
+			}
+			b = rest
+		}
+	})
+}

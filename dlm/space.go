@@ -796,18 +796,37 @@ func (s *Space) Step(from NodeID, gen uint64, payload []byte) error {
 		s.holdMessage(&s.future, from, gen, payload)
 		return nil
 	}
-	m, err := decodeMessage(payload, s.lvbLen)
-	if err != nil {
-		return fmt.Errorf("from node %d: %w", from, err)
+	if len(payload) == 0 {
+		return fmt.Errorf("from node %d: %w: empty payload", from, ErrInvalid)
 	}
+	// A payload carries one message or several back to back; each is
+	// handled as if it had come alone, in order.
+	for len(payload) > 0 {
+		var m message
+		rest, err := decodeNext(payload, s.lvbLen, &m)
+		if err != nil {
+			return fmt.Errorf("from node %d: %w", from, err)
+		}
+		if err := s.stepOne(from, gen, payload[:len(payload)-len(rest)], &m); err != nil {
+			return err
+		}
+		payload = rest
+	}
+	return nil
+}
+
+// stepOne handles one decoded message; raw is its encoding (kept if the
+// message must wait for recovery to end).
+func (s *Space) stepOne(from NodeID, gen uint64, raw []byte, mp *message) error {
+	m := mp
 	if from == 0 || from == s.self {
 		return fmt.Errorf("%w: %v message from node %d", ErrInvalid, m.typ, from)
 	}
 	if s.stopped {
 		if s.rec != nil && m.typ.recovery() {
-			s.stepRecovery(from, &m)
+			s.stepRecovery(from, m)
 		} else {
-			s.holdMessage(&s.held, from, gen, payload)
+			s.holdMessage(&s.held, from, gen, raw)
 		}
 		return nil
 	}
@@ -826,11 +845,11 @@ func (s *Space) Step(from NodeID, gen uint64, payload []byte) error {
 	case msgLookupReply:
 		s.lookupReply(string(m.nameb), m.master)
 	case msgRequest:
-		s.masterRequest(from, &m)
+		s.masterRequest(from, m)
 	case msgConvert, msgUnlock, msgCancel:
-		s.masterOp(from, &m)
+		s.masterOp(from, m)
 	case msgCast:
-		s.remoteCast(&m)
+		s.remoteCast(m)
 	case msgBast:
 		p := s.procs[m.lock]
 		if p == nil || Compatible(m.mode, p.grmode) {

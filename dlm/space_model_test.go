@@ -397,6 +397,14 @@ func (m *smodel) deliver() {
 	k := keys[m.rng.IntN(len(keys))]
 	msg := m.net[k][0]
 	m.net[k] = m.net[k][1:]
+	// Sometimes several queued messages of one generation travel in one
+	// payload, as the node driver batches them.
+	if m.rng.IntN(3) == 0 {
+		for len(m.net[k]) > 0 && m.net[k][0].gen == msg.gen && m.rng.IntN(4) != 0 {
+			msg.payload = append(slices.Clip(msg.payload), m.net[k][0].payload...)
+			m.net[k] = m.net[k][1:]
+		}
+	}
 	if m.nodes[k[0]].state != up || m.nodes[k[1]].state != up {
 		return
 	}

@@ -68,10 +68,6 @@ type Config struct {
 	// AckDelay is how long a received frame may wait for an outgoing data
 	// frame to carry its acknowledgement before a standalone ack is sent.
 	AckDelay time.Duration
-	// DeferDelay bounds how long a frame queued with SendDeferred waits for
-	// a later Send to carry it. (Go's timers may round sub-millisecond
-	// delays up to a millisecond on an idle process.)
-	DeferDelay time.Duration
 	// AckEvery sends an acknowledgement at once when this many received
 	// frames are unacknowledged, bounding the peer's resend buffer.
 	AckEvery int
@@ -99,7 +95,6 @@ func DefaultConfig() Config {
 		ReconnectMin:     50 * time.Millisecond,
 		ReconnectMax:     2 * time.Second,
 		AckDelay:         5 * time.Millisecond,
-		DeferDelay:       200 * time.Microsecond,
 		AckEvery:         64,
 		MaxWriteBatch:    256 << 10,
 		ReadBufferSize:   64 << 10,
@@ -128,9 +123,6 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.AckDelay <= 0 {
 		c.AckDelay = d.AckDelay
-	}
-	if c.DeferDelay <= 0 {
-		c.DeferDelay = d.DeferDelay
 	}
 	if c.AckEvery <= 0 {
 		c.AckEvery = d.AckEvery

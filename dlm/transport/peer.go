@@ -39,6 +39,12 @@ type peer struct {
 	// staleDrops counts stale-generation drops from this peer, to rate-
 	// limit their log lines. Under recvMu.
 	staleDrops uint64
+	// The generation table last consulted, and the lockspace looked up in
+	// it with its generation: consecutive frames for one lockspace skip
+	// the lookup while the table is unchanged. Under recvMu.
+	genTable *map[LockspaceID]uint64
+	genLS    LockspaceID
+	genCur   uint64
 
 	mu      sync.Mutex
 	addr    string
@@ -67,11 +73,6 @@ type peer struct {
 	// per round trip.
 	ackTimer *time.Timer
 	ackArmed atomic.Bool
-	// deferTimer writes deferred frames that no later Send carried out,
-	// DeferDelay after the first of them was queued. Like ackTimer it is
-	// not stopped when a write carries them; it then finds nothing to do.
-	deferTimer *time.Timer
-	deferArmed atomic.Bool
 }
 
 func newPeer(t *Transport, id NodeID, addr string) *peer {
@@ -86,8 +87,6 @@ func newPeer(t *Transport, id NodeID, addr string) *peer {
 	}
 	p.ackTimer = time.AfterFunc(time.Hour, p.ackTimerFired)
 	p.ackTimer.Stop()
-	p.deferTimer = time.AfterFunc(time.Hour, p.flush)
-	p.deferTimer.Stop()
 	return p
 }
 
@@ -107,7 +106,6 @@ func (p *peer) remove(reason string) {
 	p.removed = true
 	close(p.stop)
 	p.ackTimer.Stop()
-	p.deferTimer.Stop()
 	if c := p.cur; c != nil {
 		p.cur = nil
 		c.retired.Store(true)
@@ -120,7 +118,7 @@ func (p *peer) remove(reason string) {
 
 // send appends one data frame to the outgoing stream and, when the
 // connection is idle, writes it at once.
-func (p *peer) send(ls LockspaceID, gen uint64, payload []byte, deferred bool) error {
+func (p *peer) send(ls LockspaceID, gen uint64, payload []byte) error {
 	p.mu.Lock()
 	if p.removed {
 		p.mu.Unlock()
@@ -140,24 +138,9 @@ func (p *peer) send(ls LockspaceID, gen uint64, payload []byte, deferred bool) e
 	putHeader(p.sendBuf[n:], FrameData, ls, uint32(len(payload)), gen, seq, 0)
 	copy(p.sendBuf[n+HeaderSize:], payload)
 	p.unacked++
-	if deferred {
-		p.mu.Unlock()
-		if !p.deferArmed.Swap(true) {
-			p.deferTimer.Reset(p.t.cfg.DeferDelay)
-		}
-		return nil
-	}
 	p.flushLocked()
 	p.mu.Unlock()
 	return nil
-}
-
-// flush writes whatever is queued for the peer, deferred frames included.
-func (p *peer) flush() {
-	p.deferArmed.Store(false)
-	p.mu.Lock()
-	p.flushLocked()
-	p.mu.Unlock()
 }
 
 // growSendLocked makes room for extra more bytes, by compacting
@@ -531,7 +514,10 @@ func (p *peer) receive(c *conn, h *Header, payload []byte) error {
 	}
 	p.recvSeq.Store(h.Seq)
 	t.stats.framesReceived.Add(1)
-	if cur := t.Generation(h.Lockspace); h.Generation < cur {
+	if tab := t.gens.Load(); tab != p.genTable || h.Lockspace != p.genLS {
+		p.genTable, p.genLS, p.genCur = tab, h.Lockspace, (*tab)[h.Lockspace]
+	}
+	if cur := p.genCur; h.Generation < cur {
 		t.stats.dropStale.Add(1)
 		p.staleDrops++
 		if p.staleDrops&(p.staleDrops-1) == 0 { // 1, 2, 4, 8...: log without flooding

@@ -120,33 +120,10 @@ func (t *Transport) Stats() Stats { return t.stats.snapshot() }
 // generation gen for it, and returns without waiting for the network. When
 // the connection is idle the frame is written immediately by the calling
 // goroutine (a non-blocking write, so Send never waits on a slow peer);
-// otherwise it joins the next coalesced write. Frames queued by SendDeferred
-// go out in the same write, ahead of it. The payload is copied, so the
-// caller may reuse it at once. Errors only report invalid arguments or a
+// otherwise it joins the next coalesced write. The payload is copied, so
+// the caller may reuse it at once. Errors only report invalid arguments or a
 // closed transport; frames to a disconnected peer wait for the connection.
 func (t *Transport) Send(to NodeID, ls LockspaceID, gen uint64, payload []byte) error {
-	return t.send(to, ls, gen, payload, false)
-}
-
-// SendDeferred queues payload like Send, in order with everything else sent
-// to the peer, but does not write it now: it goes out with the next Send to
-// the same peer (in one write), on Flush, or after Config.DeferDelay at the
-// latest. It is for messages nobody waits for, such as the lock manager's
-// unlocks: carried by the next message, they cost the receiver no extra
-// wake-up and the sender no extra system call.
-func (t *Transport) SendDeferred(to NodeID, ls LockspaceID, gen uint64, payload []byte) error {
-	return t.send(to, ls, gen, payload, true)
-}
-
-// Flush writes at once whatever is queued for node to, deferred frames
-// included.
-func (t *Transport) Flush(to NodeID) {
-	if p := (*t.peers.Load())[to]; p != nil {
-		p.flush()
-	}
-}
-
-func (t *Transport) send(to NodeID, ls LockspaceID, gen uint64, payload []byte, deferred bool) error {
 	if t.closed.Load() {
 		return ErrClosed
 	}
@@ -157,7 +134,7 @@ func (t *Transport) send(to NodeID, ls LockspaceID, gen uint64, payload []byte, 
 	if p == nil {
 		return fmt.Errorf("transport: send to node %d: %w", to, ErrUnknownPeer)
 	}
-	return p.send(ls, gen, payload, deferred)
+	return p.send(ls, gen, payload)
 }
 
 // SetGeneration records gen as lockspace ls's current generation. From then
