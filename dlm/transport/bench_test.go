@@ -248,8 +248,9 @@ func BenchmarkTransportRoundTripInline(b *testing.B) {
 }
 
 // BenchmarkTransportRoundTripAwait is BenchmarkTransportRoundTrip with the
-// caller waiting in Await, so that it reads the reply itself: the pattern of
-// a synchronous remote lock request.
+// caller claiming the connection before sending and waiting in Await, so
+// that it reads the reply itself: the pattern of a synchronous remote lock
+// request.
 func BenchmarkTransportRoundTripAwait(b *testing.B) {
 	w := NewWaiter()
 	var n1 *Transport
@@ -259,6 +260,7 @@ func BenchmarkTransportRoundTripAwait(b *testing.B) {
 	ctx := context.Background()
 	b.ReportAllocs()
 	for b.Loop() {
+		n1.Claim(2, w)
 		n1.Send(2, 1, 1, msg)
 		if !n1.Await(ctx, 2, w) {
 			b.Fatal("not woken")

@@ -49,8 +49,9 @@ type peer struct {
 	mu      sync.Mutex
 	addr    string
 	removed bool
-	cur     *conn  // authenticated connection, nil while disconnected
-	peerInc uint64 // peer incarnation our streams are bound to; 0 = unbound
+	cur     *conn                // authenticated connection, nil while disconnected
+	curA    atomic.Pointer[conn] // cur, for Claim and Await to read without mu
+	peerInc uint64               // peer incarnation our streams are bound to; 0 = unbound
 
 	// Outgoing stream. sendBuf holds the encoded frames from the oldest
 	// unacknowledged one to the newest queued one, back to back. Positions
@@ -108,6 +109,7 @@ func (p *peer) remove(reason string) {
 	p.ackTimer.Stop()
 	if c := p.cur; c != nil {
 		p.cur = nil
+		p.curA.Store(nil)
 		c.retired.Store(true)
 		c.close()
 		p.log.Debug("connection closed", "reason", reason)
@@ -424,6 +426,7 @@ func (p *peer) install(c *conn, hs handshakeResult) {
 		p.log.Info("connection replaced by a new one")
 	}
 	p.cur = c
+	p.curA.Store(c)
 	c.sentAbs = p.headAbs
 	p.ackedOut.Store(hs.ourAck)
 	p.ackDue = false
@@ -456,6 +459,7 @@ func (p *peer) connLostLocked(c *conn, level slog.Level, what string, err error)
 		return
 	}
 	p.cur = nil
+	p.curA.Store(nil)
 	c.retired.Store(true)
 	c.close()
 	if !p.t.closed.Load() && !p.removed {
@@ -526,7 +530,6 @@ func (p *peer) receive(c *conn, h *Header, payload []byte) error {
 		}
 		return nil
 	}
-	t.stats.framesDelivered.Add(1)
 	t.cfg.Handler(p.id, h.Lockspace, h.Generation, payload)
 	return nil
 }

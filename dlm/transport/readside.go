@@ -261,9 +261,7 @@ func (t *Transport) Claim(peer NodeID, w *Waiter) {
 	if p == nil || !t.inline.enter() {
 		return
 	}
-	p.mu.Lock()
-	c := p.cur
-	p.mu.Unlock()
+	c := p.curA.Load()
 	if c == nil || !c.rs.takeCaller(c) {
 		t.inline.leave()
 		return
@@ -295,9 +293,7 @@ func (t *Transport) Await(ctx context.Context, peer NodeID, w *Waiter) bool {
 	w.claim, w.claimPeer = nil, nil
 	if c == nil && !w.woken.Load() {
 		if p = (*t.peers.Load())[peer]; p != nil && t.inline.enter() {
-			p.mu.Lock()
-			c = p.cur
-			p.mu.Unlock()
+			c = p.curA.Load()
 			if c == nil || !c.rs.takeCaller(c) {
 				c = nil
 				t.inline.leave()

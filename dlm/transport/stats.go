@@ -71,7 +71,7 @@ type DropStats struct {
 // counters is the live, atomically updated form of Stats.
 type counters struct {
 	framesSent, framesResent, acksSent, writes          atomic.Uint64
-	framesReceived, framesDelivered                     atomic.Uint64
+	framesReceived                                      atomic.Uint64
 	inlineWaits, idleWakes                              atomic.Uint64
 	dropDuplicate, dropStale, dropRestarted, dropRemove atomic.Uint64
 	connEstablished, connLost                           atomic.Uint64
@@ -86,7 +86,7 @@ func (c *counters) snapshot() Stats {
 		AcksSent:        c.acksSent.Load(),
 		Writes:          c.writes.Load(),
 		FramesReceived:  c.framesReceived.Load(),
-		FramesDelivered: c.framesDelivered.Load(),
+		FramesDelivered: c.framesReceived.Load() - c.dropStale.Load(), // every other received frame is delivered
 		InlineWaits:     c.inlineWaits.Load(),
 		IdleWakes:       c.idleWakes.Load(),
 		Dropped: DropStats{
