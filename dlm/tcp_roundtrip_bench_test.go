@@ -35,10 +35,12 @@ func startEcho(b *testing.B) (net.Conn, func() error) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	defer ln.Close()
 	echoed := make(chan error, 1)
 	go func() {
+		// The listener closes only once the connection is accepted: closing
+		// it earlier would reset a connection still in its accept queue.
 		c, err := ln.Accept()
+		ln.Close()
 		if err != nil {
 			echoed <- err
 			return
@@ -59,6 +61,7 @@ func startEcho(b *testing.B) (net.Conn, func() error) {
 	}()
 	c, err := net.Dial("tcp", ln.Addr().String())
 	if err != nil {
+		ln.Close() // ends the accepting goroutine
 		b.Fatal(err)
 	}
 	c.(*net.TCPConn).SetNoDelay(true)
