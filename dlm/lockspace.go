@@ -711,7 +711,9 @@ type Lock struct {
 	resource string
 	onBlock  func(*Lock, Mode)
 
-	// Guarded by ls.sp.mu.
+	// Guarded by ls.sp.mu. The synchronous caller itself reads result and
+	// takes waitW back without it once woken: the wake-up was sent after
+	// they were last written.
 	mode      Mode
 	sbflags   StatusFlags
 	lvbseq    uint32
@@ -719,11 +721,11 @@ type Lock struct {
 	pending   bool
 	gone      bool
 	unlocking bool
-	inflight  bool // counted in ls.waiting
+	inflight  bool // on the handle's pending list
 	done      func(*Lock, error)
 	stopAfter func() bool
 	waiter    bool              // a synchronous caller waits on waitW
-	waitW     *transport.Waiter // taken from the space's pool while waiting
+	waitW     *transport.Waiter // taken from the space's idle pool for a synchronous call
 	waitFrom  NodeID            // where the awaited reply comes from (0: not a message)
 	// The handle's list of locks with an operation pending (inflight).
 	prevPending, nextPending *Lock
