@@ -312,3 +312,46 @@ func TestAwaitStress(t *testing.T) {
 		t.Error("no caller ever read the connection")
 	}
 }
+
+// Every connection has an idle poller (an epoll instance and an eventfd):
+// connections that die and transports that close must give them back.
+func TestReconnectsLeakNoDescriptors(t *testing.T) {
+	count := func() int {
+		es, err := os.ReadDir("/proc/self/fd")
+		if err != nil {
+			t.Skipf("cannot count descriptors here: %v", err)
+		}
+		return len(es)
+	}
+	base := count()
+	func() {
+		w := NewWaiter()
+		n1, n2 := echoPair(t, func([]byte) { w.Wake() })
+		for range 5 {
+			roundTrip(t, n1, w)
+		}
+		for k := range 10 {
+			p := peerOf(n1, 2)
+			waitFor(t, "a live connection", func() bool {
+				p.mu.Lock()
+				defer p.mu.Unlock()
+				if p.cur == nil {
+					return false
+				}
+				p.cur.nc.Close() // the socket dies under the transport
+				return true
+			})
+			waitFor(t, "a new connection", func() bool { return n1.Stats().ConnectionsEstablished >= uint64(k+2) })
+			roundTrip(t, n1, w)
+		}
+		n1.Close()
+		n2.Close()
+	}()
+	deadline := time.Now().Add(waitTimeout)
+	for count() > base {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d descriptors before, %d after the transports closed", base, count())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
