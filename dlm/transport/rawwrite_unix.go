@@ -24,28 +24,27 @@ func (c *conn) initRaw() {
 	// descriptor from being closed during the call; writers are already
 	// serialised by the peer (conn.writing), and the socket is
 	// non-blocking, so the poller's write lock and wait are not needed.
-	c.rawFn = func(fd uintptr) { c.rawWrite(fd) }
+	c.rawFn = c.rawWrite
 }
 
 // rawWrite writes c.rwBuf with write(2) on the non-blocking socket, stopping
 // at EAGAIN instead of waiting; it never asks the runtime to park.
-func (c *conn) rawWrite(fd uintptr) bool {
+func (c *conn) rawWrite(fd uintptr) {
 	for c.rwN < len(c.rwBuf) {
 		n, e := sysWrite(fd, c.rwBuf[c.rwN:])
 		switch {
 		case e == syscall.EINTR:
 			continue
 		case e == syscall.EAGAIN:
-			return true
+			return
 		case e != 0:
 			c.rwErr = os.NewSyscallError("write", e)
-			return true
+			return
 		case n <= 0:
-			return true
+			return
 		}
 		c.rwN += n
 	}
-	return true
 }
 
 // tryWrite writes as much of b as the socket takes without blocking and

@@ -144,11 +144,11 @@ func TestAwaitContextEndsThenWatcherReads(t *testing.T) {
 	}
 }
 
-// A caller reading a connection that dies falls back to waiting on its
-// waiter; the transport reconnects and carries on.
-func TestAwaitConnectionDies(t *testing.T) {
-	w := NewWaiter()
-	n1, _ := echoPair(t, func([]byte) { w.Wake() })
+// awaitInline warms n1's connection to node 2 up (the watcher steps aside),
+// then starts an Await on w in the background and returns once that caller
+// is reading the connection itself; the channel receives Await's result.
+func awaitInline(t *testing.T, n1 *node, w *Waiter) <-chan bool {
+	t.Helper()
 	for range 20 {
 		roundTrip(t, n1, w)
 	}
@@ -160,10 +160,16 @@ func TestAwaitConnectionDies(t *testing.T) {
 		done <- n1.Await(ctx, 2, w)
 	}()
 	waitFor(t, "the caller to read inline", func() bool { return n1.Stats().InlineWaits > before })
-	p := peerOf(n1, 2)
-	p.mu.Lock()
-	p.cur.nc.Close() // the socket dies under the reading caller
-	p.mu.Unlock()
+	return done
+}
+
+// A caller reading a connection that dies falls back to waiting on its
+// waiter; the transport reconnects and carries on.
+func TestAwaitConnectionDies(t *testing.T) {
+	w := NewWaiter()
+	n1, _ := echoPair(t, func([]byte) { w.Wake() })
+	done := awaitInline(t, n1, w)
+	killConn(t, n1, 2) // the socket dies under the reading caller
 	waitFor(t, "a new connection", func() bool { return n1.Stats().ConnectionsEstablished >= 2 })
 	w.Wake()
 	if !<-done {
@@ -177,17 +183,7 @@ func TestAwaitConnectionDies(t *testing.T) {
 func TestCloseWhileAwaitReads(t *testing.T) {
 	w := NewWaiter()
 	n1, _ := echoPair(t, func([]byte) { w.Wake() })
-	for range 20 {
-		roundTrip(t, n1, w)
-	}
-	before := n1.Stats().InlineWaits
-	done := make(chan bool, 1)
-	go func() {
-		ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
-		defer cancel()
-		done <- n1.Await(ctx, 2, w)
-	}()
-	waitFor(t, "the caller to read inline", func() bool { return n1.Stats().InlineWaits > before })
+	done := awaitInline(t, n1, w)
 	closed := make(chan struct{})
 	go func() {
 		n1.Close()
@@ -331,16 +327,7 @@ func TestReconnectsLeakNoDescriptors(t *testing.T) {
 			roundTrip(t, n1, w)
 		}
 		for k := range 10 {
-			p := peerOf(n1, 2)
-			waitFor(t, "a live connection", func() bool {
-				p.mu.Lock()
-				defer p.mu.Unlock()
-				if p.cur == nil {
-					return false
-				}
-				p.cur.nc.Close() // the socket dies under the transport
-				return true
-			})
+			killConn(t, n1, 2)
 			waitFor(t, "a new connection", func() bool { return n1.Stats().ConnectionsEstablished >= uint64(k+2) })
 			roundTrip(t, n1, w)
 		}

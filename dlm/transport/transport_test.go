@@ -182,6 +182,22 @@ func checkNoLeak(t *testing.T, base int) {
 
 func peerOf(n *node, id NodeID) *peer { return (*n.peers.Load())[id] }
 
+// killConn closes the socket of n's current connection to peer id under the
+// transport, waiting for there to be one.
+func killConn(t *testing.T, n *node, id NodeID) {
+	t.Helper()
+	p := peerOf(n, id)
+	waitFor(t, "a live connection", func() bool {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		if p.cur == nil {
+			return false
+		}
+		p.cur.nc.Close() // the socket dies under the transport
+		return true
+	})
+}
+
 func TestMeshDeliversInOrder(t *testing.T) {
 	base := runtime.NumGoroutine()
 	const msgs = 2000
@@ -283,16 +299,7 @@ func TestKillConnectionMidStream(t *testing.T) {
 		waitFor(t, "a new connection", func() bool {
 			return a.Stats().ConnectionsEstablished > uint64(k) && b.Stats().ConnectionsEstablished > uint64(k)
 		})
-		p := peerOf(side, other.NodeID())
-		waitFor(t, "a live connection", func() bool {
-			p.mu.Lock()
-			defer p.mu.Unlock()
-			if p.cur == nil {
-				return false
-			}
-			p.cur.nc.Close() // the socket dies under the transport
-			return true
-		})
+		killConn(t, side, other.NodeID())
 	}
 	wg.Wait()
 	waitFor(t, "all messages a->b", func() bool { return b.in.count(1) >= msgs })
