@@ -11,6 +11,7 @@ import (
 	"github.com/mdcluster/mdcluster/dlm/transport"
 	"github.com/mdcluster/mdcluster/mdcluster/fence"
 	"github.com/mdcluster/mdcluster/mdcluster/membership/gossip"
+	"github.com/mdcluster/mdcluster/mdcluster/store"
 )
 
 // Config configures one storage node's cluster machinery. Start from a
@@ -50,8 +51,13 @@ type Config struct {
 	ClusterKey []byte
 	// DataDir holds the state store (badger). It must survive restarts: it
 	// keeps the agreement's promise, without which a restarted node could
-	// vote twice.
+	// vote twice. Not used when Store is set.
 	DataDir string
+	// Store, if set, is used as the state store instead of badger in
+	// DataDir: a store.Mem in tests and the simulator, or a store the
+	// caller opened to share with other layers. It is claimed for ID like a
+	// data directory; the node does not close it (its opener does).
+	Store store.Store
 	// Fencer fences failed nodes (e.g. fence.Levels of fence.Agent and a
 	// fence.StampFencer). Required: without a fence no view that removes a
 	// failed node can be installed.
@@ -138,8 +144,8 @@ func (c *Config) validate() error {
 	if len(c.ClusterKey) < 16 {
 		errs = append(errs, fmt.Errorf("cluster key of %d bytes, need at least 16", len(c.ClusterKey)))
 	}
-	if c.DataDir == "" {
-		errs = append(errs, errors.New("DataDir is not set"))
+	if c.DataDir == "" && c.Store == nil {
+		errs = append(errs, errors.New("DataDir is not set (nor an injected Store)"))
 	}
 	if c.Fencer == nil {
 		errs = append(errs, errors.New("no Fencer configured: failed nodes could never be fenced"))
