@@ -69,7 +69,7 @@ func startClusterWith(tb testing.TB, n int, logger *slog.Logger, tweak func(*dlm
 			tb.Fatal(err)
 		}
 		c.nodes = append(c.nodes, node)
-		tb.Cleanup(node.Close)
+		closeOnCleanup(tb, node)
 	}
 	return c
 }
@@ -445,7 +445,7 @@ func TestClusterDropsStaleGenerationAndBadKey(t *testing.T) {
 	bad := peer([]byte("a-different-cluster-key-0000000000"), lnB)
 	_ = bad.Send(1, lsID, 1, lookup)
 	time.Sleep(200 * time.Millisecond)
-	if st := node.Transport().Stats(); st.AuthFailures == 0 {
+	if st := node.Controller().Transport().Stats(); st.AuthFailures == 0 {
 		t.Fatalf("wrong key not refused: %+v", st)
 	}
 	select {
@@ -476,7 +476,7 @@ func TestClusterDropsStaleGenerationAndBadKey(t *testing.T) {
 		t.Fatal("the stale-generation message was answered")
 	case <-time.After(100 * time.Millisecond):
 	}
-	if st := node.Transport().Stats(); st.Dropped.StaleGeneration != 1 {
+	if st := node.Controller().Transport().Stats(); st.Dropped.StaleGeneration != 1 {
 		t.Fatalf("stale generation drops: %d", st.Dropped.StaleGeneration)
 	}
 	// A malformed message from an authenticated peer is logged and dropped.
@@ -566,7 +566,7 @@ func TestDeferredUnlockReleasedOnDemand(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		t.Cleanup(n.Close)
+		closeOnCleanup(t, n)
 		c.nodes = append(c.nodes, n)
 	}
 	ls := c.open(t, "md0", 0)
@@ -626,13 +626,13 @@ func TestDeferredUnlockRidesWithNextRequest(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			before := c.nodes[0].Transport().Stats().FramesSent
+			before := c.nodes[0].Controller().Transport().Stats().FramesSent
 			if err := l.Unlock(ctx, 0); err != nil {
 				t.Fatal(err)
 			}
 			if delay == time.Hour {
 				time.Sleep(20 * time.Millisecond)
-				if sent := c.nodes[0].Transport().Stats().FramesSent - before; sent != 0 {
+				if sent := c.nodes[0].Controller().Transport().Stats().FramesSent - before; sent != 0 {
 					t.Fatalf("the unlock was sent on its own (%d frames)", sent)
 				}
 				if !heldBy(ls[1], "r", 1, dlm.EX) {
@@ -642,7 +642,7 @@ func TestDeferredUnlockRidesWithNextRequest(t *testing.T) {
 				if err != nil {
 					t.Fatal(err)
 				}
-				if sent := c.nodes[0].Transport().Stats().FramesSent - before; sent != 1 {
+				if sent := c.nodes[0].Controller().Transport().Stats().FramesSent - before; sent != 1 {
 					t.Fatalf("unlock and request took %d frames, want 1", sent)
 				}
 				if heldBy(ls[1], "r", 1, dlm.EX) || !heldBy(ls[1], "r", 1, dlm.PR) {
