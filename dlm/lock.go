@@ -16,8 +16,13 @@ func (lk *Lock) valid() bool { return lk != nil && lk.ls != nil }
 // the status, and also the context error if a context's end cancelled the
 // operation. Called with mu held.
 func (lk *Lock) failure(st Status) error {
-	if lk.cause != nil && (st == StatusTimeout || st == StatusCancel) {
-		return fmt.Errorf("lock %q: %w", lk.resource, &ctxError{st: st, cause: lk.cause})
+	if lk.byContext {
+		switch st {
+		case StatusTimeout:
+			return fmt.Errorf("lock %q: %w", lk.resource, &ctxError{st: st, cause: context.DeadlineExceeded})
+		case StatusCancel:
+			return fmt.Errorf("lock %q: %w", lk.resource, &ctxError{st: st, cause: context.Canceled})
+		}
 	}
 	return fmt.Errorf("lock %q: %w", lk.resource, st)
 }

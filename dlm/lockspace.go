@@ -667,7 +667,7 @@ func (sp *space) apply(cbs []Callback) {
 		if cb.Status != StatusOK && !(cb.Status == StatusUnlock && lk.unlocking) {
 			err = lk.failure(cb.Status)
 		}
-		lk.cause = nil
+		lk.byContext = false
 		lk.unlocking = false
 		if lk.stopAfter != nil {
 			lk.stopAfter()
@@ -740,13 +740,18 @@ type Lock struct {
 	done      func(*Lock, error)
 	stopAfter func() bool
 	waiter    bool              // a synchronous caller waits on waitW
+	// byContext: a context's end cancelled the pending operation, so its
+	// error also matches the context's (a flag, not the error itself,
+	// keeps the handle in its allocation size class: ctx.Err() is always
+	// context.Canceled or context.DeadlineExceeded, which the completion's
+	// status tells apart).
+	byContext bool
 	waitW     *transport.Waiter // taken from the space's idle pool for a synchronous call
 	waitFrom  NodeID            // where the awaited reply comes from (0: not a message)
 	// The handle's list of locks with an operation pending (inflight).
 	prevPending, nextPending *Lock
 	result                   error  // outcome of the latest completed operation
 	op                       uint64 // counts operations, so a stale deadline cannot cancel a later one
-	cause                    error  // the context error that cancelled the pending operation, if one did
 }
 
 // LockRequest is the full form of a lock request.
@@ -1027,7 +1032,7 @@ func (lk *Lock) cancelWith(op uint64, cause error) {
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
 	if lk.pending && !lk.gone && lk.op == op {
-		lk.cause = cause
+		lk.byContext = true
 		_ = sp.sp.Cancel(&lk.proc, ctxStatus(cause))
 		sp.flush()
 	}
