@@ -14,7 +14,10 @@ func (lk *Lock) valid() bool { return lk != nil && lk.ls != nil }
 
 // failure is the error a completion with status st (not StatusOK) gives:
 // the status, and also the context error if a context's end cancelled the
-// operation. Called with mu held.
+// operation. The lock keeps only a flag for that, not the error: ctx.Err()
+// is always context.Canceled or context.DeadlineExceeded, which the status
+// tells apart, and an error field would push the handle into a larger
+// allocation size class. Called with mu held.
 func (lk *Lock) failure(st Status) error {
 	if lk.byContext {
 		switch st {

@@ -740,12 +740,7 @@ type Lock struct {
 	done      func(*Lock, error)
 	stopAfter func() bool
 	waiter    bool              // a synchronous caller waits on waitW
-	// byContext: a context's end cancelled the pending operation, so its
-	// error also matches the context's (a flag, not the error itself,
-	// keeps the handle in its allocation size class: ctx.Err() is always
-	// context.Canceled or context.DeadlineExceeded, which the completion's
-	// status tells apart).
-	byContext bool
+	byContext bool              // a context's end cancelled the pending operation (see failure)
 	waitW     *transport.Waiter // taken from the space's idle pool for a synchronous call
 	waitFrom  NodeID            // where the awaited reply comes from (0: not a message)
 	// The handle's list of locks with an operation pending (inflight).
