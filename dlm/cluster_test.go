@@ -69,7 +69,7 @@ func startClusterWith(tb testing.TB, n int, logger *slog.Logger, tweak func(*dlm
 			tb.Fatal(err)
 		}
 		c.nodes = append(c.nodes, node)
-		tb.Cleanup(node.Close)
+		closeOnCleanup(tb, node)
 	}
 	return c
 }
@@ -86,6 +86,32 @@ func (c *cluster) open(tb testing.TB, name string, lvb int) []*dlm.Lockspace {
 		out = append(out, ls)
 	}
 	return out
+}
+
+// eventually polls cond until it holds, failing the test (naming what was
+// awaited) if it does not within guard. Tests wait with it instead of
+// sleeping for a fixed time and hoping.
+func eventually(tb testing.TB, what string, cond func() bool) {
+	tb.Helper()
+	deadline := time.Now().Add(guard)
+	for !cond() {
+		if time.Now().After(deadline) {
+			tb.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// never checks that cond stays false for d, polling it meanwhile: how a
+// test asserts that something does not happen (it cannot wait for an
+// absence to show, only watch for a while).
+func never(tb testing.TB, what string, d time.Duration, cond func() bool) {
+	tb.Helper()
+	for end := time.Now().Add(d); time.Now().Before(end); time.Sleep(time.Millisecond) {
+		if cond() {
+			tb.Fatalf("%s", what)
+		}
+	}
 }
 
 func withGuard(tb testing.TB) context.Context {
@@ -129,22 +155,10 @@ func TestClusterLockAcrossNodes(t *testing.T) {
 		got <- l
 	}()
 	// The waiter shows on the master's queue, owned by node 1.
-	deadline := time.Now().Add(guard)
-	for {
-		var waiting []dlm.LockInfo
-		for _, r := range ls[1].Dump() {
-			if r.Name == "res" {
-				waiting = r.Waiting
-			}
-		}
-		if len(waiting) == 1 && waiting[0].Node == 1 && waiting[0].Requested == dlm.PR {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("waiter never queued at the master: %+v", ls[1].Dump())
-		}
-		time.Sleep(time.Millisecond)
-	}
+	eventually(t, "the waiter queued at the master", func() bool {
+		r, _ := findResource(ls[1].Dump(), "res")
+		return len(r.Waiting) == 1 && r.Waiting[0].Node == 1 && r.Waiting[0].Requested == dlm.PR
+	})
 	if err := a.Unlock(ctx, 0); err != nil {
 		t.Fatal(err)
 	}
@@ -444,10 +458,7 @@ func TestClusterDropsStaleGenerationAndBadKey(t *testing.T) {
 	// Wrong key: refused; nothing it sends is applied.
 	bad := peer([]byte("a-different-cluster-key-0000000000"), lnB)
 	_ = bad.Send(1, lsID, 1, lookup)
-	time.Sleep(200 * time.Millisecond)
-	if st := node.Transport().Stats(); st.AuthFailures == 0 {
-		t.Fatalf("wrong key not refused: %+v", st)
-	}
+	eventually(t, "the wrong key refused", func() bool { return node.Controller().Transport().Stats().AuthFailures > 0 })
 	select {
 	case <-replies:
 		t.Fatal("a peer with the wrong key got an answer")
@@ -471,23 +482,19 @@ func TestClusterDropsStaleGenerationAndBadKey(t *testing.T) {
 	case <-time.After(guard):
 		t.Fatal("no reply to a current-generation lookup")
 	}
-	select {
-	case <-replies:
-		t.Fatal("the stale-generation message was answered")
-	case <-time.After(100 * time.Millisecond):
+	stale := func() uint64 { return node.Controller().Transport().Stats().Dropped.StaleGeneration }
+	eventually(t, "the stale-generation message counted", func() bool { return stale() >= 1 })
+	if n := stale(); n != 1 {
+		t.Fatalf("stale generation drops: %d", n)
 	}
-	if st := node.Transport().Stats(); st.Dropped.StaleGeneration != 1 {
-		t.Fatalf("stale generation drops: %d", st.Dropped.StaleGeneration)
-	}
+	never(t, "the stale-generation message was answered", 50*time.Millisecond, func() bool { return len(replies) > 0 })
 	// A malformed message from an authenticated peer is logged and dropped.
 	_ = good.Send(1, lsID, 1, []byte{99})
-	time.Sleep(100 * time.Millisecond)
-	logMu.Lock()
-	out := logs.String()
-	logMu.Unlock()
-	if !strings.Contains(out, "malformed lock message") {
-		t.Fatalf("malformed message not logged:\n%s", out)
-	}
+	eventually(t, "the malformed message logged", func() bool {
+		logMu.Lock()
+		defer logMu.Unlock()
+		return strings.Contains(logs.String(), "malformed lock message")
+	})
 	if len(ls.Dump()) != 0 {
 		t.Fatalf("lockspace changed: %+v", ls.Dump())
 	}
@@ -566,7 +573,7 @@ func TestDeferredUnlockReleasedOnDemand(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		t.Cleanup(n.Close)
+		closeOnCleanup(t, n)
 		c.nodes = append(c.nodes, n)
 	}
 	ls := c.open(t, "md0", 0)
@@ -626,15 +633,14 @@ func TestDeferredUnlockRidesWithNextRequest(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			before := c.nodes[0].Transport().Stats().FramesSent
+			before := c.nodes[0].Controller().Transport().Stats().FramesSent
 			if err := l.Unlock(ctx, 0); err != nil {
 				t.Fatal(err)
 			}
 			if delay == time.Hour {
-				time.Sleep(20 * time.Millisecond)
-				if sent := c.nodes[0].Transport().Stats().FramesSent - before; sent != 0 {
-					t.Fatalf("the unlock was sent on its own (%d frames)", sent)
-				}
+				never(t, "the unlock was sent on its own", 20*time.Millisecond, func() bool {
+					return c.nodes[0].Controller().Transport().Stats().FramesSent != before
+				})
 				if !heldBy(ls[1], "r", 1, dlm.EX) {
 					t.Fatal("the master saw the unlock that was held back")
 				}
@@ -642,7 +648,7 @@ func TestDeferredUnlockRidesWithNextRequest(t *testing.T) {
 				if err != nil {
 					t.Fatal(err)
 				}
-				if sent := c.nodes[0].Transport().Stats().FramesSent - before; sent != 1 {
+				if sent := c.nodes[0].Controller().Transport().Stats().FramesSent - before; sent != 1 {
 					t.Fatalf("unlock and request took %d frames, want 1", sent)
 				}
 				if heldBy(ls[1], "r", 1, dlm.EX) || !heldBy(ls[1], "r", 1, dlm.PR) {
@@ -651,13 +657,7 @@ func TestDeferredUnlockRidesWithNextRequest(t *testing.T) {
 				l2.Unlock(ctx, 0)
 				return
 			}
-			deadline := time.Now().Add(guard)
-			for heldBy(ls[1], "r", 1, dlm.EX) {
-				if time.Now().After(deadline) {
-					t.Fatal("the deferral timer never sent the unlock")
-				}
-				time.Sleep(time.Millisecond)
-			}
+			eventually(t, "the deferral timer to send the unlock", func() bool { return !heldBy(ls[1], "r", 1, dlm.EX) })
 		})
 	}
 }

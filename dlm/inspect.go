@@ -4,6 +4,11 @@ import "sort"
 
 // LockInfo describes one lock, for dumps and tests.
 type LockInfo struct {
+	// ID identifies the lock. In Space and Lockspace dumps it is the ID
+	// the lock's own node (Node) gives it, the one Lock.ID returns there,
+	// so one lock shows the same ID on its node and on its master; 0 for
+	// an orphan mastered here (it has no handle; adopting it gives it a
+	// new ID). In Core's own dumps it is the core's LockID.
 	ID LockID
 	// Node is the node the lock belongs to (filled in by Space.Dump).
 	Node      NodeID
@@ -30,6 +35,11 @@ type ResourceInfo struct {
 	LVB         []byte
 	LVBSeq      uint32
 	ValNotValid bool
+	// Idle: the master keeps the resource cached with no locks (Linux: on
+	// the toss list), with its LVB, so that the next request finds both
+	// without a directory lookup. It is dropped when the cache is full or
+	// at recovery.
+	Idle bool
 }
 
 func lockInfo(l *lkb) LockInfo {
@@ -40,7 +50,7 @@ func lockInfo(l *lkb) LockInfo {
 }
 
 func (r *resource) info() ResourceInfo {
-	ri := ResourceInfo{Name: r.name, LVBSeq: r.lvbSeq, ValNotValid: r.valNotValid}
+	ri := ResourceInfo{Name: r.name, LVBSeq: r.lvbSeq, ValNotValid: r.valNotValid, Idle: r.empty()}
 	if r.lvb != nil {
 		ri.LVB = append([]byte(nil), r.lvb...)
 	}
@@ -67,11 +77,30 @@ func (c *Core) Resource(name string) (ResourceInfo, bool) {
 }
 
 // Resources describes every resource that has locks, sorted by name.
-func (c *Core) Resources() []ResourceInfo {
+func (c *Core) Resources() []ResourceInfo { return c.resources(false, nil) }
+
+// resources describes the resources with locks, and the idle cached ones
+// too when idle is set, sorted by name. lockID, when not nil, rewrites
+// each lock's description from its lock block (Space uses it to show the
+// IDs its callers know).
+func (c *Core) resources(idle bool, lockID func(*lkb, *LockInfo)) []ResourceInfo {
 	var out []ResourceInfo
 	for _, r := range c.res {
-		if !r.empty() {
-			out = append(out, r.info())
+		if !r.empty() || idle {
+			ri := r.info()
+			if lockID != nil {
+				for _, q := range []struct {
+					q  *queue
+					li []LockInfo
+				}{{&r.granted, ri.Granted}, {&r.convert, ri.Converting}, {&r.wait, ri.Waiting}} {
+					i := 0
+					for l := q.q.head; l != nil; l = l.next {
+						lockID(l, &q.li[i])
+						i++
+					}
+				}
+			}
+			out = append(out, ri)
 		}
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })

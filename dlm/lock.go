@@ -5,15 +5,57 @@ import (
 	"fmt"
 )
 
-// ID returns the lock's ID in its lockspace on this node.
-func (lk *Lock) ID() LockID { return LockID(lk.proc.id) }
+// errNoLock is the error of a call on a zero or nil Lock: only the
+// Lockspace's Lock, Acquire and LockAsync make usable ones.
+var errNoLock = fmt.Errorf("%w: lock handle not from a Lockspace", ErrInvalid)
 
-// Resource returns the name of the locked resource.
-func (lk *Lock) Resource() string { return lk.resource }
+// valid reports whether lk came from a Lockspace (not nil, not a zero Lock).
+func (lk *Lock) valid() bool { return lk != nil && lk.ls != nil }
 
-// Mode returns the granted mode (ModeIV once the lock is released or if it
-// was never granted).
+// failure is the error a completion with status st (not StatusOK) gives:
+// the status, and also the context error if a context's end cancelled the
+// operation. The lock keeps only a flag for that, not the error: ctx.Err()
+// is always context.Canceled or context.DeadlineExceeded, which the status
+// tells apart, and an error field would push the handle into a larger
+// allocation size class. Called with mu held.
+func (lk *Lock) failure(st Status) error {
+	if lk.byContext {
+		switch st {
+		case StatusTimeout:
+			return fmt.Errorf("lock %q: %w", lk.resource, &ctxError{st: st, cause: context.DeadlineExceeded})
+		case StatusCancel:
+			return fmt.Errorf("lock %q: %w", lk.resource, &ctxError{st: st, cause: context.Canceled})
+		}
+	}
+	return fmt.Errorf("lock %q: %w", lk.resource, st)
+}
+
+// ID returns the lock's ID on this node: the ID Lockspace.Dump shows for
+// it, on this node and (with this node's ID as LockInfo.Node) on its
+// master. It is set when the request starts and stays until the lock is
+// released; 0 for a zero or nil Lock.
+func (lk *Lock) ID() LockID {
+	if !lk.valid() {
+		return 0
+	}
+	return LockID(lk.proc.id)
+}
+
+// Resource returns the name of the locked resource ("" for a zero or nil
+// Lock).
+func (lk *Lock) Resource() string {
+	if lk == nil {
+		return ""
+	}
+	return lk.resource
+}
+
+// Mode returns the granted mode (ModeIV once the lock is released, if it
+// was never granted, or for a zero or nil Lock).
 func (lk *Lock) Mode() Mode {
+	if !lk.valid() {
+		return ModeIV
+	}
 	sp := lk.ls.sp
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
@@ -21,8 +63,11 @@ func (lk *Lock) Mode() Mode {
 }
 
 // StatusFlags returns the status-block flags of the latest completed
-// operation: Demoted, ValNotValid, AltMode.
+// operation: Demoted, ValNotValid, AltMode (none for a zero or nil Lock).
 func (lk *Lock) StatusFlags() StatusFlags {
+	if !lk.valid() {
+		return 0
+	}
 	sp := lk.ls.sp
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
@@ -33,6 +78,9 @@ func (lk *Lock) StatusFlags() StatusFlags {
 // ValBlk) or set (SetLVB); nil if the lock never used one. Check
 // StatusFlags for ValNotValid before trusting it.
 func (lk *Lock) LVB() []byte {
+	if !lk.valid() {
+		return nil
+	}
 	sp := lk.ls.sp
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
@@ -45,6 +93,9 @@ func (lk *Lock) LVB() []byte {
 // LVBSeq returns the sequence number of the value in the lock's LVB: the
 // resource's count of LVB writes when the value was read or written.
 func (lk *Lock) LVBSeq() uint32 {
+	if !lk.valid() {
+		return 0
+	}
 	sp := lk.ls.sp
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
@@ -54,6 +105,9 @@ func (lk *Lock) LVBSeq() uint32 {
 // SetLVB sets the value the next down-conversion or unlock from PW or EX with
 // ValBlk writes to the resource. b must be exactly the lockspace's LVB length.
 func (lk *Lock) SetLVB(b []byte) error {
+	if !lk.valid() {
+		return fmt.Errorf("set LVB: %w", errNoLock)
+	}
 	sp := lk.ls.sp
 	if len(b) != sp.sp.LVBLen() {
 		return fmt.Errorf("lock %q: %w: LVB is %d bytes, lockspace uses %d", lk.resource, ErrInvalid, len(b), sp.sp.LVBLen())
@@ -87,7 +141,8 @@ func (lk *Lock) usable(op string) error {
 // Convert changes the lock's mode and waits for the outcome: nil when
 // granted; ErrAgain (NoQueue), ErrDeadlock (conversion deadlock: the lock
 // keeps its mode), ErrCancel or ErrTimeout (cancelled; the lock keeps its
-// mode). Converting a lock with an operation pending fails with ErrBusy.
+// mode; when ctx ended it, the error also matches ctx's error). Converting
+// a lock with an operation pending fails with ErrBusy.
 func (lk *Lock) Convert(ctx context.Context, mode Mode, flags Flags) error {
 	wait, err := lk.startConvert(ctx, mode, flags, nil)
 	if err != nil {
@@ -103,6 +158,9 @@ func (lk *Lock) Convert(ctx context.Context, mode Mode, flags Flags) error {
 // the lockspace's callback goroutine, unless ConvertAsync itself returns an
 // error.
 func (lk *Lock) ConvertAsync(ctx context.Context, mode Mode, flags Flags, done func(*Lock, error)) error {
+	if !lk.valid() {
+		return fmt.Errorf("convert: %w", errNoLock)
+	}
 	if done == nil {
 		return fmt.Errorf("convert %q: %w: nil completion callback", lk.resource, ErrInvalid)
 	}
@@ -114,8 +172,11 @@ func (lk *Lock) ConvertAsync(ctx context.Context, mode Mode, flags Flags, done f
 // also readies the wait, and wait says whether there is one (else the
 // outcome is in lk.result already).
 func (lk *Lock) startConvert(ctx context.Context, mode Mode, flags Flags, done func(*Lock, error)) (wait bool, err error) {
+	if !lk.valid() {
+		return false, fmt.Errorf("convert: %w", errNoLock)
+	}
 	if err := ctx.Err(); err != nil {
-		return false, fmt.Errorf("convert %q: %w", lk.resource, ctxStatus(err))
+		return false, fmt.Errorf("convert %q: %w", lk.resource, ctxErr(err))
 	}
 	sp := lk.ls.sp
 	sp.mu.Lock()
@@ -164,6 +225,9 @@ func (lk *Lock) Unlock(ctx context.Context, flags Flags) error {
 // UnlockAsync is Unlock with the outcome handed to done on the callback
 // goroutine (nil on success).
 func (lk *Lock) UnlockAsync(ctx context.Context, flags Flags, done func(*Lock, error)) error {
+	if !lk.valid() {
+		return fmt.Errorf("unlock: %w", errNoLock)
+	}
 	if done == nil {
 		return fmt.Errorf("unlock %q: %w: nil completion callback", lk.resource, ErrInvalid)
 	}
@@ -171,6 +235,9 @@ func (lk *Lock) UnlockAsync(ctx context.Context, flags Flags, done func(*Lock, e
 }
 
 func (lk *Lock) startUnlock(ctx context.Context, flags Flags, done func(*Lock, error)) error {
+	if !lk.valid() {
+		return fmt.Errorf("unlock: %w", errNoLock)
+	}
 	if flags&Cancel != 0 && flags&ForceUnlock == 0 {
 		if err := lk.Cancel(); err != nil {
 			return err
@@ -235,6 +302,9 @@ func (lk *Lock) startUnlock(ctx context.Context, flags Flags, done func(*Lock, e
 // with ErrCancel (a cancelled conversion leaves the lock in its granted mode).
 // With nothing pending it does nothing and returns nil.
 func (lk *Lock) Cancel() error {
+	if !lk.valid() {
+		return fmt.Errorf("cancel: %w", errNoLock)
+	}
 	sp := lk.ls.sp
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
@@ -257,6 +327,9 @@ func (lk *Lock) Cancel() error {
 // ErrReleased. Every later call on the handle or its locks fails with
 // ErrReleased.
 func (ls *Lockspace) Release() error {
+	if ls == nil || ls.sp == nil {
+		return fmt.Errorf("release: %w", errNoLockspace)
+	}
 	if !ls.released.CompareAndSwap(false, true) {
 		return fmt.Errorf("release lockspace %q: %w", ls.sp.name, ErrReleased)
 	}
@@ -290,15 +363,23 @@ func (ls *Lockspace) Release() error {
 	if sp.handles == 0 {
 		sp.stopDispatcher()
 	}
-	sp.log.Info("lockspace handle released", "owner", ls.owner, "orphaned", orphaned, "released", released)
+	sp.removeHandler(ls)
+	sp.log.Debug("lockspace handle released", "owner", ls.owner, "orphaned", orphaned, "released", released)
 	return nil
 }
 
 // Dump describes the lockspace as this node sees it, in the spirit of
-// dlm_tool lockdebug: each resource mastered here with its master, queues
-// (modes, owning node and owner) and LVB with its sequence, then each
-// resource mastered elsewhere on which this node holds locks.
+// dlm_tool lockdebug, sorted by name: each resource mastered here with its
+// queues (modes, owning node and owner) and LVB with its sequence,
+// including the idle ones the master keeps cached with no locks (Idle;
+// their LVB survives for the next user), then each resource mastered
+// elsewhere on which this node holds locks. A lock's LockInfo.ID is the ID
+// its own node (LockInfo.Node) gives it, the one its Lock.ID returns
+// there. Nil for a zero or nil Lockspace.
 func (ls *Lockspace) Dump() []ResourceInfo {
+	if ls == nil || ls.sp == nil {
+		return nil
+	}
 	sp := ls.sp
 	sp.mu.Lock()
 	defer sp.mu.Unlock()

@@ -25,8 +25,19 @@ type Config struct {
 	ID NodeID
 	// Peers maps every other node's ID to its transport address. Empty
 	// means a cluster of one: every resource is mastered here and no
-	// message is ever sent.
+	// message is ever sent. Unless Managed, the peers are also the members
+	// (a static cluster).
 	Peers map[NodeID]string
+	// Managed says a membership layer drives the node through its
+	// Controller: the node starts stopped, at generation 0, with itself as
+	// its only member, and Peers is only the address book of the nodes that
+	// may join. Lock calls wait until the first agreed view is installed
+	// with Controller().Recover(1, members, nil, false) (any generation
+	// above 0 will do), so view generations and DLM generations can be the
+	// same numbers. Without Managed the node starts running at generation
+	// 1 with itself and Peers as members, which is what a cluster of one or
+	// a static cluster wants.
+	Managed bool
 	// ListenAddr is where this node accepts its peers (e.g. "10.0.0.1:7410").
 	ListenAddr string
 	// Listener, if set, is used instead of ListenAddr (tests listen on port 0
@@ -47,23 +58,47 @@ type Config struct {
 	// to a millisecond in an idle process; a node waiting on such a message
 	// gets it at once anyway (see docs/dlm.md).
 	DeferDelay time.Duration
-	// OnRecovered, if set, is called (on its own goroutine) each time a
-	// lockspace of this node finishes recovering into a generation.
-	OnRecovered func(lockspace string, gen uint64)
 }
 
-// DefaultConfig returns the configuration of a cluster of one with default
-// logging.
-func DefaultConfig() Config { return Config{} }
+// Defaults of Config's tunables; zero fields of a Config get them.
+const (
+	// DefaultTickInterval is how often cached directory information ages:
+	// slow enough to cost nothing, fast enough that a master nobody uses
+	// is forgotten within seconds.
+	DefaultTickInterval = time.Second
+	// DefaultDeferDelay bounds how long a message nobody waits for is held
+	// for a carrier: far below a network round trip, so holding it back
+	// never costs a waiter noticeably.
+	DefaultDeferDelay = 200 * time.Microsecond
+)
+
+// DefaultConfig returns a usable configuration of a cluster of one with
+// every default spelled out: ID 1, DefaultTickInterval, DefaultDeferDelay,
+// the transport's defaults (transport.DefaultConfig) and slog.Default()
+// for logging (Logger nil). To join peers, set ID, Peers, ListenAddr (or
+// Listener) and ClusterKey; the defaults stay valid. Zero fields of a
+// Config built by hand mean the same defaults, so DefaultConfig is a
+// starting point to read and adjust rather than a requirement.
+func DefaultConfig() Config {
+	return Config{
+		ID:           1,
+		TickInterval: DefaultTickInterval,
+		DeferDelay:   DefaultDeferDelay,
+		Transport:    transport.DefaultConfig(),
+	}
+}
 
 // Node is this process's entry to the lock manager. It hosts the lockspaces
 // the node takes part in; each Open of a lockspace returns a new handle (an
 // owner of locks, like a process that opened a Linux lockspace).
 //
-// The members start as this node and Config.Peers, at generation 1; the
-// membership layer changes them with Stop and Recover (mdcluster/node does
-// that from the agreed views). Every member must open a lockspace before it
-// is used; messages for a lockspace not yet opened here wait until it is.
+// The members start as this node and Config.Peers, at generation 1 (or,
+// with Config.Managed, as this node alone at generation 0, stopped). A
+// membership layer changes them through the node's Controller, which is
+// kept apart from Node so that code that only takes locks cannot stop the
+// cluster by accident (mdcluster/node drives it from the agreed views).
+// Every member must open a lockspace before it is used; messages for a
+// lockspace not yet opened here wait until it is.
 type Node struct {
 	cfg Config
 	log *slog.Logger
@@ -83,6 +118,7 @@ type Node struct {
 	closed  bool
 	stop    chan struct{}
 	stopped chan struct{}
+	ctl     Controller
 	// deferDelay bounds how long a message nobody waits for is held for a
 	// later message to the same node to carry it.
 	deferDelay time.Duration
@@ -110,10 +146,14 @@ func NewNode(cfg Config) (*Node, error) {
 	n := &Node{cfg: cfg, log: lg.With("node", cfg.ID), id: cfg.ID, spaces: make(map[string]*space),
 		byID: map[transport.LockspaceID]*space{}, early: map[transport.LockspaceID][]earlyMsg{},
 		members: []NodeID{cfg.ID}, gen: 1, stop: make(chan struct{}), stopped: make(chan struct{})}
+	if cfg.Managed {
+		n.gen, n.halted = 0, true
+	}
+	n.ctl.init(n)
 	n.lookup.Store(&map[transport.LockspaceID]*space{})
 	n.deferDelay = cfg.DeferDelay
 	if n.deferDelay <= 0 {
-		n.deferDelay = 200 * time.Microsecond
+		n.deferDelay = DefaultDeferDelay
 	}
 	if len(cfg.Peers) > 0 {
 		tc := cfg.Transport
@@ -125,7 +165,9 @@ func NewNode(cfg Config) (*Node, error) {
 				return nil, fmt.Errorf("new node %d: %w: peer ID %d", cfg.ID, ErrInvalid, id)
 			}
 			tc.Peers[transport.NodeID(id)] = addr
-			n.members = append(n.members, id)
+			if !cfg.Managed {
+				n.members = append(n.members, id)
+			}
 		}
 		tc.Handler = n.receive
 		tc.Logger = n.log
@@ -138,9 +180,10 @@ func NewNode(cfg Config) (*Node, error) {
 	slices.Sort(n.members)
 	tick := cfg.TickInterval
 	if tick <= 0 {
-		tick = time.Second
+		tick = DefaultTickInterval
 	}
 	go n.ticker(tick)
+	go n.ctl.notifier()
 	return n, nil
 }
 
@@ -155,10 +198,6 @@ func (n *Node) Addr() net.Addr {
 	}
 	return n.tr.Addr()
 }
-
-// Transport returns the node's transport (nil for a cluster of one), for
-// statistics and diagnostics.
-func (n *Node) Transport() *transport.Transport { return n.tr }
 
 func (n *Node) ticker(every time.Duration) {
 	defer close(n.stopped)
@@ -226,6 +265,16 @@ type OpenOptions struct {
 	// LVBLen is the lock value block length, a positive multiple of 8; zero
 	// means DefaultLVBLen.
 	LVBLen int
+	// Recovery, if set, receives this handle's recovery events: the
+	// lockspace stopping for a membership change, the nodes that departed
+	// and the end of recovery (see RecoveryHandler). Unlike LVBLen it is
+	// per handle, not fixed with the lockspace: every open handle with a
+	// handler gets every event, on the lockspace's callback goroutine, in
+	// order with its locks' callbacks, from the time it is opened until it
+	// is released. A handle opened while the lockspace is stopped starts
+	// with RecoverPrepare (and RecoverDeparted, if a recovery with departed
+	// nodes is already under way), so each handler sees whole sequences.
+	Recovery RecoveryHandler
 }
 
 // MaxLockspaceName is the longest lockspace name (Linux: DLM_LOCKSPACE_LEN).
@@ -264,13 +313,14 @@ func (n *Node) Open(name string, opts OpenOptions) (*Lockspace, error) {
 		if n.halted {
 			s.Stop()
 			sp.resume = make(chan struct{})
+			sp.recPhase, sp.prepGen = recStopped, gen
 		}
 		if n.tr != nil {
 			n.tr.SetGeneration(id, gen)
 		}
 		n.spaces[name] = sp
 		n.byID[id] = sp
-		sp.log.Info("lockspace created", "lvb_len", lvbLen, "members", n.members, "generation", gen)
+		sp.log.Debug("lockspace created", "lvb_len", lvbLen, "members", n.members, "generation", gen, "stopped", n.halted)
 		if early := n.early[id]; len(early) > 0 {
 			delete(n.early, id)
 			sp.mu.Lock()
@@ -298,15 +348,22 @@ func (n *Node) Open(name string, opts OpenOptions) (*Lockspace, error) {
 		sp.open = make(map[*Lockspace]struct{})
 	}
 	sp.open[ls] = struct{}{}
+	if opts.Recovery != nil {
+		sp.addHandler(ls, opts.Recovery)
+	}
 	return ls, nil
 }
 
-// Close releases every handle of every lockspace and stops the transport.
-func (n *Node) Close() {
+// Close releases every handle of every lockspace (their callbacks already
+// queued are still delivered), stops the node's goroutines and closes the
+// transport. It returns the transport's close error, if any; closing a
+// closed node does nothing and returns nil, so deferred and explicit
+// closes may both run.
+func (n *Node) Close() error {
 	n.mu.Lock()
 	if n.closed {
 		n.mu.Unlock()
-		return
+		return nil
 	}
 	n.closed = true
 	spaces := n.spaces
@@ -328,73 +385,13 @@ func (n *Node) Close() {
 			sp.sendHeld() // the releases' unlocks, for a graceful goodbye
 		}
 	}
+	n.ctl.close()
 	if n.tr != nil {
-		_ = n.tr.Close()
-	}
-}
-
-// Stop suspends every lockspace of this node for a membership change: lock
-// calls wait (within their contexts) and lock traffic other than recovery's
-// waits, until Recover has run to its end. The membership layer calls it on
-// every member before it agrees on the new view.
-func (n *Node) Stop() {
-	n.mu.Lock()
-	n.halted = true
-	spaces := slices.Collect(maps.Values(n.spaces))
-	n.mu.Unlock()
-	for _, sp := range spaces {
-		sp.mu.Lock()
-		sp.sp.Stop()
-		if sp.resume == nil {
-			sp.resume = make(chan struct{})
+		if err := n.tr.Close(); err != nil {
+			return fmt.Errorf("close node %d: %w", n.id, err)
 		}
-		sp.mu.Unlock()
 	}
-	n.log.Info("lockspaces stopped for a membership change", "lockspaces", len(spaces))
-}
-
-// Recover installs the agreed view (gen, members) in every lockspace of this
-// node and starts recovery. departed are the nodes that failed since the
-// last view, already fenced: their locks are purged (and the LVBs they held
-// in PW or EX invalidated). reset says this node comes back from an older
-// generation: all its lock state is dropped and its locks end with
-// ErrReleased. Calls resume as each lockspace finishes (see OnRecovered).
-func (n *Node) Recover(gen uint64, members []NodeID, departed []NodeID, reset bool) error {
-	ms := slices.Clone(members)
-	slices.Sort(ms)
-	n.mu.Lock()
-	if gen <= n.gen {
-		n.mu.Unlock()
-		return fmt.Errorf("recover node %d: %w: generation %d is not newer than %d", n.id, ErrInvalid, gen, n.gen)
-	}
-	n.gen, n.members, n.halted = gen, ms, false
-	spaces := slices.Collect(maps.Values(n.spaces))
-	n.mu.Unlock()
-	n.log.Info("recovering lockspaces", "generation", gen, "members", ms, "departed", departed, "reset", reset)
-	var firstErr error
-	for _, sp := range spaces {
-		sp.mu.Lock()
-		if sp.resume == nil {
-			sp.resume = make(chan struct{})
-		}
-		if n.tr != nil {
-			n.tr.SetGeneration(sp.id, gen)
-		}
-		err := sp.sp.Recover(gen, ms, departed, reset)
-		if err != nil && firstErr == nil {
-			firstErr = fmt.Errorf("recover lockspace %q: %w", sp.name, err)
-		}
-		sp.flush()
-		sp.mu.Unlock()
-	}
-	return firstErr
-}
-
-// Generation returns the generation of this node's current view.
-func (n *Node) Generation() uint64 {
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	return n.gen
+	return nil
 }
 
 // space is the node's copy of one lockspace: the core and the machinery
@@ -422,6 +419,16 @@ type space struct {
 	// resume is closed when recovery ends; nil while running.
 	resume chan struct{}
 
+	// Recovery events (see recovery_events.go and controller.go): the
+	// handlers of the open handles in the order they were opened, where
+	// the lockspace is in the Prepare/Departed/Done sequence, the
+	// generation RecoverPrepare reported, and the departed nodes of the
+	// recovery under way (for handles opened during it).
+	handlers    []handleRecovery
+	recPhase    recPhase
+	prepGen     uint64
+	recDeparted []NodeID
+
 	// Outgoing batches per node, and the timer that sends messages held
 	// for a carrier (see send).
 	batches    []outBatch
@@ -445,7 +452,7 @@ func (sp *space) awaitResume(ctx context.Context, op, resource string) error {
 			sp.mu.Lock()
 		case <-ctx.Done():
 			sp.mu.Lock()
-			return fmt.Errorf("%s %q: waiting for recovery: %w", op, resource, ctxStatus(ctx.Err()))
+			return fmt.Errorf("%s %q: waiting for recovery: %w", op, resource, ctxErr(ctx.Err()))
 		}
 	}
 	return nil
@@ -457,6 +464,7 @@ type event struct {
 	mode Mode
 	err  error
 	done func(*Lock, error)
+	rec  *recoveryEvent // for kind recoveryCallback
 }
 
 // startDispatcher starts the callback goroutine; called with mu held when
@@ -503,6 +511,8 @@ func (sp *space) dispatch(prev, bell, stop, done chan struct{}) {
 					if h := ev.lk.onBlock; h != nil {
 						h(ev.lk, ev.mode)
 					}
+				case recoveryCallback:
+					ev.rec.deliver()
 				}
 				*ev = event{}
 			}
@@ -536,14 +546,7 @@ func (sp *space) step(from NodeID, gen uint64, payload []byte) {
 func (sp *space) flush() {
 	out, cbs := sp.sp.Ready()
 	if gen, ok := sp.sp.TakeRecovered(); ok {
-		if sp.resume != nil {
-			close(sp.resume)
-			sp.resume = nil
-		}
-		sp.log.Info("lockspace recovered", "generation", gen)
-		if f := sp.node.cfg.OnRecovered; f != nil {
-			go f(sp.name, gen)
-		}
+		sp.recovered(gen)
 	}
 	if len(out) > 0 {
 		sp.send(out)
@@ -662,8 +665,9 @@ func (sp *space) apply(cbs []Callback) {
 		}
 		var err error
 		if cb.Status != StatusOK && !(cb.Status == StatusUnlock && lk.unlocking) {
-			err = fmt.Errorf("lock %q: %w", lk.resource, cb.Status)
+			err = lk.failure(cb.Status)
 		}
+		lk.byContext = false
 		lk.unlocking = false
 		if lk.stopAfter != nil {
 			lk.stopAfter()
@@ -697,11 +701,22 @@ type Lockspace struct {
 	pending *Lock
 }
 
-// Name returns the lockspace's name.
-func (ls *Lockspace) Name() string { return ls.sp.name }
+// Name returns the lockspace's name ("" for a zero or nil Lockspace).
+func (ls *Lockspace) Name() string {
+	if ls == nil || ls.sp == nil {
+		return ""
+	}
+	return ls.sp.name
+}
 
-// LVBLen returns the lockspace's lock value block length.
-func (ls *Lockspace) LVBLen() int { return ls.sp.sp.LVBLen() }
+// LVBLen returns the lockspace's lock value block length (0 for a zero or
+// nil Lockspace).
+func (ls *Lockspace) LVBLen() int {
+	if ls == nil || ls.sp == nil {
+		return 0
+	}
+	return ls.sp.sp.LVBLen()
+}
 
 // Lock is a handle to one lock. Its accessors report the state as of the last
 // completed operation.
@@ -725,6 +740,7 @@ type Lock struct {
 	done      func(*Lock, error)
 	stopAfter func() bool
 	waiter    bool              // a synchronous caller waits on waitW
+	byContext bool              // a context's end cancelled the pending operation (see failure)
 	waitW     *transport.Waiter // taken from the space's idle pool for a synchronous call
 	waitFrom  NodeID            // where the awaited reply comes from (0: not a message)
 	// The handle's list of locks with an operation pending (inflight).
@@ -742,9 +758,32 @@ type LockRequest struct {
 	// with the blocked mode when this lock blocks another request. It may
 	// make locking calls but should not block for long.
 	OnBlock func(l *Lock, blocked Mode)
+	// LVB, when set, is the lock's initial value block (Linux: the buffer
+	// sb_lvbptr points to when dlm_lock is called); it must be exactly the
+	// lockspace's LVB length and is copied. What happens to it follows
+	// Linux's LVB rules:
+	//
+	//   - With ValBlk, the grant reads the resource's value into the
+	//     lock's block (a new request always reads, whatever its mode), so
+	//     the supplied bytes are replaced by the current value.
+	//   - Without ValBlk, the grant leaves the block alone: it keeps the
+	//     supplied value, and a later Unlock or Convert with ValBlk from PW
+	//     or EX writes it to the resource. This is how a lock is taken "with
+	//     a value": Lock in EX with LVB, then Unlock or down-Convert with
+	//     ValBlk.
+	//
+	// Without LVB, a lock with ValBlk gets a zeroed block of the right
+	// length and one without gets none (until SetLVB or a ValBlk call).
+	LVB []byte
 }
 
+// errNoLockspace is the error of a call on a zero or nil Lockspace.
+var errNoLockspace = fmt.Errorf("%w: lockspace handle not from Node.Open", ErrInvalid)
+
 func (ls *Lockspace) check() error {
+	if ls == nil || ls.sp == nil {
+		return errNoLockspace
+	}
 	if ls.released.Load() {
 		return ErrReleased
 	}
@@ -753,7 +792,10 @@ func (ls *Lockspace) check() error {
 
 // Lock requests a lock and waits until it is granted, refused (NoQueue:
 // ErrAgain) or cancelled. When ctx ends while the request waits, the request
-// is cancelled and Lock returns ErrTimeout (deadline) or ErrCancel.
+// is cancelled and Lock returns an error matching both ErrTimeout and
+// context.DeadlineExceeded (deadline) or ErrCancel and context.Canceled.
+// On any error the returned *Lock is nil: a request that failed leaves no
+// lock behind.
 func (ls *Lockspace) Lock(ctx context.Context, resource string, mode Mode, flags Flags) (*Lock, error) {
 	return ls.Acquire(ctx, LockRequest{Resource: resource, Mode: mode, Flags: flags})
 }
@@ -770,7 +812,7 @@ func (ls *Lockspace) Acquire(ctx context.Context, req LockRequest) (*Lock, error
 		err = lk.result
 	}
 	if err != nil {
-		return lk, err
+		return nil, err
 	}
 	return lk, nil
 }
@@ -778,21 +820,16 @@ func (ls *Lockspace) Acquire(ctx context.Context, req LockRequest) (*Lock, error
 // LockAsync requests a lock without waiting. done is called once, on the
 // lockspace's callback goroutine, when the request completes (nil error when
 // granted). An error returned by LockAsync itself means the request was
-// refused outright; then done is never called. When ctx ends first, the
-// request is cancelled (ErrTimeout or ErrCancel).
+// refused outright; then the returned *Lock is nil and done is never
+// called. When ctx ends first, the request is cancelled: done gets an error
+// matching ErrTimeout and context.DeadlineExceeded, or ErrCancel and
+// context.Canceled.
 func (ls *Lockspace) LockAsync(ctx context.Context, req LockRequest, done func(*Lock, error)) (*Lock, error) {
 	if done == nil {
 		return nil, fmt.Errorf("lock %q: %w: nil completion callback", req.Resource, ErrInvalid)
 	}
 	lk, _, err := ls.start(ctx, req, done)
 	return lk, err
-}
-
-func ctxStatus(err error) Status {
-	if errors.Is(err, context.DeadlineExceeded) {
-		return StatusTimeout
-	}
-	return StatusCancel
 }
 
 // start starts a lock request. For a synchronous one (done == nil) it also
@@ -803,11 +840,17 @@ func (ls *Lockspace) start(ctx context.Context, req LockRequest, done func(*Lock
 		return nil, false, fmt.Errorf("lock %q: %w", req.Resource, err)
 	}
 	if err := ctx.Err(); err != nil {
-		return nil, false, fmt.Errorf("lock %q: %w", req.Resource, ctxStatus(err))
+		return nil, false, fmt.Errorf("lock %q: %w", req.Resource, ctxErr(err))
 	}
 	sp := ls.sp
 	lk = &Lock{ls: ls, resource: req.Resource, onBlock: req.OnBlock, mode: ModeIV}
-	if req.Flags&ValBlk != 0 {
+	switch {
+	case req.LVB != nil:
+		if n := sp.sp.LVBLen(); len(req.LVB) != n {
+			return nil, false, fmt.Errorf("lock %q: %w: LVB is %d bytes, lockspace uses %d", req.Resource, ErrInvalid, len(req.LVB), n)
+		}
+		lk.lvb = bytes.Clone(req.LVB)
+	case req.Flags&ValBlk != 0:
 		lk.lvb = make([]byte, sp.sp.LVBLen())
 	}
 	sp.mu.Lock()
@@ -856,7 +899,7 @@ func (ls *Lockspace) track(ctx context.Context, lk *Lock) {
 	ls.pending = lk
 	if lk.done != nil && ctx.Done() != nil {
 		op := lk.op
-		lk.stopAfter = context.AfterFunc(ctx, func() { lk.cancelWith(op, ctxStatus(ctx.Err())) })
+		lk.stopAfter = context.AfterFunc(ctx, func() { lk.cancelWith(op, ctx.Err()) })
 	}
 }
 
@@ -911,7 +954,7 @@ func (lk *Lock) awaitDone(ctx context.Context) error {
 		}
 	}
 	if !woken {
-		lk.cancelWith(lk.opNow(), ctxStatus(ctx.Err()))
+		lk.cancelWith(lk.opNow(), ctx.Err())
 		<-w.C()
 	}
 	// The wake-up was sent after the outcome was recorded (under mu, by
@@ -976,13 +1019,16 @@ func (lk *Lock) opNow() uint64 {
 }
 
 // cancelWith cancels operation op of the lock, if it is still the pending
-// one, completing it with status st.
-func (lk *Lock) cancelWith(op uint64, st Status) {
+// one, because a context ended with cause (its Err): the operation
+// completes with the matching status (StatusTimeout or StatusCancel), and
+// its error also matches cause.
+func (lk *Lock) cancelWith(op uint64, cause error) {
 	sp := lk.ls.sp
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
 	if lk.pending && !lk.gone && lk.op == op {
-		_ = sp.sp.Cancel(&lk.proc, st)
+		lk.byContext = true
+		_ = sp.sp.Cancel(&lk.proc, ctxStatus(cause))
 		sp.flush()
 	}
 }

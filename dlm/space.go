@@ -1000,21 +1000,22 @@ const remoteOwner = 0x80000000
 
 // Dump describes the lockspace as this node sees it, sorted by name: every
 // resource mastered here with its full queues (each lock with its node),
-// then every resource mastered elsewhere on which this node has locks, with
-// those locks only.
+// the idle cached ones included (ResourceInfo.Idle), then every resource
+// mastered elsewhere on which this node has locks, with those locks only.
+// Each lock shows the ID its own node gives it (see LockInfo.ID).
 func (s *Space) Dump() []ResourceInfo {
-	out := s.core.Resources()
+	out := s.core.resources(true, func(l *lkb, li *LockInfo) {
+		switch t := l.tag.(type) {
+		case *Proc:
+			li.ID, li.Node = LockID(t.id), s.self
+		case *mcopy:
+			li.ID, li.Node = LockID(t.key.id), t.key.node
+		default: // an orphan of this node: no handle knows it
+			li.ID, li.Node = 0, s.self
+		}
+	})
 	for i := range out {
 		out[i].Master = s.self
-		for _, q := range [][]LockInfo{out[i].Granted, out[i].Converting, out[i].Waiting} {
-			for j := range q {
-				if q[j].Owner&remoteOwner != 0 {
-					q[j].Node = NodeID(q[j].Owner &^ remoteOwner)
-				} else {
-					q[j].Node = s.self
-				}
-			}
-		}
 	}
 	idx := map[string]int{}
 	var remote []ResourceInfo

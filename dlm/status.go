@@ -1,5 +1,10 @@
 package dlm
 
+import (
+	"context"
+	"errors"
+)
+
 // Status is the outcome of a lock operation, the sb_status of Linux's lock
 // status block. A Status other than StatusOK is also an error: the package's Err
 // variables are Status values, so errors.Is(err, dlm.ErrAgain) works on errors
@@ -39,7 +44,11 @@ const (
 )
 
 // The errors below are the Status values as errors. Functions of this package
-// return them wrapped with context; test with errors.Is.
+// return them wrapped with context; test with errors.Is. A request that its
+// context ended fails with an error that matches both ErrTimeout (deadline)
+// or ErrCancel (cancellation) and the context's error, so
+// errors.Is(err, context.DeadlineExceeded) and errors.Is(err,
+// context.Canceled) work too.
 var (
 	ErrAgain    error = StatusAgain
 	ErrDeadlock error = StatusDeadlock
@@ -79,10 +88,45 @@ func (s Status) Error() string {
 func (s Status) String() string { return s.Error() }
 
 // Err returns nil for StatusOK and s otherwise, so a completion's status can be
-// returned as an error directly.
+// returned as an error directly. It knows nothing of contexts: the Lockspace
+// API, which does, returns errors that match the context's error as well.
 func (s Status) Err() error {
 	if s == StatusOK {
 		return nil
 	}
 	return s
+}
+
+// ctxError is how a request ended by its context fails: it is both the DLM
+// status (ErrTimeout for a deadline, ErrCancel otherwise) and the context's
+// own error, so that errors.Is(err, dlm.ErrTimeout) and
+// errors.Is(err, context.DeadlineExceeded) both hold. Callers that think in
+// DLM terms and callers that think in context terms both get their answer.
+// It is built only on the error path.
+type ctxError struct {
+	st    Status
+	cause error // ctx.Err() (or its cause), never nil
+}
+
+func (e *ctxError) Error() string { return e.st.Error() + ": " + e.cause.Error() }
+
+// Unwrap exposes both the status and the context error to errors.Is/As.
+func (e *ctxError) Unwrap() []error { return []error{e.st, e.cause} }
+
+// ctxStatus maps a context's error to the status a request it ended
+// completes with: StatusTimeout for a deadline, StatusCancel otherwise.
+func ctxStatus(err error) Status {
+	if errors.Is(err, context.DeadlineExceeded) {
+		return StatusTimeout
+	}
+	return StatusCancel
+}
+
+// ctxErr returns the error of a request ended by a context whose Err is
+// err: the matching status wrapped together with err.
+func ctxErr(err error) error {
+	if err == nil {
+		err = context.Canceled
+	}
+	return &ctxError{st: ctxStatus(err), cause: err}
 }

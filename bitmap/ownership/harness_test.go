@@ -305,7 +305,7 @@ func newRig(t testing.TB, seed uint64) *rig {
 		if err != nil {
 			t.Fatal(err)
 		}
-		t.Cleanup(dn.Close)
+		t.Cleanup(func() { _ = dn.Close() })
 		ls, err := dn.Open("7f000000-0000-0000-0000-0000000000aa", dlm.OpenOptions{LVBLen: ownership.LVBSize})
 		if err != nil {
 			t.Fatal(err)
@@ -385,13 +385,13 @@ func (r *rig) kill(id int) {
 	}
 	for _, o := range r.nodes {
 		if !o.gone {
-			o.dlm.Stop()
+			o.dlm.Controller().Stop()
 		}
 	}
 	r.gen++
 	for _, o := range r.nodes {
 		if !o.gone {
-			if err := o.dlm.Recover(r.gen, alive, []dlm.NodeID{n.id}, false); err != nil {
+			if err := o.dlm.Controller().Recover(r.gen, alive, []dlm.NodeID{n.id}, false); err != nil {
 				r.t.Fatalf("node %d recover gen %d: %v", o.id, r.gen, err)
 			}
 		}

@@ -71,6 +71,9 @@ func (p *printer) dump(ls *dlm.Lockspace, owners map[dlm.LockID]string) {
 		if r.LVBSeq > 0 {
 			fmt.Fprintf(&b, " lvb=%q seq=%d", strings.TrimRight(string(r.LVB), "\x00"), r.LVBSeq)
 		}
+		if r.Idle {
+			b.WriteString(" (idle, cached by its master)")
+		}
 		p.say("%s", b.String())
 	}
 }

@@ -32,10 +32,13 @@ import (
 type NodeID = membership.NodeID
 
 // dlmGeneration maps an agreed view's generation to the DLM generation it
-// is installed as. A dlm.Node starts at generation 1 with its static peer
-// list, and the agreement's first view is also generation 1, which the DLM
-// would refuse as not newer. Every node applies the same shift, so DLM
-// generations stay equal across the cluster and ordered like the views.
+// is installed as. An unmanaged dlm.Node started at generation 1, so the
+// agreement's first view (also generation 1) needed a shift; the node is
+// now created Managed, starting at generation 0, so the shift is no longer
+// required (view generation 1 can be installed as DLM generation 1) and is
+// kept only until the runtime is moved to one generation end to end. Every
+// node applies the same shift, so DLM generations stay equal across the
+// cluster and ordered like the views.
 func dlmGeneration(viewGen uint64) uint64 { return viewGen + 1 }
 
 func dlmIDs(ids []NodeID) []dlm.NodeID {
@@ -53,6 +56,7 @@ type Node struct {
 	log   *slog.Logger
 	store *Store
 	dlm   *dlm.Node
+	ctl   *dlm.Controller // dlm's membership controls, driven from the agreed views
 	det   *gossip.Detector
 	run   *gossip.Runner
 
@@ -113,17 +117,19 @@ func New(cfg Config) (*Node, error) {
 	for id, addr := range cfg.Peers {
 		peers[dlm.NodeID(id)] = addr
 	}
+	// Managed: no view yet, so not quorate; the lock manager starts
+	// stopped and grants nothing until the first agreed view is installed
+	// and recovered.
 	dn, err := dlm.NewNode(dlm.Config{ID: dlm.NodeID(cfg.ID), Peers: peers, ListenAddr: cfg.DLMListenAddr,
 		Listener: cfg.DLMListener, ClusterKey: cfg.ClusterKey, Logger: lg, Transport: cfg.Transport,
-		TickInterval: cfg.DLMTick, OnRecovered: n.onRecovered})
+		TickInterval: cfg.DLMTick, Managed: true})
 	if err != nil {
 		_ = st.Close()
 		return nil, fmt.Errorf("node %s: starting the lock manager: %w", cfg.ID, err)
 	}
 	n.dlm = dn
-	// No view yet, so not quorate: nothing may be granted until the first
-	// agreed view is installed and recovered.
-	dn.Stop()
+	n.ctl = dn.Controller()
+	n.ctl.OnRecovered(n.onRecovered)
 	n.dlmStopped = true
 
 	run, err := gossip.NewRunner(gossip.RunnerConfig{
@@ -142,7 +148,7 @@ func New(cfg Config) (*Node, error) {
 		Logger: lg,
 	})
 	if err != nil {
-		dn.Close()
+		_ = dn.Close()
 		_ = st.Close()
 		return nil, fmt.Errorf("node %s: %w", cfg.ID, err)
 	}
@@ -150,7 +156,7 @@ func New(cfg Config) (*Node, error) {
 	det, err := gossip.NewDetector(gossip.Config{Self: cfg.ID, BindAddr: cfg.GossipBindAddr, Port: cfg.GossipPort,
 		ClusterKey: cfg.ClusterKey, Profile: cfg.Profile, Logger: lg}, n.aliveChanged, run.Deliver)
 	if err != nil {
-		dn.Close()
+		_ = dn.Close()
 		_ = st.Close()
 		return nil, fmt.Errorf("node %s: %w", cfg.ID, err)
 	}
@@ -176,7 +182,7 @@ func (n *Node) runAgreement(ctx context.Context) {
 	n.runErr = err
 	n.dlmStopped = true
 	n.mu.Unlock()
-	n.dlm.Stop()
+	n.ctl.Stop()
 	n.log.Error("membership agreement stopped; the lock manager is stopped and this node needs a restart", "err", err)
 }
 
@@ -275,7 +281,7 @@ func (n *Node) stopDLM() {
 	n.mu.Lock()
 	n.dlmStopped = true
 	n.mu.Unlock()
-	n.dlm.Stop()
+	n.ctl.Stop()
 }
 
 func (n *Node) stopForChange(v membership.View) {
@@ -318,7 +324,7 @@ func (n *Node) install(in membership.Install) {
 		n.log.Info("reset requested, but this lock manager holds no state from an earlier view (fresh start): recovering without reset",
 			"gen", gen)
 	}
-	err := n.dlm.Recover(dlmGeneration(gen), dlmIDs(in.View.Members), dlmIDs(purge), reset)
+	err := n.ctl.Recover(dlmGeneration(gen), dlmIDs(in.View.Members), dlmIDs(purge), reset)
 	if err == nil {
 		n.dlmStopped = false
 		n.everRecovered = true
@@ -334,7 +340,8 @@ func (n *Node) install(in membership.Install) {
 	}
 }
 
-// onRecovered is the DLM's report that one lockspace reached a generation.
+// onRecovered is the DLM's report that one lockspace reached a generation
+// (dlm.Controller.OnRecovered: in order, on the controller's goroutine).
 func (n *Node) onRecovered(name string, gen uint64) {
 	n.mu.Lock()
 	if gen > n.recovered[name] {
@@ -429,7 +436,7 @@ func (n *Node) Open(name string, opts dlm.OpenOptions) (*dlm.Lockspace, error) {
 		if !n.dlmStopped {
 			// Created after the last Recover: it starts at the current
 			// generation and has nothing to recover.
-			if g := n.dlm.Generation(); g > n.recovered[name] {
+			if g := n.ctl.Generation(); g > n.recovered[name] {
 				n.recovered[name] = g
 			}
 		}
@@ -515,7 +522,9 @@ func (n *Node) Close() error {
 		if e := n.det.Shutdown(); e != nil {
 			errs = append(errs, e)
 		}
-		n.dlm.Close()
+		if e := n.dlm.Close(); e != nil {
+			errs = append(errs, e)
+		}
 		if e := n.store.Close(); e != nil {
 			errs = append(errs, e)
 		}

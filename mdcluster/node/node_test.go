@@ -144,7 +144,7 @@ func (c *cluster) crash(id NodeID) {
 	n.cancel()
 	<-n.runDone
 	n.det.Shutdown()
-	n.dlm.Transport().Close()
+	n.dlm.Controller().Transport().Close()
 }
 
 func (c *cluster) start(id NodeID, ln net.Listener, seed string, gossipPort int) {

@@ -232,7 +232,7 @@ func runChild(id NodeID, dir string) error {
 						o.printf("error: wait %s: %v", res, err)
 						return
 					}
-					o.printf("granted %s %d %d", res, time.Now().UnixNano(), n.DLM().Generation())
+					o.printf("granted %s %d %d", res, time.Now().UnixNano(), n.DLM().Controller().Generation())
 					time.Sleep(10 * time.Millisecond)
 					if err := lk.Unlock(ctx, 0); err != nil {
 						o.printf("error: unlock %s: %v", res, err)
