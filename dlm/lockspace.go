@@ -50,6 +50,11 @@ type Config struct {
 	// OnRecovered, if set, is called (on its own goroutine) each time a
 	// lockspace of this node finishes recovering into a generation.
 	OnRecovered func(lockspace string, gen uint64)
+	// Managed: the membership layer installs every view, the first one
+	// included. The node starts stopped at generation 0 with members {ID}
+	// (Peers only configure the transport), so the agreement's first view,
+	// generation 1, is newer and generations match the views' numbers.
+	Managed bool
 }
 
 // DefaultConfig returns the configuration of a cluster of one with default
@@ -60,7 +65,8 @@ func DefaultConfig() Config { return Config{} }
 // the node takes part in; each Open of a lockspace returns a new handle (an
 // owner of locks, like a process that opened a Linux lockspace).
 //
-// The members start as this node and Config.Peers, at generation 1; the
+// The members start as this node and Config.Peers, at generation 1 (or,
+// with Config.Managed, as this node alone at generation 0, stopped); the
 // membership layer changes them with Stop and Recover (mdcluster/node does
 // that from the agreed views). Every member must open a lockspace before it
 // is used; messages for a lockspace not yet opened here wait until it is.
@@ -136,6 +142,9 @@ func NewNode(cfg Config) (*Node, error) {
 		n.tr = tr
 	}
 	slices.Sort(n.members)
+	if cfg.Managed {
+		n.gen, n.members, n.halted = 0, []NodeID{cfg.ID}, true
+	}
 	tick := cfg.TickInterval
 	if tick <= 0 {
 		tick = time.Second
