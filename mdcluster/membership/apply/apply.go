@@ -67,8 +67,8 @@ type Effects interface {
 	// driver reports the outcome to Agreement.FenceResult, later.
 	RequestFence(membership.FenceRequest)
 	// QuorumChanged reports the node's new quorum status. false comes
-	// before the stop it causes; true resumes nothing (only a recovery
-	// does).
+	// right after the stop it causes (so a report of the loss finds the
+	// lock manager stopped); true resumes nothing (only a recovery does).
 	QuorumChanged(quorate bool)
 	// RecoveryDone reports that every lockspace has recovered into view
 	// gen; the driver passes it to Agreement.RecoveryDone. It may be called
@@ -183,8 +183,8 @@ func New(cfg Config) (*Applier, error) {
 //
 //  1. log the Agreement's decision log (Ready.Log);
 //  2. persist State; on an error, return it and do nothing else;
-//  3. on Quorate=false, report it; on Quorate=false or Stop, stop the lock
-//     manager (the messages may promise that it is stopped);
+//  3. on Quorate=false or Stop, stop the lock manager (the messages may
+//     promise that it is stopped); then report Quorate=false;
 //  4. send Messages;
 //  5. recover the lock manager into each installed view, in order;
 //  6. if the Ready installed a view and also stopped for a newer proposal,
@@ -208,11 +208,11 @@ func (a *Applier) Apply(rd membership.Ready, f Facts) error {
 		}
 	}
 	lost := rd.Quorate != nil && !*rd.Quorate
-	if lost {
-		a.eff.QuorumChanged(false)
-	}
 	if lost || rd.Stop != nil {
 		a.eff.StopLockManager(Stop{NotQuorate: lost, Change: cloneView(rd.Stop)})
+	}
+	if lost {
+		a.eff.QuorumChanged(false)
 	}
 	for _, m := range rd.Messages {
 		a.eff.Send(m)

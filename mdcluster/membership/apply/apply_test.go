@@ -123,7 +123,7 @@ func TestApplyOrder(t *testing.T) {
 		name:  "quorum lost and a change, before the messages",
 		rd:    membership.Ready{State: hs, Quorate: bptr(false), Stop: &membership.View{Gen: 9, Members: []NodeID{1}}, Messages: msgs(2)},
 		facts: Facts{Quorate: false},
-		want:  []string{"persist 5", "quorate false", "stop no-quorum,change=9", "send 2"},
+		want:  []string{"persist 5", "stop no-quorum,change=9", "quorate false", "send 2"},
 	}, {
 		name:  "two installs in order, one RecoveryDone for the last",
 		rd:    membership.Ready{Install: []membership.Install{install(3, 1, 2), install(4, 1, 2)}, Quorate: bptr(true)},
@@ -207,7 +207,7 @@ func TestApplyStopAgainAfterInstall(t *testing.T) {
 		name:  "quorum lost in the same Ready as the install",
 		rd:    membership.Ready{Quorate: bptr(false), Install: []membership.Install{install(7, 1, 2, 3)}},
 		facts: Facts{Quorate: false},
-		want: []string{"quorate false", "stop no-quorum", "recover gen=7 members=[1 2 3] purge=[] reset=false",
+		want: []string{"stop no-quorum", "quorate false", "recover gen=7 members=[1 2 3] purge=[] reset=false",
 			"stop no-quorum,after-install", "done 7"},
 	}, {
 		name:  "newer proposal and no quorum: one stop with both reasons",
