@@ -1,7 +1,7 @@
 // Package sim is the deterministic simulation of a whole mdcluster cluster in
 // one process: the real view agreement (membership.Agreement) and the real
-// distributed lockspace (dlm.Space) of every node, wired the way the daemon
-// wires them, under a seeded scheduler with a simulated network, failure
+// distributed lockspace (dlm.Space) of every node, joined by the daemon's
+// own apply.Applier, under a seeded scheduler with a simulated network, failure
 // detector, fencer, disks and clock. The same seed always replays the same
 // run. After every step the checker verifies the cluster's safety invariants
 // (see docs/simulation.md); the first violation stops the run.
