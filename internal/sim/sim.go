@@ -1,7 +1,7 @@
 // Package sim is the deterministic simulation of a whole mdcluster cluster in
 // one process: the real view agreement (membership.Agreement) and the real
-// distributed lockspace (dlm.Space) of every node, wired the way the daemon
-// wires them, under a seeded scheduler with a simulated network, failure
+// distributed lockspace (dlm.Space) of every node, joined by the daemon's
+// own apply.Applier, under a seeded scheduler with a simulated network, failure
 // detector, fencer, disks and clock. The same seed always replays the same
 // run. After every step the checker verifies the cluster's safety invariants
 // (see docs/simulation.md); the first violation stops the run.
@@ -10,6 +10,7 @@
 package sim
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -20,6 +21,7 @@ import (
 	"github.com/mdcluster/mdcluster/ddraid"
 	"github.com/mdcluster/mdcluster/dlm"
 	"github.com/mdcluster/mdcluster/mdcluster/membership"
+	"github.com/mdcluster/mdcluster/mdcluster/membership/apply"
 )
 
 // NodeID is a node's ID (the ddraid, membership and DLM node ID).
@@ -130,6 +132,9 @@ type Node struct {
 
 	Ag *membership.Agreement
 	Sp *dlm.Space
+	// ap applies the Agreement's decisions to the Space, as in the daemon
+	// (one per incarnation, like the lock manager it drives).
+	ap *apply.Applier
 	// alive is the failure detector's belief.
 	alive   []NodeID
 	quorate bool
@@ -173,6 +178,11 @@ type Stats struct {
 	Installs, Fences, FenceFailures, Recoveries              int
 	DLMMessages, StaleDropped                                int
 	ViewsAgreed                                              int
+	// What the applier decided (the daemon's rules, run here): installs
+	// with a reset carried out, with a reset turned into a plain recovery
+	// (fresh lockspace), with nodes to purge, and stops re-applied after
+	// an install.
+	Resets, ResetsSuppressed, Purges, StopsAfterInstall int
 }
 
 // New builds a cluster whose nodes are all started (no view installed yet).
@@ -281,6 +291,13 @@ func (s *Sim) Start(id NodeID) {
 	sp.Stop()
 	n.Ag, n.Sp, n.Up, n.quorate, n.fenced, n.hold = ag, sp, true, false, false, true
 	n.inc++
+	ap, err := apply.New(apply.Config{Self: id, Effects: effects{s: s, n: n, inc: n.inc}})
+	if err != nil {
+		s.fail("node %s: apply.New: %v", id, err)
+		return
+	}
+	ap.LockspaceOpened(Lockspace, 0) // created stopped: it recovers with the first view
+	n.ap = ap
 	n.alive = []NodeID{id}
 	if n.inc > 1 {
 		s.stats.Restarts++
@@ -300,7 +317,7 @@ func (s *Sim) Crash(id NodeID) {
 	s.tracef("crash %s", id)
 	s.stats.Crashes++
 	s.m.crashed(n)
-	n.Up, n.Ag, n.Sp, n.fenced = false, nil, nil, false
+	n.Up, n.Ag, n.Sp, n.ap, n.fenced = false, nil, nil, nil, false
 	for k := range s.dq {
 		if k[0] == id || k[1] == id {
 			delete(s.dq, k)
@@ -362,9 +379,8 @@ func (s *Sim) pump(n *Node) {
 			progressed = true
 		}
 		if g, ok := n.Sp.TakeRecovered(); ok {
-			s.stats.Recoveries++
-			s.tracef("%s recovered into gen %d", n.ID, g)
-			n.Ag.RecoveryDone(g)
+			s.tracef("%s: lockspace %s recovered into gen %d", n.ID, Lockspace, g)
+			n.ap.LockspaceRecovered(Lockspace, g)
 			progressed = true
 		}
 		rd := n.Ag.Ready()
@@ -379,57 +395,96 @@ func (s *Sim) pump(n *Node) {
 	s.fail("node %s: its machines never quiet down", n.ID)
 }
 
-// apply acts on an Agreement Ready in the documented order: persist; stop on
-// quorum loss or a change; send; then install (DLM recovery), fence, and
-// note regained quorum.
+// apply carries out an Agreement Ready through the node's apply.Applier,
+// the code the daemon runs (its order and its install rules); effects below
+// are the simulated world's side of it.
 func (s *Sim) apply(n *Node, rd membership.Ready) {
 	s.checkReady(n, rd)
-	if rd.State != nil {
-		n.disk = *rd.State
+	if s.failed != "" {
+		return
 	}
-	if rd.Quorate != nil && !*rd.Quorate {
-		n.quorate = false
-		n.Sp.Stop()
-		n.hold = true
-		s.tracef("%s lost quorum: lockspace stopped", n.ID)
+	if err := n.ap.Apply(rd, apply.Facts{Quorate: n.Ag.Quorate()}); err != nil {
+		s.fail("node %s: %v", n.ID, err)
 	}
-	if rd.Stop != nil {
-		n.Sp.Stop()
-		n.hold = true
+}
+
+// effects is one node incarnation's apply.Effects: its simulated disk,
+// lockspace, network and fencer. Once the incarnation is gone, or the run
+// has failed, they do nothing.
+type effects struct {
+	s   *Sim
+	n   *Node
+	inc int
+}
+
+func (e effects) live() bool { return e.n.Up && e.n.inc == e.inc && e.s.failed == "" }
+
+func (e effects) Persist(hs membership.HardState) error {
+	if e.live() {
+		e.n.disk = hs
 	}
-	for _, m := range rd.Messages {
-		s.sendMember(n.ID, m)
+	return nil
+}
+
+func (e effects) StopLockManager(st apply.Stop) {
+	if !e.live() {
+		return
 	}
-	for _, in := range rd.Install {
-		s.install(n, in)
-		if !n.Up || s.failed != "" {
-			return
-		}
+	e.n.Sp.Stop()
+	e.n.hold = true
+	if st.AfterInstall {
+		e.s.stats.StopsAfterInstall++
 	}
-	// A stop for a newer proposal, or quorum missing, after the installs of
-	// this Ready: applied again after them (it outlasts the recovery).
-	if k := len(rd.Install); k > 0 {
-		last := rd.Install[k-1].View.Gen
-		if (rd.Stop != nil && rd.Stop.Gen > last) || !n.Ag.Quorate() {
-			n.Sp.Stop()
-			n.hold = true
-			if !n.Ag.Quorate() {
-				n.quorate = false
-			}
-		}
+	if st.NotQuorate {
+		e.n.quorate = false
 	}
-	for _, f := range rd.Fence {
-		s.requestFence(n, f)
+	e.s.tracef("%s: lockspace stopped (no quorum %v, change %v, after install %v)", e.n.ID, st.NotQuorate, st.Change, st.AfterInstall)
+}
+
+func (e effects) Send(m membership.Outgoing) {
+	if e.live() {
+		e.s.sendMember(e.n.ID, m)
 	}
-	if rd.Quorate != nil && *rd.Quorate {
-		n.quorate = true
+}
+
+func (e effects) RecoverLockManager(rc apply.Recovery) error {
+	if !e.live() {
+		return errors.New("node down or run failed")
 	}
-	if s.cfg.Trace != nil {
-		for _, e := range rd.Log {
-			if e.Level >= slog.LevelInfo {
-				s.tracef("%s: %s %v", n.ID, e.Msg, e.Attrs)
-			}
-		}
+	return e.s.install(e.n, rc)
+}
+
+func (e effects) RequestFence(f membership.FenceRequest) {
+	if e.live() {
+		e.s.requestFence(e.n, f)
+	}
+}
+
+func (e effects) QuorumChanged(q bool) {
+	if e.live() {
+		e.n.quorate = q
+		e.s.tracef("%s quorate %v", e.n.ID, q)
+	}
+}
+
+func (e effects) RecoveryDone(gen uint64) {
+	if !e.live() {
+		return
+	}
+	e.s.stats.Recoveries++
+	e.s.tracef("%s recovered into gen %d", e.n.ID, gen)
+	e.n.Ag.RecoveryDone(gen)
+}
+
+func (e effects) Exited() {
+	if e.live() {
+		e.s.tracef("%s left the cluster", e.n.ID)
+	}
+}
+
+func (e effects) Log(ev membership.Event) {
+	if e.s.cfg.Trace != nil && ev.Level >= slog.LevelInfo {
+		e.s.tracef("%s: %s %v", e.n.ID, ev.Msg, ev.Attrs)
 	}
 }
 
@@ -441,28 +496,39 @@ func toDLM(ids []NodeID) []dlm.NodeID {
 	return out
 }
 
-// install runs DLM recovery for an installed view: the departed, the
-// leavers and the rejoined (restarted: their old locks are gone) are
-// recovered as gone.
-func (s *Sim) install(n *Node, in membership.Install) {
+// install runs DLM recovery for a view, as the applier worked it out
+// (generation, purge set, reset).
+func (s *Sim) install(n *Node, rc apply.Recovery) error {
+	in := rc.Install
 	s.stats.Installs++
-	departed := slices.Concat(in.Departed, in.Left, in.Rejoined)
-	s.tracef("%s installs gen %d %v (prev %d, departed %v, left %v, rejoined %v, reset %v)",
-		n.ID, in.View.Gen, in.View.Members, in.Prev.Gen, in.Departed, in.Left, in.Rejoined, in.Reset)
+	s.tracef("%s installs gen %d %v (prev %d, departed %v, left %v, rejoined %v, purge %v, reset %v, asked %v)",
+		n.ID, rc.Gen, rc.Members, in.Prev.Gen, in.Departed, in.Left, in.Rejoined, rc.Purge, rc.Reset, in.Reset)
 	s.m.installed(n, in)
-	n.lastGen = in.View.Gen
-	n.resetting = in.Reset
+	if rc.Reset {
+		s.stats.Resets++
+	}
+	if rc.ResetSuppressed {
+		s.stats.ResetsSuppressed++
+	}
+	if len(rc.Purge) > 0 {
+		s.stats.Purges++
+	}
+	n.lastGen = rc.Gen
+	n.resetting = rc.Reset
 	n.hold = false
-	err := n.Sp.Recover(in.View.Gen, toDLM(in.View.Members), toDLM(departed), in.Reset)
-	if err != nil {
-		s.fail("node %s: Recover(gen %d): %v", n.ID, in.View.Gen, err)
+	if err := n.Sp.Recover(rc.Gen, toDLM(rc.Members), toDLM(rc.Purge), rc.Reset); err != nil {
+		s.fail("node %s: Recover(gen %d): %v", n.ID, rc.Gen, err)
+		return err
 	}
 	s.collectSpace(n)
 	n.resetting = false
+	// Rejoining clean: with a reset, or as a fresh lockspace that never
+	// held a view (the applier then recovers without one).
 	if in.Reset && n.fenced {
 		n.fenced = false
 		s.m.unfenced(n)
 	}
+	return nil
 }
 
 // collectSpace sends a node's DLM messages (stamped with its generation,

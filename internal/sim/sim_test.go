@@ -133,6 +133,12 @@ func TestRandom(t *testing.T) {
 	if len(failures) > 0 {
 		t.Fatalf("%d failing seeds (first ones):\n%s", len(failures), strings.Join(failures, "\n"))
 	}
+	// The daemon's applier rules run here too; a run this long takes each
+	// of their branches (200 seeds take each a few hundred times).
+	if seeds >= 100 && (total.Resets == 0 || total.ResetsSuppressed == 0 || total.Purges == 0 || total.StopsAfterInstall == 0) {
+		t.Fatalf("%d seeds never took some applier rule: resets %d, suppressed resets %d, installs with a purge %d, stops after install %d",
+			seeds, total.Resets, total.ResetsSuppressed, total.Purges, total.StopsAfterInstall)
+	}
 }
 
 func stepOf(s *Sim) int {
@@ -164,4 +170,8 @@ func add(t *Stats, s Stats) {
 	t.DLMMessages += s.DLMMessages
 	t.StaleDropped += s.StaleDropped
 	t.ViewsAgreed += s.ViewsAgreed
+	t.Resets += s.Resets
+	t.ResetsSuppressed += s.ResetsSuppressed
+	t.Purges += s.Purges
+	t.StopsAfterInstall += s.StopsAfterInstall
 }

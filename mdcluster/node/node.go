@@ -31,16 +31,6 @@ import (
 // NodeID is the cluster node ID (ddraid, gossip and DLM use the same one).
 type NodeID = membership.NodeID
 
-// dlmGeneration maps an agreed view's generation to the DLM generation it
-// is installed as. An unmanaged dlm.Node started at generation 1, so the
-// agreement's first view (also generation 1) needed a shift; the node is
-// now created Managed, starting at generation 0, so the shift is no longer
-// required (view generation 1 can be installed as DLM generation 1) and is
-// kept only until the runtime is moved to one generation end to end. Every
-// node applies the same shift, so DLM generations stay equal across the
-// cluster and ordered like the views.
-func dlmGeneration(viewGen uint64) uint64 { return viewGen + 1 }
-
 func dlmIDs(ids []NodeID) []dlm.NodeID {
 	out := make([]dlm.NodeID, len(ids))
 	for i, id := range ids {
@@ -56,7 +46,7 @@ type Node struct {
 	log   *slog.Logger
 	store *Store
 	dlm   *dlm.Node
-	ctl   *dlm.Controller // dlm's membership controls, driven from the agreed views
+	ctl   *dlm.Controller // the DLM's membership controls (Stop, Recover)
 	det   *gossip.Detector
 	run   *gossip.Runner
 
@@ -66,20 +56,14 @@ type Node struct {
 	exited   chan struct{}
 	closed   sync.Once
 
-	mu         sync.Mutex
-	spaces     map[string]bool   // lockspaces opened through Open
-	recovered  map[string]uint64 // newest DLM generation each lockspace reported
-	pending    uint64            // view whose recovery is awaited, 0 if none
-	doneGen    uint64            // last view fully recovered here
-	dlmStopped bool              // Stop called and no Recover since
-	// everRecovered: the DLM has been recovered into some view by this
-	// process (before that it holds no state from any view).
-	everRecovered bool
-	deadAt        map[NodeID]time.Time
-	lastAlive     []NodeID
-	runErr        error
-	exitedShut    bool
-	recoverFrom   map[uint64]time.Time // view gen → when its recovery started
+	mu          sync.Mutex
+	doneGen     uint64 // last view fully recovered here
+	dlmStopped  bool   // Stop called and no Recover since
+	deadAt      map[NodeID]time.Time
+	lastAlive   []NodeID
+	runErr      error
+	exitedShut  bool
+	recoverFrom map[uint64]time.Time // view gen → when its recovery started
 }
 
 // New opens the state store, starts the DLM (stopped until the first agreed
@@ -94,9 +78,9 @@ func New(cfg Config) (*Node, error) {
 		lg = slog.Default()
 	}
 	n := &Node{cfg: cfg, log: lg.With("node", cfg.ID), runDone: make(chan struct{}), joinDone: make(chan struct{}),
-		exited: make(chan struct{}), spaces: map[string]bool{}, recovered: map[string]uint64{},
+		exited: make(chan struct{}),
 		deadAt: map[NodeID]time.Time{}, recoverFrom: map[uint64]time.Time{}}
-	st, err := openStore(cfg, lg)
+	st, err := OpenStore(cfg.DataDir, cfg.ID, lg)
 	if err != nil {
 		return nil, fmt.Errorf("node %s: %w", cfg.ID, err)
 	}
@@ -117,9 +101,10 @@ func New(cfg Config) (*Node, error) {
 	for id, addr := range cfg.Peers {
 		peers[dlm.NodeID(id)] = addr
 	}
-	// Managed: no view yet, so not quorate; the lock manager starts
-	// stopped and grants nothing until the first agreed view is installed
-	// and recovered.
+	// Managed: the DLM starts stopped at generation 0 with no peer in its
+	// view (no view yet, so not quorate: nothing may be granted before the
+	// first agreed view is installed and recovered), and recovers into
+	// each view under the view's own generation.
 	dn, err := dlm.NewNode(dlm.Config{ID: dlm.NodeID(cfg.ID), Peers: peers, ListenAddr: cfg.DLMListenAddr,
 		Listener: cfg.DLMListener, ClusterKey: cfg.ClusterKey, Logger: lg, Transport: cfg.Transport,
 		TickInterval: cfg.DLMTick, Managed: true})
@@ -129,7 +114,6 @@ func New(cfg Config) (*Node, error) {
 	}
 	n.dlm = dn
 	n.ctl = dn.Controller()
-	n.ctl.OnRecovered(n.onRecovered)
 	n.dlmStopped = true
 
 	run, err := gossip.NewRunner(gossip.RunnerConfig{
@@ -138,25 +122,29 @@ func New(cfg Config) (*Node, error) {
 		Tick: cfg.Tick,
 		Send: func(to NodeID, p []byte) error { return n.det.Send(to, p) },
 		Hooks: gossip.Hooks{
-			Persist: n.persist,
-			Quorate: n.quorateChanged,
-			Stop:    n.stopForChange,
-			Install: n.install,
-			Fence:   n.fence,
-			Exited:  n.onExited,
+			Persist:      n.persist,
+			Quorate:      n.quorateChanged,
+			Stop:         n.stopLockManager,
+			Recover:      n.recoverView,
+			RecoveryDone: n.recoveryDone,
+			Fence:        n.fence,
+			Exited:       n.onExited,
 		},
 		Logger: lg,
 	})
 	if err != nil {
-		_ = dn.Close()
+		dn.Close()
 		_ = st.Close()
 		return nil, fmt.Errorf("node %s: %w", cfg.ID, err)
 	}
 	n.run = run
+	// Recovery reports go to the applier in order, on the controller's
+	// goroutine; registered once the Runner exists to take them.
+	n.ctl.OnRecovered(n.onRecovered)
 	det, err := gossip.NewDetector(gossip.Config{Self: cfg.ID, BindAddr: cfg.GossipBindAddr, Port: cfg.GossipPort,
 		ClusterKey: cfg.ClusterKey, Profile: cfg.Profile, Logger: lg}, n.aliveChanged, run.Deliver)
 	if err != nil {
-		_ = dn.Close()
+		dn.Close()
 		_ = st.Close()
 		return nil, fmt.Errorf("node %s: %w", cfg.ID, err)
 	}
@@ -238,151 +226,6 @@ func (n *Node) aliveChanged(alive []NodeID) {
 
 func (n *Node) persist(hs membership.HardState) error { return n.store.SaveHardState(hs) }
 
-// quorumLine explains the quorum status of the current view with the nodes
-// the failure detector last reported alive to the agreement.
-func (n *Node) quorumLine() (present, need, total int, alive []NodeID) {
-	v := n.run.View()
-	n.mu.Lock()
-	al := n.lastAlive // what the agreement was last told
-	n.mu.Unlock()
-	var in []NodeID
-	for _, id := range v.Members {
-		if slices.Contains(al, id) {
-			in = append(in, id)
-		}
-	}
-	st := n.cfg.Quorum.Evaluate(in)
-	return st.Present, st.Need, st.DataNodes, in
-}
-
-func (n *Node) quorateChanged(q bool) {
-	present, need, total, in := n.quorumLine()
-	v := n.run.View()
-	if !q {
-		n.stopDLM()
-		n.log.Warn(fmt.Sprintf("lost quorum: %d of %d data nodes alive (need %d of %d data nodes); lock requests wait and array I/O stops until a quorate view is installed",
-			present, total, need, total), "gen", v.Gen, "view", v.Members, "alive_in_view", in,
-			"quorum", n.cfg.Quorum.Describe(in))
-	} else {
-		n.mu.Lock()
-		stopped := n.dlmStopped
-		n.mu.Unlock()
-		n.log.Info(fmt.Sprintf("quorate: %d of %d data nodes alive (need %d of %d data nodes)", present, total, need, total),
-			"gen", v.Gen, "view", v.Members, "alive_in_view", in, "lock_manager_stopped", stopped)
-		if stopped {
-			n.log.Info("quorum is back, but the lock manager stays stopped until a new view is installed and recovered; the agreement asks for one if nothing else changes",
-				"gen", v.Gen)
-		}
-	}
-	n.emit(Event{Kind: EventQuorum, Gen: v.Gen, Quorate: q, Nodes: in})
-}
-
-func (n *Node) stopDLM() {
-	n.mu.Lock()
-	n.dlmStopped = true
-	n.mu.Unlock()
-	n.ctl.Stop()
-}
-
-func (n *Node) stopForChange(v membership.View) {
-	n.stopDLM()
-	n.log.Info("view change began: lock manager stopped until the new view is installed and recovered",
-		"ballot", v.Gen, "intended_members", v.Members, "current_view", n.run.View().Gen)
-	n.emit(Event{Kind: EventStop, Gen: v.Gen, Nodes: slices.Clone(v.Members)})
-}
-
-// install runs DLM recovery for an agreed view (on the agreement's
-// goroutine; recovery itself proceeds in the DLM and reports through
-// onRecovered).
-func (n *Node) install(in membership.Install) {
-	// Departed nodes failed and were fenced; nodes that left released their
-	// locks already; rejoined nodes restarted and lost their lock state.
-	// All of them are recovered the same way: purge what the old view knew
-	// of their locks.
-	// This node itself may be among the rejoined (it restarted); Reset
-	// covers that, and a node does not purge itself.
-	purge := slices.DeleteFunc(slices.Concat(in.Departed, in.Left, in.Rejoined), func(id NodeID) bool { return id == n.cfg.ID })
-	slices.Sort(purge)
-	purge = slices.Compact(purge)
-	gen := in.View.Gen
-	n.log.Info("installing agreed view: starting lock recovery",
-		"gen", gen, "members", in.View.Members, "prev_gen", in.Prev.Gen, "prev_members", in.Prev.Members,
-		"departed_fenced", in.Departed, "left", in.Left, "joined", in.Joined, "rejoined", in.Rejoined,
-		"reset", in.Reset, "dlm_generation", dlmGeneration(gen))
-	n.mu.Lock()
-	n.pending = gen
-	n.recoverFrom[gen] = time.Now()
-	reset := in.Reset
-	if reset && !n.everRecovered {
-		// Reset drops the lock state of an older view. This lock manager
-		// was started by this process and has never held a view, so there
-		// is nothing to drop; and dlm's reset also discards the recovery
-		// messages of the new generation that peers sent before this node
-		// got here, which would leave its recovery waiting forever (see
-		// docs/node.md). Without old state, a plain recovery is the same.
-		reset = false
-		n.log.Info("reset requested, but this lock manager holds no state from an earlier view (fresh start): recovering without reset",
-			"gen", gen)
-	}
-	err := n.ctl.Recover(dlmGeneration(gen), dlmIDs(in.View.Members), dlmIDs(purge), reset)
-	if err == nil {
-		n.dlmStopped = false
-		n.everRecovered = true
-	}
-	n.mu.Unlock()
-	if err != nil {
-		err = fmt.Errorf("node %s: view %d: %w", n.cfg.ID, gen, err)
-		n.log.Error("lock recovery could not start; this node will not report the view recovered", "gen", gen, "err", err)
-	}
-	n.emit(Event{Kind: EventInstall, Gen: gen, Nodes: slices.Clone(in.View.Members), Err: err})
-	if err == nil {
-		n.checkRecovered()
-	}
-}
-
-// onRecovered is the DLM's report that one lockspace reached a generation
-// (dlm.Controller.OnRecovered: in order, on the controller's goroutine).
-func (n *Node) onRecovered(name string, gen uint64) {
-	n.mu.Lock()
-	if gen > n.recovered[name] {
-		n.recovered[name] = gen
-	}
-	n.mu.Unlock()
-	n.checkRecovered()
-}
-
-// checkRecovered reports RecoveryDone once every lockspace opened through
-// Open has recovered into the pending view.
-func (n *Node) checkRecovered() {
-	n.mu.Lock()
-	gen := n.pending
-	if gen == 0 {
-		n.mu.Unlock()
-		return
-	}
-	want := dlmGeneration(gen)
-	for name := range n.spaces {
-		if n.recovered[name] < want {
-			n.mu.Unlock()
-			return
-		}
-	}
-	n.pending = 0
-	n.doneGen = gen
-	started := n.recoverFrom[gen]
-	for g := range n.recoverFrom {
-		if g <= gen {
-			delete(n.recoverFrom, g)
-		}
-	}
-	spaces := len(n.spaces)
-	n.mu.Unlock()
-	n.log.Info("lock recovery done: locks are granted again", "gen", gen, "lockspaces", spaces,
-		"took", time.Since(started).Round(time.Microsecond))
-	n.emit(Event{Kind: EventRecovered, Gen: gen})
-	n.run.RecoveryDone(gen)
-}
-
 // fence runs the configured fencer for one failed node, with the configured
 // time limit. A failure is reported to the agreement, which asks again
 // later; the view is not installed meanwhile.
@@ -431,16 +274,16 @@ func (n *Node) Open(name string, opts dlm.OpenOptions) (*dlm.Lockspace, error) {
 	if err != nil {
 		return nil, fmt.Errorf("node %s: %w", n.cfg.ID, err)
 	}
-	if !n.spaces[name] {
-		n.spaces[name] = true
-		if !n.dlmStopped {
-			// Created after the last Recover: it starts at the current
-			// generation and has nothing to recover.
-			if g := n.ctl.Generation(); g > n.recovered[name] {
-				n.recovered[name] = g
-			}
-		}
+	// n.mu is held, so no Recover runs between the DLM's Open and this:
+	// a lockspace created after the last Recover starts at the current
+	// generation with nothing to recover; one created while stopped is
+	// taken along by the next Recover. (Only a lockspace's first Open
+	// counts; the applier ignores the others.)
+	var gen uint64
+	if !n.dlmStopped {
+		gen = n.ctl.Generation()
 	}
+	n.run.LockspaceOpened(name, gen)
 	return ls, nil
 }
 
@@ -522,9 +365,7 @@ func (n *Node) Close() error {
 		if e := n.det.Shutdown(); e != nil {
 			errs = append(errs, e)
 		}
-		if e := n.dlm.Close(); e != nil {
-			errs = append(errs, e)
-		}
+		n.dlm.Close()
 		if e := n.store.Close(); e != nil {
 			errs = append(errs, e)
 		}

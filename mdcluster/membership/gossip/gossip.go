@@ -1,7 +1,8 @@
 // Package gossip is the daemon's side of cluster membership: it runs
 // hashicorp/memberlist as the failure detector and message carrier, and a
-// Runner that drives the pure membership.Agreement with a ticker and hands
-// what it decides to the daemon's hooks.
+// Runner that drives the pure membership.Agreement with a ticker and carries
+// out what it decides through an apply.Applier (the code the simulator runs
+// too), whose lock-manager and storage effects are the daemon's hooks.
 //
 // memberlist (SWIM gossip) only says who looks alive. It gives no agreement,
 // and its leave notification looks the same for a crash and a graceful

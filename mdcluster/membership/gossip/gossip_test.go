@@ -14,6 +14,7 @@ import (
 	"github.com/mdcluster/mdcluster/ddraid"
 	"github.com/mdcluster/mdcluster/mdcluster/fence"
 	"github.com/mdcluster/mdcluster/mdcluster/membership"
+	"github.com/mdcluster/mdcluster/mdcluster/membership/apply"
 )
 
 func TestDeriveKey(t *testing.T) {
@@ -104,10 +105,11 @@ func startNode(t *testing.T, id NodeID, q ddraid.Config, key []byte, f *fence.Te
 			return det.Send(to, p)
 		},
 		Hooks: Hooks{
-			Install: func(in membership.Install) {
+			Recover: func(rc apply.Recovery) error {
 				n.mu.Lock()
-				n.installs = append(n.installs, in)
+				n.installs = append(n.installs, rc.Install)
 				n.mu.Unlock()
+				return nil
 			},
 			Fence: func(ctx context.Context, req membership.FenceRequest) error {
 				_, err := f.Fence(ctx, fence.Request{Node: req.Node, Generation: req.Gen, FailedAt: time.Now()})

@@ -10,24 +10,33 @@ import (
 	"time"
 
 	"github.com/mdcluster/mdcluster/mdcluster/membership"
+	"github.com/mdcluster/mdcluster/mdcluster/membership/apply"
 )
 
-// Hooks are the daemon's reactions to the agreement's decisions. Each runs
-// on the Runner's goroutine (except Fence), so it must return promptly;
-// nil hooks are skipped.
+// Hooks are the daemon's part of carrying out the agreement's decisions:
+// the lock manager and the state store. The order in which they run, and
+// what an Install means for the lock manager, is the apply.Applier's (the
+// same code the simulator runs); the Runner sends the messages, runs the
+// fences and logs. Each hook but Fence runs on the Runner's goroutine (and
+// RecoveryDone also on the goroutine of Runner.LockspaceRecovered's
+// caller), so it must return promptly; nil hooks are skipped.
 type Hooks struct {
 	// Persist stores the hard state; it runs before any message is sent.
 	// An error stops the Runner: sending without a durable promise could
 	// let this node vote twice.
 	Persist func(membership.HardState) error
-	// Quorate reports a change of the local quorum status; false means stop
-	// granting locks and stop array I/O now.
+	// Quorate reports a change of the local quorum status. It stops
+	// nothing itself: on a loss, Stop has already run.
 	Quorate func(quorate bool)
-	// Stop suspends the lockspaces: a view change began.
-	Stop func(membership.View)
-	// Install installs a view: run DLM recovery, then call
-	// Runner.RecoveryDone(view.Gen).
-	Install func(membership.Install)
+	// Stop suspends the lockspaces (quorum lost, a view change began, or
+	// a stop re-applied after an install).
+	Stop func(apply.Stop)
+	// Recover installs a view in the lock manager and starts its
+	// recovery; report each lockspace's end with Runner.LockspaceRecovered.
+	Recover func(apply.Recovery) error
+	// RecoveryDone reports that every lockspace recovered into view gen;
+	// the Runner tells the agreement right after.
+	RecoveryDone func(gen uint64)
 	// Fence fences a failed node and returns nil only when it is confirmed
 	// fenced (e.g. a fence.Retrier around the configured fence.Levels). It
 	// runs on its own goroutine; its result goes back to the agreement.
@@ -64,20 +73,29 @@ type fenceDone struct {
 
 // Runner drives one node's Agreement: a single goroutine (Run) owns the
 // machine and serialises messages, failure-detector updates, ticks, fence
-// results and the application's calls.
+// results and the application's calls. Every Ready goes through an
+// apply.Applier, whose effects are the Runner's (send, fence, log) and the
+// Hooks.
 type Runner struct {
 	cfg  RunnerConfig
 	a    *membership.Agreement
+	ap   *apply.Applier
 	log  *slog.Logger
 	msgs chan inMsg
+	// ctx is Run's context, for the fences Run's goroutine starts.
+	ctx context.Context
 
 	mu       sync.Mutex
 	alive    []NodeID
 	aliveSet bool
 	aliveSig chan struct{}
+	// doneGens are views whose recovery finished, for the agreement
+	// (queued without blocking: the report may come from Run's own
+	// goroutine).
+	doneGens []uint64
+	doneSig  chan struct{}
 
 	fences  chan fenceDone
-	recDone chan uint64
 	leave   chan struct{}
 	view    atomic.Pointer[membership.View]
 	quorate atomic.Bool
@@ -100,9 +118,13 @@ func NewRunner(cfg RunnerConfig) (*Runner, error) {
 	if logger == nil {
 		logger = slog.Default()
 	}
-	r := &Runner{cfg: cfg, a: a, log: logger.With("node", cfg.Agreement.Self),
-		msgs: make(chan inMsg, 1024), aliveSig: make(chan struct{}, 1),
-		fences: make(chan fenceDone, 64), recDone: make(chan uint64, 16), leave: make(chan struct{}, 1)}
+	r := &Runner{cfg: cfg, a: a, log: logger.With("node", cfg.Agreement.Self), ctx: context.Background(),
+		msgs: make(chan inMsg, 1024), aliveSig: make(chan struct{}, 1), doneSig: make(chan struct{}, 1),
+		fences: make(chan fenceDone, 64), leave: make(chan struct{}, 1)}
+	r.ap, err = apply.New(apply.Config{Self: cfg.Agreement.Self, Effects: effects{r}})
+	if err != nil {
+		return nil, fmt.Errorf("gossip: %w", err)
+	}
 	v := a.View()
 	r.view.Store(&v)
 	return r, nil
@@ -130,8 +152,21 @@ func (r *Runner) SetAlive(alive []NodeID) {
 	}
 }
 
-// RecoveryDone reports that DLM recovery for gen finished on this node.
-func (r *Runner) RecoveryDone(gen uint64) { r.recDone <- gen }
+// LockspaceOpened tells the Runner that the lock manager has lockspace
+// name, already recovered into generation gen (0: it has yet to recover):
+// the agreement hears RecoveryDone for a view only once every such
+// lockspace has recovered into it (see apply.Applier.LockspaceOpened). Safe
+// from any goroutine; it calls no hook.
+func (r *Runner) LockspaceOpened(name string, gen uint64) { r.ap.LockspaceOpened(name, gen) }
+
+// LockspaceRecovered reports that lockspace name finished recovering into
+// generation gen (the lock manager's recovery callback). Safe from any
+// goroutine; when it completes the pending view, Hooks.RecoveryDone runs on
+// the caller's goroutine and the agreement is told.
+func (r *Runner) LockspaceRecovered(name string, gen uint64) { r.ap.LockspaceRecovered(name, gen) }
+
+// Lockspaces returns how many lockspaces a view's recovery waits for.
+func (r *Runner) Lockspaces() int { return r.ap.Lockspaces() }
 
 // Leave starts a graceful leave (after the daemon stopped I/O and released
 // its locks); Hooks.Exited reports its end.
@@ -153,9 +188,10 @@ func (r *Runner) Dropped() uint64 { return r.dropped.Load() }
 
 // Run drives the agreement until ctx is done or persisting fails.
 func (r *Runner) Run(ctx context.Context) error {
+	r.ctx = ctx
 	t := time.NewTicker(r.cfg.Tick)
 	defer t.Stop()
-	if err := r.handle(ctx); err != nil {
+	if err := r.handle(); err != nil {
 		return err
 	}
 	for {
@@ -177,78 +213,99 @@ func (r *Runner) Run(ctx context.Context) error {
 			}
 		case f := <-r.fences:
 			r.a.FenceResult(f.node, f.ok)
-		case g := <-r.recDone:
-			r.a.RecoveryDone(g)
+		case <-r.doneSig:
+			r.mu.Lock()
+			gens := r.doneGens
+			r.doneGens = nil
+			r.mu.Unlock()
+			for _, g := range gens {
+				r.a.RecoveryDone(g)
+			}
 		case <-r.leave:
 			r.a.Leave()
 		}
-		if err := r.handle(ctx); err != nil {
+		if err := r.handle(); err != nil {
 			return err
 		}
 	}
 }
 
-// handle carries out one Ready in the order the agreement requires:
-// persist, stop, send, then install, fence and the rest.
-func (r *Runner) handle(ctx context.Context) error {
+// handle carries out the agreement's current Ready through the Applier.
+func (r *Runner) handle() error {
 	rd := r.a.Ready()
-	h := r.cfg.Hooks
-	for _, e := range rd.Log {
-		r.log.LogAttrs(ctx, e.Level, e.Msg, e.Attrs...)
+	if rd.Empty() {
+		return nil
 	}
-	if rd.State != nil && h.Persist != nil {
-		if err := h.Persist(*rd.State); err != nil {
-			return fmt.Errorf("gossip: node %s: persisting membership state: %w", r.cfg.Agreement.Self, err)
-		}
-	}
-	if rd.Quorate != nil && !*rd.Quorate {
-		r.quorate.Store(false)
-		if h.Quorate != nil {
-			h.Quorate(false)
-		}
-	}
-	if rd.Stop != nil && h.Stop != nil {
-		h.Stop(*rd.Stop)
-	}
-	for _, m := range rd.Messages {
-		if err := r.cfg.Send(m.To, m.Payload); err != nil {
-			r.log.Debug("membership message not sent", "to", m.To, "err", err)
-		}
-	}
-	for _, in := range rd.Install {
-		v := in.View
-		r.view.Store(&v)
-		if h.Install != nil {
-			h.Install(in)
-		}
-	}
-	// One Ready can install a view and also stop for a newer proposal, or
-	// install a view this node is not quorate in: the stop comes after the
-	// install then, and must be applied again (a stop during recovery
-	// outlasts it).
-	if n := len(rd.Install); n > 0 {
-		last := rd.Install[n-1].View.Gen
-		if rd.Stop != nil && rd.Stop.Gen > last && h.Stop != nil {
-			h.Stop(*rd.Stop)
-		}
-		if !r.a.Quorate() && h.Quorate != nil {
-			r.quorate.Store(false)
-			h.Quorate(false)
-		}
-	}
-	for _, f := range rd.Fence {
-		go r.fence(ctx, f)
-	}
-	if rd.Quorate != nil && *rd.Quorate {
-		r.quorate.Store(true)
-		if h.Quorate != nil {
-			h.Quorate(true)
-		}
-	}
-	if rd.Exited && h.Exited != nil {
-		h.Exited()
+	if err := r.ap.Apply(rd, apply.Facts{Quorate: r.a.Quorate()}); err != nil {
+		return fmt.Errorf("gossip: %w", err)
 	}
 	return nil
+}
+
+// effects are the Runner's side of apply.Effects: sending, fencing and
+// logging are its own; the rest goes to the Hooks.
+type effects struct{ r *Runner }
+
+func (e effects) Persist(hs membership.HardState) error {
+	if h := e.r.cfg.Hooks.Persist; h != nil {
+		return h(hs)
+	}
+	return nil
+}
+
+func (e effects) StopLockManager(st apply.Stop) {
+	if h := e.r.cfg.Hooks.Stop; h != nil {
+		h(st)
+	}
+}
+
+func (e effects) Send(m membership.Outgoing) {
+	if err := e.r.cfg.Send(m.To, m.Payload); err != nil {
+		e.r.log.Debug("membership message not sent", "to", m.To, "err", err)
+	}
+}
+
+func (e effects) RecoverLockManager(rc apply.Recovery) error {
+	v := rc.Install.View
+	e.r.view.Store(&v)
+	if h := e.r.cfg.Hooks.Recover; h != nil {
+		return h(rc)
+	}
+	return nil
+}
+
+// RequestFence runs the fence on its own goroutine: it may take a minute,
+// and the agreement must go on answering meanwhile.
+func (e effects) RequestFence(req membership.FenceRequest) { go e.r.fence(e.r.ctx, req) }
+
+func (e effects) QuorumChanged(q bool) {
+	e.r.quorate.Store(q)
+	if h := e.r.cfg.Hooks.Quorate; h != nil {
+		h(q)
+	}
+}
+
+func (e effects) RecoveryDone(gen uint64) {
+	if h := e.r.cfg.Hooks.RecoveryDone; h != nil {
+		h(gen)
+	}
+	e.r.mu.Lock()
+	e.r.doneGens = append(e.r.doneGens, gen)
+	e.r.mu.Unlock()
+	select {
+	case e.r.doneSig <- struct{}{}:
+	default:
+	}
+}
+
+func (e effects) Exited() {
+	if h := e.r.cfg.Hooks.Exited; h != nil {
+		h()
+	}
+}
+
+func (e effects) Log(ev membership.Event) {
+	e.r.log.LogAttrs(context.Background(), ev.Level, ev.Msg, ev.Attrs...)
 }
 
 func (r *Runner) fence(ctx context.Context, req membership.FenceRequest) {
