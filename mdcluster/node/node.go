@@ -80,7 +80,7 @@ func New(cfg Config) (*Node, error) {
 	n := &Node{cfg: cfg, log: lg.With("node", cfg.ID), runDone: make(chan struct{}), joinDone: make(chan struct{}),
 		exited: make(chan struct{}),
 		deadAt: map[NodeID]time.Time{}, recoverFrom: map[uint64]time.Time{}}
-	st, err := OpenStore(cfg.DataDir, cfg.ID, lg)
+	st, err := openStore(cfg, lg)
 	if err != nil {
 		return nil, fmt.Errorf("node %s: %w", cfg.ID, err)
 	}
