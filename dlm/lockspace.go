@@ -23,11 +23,14 @@ type Config struct {
 	Logger *slog.Logger
 	// ID is this node's ID in the cluster; 0 means 1 (a cluster of one).
 	ID NodeID
-	// Peers maps every other node's ID to its transport address. Empty
-	// means a cluster of one: every resource is mastered here and no
-	// message is ever sent.
+	// Peers maps other nodes' IDs to their transport addresses; they are
+	// the initial members. More can be given later with Node.SetPeer. With
+	// no peers and no ListenAddr or Listener the node is a cluster of one:
+	// every resource is mastered here and no message is ever sent.
 	Peers map[NodeID]string
 	// ListenAddr is where this node accepts its peers (e.g. "10.0.0.1:7410").
+	// With it (or Listener) the node has a transport even without Peers, so
+	// that peers can be added later.
 	ListenAddr string
 	// Listener, if set, is used instead of ListenAddr (tests listen on port 0
 	// first to learn every address).
@@ -68,7 +71,9 @@ type Node struct {
 	cfg Config
 	log *slog.Logger
 	id  NodeID
-	tr  *transport.Transport // nil for a cluster of one
+	tr  *transport.Transport // nil when neither a listener nor peers are configured
+	// peers is the address book behind the transport's peer set (peers.go).
+	peers peerTable
 
 	mu     sync.Mutex
 	spaces map[string]*space
@@ -115,7 +120,9 @@ func NewNode(cfg Config) (*Node, error) {
 	if n.deferDelay <= 0 {
 		n.deferDelay = 200 * time.Microsecond
 	}
-	if len(cfg.Peers) > 0 {
+	// A node given no peers but a place to listen gets a transport too:
+	// its peers may be added later (SetPeer).
+	if len(cfg.Peers) > 0 || cfg.ListenAddr != "" || cfg.Listener != nil {
 		tc := cfg.Transport
 		tc.NodeID = transport.NodeID(cfg.ID)
 		tc.ListenAddr, tc.Listener, tc.ClusterKey = cfg.ListenAddr, cfg.Listener, cfg.ClusterKey
@@ -136,6 +143,7 @@ func NewNode(cfg Config) (*Node, error) {
 		n.tr = tr
 	}
 	slices.Sort(n.members)
+	n.initPeers(cfg.Peers)
 	tick := cfg.TickInterval
 	if tick <= 0 {
 		tick = time.Second
@@ -370,6 +378,7 @@ func (n *Node) Recover(gen uint64, members []NodeID, departed []NodeID, reset bo
 	n.gen, n.members, n.halted = gen, ms, false
 	spaces := slices.Collect(maps.Values(n.spaces))
 	n.mu.Unlock()
+	n.admitMembers(ms)
 	n.log.Info("recovering lockspaces", "generation", gen, "members", ms, "departed", departed, "reset", reset)
 	var firstErr error
 	for _, sp := range spaces {
