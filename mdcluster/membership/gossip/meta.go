@@ -97,7 +97,7 @@ func metaMAC(key []byte, id NodeID, body []byte) []byte {
 func EncodeMeta(key []byte, id NodeID, m Meta) ([]byte, error) {
 	b := []byte{MetaVersion}
 	if m.DLMAddr != "" {
-		if err := checkDialAddr(m.DLMAddr); err != nil {
+		if err := CheckDialAddr(m.DLMAddr); err != nil {
 			return nil, fmt.Errorf("gossip: node %s: encoding metadata: %w", id, err)
 		}
 		b = append(b, metaDLMAddr)
@@ -150,7 +150,7 @@ func parseMetaBody(body []byte) (Meta, error) {
 				return Meta{}, fmt.Errorf("%w: DLM address given twice", ErrMetaMalformed)
 			}
 			haveAddr = true
-			if err := checkDialAddr(string(val)); err != nil {
+			if err := CheckDialAddr(string(val)); err != nil {
 				return Meta{}, fmt.Errorf("%w: DLM address: %w", ErrMetaMalformed, err)
 			}
 			m.DLMAddr = string(val)
@@ -161,10 +161,13 @@ func parseMetaBody(body []byte) (Meta, error) {
 	return m, nil
 }
 
-// checkDialAddr checks that addr is an address other nodes can dial:
+// CheckDialAddr checks that addr is an address other nodes can dial:
 // printable ASCII, "host:port", host not empty and not a wildcard address,
-// port 1-65535.
-func checkDialAddr(addr string) error {
+// port 1-65535. Both sides of the metadata exchange apply it (and
+// mdcluster/node applies it to its configuration), so an address that
+// could never work is refused where it is made, not found out by every
+// dial failing.
+func CheckDialAddr(addr string) error {
 	if len(addr) > metaMaxAddr {
 		return fmt.Errorf("address of %d bytes, at most %d", len(addr), metaMaxAddr)
 	}

@@ -188,7 +188,7 @@ func FuzzDecodeMeta(f *testing.F) {
 			return
 		}
 		if m.DLMAddr != "" {
-			if err := checkDialAddr(m.DLMAddr); err != nil {
+			if err := CheckDialAddr(m.DLMAddr); err != nil {
 				t.Fatalf("accepted an undialable address: %v", err)
 			}
 		}
