@@ -56,6 +56,9 @@ type Node struct {
 	det   *gossip.Detector
 	run   *gossip.Runner
 
+	// dlmAdvertise is the DLM address published through gossip (peers.go).
+	dlmAdvertise string
+
 	cancel   context.CancelFunc
 	runDone  chan struct{}
 	joinDone chan struct{}
@@ -121,6 +124,11 @@ func New(cfg Config) (*Node, error) {
 		return nil, fmt.Errorf("node %s: starting the lock manager: %w", cfg.ID, err)
 	}
 	n.dlm = dn
+	if n.dlmAdvertise, err = dlmAdvertiseAddr(cfg, dn.Addr()); err != nil {
+		dn.Close()
+		_ = st.Close()
+		return nil, fmt.Errorf("node %s: %w", cfg.ID, err)
+	}
 	// No view yet, so not quorate: nothing may be granted until the first
 	// agreed view is installed and recovered.
 	dn.Stop()
@@ -148,7 +156,8 @@ func New(cfg Config) (*Node, error) {
 	}
 	n.run = run
 	det, err := gossip.NewDetector(gossip.Config{Self: cfg.ID, BindAddr: cfg.GossipBindAddr, Port: cfg.GossipPort,
-		ClusterKey: cfg.ClusterKey, Profile: cfg.Profile, Logger: lg}, n.aliveChanged, run.Deliver)
+		ClusterKey: cfg.ClusterKey, Profile: cfg.Profile, Logger: lg,
+		Meta: gossip.Meta{DLMAddr: n.dlmAdvertise}, OnMeta: n.onMeta}, n.aliveChanged, run.Deliver)
 	if err != nil {
 		dn.Close()
 		_ = st.Close()
@@ -159,7 +168,7 @@ func New(cfg Config) (*Node, error) {
 	n.cancel = cancel
 	go n.runAgreement(ctx)
 	go n.joinLoop(ctx)
-	n.log.Info("node started", "gossip", det.Addr(), "dlm", dn.Addr(), "profile", cfg.Profile,
+	n.log.Info("node started", "gossip", det.Addr(), "dlm", dn.Addr(), "dlm_advertised", n.dlmAdvertise, "profile", cfg.Profile,
 		"quorum", cfg.Quorum.String(), "peers", len(cfg.Peers))
 	return n, nil
 }

@@ -43,18 +43,30 @@ func TestConfigValidate(t *testing.T) {
 	if err == nil {
 		t.Fatal("an empty configuration was accepted")
 	}
-	for _, want := range []string{"ID is not set", "quorum", "cluster key", "DataDir", "Fencer"} {
+	for _, want := range []string{"ID is not set", "quorum", "cluster key", "DataDir", "Fencer", "DLMListenAddr"} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("error %q does not mention %q", err, want)
 		}
 	}
 	c.ID, c.Quorum, c.ClusterKey, c.DataDir, c.Fencer = 1, ddraid.Config{DataNodes: []NodeID{1, 2, 3}, Quorum: 2}, testKey, t.TempDir(), &fence.TestFencer{}
+	c.DLMListenAddr = "0.0.0.0:7410"
 	if err := c.validate(); err != nil {
 		t.Fatal(err)
 	}
-	c.Peers = map[NodeID]string{1: "x"}
+	c.Peers = map[NodeID]string{1: "10.0.0.1:7410"}
 	if err := c.validate(); err == nil || !strings.Contains(err.Error(), "peer ID 1") {
 		t.Fatalf("self as a peer: %v", err)
+	}
+	c.Peers = map[NodeID]string{2: "x"}
+	if err := c.validate(); err == nil || !strings.Contains(err.Error(), `peer 2: DLM address "x"`) {
+		t.Fatalf("a peer address without a port: %v", err)
+	}
+	c.Peers = nil
+	for _, bad := range []string{"0.0.0.0:7410", "10.0.0.1", "10.0.0.1:0"} {
+		c.DLMAdvertiseAddr = bad
+		if err := c.validate(); err == nil || !strings.Contains(err.Error(), "DLMAdvertiseAddr") {
+			t.Fatalf("DLMAdvertiseAddr %q: %v", bad, err)
+		}
 	}
 	lan, fast := DefaultLANConfig(), StorageLANConfig()
 	if lan.Profile == fast.Profile || fast.Tick >= lan.Tick {
@@ -106,14 +118,27 @@ type cluster struct {
 	addrs  map[NodeID]string
 	nodes  map[NodeID]*Node
 	log    *slog.Logger
+	// gossipOnly nodes start without a DLM peer list: they learn every
+	// address from gossip metadata.
+	gossipOnly map[NodeID]bool
 
 	mu     sync.Mutex
 	events []Event
 }
 
 func newCluster(t *testing.T, ids ...NodeID) *cluster {
+	return newClusterWith(t, false, ids...)
+}
+
+// newClusterWith starts the data nodes ids; with gossipOnly none of them
+// is given a DLM peer list.
+func newClusterWith(t *testing.T, gossipOnly bool, ids ...NodeID) *cluster {
 	c := &cluster{t: t, q: ddraid.Config{DataNodes: ids, Quorum: len(ids)/2 + 1}, fencer: &fence.TestFencer{},
-		dirs: map[NodeID]string{}, addrs: map[NodeID]string{}, nodes: map[NodeID]*Node{}, log: testLogger(t)}
+		dirs: map[NodeID]string{}, addrs: map[NodeID]string{}, nodes: map[NodeID]*Node{}, log: testLogger(t),
+		gossipOnly: map[NodeID]bool{}}
+	for _, id := range ids {
+		c.gossipOnly[id] = gossipOnly
+	}
 	lns := map[NodeID]net.Listener{}
 	for _, id := range ids {
 		ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -152,10 +177,12 @@ func (c *cluster) start(id NodeID, ln net.Listener, seed string, gossipPort int)
 	cfg.ID, cfg.Quorum, cfg.ClusterKey, cfg.DataDir, cfg.Fencer = id, c.q, testKey, c.dirs[id], c.fencer
 	cfg.DLMListener, cfg.Logger, cfg.GossipPort = ln, c.log, gossipPort
 	cfg.FenceTimeout = 5 * time.Second
-	cfg.Peers = map[NodeID]string{}
-	for o, a := range c.addrs {
-		if o != id {
-			cfg.Peers[o] = a
+	if !c.gossipOnly[id] {
+		cfg.Peers = map[NodeID]string{}
+		for o, a := range c.addrs {
+			if o != id {
+				cfg.Peers[o] = a
+			}
 		}
 	}
 	if seed != "" {
