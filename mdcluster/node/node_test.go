@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -248,23 +249,35 @@ func TestClusterFailover(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	if _, err := spaces[3].Lock(ctx, "bitmap0003", dlm.EX, 0); err != nil {
+	blocked := make(chan struct{}, 1)
+	if _, err := spaces[3].Acquire(ctx, dlm.LockRequest{Resource: "bitmap0003", Mode: dlm.EX,
+		OnBlock: func(*dlm.Lock, dlm.Mode) {
+			select {
+			case blocked <- struct{}{}:
+			default:
+			}
+		}}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := spaces[1].Lock(ctx, "bitmap0003", dlm.EX, dlm.NoQueue); !errors.Is(err, dlm.ErrAgain) {
 		t.Fatalf("EX while node 3 holds EX: %v", err)
 	}
+	var crashed atomic.Bool
 	granted := make(chan error, 1)
 	go func() {
 		_, err := spaces[1].Lock(ctx, "bitmap0003", dlm.EX, 0)
+		if err == nil && !crashed.Load() {
+			err = errors.New("granted while node 3 holds it")
+		}
 		granted <- err
 	}()
-	time.Sleep(50 * time.Millisecond)
+	// Node 3's blocking callback says node 1's request waits behind it.
 	select {
-	case err := <-granted:
-		t.Fatalf("granted while node 3 holds it: %v", err)
-	default:
+	case <-blocked:
+	case <-ctx.Done():
+		t.Fatal("node 1's request never blocked node 3's lock")
 	}
+	crashed.Store(true)
 	c.crash(3)
 	if err := <-granted; err != nil {
 		t.Fatal(err)
@@ -309,16 +322,10 @@ func TestRestartRejoinsClean(t *testing.T) {
 	// Restart at once, before the others notice: the node comes back with
 	// its persisted view and must be readmitted clean, not fenced.
 	var ln net.Listener
-	for i := 0; ; i++ {
+	eventually(t, 5*time.Second, func() bool {
 		ln, err = net.Listen("tcp", addr)
-		if err == nil {
-			break
-		}
-		if i > 200 {
-			t.Fatal(err)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+		return err == nil
+	}, "the old DLM address to be free again")
 	c.start(2, ln, c.nodes[1].GossipAddr(), gossipPort)
 	for _, id := range []NodeID{1, 2, 3} {
 		if _, err := c.nodes[id].Open("md0", dlm.OpenOptions{}); err != nil {
@@ -366,10 +373,10 @@ func TestBriefQuorumLossResumesGranting(t *testing.T) {
 
 	n3 := c.nodes[3]
 	n3.aliveChanged([]NodeID{3})
-	waitFor(t, 20*time.Second, "node 3 to lose quorum and stop", func() bool {
+	eventually(t, 20*time.Second, func() bool {
 		st := n3.Status()
 		return !st.Quorate && st.Stopped
-	})
+	}, "node 3 to lose quorum and stop")
 	short, cancelShort := context.WithTimeout(ctx, 300*time.Millisecond)
 	_, err := spaces[3].Lock(short, "during", dlm.EX, 0)
 	cancelShort()
@@ -398,14 +405,15 @@ func TestBriefQuorumLossResumesGranting(t *testing.T) {
 	}
 }
 
-// waitFor polls cond until it holds or limit passes (a generous guard, not
-// a timing assertion).
-func waitFor(t *testing.T, limit time.Duration, what string, cond func() bool) {
+// eventually polls cond until it holds, failing the test with msg if
+// timeout passes first. The timeout is a generous guard against hangs, not
+// a timing assertion: nothing in these tests sleeps and then asserts.
+func eventually(t testing.TB, timeout time.Duration, cond func() bool, msg string) {
 	t.Helper()
-	deadline := time.Now().Add(limit)
+	deadline := time.Now().Add(timeout)
 	for !cond() {
 		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", limit, what)
+			t.Fatalf("timed out after %v waiting for %s", timeout, msg)
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
