@@ -175,6 +175,9 @@ func (c *Controller) Recover(gen uint64, members []NodeID, departed []NodeID, re
 	n.gen, n.members, n.halted = gen, ms, false
 	spaces := slices.Collect(maps.Values(n.spaces))
 	n.mu.Unlock()
+	// Every member becomes a transport peer, even one whose address is not
+	// known yet: its messages queue until the address arrives (SetPeer).
+	n.admitMembers(ms)
 	n.log.Debug("recovering lockspaces", "generation", gen, "members", ms, "departed", gone, "reset", reset)
 	var firstErr error
 	for _, sp := range spaces {

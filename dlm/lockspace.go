@@ -23,10 +23,11 @@ type Config struct {
 	Logger *slog.Logger
 	// ID is this node's ID in the cluster; 0 means 1 (a cluster of one).
 	ID NodeID
-	// Peers maps every other node's ID to its transport address. Empty
-	// means a cluster of one: every resource is mastered here and no
-	// message is ever sent. Unless Managed, the peers are also the members
-	// (a static cluster).
+	// Peers maps other nodes' IDs to their transport addresses. Unless
+	// Managed, they are also the initial members (a static cluster). More
+	// can be given later with Node.SetPeer. With no peers and no ListenAddr
+	// or Listener the node is a cluster of one: every resource is mastered
+	// here and no message is ever sent.
 	Peers map[NodeID]string
 	// Managed says a membership layer drives the node through its
 	// Controller: the node starts stopped, at generation 0, with itself as
@@ -39,6 +40,8 @@ type Config struct {
 	// a static cluster wants.
 	Managed bool
 	// ListenAddr is where this node accepts its peers (e.g. "10.0.0.1:7410").
+	// With it (or Listener) the node has a transport even without Peers, so
+	// that peers can be added later.
 	ListenAddr string
 	// Listener, if set, is used instead of ListenAddr (tests listen on port 0
 	// first to learn every address).
@@ -103,7 +106,9 @@ type Node struct {
 	cfg Config
 	log *slog.Logger
 	id  NodeID
-	tr  *transport.Transport // nil for a cluster of one
+	tr  *transport.Transport // nil when neither a listener nor peers are configured
+	// peers is the address book behind the transport's peer set (peers.go).
+	peers peerTable
 
 	mu     sync.Mutex
 	spaces map[string]*space
@@ -155,7 +160,9 @@ func NewNode(cfg Config) (*Node, error) {
 	if n.deferDelay <= 0 {
 		n.deferDelay = DefaultDeferDelay
 	}
-	if len(cfg.Peers) > 0 {
+	// A node given no peers but a place to listen gets a transport too:
+	// its peers may be added later (SetPeer).
+	if len(cfg.Peers) > 0 || cfg.ListenAddr != "" || cfg.Listener != nil {
 		tc := cfg.Transport
 		tc.NodeID = transport.NodeID(cfg.ID)
 		tc.ListenAddr, tc.Listener, tc.ClusterKey = cfg.ListenAddr, cfg.Listener, cfg.ClusterKey
@@ -178,6 +185,7 @@ func NewNode(cfg Config) (*Node, error) {
 		n.tr = tr
 	}
 	slices.Sort(n.members)
+	n.initPeers(cfg.Peers)
 	tick := cfg.TickInterval
 	if tick <= 0 {
 		tick = DefaultTickInterval

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"strconv"
 	"time"
 )
 
@@ -37,8 +38,9 @@ type Config struct {
 	// Listener, if set, is used instead of listening on ListenAddr; the
 	// transport closes it on Close.
 	Listener net.Listener
-	// Peers maps every other node's ID to its address. It can be changed
-	// later with SetPeers.
+	// Peers maps every other node's ID to its address ("host:port"). It can
+	// be changed later with SetPeers, or one peer at a time with SetPeer and
+	// RemovePeer, so a cluster can grow without restarting its nodes.
 	Peers map[NodeID]string
 	// ClusterKey is the secret shared by all nodes; the handshake proves
 	// knowledge of it. At least MinKeyLen bytes.
@@ -80,6 +82,13 @@ type Config struct {
 	// from the kernel's point of view (TCP keepalive on an idle connection,
 	// unacknowledged data on a busy one) before it is declared dead.
 	PeerTimeout time.Duration
+	// MaxUnaddressedQueue bounds the bytes (frames with their headers)
+	// queued for a peer whose address is not known yet (SetPeer with ""),
+	// beyond which Send refuses with ErrQueueFull. Such a peer may never
+	// become reachable, and without a bound whatever is sent to it would
+	// accumulate for as long as it stays in the peer set. Queues of peers
+	// with an address are bounded by the lock manager (see docs/transport.md).
+	MaxUnaddressedQueue int
 }
 
 // MinKeyLen is the shortest cluster key accepted, in bytes.
@@ -99,6 +108,8 @@ func DefaultConfig() Config {
 		MaxWriteBatch:    256 << 10,
 		ReadBufferSize:   64 << 10,
 		PeerTimeout:      15 * time.Second,
+
+		MaxUnaddressedQueue: 64 << 20,
 	}
 }
 
@@ -136,6 +147,9 @@ func (c Config) withDefaults() (Config, error) {
 	if c.PeerTimeout <= 0 {
 		c.PeerTimeout = d.PeerTimeout
 	}
+	if c.MaxUnaddressedQueue <= 0 {
+		c.MaxUnaddressedQueue = d.MaxUnaddressedQueue
+	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
 	}
@@ -151,10 +165,35 @@ func (c Config) withDefaults() (Config, error) {
 	if c.Listener == nil && c.ListenAddr == "" {
 		return c, fmt.Errorf("transport config: ListenAddr or Listener is required")
 	}
-	for id := range c.Peers {
+	for id, addr := range c.Peers {
 		if id == 0 || id == c.NodeID {
 			return c, fmt.Errorf("transport config: invalid peer ID %d", id)
 		}
+		if err := CheckAddr(addr); err != nil {
+			return c, fmt.Errorf("transport config: peer %d: %w", id, err)
+		}
 	}
 	return c, nil
+}
+
+// CheckAddr checks that addr can name a peer: "" (address not known yet),
+// or "host:port" with a non-empty host and a port from 1 to 65535. It
+// checks the syntax only; it does not resolve the host. Addresses come from
+// configuration and, through the lock manager, from other nodes, so a bad
+// one is refused with a clear error instead of failing every dial later.
+func CheckAddr(addr string) error {
+	if addr == "" {
+		return nil
+	}
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("peer address %q: %w", addr, err)
+	}
+	if host == "" {
+		return fmt.Errorf("peer address %q: no host", addr)
+	}
+	if n, err := strconv.ParseUint(port, 10, 16); err != nil || n == 0 {
+		return fmt.Errorf("peer address %q: port must be a number from 1 to 65535", addr)
+	}
+	return nil
 }

@@ -47,11 +47,23 @@ type peer struct {
 	genCur   uint64
 
 	mu      sync.Mutex
-	addr    string
+	addr    string // "" while the address is unknown: never dialled, queue bounded
 	removed bool
 	cur     *conn                // authenticated connection, nil while disconnected
 	curA    atomic.Pointer[conn] // cur, for Claim and Await to read without mu
 	peerInc uint64               // peer incarnation our streams are bound to; 0 = unbound
+
+	// addrGen counts address changes; the dialer compares it with the
+	// value it last dialled to restart its back-off for a new address.
+	addrGen uint64
+	// moved (cap 1) wakes the dialer when the address changed.
+	moved chan struct{}
+	// dialCancel abandons the dial (or handshake) in progress, if any,
+	// when the address changes or the peer is removed.
+	dialCancel context.CancelCauseFunc
+	// fullDrops counts frames refused because the queue of a peer without
+	// an address was full, to rate-limit their log lines.
+	fullDrops uint64
 
 	// Outgoing stream. sendBuf holds the encoded frames from the oldest
 	// unacknowledged one to the newest queued one, back to back. Positions
@@ -83,6 +95,7 @@ func newPeer(t *Transport, id NodeID, addr string) *peer {
 		log:     t.log.With("peer", uint32(id)),
 		stop:    make(chan struct{}),
 		down:    make(chan struct{}, 1),
+		moved:   make(chan struct{}, 1),
 		addr:    addr,
 		nextSeq: 1,
 	}
@@ -91,10 +104,38 @@ func newPeer(t *Transport, id NodeID, addr string) *peer {
 	return p
 }
 
+// errAddrChanged abandons a dial to an address that is no longer the
+// peer's.
+var errAddrChanged = errors.New("the peer's address changed")
+
+// setAddr changes the peer's address; "" means unknown. When this node is
+// the dialer, a change abandons a dial in progress, drops the current
+// connection if the new address is known (the peer moved: a connection to
+// its old address may be dead without our knowing it yet, and the new one
+// is tried at once) and wakes the dialer. A lower-ID peer's address is
+// never used (it dials us), so for it a change is only recorded.
 func (p *peer) setAddr(addr string) {
 	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.removed || addr == p.addr {
+		return
+	}
+	old := p.addr
 	p.addr = addr
-	p.mu.Unlock()
+	p.addrGen++
+	if p.t.id < p.id {
+		if p.dialCancel != nil {
+			p.dialCancel(errAddrChanged)
+		}
+		if c := p.cur; c != nil && addr != "" {
+			p.connLostLocked(c, slog.LevelInfo, "the peer's address changed", nil)
+		}
+		select {
+		case p.moved <- struct{}{}:
+		default:
+		}
+	}
+	p.log.Info("peer address changed", "old_addr", old, "addr", addr)
 }
 
 // remove disconnects the peer for good and drops what was queued for it.
@@ -106,6 +147,9 @@ func (p *peer) remove(reason string) {
 	}
 	p.removed = true
 	close(p.stop)
+	if p.dialCancel != nil {
+		p.dialCancel(ErrUnknownPeer)
+	}
 	p.ackTimer.Stop()
 	if c := p.cur; c != nil {
 		p.cur = nil
@@ -129,9 +173,23 @@ func (p *peer) send(ls LockspaceID, gen uint64, payload []byte) error {
 		}
 		return fmt.Errorf("transport: send to node %d: %w", p.id, ErrUnknownPeer)
 	}
+	extra := HeaderSize + len(payload)
+	if p.addr == "" {
+		if queued := int(p.tailAbsLocked() - p.headAbs); queued+extra > p.t.cfg.MaxUnaddressedQueue {
+			p.fullDrops++
+			p.t.stats.dropQueueFull.Add(1)
+			n := p.fullDrops
+			p.mu.Unlock()
+			if n&(n-1) == 0 { // 1, 2, 4, 8...: log without flooding
+				p.log.Warn("frame refused: the peer's address is unknown and its queue is full",
+					"queued_bytes", queued, "limit", p.t.cfg.MaxUnaddressedQueue, "refused_for_peer", n)
+			}
+			return fmt.Errorf("transport: send to node %d: %w: its address is unknown and %d bytes wait for it (limit %d)",
+				p.id, ErrQueueFull, queued, p.t.cfg.MaxUnaddressedQueue)
+		}
+	}
 	seq := p.nextSeq
 	p.nextSeq++
-	extra := HeaderSize + len(payload)
 	if len(p.sendBuf)+extra > cap(p.sendBuf) {
 		p.growSendLocked(extra)
 	}
@@ -561,21 +619,26 @@ func (p *peer) readFailed(c *conn, err error) {
 }
 
 // dialLoop keeps a connection to a peer with a higher ID up: it dials
-// whenever there is none, backing off exponentially (with jitter) after
-// failures. The first attempt after losing a connection that lived a while
-// is immediate.
+// whenever there is none and the address is known, backing off
+// exponentially (with jitter) after failures. The first attempt after losing
+// a connection that lived a while, and the first attempt at a new address,
+// are immediate. While the address is unknown it waits for one.
 func (p *peer) dialLoop() {
 	t := p.t
 	defer t.wg.Done()
 	var backoff time.Duration
 	var established time.Time
+	var gen uint64 // the address generation the back-off belongs to
 	failures := 0
 	for {
 		p.mu.Lock()
-		removed, connected, addr := p.removed, p.cur != nil, p.addr
+		removed, connected, addr, ag := p.removed, p.cur != nil, p.addr, p.addrGen
 		p.mu.Unlock()
 		if removed {
 			return
+		}
+		if ag != gen {
+			gen, backoff, failures = ag, 0, 0 // a new address: try it at once
 		}
 		if connected {
 			select {
@@ -590,19 +653,37 @@ func (p *peer) dialLoop() {
 			}
 			continue
 		}
+		if addr == "" {
+			select {
+			case <-p.moved:
+			case <-p.stop:
+				return
+			}
+			continue
+		}
 		if backoff > 0 {
 			d := backoff/2 + rand.N(backoff/2+1)
 			select {
 			case <-time.After(d):
+			case <-p.moved:
+				continue
 			case <-p.stop:
 				return
 			}
 		}
-		err := p.dialOnce(addr)
+		ctx, ok := p.startDial(ag)
+		if !ok {
+			continue // the address changed (or the peer went) meanwhile
+		}
+		err := p.dialOnce(ctx, addr)
+		p.endDial()
 		if err == nil {
 			established = time.Now()
 			failures = 0
 			continue
+		}
+		if errors.Is(context.Cause(ctx), errAddrChanged) {
+			continue // not a failure of the new address
 		}
 		failures++
 		backoff = min(max(2*backoff, t.cfg.ReconnectMin), t.cfg.ReconnectMax)
@@ -616,11 +697,41 @@ func (p *peer) dialLoop() {
 	}
 }
 
+// startDial registers a dial to the address of generation ag, returning the
+// context that an address change or the peer's removal cancels; false if
+// the address already changed or the peer is gone.
+func (p *peer) startDial(ag uint64) (context.Context, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.removed || p.addrGen != ag {
+		return nil, false
+	}
+	ctx, cancel := context.WithCancelCause(p.t.ctx)
+	p.dialCancel = cancel
+	return ctx, true
+}
+
+// endDial unregisters the dial started by startDial.
+func (p *peer) endDial() {
+	p.mu.Lock()
+	cancel := p.dialCancel
+	p.dialCancel = nil
+	p.mu.Unlock()
+	if cancel != nil {
+		cancel(nil)
+	}
+}
+
 // dialOnce connects to addr, authenticates and installs the connection.
-func (p *peer) dialOnce(addr string) error {
+// When ctx ends first (the address changed, the peer was removed, the
+// transport closed) the attempt is abandoned: the socket is closed, and
+// nothing is counted as a handshake failure. A handshake that completed is
+// installed even if the address changed just then: it proved that the
+// connection leads to the peer.
+func (p *peer) dialOnce(ctx context.Context, addr string) error {
 	t := p.t
 	d := net.Dialer{Timeout: t.cfg.DialTimeout, KeepAlive: -1}
-	nc, err := d.DialContext(t.ctx, "tcp", addr)
+	nc, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
 		return fmt.Errorf("dial %s: %w", addr, err)
 	}
@@ -628,10 +739,15 @@ func (p *peer) dialOnce(addr string) error {
 		return ErrClosed
 	}
 	defer t.untrackHandshake(nc)
+	stop := context.AfterFunc(ctx, func() { nc.Close() })
 	t.tuneConn(nc)
 	c := newConn(nc, t.cfg.ReadBufferSize)
 	nc.SetDeadline(time.Now().Add(t.cfg.HandshakeTimeout))
 	hs, err := t.dialHandshake(c, p)
+	if !stop() {
+		nc.Close()
+		return fmt.Errorf("dial %s: abandoned: %w", addr, context.Cause(ctx))
+	}
 	if err != nil {
 		t.handshakeFailed(nc, "dial", err)
 		return fmt.Errorf("handshake with %s: %w", addr, err)

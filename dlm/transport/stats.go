@@ -66,6 +66,9 @@ type DropStats struct {
 	// PeerRemoved: queued outgoing frames discarded because the peer was
 	// removed from the peer set or the transport was closed.
 	PeerRemoved uint64
+	// QueueFull: frames Send refused (ErrQueueFull) because their peer's
+	// address is unknown and its queue reached Config.MaxUnaddressedQueue.
+	QueueFull uint64
 }
 
 // counters is the live, atomically updated form of Stats.
@@ -74,6 +77,7 @@ type counters struct {
 	framesReceived                                      atomic.Uint64
 	inlineWaits, idleWakes                              atomic.Uint64
 	dropDuplicate, dropStale, dropRestarted, dropRemove atomic.Uint64
+	dropQueueFull                                       atomic.Uint64
 	connEstablished, connLost                           atomic.Uint64
 	handshakeFail, authFail, unknownNode                atomic.Uint64
 	malformed, protocolErr                              atomic.Uint64
@@ -94,6 +98,7 @@ func (c *counters) snapshot() Stats {
 			StaleGeneration: c.dropStale.Load(),
 			PeerRestarted:   c.dropRestarted.Load(),
 			PeerRemoved:     c.dropRemove.Load(),
+			QueueFull:       c.dropQueueFull.Load(),
 		},
 		ConnectionsEstablished: c.connEstablished.Load(),
 		ConnectionsLost:        c.connLost.Load(),

@@ -25,6 +25,10 @@ var (
 	ErrUnknownPeer = errors.New("unknown peer")
 	// ErrTooLarge: the payload is over Config.MaxFrameSize.
 	ErrTooLarge = errors.New("payload too large")
+	// ErrQueueFull: the destination's address is not known yet and
+	// Config.MaxUnaddressedQueue bytes already wait for it; the frame was
+	// not queued.
+	ErrQueueFull = errors.New("queue full")
 )
 
 // Transport carries DLM messages between this node and its peers: one TCP
@@ -163,8 +167,9 @@ func (t *Transport) Generation(ls LockspaceID) uint64 {
 // SetPeers replaces the peer set. New peers get connected (dialled when
 // their ID is higher than ours, awaited otherwise); removed peers are
 // disconnected and their queued frames dropped; a changed address is used
-// from the next connection attempt on. Inbound connections from node IDs
-// not in the set are refused.
+// at once (see SetPeer). Inbound connections from node IDs not in the set
+// are refused. Entries with an invalid ID or address are skipped with a
+// warning.
 func (t *Transport) SetPeers(peers map[NodeID]string) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -174,8 +179,8 @@ func (t *Transport) SetPeers(peers map[NodeID]string) {
 	old := *t.peers.Load()
 	next := make(map[NodeID]*peer, len(peers))
 	for id, addr := range peers {
-		if id == 0 || id == t.id {
-			t.log.Warn("ignoring invalid peer ID", "peer", uint32(id))
+		if err := t.checkPeer(id, addr); err != nil {
+			t.log.Warn("ignoring a peer", "peer", uint32(id), "err", err.Error())
 			continue
 		}
 		if p := old[id]; p != nil {
@@ -183,13 +188,7 @@ func (t *Transport) SetPeers(peers map[NodeID]string) {
 			next[id] = p
 			continue
 		}
-		p := newPeer(t, id, addr)
-		next[id] = p
-		if t.id < id {
-			t.wg.Add(1)
-			go p.dialLoop()
-		}
-		t.log.Info("peer added", "peer", uint32(id), "addr", addr)
+		next[id] = t.newPeerLocked(id, addr)
 	}
 	t.peers.Store(&next)
 	for id, p := range old {
@@ -200,9 +199,84 @@ func (t *Transport) SetPeers(peers map[NodeID]string) {
 	}
 }
 
+// SetPeer adds node id to the peer set, or changes its address, leaving the
+// other peers alone: this is how peers learned at runtime (from gossip) are
+// added. addr is "host:port", or "" when the peer must be known (its
+// inbound connections accepted, frames for it queued) before its address
+// is: frames then wait, up to Config.MaxUnaddressedQueue bytes, and a peer
+// with a higher ID is dialled as soon as SetPeer gives it an address. A
+// changed address of a peer we dial is tried at once: a dial to the old one
+// is abandoned and a connection to it dropped (the peer moved, so that
+// connection may be dead without our knowing yet); the streams continue,
+// unacknowledged frames are resent on the new connection. An invalid ID or
+// address is refused and changes nothing.
+func (t *Transport) SetPeer(id NodeID, addr string) error {
+	if err := t.checkPeer(id, addr); err != nil {
+		return fmt.Errorf("transport: set peer %d: %w", id, err)
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.closed.Load() {
+		return fmt.Errorf("transport: set peer %d: %w", id, ErrClosed)
+	}
+	old := *t.peers.Load()
+	if p := old[id]; p != nil {
+		p.setAddr(addr)
+		return nil
+	}
+	next := maps.Clone(old)
+	next[id] = t.newPeerLocked(id, addr)
+	t.peers.Store(&next)
+	return nil
+}
+
+// RemovePeer removes node id from the peer set: its connection is closed,
+// frames queued for it are dropped (Stats.Dropped.PeerRemoved) and its
+// inbound connections are refused from then on. It reports whether id was
+// a peer.
+func (t *Transport) RemovePeer(id NodeID) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	old := *t.peers.Load()
+	p := old[id]
+	if p == nil || t.closed.Load() {
+		return false
+	}
+	next := maps.Clone(old)
+	delete(next, id)
+	t.peers.Store(&next)
+	p.remove("peer removed")
+	t.log.Info("peer removed", "peer", uint32(id))
+	return true
+}
+
+// checkPeer validates a peer entry.
+func (t *Transport) checkPeer(id NodeID, addr string) error {
+	if id == 0 || id == t.id {
+		return fmt.Errorf("invalid peer ID %d (this node is %d)", id, t.id)
+	}
+	return CheckAddr(addr)
+}
+
+// newPeerLocked creates peer id and, if this node dials it, its dialer.
+// Called with mu held; the caller publishes it in the peer set.
+func (t *Transport) newPeerLocked(id NodeID, addr string) *peer {
+	p := newPeer(t, id, addr)
+	if t.id < id {
+		t.wg.Add(1)
+		go p.dialLoop()
+	}
+	if addr == "" {
+		t.log.Info("peer added; its address is not known yet", "peer", uint32(id))
+	} else {
+		t.log.Info("peer added", "peer", uint32(id), "addr", addr)
+	}
+	return p
+}
+
 // PeerStatus describes the state of one peer, for tests and diagnostics.
 type PeerStatus struct {
-	// Addr is the peer's configured address.
+	// Addr is the peer's configured address ("" while unknown).
 	Addr string
 	// Connected reports an authenticated connection.
 	Connected bool

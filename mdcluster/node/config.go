@@ -25,16 +25,29 @@ type Config struct {
 	// Quorum is the cluster's m-of-n data-node configuration. Every node of
 	// the cluster must be given the same one.
 	Quorum ddraid.Config
-	// Peers maps every other configured node to its DLM transport address.
-	// The DLM keeps connections to all of them; the agreed view, not this
-	// list, decides who takes part in locking.
+	// Peers optionally maps other nodes to their DLM transport addresses.
+	// It is not needed: every node publishes its DLM address through
+	// gossip (DLMAdvertiseAddr), so a node learns its peers' addresses as
+	// they appear, and a cluster grows by starting a node with Seeds. A
+	// static entry is used until gossip says otherwise, and again after the
+	// node leaves gossip; it serves tests and peers that publish no address.
+	// The DLM keeps connections to every known peer; the agreed view, not
+	// this list, decides who takes part in locking.
 	Peers map[NodeID]string
 	// DLMListenAddr is where the DLM transport accepts peers, e.g.
-	// "10.0.0.1:7410". Ignored when DLMListener is set.
+	// "10.0.0.1:7410". Ignored when DLMListener is set. One of the two is
+	// required.
 	DLMListenAddr string
 	// DLMListener, if set, is used instead of DLMListenAddr (tests listen on
 	// port 0 first to learn the address). The node closes it.
 	DLMListener net.Listener
+	// DLMAdvertiseAddr is the DLM address this node publishes to the others
+	// through gossip: where they can dial it. Empty means the address the
+	// transport listens on, with a wildcard host (0.0.0.0, ::) replaced by
+	// GossipBindAddr (the storage-network address gossip advertises, itself
+	// 127.0.0.1 when empty). Set it when the nodes must dial another name
+	// or address than that (NAT, a DNS name).
+	DLMAdvertiseAddr string
 	// GossipBindAddr and GossipPort are the failure detector's endpoint (UDP
 	// and TCP, same port; port 0 picks one, see Node.GossipAddr). The
 	// address is also advertised to peers, so it must be this node's
@@ -136,9 +149,20 @@ func (c *Config) validate() error {
 	if err := c.Quorum.Validate(); err != nil {
 		errs = append(errs, fmt.Errorf("quorum: %w", err))
 	}
-	for id := range c.Peers {
+	for id, addr := range c.Peers {
 		if id == ddraid.NoNode || id == c.ID {
 			errs = append(errs, fmt.Errorf("peer ID %s is invalid", id))
+		}
+		if err := transport.CheckAddr(addr); err != nil || addr == "" {
+			errs = append(errs, fmt.Errorf("peer %s: DLM address %q is not host:port", id, addr))
+		}
+	}
+	if c.DLMListenAddr == "" && c.DLMListener == nil {
+		errs = append(errs, errors.New("neither DLMListenAddr nor DLMListener is set: the lock manager needs a transport address"))
+	}
+	if c.DLMAdvertiseAddr != "" {
+		if err := gossip.CheckDialAddr(c.DLMAdvertiseAddr); err != nil {
+			errs = append(errs, fmt.Errorf("DLMAdvertiseAddr: %w", err))
 		}
 	}
 	if len(c.ClusterKey) < 16 {

@@ -50,6 +50,9 @@ type Node struct {
 	det   *gossip.Detector
 	run   *gossip.Runner
 
+	// dlmAdvertise is the DLM address published through gossip (peers.go).
+	dlmAdvertise string
+
 	cancel   context.CancelFunc
 	runDone  chan struct{}
 	joinDone chan struct{}
@@ -114,6 +117,11 @@ func New(cfg Config) (*Node, error) {
 	}
 	n.dlm = dn
 	n.ctl = dn.Controller()
+	if n.dlmAdvertise, err = dlmAdvertiseAddr(cfg, dn.Addr()); err != nil {
+		_ = dn.Close()
+		_ = st.Close()
+		return nil, fmt.Errorf("node %s: %w", cfg.ID, err)
+	}
 	n.dlmStopped = true
 
 	run, err := gossip.NewRunner(gossip.RunnerConfig{
@@ -142,7 +150,8 @@ func New(cfg Config) (*Node, error) {
 	// goroutine; registered once the Runner exists to take them.
 	n.ctl.OnRecovered(n.onRecovered)
 	det, err := gossip.NewDetector(gossip.Config{Self: cfg.ID, BindAddr: cfg.GossipBindAddr, Port: cfg.GossipPort,
-		ClusterKey: cfg.ClusterKey, Profile: cfg.Profile, Logger: lg}, n.aliveChanged, run.Deliver)
+		ClusterKey: cfg.ClusterKey, Profile: cfg.Profile, Logger: lg,
+		Meta: gossip.Meta{DLMAddr: n.dlmAdvertise}, OnMeta: n.onMeta}, n.aliveChanged, run.Deliver)
 	if err != nil {
 		dn.Close()
 		_ = st.Close()
@@ -153,7 +162,7 @@ func New(cfg Config) (*Node, error) {
 	n.cancel = cancel
 	go n.runAgreement(ctx)
 	go n.joinLoop(ctx)
-	n.log.Info("node started", "gossip", det.Addr(), "dlm", dn.Addr(), "profile", cfg.Profile,
+	n.log.Info("node started", "gossip", det.Addr(), "dlm", dn.Addr(), "dlm_advertised", n.dlmAdvertise, "profile", cfg.Profile,
 		"quorum", cfg.Quorum.String(), "peers", len(cfg.Peers))
 	return n, nil
 }

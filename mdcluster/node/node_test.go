@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -27,14 +28,35 @@ func testLogger(t testing.TB) *slog.Logger {
 	if os.Getenv("NODE_TEST_LOG") != "" {
 		level = slog.LevelDebug
 	}
-	return slog.New(slog.NewTextHandler(tWriter{t}, &slog.HandlerOptions{Level: level}))
+	w := &tWriter{t: t}
+	// Registered before the nodes' own cleanups, so it runs after them.
+	t.Cleanup(w.stop)
+	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: level}))
 }
 
-type tWriter struct{ t testing.TB }
+// tWriter writes log lines to the test until the test's cleanup: memberlist
+// does not wait for a probe in flight when it shuts down, and that probe may
+// still log, which must not reach a finished test (testing panics, and the
+// race detector objects).
+type tWriter struct {
+	t    testing.TB
+	mu   sync.Mutex
+	done bool
+}
 
-func (w tWriter) Write(p []byte) (int, error) {
-	w.t.Log(strings.TrimRight(string(p), "\n"))
+func (w *tWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !w.done {
+		w.t.Log(strings.TrimRight(string(p), "\n"))
+	}
 	return len(p), nil
+}
+
+func (w *tWriter) stop() {
+	w.mu.Lock()
+	w.done = true
+	w.mu.Unlock()
 }
 
 func TestConfigValidate(t *testing.T) {
@@ -43,18 +65,30 @@ func TestConfigValidate(t *testing.T) {
 	if err == nil {
 		t.Fatal("an empty configuration was accepted")
 	}
-	for _, want := range []string{"ID is not set", "quorum", "cluster key", "DataDir", "Fencer"} {
+	for _, want := range []string{"ID is not set", "quorum", "cluster key", "DataDir", "Fencer", "DLMListenAddr"} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("error %q does not mention %q", err, want)
 		}
 	}
 	c.ID, c.Quorum, c.ClusterKey, c.DataDir, c.Fencer = 1, ddraid.Config{DataNodes: []NodeID{1, 2, 3}, Quorum: 2}, testKey, t.TempDir(), &fence.TestFencer{}
+	c.DLMListenAddr = "0.0.0.0:7410"
 	if err := c.validate(); err != nil {
 		t.Fatal(err)
 	}
-	c.Peers = map[NodeID]string{1: "x"}
+	c.Peers = map[NodeID]string{1: "10.0.0.1:7410"}
 	if err := c.validate(); err == nil || !strings.Contains(err.Error(), "peer ID 1") {
 		t.Fatalf("self as a peer: %v", err)
+	}
+	c.Peers = map[NodeID]string{2: "x"}
+	if err := c.validate(); err == nil || !strings.Contains(err.Error(), `peer 2: DLM address "x"`) {
+		t.Fatalf("a peer address without a port: %v", err)
+	}
+	c.Peers = nil
+	for _, bad := range []string{"0.0.0.0:7410", "10.0.0.1", "10.0.0.1:0"} {
+		c.DLMAdvertiseAddr = bad
+		if err := c.validate(); err == nil || !strings.Contains(err.Error(), "DLMAdvertiseAddr") {
+			t.Fatalf("DLMAdvertiseAddr %q: %v", bad, err)
+		}
 	}
 	lan, fast := DefaultLANConfig(), StorageLANConfig()
 	if lan.Profile == fast.Profile || fast.Tick >= lan.Tick {
@@ -106,14 +140,27 @@ type cluster struct {
 	addrs  map[NodeID]string
 	nodes  map[NodeID]*Node
 	log    *slog.Logger
+	// gossipOnly nodes start without a DLM peer list: they learn every
+	// address from gossip metadata.
+	gossipOnly map[NodeID]bool
 
 	mu     sync.Mutex
 	events []Event
 }
 
 func newCluster(t *testing.T, ids ...NodeID) *cluster {
+	return newClusterWith(t, false, ids...)
+}
+
+// newClusterWith starts the data nodes ids; with gossipOnly none of them
+// is given a DLM peer list.
+func newClusterWith(t *testing.T, gossipOnly bool, ids ...NodeID) *cluster {
 	c := &cluster{t: t, q: ddraid.Config{DataNodes: ids, Quorum: len(ids)/2 + 1}, fencer: &fence.TestFencer{},
-		dirs: map[NodeID]string{}, addrs: map[NodeID]string{}, nodes: map[NodeID]*Node{}, log: testLogger(t)}
+		dirs: map[NodeID]string{}, addrs: map[NodeID]string{}, nodes: map[NodeID]*Node{}, log: testLogger(t),
+		gossipOnly: map[NodeID]bool{}}
+	for _, id := range ids {
+		c.gossipOnly[id] = gossipOnly
+	}
 	lns := map[NodeID]net.Listener{}
 	for _, id := range ids {
 		ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -152,10 +199,12 @@ func (c *cluster) start(id NodeID, ln net.Listener, seed string, gossipPort int)
 	cfg.ID, cfg.Quorum, cfg.ClusterKey, cfg.DataDir, cfg.Fencer = id, c.q, testKey, c.dirs[id], c.fencer
 	cfg.DLMListener, cfg.Logger, cfg.GossipPort = ln, c.log, gossipPort
 	cfg.FenceTimeout = 5 * time.Second
-	cfg.Peers = map[NodeID]string{}
-	for o, a := range c.addrs {
-		if o != id {
-			cfg.Peers[o] = a
+	if !c.gossipOnly[id] {
+		cfg.Peers = map[NodeID]string{}
+		for o, a := range c.addrs {
+			if o != id {
+				cfg.Peers[o] = a
+			}
 		}
 	}
 	if seed != "" {
@@ -221,23 +270,35 @@ func TestClusterFailover(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	if _, err := spaces[3].Lock(ctx, "bitmap0003", dlm.EX, 0); err != nil {
+	blocked := make(chan struct{}, 1)
+	if _, err := spaces[3].Acquire(ctx, dlm.LockRequest{Resource: "bitmap0003", Mode: dlm.EX,
+		OnBlock: func(*dlm.Lock, dlm.Mode) {
+			select {
+			case blocked <- struct{}{}:
+			default:
+			}
+		}}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := spaces[1].Lock(ctx, "bitmap0003", dlm.EX, dlm.NoQueue); !errors.Is(err, dlm.ErrAgain) {
 		t.Fatalf("EX while node 3 holds EX: %v", err)
 	}
+	var crashed atomic.Bool
 	granted := make(chan error, 1)
 	go func() {
 		_, err := spaces[1].Lock(ctx, "bitmap0003", dlm.EX, 0)
+		if err == nil && !crashed.Load() {
+			err = errors.New("granted while node 3 holds it")
+		}
 		granted <- err
 	}()
-	time.Sleep(50 * time.Millisecond)
+	// Node 3's blocking callback says node 1's request waits behind it.
 	select {
-	case err := <-granted:
-		t.Fatalf("granted while node 3 holds it: %v", err)
-	default:
+	case <-blocked:
+	case <-ctx.Done():
+		t.Fatal("node 1's request never blocked node 3's lock")
 	}
+	crashed.Store(true)
 	c.crash(3)
 	if err := <-granted; err != nil {
 		t.Fatal(err)
@@ -282,16 +343,10 @@ func TestRestartRejoinsClean(t *testing.T) {
 	// Restart at once, before the others notice: the node comes back with
 	// its persisted view and must be readmitted clean, not fenced.
 	var ln net.Listener
-	for i := 0; ; i++ {
+	eventually(t, 5*time.Second, func() bool {
 		ln, err = net.Listen("tcp", addr)
-		if err == nil {
-			break
-		}
-		if i > 200 {
-			t.Fatal(err)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+		return err == nil
+	}, "the old DLM address to be free again")
 	c.start(2, ln, c.nodes[1].GossipAddr(), gossipPort)
 	for _, id := range []NodeID{1, 2, 3} {
 		if _, err := c.nodes[id].Open("md0", dlm.OpenOptions{}); err != nil {
@@ -339,10 +394,10 @@ func TestBriefQuorumLossResumesGranting(t *testing.T) {
 
 	n3 := c.nodes[3]
 	n3.aliveChanged([]NodeID{3})
-	waitFor(t, 20*time.Second, "node 3 to lose quorum and stop", func() bool {
+	eventually(t, 20*time.Second, func() bool {
 		st := n3.Status()
 		return !st.Quorate && st.Stopped
-	})
+	}, "node 3 to lose quorum and stop")
 	short, cancelShort := context.WithTimeout(ctx, 300*time.Millisecond)
 	_, err := spaces[3].Lock(short, "during", dlm.EX, 0)
 	cancelShort()
@@ -371,14 +426,15 @@ func TestBriefQuorumLossResumesGranting(t *testing.T) {
 	}
 }
 
-// waitFor polls cond until it holds or limit passes (a generous guard, not
-// a timing assertion).
-func waitFor(t *testing.T, limit time.Duration, what string, cond func() bool) {
+// eventually polls cond until it holds, failing the test with msg if
+// timeout passes first. The timeout is a generous guard against hangs, not
+// a timing assertion: nothing in these tests sleeps and then asserts.
+func eventually(t testing.TB, timeout time.Duration, cond func() bool, msg string) {
 	t.Helper()
-	deadline := time.Now().Add(limit)
+	deadline := time.Now().Add(timeout)
 	for !cond() {
 		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", limit, what)
+			t.Fatalf("timed out after %v waiting for %s", timeout, msg)
 		}
 		time.Sleep(5 * time.Millisecond)
 	}

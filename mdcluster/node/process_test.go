@@ -240,6 +240,23 @@ func runChild(id NodeID, dir string) error {
 				}()
 			}
 			o.printf("waiting")
+		case "noqueue": // noqueue <res>: an EX request under NOQUEUE, reported as "noqueue <res> again|granted"
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			lk, err := ls.Lock(ctx, f[1], dlm.EX, dlm.NoQueue)
+			cancel()
+			switch {
+			case errors.Is(err, dlm.ErrAgain):
+				o.printf("noqueue %s again", f[1])
+			case err != nil:
+				o.printf("error: noqueue %s: %v", f[1], err)
+			default:
+				o.printf("noqueue %s granted", f[1])
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				if err := lk.Unlock(ctx, 0); err != nil {
+					o.printf("error: unlock %s: %v", f[1], err)
+				}
+				cancel()
+			}
 		case "try": // try <res> <timeout>: a request that must not be granted
 			d, _ := time.ParseDuration(f[2])
 			ctx, cancel := context.WithTimeout(context.Background(), d)
@@ -314,6 +331,25 @@ func (c *child) send(format string, a ...any) {
 	if _, err := fmt.Fprintf(c.stdin, format+"\n", a...); err != nil {
 		c.t.Fatalf("node %d: writing to the child: %v", c.id, err)
 	}
+}
+
+// expectNext returns the next line (other than events), whatever it is;
+// an "error:" line or the guard ends the test.
+func (c *child) expectNext(limit time.Duration) string {
+	c.t.Helper()
+	select {
+	case l, ok := <-c.lines:
+		if !ok {
+			c.t.Fatalf("node %d exited", c.id)
+		}
+		if strings.HasPrefix(l, "error:") {
+			c.t.Fatalf("node %d: %s", c.id, l)
+		}
+		return l
+	case <-time.After(limit):
+		c.t.Fatalf("node %d: no line within %v", c.id, limit)
+	}
+	return ""
 }
 
 // expect returns the next line (other than events) starting with prefix;
@@ -518,16 +554,19 @@ func killNodeHoldingLocks(t *testing.T, victimID NodeID) {
 		victim.send("lock %s EX", r)
 		victim.expect("locked "+r, 10*time.Second)
 	}
+	// While the victim holds them, the survivors are refused (a request
+	// that would wait is refused under NOQUEUE, deterministically), and
+	// their real requests queue.
 	for _, id := range survivors {
+		for _, r := range resources {
+			kids[id].send("noqueue %s", r)
+			if l := kids[id].expectNext(10 * time.Second); l != "noqueue "+r+" again" {
+				t.Fatalf("node %d while node %d holds %s: %q, want it refused", id, victimID, r, l)
+			}
+		}
 		kids[id].send("wait %s", strings.Join(resources, " "))
-		kids[id].expect("waiting", 10*time.Second)
-	}
-	time.Sleep(200 * time.Millisecond)
-	for _, id := range survivors {
-		select {
-		case l := <-kids[id].lines:
-			t.Fatalf("node %d while node %d holds the locks: %q", id, victimID, l)
-		default:
+		if l := kids[id].expectNext(10 * time.Second); l != "waiting" {
+			t.Fatalf("node %d: %q, want \"waiting\"", id, l)
 		}
 	}
 
@@ -543,6 +582,9 @@ func killNodeHoldingLocks(t *testing.T, victimID NodeID) {
 			f := strings.Fields(kids[id].expect("granted ", 20*time.Second))
 			ns, _ := strconv.ParseInt(f[2], 10, 64)
 			at := time.Unix(0, ns)
+			if at.Before(t0) {
+				t.Fatalf("node %d was granted %s at %v, before node %d was killed", id, f[1], at, victimID)
+			}
 			if first.IsZero() || at.Before(first) {
 				first, firstRes, firstBy = at, f[1], id
 			}
@@ -606,19 +648,15 @@ func TestQuorumLossStopsGranting(t *testing.T) {
 	kids[1].kill()
 	kids[2].kill()
 
-	deadline := time.Now().Add(20 * time.Second)
 	var lost time.Time
-	for lost.IsZero() {
+	eventually(t, 20*time.Second, func() bool {
 		for _, e := range s.eventsSince(t0, "quorum") {
 			if !e.quorate {
 				lost = e.at
 			}
 		}
-		if time.Now().After(deadline) {
-			t.Fatal("node 3 did not report losing quorum within 20 s")
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+		return !lost.IsZero()
+	}, "node 3 to report losing quorum")
 	s.send("try fresh 1s")
 	if l := s.expect("try fresh", 10*time.Second); !strings.Contains(l, " timeout ") {
 		t.Fatalf("a lock request without quorum: %q, want a timeout", l)

@@ -33,11 +33,11 @@ func startSolo(t *testing.T, id NodeID, kv store.Store) (*Node, error) {
 func waitSolo(t *testing.T, n *Node) uint64 {
 	t.Helper()
 	var gen uint64
-	waitFor(t, 20*time.Second, "a recovered one-node view", func() bool {
+	eventually(t, 20*time.Second, func() bool {
 		st := n.Status()
 		gen = st.View.Gen
 		return gen > 0 && st.Quorate && !st.Stopped && st.Recovered == gen
-	})
+	}, "a recovered one-node view")
 	return gen
 }
 
@@ -125,7 +125,7 @@ func TestStoreWriteFailureStopsNode(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer n.Close()
-	waitFor(t, 20*time.Second, "the node to report the store failure", func() bool { return n.Status().Err != nil })
+	eventually(t, 20*time.Second, func() bool { return n.Status().Err != nil }, "the node to report the store failure")
 	st := n.Status()
 	if !errors.Is(st.Err, disk) || !st.Stopped || st.View.Gen != 0 || st.Recovered != 0 {
 		t.Fatalf("after the store failed: %+v", st)

@@ -25,6 +25,7 @@ import (
 	"slices"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/memberlist"
@@ -81,6 +82,37 @@ type Config struct {
 	// Logger receives memberlist's own log lines at their level; nil uses
 	// slog.Default.
 	Logger *slog.Logger
+	// Meta is what this node publishes about itself (its DLM address),
+	// authenticated with a key derived from ClusterKey; see meta.go. It
+	// can be changed later with Detector.SetMeta.
+	Meta Meta
+	// OnMeta, if set, receives other nodes' verified metadata: when a node
+	// joins (before the node is reported alive through onChange, so that
+	// whatever the metadata enables is in place before the agreement can
+	// count the node) and when its metadata changes (a restart on another
+	// address), with gone=false; and with gone=true after a node was
+	// declared dead or left. Metadata that fails to verify or decode is
+	// logged (once per node and record) and counted, never passed on: the
+	// previous record of that node stays in force. Called from memberlist's
+	// goroutines, never concurrently, with memberlist's node lock held: it
+	// must not block nor call into memberlist.
+	OnMeta func(id NodeID, m Meta, gone bool)
+}
+
+// maxBadMetaLogged bounds the nodes whose rejected metadata is remembered
+// for rate-limiting its log lines; beyond it rejections are only counted.
+const maxBadMetaLogged = 256
+
+// badMetaLogEvery is the least time between two log lines about one node's
+// rejected metadata (the first is logged at once; a repeat of the same
+// record is never logged again).
+const badMetaLogEvery = time.Minute
+
+// badMetaLog remembers the last rejected record of a node that was logged.
+type badMetaLog struct {
+	sum        [sha256.Size]byte
+	at         time.Time
+	suppressed uint64 // rejections not logged since
 }
 
 // DeriveKey derives memberlist's AES-256 gossip key (memberlist needs 16,
@@ -174,6 +206,14 @@ type Detector struct {
 	onChange func([]NodeID)
 	onMsg    func(from NodeID, payload []byte)
 	log      *slog.Logger
+
+	// Node metadata (meta.go): our record, and what was rejected.
+	metaKey      []byte
+	onMeta       func(NodeID, Meta, bool)
+	metaMu       sync.Mutex
+	metaBytes    []byte                 // our encoded record, for NodeMeta
+	badMeta      map[NodeID]*badMetaLog // per node, the last rejected record logged
+	metaRejected atomic.Uint64
 }
 
 // NewDetector starts memberlist for cfg. onChange is called (from
@@ -190,8 +230,17 @@ func NewDetector(cfg Config, onChange func([]NodeID), onMsg func(from NodeID, pa
 	if logger == nil {
 		logger = slog.Default()
 	}
+	metaKey, err := DeriveMetaKey(cfg.ClusterKey)
+	if err != nil {
+		return nil, err
+	}
+	meta, err := EncodeMeta(metaKey, cfg.Self, cfg.Meta)
+	if err != nil {
+		return nil, err
+	}
 	d := &Detector{self: cfg.Self, alive: map[NodeID]bool{cfg.Self: true}, onChange: onChange, onMsg: onMsg,
-		log: logger.With("node", cfg.Self)}
+		log: logger.With("node", cfg.Self), metaKey: metaKey, onMeta: cfg.OnMeta, metaBytes: meta,
+		badMeta: map[NodeID]*badMetaLog{}}
 	mc.Events = (*events)(d)
 	mc.Delegate = (*delegate)(d)
 	ml, err := memberlist.Create(mc)
@@ -271,21 +320,106 @@ func (d *Detector) Shutdown() error {
 	return nil
 }
 
-func (d *Detector) update(n *memberlist.Node, alive bool) {
+// SetMeta publishes a new metadata record for this node (e.g. its DLM
+// address changed) and waits up to timeout for memberlist to start
+// spreading it; other nodes get it through OnMeta. An invalid record is
+// refused and the old one stays.
+func (d *Detector) SetMeta(m Meta, timeout time.Duration) error {
+	b, err := EncodeMeta(d.metaKey, d.self, m)
+	if err != nil {
+		return err
+	}
+	d.metaMu.Lock()
+	d.metaBytes = b
+	d.metaMu.Unlock()
+	if err := d.ml.UpdateNode(timeout); err != nil {
+		return fmt.Errorf("gossip: node %s: publishing metadata: %w", d.self, err)
+	}
+	return nil
+}
+
+// MetaRejected counts metadata records of other nodes that failed to
+// verify or decode.
+func (d *Detector) MetaRejected() uint64 { return d.metaRejected.Load() }
+
+// parseNodeID parses a memberlist node name; false for names that are not
+// node IDs (update logs them).
+func parseNodeID(n *memberlist.Node) (NodeID, bool) {
 	id, err := strconv.ParseUint(n.Name, 10, 32)
 	if err != nil || id == 0 {
+		return 0, false
+	}
+	return NodeID(id), true
+}
+
+// metaChanged verifies a node's metadata and hands it to OnMeta.
+func (d *Detector) metaChanged(n *memberlist.Node) {
+	id, ok := parseNodeID(n)
+	if !ok || id == d.self {
+		return
+	}
+	m, err := DecodeMeta(d.metaKey, id, n.Meta)
+	if err != nil {
+		d.rejectMeta(id, n, err)
+		return
+	}
+	d.metaMu.Lock()
+	delete(d.badMeta, id) // a later bad record is news again
+	d.metaMu.Unlock()
+	if d.onMeta != nil {
+		d.onMeta(id, m, false)
+	}
+}
+
+// rejectMeta counts a record that failed and logs it: the first of a node
+// at once, a different one at most every badMetaLogEvery, the same one
+// never again (memberlist hands a node's record over again with every
+// refresh). So a node that keeps publishing bad records costs a line a
+// minute at most.
+func (d *Detector) rejectMeta(id NodeID, n *memberlist.Node, err error) {
+	d.metaRejected.Add(1)
+	sum := sha256.Sum256(n.Meta)
+	now := time.Now()
+	d.metaMu.Lock()
+	b := d.badMeta[id]
+	var suppressed uint64
+	logIt := false
+	switch {
+	case b == nil && len(d.badMeta) >= maxBadMetaLogged:
+		// Too many bad nodes to remember: counted only.
+	case b == nil:
+		d.badMeta[id] = &badMetaLog{sum: sum, at: now}
+		logIt = true
+	case b.sum != sum && now.Sub(b.at) >= badMetaLogEvery:
+		suppressed = b.suppressed
+		*b = badMetaLog{sum: sum, at: now}
+		logIt = true
+	default:
+		b.suppressed++
+	}
+	d.metaMu.Unlock()
+	if logIt {
+		d.log.Warn("ignoring a node's gossip metadata: nothing it says is used, and an address it published earlier stays in force",
+			"peer", id, "peer_gossip_addr", net.JoinHostPort(n.Addr.String(), strconv.Itoa(int(n.Port))),
+			"meta_bytes", len(n.Meta), "not_logged_since_last", suppressed, "err", err)
+	}
+}
+
+func (d *Detector) update(n *memberlist.Node, alive bool) {
+	id, ok := parseNodeID(n)
+	if !ok {
 		d.log.Warn("ignoring a memberlist node whose name is not a node ID", "name", n.Name)
 		return
 	}
 	d.mu.Lock()
-	if d.alive[NodeID(id)] == alive || NodeID(id) == d.self {
+	if d.alive[id] == alive || id == d.self {
 		d.mu.Unlock()
 		return
 	}
 	if alive {
-		d.alive[NodeID(id)] = true
+		d.alive[id] = true
 	} else {
-		delete(d.alive, NodeID(id))
+		delete(d.alive, id)
 	}
 	set := d.sortedLocked()
 	d.mu.Unlock()
@@ -297,13 +431,38 @@ func (d *Detector) update(n *memberlist.Node, alive bool) {
 
 type events Detector
 
-func (e *events) NotifyJoin(n *memberlist.Node)   { (*Detector)(e).update(n, true) }
-func (e *events) NotifyLeave(n *memberlist.Node)  { (*Detector)(e).update(n, false) }
-func (e *events) NotifyUpdate(n *memberlist.Node) {}
+// NotifyJoin hands the node's metadata on before reporting it alive.
+func (e *events) NotifyJoin(n *memberlist.Node) {
+	d := (*Detector)(e)
+	d.metaChanged(n)
+	d.update(n, true)
+}
+
+// NotifyLeave reports the node dead, then its metadata gone.
+func (e *events) NotifyLeave(n *memberlist.Node) {
+	d := (*Detector)(e)
+	d.update(n, false)
+	if id, ok := parseNodeID(n); ok && id != d.self && d.onMeta != nil {
+		d.onMeta(id, Meta{}, true)
+	}
+}
+
+// NotifyUpdate is memberlist's report of a changed metadata record.
+func (e *events) NotifyUpdate(n *memberlist.Node) { (*Detector)(e).metaChanged(n) }
 
 type delegate Detector
 
-func (g *delegate) NodeMeta(limit int) []byte { return nil }
+// NodeMeta is this node's metadata record (validated to fit MetaMaxSize
+// when it was encoded).
+func (g *delegate) NodeMeta(limit int) []byte {
+	g.metaMu.Lock()
+	defer g.metaMu.Unlock()
+	if len(g.metaBytes) > limit {
+		g.log.Error("node metadata over memberlist's limit; publishing none", "bytes", len(g.metaBytes), "limit", limit)
+		return nil
+	}
+	return slices.Clone(g.metaBytes)
+}
 
 func (g *delegate) NotifyMsg(b []byte) {
 	if len(b) < 4 || g.onMsg == nil {
