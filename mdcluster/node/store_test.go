@@ -95,6 +95,7 @@ func TestInjectedStore(t *testing.T) {
 func TestConfigValidateInjectedStore(t *testing.T) {
 	c := StorageLANConfig()
 	c.ID, c.Quorum, c.ClusterKey, c.Fencer = 1, ddraid.Config{DataNodes: []NodeID{1}, Quorum: 1}, testKey, &fence.TestFencer{}
+	c.DLMListenAddr = "127.0.0.1:0"
 	if err := c.validate(); err == nil || !strings.Contains(err.Error(), "DataDir") {
 		t.Fatalf("neither DataDir nor Store: %v", err)
 	}
