@@ -75,6 +75,10 @@ const (
 	// bits are cleared, so the clear writes a slot this node no longer
 	// holds.
 	MutClearAfterRelease
+	// MutClearBeforeMerge: a claimed slot's bits are cleared before they
+	// are merged into this node's own slot, so for a moment no slot marks
+	// the chunks.
+	MutClearBeforeMerge
 )
 
 // Driver carries out a Machine's actions with the real DLM, the member
@@ -435,6 +439,9 @@ func (d *Driver) do(ctx context.Context, a Action) ([]Action, error) {
 		defer d.mu.Unlock()
 		return d.m.Read(a.Slot, s.DirtyChunks()), nil
 	case OpMerge:
+		if d.cfg.Mutation == MutClearBeforeMerge {
+			_ = d.clear(a.Slot)
+		}
 		in := d.Intent()
 		if in == nil {
 			return d.failed(a, errors.New("not joined"))
