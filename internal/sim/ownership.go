@@ -255,8 +255,8 @@ func (o *ownSim) crashed(n *Node) {
 	}
 	if o.s.m.counts(n) && !on.dead {
 		for _, h := range on.handles {
-			if m := h.p.Mode(); m >= dlm.PW && strings.HasPrefix(h.res, "bitmap") {
-				o.s.m.ghosts = append(o.s.m.ghosts, ghost{node: n.ID, res: h.res, mode: m, lock: -1})
+			if _, slot := o.slotOf(h.res); slot && h.p.Mode() >= dlm.PW {
+				o.s.m.ghosts = append(o.s.m.ghosts, ghost{node: n.ID, res: h.res, mode: h.p.Mode(), lock: -1})
 			}
 		}
 	}
@@ -559,29 +559,10 @@ func (o *ownSim) endWrite(on *ownNode, w *dataWrite) {
 	o.s.tracef("own %s.%d: write %d to chunk %d complete", on.n.ID, on.epoch, w.id, w.chunk)
 }
 
-// --- the simulated array ---
+// --- debts ---
 
-// simArray is one incarnation's view of the array: Resync copies the chunks
-// from the first mirror to the second, one per tick (so a crash can strike
-// in the middle), and pays the debts of the slots its node holds.
-type simArray struct{ on *ownNode }
-
-// Resync implements ownership.Array.
-func (a *simArray) Resync(_ context.Context, chunks []uint64) error {
-	on, o := a.on, a.on.o
-	for _, c := range chunks {
-		if on.dead {
-			return errGone
-		}
-		o.resyncChunk(on, c)
-		t := o.s.now
-		if !on.park(func() bool { return o.s.now > t }) {
-			return errGone
-		}
-	}
-	return nil
-}
-
+// resyncChunk records that node on resynced chunk c (the mirrors agree on it
+// now) and pays the chunk's debts owed by a slot the node holds in PW.
 func (o *ownSim) resyncChunk(on *ownNode, c uint64) {
 	o.pending[c] = nil
 	o.stats.ChunksResynced++
@@ -651,75 +632,6 @@ func (o *ownSim) marks(s int, c uint64) bool {
 		}
 	}
 	return true
-}
-
-// simDisk is one shared member device: the bitmap area only (the data is
-// abstract). Writes are durable at once: the simulation never crashes a
-// node in the middle of a step, so a bitmap flush is all or nothing here
-// (bitmap/ownership's crash tests cover torn flushes).
-type simDisk struct{ b []byte }
-
-func (d *simDisk) ReadAt(p []byte, off int64) (int, error) {
-	if off < 0 || off+int64(len(p)) > int64(len(d.b)) {
-		return 0, fmt.Errorf("simdisk: read %d+%d beyond %d", off, len(p), len(d.b))
-	}
-	return copy(p, d.b[off:]), nil
-}
-
-func (d *simDisk) WriteAt(p []byte, off int64) (int, error) {
-	if off < 0 || off+int64(len(p)) > int64(len(d.b)) {
-		return 0, fmt.Errorf("simdisk: write %d+%d beyond %d", off, len(p), len(d.b))
-	}
-	return copy(d.b[off:], p), nil
-}
-
-// simDev is one incarnation's handle to a shared member device. Once the
-// incarnation is gone (crash, fence) it refuses all I/O, as a fenced node's
-// storage does. Every write is checked against invariant (b).
-type simDev struct {
-	on     *ownNode
-	d      *simDisk
-	mirror int
-}
-
-func (v *simDev) ReadAt(p []byte, off int64) (int, error) {
-	if v.on.dead {
-		return 0, errGone
-	}
-	return v.d.ReadAt(p, off)
-}
-
-func (v *simDev) WriteAt(p []byte, off int64) (int, error) {
-	on, o := v.on, v.on.o
-	if on.dead {
-		return 0, errGone
-	}
-	l := o.layout
-	bits := false
-	for s := 0; s < l.Slots; s++ {
-		lo, hi := l.SlotOffset(s), l.SlotOffset(s)+l.SlotSize
-		if off < hi && off+int64(len(p)) > lo {
-			bits = true
-			if !on.holdsPW(s) {
-				o.fail("(b): node %s wrote bitmap slot %d (mirror %d, byte %d) without holding %s in PW",
-					on.n.ID, s, v.mirror, off, o.names[s])
-			}
-		}
-	}
-	k, err := v.d.WriteAt(p, off)
-	if bits {
-		// A bit may be cleared only where another slot keeps the chunk
-		// marked: (c) holds at every write, not only between steps.
-		o.checkCoverage(fmt.Sprintf("after node %s's bitmap write to mirror %d", on.n.ID, v.mirror))
-	}
-	return k, err
-}
-
-func (v *simDev) Sync() error {
-	if v.on.dead {
-		return errGone
-	}
-	return nil
 }
 
 // --- invariants checked after every step ---
@@ -907,8 +819,10 @@ type traceLog struct {
 	prefix string
 }
 
+// Enabled implements slog.Handler: a driver logs only when tracing.
 func (h *traceLog) Enabled(context.Context, slog.Level) bool { return h.s.cfg.Trace != nil }
 
+// Handle implements slog.Handler: one trace line per record.
 func (h *traceLog) Handle(_ context.Context, r slog.Record) error {
 	var b strings.Builder
 	b.WriteString(r.Message)
@@ -920,6 +834,9 @@ func (h *traceLog) Handle(_ context.Context, r slog.Record) error {
 	return nil
 }
 
-func (h *traceLog) WithAttrs(as []slog.Attr) slog.Handler { return h }
+// WithAttrs implements slog.Handler. The driver's own attributes (node and
+// slot) are dropped: the prefix names the node and incarnation.
+func (h *traceLog) WithAttrs([]slog.Attr) slog.Handler { return h }
 
+// WithGroup implements slog.Handler; groups are not shown.
 func (h *traceLog) WithGroup(string) slog.Handler { return h }
