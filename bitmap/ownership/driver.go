@@ -81,10 +81,13 @@ const (
 	MutClearBeforeMerge
 )
 
-// Driver carries out a Machine's actions with the real DLM, the member
-// devices and the array, and is the write-intent engine's Ownership.
-// Operations (Join, Departed, Reprobe, Leave) are serialised; Check may be
-// called concurrently with them.
+// Driver carries out a Machine's actions with a dlm.Locker (the real
+// lockspace, or the simulator's adapter), the member devices and the array.
+// It is the write-intent engine's Ownership, and the lockspace's
+// dlm.RecoveryHandler: a RecoverDone after nodes departed starts the
+// recovery of their slots. Operations (Join, Departed, Reprobe, Leave, and
+// the recoveries the events start) are serialised; Check may be called
+// concurrently with them.
 type Driver struct {
 	cfg  Config
 	log  *slog.Logger
