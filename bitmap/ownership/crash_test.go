@@ -124,14 +124,14 @@ func seedFromEnv(def uint64) uint64 {
 	return def
 }
 
-// recoverAll tells every live driver, concurrently, that these nodes
-// departed, and returns their errors.
+// recoverAll delivers the recovery events of these nodes' departure to
+// every live driver, concurrently, and fails on any slot recovery error.
 func (r *rig) recoverAll(ctx context.Context, departed ...dlm.NodeID) {
 	r.t.Helper()
 	var wg sync.WaitGroup
 	errs := make([]error, nNodes)
 	for i, n := range r.alive() {
-		wg.Go(func() { errs[i] = n.drv.Departed(ctx, departed) })
+		wg.Go(func() { errs[i] = r.deliver(ctx, n, departed...) })
 	}
 	wg.Wait()
 	if err := errors.Join(errs...); err != nil {
@@ -260,7 +260,7 @@ func TestCrashDuringRecovery(t *testing.T) {
 		r.kill(3)
 		a := r.node(1)
 		before := a.h.ops
-		if err := a.drv.Departed(ctx, []dlm.NodeID{3}); err != nil {
+		if err := r.deliver(ctx, a, 3); err != nil {
 			t.Fatal(err)
 		}
 		if _, n := r.mergedBy(2); n != 1 {
@@ -279,14 +279,14 @@ func TestCrashDuringRecovery(t *testing.T) {
 			r.checkInvariant(r.durable(), "after the owner's crash")
 			a, b := r.node(1), r.node(2)
 			r.arm(a.h, k)
-			err := a.drv.Departed(ctx, []dlm.NodeID{3})
+			err := r.deliver(ctx, a, 3)
 			if k < total && (err == nil || !a.h.crashed()) {
 				t.Fatalf("crash of the recovering node at op %d did not happen: %v", k, err)
 			}
 			t.Logf("recovering node crashed before %+v; replay with OWNERSHIP_SEED=%d -run 'TestCrashDuringRecovery/op%02d'", a.h.at, seed, k)
 			// Node 2 learns of node 3's death while node 1 (crashed, not
 			// yet declared dead) still holds slot 2: its probe is refused.
-			if err := b.drv.Departed(ctx, []dlm.NodeID{3}); err != nil {
+			if err := r.deliver(ctx, b, 3); err != nil {
 				t.Fatal(err)
 			}
 			if k < total {
@@ -298,7 +298,7 @@ func TestCrashDuringRecovery(t *testing.T) {
 			imgs := r.durable()
 			r.checkInvariant(imgs, "after the recovering node's crash")
 			want := r.dirtyUnion(imgs, 0, 2)
-			if err := b.drv.Departed(ctx, []dlm.NodeID{1}); err != nil {
+			if err := r.deliver(ctx, b, 1); err != nil {
 				t.Fatal(err)
 			}
 			var got []uint64

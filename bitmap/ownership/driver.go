@@ -30,8 +30,10 @@ var ErrNotOwner = errors.New("bitmap slot not owned")
 // Config configures a Driver.
 type Config struct {
 	// Lockspace is the array's lockspace (one per array, e.g. named by the
-	// array UUID), opened with an LVBSize value block.
-	Lockspace *dlm.Lockspace
+	// array UUID), opened with an LVBSize value block: the real
+	// *dlm.Lockspace, or the simulator's adapter over a dlm.Space. Its
+	// recovery events must reach the driver (it is a dlm.RecoveryHandler).
+	Lockspace dlm.Locker
 	// Node is this node's DLM ID; it owns bitmap slot Node-1.
 	Node dlm.NodeID
 	// Layout is the bitmap layout on each member device.
@@ -45,26 +47,66 @@ type Config struct {
 	DaemonSleep time.Duration
 	// Logger receives the driver's log; nil means slog.Default().
 	Logger *slog.Logger
+	// Go runs the slot recovery a RecoverDone event starts, off the
+	// lockspace's callback context (a handler must not block there); nil
+	// means a new goroutine. The simulator runs it as a coroutine of its
+	// own schedule instead.
+	Go func(func())
+	// OnRecovered, if set, is called with the outcome of each slot
+	// recovery a RecoverDone event started (for logs, metrics and tests).
+	OnRecovered func(gen uint64, departed []dlm.NodeID, err error)
+	// Mutation, when not zero, makes the driver deliberately wrong in one
+	// way, so tests (the simulator's invariants) can prove they catch it.
+	// Never set it outside tests.
+	Mutation Mutation
 }
 
-// Driver carries out a Machine's actions with the real DLM, the member
-// devices and the array, and is the write-intent engine's Ownership.
-// Operations (Join, Departed, Reprobe, Leave) are serialised; Check may be
-// called concurrently with them.
+// Mutation names a deliberate bug for fault-injection tests.
+type Mutation uint8
+
+const (
+	// MutSkipResync: a claimed slot's chunks are merged and cleared but
+	// never resynced, and the slot is released as if they had been.
+	MutSkipResync Mutation = iota + 1
+	// MutReleaseBeforeResync: a claimed slot's lock is released after its
+	// bits are cleared but before its chunks are resynced.
+	MutReleaseBeforeResync
+	// MutClearAfterRelease: a claimed slot's lock is released before its
+	// bits are cleared, so the clear writes a slot this node no longer
+	// holds.
+	MutClearAfterRelease
+	// MutClearBeforeMerge: a claimed slot's bits are cleared before they
+	// are merged into this node's own slot, so for a moment no slot marks
+	// the chunks.
+	MutClearBeforeMerge
+)
+
+// Driver carries out a Machine's actions with a dlm.Locker (the real
+// lockspace, or the simulator's adapter), the member devices and the array.
+// It is the write-intent engine's Ownership, and the lockspace's
+// dlm.RecoveryHandler: a RecoverDone after nodes departed starts the
+// recovery of their slots. Operations (Join, Departed, Reprobe, Leave, and
+// the recoveries the events start) are serialised; Check may be called
+// concurrently with them.
 type Driver struct {
 	cfg  Config
 	log  *slog.Logger
 	slot int
+	// ctx bounds the recoveries started by recovery events; Close ends it.
+	ctx    context.Context
+	cancel context.CancelFunc
 
 	op sync.Mutex // serialises operations and the machine
 
 	mu      sync.Mutex // guards the fields below; never held across I/O
 	m       *Machine
-	own     *dlm.Lock
-	held    map[int]*dlm.Lock // claimed slots' locks
+	own     dlm.LockHandle
+	held    map[int]dlm.LockHandle // claimed slots' locks
 	in      *intent.Intent
 	closed  bool
 	history []Recovery
+	// departed gathers RecoverDeparted's nodes until RecoverDone.
+	departed []dlm.NodeID
 }
 
 // Recovery records one recovered slot (for logs and tests).
@@ -81,7 +123,7 @@ func New(cfg Config) (*Driver, error) {
 		return nil, errors.New("bitmap ownership: lockspace, array and at least one mirror are required")
 	}
 	if l := cfg.Lockspace.LVBLen(); l < 16 {
-		return nil, fmt.Errorf("bitmap ownership: lockspace %q has a %d-byte value block, the resync window needs 16", cfg.Lockspace.Name(), l)
+		return nil, fmt.Errorf("bitmap ownership: the lockspace has a %d-byte value block, the resync window needs 16", l)
 	}
 	slot := int(cfg.Node) - 1
 	m, err := NewMachine(cfg.Layout.Slots, slot)
@@ -92,7 +134,12 @@ func New(cfg Config) (*Driver, error) {
 	if lg == nil {
 		lg = slog.Default()
 	}
-	return &Driver{cfg: cfg, log: lg.With("node", cfg.Node, "slot", slot), slot: slot, m: m, held: map[int]*dlm.Lock{}}, nil
+	if cfg.Go == nil {
+		cfg.Go = func(f func()) { go f() }
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	return &Driver{cfg: cfg, log: lg.With("node", cfg.Node, "slot", slot), slot: slot, m: m,
+		held: map[int]dlm.LockHandle{}, ctx: ctx, cancel: cancel}, nil
 }
 
 // Slot returns this node's bitmap slot (intent.Ownership).
@@ -149,7 +196,7 @@ func (d *Driver) Join(ctx context.Context) error {
 		return fmt.Errorf("join slot %d: already joined", d.slot)
 	}
 	name := LockName(d.slot)
-	lk, err := d.cfg.Lockspace.Lock(ctx, name, dlm.PW, dlm.ValBlk)
+	lk, err := d.cfg.Lockspace.Request(ctx, dlm.LockSpec{Resource: name, Mode: dlm.PW, Flags: dlm.ValBlk})
 	if err != nil {
 		return fmt.Errorf("join slot %d: lock %s in PW: %w", d.slot, name, err)
 	}
@@ -193,6 +240,63 @@ func (d *Driver) Departed(ctx context.Context, nodes []dlm.NodeID) error {
 	return d.run(ctx, acts)
 }
 
+// RecoverPrepare (dlm.RecoveryHandler) notes that the lockspace stopped
+// for a membership change. Nothing needs doing yet: until RecoverDone,
+// nothing a departed node held is granted to anyone, so no slot changes
+// hands, and this node's own lock stays held.
+func (d *Driver) RecoverPrepare(gen uint64) {
+	d.log.Debug("lockspace stopped for a membership change", "gen", gen)
+}
+
+// RecoverDeparted (dlm.RecoveryHandler) remembers the nodes that departed;
+// their slots are recovered once the lockspace has recovered without them
+// (RecoverDone), when their locks are purged and the probes can be granted.
+func (d *Driver) RecoverDeparted(gen uint64, nodes []dlm.NodeID) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for _, n := range nodes {
+		if !slices.Contains(d.departed, n) {
+			d.departed = append(d.departed, n)
+		}
+	}
+	d.log.Info("nodes departed: their slots are recovered when the lockspace has recovered", "gen", gen, "departed", nodes)
+}
+
+// RecoverDone (dlm.RecoveryHandler): the lockspace recovered into gen. If
+// nodes departed since the last RecoverDone, their slots are recovered
+// (Departed), on cfg.Go since a recovery handler must not block. If this
+// node's own lock did not survive (it rejoined the cluster clean), the slot
+// is lost: the write-intent engine stops writing it.
+func (d *Driver) RecoverDone(gen uint64, members []dlm.NodeID, self dlm.NodeID) {
+	d.mu.Lock()
+	nodes, own := d.departed, d.own
+	d.departed = nil
+	d.mu.Unlock()
+	if own != nil {
+		if mode := own.Mode(); mode != dlm.PW {
+			d.mu.Lock()
+			if d.own == own && d.m.State(d.slot) == Active {
+				d.m.OwnLost()
+				d.log.Error("own bitmap slot lock lost in recovery: no more bitmap writes", "gen", gen, "mode", mode)
+			}
+			d.mu.Unlock()
+		}
+	}
+	if len(nodes) == 0 {
+		return
+	}
+	slices.Sort(nodes)
+	d.cfg.Go(func() {
+		err := d.Departed(d.ctx, nodes)
+		if err != nil {
+			d.log.Error("slot recovery after a membership change failed", "gen", gen, "departed", nodes, "err", err)
+		}
+		if f := d.cfg.OnRecovered; f != nil {
+			f(gen, nodes, err)
+		}
+	})
+}
+
 // Reprobe probes every other slot again and retries owed resyncs: stale
 // Watching or Elsewhere knowledge is refreshed, and failed recoveries are
 // retried.
@@ -230,7 +334,7 @@ func (d *Driver) SetWindow(ctx context.Context, w Window) error {
 // is not valid (its owner died holding it, or it was never written).
 func (d *Driver) Window(ctx context.Context, s int) (w Window, ok bool, err error) {
 	name := LockName(s)
-	lk, err := d.cfg.Lockspace.Lock(ctx, name, dlm.CR, dlm.ValBlk)
+	lk, err := d.cfg.Lockspace.Request(ctx, dlm.LockSpec{Resource: name, Mode: dlm.CR, Flags: dlm.ValBlk})
 	if err != nil {
 		return Window{}, false, fmt.Errorf("read resync window of slot %d: lock %s in CR: %w", s, name, err)
 	}
@@ -279,6 +383,7 @@ func (d *Driver) Leave(ctx context.Context) error {
 // Close stops the driver without touching the DLM: used when this node is
 // being torn down (or was fenced) and its locks go with its lockspace.
 func (d *Driver) Close() {
+	d.cancel()
 	d.mu.Lock()
 	in := d.in
 	d.closed = true
@@ -337,6 +442,9 @@ func (d *Driver) do(ctx context.Context, a Action) ([]Action, error) {
 		defer d.mu.Unlock()
 		return d.m.Read(a.Slot, s.DirtyChunks()), nil
 	case OpMerge:
+		if d.cfg.Mutation == MutClearBeforeMerge {
+			_ = d.clear(a.Slot)
+		}
 		in := d.Intent()
 		if in == nil {
 			return d.failed(a, errors.New("not joined"))
@@ -349,6 +457,9 @@ func (d *Driver) do(ctx context.Context, a Action) ([]Action, error) {
 		defer d.mu.Unlock()
 		return d.m.Merged(a.Slot), nil
 	case OpClear:
+		if d.cfg.Mutation == MutClearAfterRelease {
+			_ = d.dropClaim(ctx, a.Slot)
+		}
 		if err := d.clear(a.Slot); err != nil {
 			return d.failed(a, err)
 		}
@@ -356,7 +467,15 @@ func (d *Driver) do(ctx context.Context, a Action) ([]Action, error) {
 		defer d.mu.Unlock()
 		return d.m.Cleared(a.Slot), nil
 	case OpResync:
-		err := d.resync(ctx, a.Chunks)
+		var err error
+		switch {
+		case a.Slot != d.slot && d.cfg.Mutation == MutSkipResync:
+		case a.Slot != d.slot && d.cfg.Mutation == MutReleaseBeforeResync:
+			_ = d.dropClaim(ctx, a.Slot)
+			err = d.resync(ctx, a.Chunks)
+		default:
+			err = d.resync(ctx, a.Chunks)
+		}
 		if err != nil {
 			err = fmt.Errorf("bitmap ownership: resync of %d chunks from slot %d: %w", len(a.Chunks), a.Slot, err)
 			d.log.Error("resync failed: the chunks stay dirty in our own slot and are retried", "from", a.Slot, "err", err)
@@ -388,7 +507,7 @@ func (d *Driver) failed(a Action, err error) ([]Action, error) {
 // probe requests slot s's lock in PW with NOQUEUE.
 func (d *Driver) probe(ctx context.Context, s int) ([]Action, error) {
 	name := LockName(s)
-	lk, err := d.cfg.Lockspace.Lock(ctx, name, dlm.PW, dlm.NoQueue|dlm.ValBlk)
+	lk, err := d.cfg.Lockspace.Request(ctx, dlm.LockSpec{Resource: name, Mode: dlm.PW, Flags: dlm.NoQueue | dlm.ValBlk})
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	switch {
@@ -407,22 +526,30 @@ func (d *Driver) probe(ctx context.Context, s int) ([]Action, error) {
 // release unlocks a claimed slot, writing a zero resync window: whatever
 // window its dead owner announced is over.
 func (d *Driver) release(ctx context.Context, s int) ([]Action, error) {
+	err := d.dropClaim(ctx, s)
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.m.Released(s), err
+}
+
+// dropClaim unlocks claimed slot s's lock, if still held, with a zero
+// window in its value block.
+func (d *Driver) dropClaim(ctx context.Context, s int) error {
 	d.mu.Lock()
 	lk := d.held[s]
 	delete(d.held, s)
 	d.mu.Unlock()
-	var err error
-	if lk != nil {
-		if err = lk.SetLVB(Window{}.MarshalLVB()[:d.cfg.Lockspace.LVBLen()]); err == nil {
-			err = lk.Unlock(context.WithoutCancel(ctx), dlm.ValBlk)
-		}
-		if err != nil {
-			err = fmt.Errorf("bitmap ownership: release %s: %w", LockName(s), err)
-		}
+	if lk == nil {
+		return nil
 	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.m.Released(s), err
+	err := lk.SetLVB(Window{}.MarshalLVB()[:d.cfg.Lockspace.LVBLen()])
+	if err == nil {
+		err = lk.Unlock(context.WithoutCancel(ctx), dlm.ValBlk)
+	}
+	if err != nil {
+		return fmt.Errorf("bitmap ownership: release %s: %w", LockName(s), err)
+	}
+	return nil
 }
 
 // readUnion reads slot s on every mirror and returns it with the union of

@@ -212,6 +212,9 @@ type node struct {
 	arr  *array
 	drv  *ownership.Driver
 	gone bool
+	// recovered receives the outcome of each slot recovery that recovery
+	// events started (Config.OnRecovered).
+	recovered chan error
 }
 
 // rig is three nodes over loopback TCP sharing two mirrors.
@@ -318,15 +321,17 @@ func newRig(t testing.TB, seed uint64) *rig {
 			mirrors = append(mirrors, hd)
 		}
 		arr := &array{h: h, barrier: barrier}
+		recovered := make(chan error, 8)
 		drv, err := ownership.New(ownership.Config{
 			Lockspace: ls, Node: id, Layout: l, Mirrors: mirrors, Array: arr,
-			Logger: lg.With("test_node", i),
+			Logger:      lg.With("test_node", i),
+			OnRecovered: func(_ uint64, _ []dlm.NodeID, err error) { recovered <- err },
 		})
 		if err != nil {
 			t.Fatal(err)
 		}
 		h.onCrash = drv.Close
-		r.nodes = append(r.nodes, &node{id: id, dlm: dn, ls: ls, h: h, arr: arr, drv: drv})
+		r.nodes = append(r.nodes, &node{id: id, dlm: dn, ls: ls, h: h, arr: arr, drv: drv, recovered: recovered})
 	}
 	return r
 }
@@ -395,6 +400,27 @@ func (r *rig) kill(id int) {
 				r.t.Fatalf("node %d recover gen %d: %v", o.id, r.gen, err)
 			}
 		}
+	}
+}
+
+// deliver hands node n's driver the recovery events of the view change
+// that removed the departed nodes (generation r.gen), as the lockspace
+// delivers them to its RecoveryHandler: RecoverPrepare with the generation
+// left, RecoverDeparted, RecoverDone. It waits for the slot recovery the
+// events start and returns its outcome.
+func (r *rig) deliver(ctx context.Context, n *node, departed ...dlm.NodeID) error {
+	var members []dlm.NodeID
+	for _, o := range r.alive() {
+		members = append(members, o.id)
+	}
+	n.drv.RecoverPrepare(r.gen - 1)
+	n.drv.RecoverDeparted(r.gen, departed)
+	n.drv.RecoverDone(r.gen, members, n.id)
+	select {
+	case err := <-n.recovered:
+		return err
+	case <-ctx.Done():
+		return fmt.Errorf("node %d: no slot recovery outcome: %w", n.id, ctx.Err())
 	}
 }
 

@@ -9,8 +9,11 @@
 // carries the owner's current resync window.
 //
 // The decisions live in Machine, a pure state machine with no I/O, so they
-// can be tested exhaustively and stepped by a simulator; Driver executes
-// its actions against the real dlm API, the member devices and the array.
+// can be tested exhaustively; Driver executes its actions through the
+// dlm.Locker interface (the real lockspace, or the simulator's adapter over
+// a dlm.Space, which runs the Driver itself under its seeded schedule), the
+// member devices and the array, and is driven by the lockspace's recovery
+// events (dlm.RecoveryHandler).
 package ownership
 
 import (

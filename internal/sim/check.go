@@ -16,6 +16,7 @@ func (s *Sim) Check() {
 	}
 	s.m.checkLocks()
 	s.checkMasters()
+	s.own.check()
 }
 
 // checkMasters: every lock a recovered master lists belongs to a member of

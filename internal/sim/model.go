@@ -110,6 +110,7 @@ func held(l *Lock) dlm.Mode {
 // --- fault hooks ---
 
 func (m *model) crashed(n *Node) {
+	m.s.own.crashed(n)
 	for _, l := range m.live(n.ID) {
 		if m.counts(n) {
 			if l.Gr >= dlm.PW {
@@ -124,6 +125,7 @@ func (m *model) crashed(n *Node) {
 }
 
 func (m *model) fencedAlive(n *Node) {
+	m.s.own.fenced(n)
 	for _, l := range m.live(n.ID) {
 		if l.Gr >= dlm.PW {
 			m.res[l.Res].invalid = true
@@ -147,6 +149,7 @@ func (m *model) dropGhosts(id NodeID) {
 }
 
 func (m *model) installed(n *Node, in membership.Install) {
+	m.s.own.installing(n, in)
 	for _, r := range in.Rejoined {
 		m.dropGhosts(r) // it restarted: its old process is gone, and the view says so
 	}
@@ -159,6 +162,10 @@ func (m *model) installed(n *Node, in membership.Install) {
 // --- callbacks ---
 
 func (m *model) callback(n *Node, cb dlm.Callback) {
+	if h, ok := cb.Tag.(*simLock); ok {
+		m.s.own.callback(n, h, cb)
+		return
+	}
 	l, ok := cb.Tag.(*Lock)
 	if !ok {
 		m.s.fail("node %s: callback without a lock tag: %+v", n.ID, cb)
@@ -247,6 +254,9 @@ func trim(b []byte) []byte { return bytes.TrimRight(b, "\x00") }
 
 func (m *model) randomOp() {
 	s := m.s
+	if s.own.randomOp() {
+		return
+	}
 	var up []*Node
 	for _, id := range s.ids {
 		if n := s.nodes[id]; n.Up {
@@ -508,6 +518,10 @@ func (m *model) checkLocks() {
 // cancelled, and everything must release.
 func (s *Sim) Finish() {
 	s.Settle(3000)
+	if s.failed != "" {
+		return
+	}
+	s.own.finish()
 	if s.failed != "" {
 		return
 	}

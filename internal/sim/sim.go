@@ -89,6 +89,9 @@ type Config struct {
 	MaxLocks int
 	// Trace, when set, receives a line per event.
 	Trace io.Writer
+	// Ownership, when set, runs bitmap slot ownership on every node
+	// (ownership.go).
+	Ownership *OwnershipConfig
 }
 
 // dmsg is a DLM message in flight between one ordered pair.
@@ -165,6 +168,7 @@ type Sim struct {
 	dq     map[[2]NodeID][]dmsg
 
 	m      *model
+	own    *ownSim // nil unless Config.Ownership (ownership.go)
 	failed string
 	stats  Stats
 
@@ -218,6 +222,7 @@ func New(cfg Config) (*Sim, error) {
 		}
 	}
 	s.m = newModel(s)
+	s.own = newOwnSim(s)
 	for _, id := range s.ids {
 		s.Start(id)
 	}
@@ -303,6 +308,7 @@ func (s *Sim) Start(id NodeID) {
 		s.stats.Restarts++
 	}
 	s.tracef("start %s (incarnation %d, persisted gen %d)", id, n.inc, n.disk.Installed.Gen)
+	s.own.started(n) // ownership hook
 	s.pump(n)
 	s.fdChanged()
 }
@@ -386,6 +392,9 @@ func (s *Sim) pump(n *Node) {
 		rd := n.Ag.Ready()
 		if !rd.Empty() {
 			s.apply(n, rd)
+			progressed = true
+		}
+		if s.own.resume(n) { // ownership hook: recovery events, driver coroutines
 			progressed = true
 		}
 		if !progressed {
@@ -666,6 +675,7 @@ func (s *Sim) Tick() {
 		}
 		n.Ag.Tick()
 		n.Sp.Tick()
+		s.own.tick(n) // ownership hook: the bitmap daemon
 		s.pump(n)
 	}
 }

@@ -52,7 +52,8 @@ func randomConfig(seed uint64) Config {
 	}
 	f.Early, f.AnyPartition = true, true
 	return Config{Seed: seed, Quorum: q, Extra: extra, LVBLen: []int{16, 64}[r.IntN(2)], TossLimit: 1 + r.IntN(3),
-		Faults: f, Resources: 4 + r.IntN(3), MaxLocks: 4 + r.IntN(4)}
+		Faults: f, Resources: 4 + r.IntN(3), MaxLocks: 4 + r.IntN(4),
+		Ownership: &OwnershipConfig{Chunks: 4 + r.IntN(13), DaemonSleep: 1 + r.IntN(4), MaxWrites: 1 + r.IntN(4)}}
 }
 
 func traceWriter() io.Writer {
@@ -79,6 +80,7 @@ func runRandom(seed uint64, steps int, trace io.Writer) (*Sim, string) {
 	if s.Failed() == "" {
 		s.Finish()
 	}
+	s.Close()
 	return s, s.Failed()
 }
 
@@ -97,7 +99,7 @@ func TestRandom(t *testing.T) {
 		}
 		s, msg := runRandom(seed, randomSteps, traceWriter())
 		if s != nil {
-			t.Logf("seed %d: %+v", seed, s.Stats())
+			t.Logf("seed %d: %+v %+v", seed, s.Stats(), s.OwnStats())
 		}
 		if msg != "" {
 			t.Fatalf("seed %d step %d: %s\nreplay: %s", seed, stepOf(s), msg, replay("TestRandom", seed))
@@ -117,6 +119,7 @@ func TestRandom(t *testing.T) {
 	}
 	start := time.Now()
 	var total Stats
+	var own OwnStats
 	var failures []string
 	for seed := uint64(1); seed <= uint64(seeds); seed++ {
 		s, msg := runRandom(seed, randomSteps, nil)
@@ -128,8 +131,9 @@ func TestRandom(t *testing.T) {
 			continue
 		}
 		add(&total, s.Stats())
+		addOwn(&own, s.OwnStats())
 	}
-	t.Logf("%d seeds in %v: %+v", seeds, time.Since(start).Round(time.Millisecond), total)
+	t.Logf("%d seeds in %v: %+v\nownership: %+v", seeds, time.Since(start).Round(time.Millisecond), total, own)
 	if len(failures) > 0 {
 		t.Fatalf("%d failing seeds (first ones):\n%s", len(failures), strings.Join(failures, "\n"))
 	}
@@ -153,6 +157,18 @@ func firstLine(s string) string {
 		return s[:i] + " …"
 	}
 	return s
+}
+
+func addOwn(t *OwnStats, s OwnStats) {
+	t.Joins += s.Joins
+	t.WritesStarted += s.WritesStarted
+	t.WritesDone += s.WritesDone
+	t.ClaimsReleased += s.ClaimsReleased
+	t.ChunksResynced += s.ChunksResynced
+	t.Debts += s.Debts
+	t.DebtsPaid += s.DebtsPaid
+	t.DebtsPaidByOwner += s.DebtsPaidByOwner
+	t.DebtsMoved += s.DebtsMoved
 }
 
 func add(t *Stats, s Stats) {

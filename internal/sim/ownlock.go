@@ -1,0 +1,211 @@
+package sim
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"slices"
+
+	"github.com/mdcluster/mdcluster/dlm"
+)
+
+// spaceLocker is a dlm.Locker over one simulated node's dlm.Space, for code
+// that blocks on lock calls (bitmap ownership's Driver) running as one of
+// the node's coroutines. A call issues its operation to the Space at once,
+// from within the simulation's step, and parks the coroutine until the
+// Space's completion callback for it arrives (the simulation collects
+// callbacks with the Space's Ready and hands them to ownSim.callback). A
+// call made while the Space is stopped for recovery waits until it runs
+// again, as the real lockspace's calls do.
+type spaceLocker struct{ on *ownNode }
+
+// ownOwner is the Space owner of ownership locks (the model's owners are 1
+// and 2).
+const ownOwner dlm.OwnerID = 3
+
+// errGone is returned by every call of an array incarnation that is gone
+// (its node crashed, was fenced, or rejoined clean).
+var errGone = fmt.Errorf("array incarnation gone: %w", dlm.ErrReleased)
+
+// LVBLen implements dlm.Locker.
+func (l *spaceLocker) LVBLen() int { return l.on.o.s.cfg.LVBLen }
+
+// Request implements dlm.Locker.
+func (l *spaceLocker) Request(ctx context.Context, spec dlm.LockSpec) (dlm.LockHandle, error) {
+	on := l.on
+	n := l.LVBLen()
+	if spec.LVB != nil && len(spec.LVB) != n {
+		return nil, fmt.Errorf("lock %q: %w: LVB is %d bytes, lockspace uses %d", spec.Resource, dlm.ErrInvalid, len(spec.LVB), n)
+	}
+	if err := on.awaitRunning(); err != nil {
+		return nil, fmt.Errorf("lock %q: %w", spec.Resource, err)
+	}
+	h := &simLock{on: on, res: spec.Resource, mode: dlm.ModeIV, onBlock: spec.OnBlock, op: "lock"}
+	switch {
+	case spec.LVB != nil:
+		h.lvb = bytes.Clone(spec.LVB)
+	case spec.Flags&dlm.ValBlk != 0:
+		h.lvb = make([]byte, n)
+	}
+	err := on.n.Sp.Lock(&h.p, dlm.Request{Resource: spec.Resource, Mode: spec.Mode, Flags: spec.Flags, LVB: h.lvb,
+		Owner: ownOwner, Blocking: spec.OnBlock != nil, Tag: h})
+	if err != nil {
+		return nil, fmt.Errorf("lock %q: %w", spec.Resource, err)
+	}
+	h.pending = true
+	on.handles = append(on.handles, h)
+	on.o.s.tracef("own %s: lock %q %v %v", on.n.ID, spec.Resource, spec.Mode, spec.Flags)
+	if err := h.await(); err != nil {
+		return nil, err
+	}
+	return h, nil
+}
+
+// simLock is one lock taken through a spaceLocker; it implements
+// dlm.LockHandle. p is the Space's record of the lock, which the
+// simulation's invariants read to learn what the DLM granted.
+type simLock struct {
+	on      *ownNode
+	p       dlm.Proc
+	res     string
+	onBlock func(dlm.Mode)
+	op      string // the operation pending or last completed
+
+	mode      dlm.Mode
+	sbf       dlm.StatusFlags
+	lvb       []byte
+	pending   bool
+	unlocking bool
+	gone      bool
+	result    error
+}
+
+// await parks the calling coroutine until the pending operation completes
+// and returns its outcome.
+func (h *simLock) await() error {
+	if h.pending && !h.on.park(func() bool { return !h.pending }) {
+		return errGone
+	}
+	return h.result
+}
+
+// complete applies the Space's completion callback for h.
+func (h *simLock) complete(cb dlm.Callback) {
+	h.mode, h.sbf, h.pending = cb.Mode, cb.Flags, false
+	switch {
+	case cb.Status == dlm.StatusOK, cb.Status == dlm.StatusUnlock && h.unlocking:
+		h.result = nil
+	default:
+		h.result = fmt.Errorf("lock %q: %w", h.res, cb.Status)
+	}
+	h.unlocking = false
+	if cb.Mode == dlm.ModeIV {
+		h.gone = true
+		h.on.handles = slices.DeleteFunc(h.on.handles, func(o *simLock) bool { return o == h })
+	}
+}
+
+// Resource implements dlm.LockHandle.
+func (h *simLock) Resource() string { return h.res }
+
+// Mode implements dlm.LockHandle.
+func (h *simLock) Mode() dlm.Mode { return h.mode }
+
+// StatusFlags implements dlm.LockHandle.
+func (h *simLock) StatusFlags() dlm.StatusFlags { return h.sbf }
+
+// LVB implements dlm.LockHandle.
+func (h *simLock) LVB() []byte { return bytes.Clone(h.lvb) }
+
+// SetLVB implements dlm.LockHandle. The buffer is the one the Space holds
+// for the lock, so the next write from PW or EX carries it.
+func (h *simLock) SetLVB(b []byte) error {
+	if len(b) != h.on.o.s.cfg.LVBLen {
+		return fmt.Errorf("lock %q: %w: LVB is %d bytes, lockspace uses %d", h.res, dlm.ErrInvalid, len(b), h.on.o.s.cfg.LVBLen)
+	}
+	switch {
+	case h.gone:
+		return fmt.Errorf("lock %q: %w: lock already released", h.res, dlm.ErrNotFound)
+	case h.pending:
+		return fmt.Errorf("lock %q: %w", h.res, dlm.ErrBusy)
+	}
+	if h.lvb == nil {
+		h.lvb = make([]byte, len(b))
+	}
+	copy(h.lvb, b)
+	return nil
+}
+
+// usable checks that an operation may start on h, waiting for the Space to
+// run first.
+func (h *simLock) usable(op string) error {
+	if h.gone {
+		return fmt.Errorf("%s %q: %w: lock already released", op, h.res, dlm.ErrNotFound)
+	}
+	if err := h.on.awaitRunning(); err != nil {
+		return fmt.Errorf("%s %q: %w", op, h.res, err)
+	}
+	if h.gone { // released (the node rejoined clean) while waiting
+		return fmt.Errorf("%s %q: %w: lock already released", op, h.res, dlm.ErrNotFound)
+	}
+	return nil
+}
+
+// Convert implements dlm.LockHandle.
+func (h *simLock) Convert(_ context.Context, mode dlm.Mode, flags dlm.Flags) error {
+	if err := h.usable("convert"); err != nil {
+		return err
+	}
+	if h.pending {
+		return fmt.Errorf("convert %q: %w", h.res, dlm.ErrBusy)
+	}
+	if flags&dlm.ValBlk != 0 && h.lvb == nil {
+		h.lvb = make([]byte, h.on.o.s.cfg.LVBLen)
+	}
+	if mode < dlm.PW {
+		h.on.o.releasing(h)
+	}
+	if err := h.on.n.Sp.Convert(&h.p, mode, flags|dlm.Convert, h.lvb); err != nil {
+		return fmt.Errorf("convert %q: %w", h.res, err)
+	}
+	h.pending, h.op = true, "convert"
+	h.on.o.s.tracef("own %s: convert %q %v->%v %v", h.on.n.ID, h.res, h.mode, mode, flags)
+	return h.await()
+}
+
+// Unlock implements dlm.LockHandle.
+func (h *simLock) Unlock(_ context.Context, flags dlm.Flags) error {
+	if flags&dlm.Cancel != 0 && flags&dlm.ForceUnlock == 0 {
+		switch {
+		case h.gone || !h.pending:
+			return nil
+		case h.on.dead:
+			return errGone
+		}
+		// A stopped Space queues the cancel until its recovery ends.
+		return h.on.n.Sp.Cancel(&h.p, dlm.StatusCancel)
+	}
+	if err := h.usable("unlock"); err != nil {
+		return err
+	}
+	wasPending := h.pending
+	if wasPending && flags&dlm.ForceUnlock == 0 {
+		return fmt.Errorf("unlock %q: %w", h.res, dlm.ErrBusy)
+	}
+	h.on.o.releasing(h)
+	if !wasPending {
+		h.unlocking = true
+	}
+	if err := h.on.n.Sp.Unlock(&h.p, flags, h.lvb); err != nil {
+		h.unlocking = false
+		return fmt.Errorf("unlock %q: %w", h.res, err)
+	}
+	h.on.o.s.tracef("own %s: unlock %q %v", h.on.n.ID, h.res, flags)
+	if wasPending {
+		// A force-unlock overtook the pending operation, whose waiter gets
+		// ErrUnlocked; this call itself succeeded.
+		return nil
+	}
+	h.pending, h.op = true, "unlock"
+	return h.await()
+}
