@@ -2,7 +2,6 @@ package dlm
 
 import (
 	"context"
-	"fmt"
 )
 
 // Locker is the small lock interface that the lock users above the DLM
@@ -88,30 +87,15 @@ var (
 
 // Request implements Locker for the real lockspace: Acquire, with the
 // blocking callback adapted to the handle-free form and the initial value
-// block applied.
-//
-// The initial value block is set after the grant, by SetLVB, which is
-// equivalent: without ValBlk a grant leaves the block alone and nothing can
-// write it before the caller's next call; with ValBlk the grant's read would
-// replace it anyway. (Once LockRequest carries the value itself, pass it
-// there instead.)
+// block passed as LockRequest.LVB.
 func (ls *Lockspace) Request(ctx context.Context, spec LockSpec) (LockHandle, error) {
-	if spec.LVB != nil && len(spec.LVB) != ls.LVBLen() {
-		return nil, fmt.Errorf("lock %q: %w: LVB is %d bytes, lockspace uses %d", spec.Resource, ErrInvalid, len(spec.LVB), ls.LVBLen())
-	}
-	req := LockRequest{Resource: spec.Resource, Mode: spec.Mode, Flags: spec.Flags}
+	req := LockRequest{Resource: spec.Resource, Mode: spec.Mode, Flags: spec.Flags, LVB: spec.LVB}
 	if f := spec.OnBlock; f != nil {
 		req.OnBlock = func(_ *Lock, blocked Mode) { f(blocked) }
 	}
 	lk, err := ls.Acquire(ctx, req)
 	if err != nil {
 		return nil, err // never a typed nil: callers compare handles with nil
-	}
-	if spec.LVB != nil && spec.Flags&ValBlk == 0 {
-		if err := lk.SetLVB(spec.LVB); err != nil {
-			_ = lk.Unlock(context.WithoutCancel(ctx), 0)
-			return nil, err
-		}
 	}
 	return lk, nil
 }
