@@ -12,7 +12,7 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-func tempFile(t *testing.T, size int64) string {
+func tempFile(t testing.TB, size int64) string {
 	t.Helper()
 	p := filepath.Join(t.TempDir(), "disk.img")
 	if err := os.WriteFile(p, nil, 0o600); err != nil {
