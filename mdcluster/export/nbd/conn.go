@@ -215,6 +215,11 @@ func (c *conn) haggle() (*export, error) {
 		opt := binary.BigEndian.Uint32(b[8:])
 		size := binary.BigEndian.Uint32(b[12:])
 		if uint64(size) > uint64(c.s.cfg.MaxOptionLength) {
+			if opt == optExportName {
+				// No error reply exists for EXPORT_NAME, and no valid name
+				// is this long: hang up without reading it.
+				return nil, fmt.Errorf("NBD_OPT_EXPORT_NAME with a %d-byte name", size)
+			}
 			if _, err := io.CopyN(io.Discard, c.br, int64(size)); err != nil {
 				return nil, fmt.Errorf("skipping %d bytes of option %d data: %w", size, opt, err)
 			}
@@ -238,6 +243,9 @@ func (c *conn) haggle() (*export, error) {
 // negotiation successfully.
 func (c *conn) option(opt uint32, data []byte, noZeroes bool) (*export, error) {
 	if c.closingFlag.Load() && opt != optAbort {
+		if opt == optExportName {
+			return nil, errShutdown // it has no error reply: hang up
+		}
 		return nil, c.optError(opt, repErrShutdown, "server is shutting down")
 	}
 	switch opt {

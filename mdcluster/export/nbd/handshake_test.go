@@ -225,6 +225,12 @@ func TestBadHandshakesClose(t *testing.T) {
 			b[0] ^= 1
 			r.write(b)
 		}},
+		{"export name over MaxOptionLength", func(r *rawClient) {
+			// EXPORT_NAME has no error reply, so even a skippable
+			// length ends the connection.
+			r.clientFlags(flagCFixedNewstyle)
+			r.write(optBytes(optExportName, make([]byte, 20<<10))[:16])
+		}},
 		{"oldstyle-looking garbage", func(r *rawClient) { r.write([]byte("NBDMAGIC\x00\x42\x02\x81\x86\x12\x53")) }},
 	}
 	for _, tc := range cases {

@@ -61,15 +61,26 @@ func (c *conn) readRequests() error {
 			case isTimeout(err):
 				// Nothing of a new request has arrived: only the idle
 				// limit matters here.
-				if cfg.IdleTimeout > 0 && time.Since(c.lastReq) >= cfg.IdleTimeout && !c.budget.busy() {
-					c.s.stats.timeouts.Add(1)
-					return fmt.Errorf("no request for %v (IdleTimeout)", cfg.IdleTimeout)
+				if cfg.IdleTimeout > 0 && time.Since(c.lastReq) >= cfg.IdleTimeout {
+					if !c.budget.busy() {
+						c.s.stats.timeouts.Add(1)
+						return fmt.Errorf("no request for %v (IdleTimeout)", cfg.IdleTimeout)
+					}
+					// Waiting for our own replies is not idling.
+					c.lastReq = time.Now()
 				}
 				continue
 			}
 			return fmt.Errorf("reading request: %w", err)
 		}
-		c.lastReq = now
+		if cfg.IdleTimeout > 0 {
+			// A request has begun: note it, and replace the idle deadline
+			// (which may be close) with the full RequestTimeout.
+			now = time.Now()
+			c.lastReq = now
+			c.rdl = now.Add(cfg.RequestTimeout)
+			c.setReadDeadline(c.rdl)
+		}
 		if _, err := io.ReadFull(c.br, hdr[:]); err != nil {
 			return c.readErr("request header", err)
 		}

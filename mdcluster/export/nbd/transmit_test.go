@@ -603,6 +603,24 @@ func TestTimeouts(t *testing.T) {
 			t.Fatalf("timeouts %d", st.Timeouts)
 		}
 	})
+	t.Run("waiting for replies is not idle", func(t *testing.T) {
+		h := &hookBackend{Backend: NewMemBackend(1 << 16), gate: make(chan struct{}), entered: make(chan string, 1)}
+		s, sock := startServer(t, Config{IdleTimeout: 100 * time.Millisecond, Exports: []Export{{Name: "g", Backend: h}}})
+		c := dialGo(t, sock, "g")
+		_, ch := c.send(cmdRead, 0, 0, 1, nil, 1)
+		<-h.entered
+		time.Sleep(300 * time.Millisecond)
+		close(h.gate)
+		if r := c.wait(ch); r.err != nil || r.errno != 0 {
+			t.Fatalf("slow read: %+v", r)
+		}
+		if _, errno := c.read(0, 1); errno != 0 {
+			t.Fatal(errno)
+		}
+		if st := s.Stats(); st.Timeouts != 0 {
+			t.Fatalf("timeouts %d", st.Timeouts)
+		}
+	})
 	t.Run("idle is not a request timeout", func(t *testing.T) {
 		// With no IdleTimeout, a connection may idle past RequestTimeout.
 		_, sock, _ := memServer(t, 1<<16, func(c *Config) { c.RequestTimeout = 100 * time.Millisecond })
