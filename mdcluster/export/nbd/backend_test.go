@@ -280,3 +280,11 @@ func TestBufPool(t *testing.T) {
 	}
 	putBuf(make([]byte, 5000)) // not from the pool: ignored
 }
+
+func TestFileBackendReadPastEnd(t *testing.T) {
+	b, _ := openTemp(t, 1000)
+	buf := make([]byte, 100)
+	if n, err := b.ReadAt(buf, 950); n != 50 || err != io.EOF {
+		t.Fatalf("read past the end: %d %v, want 50 and io.EOF itself", n, err)
+	}
+}

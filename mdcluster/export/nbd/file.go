@@ -77,13 +77,17 @@ func (b *FileBackend) Close() error {
 	return nil
 }
 
-// ReadAt implements Backend.
+// ReadAt implements Backend (and io.ReaderAt: a read running past the end
+// returns what there is and io.EOF itself, unwrapped).
 func (b *FileBackend) ReadAt(p []byte, off int64) (int, error) {
 	n, err := b.f.ReadAt(p, off)
-	if err != nil && !(errors.Is(err, io.EOF) && n == len(p)) {
-		return n, fmt.Errorf("nbd file backend: read %d bytes at %d: %w", len(p), off, err)
+	switch {
+	case err == nil || n == len(p):
+		return n, nil
+	case err == io.EOF:
+		return n, io.EOF
 	}
-	return n, nil
+	return n, fmt.Errorf("nbd file backend: read %d bytes at %d: %w", len(p), off, err)
 }
 
 // WriteAt implements Backend.

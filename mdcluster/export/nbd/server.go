@@ -278,9 +278,10 @@ func (s *Server) forget(c *conn) {
 	s.wg.Done()
 }
 
-// Close shuts the server down gracefully: it stops accepting, answers
-// options still being negotiated with NBD_REP_ERR_SHUTDOWN, stops reading
-// new requests (any already received are answered ESHUTDOWN), lets the
+// Close shuts the server down gracefully: it stops accepting, ends
+// negotiations (options already received are answered
+// NBD_REP_ERR_SHUTDOWN), stops reading new requests (any already received
+// but not started are answered ESHUTDOWN), lets the
 // requests in flight finish and their replies go out, flushes each backend
 // that connection wrote to, and disconnects. Connections still busy after
 // ShutdownTimeout are closed regardless. Close returns an error only if a
