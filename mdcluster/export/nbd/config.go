@@ -81,7 +81,8 @@ type Config struct {
 	HandshakeTimeout time.Duration
 	// RequestTimeout bounds the time from the first byte of a request to
 	// its last (header and write data), so a client cannot hold buffers by
-	// sending half a request.
+	// sending half a request. The deadline is renewed lazily: a request
+	// gets at least three quarters of RequestTimeout.
 	RequestTimeout time.Duration
 	// IdleTimeout closes a transmitting connection that sends no request
 	// for this long while nothing is in flight. Zero (the default) never
@@ -89,7 +90,8 @@ type Config struct {
 	IdleTimeout time.Duration
 	// WriteTimeout bounds writing one reply; a client that stops reading
 	// its replies is disconnected rather than allowed to pin its requests'
-	// buffers.
+	// buffers. Like RequestTimeout it is renewed lazily, so a reply gets at
+	// least three quarters of it.
 	WriteTimeout time.Duration
 	// ShutdownTimeout bounds how long Close waits for requests in flight
 	// to finish before it closes the remaining connections regardless.

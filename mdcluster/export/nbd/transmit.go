@@ -41,8 +41,7 @@ func (c *conn) readRequests() error {
 	var hdr [requestHdrLen]byte
 	cfg := &c.s.cfg
 	for {
-		now := time.Now()
-		c.armRead(now)
+		c.armRead(time.Now())
 		if cfg.IdleTimeout > 0 {
 			if idle := c.lastReq.Add(cfg.IdleTimeout); idle.Before(c.rdl) {
 				c.rdl = idle
@@ -73,13 +72,16 @@ func (c *conn) readRequests() error {
 			}
 			return fmt.Errorf("reading request: %w", err)
 		}
+		// A request has begun. The deadline in force may be close (set
+		// long ago while waiting, or the idle deadline): renew it so the
+		// request has at least three quarters of RequestTimeout.
+		now := time.Now()
 		if cfg.IdleTimeout > 0 {
-			// A request has begun: note it, and replace the idle deadline
-			// (which may be close) with the full RequestTimeout.
-			now = time.Now()
 			c.lastReq = now
 			c.rdl = now.Add(cfg.RequestTimeout)
 			c.setReadDeadline(c.rdl)
+		} else {
+			c.armRead(now)
 		}
 		if _, err := io.ReadFull(c.br, hdr[:]); err != nil {
 			return c.readErr("request header", err)
@@ -96,10 +98,11 @@ func (c *conn) readRequests() error {
 	}
 }
 
-// armRead keeps a read deadline between three quarters of RequestTimeout
-// and RequestTimeout ahead, so every request (header and data) arrives
-// within RequestTimeout of its first byte, at the cost of a deadline update
-// only every quarter of RequestTimeout rather than per request.
+// armRead keeps the read deadline between three quarters of
+// RequestTimeout and RequestTimeout ahead of now. Called when a request's
+// first byte has arrived, it gives the request (header and data) at least
+// three quarters of RequestTimeout and at most all of it, at the cost of a
+// deadline update every quarter of RequestTimeout rather than per request.
 func (c *conn) armRead(now time.Time) {
 	t := c.s.cfg.RequestTimeout
 	if c.rdl.Sub(now) < t*3/4 {

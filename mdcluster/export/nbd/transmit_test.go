@@ -582,6 +582,31 @@ func TestTimeouts(t *testing.T) {
 			t.Fatalf("timeouts %d", st.Timeouts)
 		}
 	})
+	t.Run("request starting near an old deadline", func(t *testing.T) {
+		// The deadline armed while waiting must not cut short a request
+		// that begins just before it expires.
+		s, sock, m := memServer(t, 1<<16, func(c *Config) { c.RequestTimeout = time.Second })
+		c := dialGo(t, sock, "mem")
+		hdr := encodeRequest(nil, request{typ: cmdWrite, cookie: 1, length: 4})
+		_, ch := func() (uint64, <-chan result) {
+			c.mu.Lock()
+			ch := make(chan result, 1)
+			c.pending[1] = &pending{ch: ch}
+			c.next = 1
+			c.mu.Unlock()
+			return 1, ch
+		}()
+		time.Sleep(800 * time.Millisecond)
+		c.nc.Write(hdr[:10])
+		time.Sleep(500 * time.Millisecond)
+		c.nc.Write(append(hdr[10:], "late"...))
+		if r := c.wait(ch); r.err != nil || r.errno != 0 {
+			t.Fatalf("slow-starting request: %+v", r)
+		}
+		if st := s.Stats(); st.Timeouts != 0 || string(m.Bytes()[:4]) != "late" {
+			t.Fatalf("timeouts %d, data %q", st.Timeouts, m.Bytes()[:4])
+		}
+	})
 	t.Run("write data", func(t *testing.T) {
 		s, sock, m := memServer(t, 1<<16, func(c *Config) { c.RequestTimeout = 200 * time.Millisecond })
 		c := dialGo(t, sock, "mem")
