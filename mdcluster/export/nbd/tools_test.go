@@ -41,6 +41,7 @@ func runTool(t *testing.T, timeout time.Duration, name string, args ...string) s
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, name, args...)
+	cmd.Dir = t.TempDir() // whatever a tool leaves behind stays out of the tree
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	start := time.Now()
@@ -155,7 +156,9 @@ func TestNbdcopyRoundTrip(t *testing.T) {
 func fio(t *testing.T, uri string, args ...string) map[string]any {
 	t.Helper()
 	fioPath := needTool(t, "fio", "fio")
-	args = append([]string{"--output-format=json", "--ioengine=nbd", "--uri=" + uri}, args...)
+	// fio saves its verify state in the working directory unless told
+	// not to; the package directory is not the place for it.
+	args = append([]string{"--output-format=json", "--ioengine=nbd", "--uri=" + uri, "--verify_state_save=0"}, args...)
 	out := runTool(t, 90*time.Second, fioPath, args...)
 	// fio may print notes before the JSON.
 	if i := strings.IndexByte(out, '{'); i > 0 {
