@@ -5,8 +5,9 @@ GO ?= go
 export PATH := /usr/local/go/bin:$(PATH)
 
 # Debian packages the tests use: mdadm (format interop checks); QEMU and a
-# static busybox for the VM tests in vmtest/ (they fetch the kernel themselves).
-APT_PACKAGES ?= mdadm qemu-system-x86 busybox-static
+# static busybox for the VM tests in vmtest/ (they fetch the kernel themselves);
+# libnbd-bin (nbdinfo, nbdcopy) and fio as independent NBD clients.
+APT_PACKAGES ?= mdadm qemu-system-x86 busybox-static libnbd-bin fio
 
 .PHONY: all build test demo deps vet race sim fuzz bench clean vmtest
 

@@ -1,0 +1,118 @@
+package nbd
+
+import (
+	"math/bits"
+	"sync"
+	"sync/atomic"
+)
+
+// budget bounds what one connection holds in flight: a number of requests
+// and a number of payload bytes. Only the connection's reader acquires, so
+// there is no queue to be fair to; completions release.
+type budget struct {
+	maxN, maxBytes int
+	waits          *atomic.Uint64 // counts acquires that had to wait (Stats.InFlightWaits)
+
+	mu     sync.Mutex
+	cond   sync.Cond
+	n      int
+	bytes  int
+	closed bool
+}
+
+func newBudget(maxN, maxBytes int, waits *atomic.Uint64) *budget {
+	b := &budget{maxN: maxN, maxBytes: maxBytes, waits: waits}
+	b.cond.L = &b.mu
+	return b
+}
+
+// acquire takes one request slot and size bytes (size ≤ maxBytes, which
+// the config guarantees), waiting while the connection is at its limit. It
+// reports whether it had to wait, and false for ok if the budget was closed
+// while waiting.
+func (b *budget) acquire(size int) (waited, ok bool) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for !b.closed && (b.n >= b.maxN || b.bytes+size > b.maxBytes) {
+		if !waited {
+			waited = true
+			b.waits.Add(1)
+		}
+		b.cond.Wait()
+	}
+	if b.closed {
+		return waited, false
+	}
+	b.n++
+	b.bytes += size
+	return waited, true
+}
+
+// release gives back what one acquire took.
+func (b *budget) release(size int) {
+	b.mu.Lock()
+	b.n--
+	b.bytes -= size
+	b.mu.Unlock()
+	b.cond.Signal()
+}
+
+// busy reports whether any request is in flight.
+func (b *budget) busy() bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.n > 0
+}
+
+// close wakes a waiting acquire and makes later ones fail: the connection
+// is going away and the reader must stop.
+func (b *budget) close() {
+	b.mu.Lock()
+	b.closed = true
+	b.mu.Unlock()
+	b.cond.Broadcast()
+}
+
+// Payload buffers come from per-size-class pools (powers of two from 4 KiB),
+// so a busy connection reuses its buffers instead of allocating one per
+// request; the budget, not the pools, bounds how many exist at once.
+const (
+	minBufShift = 12
+	maxBufShift = 31
+)
+
+var bufPools [maxBufShift - minBufShift + 1]sync.Pool
+
+// getBuf returns a buffer of length n from the pool of its size class.
+func getBuf(n int) []byte {
+	if n == 0 {
+		return nil
+	}
+	c := bufClass(n)
+	if p, _ := bufPools[c].Get().(*[]byte); p != nil {
+		return (*p)[:n]
+	}
+	return make([]byte, n, 1<<(c+minBufShift))
+}
+
+// putBuf returns a buffer obtained from getBuf.
+func putBuf(b []byte) {
+	if cap(b) == 0 {
+		return
+	}
+	c := bufClass(cap(b))
+	if cap(b) != 1<<(c+minBufShift) {
+		return // not one of ours
+	}
+	b = b[:cap(b)]
+	bufPools[c].Put(&b)
+}
+
+// bufClass is the index of the smallest class holding n bytes (n ≥ 1).
+func bufClass(n int) int {
+	shift := bits.Len(uint(n - 1))
+	if shift < minBufShift {
+		shift = minBufShift
+	}
+	return shift - minBufShift
+}

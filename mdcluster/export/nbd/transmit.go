@@ -1,0 +1,404 @@
+package nbd
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"time"
+)
+
+// transmit serves requests for x until the client disconnects, the
+// connection fails or the server shuts down; then it waits for the
+// requests in flight, flushes the backend if this connection wrote to it,
+// and returns.
+func (c *conn) transmit(x *export) error {
+	c.wmu.Lock()
+	c.exp = x
+	c.budget = newBudget(c.s.cfg.MaxInFlight, c.s.cfg.MaxInFlightBytes, &c.s.stats.inFlightWaits)
+	c.wmu.Unlock()
+	c.nc.SetWriteDeadline(time.Time{})
+	c.rdl = time.Time{}
+	c.lastReq = time.Now()
+
+	err := c.readRequests()
+	c.running.Wait()
+	c.dlMu.Lock()
+	forced := c.forced
+	c.dlMu.Unlock()
+	if c.dirty.Load() && x.caps.Flush && !forced {
+		// Data the client wrote should not depend on it having flushed
+		// before it left (or before we closed it).
+		if ferr := x.Backend.Flush(); ferr != nil {
+			c.s.stats.backendErrors.Add(1)
+			c.s.plog.warn("nbd: flush at disconnect failed", "remote", c.remote, "export", x.Name, "err", ferr)
+		}
+	}
+	return err
+}
+
+// readRequests is the connection's reading loop.
+func (c *conn) readRequests() error {
+	var hdr [requestHdrLen]byte
+	cfg := &c.s.cfg
+	for {
+		c.armRead(time.Now())
+		if cfg.IdleTimeout > 0 {
+			if idle := c.lastReq.Add(cfg.IdleTimeout); idle.Before(c.rdl) {
+				c.rdl = idle
+				c.setReadDeadline(idle)
+			}
+		}
+		if _, err := c.br.Peek(1); err != nil {
+			switch {
+			case c.closingFlag.Load():
+				return errShutdown
+			case c.writeErr() != nil:
+				return c.writeErr()
+			case errors.Is(err, io.EOF):
+				// A hard disconnect between requests: allowed, if rude.
+				return errDisconnected
+			case isTimeout(err):
+				// Nothing of a new request has arrived: only the idle
+				// limit matters here.
+				if cfg.IdleTimeout > 0 && time.Since(c.lastReq) >= cfg.IdleTimeout {
+					if !c.budget.busy() {
+						c.s.stats.timeouts.Add(1)
+						return fmt.Errorf("no request for %v (IdleTimeout)", cfg.IdleTimeout)
+					}
+					// Waiting for our own replies is not idling.
+					c.lastReq = time.Now()
+				}
+				continue
+			}
+			return fmt.Errorf("reading request: %w", err)
+		}
+		// A request has begun. The deadline in force may be close (set
+		// long ago while waiting, or the idle deadline): renew it so the
+		// request has at least three quarters of RequestTimeout.
+		now := time.Now()
+		if cfg.IdleTimeout > 0 {
+			c.lastReq = now
+			c.rdl = now.Add(cfg.RequestTimeout)
+			c.setReadDeadline(c.rdl)
+		} else {
+			c.armRead(now)
+		}
+		if _, err := io.ReadFull(c.br, hdr[:]); err != nil {
+			return c.readErr("request header", err)
+		}
+		req, err := decodeRequest(hdr[:])
+		if err != nil {
+			c.s.stats.protocolErrors.Add(1)
+			c.s.plog.warn("nbd: closing connection: stream out of step", "remote", c.remote, "err", err)
+			return err
+		}
+		if err := c.request(req); err != nil {
+			return err
+		}
+	}
+}
+
+// armRead keeps the read deadline between three quarters of
+// RequestTimeout and RequestTimeout ahead of now. Called when a request's
+// first byte has arrived, it gives the request (header and data) at least
+// three quarters of RequestTimeout and at most all of it, at the cost of a
+// deadline update every quarter of RequestTimeout rather than per request.
+func (c *conn) armRead(now time.Time) {
+	t := c.s.cfg.RequestTimeout
+	if c.rdl.Sub(now) < t*3/4 {
+		c.rdl = now.Add(t)
+		c.setReadDeadline(c.rdl)
+	}
+}
+
+// readErr describes a failure to read the rest of a request.
+func (c *conn) readErr(what string, err error) error {
+	switch {
+	case c.closingFlag.Load():
+		return errShutdown
+	case c.writeErr() != nil:
+		return c.writeErr()
+	case isTimeout(err):
+		c.s.stats.timeouts.Add(1)
+		return fmt.Errorf("%s not received within RequestTimeout (%v): %w", what, c.s.cfg.RequestTimeout, err)
+	}
+	c.s.stats.protocolErrors.Add(1)
+	return fmt.Errorf("reading %s: %w", what, err)
+}
+
+// request handles one request header: answers it at once if it is invalid,
+// else reads its data and starts it.
+func (c *conn) request(r request) error {
+	st := &c.s.stats
+	x := c.exp
+	switch r.typ {
+	case cmdRead:
+		st.reads.Add(1)
+	case cmdWrite:
+		st.writes.Add(1)
+	case cmdFlush:
+		st.flushes.Add(1)
+	case cmdTrim:
+		st.trims.Add(1)
+	case cmdWriteZeroes:
+		st.zeroes.Add(1)
+	case cmdDisc:
+		// No reply; the client sends nothing after it. What is in flight
+		// finishes and the connection closes.
+		st.discs.Add(1)
+		return errDisconnected
+	default:
+		st.other.Add(1)
+	}
+	errno := c.check(r)
+	if errno == errnoOK && c.closingFlag.Load() {
+		errno = errnoShutdown
+	}
+	if r.typ == cmdWrite {
+		n := int64(r.length)
+		if n > int64(x.maxPayload) {
+			st.oversized.Add(1)
+			if n > defaultMaxBody {
+				// Reading that much just to drop it is what a server may
+				// call abuse: the protocol lets it hang up instead.
+				st.protocolErrors.Add(1)
+				c.s.plog.warn("nbd: closing connection: write too large", "remote", c.remote,
+					"length", n, "max_payload", x.maxPayload)
+				return fmt.Errorf("write of %d bytes is over the maximum payload of %d", n, x.maxPayload)
+			}
+			errno = errnoInval
+		}
+		if errno != errnoOK {
+			// The data follows the header whatever the answer: read past it.
+			if _, err := io.CopyN(io.Discard, c.br, n); err != nil {
+				return c.readErr("write data", err)
+			}
+			c.reply(r.cookie, errno, nil)
+			return nil
+		}
+	}
+	if errno != errnoOK {
+		c.reply(r.cookie, errno, nil)
+		return nil
+	}
+	size := 0
+	if r.typ == cmdRead || r.typ == cmdWrite {
+		size = int(r.length)
+	}
+	waited, ok := c.budget.acquire(size)
+	if !ok {
+		return errShutdown
+	}
+	if waited && c.closingFlag.Load() {
+		// Close began while this request waited for a slot: it has not
+		// started, so it is refused like one received after Close.
+		c.budget.release(size)
+		if r.typ == cmdWrite {
+			if _, err := io.CopyN(io.Discard, c.br, int64(size)); err != nil {
+				return c.readErr("write data", err)
+			}
+		}
+		c.reply(r.cookie, errnoShutdown, nil)
+		return nil
+	}
+	st.inFlight.Add(1)
+	st.inFlightBytes.Add(int64(size))
+	buf := getBuf(size)
+	if r.typ == cmdWrite && size > 0 {
+		if _, err := io.ReadFull(c.br, buf); err != nil {
+			c.finish(size, buf)
+			return c.readErr("write data", err)
+		}
+	}
+	c.running.Add(1)
+	go c.run(r, buf)
+	return nil
+}
+
+// check validates a request against the export and returns the error to
+// answer it with, or 0. The order follows the protocol's precedence: a
+// write to a read-only export is EPERM whatever else is wrong with it.
+func (c *conn) check(r request) uint32 {
+	x := c.exp
+	var allowed uint16 = cmdFlagFUA // valid on every command, ignored where meaningless
+	switch r.typ {
+	case cmdRead:
+	case cmdWrite:
+		if x.readOnly {
+			return errnoPerm
+		}
+	case cmdFlush:
+		if x.tflags&tflagSendFlush == 0 {
+			return errnoInval
+		}
+	case cmdTrim:
+		if x.readOnly {
+			return errnoPerm
+		}
+		if x.tflags&tflagSendTrim == 0 {
+			return errnoInval
+		}
+	case cmdWriteZeroes:
+		if x.readOnly {
+			return errnoPerm
+		}
+		if x.tflags&tflagSendZeroes == 0 {
+			return errnoInval
+		}
+		allowed |= cmdFlagNoHole
+		if x.tflags&tflagSendFastZero != 0 {
+			allowed |= cmdFlagFastZero
+		}
+	default:
+		// CACHE, BLOCK_STATUS (not advertised or negotiated) and unknown
+		// commands.
+		return errnoInval
+	}
+	if r.flags&^allowed != 0 {
+		return errnoInval
+	}
+	if r.typ == cmdFlush {
+		if r.offset != 0 || r.length != 0 {
+			return errnoInval
+		}
+		return errnoOK
+	}
+	if r.typ == cmdRead && r.length > x.maxPayload {
+		c.s.stats.oversized.Add(1)
+		return errnoInval
+	}
+	if m := uint64(x.minBlock); m > 1 && (r.offset%m != 0 || uint64(r.length)%m != 0) {
+		return errnoInval
+	}
+	if end := r.offset + uint64(r.length); end < r.offset || end > uint64(x.size) {
+		if r.typ == cmdWrite || r.typ == cmdWriteZeroes {
+			return errnoNoSpc // writing past the end: no space there
+		}
+		return errnoInval
+	}
+	return errnoOK
+}
+
+// run performs one request on the backend and replies.
+func (c *conn) run(r request, buf []byte) {
+	defer c.running.Done()
+	st := &c.s.stats
+	x := c.exp
+	off, n := int64(r.offset), int64(r.length)
+	var flags IOFlags
+	if r.flags&cmdFlagFUA != 0 && x.caps.Flush {
+		flags |= FUA
+	}
+	var err error
+	switch r.typ {
+	case cmdRead:
+		if n > 0 {
+			var got int
+			got, err = x.Backend.ReadAt(buf, off)
+			if got == len(buf) {
+				err = nil // io.ReaderAt may report EOF with a full read at the end
+			} else if err == nil {
+				err = fmt.Errorf("short read: %d of %d bytes: %w", got, n, io.ErrUnexpectedEOF)
+			}
+		}
+	case cmdWrite:
+		if n > 0 {
+			err = x.Backend.WriteAt(buf, off, flags)
+		}
+	case cmdFlush:
+		err = x.Backend.Flush()
+	case cmdTrim:
+		if n > 0 {
+			err = x.Backend.Trim(off, n, flags)
+		}
+	case cmdWriteZeroes:
+		if r.flags&cmdFlagNoHole != 0 {
+			flags |= NoHole
+		}
+		if r.flags&cmdFlagFastZero != 0 {
+			flags |= FastZero
+		}
+		if n > 0 {
+			err = x.Backend.WriteZeroes(off, n, flags)
+		}
+	}
+	var data []byte
+	switch {
+	case err == nil:
+		switch r.typ {
+		case cmdRead:
+			data = buf
+			st.bytesRead.Add(uint64(n))
+		case cmdWrite:
+			st.bytesWritten.Add(uint64(n))
+			c.dirty.Store(true)
+		case cmdTrim, cmdWriteZeroes:
+			c.dirty.Store(true)
+		}
+	case errors.Is(err, ErrNotFast):
+		// An expected answer to FAST_ZERO, not a failure.
+	default:
+		st.backendErrors.Add(1)
+		c.s.plog.warn("nbd: backend error", "export", x.Name, "command", cmdName(r.typ),
+			"offset", off, "length", n, "err", err)
+	}
+	c.reply(r.cookie, errnoOf(err), data)
+	c.finish(len(buf), buf)
+}
+
+// finish returns what request took from the budget.
+func (c *conn) finish(size int, buf []byte) {
+	putBuf(buf)
+	c.s.stats.inFlight.Add(-1)
+	c.s.stats.inFlightBytes.Add(-int64(size))
+	c.budget.release(size)
+}
+
+// reply sends a simple reply, with data for a successful read. Replies are
+// buffered; the last of the completions queued behind the lock flushes, so
+// a burst of replies leaves in one write. After a write error every later
+// reply is dropped: the connection is being torn down.
+func (c *conn) reply(cookie uint64, errno uint32, data []byte) {
+	if errno != errnoOK {
+		c.s.stats.errorReplies.Add(1)
+	}
+	c.waiting.Add(1)
+	c.wmu.Lock()
+	c.waiting.Add(-1)
+	defer c.wmu.Unlock()
+	if c.werr != nil {
+		return
+	}
+	// Like armRead: a deadline between 3/4 and all of WriteTimeout ahead,
+	// renewed every quarter of it rather than per reply.
+	now := time.Now()
+	if t := c.s.cfg.WriteTimeout; c.wdl.Sub(now) < t*3/4 {
+		c.wdl = now.Add(t)
+		c.nc.SetWriteDeadline(c.wdl)
+	}
+	_, err := c.bw.Write(appendReply(c.replyHdr[:0], errno, cookie))
+	if err == nil && len(data) > 0 {
+		_, err = c.bw.Write(data)
+	}
+	if err == nil && c.waiting.Load() == 0 {
+		err = c.bw.Flush()
+	}
+	if err != nil {
+		c.werr = fmt.Errorf("sending reply: %w", err)
+		if isTimeout(err) {
+			c.s.stats.timeouts.Add(1)
+			c.werr = fmt.Errorf("client did not read its replies within WriteTimeout (%v): %w", c.s.cfg.WriteTimeout, err)
+		}
+		if !c.closingFlag.Load() {
+			c.s.plog.warn("nbd: closing connection: cannot send replies", "remote", c.remote, "err", c.werr)
+		}
+		c.nc.Close() // wakes the reader
+	}
+}
+
+// writeErr returns the reply write error, if any.
+func (c *conn) writeErr() error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	return c.werr
+}
