@@ -129,6 +129,10 @@ func (s *Sim) checkReady(n *Node, rd membership.Ready) {
 		}
 		last = in.View.Gen
 	}
+	if sa := rd.StopAfterInstall; sa != nil && (len(rd.Install) == 0 || (sa.Change == nil && !sa.NotQuorate) ||
+		(sa.Change != nil && (rd.Stop == nil || !rd.Stop.Equal(*sa.Change)))) {
+		s.fail("node %s: %v does not fit its Ready (installs %d, stop %v)", n.ID, sa, len(rd.Install), rd.Stop)
+	}
 	for _, f := range rd.Fence {
 		if !believedQuorate {
 			s.fail("node %s asked to fence %s while its alive set %v is not quorate", n.ID, f.Node, n.alive)

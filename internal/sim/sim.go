@@ -147,8 +147,11 @@ type Node struct {
 	resetting bool
 	// hold: incoming lock traffic waits (from Stop or quorum loss until the
 	// next Install), unless Faults.Early.
-	hold     bool
-	ownerSeq int
+	hold bool
+	// lmStopped: the applier has stopped the lock manager and no recovery
+	// has started since (the driver's side of Agreement.LockManagerStopped).
+	lmStopped bool
+	ownerSeq  int
 }
 
 // Sim is one simulated cluster.
@@ -294,7 +297,7 @@ func (s *Sim) Start(id NodeID) {
 		return
 	}
 	sp.Stop()
-	n.Ag, n.Sp, n.Up, n.quorate, n.fenced, n.hold = ag, sp, true, false, false, true
+	n.Ag, n.Sp, n.Up, n.quorate, n.fenced, n.hold, n.lmStopped = ag, sp, true, false, false, true, true
 	n.inc++
 	ap, err := apply.New(apply.Config{Self: id, Effects: effects{s: s, n: n, inc: n.inc}})
 	if err != nil {
@@ -407,13 +410,24 @@ func (s *Sim) pump(n *Node) {
 // apply carries out an Agreement Ready through the node's apply.Applier,
 // the code the daemon runs (its order and its install rules); effects below
 // are the simulated world's side of it.
+//
+// Invariant: once the Ready is carried out, the lock manager is stopped
+// exactly when the Agreement counts it as stopped (its record when the
+// Ready was taken). A lock manager stopped behind the Agreement's back would
+// never be resumed: only a stopped member asks for the view that resumes it.
 func (s *Sim) apply(n *Node, rd membership.Ready) {
 	s.checkReady(n, rd)
 	if s.failed != "" {
 		return
 	}
-	if err := n.ap.Apply(rd, apply.Facts{Quorate: n.Ag.Quorate()}); err != nil {
+	want, inc := n.Ag.LockManagerStopped(), n.inc
+	if err := n.ap.Apply(rd); err != nil {
 		s.fail("node %s: %v", n.ID, err)
+		return
+	}
+	if n.Up && n.inc == inc && s.failed == "" && n.lmStopped != want {
+		s.fail("node %s: its agreement counts its lock manager as stopped=%v, but the applier left it stopped=%v (installs %d, stop %v, %v, quorate %v)",
+			n.ID, want, n.lmStopped, len(rd.Install), rd.Stop, rd.StopAfterInstall, n.Ag.Quorate())
 	}
 }
 
@@ -440,7 +454,7 @@ func (e effects) StopLockManager(st apply.Stop) {
 		return
 	}
 	e.n.Sp.Stop()
-	e.n.hold = true
+	e.n.hold, e.n.lmStopped = true, true
 	if st.AfterInstall {
 		e.s.stats.StopsAfterInstall++
 	}
@@ -529,6 +543,7 @@ func (s *Sim) install(n *Node, rc apply.Recovery) error {
 		s.fail("node %s: Recover(gen %d): %v", n.ID, rc.Gen, err)
 		return err
 	}
+	n.lmStopped = false
 	s.collectSpace(n)
 	n.resetting = false
 	// Rejoining clean: with a reset, or as a fresh lockspace that never

@@ -122,12 +122,20 @@ type Agreement struct {
 	selfFenced uint64
 	stopped    uint64 // ballot of the last Stop emitted
 	quorate    bool
-	// suspended: the driver was told to stop its lock manager (Stop or
-	// Quorate=false, or it just started) and no Install has followed. The
-	// lock manager resumes only through an Install, and recovery needs every
-	// member, so a member in this state asks for a new view (see
-	// wantsView).
+	// suspended is this machine's record of the driver's lock manager:
+	// stopped (since start, a Stop or a loss of quorum) and not resumed by
+	// an Install since. It follows the machine's own order of events: a
+	// Stop or a loss of quorum sets it, an Install clears it only if the
+	// node is quorate after it. Where an Install and a later stop share one
+	// Ready, the driver carries out the Install after the stop and must
+	// stop again (Ready.StopAfterInstall), so the record and the lock
+	// manager agree. The lock manager resumes only through an Install, and
+	// recovery needs every member, so a member in this state asks for a new
+	// view (see wantsView).
 	suspended bool
+	// afterInstall says why the lock manager is stopped again after the
+	// last Install of the Ready being built (Ready.StopAfterInstall).
+	afterInstall StopAfterInstall
 	// quietSince is the tick of the last sign that a change is under way
 	// (a PREPARE or ACCEPT this node answered, a Stop) or that quorum came
 	// back; a suspended member waits 2*PrepareTimeout ticks from it before
@@ -236,14 +244,29 @@ func (a *Agreement) Ready() Ready {
 		a.dirty = false
 	}
 	a.ready = Ready{}
-	if len(r.Install) > 0 {
-		// The driver acts on Stop and Quorate=false before Install, so
-		// after this Ready its lock manager runs, whatever order the
-		// machine decided them in.
-		a.suspended = false
+	if len(r.Install) > 0 && a.suspended {
+		// The driver acts on Stop and Quorate=false before Install; a stop
+		// that came after the last Install (or a quorum still missing
+		// after it) must outlast that Install's recovery.
+		sa := a.afterInstall
+		if sa.Change != nil {
+			sa.Change = &View{Gen: sa.Change.Gen, Members: slices.Clone(sa.Change.Members)}
+		}
+		r.StopAfterInstall = &sa
 	}
+	a.afterInstall = StopAfterInstall{}
 	return r
 }
+
+// LockManagerStopped reports whether this node's lock manager is stopped
+// once the driver has carried out the Readies taken so far: since it
+// started, or since a Stop or a loss of quorum, no Install has resumed it
+// (an Install resumes it only if the node is quorate after it, and not if
+// a stop came after it in the same Ready: see Ready.StopAfterInstall). A
+// quorate member in this state asks for a new view to resume through
+// (HELLO with the stopped flag, see docs/membership.md). Call it right
+// after Ready: events after that are not carried out yet.
+func (a *Agreement) LockManagerStopped() bool { return a.suspended }
 
 // SetAlive replaces the failure detector's belief of which nodes are alive.
 // Self is always counted as alive (until it has left). Losing quorum takes
@@ -554,6 +577,9 @@ func (a *Agreement) stopFor(ballot uint64, members []NodeID) {
 	a.stopped = ballot
 	a.suspended, a.quietSince = true, a.tick
 	a.ready.Stop = &View{Gen: ballot, Members: slices.Clone(members)}
+	if len(a.ready.Install) > 0 {
+		a.afterInstall.Change = &View{Gen: ballot, Members: slices.Clone(members)}
+	}
 	a.log(slog.LevelInfo, "view change began; stopping lock traffic", slog.Uint64("ballot", ballot), slog.Any("intended", members))
 }
 
@@ -674,7 +700,6 @@ func (a *Agreement) install(p Proposal, ballot uint64, from NodeID) {
 		a.restarted = false
 	}
 	a.excluded = false
-	a.suspended = false // the driver resumes through this Install
 	for _, id := range p.Left {
 		delete(a.leavers, id)
 	}
@@ -692,6 +717,11 @@ func (a *Agreement) install(p Proposal, ballot uint64, from NodeID) {
 		slog.Any("joined", in.Joined), slog.Any("rejoined", p.Rejoined), slog.Bool("reset", reset),
 		slog.String("quorum", a.cfg.Quorum.Describe(p.Members)))
 	a.updateQuorum()
+	// The driver resumes its lock manager through this Install, unless the
+	// node is not quorate after it (a leaver, or a view in which too few of
+	// the members are alive): then it stops it again.
+	a.suspended = !a.quorate
+	a.afterInstall = StopAfterInstall{NotQuorate: !a.quorate}
 }
 
 // noteReadmitted records that view p (re)admitted its joiners and rejoined
@@ -846,11 +876,12 @@ func (a *Agreement) target() []NodeID {
 }
 
 // wantsView reports whether this node needs a new view only to resume its
-// lock manager: it is a quorate member whose lock manager was stopped after
-// its last Install (quorum loss, or a Stop for a change that did not
-// complete), nothing has been under way for 2*PrepareTimeout ticks, and no
-// other reason for a change already covers it (a restarted node asks with
-// its own HELLO).
+// lock manager: it is a quorate member whose lock manager is stopped
+// (suspended: a quorum loss, or a Stop for a change that did not complete,
+// with no Install resuming it since; also a Stop in the very Ready of its
+// last Install), nothing has been under way for 2*PrepareTimeout ticks, and
+// no other reason for a change already covers it (a restarted node asks
+// with its own HELLO).
 func (a *Agreement) wantsView() bool {
 	return a.suspended && a.quorate && !a.restarted &&
 		a.tick-a.quietSince >= 2*int64(a.cfg.PrepareTimeout)
@@ -1217,6 +1248,9 @@ func (a *Agreement) updateQuorum() {
 	if !q {
 		level = slog.LevelWarn
 		a.suspended = true // the driver stops its lock manager
+		if len(a.ready.Install) > 0 {
+			a.afterInstall.NotQuorate = true // after this Ready's Install, too
+		}
 	} else {
 		a.quietSince = a.tick // give a change under way time before asking for one
 	}

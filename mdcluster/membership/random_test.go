@@ -1,4 +1,4 @@
-package membership
+package membership_test
 
 import (
 	"fmt"
@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/mdcluster/mdcluster/ddraid"
+	. "github.com/mdcluster/mdcluster/mdcluster/membership"
 )
 
 // TestRandomized runs whole clusters under seeded chaos (delays, drops,
@@ -89,7 +90,7 @@ func randomShape(c *cluster) (ddraid.Config, []NodeID) {
 	for i := range c.rng.IntN(3) {
 		extra = append(extra, NodeID(1+i*5)) // 1 or 6; 1 is data in some shapes (then it is a no-op)
 	}
-	extra = minus(normalize(extra), normalize(q.DataNodes))
+	extra = Minus(Normalize(extra), Normalize(q.DataNodes))
 	q.NonDataNodes = extra
 	return q, extra
 }
@@ -129,7 +130,7 @@ func runSeed(t testing.TB, seed uint64) (*cluster, string) {
 	c.net.Drop, c.net.FenceFail = 0, 0
 	c.heal()
 	for _, id := range c.ids {
-		if n := c.nodes[id]; n.up && n.a.leaving {
+		if n := c.nodes[id]; n.up && Leaving(n.a) {
 			// A leave that cannot complete (its quorum would break) is
 			// abandoned by restarting the daemon.
 			c.crash(id)
@@ -164,7 +165,7 @@ func runSeed(t testing.TB, seed uint64) (*cluster, string) {
 	// (A restart not yet readmitted with Rejoined still costs a view.)
 	resumed := func() bool {
 		for _, id := range c.ids {
-			if n := c.nodes[id]; n.up && n.a.restarted {
+			if n := c.nodes[id]; n.up && Restarted(n.a) {
 				return false
 			}
 		}

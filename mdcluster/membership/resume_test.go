@@ -1,8 +1,10 @@
-package membership
+package membership_test
 
 import (
 	"slices"
 	"testing"
+
+	. "github.com/mdcluster/mdcluster/mdcluster/membership"
 )
 
 // These tests cover members whose lock manager was stopped (Quorate=false,
@@ -80,7 +82,7 @@ func TestAbandonedChangeResumesLockManager(t *testing.T) {
 	c := formed(t, three, nil, calm)
 	old := c.nodes[1].a.View()
 	c.believe(1, 1, 2) // node 1 thinks 3 died: it proposes {1 2}
-	if c.nodes[1].a.phase != preparing || !c.nodes[1].dlmStopped {
+	if Phase(c.nodes[1].a) != "preparing" || !c.nodes[1].dlmStopped {
 		t.Fatalf("node 1 did not start a change:\n%s", c.describe())
 	}
 	c.step() // the PREPARE reaches node 2, which stops
@@ -88,7 +90,7 @@ func TestAbandonedChangeResumesLockManager(t *testing.T) {
 		t.Fatalf("node 2 did not stop for the PREPARE:\n%s", c.describe())
 	}
 	c.believe(1, 1) // node 1 loses quorum: it abandons the change
-	if c.nodes[1].a.phase != idle {
+	if Phase(c.nodes[1].a) != "idle" {
 		t.Fatalf("node 1 kept coordinating without quorum:\n%s", c.describe())
 	}
 	c.believe(1, 1, 2, 3)

@@ -1,4 +1,4 @@
-package membership
+package membership_test
 
 import (
 	"cmp"
@@ -11,6 +11,8 @@ import (
 	"testing"
 
 	"github.com/mdcluster/mdcluster/ddraid"
+	. "github.com/mdcluster/mdcluster/mdcluster/membership"
+	"github.com/mdcluster/mdcluster/mdcluster/membership/apply"
 )
 
 // This file is an in-memory cluster for the tests: a seeded network with
@@ -22,6 +24,12 @@ import (
 // or, with storage fencing, leaves it running cut off from the array: its
 // lock state no longer counts and it must come back through a view that
 // resets it.
+//
+// Every node's Ready is carried out by the real apply.Applier, the code the
+// daemon's gossip.Runner and the cluster simulator (internal/sim) run; this
+// file only implements its effects (a simulated disk, network, fencer and
+// lock manager without lockspaces). So the three drivers share one
+// convention for what an Install means and when a stop outlasts it.
 
 var traceLines = 80
 
@@ -37,6 +45,7 @@ var traceLog = os.Getenv("MEMBERSHIP_TRACE") != ""
 type simNode struct {
 	id        NodeID
 	a         *Agreement
+	ap        *apply.Applier // one per incarnation, like the lock manager it drives
 	up        bool
 	inc       int // incarnation, bumped at every restart
 	persisted HardState
@@ -46,9 +55,11 @@ type simNode struct {
 	exited    bool
 	stopped   uint64
 	installs  []Install
-	// dlmStopped models the driver's lock manager: stopped at start, by
-	// Quorate=false and by Stop, and resumed only by an Install (acted on
-	// after both within one Ready).
+	// dlmStopped models the driver's lock manager: stopped at start and by
+	// the Applier's StopLockManager (Quorate=false, Stop, and again after
+	// an Install on Ready.StopAfterInstall), resumed by its
+	// RecoverLockManager. After every Ready it must equal the Agreement's
+	// own record (LockManagerStopped).
 	dlmStopped bool
 	// stoppedAt is the simulated time dlmStopped last became true.
 	stoppedAt int64
@@ -124,7 +135,7 @@ func newCluster(t testing.TB, seed uint64, q ddraid.Config, extra []NodeID, net 
 		nodes: map[NodeID]*simNode{}, group: map[NodeID]int{}, net: net,
 		views: map[uint64]Install{}, fenced: map[[2]uint64]bool{},
 	}
-	c.ids = normalize(append(slices.Clone(q.DataNodes), extra...))
+	c.ids = Normalize(append(slices.Clone(q.DataNodes), extra...))
 	for _, id := range c.ids {
 		c.nodes[id] = &simNode{id: id}
 	}
@@ -149,6 +160,11 @@ func (c *cluster) start(id NodeID) {
 	n.a, n.up, n.exited, n.quorate, n.stopped = a, true, false, false, 0
 	n.dlmStopped, n.stoppedAt = true, c.now // the driver starts its lock manager stopped
 	n.inc++
+	ap, err := apply.New(apply.Config{Self: id, Effects: nodeEffects{c: c, n: n, inc: n.inc}})
+	if err != nil {
+		c.t.Fatalf("apply.New(%s): %v", id, err)
+	}
+	n.ap = ap
 	n.alive = []NodeID{id}
 	c.tracef("start %s (gen %d)", id, n.persisted.Installed.Gen)
 	c.process(n)
@@ -161,7 +177,7 @@ func (c *cluster) crash(id NodeID) {
 		return
 	}
 	n.up = false
-	n.a = nil
+	n.a, n.ap = nil, nil
 	c.tracef("crash %s", id)
 	c.fdChanged()
 }
@@ -208,7 +224,7 @@ func (c *cluster) fdChanged() {
 // detector event for it (a lagging or flapping detector on that node only).
 func (c *cluster) believe(id NodeID, alive ...NodeID) {
 	n := c.nodes[id]
-	n.alive = normalize(alive)
+	n.alive = Normalize(alive)
 	c.tracef("%s's detector believes %v", id, n.alive)
 	n.a.SetAlive(n.alive)
 	c.process(n)
@@ -219,7 +235,7 @@ func (c *cluster) believe(id NodeID, alive ...NodeID) {
 // reach), and its detector corrects itself after ticks more.
 func (c *cluster) flap(id NodeID, keep []NodeID, after, ticks int) {
 	c.tracef("%s's detector will suspect all but %v for %d ticks", id, keep, ticks)
-	c.push(simEvent{at: c.now + int64(after), kind: evFD, to: id, belief: normalize(append(slices.Clone(keep), id))})
+	c.push(simEvent{at: c.now + int64(after), kind: evFD, to: id, belief: Normalize(append(slices.Clone(keep), id))})
 	c.push(simEvent{at: c.now + int64(after+ticks), kind: evFD, to: id})
 }
 
@@ -231,7 +247,11 @@ func (c *cluster) partition(groups map[NodeID]int) {
 
 func (c *cluster) heal() { c.partition(map[NodeID]int{}) }
 
-// process drains a node's Ready and checks it.
+// process drains a node's Ready, checks it and carries it out through the
+// node's Applier. Once a Ready is carried out, the lock manager must be
+// stopped exactly when the Agreement counted it as stopped when it handed
+// the Ready out: a lock manager stopped behind its back would never be
+// resumed (only a stopped member asks for the view that resumes it).
 func (c *cluster) process(n *simNode) {
 	for range 100 {
 		if !n.up {
@@ -241,61 +261,117 @@ func (c *cluster) process(n *simNode) {
 		if rd.Empty() {
 			return
 		}
-		if g := n.a.selfFenced; g != 0 {
+		if g := SelfFenced(n.a); g != 0 {
 			c.fenced[[2]uint64{uint64(n.id), g}] = true // it stopped itself (see onAccepted)
 			if n.lastGen < g {
 				n.fencedFor = max(n.fencedFor, g) // and must rejoin clean, like a fenced node
 			}
 		}
-		if traceLog {
-			for _, e := range rd.Log {
-				if e.Level >= slog.LevelInfo {
-					c.tracef("%s: %s %v", n.id, e.Msg, e.Attrs)
-				}
-			}
-		}
 		c.check(n, rd)
-		if rd.State != nil {
-			n.persisted = cloneHardState(*rd.State)
+		want, inc := n.a.LockManagerStopped(), n.inc
+		if err := n.ap.Apply(rd); err != nil {
+			c.fail(fmt.Sprintf("node %s: %v", n.id, err))
+			return
 		}
-		for _, m := range rd.Messages {
-			c.sendMsg(n.id, m)
-		}
-		if rd.Stop != nil {
-			n.stopped = rd.Stop.Gen
-		}
-		if (rd.Stop != nil || (rd.Quorate != nil && !*rd.Quorate)) && !n.dlmStopped {
-			n.dlmStopped, n.stoppedAt = true, c.now
-		}
-		for _, in := range rd.Install {
-			n.installs = append(n.installs, in)
-			n.lastGen = in.View.Gen
-			n.dlmStopped = false
-		}
-		if rd.Quorate != nil {
-			n.quorate = *rd.Quorate
-		}
-		for _, f := range rd.Fence {
-			c.fenceCalls++
-			if c.manualFence {
-				c.fenceQueue = append(c.fenceQueue, f)
-				continue
-			}
-			lag := 1
-			if c.net.FenceLag > 1 {
-				lag += c.rng.IntN(c.net.FenceLag)
-			}
-			ok := c.rng.Float64() >= c.net.FenceFail
-			c.push(simEvent{at: c.now + int64(lag), kind: evFence, from: f.Node, to: n.id, inc: n.inc, gen: f.Gen, ok: ok})
-		}
-		if rd.Exited {
-			n.exited = true
-			c.tracef("%s exited", n.id)
-			c.crash(n.id) // the daemon shuts down after a graceful leave
+		if n.up && n.inc == inc && n.dlmStopped != want {
+			c.fail(fmt.Sprintf("node %s: its agreement counts its lock manager as stopped=%v, but the applier left it stopped=%v (installs %d, stop %v, %v)",
+				n.id, want, n.dlmStopped, len(rd.Install), rd.Stop, rd.StopAfterInstall))
+			c.tracef("FAIL: %s", c.failed)
 			return
 		}
 	}
 	c.fail(fmt.Sprintf("node %s: Ready never empties", n.id))
+}
+
+// nodeEffects are one node incarnation's apply.Effects. Once the incarnation
+// is gone they do nothing.
+type nodeEffects struct {
+	c   *cluster
+	n   *simNode
+	inc int
+}
+
+func (e nodeEffects) live() bool { return e.n.up && e.n.inc == e.inc }
+
+func (e nodeEffects) Persist(hs HardState) error {
+	if e.live() {
+		e.n.persisted = hs // Ready hands out its own copy
+	}
+	return nil
+}
+
+func (e nodeEffects) StopLockManager(st apply.Stop) {
+	if !e.live() {
+		return
+	}
+	if st.Change != nil {
+		e.n.stopped = st.Change.Gen
+	}
+	if !e.n.dlmStopped {
+		e.n.dlmStopped, e.n.stoppedAt = true, e.c.now
+	}
+}
+
+func (e nodeEffects) Send(m Outgoing) {
+	if e.live() {
+		e.c.sendMsg(e.n.id, m)
+	}
+}
+
+func (e nodeEffects) RecoverLockManager(rc apply.Recovery) error {
+	if !e.live() {
+		return fmt.Errorf("node %s is down", e.n.id)
+	}
+	e.n.installs = append(e.n.installs, rc.Install)
+	e.n.lastGen = rc.Gen
+	e.n.dlmStopped = false
+	return nil
+}
+
+func (e nodeEffects) RequestFence(f FenceRequest) {
+	if !e.live() {
+		return
+	}
+	c, n := e.c, e.n
+	c.fenceCalls++
+	if c.manualFence {
+		c.fenceQueue = append(c.fenceQueue, f)
+		return
+	}
+	lag := 1
+	if c.net.FenceLag > 1 {
+		lag += c.rng.IntN(c.net.FenceLag)
+	}
+	ok := c.rng.Float64() >= c.net.FenceFail
+	c.push(simEvent{at: c.now + int64(lag), kind: evFence, from: f.Node, to: n.id, inc: n.inc, gen: f.Gen, ok: ok})
+}
+
+func (e nodeEffects) QuorumChanged(q bool) {
+	if e.live() {
+		e.n.quorate = q
+	}
+}
+
+// RecoveryDone: this lock manager has no lockspaces, so its recovery is
+// done at once; the Agreement hears it as the daemon's would.
+func (e nodeEffects) RecoveryDone(gen uint64) {
+	if e.live() {
+		e.n.a.RecoveryDone(gen)
+	}
+}
+
+func (e nodeEffects) Exited() {
+	if e.live() {
+		e.n.exited = true
+		e.c.tracef("%s exited", e.n.id)
+		e.c.crash(e.n.id) // the daemon shuts down after a graceful leave
+	}
+}
+
+func (e nodeEffects) Log(ev Event) {
+	if traceLog && ev.Level >= slog.LevelInfo {
+		e.c.tracef("%s: %s %v", e.n.id, ev.Msg, ev.Attrs)
+	}
 }
 
 func (c *cluster) sendMsg(from NodeID, m Outgoing) {
@@ -354,7 +430,7 @@ func (c *cluster) deliver(e simEvent) {
 	case evFD:
 		n.alive = c.truth(e.to)
 		if e.belief != nil {
-			n.alive = intersect(n.alive, e.belief)
+			n.alive = Intersect(n.alive, e.belief)
 		}
 		n.a.SetAlive(n.alive)
 	case evFence:
@@ -491,7 +567,7 @@ func (c *cluster) check(n *simNode, rd Ready) {
 					c.fail(fmt.Sprintf("gen %d names prev %v, but gen %d was installed as %v", in.View.Gen, in.Prev, in.Prev.Gen, p.View))
 				}
 			}
-			c.views[in.View.Gen] = cloneInstall(in)
+			c.views[in.View.Gen] = CloneInstall(in)
 		}
 		for _, d := range in.Departed {
 			if !c.fenced[[2]uint64{uint64(d), in.View.Gen}] {
@@ -538,7 +614,7 @@ func (c *cluster) converged() bool {
 			return false
 		}
 		gen = v.Gen
-		if n.a.phase != idle {
+		if Phase(n.a) != "idle" {
 			return false
 		}
 	}
@@ -583,7 +659,7 @@ func (c *cluster) describe() string {
 		}
 		v := n.a.View()
 		fmt.Fprintf(&b, "  %s gen %d %v quorate=%v phase=%s alive=%v restarted=%v promised=%d dlm_stopped=%v (since t=%d, last stop ballot %d)\n",
-			id, v.Gen, v.Members, n.quorate, n.a.phase, n.alive, n.a.restarted, n.a.hs.Promised, n.dlmStopped, n.stoppedAt, n.stopped)
+			id, v.Gen, v.Members, n.quorate, Phase(n.a), n.alive, Restarted(n.a), n.a.HardState().Promised, n.dlmStopped, n.stoppedAt, n.stopped)
 	}
 	return b.String()
 }

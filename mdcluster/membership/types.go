@@ -17,8 +17,10 @@
 package membership
 
 import (
+	"fmt"
 	"log/slog"
 	"slices"
+	"strings"
 
 	"github.com/mdcluster/mdcluster/ddraid"
 )
@@ -179,8 +181,13 @@ type Event struct {
 // Ready is everything the driver must do after a call into the Agreement, in
 // this order: persist State; act on Quorate=false and Stop (stop granting,
 // I/O and lock traffic), because the messages may promise that this node has
-// stopped; send Messages; then Install, Fence, Quorate=true and Exited; and
-// log Log. Ready clears it.
+// stopped; send Messages; then Install, then StopAfterInstall; then Fence,
+// Quorate=true and Exited; and log Log. Ready clears it.
+//
+// After the driver has carried it out, its lock manager is stopped exactly
+// when Agreement.LockManagerStopped says so: the machine keeps that record
+// in the order it decided things, and StopAfterInstall carries that order
+// where the driver's fixed order differs from it.
 type Ready struct {
 	// State, when non-nil, must be persisted before Messages are sent.
 	State *HardState
@@ -188,14 +195,22 @@ type Ready struct {
 	Messages []Outgoing
 	// Stop: a change towards this view began (View.Gen is the ballot of
 	// the attempt): suspend the lockspaces now and stop lock traffic.
-	// The lock manager resumes only through a later Install (after Stop
-	// and Quorate=false, an Install in the same Ready resumes it). If the
-	// change is abandoned, the machine still brings every member that
-	// stays quorate to a new view, so none is left stopped.
+	// The lock manager resumes only through a later Install. In the same
+	// Ready, the Installs resume it unless StopAfterInstall is set (the
+	// stop came after them). If the change is abandoned, the machine
+	// still brings every member that stays quorate to a new view, so none
+	// is left stopped.
 	Stop *View
 	// Install lists the views to install, in order (usually one; two when
 	// this node catches up on a view it missed).
 	Install []Install
+	// StopAfterInstall, set only with Install, means the lock manager must
+	// be stopped again right after the Installs (a stop during recovery
+	// outlasts it): after the last Install this node stopped for a newer
+	// change, or it is not quorate once the Ready is carried out. The
+	// machine counts the lock manager as stopped from then on, and asks
+	// for a new view to resume through if nothing else brings one.
+	StopAfterInstall *StopAfterInstall
 	// Fence lists nodes this node (the coordinator) must fence now.
 	Fence []FenceRequest
 	// Quorate is set when the local quorum status changed. False means
@@ -210,10 +225,34 @@ type Ready struct {
 	Log []Event
 }
 
+// StopAfterInstall says why a Ready's Installs leave the lock manager
+// stopped. One or both hold.
+type StopAfterInstall struct {
+	// Change is the change this node stopped for after the last Install
+	// (it is Ready.Stop: the ballot and the intended members), nil if the
+	// stop is for quorum alone.
+	Change *View
+	// NotQuorate: quorum was missing after the last Install (this node is
+	// not quorate in the view it installed, or lost quorum after it).
+	NotQuorate bool
+}
+
+// String describes the reasons, for logs and failure reports.
+func (s StopAfterInstall) String() string {
+	var why []string
+	if s.Change != nil {
+		why = append(why, fmt.Sprintf("change towards ballot %d %v", s.Change.Gen, s.Change.Members))
+	}
+	if s.NotQuorate {
+		why = append(why, "no quorum")
+	}
+	return "stop after install: " + strings.Join(why, ", ")
+}
+
 // Empty reports whether there is nothing to do.
 func (r Ready) Empty() bool {
 	return r.State == nil && len(r.Messages) == 0 && r.Stop == nil && len(r.Install) == 0 &&
-		len(r.Fence) == 0 && r.Quorate == nil && !r.Exited && len(r.Log) == 0
+		r.StopAfterInstall == nil && len(r.Fence) == 0 && r.Quorate == nil && !r.Exited && len(r.Log) == 0
 }
 
 // Stats counts what the machine dropped, for metrics and tests.

@@ -9,10 +9,12 @@
 // ordering rules and the rules for turning an Install into a lock-manager
 // recovery exist once and run under the simulator's seeds:
 //
-//   - the stop is applied again after the installs of a Ready that also
-//     stops for a newer proposal, or that leaves the node without quorum
-//     (the Agreement does not say within one Ready whether its Stop came
-//     before or after its Install; a stop during recovery outlasts it);
+//   - the stop is applied again after the installs of a Ready that says so
+//     (Ready.StopAfterInstall: the Agreement stopped for a newer change
+//     after the install, or the node is not quorate after it; a stop
+//     during recovery outlasts it). The Agreement decides it and keeps the
+//     same record (Agreement.LockManagerStopped), so the two always agree
+//     on whether the lock manager is stopped;
 //   - the lock manager recovers into the view's own generation: one number
 //     counts views in the agreement and in the lock manager;
 //   - the nodes to purge are the departed, the leavers and the rejoined,
@@ -125,14 +127,6 @@ type Recovery struct {
 	ResetSuppressed bool
 }
 
-// Facts are what the driver knows about the node when it applies a Ready,
-// besides the Ready itself.
-type Facts struct {
-	// Quorate is Agreement.Quorate() after the Ready was taken: the quorum
-	// status the node is left with once this Ready is carried out.
-	Quorate bool
-}
-
 // Config configures an Applier.
 type Config struct {
 	// Self is this node's ID (never purged from its own lock manager).
@@ -187,9 +181,8 @@ func New(cfg Config) (*Applier, error) {
 //     promise that it is stopped); then report Quorate=false;
 //  4. send Messages;
 //  5. recover the lock manager into each installed view, in order;
-//  6. if the Ready installed a view and also stopped for a newer proposal,
-//     or the node is not quorate after it (f.Quorate), stop again: the
-//     recovery would otherwise resume what must stay stopped;
+//  6. on StopAfterInstall, stop again: the recovery would otherwise resume
+//     what the Agreement counts as stopped;
 //  7. report RecoveryDone if the installed view needs no more recovery
 //     (no lockspace, or every one already there);
 //  8. request the fences;
@@ -198,7 +191,7 @@ func New(cfg Config) (*Applier, error) {
 //
 // A RecoverLockManager error is logged and the rest of the Ready is still
 // carried out; that view is not reported recovered.
-func (a *Applier) Apply(rd membership.Ready, f Facts) error {
+func (a *Applier) Apply(rd membership.Ready) error {
 	for _, e := range rd.Log {
 		a.eff.Log(e)
 	}
@@ -221,25 +214,23 @@ func (a *Applier) Apply(rd membership.Ready, f Facts) error {
 		a.install(in)
 	}
 	if k := len(rd.Install); k > 0 {
-		last := rd.Install[k-1].View.Gen
-		newer := rd.Stop != nil && rd.Stop.Gen > last
-		if newer || !f.Quorate {
-			st := Stop{NotQuorate: !f.Quorate, AfterInstall: true}
-			if newer {
-				st.Change = cloneView(rd.Stop)
+		if sa := rd.StopAfterInstall; sa != nil {
+			last := rd.Install[k-1].View.Gen
+			st := Stop{NotQuorate: sa.NotQuorate, Change: cloneView(sa.Change), AfterInstall: true}
+			var why string
+			switch {
+			case sa.Change != nil && sa.NotQuorate:
+				why = "after the install, a change towards a newer view began, and this node has no quorum"
+			case sa.Change != nil:
+				why = "after the install, a change towards a newer view began in the same decision"
+			default:
+				why = "this node has no quorum after the install"
 			}
-			why := "this node has no quorum in the view it installed"
-			if newer {
-				why = "a change towards a newer view began in the same decision"
-				if !f.Quorate {
-					why += ", and this node has no quorum"
-				}
+			attrs := []slog.Attr{slog.Uint64("installed_gen", last), slog.String("why", why), slog.Bool("quorate", !sa.NotQuorate)}
+			if sa.Change != nil {
+				attrs = append(attrs, slog.Uint64("ballot", sa.Change.Gen), slog.Any("intended_members", sa.Change.Members))
 			}
-			attrs := []slog.Attr{slog.Uint64("installed_gen", last), slog.String("why", why), slog.Bool("quorate", f.Quorate)}
-			if newer {
-				attrs = append(attrs, slog.Uint64("ballot", rd.Stop.Gen), slog.Any("intended_members", rd.Stop.Members))
-			}
-			a.log(slog.LevelInfo, "lock manager stopped again right after the install: its recovery must not resume it", attrs...)
+			a.log(slog.LevelInfo, "lock manager stopped again right after the install: its recovery must not resume it; it resumes through a later view", attrs...)
 			a.eff.StopLockManager(st)
 		}
 		a.checkDone()

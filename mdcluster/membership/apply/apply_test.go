@@ -15,6 +15,7 @@ type recorder struct {
 	trace      []string
 	recoveries []Recovery
 	stops      []Stop
+	whys       []string // the "why" of every log line that has one
 	persistErr error
 	recoverErr error
 	// duringRecover runs inside RecoverLockManager (a lockspace reporting
@@ -61,7 +62,14 @@ func (r *recorder) RequestFence(f membership.FenceRequest) { r.add("fence %d for
 func (r *recorder) QuorumChanged(q bool)                   { r.add("quorate %v", q) }
 func (r *recorder) RecoveryDone(gen uint64)                { r.add("done %d", gen) }
 func (r *recorder) Exited()                                { r.add("exited") }
-func (r *recorder) Log(e membership.Event)                 { r.add("log %s", e.Msg) }
+func (r *recorder) Log(e membership.Event) {
+	r.add("log %s", e.Msg)
+	for _, a := range e.Attrs {
+		if a.Key == "why" {
+			r.whys = append(r.whys, a.Value.String())
+		}
+	}
+}
 
 // effects drops the log lines (the tests below look at actions; the order
 // test keeps them).
@@ -100,10 +108,9 @@ func msgs(to ...NodeID) []membership.Outgoing {
 func TestApplyOrder(t *testing.T) {
 	hs := &membership.HardState{Installed: membership.Proposal{Gen: 5, Members: []NodeID{1, 2}}}
 	cases := []struct {
-		name  string
-		rd    membership.Ready
-		facts Facts
-		want  []string
+		name string
+		rd   membership.Ready
+		want []string
 	}{{
 		name: "every decision",
 		rd: membership.Ready{
@@ -116,30 +123,26 @@ func TestApplyOrder(t *testing.T) {
 			Quorate:  bptr(true),
 			Exited:   true,
 		},
-		facts: Facts{Quorate: true},
 		want: []string{"log agreement said so", "persist 5", "stop change=5", "send 2", "send 3",
 			"recover gen=5 members=[1 2] purge=[] reset=false", "done 5", "fence 3 for 5", "quorate true", "exited"},
 	}, {
-		name:  "quorum lost and a change, before the messages",
-		rd:    membership.Ready{State: hs, Quorate: bptr(false), Stop: &membership.View{Gen: 9, Members: []NodeID{1}}, Messages: msgs(2)},
-		facts: Facts{Quorate: false},
-		want:  []string{"persist 5", "stop no-quorum,change=9", "quorate false", "send 2"},
+		name: "quorum lost and a change, before the messages",
+		rd:   membership.Ready{State: hs, Quorate: bptr(false), Stop: &membership.View{Gen: 9, Members: []NodeID{1}}, Messages: msgs(2)},
+		want: []string{"persist 5", "stop no-quorum,change=9", "quorate false", "send 2"},
 	}, {
-		name:  "two installs in order, one RecoveryDone for the last",
-		rd:    membership.Ready{Install: []membership.Install{install(3, 1, 2), install(4, 1, 2)}, Quorate: bptr(true)},
-		facts: Facts{Quorate: true},
+		name: "two installs in order, one RecoveryDone for the last",
+		rd:   membership.Ready{Install: []membership.Install{install(3, 1, 2), install(4, 1, 2)}, Quorate: bptr(true)},
 		want: []string{"recover gen=3 members=[1 2] purge=[] reset=false", "recover gen=4 members=[1 2] purge=[] reset=false",
 			"done 4", "quorate true"},
 	}, {
-		name:  "messages only",
-		rd:    membership.Ready{Messages: msgs(3, 2)},
-		facts: Facts{Quorate: true},
-		want:  []string{"send 3", "send 2"},
+		name: "messages only",
+		rd:   membership.Ready{Messages: msgs(3, 2)},
+		want: []string{"send 3", "send 2"},
 	}}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			r := &recorder{}
-			if err := newApplier(t, 1, r).Apply(c.rd, c.facts); err != nil {
+			if err := newApplier(t, 1, r).Apply(c.rd); err != nil {
 				t.Fatal(err)
 			}
 			got := r.trace
@@ -162,7 +165,7 @@ func TestApplyPersistFailure(t *testing.T) {
 	err := a.Apply(membership.Ready{
 		State: &membership.HardState{}, Stop: &membership.View{Gen: 4}, Messages: msgs(2),
 		Install: []membership.Install{install(3, 1, 2)}, Fence: []membership.FenceRequest{{Node: 2, Gen: 3}},
-	}, Facts{Quorate: true})
+	})
 	if err == nil || !strings.Contains(err.Error(), "disk gone") {
 		t.Fatalf("Apply returned %v, want the persist error", err)
 	}
@@ -171,69 +174,70 @@ func TestApplyPersistFailure(t *testing.T) {
 	}
 }
 
-// TestApplyStopAgainAfterInstall: a Ready that installs a view and also
-// stops for a newer proposal, or installs a view the node is not quorate
-// in, must leave the lock manager stopped: the stop is applied again after
-// the install (which would otherwise resume it).
+// TestApplyStopAgainAfterInstall: a Ready whose StopAfterInstall is set
+// (the Agreement stopped for a newer change after the install, or the node
+// is not quorate after it) leaves the lock manager stopped: the stop is
+// applied again after the install, which would otherwise resume it. The
+// Applier derives nothing itself: a Stop that the Agreement ordered before
+// the install (no StopAfterInstall) is undone by the install's recovery, as
+// the Agreement's own record says.
 func TestApplyStopAgainAfterInstall(t *testing.T) {
+	v8 := &membership.View{Gen: 8, Members: []NodeID{1, 2}}
 	cases := []struct {
-		name  string
-		rd    membership.Ready
-		facts Facts
-		want  []string
+		name    string
+		rd      membership.Ready
+		want    []string
+		wantWhy string
 	}{{
-		name:  "stop for a newer proposal",
-		rd:    membership.Ready{Stop: &membership.View{Gen: 8, Members: []NodeID{1, 2}}, Messages: msgs(2), Install: []membership.Install{install(7, 1, 2)}},
-		facts: Facts{Quorate: true},
+		name: "stop for a newer proposal after the install",
+		rd: membership.Ready{Stop: v8, Messages: msgs(2), Install: []membership.Install{install(7, 1, 2)},
+			StopAfterInstall: &membership.StopAfterInstall{Change: v8}},
 		want: []string{"stop change=8", "send 2", "recover gen=7 members=[1 2] purge=[] reset=false",
 			"stop change=8,after-install", "done 7"},
+		wantWhy: "after the install, a change towards a newer view began in the same decision",
 	}, {
-		name:  "stop for the installed view itself: no second stop",
-		rd:    membership.Ready{Stop: &membership.View{Gen: 7, Members: []NodeID{1, 2}}, Install: []membership.Install{install(7, 1, 2)}},
-		facts: Facts{Quorate: true},
-		want:  []string{"stop change=7", "recover gen=7 members=[1 2] purge=[] reset=false", "done 7"},
+		name: "a stop the Agreement ordered before the install: the install resumes",
+		rd:   membership.Ready{Stop: v8, Install: []membership.Install{install(7, 1, 2)}},
+		want: []string{"stop change=8", "recover gen=7 members=[1 2] purge=[] reset=false", "done 7"},
 	}, {
-		name:  "a newer proposal than the first of two installs only",
-		rd:    membership.Ready{Stop: &membership.View{Gen: 7}, Install: []membership.Install{install(6, 1, 2), install(7, 1, 2)}},
-		facts: Facts{Quorate: true},
-		want: []string{"stop change=7", "recover gen=6 members=[1 2] purge=[] reset=false",
-			"recover gen=7 members=[1 2] purge=[] reset=false", "done 7"},
+		name: "installed a view this node is not quorate in",
+		rd: membership.Ready{Install: []membership.Install{install(7, 1, 2, 3)},
+			StopAfterInstall: &membership.StopAfterInstall{NotQuorate: true}},
+		want:    []string{"recover gen=7 members=[1 2 3] purge=[] reset=false", "stop no-quorum,after-install", "done 7"},
+		wantWhy: "this node has no quorum after the install",
 	}, {
-		name:  "installed a view this node is not quorate in",
-		rd:    membership.Ready{Install: []membership.Install{install(7, 1, 2, 3)}},
-		facts: Facts{Quorate: false},
-		want:  []string{"recover gen=7 members=[1 2 3] purge=[] reset=false", "stop no-quorum,after-install", "done 7"},
-	}, {
-		name:  "quorum lost in the same Ready as the install",
-		rd:    membership.Ready{Quorate: bptr(false), Install: []membership.Install{install(7, 1, 2, 3)}},
-		facts: Facts{Quorate: false},
+		name: "quorum lost in the same Ready as the install",
+		rd: membership.Ready{Quorate: bptr(false), Install: []membership.Install{install(7, 1, 2, 3)},
+			StopAfterInstall: &membership.StopAfterInstall{NotQuorate: true}},
 		want: []string{"stop no-quorum", "quorate false", "recover gen=7 members=[1 2 3] purge=[] reset=false",
 			"stop no-quorum,after-install", "done 7"},
 	}, {
-		name:  "newer proposal and no quorum: one stop with both reasons",
-		rd:    membership.Ready{Stop: &membership.View{Gen: 9}, Install: []membership.Install{install(7, 1, 2)}},
-		facts: Facts{Quorate: false},
+		name: "newer proposal and no quorum: one stop with both reasons",
+		rd: membership.Ready{Stop: &membership.View{Gen: 9}, Install: []membership.Install{install(7, 1, 2)},
+			StopAfterInstall: &membership.StopAfterInstall{Change: &membership.View{Gen: 9}, NotQuorate: true}},
 		want: []string{"stop change=9", "recover gen=7 members=[1 2] purge=[] reset=false",
 			"stop no-quorum,change=9,after-install", "done 7"},
+		wantWhy: "after the install, a change towards a newer view began, and this node has no quorum",
 	}, {
-		name:  "quorate, no stop: nothing more",
-		rd:    membership.Ready{Install: []membership.Install{install(7, 1, 2)}, Quorate: bptr(true)},
-		facts: Facts{Quorate: true},
-		want:  []string{"recover gen=7 members=[1 2] purge=[] reset=false", "done 7", "quorate true"},
+		name: "quorate, no stop: nothing more",
+		rd:   membership.Ready{Install: []membership.Install{install(7, 1, 2)}, Quorate: bptr(true)},
+		want: []string{"recover gen=7 members=[1 2] purge=[] reset=false", "done 7", "quorate true"},
 	}, {
-		name:  "no install: a stop is not repeated",
-		rd:    membership.Ready{Stop: &membership.View{Gen: 9}},
-		facts: Facts{Quorate: false},
-		want:  []string{"stop change=9"},
+		name: "no install: a stop is not repeated",
+		rd:   membership.Ready{Stop: &membership.View{Gen: 9}},
+		want: []string{"stop change=9"},
 	}}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			r := &recorder{}
-			if err := newApplier(t, 1, r).Apply(c.rd, c.facts); err != nil {
+			if err := newApplier(t, 1, r).Apply(c.rd); err != nil {
 				t.Fatal(err)
 			}
 			if !slices.Equal(r.effects(), c.want) {
 				t.Fatalf("effects\n  %q\nwant\n  %q", r.effects(), c.want)
+			}
+			if c.wantWhy != "" && !slices.ContainsFunc(r.whys, func(w string) bool { return w == c.wantWhy }) {
+				t.Fatalf("logged reasons %q, want %q", r.whys, c.wantWhy)
 			}
 		})
 	}
@@ -259,7 +263,7 @@ func TestApplyPurge(t *testing.T) {
 			in := install(6, 1, 2, 4)
 			in.Departed, in.Left, in.Rejoined = c.departed, c.left, c.rejoined
 			r := &recorder{}
-			if err := newApplier(t, 1, r).Apply(membership.Ready{Install: []membership.Install{in}}, Facts{Quorate: true}); err != nil {
+			if err := newApplier(t, 1, r).Apply(membership.Ready{Install: []membership.Install{in}}); err != nil {
 				t.Fatal(err)
 			}
 			if len(r.recoveries) != 1 {
@@ -305,7 +309,7 @@ func TestApplyReset(t *testing.T) {
 				in := install(uint64(i+1), 1, 2)
 				in.Reset = s.reset
 				r.recoverErr = s.recoverErr
-				if err := a.Apply(membership.Ready{Install: []membership.Install{in}}, Facts{Quorate: true}); err != nil {
+				if err := a.Apply(membership.Ready{Install: []membership.Install{in}}); err != nil {
 					t.Fatal(err)
 				}
 				rc := r.recoveries[len(r.recoveries)-1]
@@ -328,7 +332,7 @@ func TestApplyReset(t *testing.T) {
 func TestApplyGeneration(t *testing.T) {
 	for _, gen := range []uint64{1, 2, 17, 1 << 40} {
 		r := &recorder{}
-		if err := newApplier(t, 2, r).Apply(membership.Ready{Install: []membership.Install{install(gen, 3, 2, 1)}}, Facts{Quorate: true}); err != nil {
+		if err := newApplier(t, 2, r).Apply(membership.Ready{Install: []membership.Install{install(gen, 3, 2, 1)}}); err != nil {
 			t.Fatal(err)
 		}
 		rc := r.recoveries[0]
@@ -347,7 +351,6 @@ func TestApplyGeneration(t *testing.T) {
 func TestRecoveryDone(t *testing.T) {
 	in5 := membership.Ready{Install: []membership.Install{install(5, 1, 2)}}
 	in6 := membership.Ready{Install: []membership.Install{install(6, 1, 2)}}
-	q := Facts{Quorate: true}
 	dones := func(r *recorder) []string {
 		return slices.DeleteFunc(slices.Clone(r.trace), func(s string) bool { return !strings.HasPrefix(s, "done") })
 	}
@@ -356,7 +359,7 @@ func TestRecoveryDone(t *testing.T) {
 		a := newApplier(t, 1, r)
 		a.LockspaceOpened("a", 0)
 		a.LockspaceOpened("b", 0)
-		a.Apply(in5, q)
+		a.Apply(in5)
 		a.LockspaceRecovered("a", 5)
 		a.LockspaceRecovered("b", 4) // an older report changes nothing
 		if d := dones(r); len(d) != 0 {
@@ -373,7 +376,7 @@ func TestRecoveryDone(t *testing.T) {
 		r := &recorder{}
 		a := newApplier(t, 1, r)
 		a.LockspaceOpened("a", 0)
-		a.Apply(in5, q)
+		a.Apply(in5)
 		a.LockspaceOpened("late", 5) // created after the recovery started, at its generation
 		a.LockspaceOpened("a", 5)    // a second handle says nothing about recovery
 		if d := dones(r); len(d) != 0 {
@@ -389,11 +392,11 @@ func TestRecoveryDone(t *testing.T) {
 		a := newApplier(t, 1, r)
 		a.LockspaceOpened("a", 0)
 		a.LockspaceOpened("b", 0)
-		a.Apply(in5, q)
+		a.Apply(in5)
 		a.LockspaceRecovered("a", 5)
 		a.LockspaceRecovered("b", 5)
 		a.LockspaceOpened("c", 0) // opened while stopped: the next recovery takes it along
-		a.Apply(in6, q)
+		a.Apply(in6)
 		a.LockspaceRecovered("a", 6)
 		a.LockspaceRecovered("b", 6)
 		if d := dones(r); !slices.Equal(d, []string{"done 5"}) {
@@ -406,7 +409,7 @@ func TestRecoveryDone(t *testing.T) {
 	})
 	t.Run("no lockspace: done at once", func(t *testing.T) {
 		r := &recorder{}
-		newApplier(t, 1, r).Apply(in5, q)
+		newApplier(t, 1, r).Apply(in5)
 		if d := dones(r); !slices.Equal(d, []string{"done 5"}) {
 			t.Fatalf("reported %q", d)
 		}
@@ -416,7 +419,7 @@ func TestRecoveryDone(t *testing.T) {
 		a := newApplier(t, 1, r)
 		a.LockspaceOpened("a", 0)
 		r.duringRecover = func() { a.LockspaceRecovered("a", 5) }
-		a.Apply(in5, q)
+		a.Apply(in5)
 		if d := dones(r); !slices.Equal(d, []string{"done 5"}) {
 			t.Fatalf("reported %q", d)
 		}
@@ -425,8 +428,8 @@ func TestRecoveryDone(t *testing.T) {
 		r := &recorder{}
 		a := newApplier(t, 1, r)
 		a.LockspaceOpened("a", 0)
-		a.Apply(in5, q)
-		a.Apply(in6, q)
+		a.Apply(in5)
+		a.Apply(in6)
 		a.LockspaceRecovered("a", 5)
 		if d := dones(r); len(d) != 0 {
 			t.Fatalf("reported %q", d)
@@ -439,7 +442,7 @@ func TestRecoveryDone(t *testing.T) {
 	t.Run("recovery that did not start is not reported", func(t *testing.T) {
 		r := &recorder{recoverErr: errors.New("refused")}
 		a := newApplier(t, 1, r)
-		a.Apply(in5, q)
+		a.Apply(in5)
 		if d := dones(r); len(d) != 0 {
 			t.Fatalf("reported %q", d)
 		}

@@ -236,7 +236,7 @@ func (r *Runner) handle() error {
 	if rd.Empty() {
 		return nil
 	}
-	if err := r.ap.Apply(rd, apply.Facts{Quorate: r.a.Quorate()}); err != nil {
+	if err := r.ap.Apply(rd); err != nil {
 		return fmt.Errorf("gossip: %w", err)
 	}
 	return nil
