@@ -16,6 +16,7 @@ package array
 
 import (
 	"crypto/rand"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -813,23 +814,29 @@ func findOldSuperblocks(m Member, sectors uint64) ([]oldSB, error) {
 	}
 	for _, minor := range []int{2, 1, 0} {
 		off, _ := superblock.Offset(minor, sectors)
-		buf := make([]byte, superblock.FixedSize)
-		n, err := m.ReadAt(buf, int64(off)*superblock.SectorSize)
-		if n < len(buf) {
+		// The identity checks mdadm and md make: magic, major version
+		// 1, and super_offset naming this very place. A superblock that
+		// passes them counts even if it is otherwise damaged.
+		head := make([]byte, superblock.FixedSize)
+		n, err := m.ReadAt(head, int64(off)*superblock.SectorSize)
+		if n < len(head) {
 			if err == nil || errors.Is(err, io.EOF) {
 				continue
 			}
 			return nil, fmt.Errorf("%s: read sector %d: %w", m.Name(), off, err)
 		}
-		sb, err := superblock.Decode(buf)
-		if err != nil || sb.MajorVersion != superblock.MajorVersion || sb.SuperOffset != off {
+		le := binary.LittleEndian
+		if le.Uint32(head[0:]) != superblock.Magic || le.Uint32(head[4:]) != superblock.MajorVersion || le.Uint64(head[144:]) != off {
 			continue
 		}
-		found = append(found, oldSB{
-			offset: int64(off) * superblock.SectorSize, size: 512,
-			desc: fmt.Sprintf("v1.%d superblock, level=%s devices=%d ctime=%s uuid=%s", minor, superblock.LevelName(sb.Level), sb.RaidDisks,
-				timeFrom(sb.CTime).UTC().Format(time.ANSIC), bitmap.FormatUUID(sb.SetUUID)),
-		})
+		desc := fmt.Sprintf("v1.%d superblock", minor)
+		if sb, err := superblock.ReadAt(m, off); err == nil {
+			desc += fmt.Sprintf(", level=%s devices=%d ctime=%s uuid=%s", superblock.LevelName(sb.Level), sb.RaidDisks,
+				timeFrom(sb.CTime).UTC().Format(time.ANSIC), bitmap.FormatUUID(sb.SetUUID))
+		} else {
+			desc += fmt.Sprintf(" (damaged: %v)", err)
+		}
+		found = append(found, oldSB{offset: int64(off) * superblock.SectorSize, size: 512, desc: desc})
 	}
 	// v0.90: MD_RESERVED_SECTORS (64 KiB) reserved at the end.
 	if sectors >= 256 {
