@@ -478,6 +478,11 @@ func classify(res *Inspection, i int, fresh *superblock.Superblock, byDev map[ui
 	role := fresh.DevRoles[sb.DevNumber]
 	r.Role = role
 	freshName := res.Members[res.Freshest].Name
+	// Too far behind to be current. What matters for a spare is only that
+	// it is a spare (md ignores its contents); a member that still claims
+	// a slot in its own superblock but was removed since is stale, as
+	// mdadm --assemble judges it by its own superblock.
+	stale := sb.Events+eventMargin < fresh.Events && (role < superblock.RoleMax || sb.Role() < superblock.RoleMax)
 	switch {
 	case role == superblock.RoleFaulty:
 		r.Status = StatusFaulty
@@ -487,9 +492,11 @@ func classify(res *Inspection, i int, fresh *superblock.Superblock, byDev map[ui
 			r.Reason = fmt.Sprintf("%s is marked faulty by the newer superblock on %s (events %d, its own %d)", r.Name, freshName, fresh.Events, sb.Events)
 		}
 		return
+	case stale:
+		r.Status = StatusStale
+		r.Reason = fmt.Sprintf("%s has an out-of-date superblock (events %d, freshest %d on %s): not used, md kicks it as non-fresh", r.Name, sb.Events, fresh.Events, freshName)
+		return
 	case role == superblock.RoleSpare:
-		// md treats a spare's contents as meaningless, so its event
-		// count does not matter.
 		r.Status = StatusSpare
 		byDev[sb.DevNumber] = i
 		return
@@ -500,11 +507,6 @@ func classify(res *Inspection, i int, fresh *superblock.Superblock, byDev map[ui
 	case uint32(role) >= fresh.RaidDisks:
 		r.Status = StatusMismatch
 		r.Reason = fmt.Sprintf("%s has role %d but the array has %d raid devices", r.Name, role, fresh.RaidDisks)
-		return
-	}
-	if sb.Events+eventMargin < fresh.Events {
-		r.Status = StatusStale
-		r.Reason = fmt.Sprintf("%s has an out-of-date superblock (events %d, freshest %d on %s): not used, md kicks it as non-fresh", r.Name, sb.Events, fresh.Events, freshName)
 		return
 	}
 	if i != res.Freshest && fresh.DevNumber < uint32(len(sb.DevRoles)) {
@@ -850,6 +852,44 @@ func NewDevice(shared *superblock.Superblock, dev uint32, m Member, rnd io.Reade
 	out.FeatureMap &^= perDeviceFeatures
 	out.UpdateChecksum()
 	return out, nil
+}
+
+// CopyBitmap gives a member joining the array (see NewDevice) the array's
+// bitmap: it copies every bitmap slot, bits and padding included, from src,
+// a current member, to dst, after checking that src's bitmap belongs to
+// shared's array and fits before dst's data. The joining member then holds
+// what every other member holds, so md may read the bitmap from it later.
+// (mdadm --add instead writes a fresh bitmap with slot 0 all dirty, and in
+// 4.2 only one slot even for clustered arrays; md never reads a spare's
+// bitmap, but a copy stays correct once the member is in sync.) Arrays
+// without a bitmap need nothing; CopyBitmap then does nothing.
+func CopyBitmap(shared *superblock.Superblock, src, dst Member) error {
+	if !shared.HasBitmap() {
+		return nil
+	}
+	slots, err := readBitmap(src, shared)
+	if err != nil {
+		return fmt.Errorf("copy bitmap: %w", err)
+	}
+	l, err := bitmap.NewLayout(&slots[0].Super, shared.BitmapStart(), bitmap.AlignFor(shared.BitmapOffset))
+	if err != nil {
+		return fmt.Errorf("copy bitmap: %w", err)
+	}
+	sectors, err := memberSectors(dst)
+	if err != nil {
+		return fmt.Errorf("copy bitmap: %w", err)
+	}
+	if l.End() > int64(min(sectors, shared.DataOffset))*superblock.SectorSize {
+		return fmt.Errorf("copy bitmap: %s: the bitmap (bytes %d..%d) does not fit before the data", dst.Name(), l.Start, l.End())
+	}
+	buf := make([]byte, l.End()-l.Start)
+	if _, err := src.ReadAt(buf, l.Start); err != nil {
+		return fmt.Errorf("copy bitmap: read %s: %w", src.Name(), err)
+	}
+	if _, err := dst.WriteAt(buf, l.Start); err != nil {
+		return fmt.Errorf("copy bitmap: write %s: %w", dst.Name(), err)
+	}
+	return nil
 }
 
 // Device is a member together with its own superblock, the unit WriteAll
