@@ -823,20 +823,28 @@ func InSync(dev *superblock.Superblock) *superblock.Superblock {
 	return out
 }
 
-// NewDevice returns the per-device superblock for a member joining the
-// array as device number dev (after AddSpare): a fresh device UUID from
-// rnd (crypto/rand when nil), the array's data offset and the member's own
-// data size, the bad-block log where the other members have it (none for
-// clustered arrays), and shared's contents. It fails when the member is too
+// NewDevice returns the superblock for a member joining the array as
+// device number dev (after AddSpare): shared's contents, a fresh device
+// UUID from rnd (crypto/rand when nil), the member's own data size, and the
+// data offset and bad-block log position of like, the superblock of a
+// current member (mdadm --add also starts from a current member's
+// superblock). The per-device state is that of a new device: no recovery
+// offset, no flags, no corrected reads. It fails when the member is too
 // small to hold the array's used size (mdadm: "X not large enough to join
 // array").
-func NewDevice(shared *superblock.Superblock, dev uint32, m Member, rnd io.Reader) (*superblock.Superblock, error) {
+func NewDevice(shared, like *superblock.Superblock, dev uint32, m Member, rnd io.Reader) (*superblock.Superblock, error) {
+	if like.SetUUID != shared.SetUUID {
+		return nil, fmt.Errorf("new device: the template superblock belongs to array %s, not %s", bitmap.FormatUUID(like.SetUUID), bitmap.FormatUUID(shared.SetUUID))
+	}
+	if dev >= uint32(len(shared.DevRoles)) {
+		return nil, fmt.Errorf("new device: device number %d: the superblock has room for %d devices", dev, len(shared.DevRoles))
+	}
 	sectors, err := memberSectors(m)
 	if err != nil {
 		return nil, fmt.Errorf("new device: %w", err)
 	}
-	if sectors < shared.DataOffset || sectors-shared.DataOffset < shared.Size {
-		return nil, fmt.Errorf("%s not large enough to join array: %d sectors, the array needs %d (data offset %d + used size %d)", m.Name(), sectors, shared.DataOffset+shared.Size, shared.DataOffset, shared.Size)
+	if sectors < like.DataOffset || sectors-like.DataOffset < shared.Size {
+		return nil, fmt.Errorf("%s not large enough to join array: %d sectors, the array needs %d (data offset %d + used size %d)", m.Name(), sectors, like.DataOffset+shared.Size, like.DataOffset, shared.Size)
 	}
 	out := clone(shared)
 	out.DevNumber = dev
@@ -846,11 +854,16 @@ func NewDevice(shared *superblock.Superblock, dev uint32, m Member, rnd io.Reade
 	if _, err := io.ReadFull(rnd, out.DeviceUUID[:]); err != nil {
 		return nil, fmt.Errorf("new device: device UUID: %w", err)
 	}
-	out.SuperOffset = superblock.V12Offset
-	out.DataSize = sectors - shared.DataOffset
+	out.SuperOffset = like.SuperOffset
+	out.DataOffset = like.DataOffset
+	out.DataSize = sectors - like.DataOffset
+	out.BBLogShift, out.BBLogSize, out.BBLogOffset = like.BBLogShift, like.BBLogSize, like.BBLogOffset
 	out.NewOffset, out.RecoveryOffset, out.DevFlags, out.CntCorrectedRead = 0, 0, 0, 0
 	out.FeatureMap &^= perDeviceFeatures
 	out.UpdateChecksum()
+	if err := out.Validate(sectors); err != nil {
+		return nil, fmt.Errorf("new device %s: %w", m.Name(), err)
+	}
 	return out, nil
 }
 

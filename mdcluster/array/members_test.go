@@ -1,7 +1,6 @@
 package array
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
 	"os"
@@ -384,7 +383,7 @@ func TestUpdatesSeenByRealMdadm(t *testing.T) {
 	if err != nil || dev != 2+1 && dev != 3 {
 		t.Fatalf("add spare: dev %d, %v", dev, err)
 	}
-	nd, err := NewDevice(s, dev, files[3], &counterRand{n: 200})
+	nd, err := NewDevice(s, devs[0].Super, dev, files[3], &counterRand{n: 200})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -393,7 +392,12 @@ func TestUpdatesSeenByRealMdadm(t *testing.T) {
 	}
 	devs = append(devs, Device{Member: files[3], Super: nd})
 	write(s, 0, 2, 3)
-	check(3, map[string]string{"Device Role": "spare", "Array UUID": bitmap.FormatUUID(c.Info.UUID), "Events": "5", "Feature Map": "0x1"})
+	check(3, map[string]string{"Device Role": "spare", "Array UUID": bitmap.FormatUUID(c.Info.UUID), "Events": "5", "Feature Map": "0x1",
+		"Bad Block Log": "512 entries available at offset 16 sectors", "Data Offset": "2048 sectors"})
+	small := newMem("small", 32*mib)
+	if _, err := NewDevice(s, devs[0].Super, dev, small, nil); err == nil || !strings.Contains(err.Error(), "small not large enough to join array") {
+		t.Errorf("small new member: %v", err)
+	}
 
 	// 4. Fail the rebuilt member and re-add the original member 1 from
 	// its old superblock: back into slot 1 with a bitmap-based recovery.
@@ -539,7 +543,6 @@ func TestReplayCharlie(t *testing.T) {
 	if sb, _ := superblock.ReadAt(m, superblock.V12Offset); sb.Events != 0 {
 		t.Errorf("the failed member was written: events %d", sb.Events)
 	}
-	_ = bytes.Equal
 }
 
 // FuzzInspect feeds damaged metadata to Inspect: a patch of fuzz bytes is
@@ -612,4 +615,68 @@ func FuzzInspect(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestFileMemberBlockDevice: on loop devices, OpenFile sizes the device
+// with BLKGETSIZE64, claims it exclusively for writing, and Create writes
+// an array real mdadm reads from the block device.
+func TestFileMemberBlockDevice(t *testing.T) {
+	dir := t.TempDir()
+	var loops []string
+	for i := 0; i < 2; i++ {
+		_, p := imageFile(t, dir, fmt.Sprintf("b%d.img", i), 48*mib)
+		loops = append(loops, attachLoop(t, p, true))
+	}
+	var ms []Member
+	for _, l := range loops {
+		m, err := OpenFile(l, true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer m.Close()
+		if n, err := m.Size(); err != nil || n != 48*mib || !m.BlockDevice() {
+			t.Fatalf("%s: size %d, %v, block %v", l, n, err, m.BlockDevice())
+		}
+		ms = append(ms, m)
+	}
+	// A second writable open of a claimed block device is refused.
+	if m, err := OpenFile(loops[0], true); err == nil {
+		m.Close()
+		t.Error("second exclusive open of a block device succeeded")
+	}
+	c, err := Create(CreateSpec{Level: 1, RaidDevices: 2, Bitmap: BitmapInternal, Name: "blk"}, ms)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, errOut, x := realMdadm(t, "-E", loops[1])
+	if f := mdadmFields(out); x != 0 || f["Array UUID"] != bitmap.FormatUUID(c.Info.UUID) || f["Device Role"] != "Active device 1" {
+		t.Errorf("mdadm -E %s: exit %d %s\n%s", loops[1], x, errOut, out)
+	}
+	in, _ := Inspect(ms, InspectOptions{})
+	wantStatus(t, in, StatusInSync, StatusInSync)
+}
+
+func TestOpenFileRefusesNonDevices(t *testing.T) {
+	dir := t.TempDir()
+	if _, err := OpenFile(dir, false); err == nil || !strings.Contains(err.Error(), "not a regular file or block device") {
+		t.Errorf("directory: %v", err)
+	}
+	if _, err := OpenFile("/dev/null", true); err == nil || !strings.Contains(err.Error(), "not a regular file or block device") {
+		t.Errorf("character device: %v", err)
+	}
+	if _, err := OpenFile(dir+"/nope", false); err == nil || !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("missing file: %v", err)
+	}
+	m, p := imageFile(t, dir, "f.img", 4*mib)
+	if n, err := m.Size(); err != nil || n != 4*mib || m.BlockDevice() || m.Name() != p {
+		t.Errorf("file member: %d %v", n, err)
+	}
+	ro, err := OpenFile(p, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ro.Close()
+	if _, err := ro.WriteAt([]byte{1}, 0); err == nil {
+		t.Error("read-only member accepted a write")
+	}
 }
