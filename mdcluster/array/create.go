@@ -79,8 +79,10 @@ const (
 )
 
 // CreateSpec is what mdadm --create is told: the options that matter for
-// the on-disk result. The zero value of every field is mdadm's default,
-// except Level, RaidDevices and Name, which must be given.
+// the on-disk result. The zero value of a field is mdadm's default, except
+// for Level, RaidDevices and Name, which must be given, and Homehost and
+// ClusterName, which mdadm finds itself (the host name, corosync's cluster
+// name) and callers here pass in.
 type CreateSpec struct {
 	// Level is 1 (raid1) or 10 (raid10); mdcluster supports no other.
 	Level int
@@ -391,6 +393,9 @@ func bitmapChunk(usedSectors, syncSectors uint64, requested int64) (uint32, erro
 	if room <= 1 {
 		return 0, fmt.Errorf("no room for a bitmap on members using %d sectors", usedSectors)
 	}
+	if syncSectors > 1<<54 {
+		return 0, fmt.Errorf("a bitmap cannot cover %d sectors (md's limit is 8 EiB)", syncSectors)
+	}
 	maxBits := (room*512 - bitmap.SuperblockSize) * 8
 	minChunk := uint64(4096)
 	nbits := syncSectors*512/minChunk + 1
@@ -651,7 +656,11 @@ func planCreate(spec CreateSpec, members []Member) (*plan, error) {
 		sync := usedSectors
 		if level == superblock.LevelRAID10 {
 			copies := uint64(layout&0xff) * uint64(layout>>8&0xff)
-			sync = sizeKiB * uint64(spec.RaidDevices) / copies * 2
+			hi, lo := bits.Mul64(sizeKiB, uint64(spec.RaidDevices))
+			if hi != 0 {
+				return nil, refuse("array too large: %d KiB per member times %d members", sizeKiB, spec.RaidDevices)
+			}
+			sync = lo / copies * 2
 		}
 		chunk, err := bitmapChunk(usedSectors, sync, spec.BitmapChunk)
 		if err != nil {

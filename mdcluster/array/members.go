@@ -266,8 +266,9 @@ type Inspection struct {
 	// Slots has one entry per raid slot: the index of the member that
 	// holds it in sync, or -1.
 	Slots []int
-	// Missing lists devices the freshest superblock puts in a slot but
-	// that were not among the members.
+	// Missing lists devices the freshest superblock puts in a slot that
+	// are not among the members at all (a member that is there but stale
+	// or faulty is reported with its status instead).
 	Missing []MissingDevice
 	// InSync is the number of slots with an in-sync member.
 	InSync int
@@ -390,9 +391,9 @@ func Inspect(members []Member, opt InspectOptions) (*Inspection, error) {
 			res.Slots[r.Slot] = i
 		}
 	}
-	present := map[uint32]bool{}
-	for _, r := range res.Members {
-		if r.Super != nil && r.Status.Used() {
+	present := map[uint32]bool{} // device numbers of this array's members, used or not
+	for i, r := range res.Members {
+		if valid[i] && r.Status != StatusMismatch {
 			present[r.Super.DevNumber] = true
 		}
 	}
@@ -408,7 +409,10 @@ func Inspect(members []Member, opt InspectOptions) (*Inspection, error) {
 	}
 	res.Degraded = res.InSync < len(res.Slots)
 	res.Startable = Enough(fresh.Level, fresh.Layout, int(fresh.RaidDisks), func(slot int) bool { return res.Slots[slot] >= 0 })
-	if !res.Startable {
+	switch {
+	case fresh.Level != superblock.LevelRAID1 && fresh.Level != superblock.LevelRAID10:
+		res.Reason = fmt.Sprintf("raid level %s is not supported by mdcluster", superblock.LevelName(fresh.Level))
+	case !res.Startable:
 		res.Reason = fmt.Sprintf("not enough members to start the array: %d of %d slots in sync", res.InSync, len(res.Slots))
 		if fresh.Level == superblock.LevelRAID10 && res.InSync > 0 {
 			res.Reason += " and some raid10 chunk has no in-sync copy"

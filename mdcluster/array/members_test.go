@@ -164,8 +164,18 @@ func TestInspectSynthetic(t *testing.T) {
 		if r := in.Members[2].Reason; !strings.Contains(r, "m2 has an out-of-date superblock (events 1, freshest 3 on m0)") {
 			t.Errorf("reason %q", r)
 		}
-		if !in.Degraded || !in.Startable || in.InSync != 2 {
+		if !in.Degraded || !in.Startable || in.InSync != 2 || len(in.Missing) != 0 {
 			t.Errorf("%+v", in)
+		}
+	})
+	t.Run("unsupported level", func(t *testing.T) {
+		c, ms := newArray(t, CreateSpec{Level: 1, RaidDevices: 2}, 2, 8*mib)
+		s := clone(c.Shared)
+		s.Level = superblock.LevelRAID5
+		commit(t, s, c.Devices...)
+		in, _ := Inspect(asMembers(ms...), InspectOptions{})
+		if in.Startable || in.Reason != "raid level raid5 is not supported by mdcluster" {
+			t.Errorf("startable %v, %q", in.Startable, in.Reason)
 		}
 	})
 	t.Run("foreign corrupt blank missing", func(t *testing.T) {
