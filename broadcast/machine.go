@@ -109,7 +109,7 @@ type Machine struct {
 	seen uint64
 	memo Reply
 
-	gaps     uint64 // times a received sequence number skipped some
+	gaps uint64 // times a received sequence number skipped some
 
 	notified bool // a sender's CR request blocked on our ack lock
 	catchUp  bool // a recovery happened since the last read
