@@ -220,8 +220,9 @@ func (m *Machine) TokenGranted(lvb []byte, invalid bool) {
 	default:
 		m.unfinished = m.unfinished || t.unfinished
 	}
+	// t.last is only a floor for the next sequence number (Publish): it
+	// says what was sent, not what this node saw, so seen stays.
 	m.token = t
-	m.seen = max(m.seen, t.last)
 }
 
 // TokenBlocked: another node's request is blocked by our token (its
