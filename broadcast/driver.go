@@ -679,7 +679,7 @@ func (b *Broadcaster) receive(ctx context.Context, notified bool) error {
 		return fmt.Errorf("broadcast: node %d: read %s in CR: %w", self, MessageLock, err)
 	}
 	b.mu.Lock()
-	d := b.m.Incoming(rm.LVB(), invalid(rm), notified)
+	d := b.m.Incoming(rm.LVB(), notified)
 	b.mu.Unlock()
 	reply := d.Reply
 	if d.Act {
@@ -994,7 +994,7 @@ func (b *Broadcaster) send(ctx context.Context, msg Message) (Result, error) {
 	}
 	if finish {
 		b.mu.Lock()
-		e, act, ok := b.m.Finish(sm.LVB(), invalid(sm))
+		e, act, ok := b.m.Finish(sm.LVB())
 		b.mu.Unlock()
 		if ok {
 			if err := b.finish(ctx, sm, e, act); err != nil {

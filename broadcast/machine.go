@@ -330,18 +330,14 @@ func (m *Machine) Lost() {
 func (m *Machine) NeedsFinish() bool { return m.unfinished }
 
 // Finish decides, given the message lock's value (read with EX), whether
-// there is a broadcast to finish: a valid message from another node. It is
+// there is a broadcast to finish: a message from another node. It is
 // re-published as it is, same sequence number, to every receiver; those
 // that acted on it answer from memory, the others act now. act says this
 // node has not seen it either and must act on it itself first.
-func (m *Machine) Finish(lvb []byte, invalid bool) (e Envelope, act, ok bool) {
-	if invalid {
-		// A value nobody can vouch for was never acted on by anyone: its
-		// sender died before publishing it (PW/EX holders invalidate on
-		// death), or it is stale. Nothing to finish.
-		m.unfinished = false
-		return Envelope{}, false, false
-	}
+//
+// The value is used even when the lock manager flags it VALNOTVALID (see
+// Incoming for why that is safe).
+func (m *Machine) Finish(lvb []byte) (e Envelope, act, ok bool) {
 	e, err := DecodeEnvelope(lvb)
 	if err != nil || e.Sender == m.self {
 		m.unfinished = false
@@ -618,15 +614,19 @@ type Decision struct {
 // notified says a sender waits for our reply; otherwise this is a
 // catch-up after a recovery, which acts only on a broadcast whose sender
 // departed (a live sender notifies us itself, or gave up on us).
-func (m *Machine) Incoming(lvb []byte, invalid, notified bool) Decision {
+//
+// The lock manager's VALNOTVALID flag on the message lock is not a reason
+// to drop its value. While a sender holds the lock in CW its value is
+// vouched for (a recovering master takes it from the CW holder); the flag
+// shows up only after the lock's master died while no holder above CR
+// knew the value, and then the recovered value is the newest copy a
+// surviving reader held: a broadcast that was published (readers only
+// ever copy a published value) and that some node may have acted on. An
+// older one is refused by the sequence check like any repeat, so acting
+// on it here, if this node has not seen it, only brings this node to
+// where that reader is.
+func (m *Machine) Incoming(lvb []byte, notified bool) Decision {
 	noReply := Decision{NoReply: true}
-	if invalid {
-		if !notified {
-			return noReply
-		}
-		s, _ := rawSeq(lvb)
-		return Decision{Reply: Reply{Seq: s, Node: m.self, Status: StatusMalformed, Text: "message value block not valid"}}
-	}
 	e, err := DecodeEnvelope(lvb)
 	if err != nil {
 		if !notified || errors.Is(err, ErrEmpty) {

@@ -51,11 +51,11 @@ func TestMachineJoinCountsLastBroadcastSeen(t *testing.T) {
 	if m.Seen() != 41 || m.Phase() != Joined || !slices.Contains(m.TokenState().Joined, 2) {
 		t.Fatalf("seen %d phase %v token %+v", m.Seen(), m.Phase(), m.TokenState())
 	}
-	d := m.Incoming(env(41, 1, Remove), false, true)
+	d := m.Incoming(env(41, 1, Remove), true)
 	if d.Act || d.Reply.Seq != 41 || d.Reply.Status != StatusActed {
 		t.Fatalf("%+v", d)
 	}
-	d = m.Incoming(env(42, 1, Remove), false, true)
+	d = m.Incoming(env(42, 1, Remove), true)
 	if !d.Act || d.Env.Seq != 42 {
 		t.Fatalf("%+v", d)
 	}
@@ -83,7 +83,7 @@ func TestMachinePublishSequence(t *testing.T) {
 		}
 		// Its own broadcast, notified to it somehow, is answered, not acted on.
 		m.phase = Joined
-		if d := m.Incoming(e.Encode(LVBSize), false, true); d.Act || d.Reply.Status != StatusActed {
+		if d := m.Incoming(e.Encode(LVBSize), true); d.Act || d.Reply.Status != StatusActed {
 			t.Fatalf("own broadcast: %+v", d)
 		}
 	}
@@ -92,7 +92,7 @@ func TestMachinePublishSequence(t *testing.T) {
 func TestMachineIncoming(t *testing.T) {
 	m := joined(t, 2, 5)
 	// New: act, once.
-	d := m.Incoming(env(6, 1, NewDisk), false, true)
+	d := m.Incoming(env(6, 1, NewDisk), true)
 	if !d.Act {
 		t.Fatalf("%+v", d)
 	}
@@ -101,25 +101,22 @@ func TestMachineIncoming(t *testing.T) {
 		t.Fatalf("reply %+v", r)
 	}
 	// Repeated: the same answer from memory.
-	if d := m.Incoming(env(6, 1, NewDisk), false, true); d.Act || d.Reply != r {
+	if d := m.Incoming(env(6, 1, NewDisk), true); d.Act || d.Reply != r {
 		t.Fatalf("repeat: %+v", d)
 	}
 	// Older: stale, not acted on.
-	if d := m.Incoming(env(4, 3, NewDisk), false, true); d.Act || d.Reply.Status != StatusStale || d.Reply.Seq != 4 {
+	if d := m.Incoming(env(4, 3, NewDisk), true); d.Act || d.Reply.Status != StatusStale || d.Reply.Seq != 4 {
 		t.Fatalf("older: %+v", d)
 	}
 	// Unknown type: answered without the handler.
-	if d := m.Incoming(env(7, 3, 99), false, true); d.Act || d.Reply.Status != StatusUnknownType || d.Reply.Seq != 7 {
+	if d := m.Incoming(env(7, 3, 99), true); d.Act || d.Reply.Status != StatusUnknownType || d.Reply.Seq != 7 {
 		t.Fatalf("unknown: %+v", d)
 	}
-	// An invalid value block is answered malformed, with the sequence it
-	// seems to carry so the sender can match the answer.
-	if d := m.Incoming(env(8, 3, Remove), true, true); d.Act || d.Reply.Status != StatusMalformed || d.Reply.Seq != 8 {
-		t.Fatalf("invalid: %+v", d)
-	}
+	// A value that does not decode is answered malformed, with the
+	// sequence it seems to carry so the sender can match the answer.
 	bad := env(8, 3, Remove)
 	bad[45] = 1
-	if d := m.Incoming(bad, false, true); d.Act || d.Reply.Status != StatusMalformed || d.Reply.Seq != 8 {
+	if d := m.Incoming(bad, true); d.Act || d.Reply.Status != StatusMalformed || d.Reply.Seq != 8 {
 		t.Fatalf("malformed: %+v", d)
 	}
 	if m.Seen() != 7 {
@@ -128,7 +125,7 @@ func TestMachineIncoming(t *testing.T) {
 	if m.Gaps() != 0 {
 		t.Fatalf("gaps %d", m.Gaps())
 	}
-	if d := m.Incoming(env(10, 3, Remove), false, true); !d.Act || m.Gaps() != 1 {
+	if d := m.Incoming(env(10, 3, Remove), true); !d.Act || m.Gaps() != 1 {
 		t.Fatalf("gap: %+v %d", d, m.Gaps())
 	}
 }
@@ -138,24 +135,21 @@ func TestMachineIncoming(t *testing.T) {
 // up); nothing is answered, since nobody waits.
 func TestMachineCatchUp(t *testing.T) {
 	m := joined(t, 2, 5)
-	if d := m.Incoming(env(6, 1, Remove), false, false); !d.NoReply || d.Act {
+	if d := m.Incoming(env(6, 1, Remove), false); !d.NoReply || d.Act {
 		t.Fatalf("live sender: %+v", d)
-	}
-	if d := m.Incoming(env(6, 1, Remove), true, false); !d.NoReply {
-		t.Fatalf("invalid: %+v", d)
 	}
 	m.Departed([]dlm.NodeID{1})
 	m.ViewDone(2, []dlm.NodeID{2, 3})
-	d := m.Incoming(env(6, 1, Remove), false, false)
+	d := m.Incoming(env(6, 1, Remove), false)
 	if !d.Act {
 		t.Fatalf("departed sender: %+v", d)
 	}
 	m.Acted(d.Env, nil, false)
-	if d := m.Incoming(env(6, 1, Remove), false, false); !d.NoReply {
+	if d := m.Incoming(env(6, 1, Remove), false); !d.NoReply {
 		t.Fatalf("again: %+v", d)
 	}
 	// The notification that follows (the finishing sender) gets "acted".
-	if d := m.Incoming(env(6, 1, Remove), false, true); d.Act || d.Reply.Status != StatusActed {
+	if d := m.Incoming(env(6, 1, Remove), true); d.Act || d.Reply.Status != StatusActed {
 		t.Fatalf("finish: %+v", d)
 	}
 }
@@ -281,7 +275,7 @@ func TestMachineUnfinished(t *testing.T) {
 	if !m.NeedsFinish() {
 		t.Fatal("an invalid token does not ask for a finish")
 	}
-	e, act, ok := m.Finish(env(6, 1, Remove), false)
+	e, act, ok := m.Finish(env(6, 1, Remove))
 	if !ok || !act || e.Seq != 6 || m.Seen() != 6 {
 		t.Fatalf("finish: %+v %v %v seen %d", e, act, ok, m.Seen())
 	}
@@ -289,10 +283,19 @@ func TestMachineUnfinished(t *testing.T) {
 	if m.NeedsFinish() {
 		t.Fatal("still unfinished")
 	}
-	// Invalid message value: nothing anyone acted on; nothing to finish.
+	// Its own broadcast, or nothing decodable: nothing to finish.
 	m.TokenGranted(nil, true)
-	if _, _, ok := m.Finish(env(7, 1, Remove), true); ok || m.NeedsFinish() {
-		t.Fatal("finished an invalid value")
+	if _, _, ok := m.Finish(env(7, 2, Remove)); ok || m.NeedsFinish() {
+		t.Fatal("finished its own broadcast")
+	}
+	m.TokenGranted(nil, true)
+	if _, _, ok := m.Finish(make([]byte, LVBSize)); ok || m.NeedsFinish() {
+		t.Fatal("finished an empty value")
+	}
+	// A value finished again after everyone saw it: nobody acts.
+	m.TokenGranted(nil, true)
+	if _, act, ok := m.Finish(env(6, 1, Remove)); !ok || act {
+		t.Fatalf("refinish: %v %v", act, ok)
 	}
 	// The flag travels through the token's value.
 	j, _ := NewMachine(3)
