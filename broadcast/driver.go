@@ -115,6 +115,9 @@ const (
 	// mutRecvTakesSendLock: the receive side takes the local send lock, as
 	// md's recv_mutex couples receiving with sending.
 	mutRecvTakesSendLock
+	// mutJoinWithoutToken: Join does not wait for the token (md before
+	// "fix locking when node joins cluster during message broadcast").
+	mutJoinWithoutToken
 )
 
 // Sequential is a Config.Parallel that runs the tasks one after the other.
@@ -296,6 +299,27 @@ func (b *Broadcaster) cleanupCtx(ctx context.Context) (context.Context, context.
 	return context.WithTimeout(context.WithoutCancel(ctx), b.cfg.LockTimeout)
 }
 
+// down converts h down to mode within a fresh cleanup bound (a
+// down-conversion does not wait for other nodes).
+func (b *Broadcaster) down(ctx context.Context, h dlm.LockHandle, mode dlm.Mode, flags dlm.Flags) error {
+	cctx, cancel := b.cleanupCtx(ctx)
+	defer cancel()
+	if err := h.Convert(cctx, mode, flags); err != nil {
+		return fmt.Errorf("convert %s to %s: %w", h.Resource(), mode, err)
+	}
+	return nil
+}
+
+// unlock releases h within a fresh cleanup bound.
+func (b *Broadcaster) unlock(ctx context.Context, h dlm.LockHandle, flags dlm.Flags) error {
+	cctx, cancel := b.cleanupCtx(ctx)
+	defer cancel()
+	if err := h.Unlock(cctx, flags); err != nil {
+		return fmt.Errorf("release %s: %w", h.Resource(), err)
+	}
+	return nil
+}
+
 func (b *Broadcaster) signal() {
 	select {
 	case b.sig <- struct{}{}:
@@ -392,7 +416,11 @@ func (b *Broadcaster) Join(ctx context.Context) (err error) {
 	}()
 	lctx, cancel := b.lockCtx(ctx)
 	defer cancel()
-	tok, err := b.cfg.Locker.Request(lctx, dlm.LockSpec{Resource: TokenLock, Mode: dlm.EX, Flags: dlm.ValBlk, OnBlock: b.tokenBlocked})
+	tokMode := dlm.EX
+	if b.cfg.mutation == mutJoinWithoutToken {
+		tokMode = dlm.NL
+	}
+	tok, err := b.cfg.Locker.Request(lctx, dlm.LockSpec{Resource: TokenLock, Mode: tokMode, Flags: dlm.ValBlk, OnBlock: b.tokenBlocked})
 	if err != nil {
 		return fmt.Errorf("broadcast: node %d: join: take %s in EX (a broadcast or join in flight?): %w", self, TokenLock, err)
 	}
@@ -444,12 +472,15 @@ func (b *Broadcaster) Join(ctx context.Context) (err error) {
 }
 
 // Leave stops this node receiving and sending. Holding the token (so no
-// broadcast is in flight), it writes a "left" reply into its ack lock and
-// releases it, releases the message lock and removes itself from the
-// token's joined list. Run must still be running while Leave waits for the
-// token: a broadcast in flight needs this node's answer before the token is
-// free. It fails with ErrBusy while a receive is still under way (a handler
-// that outlived its sender's patience); try again once it has returned.
+// broadcast is in flight) and the message lock in EX (so this node's own
+// receive side has finished re-arming after the last broadcast, and no
+// receiver anywhere still reads one), it writes a "left" reply into its
+// ack lock and releases it, releases the message lock and removes itself
+// from the token's joined list. Run must still be running while Leave
+// waits: a broadcast in flight needs this node's answer before the token
+// is free. A receive still acting on an earlier broadcast (a handler that
+// outlived its sender's patience) holds the message lock; Leave waits for
+// it up to LockTimeout.
 func (b *Broadcaster) Leave(ctx context.Context) error {
 	if b.inHandler(ctx) {
 		return fmt.Errorf("broadcast: leave: %w", ErrInHandler)
@@ -460,46 +491,64 @@ func (b *Broadcaster) Leave(ctx context.Context) error {
 	defer b.release()
 	b.mu.Lock()
 	ph := b.m.Phase()
+	sm := b.sendMsg
 	b.mu.Unlock()
-	if ph != Joined {
+	if ph != Joined || sm == nil {
 		b.dropHandles(ctx)
 		return nil
 	}
 	if err := b.takeToken(ctx, "leave"); err != nil {
 		return err
 	}
-	b.mu.Lock()
-	if err := b.m.CanLeave(); err != nil {
-		b.mu.Unlock()
-		rerr := b.releaseToken(ctx)
-		return errors.Join(fmt.Errorf("broadcast: node %d: leave: %w", b.cfg.Self, err), rerr)
+	// A catch-up read that starts just before the message lock is granted
+	// makes the receive side busy again; it ends quickly, so try again a
+	// few times (each attempt is bounded by LockTimeout).
+	const attempts = 3
+	for i := 1; ; i++ {
+		err := b.takeMessage(ctx, sm)
+		if err == nil {
+			b.mu.Lock()
+			err = b.m.CanLeave()
+			if err == nil {
+				b.m.Left()
+			}
+			b.mu.Unlock()
+			if err == nil {
+				break
+			}
+			if derr := b.down(ctx, sm, dlm.NL, 0); derr != nil {
+				err = errors.Join(err, derr)
+			}
+		}
+		if i == attempts || ctx.Err() != nil || !errors.Is(err, ErrBusy) {
+			rerr := b.releaseToken(ctx)
+			return errors.Join(fmt.Errorf("broadcast: node %d: leave: %w", b.cfg.Self, err), rerr)
+		}
 	}
+	b.mu.Lock()
 	reply := b.m.LeaveReply()
-	b.m.Left()
 	val := b.m.TokenValue(b.cfg.Locker.LVBLen())
-	tok, ack, rm, sm := b.token, b.ack, b.recvMsg, b.sendMsg
+	tok, ack, rm := b.token, b.ack, b.recvMsg
 	b.token, b.ack, b.recvMsg, b.sendMsg = nil, nil, nil, nil
 	b.mu.Unlock()
-	cctx, cancel := b.cleanupCtx(ctx)
-	defer cancel()
 	n := b.cfg.Locker.LVBLen()
 	var errs []error
 	if err := ack.SetLVB(reply.Encode(n)); err != nil {
 		errs = append(errs, err)
 	}
-	if err := ack.Unlock(cctx, dlm.ValBlk); err != nil {
-		errs = append(errs, fmt.Errorf("release %s: %w", AckLock(b.cfg.Self), err))
+	if err := b.unlock(ctx, ack, dlm.ValBlk); err != nil {
+		errs = append(errs, err)
 	}
-	for _, h := range []dlm.LockHandle{rm, sm} {
-		if err := h.Unlock(cctx, 0); err != nil {
-			errs = append(errs, fmt.Errorf("release %s: %w", MessageLock, err))
+	for _, h := range []dlm.LockHandle{rm, sm} { // sm in EX: no ValBlk, nothing written
+		if err := b.unlock(ctx, h, 0); err != nil {
+			errs = append(errs, err)
 		}
 	}
 	if err := tok.SetLVB(val); err != nil {
 		errs = append(errs, err)
 	}
-	if err := tok.Unlock(cctx, dlm.ValBlk); err != nil {
-		errs = append(errs, fmt.Errorf("release %s: %w", TokenLock, err))
+	if err := b.unlock(ctx, tok, dlm.ValBlk); err != nil {
+		errs = append(errs, err)
 	}
 	b.mu.Lock()
 	b.m.TokenReleased()
@@ -519,11 +568,9 @@ func (b *Broadcaster) dropHandles(ctx context.Context) {
 	b.token, b.ack, b.recvMsg, b.sendMsg = nil, nil, nil, nil
 	b.m.TokenLost()
 	b.mu.Unlock()
-	cctx, cancel := b.cleanupCtx(ctx)
-	defer cancel()
 	for _, h := range hs {
 		if h != nil && h.Mode() != dlm.ModeIV {
-			_ = h.Unlock(cctx, 0)
+			_ = b.unlock(ctx, h, 0)
 		}
 	}
 }
@@ -686,27 +733,32 @@ func (b *Broadcaster) receive(ctx context.Context, notified bool) error {
 		reply = b.act(ctx, d.Env)
 	}
 	if d.NoReply || b.skipReply(reply) {
-		cctx, cancel := b.cleanupCtx(ctx)
-		err := rm.Convert(cctx, dlm.NL, 0)
-		cancel()
+		err := b.down(ctx, rm, dlm.NL, 0)
 		b.mu.Lock()
 		b.m.Released()
 		b.mu.Unlock()
 		if err != nil {
-			return fmt.Errorf("broadcast: node %d: release %s: %w", self, MessageLock, err)
+			if gone(err) {
+				b.lost(err)
+			}
+			return fmt.Errorf("broadcast: node %d: %w", self, err)
 		}
 		return nil
 	}
 	if err := ack.SetLVB(reply.Encode(b.cfg.Locker.LVBLen())); err != nil {
 		return fmt.Errorf("broadcast: node %d: reply: %w", self, err)
 	}
-	cctx, cancel := b.cleanupCtx(ctx)
-	err = ack.Convert(cctx, dlm.NL, dlm.ValBlk)
-	cancel()
-	if err != nil {
-		// A down-conversion fails only when the lock is gone.
-		b.lost(err)
-		return fmt.Errorf("broadcast: node %d: reply to broadcast %d through %s: %w", self, reply.Seq, AckLock(self), err)
+	if err := b.down(ctx, ack, dlm.NL, dlm.ValBlk); err != nil {
+		// Not answered: the ack lock is still in EX (or gone); the sender's
+		// bound covers it.
+		b.mu.Lock()
+		b.m.ReadFailed(notified)
+		b.mu.Unlock()
+		_ = b.down(ctx, rm, dlm.NL, 0)
+		if gone(err) {
+			b.lost(err)
+		}
+		return fmt.Errorf("broadcast: node %d: reply to broadcast %d: %w", self, reply.Seq, err)
 	}
 	b.mu.Lock()
 	b.m.Replied()
@@ -749,15 +801,15 @@ func (b *Broadcaster) rearm(ctx context.Context) error {
 		}
 		return fmt.Errorf("broadcast: node %d: re-take %s in EX (the sender has not released its CR): %w", self, AckLock(self), err)
 	}
-	cctx, cancel := b.cleanupCtx(ctx)
-	err = rm.Convert(cctx, dlm.NL, 0)
-	cancel()
+	err = b.down(ctx, rm, dlm.NL, 0)
 	b.mu.Lock()
 	b.m.Rearmed()
 	b.mu.Unlock()
 	if err != nil {
-		b.lost(err)
-		return fmt.Errorf("broadcast: node %d: release %s: %w", self, MessageLock, err)
+		if gone(err) {
+			b.lost(err)
+		}
+		return fmt.Errorf("broadcast: node %d: %w", self, err)
 	}
 	return nil
 }
@@ -862,11 +914,9 @@ func (b *Broadcaster) releaseToken(ctx context.Context) error {
 	val := b.m.TokenValue(b.cfg.Locker.LVBLen())
 	tok := b.token
 	b.mu.Unlock()
-	cctx, cancel := b.cleanupCtx(ctx)
-	defer cancel()
 	err := tok.SetLVB(val)
 	if err == nil {
-		err = tok.Convert(cctx, dlm.NL, dlm.ValBlk)
+		err = b.down(ctx, tok, dlm.NL, dlm.ValBlk)
 	}
 	b.mu.Lock()
 	b.m.TokenReleased()
@@ -875,7 +925,7 @@ func (b *Broadcaster) releaseToken(ctx context.Context) error {
 		if gone(err) {
 			b.lost(err)
 		}
-		return fmt.Errorf("broadcast: node %d: release %s: %w", b.cfg.Self, TokenLock, err)
+		return fmt.Errorf("broadcast: node %d: release the token: %w", b.cfg.Self, err)
 	}
 	return nil
 }
@@ -1061,14 +1111,16 @@ func (b *Broadcaster) finish(ctx context.Context, sm dlm.LockHandle, e Envelope,
 // returns the Result. Holds the message lock in EX on entry, NL on return.
 func (b *Broadcaster) publish(ctx context.Context, sm dlm.LockHandle, e Envelope) (Result, error) {
 	self := b.cfg.Self
-	cctx, cancel := b.cleanupCtx(ctx)
-	defer cancel()
 	if err := sm.SetLVB(e.Encode(b.cfg.Locker.LVBLen())); err != nil {
-		_ = sm.Convert(cctx, dlm.NL, 0)
+		_ = b.down(ctx, sm, dlm.NL, 0)
 		return Result{Seq: e.Seq}, fmt.Errorf("broadcast: node %d: broadcast %d: %w", self, e.Seq, err)
 	}
-	if err := sm.Convert(cctx, dlm.CW, dlm.ValBlk); err != nil {
-		b.lost(err)
+	if err := b.down(ctx, sm, dlm.CW, dlm.ValBlk); err != nil {
+		// Whether it was published is unknown: if it was, receivers act on
+		// it when notified by a later finish or catch-up, never twice.
+		if gone(err) {
+			b.lost(err)
+		}
 		return Result{Seq: e.Seq}, fmt.Errorf("broadcast: node %d: publish broadcast %d (%s) through %s: %w", self, e.Seq, e.Msg.Type, MessageLock, err)
 	}
 	b.mu.Lock()
@@ -1087,16 +1139,16 @@ func (b *Broadcaster) publish(ctx context.Context, sm dlm.LockHandle, e Envelope
 			if len(a.LVB) != n {
 				a.LVB = make([]byte, n)
 			}
-			uctx, cancel := b.cleanupCtx(ctx)
-			if err := h.Unlock(uctx, 0); err != nil {
-				b.log.Warn("broadcast: releasing a receiver's ack lock", "lock", AckLock(recv[i]), "err", err)
+			if err := b.unlock(ctx, h, 0); err != nil {
+				b.log.Warn("broadcast: releasing a receiver's ack lock", "err", err)
 			}
-			cancel()
 		}
 		answers[i] = a
 	})
-	if err := sm.Convert(cctx, dlm.NL, 0); err != nil {
-		b.lost(err)
+	if err := b.down(ctx, sm, dlm.NL, 0); err != nil {
+		if gone(err) {
+			b.lost(err)
+		}
 		return Result{Seq: e.Seq}, fmt.Errorf("broadcast: node %d: release %s after broadcast %d: %w", self, MessageLock, e.Seq, err)
 	}
 	b.mu.Lock()
