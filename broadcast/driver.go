@@ -183,12 +183,16 @@ type Broadcaster struct {
 
 	mu sync.Mutex // guards the fields below; never held across a lock call or the handler
 	m  *Machine
-	// The locks, nil while not joined. token is NL or EX; ack is EX while
-	// idle; recvMsg (receiving) and sendMsg (sending) are NL while idle.
-	token, ack, recvMsg, sendMsg dlm.LockHandle
-	stats                        Stats
-	sendTotal                    time.Duration
-	sendOK                       uint64
+	// The locks, nil while not joined. token is NL or EX; ack are this
+	// node's two ack locks (EX when armed, NL once answered); recvMsg
+	// (receiving) and sendMsg (sending) are NL while idle.
+	token, recvMsg, sendMsg dlm.LockHandle
+	ack                     [2]dlm.LockHandle
+	// idle is signalled whenever a receive ends, for Leave to wait on.
+	idle      chan struct{}
+	stats     Stats
+	sendTotal time.Duration
+	sendOK    uint64
 }
 
 var _ dlm.RecoveryHandler = (*Broadcaster)(nil)
@@ -234,7 +238,7 @@ func New(cfg Config) (*Broadcaster, error) {
 		lg = slog.Default()
 	}
 	return &Broadcaster{cfg: cfg, log: lg.With("node", cfg.Self), now: now, m: m,
-		sem: make(chan struct{}, 1), sig: make(chan struct{}, 1)}, nil
+		sem: make(chan struct{}, 1), sig: make(chan struct{}, 1), idle: make(chan struct{}, 1)}, nil
 }
 
 // Phase returns where this node is (joined or not).
@@ -366,8 +370,9 @@ func (b *Broadcaster) lost(err error) {
 	b.mu.Lock()
 	was := b.m.Phase()
 	b.m.Lost()
-	b.token, b.ack, b.recvMsg, b.sendMsg = nil, nil, nil, nil
+	b.token, b.ack, b.recvMsg, b.sendMsg = nil, [2]dlm.LockHandle{}, nil, nil
 	b.mu.Unlock()
+	b.pulseIdle()
 	if was == Joined {
 		b.log.Error("broadcast: this node's locks are gone; it no longer receives and must join again", "err", err)
 	}
@@ -428,11 +433,16 @@ func (b *Broadcaster) Join(ctx context.Context) (err error) {
 	b.mu.Lock()
 	b.m.TokenGranted(tok.LVB(), invalid(tok))
 	b.mu.Unlock()
-	ack, err := b.cfg.Locker.Request(lctx, dlm.LockSpec{Resource: AckLock(self), Mode: dlm.EX, Flags: dlm.ValBlk, OnBlock: b.notified})
-	if err != nil {
-		return fmt.Errorf("broadcast: node %d: join: take %s in EX: %w", self, AckLock(self), err)
+	var ack [2]dlm.LockHandle
+	for i := range uint8(2) {
+		h, err := b.cfg.Locker.Request(lctx, dlm.LockSpec{Resource: AckLock(self, i), Mode: dlm.EX, Flags: dlm.ValBlk,
+			OnBlock: func(dlm.Mode) { b.notified(i) }})
+		if err != nil {
+			return fmt.Errorf("broadcast: node %d: join: take %s in EX: %w", self, AckLock(self, i), err)
+		}
+		held = append(held, h)
+		ack[i] = h
 	}
-	held = append(held, ack)
 	rm, err := b.cfg.Locker.Request(lctx, dlm.LockSpec{Resource: MessageLock, Mode: dlm.CR, Flags: dlm.ValBlk})
 	if err != nil {
 		return fmt.Errorf("broadcast: node %d: join: read %s in CR: %w", self, MessageLock, err)
@@ -466,21 +476,19 @@ func (b *Broadcaster) Join(ctx context.Context) (err error) {
 	b.token, b.ack, b.recvMsg, b.sendMsg = tok, ack, rm, sm
 	b.mu.Unlock()
 	held = nil
-	b.log.Info("broadcast: joined", "ack_lock", AckLock(self), "last_seq", seen)
+	b.log.Info("broadcast: joined", "ack_locks", []string{AckLock(self, 0), AckLock(self, 1)}, "last_seq", seen)
 	b.signal()
 	return nil
 }
 
 // Leave stops this node receiving and sending. Holding the token (so no
-// broadcast is in flight) and the message lock in EX (so this node's own
-// receive side has finished re-arming after the last broadcast, and no
-// receiver anywhere still reads one), it writes a "left" reply into its
-// ack lock and releases it, releases the message lock and removes itself
-// from the token's joined list. Run must still be running while Leave
-// waits: a broadcast in flight needs this node's answer before the token
-// is free. A receive still acting on an earlier broadcast (a handler that
-// outlived its sender's patience) holds the message lock; Leave waits for
-// it up to LockTimeout.
+// broadcast is in flight), it waits for a receive still under way here to
+// end (at most LockTimeout: a handler that outlived its sender's patience
+// may still be acting), writes a "left" reply into its ack locks and
+// releases them, releases the message lock and removes itself from the
+// token's joined list. Run must still be running while Leave waits for the
+// token: a broadcast in flight needs this node's answer before the token
+// is free.
 func (b *Broadcaster) Leave(ctx context.Context) error {
 	if b.inHandler(ctx) {
 		return fmt.Errorf("broadcast: leave: %w", ErrInHandler)
@@ -491,55 +499,38 @@ func (b *Broadcaster) Leave(ctx context.Context) error {
 	defer b.release()
 	b.mu.Lock()
 	ph := b.m.Phase()
-	sm := b.sendMsg
 	b.mu.Unlock()
-	if ph != Joined || sm == nil {
+	if ph != Joined {
 		b.dropHandles(ctx)
 		return nil
 	}
 	if err := b.takeToken(ctx, "leave"); err != nil {
 		return err
 	}
-	// A catch-up read that starts just before the message lock is granted
-	// makes the receive side busy again; it ends quickly, so try again a
-	// few times (each attempt is bounded by LockTimeout).
-	const attempts = 3
-	for i := 1; ; i++ {
-		err := b.takeMessage(ctx, sm)
-		if err == nil {
-			b.mu.Lock()
-			err = b.m.CanLeave()
-			if err == nil {
-				b.m.Left()
-			}
-			b.mu.Unlock()
-			if err == nil {
-				break
-			}
-			if derr := b.down(ctx, sm, dlm.NL, 0); derr != nil {
-				err = errors.Join(err, derr)
-			}
-		}
-		if i == attempts || ctx.Err() != nil || !errors.Is(err, ErrBusy) {
-			rerr := b.releaseToken(ctx)
-			return errors.Join(fmt.Errorf("broadcast: node %d: leave: %w", b.cfg.Self, err), rerr)
-		}
+	if err := b.leaveWhenIdle(ctx); err != nil {
+		rerr := b.releaseToken(ctx)
+		return errors.Join(fmt.Errorf("broadcast: node %d: leave: %w", b.cfg.Self, err), rerr)
 	}
 	b.mu.Lock()
 	reply := b.m.LeaveReply()
 	val := b.m.TokenValue(b.cfg.Locker.LVBLen())
-	tok, ack, rm := b.token, b.ack, b.recvMsg
-	b.token, b.ack, b.recvMsg, b.sendMsg = nil, nil, nil, nil
+	tok, ack, rm, sm := b.token, b.ack, b.recvMsg, b.sendMsg
+	b.token, b.ack, b.recvMsg, b.sendMsg = nil, [2]dlm.LockHandle{}, nil, nil
 	b.mu.Unlock()
 	n := b.cfg.Locker.LVBLen()
 	var errs []error
-	if err := ack.SetLVB(reply.Encode(n)); err != nil {
-		errs = append(errs, err)
+	for _, h := range ack {
+		// An armed lock (EX) gets the reply written on unlock; an answered
+		// one (NL) keeps its last answer, which no sender takes for a reply
+		// to a later broadcast.
+		if err := h.SetLVB(reply.Encode(n)); err != nil {
+			errs = append(errs, err)
+		}
+		if err := b.unlock(ctx, h, dlm.ValBlk); err != nil {
+			errs = append(errs, err)
+		}
 	}
-	if err := b.unlock(ctx, ack, dlm.ValBlk); err != nil {
-		errs = append(errs, err)
-	}
-	for _, h := range []dlm.LockHandle{rm, sm} { // sm in EX: no ValBlk, nothing written
+	for _, h := range []dlm.LockHandle{rm, sm} {
 		if err := b.unlock(ctx, h, 0); err != nil {
 			errs = append(errs, err)
 		}
@@ -560,12 +551,43 @@ func (b *Broadcaster) Leave(ctx context.Context) error {
 	return nil
 }
 
+// leaveWhenIdle marks this node not joined as soon as no receive is under
+// way, so the receive loop starts nothing more; it waits at most
+// LockTimeout for a receive in progress.
+func (b *Broadcaster) leaveWhenIdle(ctx context.Context) error {
+	lctx, cancel := b.lockCtx(ctx)
+	defer cancel()
+	for {
+		b.mu.Lock()
+		err := b.m.CanLeave()
+		if err == nil {
+			b.m.Left()
+		}
+		b.mu.Unlock()
+		if err == nil {
+			return nil
+		}
+		select {
+		case <-b.idle:
+		case <-lctx.Done():
+			return fmt.Errorf("%w; waited %v: %w", err, b.cfg.LockTimeout, lctx.Err())
+		}
+	}
+}
+
+func (b *Broadcaster) pulseIdle() {
+	select {
+	case b.idle <- struct{}{}:
+	default:
+	}
+}
+
 // dropHandles releases whatever locks a node that lost its membership
 // still has handles for (best effort: they are usually gone already).
 func (b *Broadcaster) dropHandles(ctx context.Context) {
 	b.mu.Lock()
-	hs := []dlm.LockHandle{b.ack, b.recvMsg, b.sendMsg, b.token}
-	b.token, b.ack, b.recvMsg, b.sendMsg = nil, nil, nil, nil
+	hs := []dlm.LockHandle{b.ack[0], b.ack[1], b.recvMsg, b.sendMsg, b.token}
+	b.token, b.ack, b.recvMsg, b.sendMsg = nil, [2]dlm.LockHandle{}, nil, nil
 	b.m.TokenLost()
 	b.mu.Unlock()
 	for _, h := range hs {
@@ -577,10 +599,11 @@ func (b *Broadcaster) dropHandles(ctx context.Context) {
 
 // --- callbacks and recovery events: they only record and signal ---
 
-// notified is the ack lock's blocking callback: a sender waits for us.
-func (b *Broadcaster) notified(dlm.Mode) {
+// notified is the blocking callback of ack lock number lock: a sender
+// waits for us there.
+func (b *Broadcaster) notified(lock uint8) {
 	b.mu.Lock()
-	b.m.Notify()
+	b.m.Notify(lock)
 	b.mu.Unlock()
 	b.signal()
 }
@@ -663,44 +686,41 @@ func (b *Broadcaster) Pending() bool {
 func (b *Broadcaster) Signal() <-chan struct{} { return b.sig }
 
 // Step does the next piece of receive-side work, if any, and reports
-// whether there was any: answer a sender (read the message lock, act,
-// reply, re-arm), finish re-arming after a failed attempt, catch up after
-// a recovery, or release the cached token to a node that wants it. It
-// never waits for a local sender.
+// whether there was any: answer a sender (read the message lock, arm the
+// other ack lock, act, reply), catch up after a recovery, or release the
+// cached token to a node that wants it. It never waits for a local sender.
 func (b *Broadcaster) Step(ctx context.Context) (bool, error) {
 	b.mu.Lock()
 	want := b.m.TokenWanted()
 	b.mu.Unlock()
 	free := want && !b.cfg.ReleaseToken && b.trySem()
 	b.mu.Lock()
-	w, notified := b.m.Work(free)
+	job := b.m.Work(free)
 	b.mu.Unlock()
-	if free && w != WorkReleaseToken {
+	if free && job.Work != WorkReleaseToken {
 		b.release()
-		free = false
 	}
-	switch w {
+	switch job.Work {
 	case WorkReleaseToken:
 		defer b.release()
 		return true, b.releaseToken(ctx)
 	case WorkReceive:
-		return true, b.receive(ctx, notified)
-	case WorkRearm:
-		return true, b.rearm(ctx)
+		err := b.receive(ctx, job)
+		b.pulseIdle()
+		return true, err
 	}
 	return false, nil
 }
 
-// receive reads the message lock in CR and answers it: act on a new
-// broadcast, or repeat the answer given to one already seen; then write
-// the reply into the ack lock (EX to NL grants the sender's CR and hands
-// it the reply) and re-arm.
-func (b *Broadcaster) receive(ctx context.Context, notified bool) error {
+// receive carries out one receive job: read the message lock in CR (and
+// let it go at once: the value is copied); decide; arm the other ack lock
+// if it is not (so that the next broadcast finds it armed); act; write the
+// reply into the notified ack lock and drop it to NL, which grants the
+// waiting sender's CR and hands it the reply.
+func (b *Broadcaster) receive(ctx context.Context, job Job) (err error) {
 	if b.cfg.mutation == mutRecvTakesSendLock {
 		if err := b.acquire(ctx, "receive"); err != nil {
-			b.mu.Lock()
-			b.m.ReadFailed(notified)
-			b.mu.Unlock()
+			b.retry(job)
 			return err
 		}
 		defer b.release()
@@ -709,63 +729,83 @@ func (b *Broadcaster) receive(ctx context.Context, notified bool) error {
 	b.mu.Lock()
 	ack, rm := b.ack, b.recvMsg
 	b.mu.Unlock()
-	if ack == nil || rm == nil {
+	if ack[0] == nil || ack[1] == nil || rm == nil {
 		b.lost(errors.New("no locks"))
 		return nil
 	}
 	lctx, cancel := b.lockCtx(ctx)
-	err := rm.Convert(lctx, dlm.CR, dlm.ValBlk)
+	err = rm.Convert(lctx, dlm.CR, dlm.ValBlk)
 	cancel()
 	if err != nil {
-		b.mu.Lock()
-		b.m.ReadFailed(notified)
-		b.mu.Unlock()
+		b.retry(job)
 		if gone(err) {
 			b.lost(err)
 		}
 		return fmt.Errorf("broadcast: node %d: read %s in CR: %w", self, MessageLock, err)
 	}
+	lvb := rm.LVB()
+	if err := b.down(ctx, rm, dlm.NL, 0); err != nil {
+		b.retry(job)
+		if gone(err) {
+			b.lost(err)
+		}
+		return fmt.Errorf("broadcast: node %d: %w", self, err)
+	}
 	b.mu.Lock()
-	d := b.m.Incoming(rm.LVB(), notified)
+	d := b.m.Incoming(lvb, job.Notified)
+	other, needArm := b.m.NeedArm(job.Lock)
 	b.mu.Unlock()
+	if job.Notified && needArm {
+		// Granted at once unless the sender that asked it last has not let
+		// go yet; a blocking callback makes that sender send its unlock.
+		lctx, cancel := b.lockCtx(ctx)
+		err := ack[other].Convert(lctx, dlm.EX, 0)
+		cancel()
+		if err != nil {
+			b.retry(job)
+			if gone(err) {
+				b.lost(err)
+			}
+			return fmt.Errorf("broadcast: node %d: arm %s in EX: %w", self, AckLock(self, other), err)
+		}
+		b.mu.Lock()
+		b.m.Rearmed(other)
+		b.mu.Unlock()
+	}
 	reply := d.Reply
 	if d.Act {
 		reply = b.act(ctx, d.Env)
 	}
 	if d.NoReply || b.skipReply(reply) {
-		err := b.down(ctx, rm, dlm.NL, 0)
 		b.mu.Lock()
-		b.m.Released()
+		b.m.Done()
 		b.mu.Unlock()
-		if err != nil {
-			if gone(err) {
-				b.lost(err)
-			}
-			return fmt.Errorf("broadcast: node %d: %w", self, err)
-		}
 		return nil
 	}
-	if err := ack.SetLVB(reply.Encode(b.cfg.Locker.LVBLen())); err != nil {
+	h := ack[job.Lock]
+	if err := h.SetLVB(reply.Encode(b.cfg.Locker.LVBLen())); err != nil {
+		b.retry(job)
 		return fmt.Errorf("broadcast: node %d: reply: %w", self, err)
 	}
-	if err := b.down(ctx, ack, dlm.NL, dlm.ValBlk); err != nil {
-		// Not answered: the ack lock is still in EX (or gone); the sender's
-		// bound covers it.
-		b.mu.Lock()
-		b.m.ReadFailed(notified)
-		b.mu.Unlock()
-		_ = b.down(ctx, rm, dlm.NL, 0)
+	if err := b.down(ctx, h, dlm.NL, dlm.ValBlk); err != nil {
+		b.retry(job)
 		if gone(err) {
 			b.lost(err)
 		}
 		return fmt.Errorf("broadcast: node %d: reply to broadcast %d: %w", self, reply.Seq, err)
 	}
 	b.mu.Lock()
-	b.m.Replied()
+	b.m.Replied(job.Lock)
 	b.stats.Replies++
 	b.mu.Unlock()
-	b.log.Debug("broadcast: replied", "seq", reply.Seq, "status", reply.Status)
-	return b.rearm(ctx)
+	b.log.Debug("broadcast: replied", "seq", reply.Seq, "status", reply.Status, "lock", AckLock(self, job.Lock))
+	return nil
+}
+
+func (b *Broadcaster) retry(job Job) {
+	b.mu.Lock()
+	b.m.Retry(job)
+	b.mu.Unlock()
 }
 
 // skipReply is where the md-like mutations leave a receive unanswered.
@@ -777,41 +817,6 @@ func (b *Broadcaster) skipReply(r Reply) bool {
 		return r.Status == StatusUnknownType
 	}
 	return false
-}
-
-// rearm re-takes the ack lock in EX (granted once the sender released its
-// CR) and only then releases the message lock: the next broadcast cannot
-// be published while this node holds the message lock, so it always finds
-// this node armed.
-func (b *Broadcaster) rearm(ctx context.Context) error {
-	self := b.cfg.Self
-	b.mu.Lock()
-	ack, rm := b.ack, b.recvMsg
-	b.mu.Unlock()
-	if ack == nil || rm == nil {
-		b.lost(errors.New("no locks"))
-		return nil
-	}
-	lctx, cancel := b.lockCtx(ctx)
-	err := ack.Convert(lctx, dlm.EX, 0)
-	cancel()
-	if err != nil {
-		if gone(err) {
-			b.lost(err)
-		}
-		return fmt.Errorf("broadcast: node %d: re-take %s in EX (the sender has not released its CR): %w", self, AckLock(self), err)
-	}
-	err = b.down(ctx, rm, dlm.NL, 0)
-	b.mu.Lock()
-	b.m.Rearmed()
-	b.mu.Unlock()
-	if err != nil {
-		if gone(err) {
-			b.lost(err)
-		}
-		return fmt.Errorf("broadcast: node %d: %w", self, err)
-	}
-	return nil
 }
 
 // act calls the Receiver for e, bounded by ReceiveTimeout, and returns the
@@ -1106,6 +1111,34 @@ func (b *Broadcaster) finish(ctx context.Context, sm dlm.LockHandle, e Envelope,
 	return nil
 }
 
+// ask asks receiver r for its answer to e: a CR request on its ack lock
+// e.Toggle, which blocks (notifying r) until r answers, or is granted at
+// once if r does not hold that lock. Then, unless the grant carried r's
+// answer to e, the other ack lock the same way: a joined receiver always
+// holds one of them. Each lock is released as soon as its value is read.
+func (b *Broadcaster) ask(ctx context.Context, e Envelope, r dlm.NodeID, n int) Answer {
+	a := Answer{Node: r}
+	for k, lock := range [2]uint8{e.Toggle, e.Toggle ^ 1} {
+		h, err := b.cfg.Locker.Request(ctx, dlm.LockSpec{Resource: AckLock(r, lock), Mode: dlm.CR, Flags: dlm.ValBlk})
+		if err != nil {
+			a.Err = err
+			return a
+		}
+		a.Tried = k + 1
+		a.LVB[k], a.Invalid[k] = h.LVB(), invalid(h)
+		if len(a.LVB[k]) != n {
+			a.LVB[k] = make([]byte, n)
+		}
+		if err := b.unlock(ctx, h, 0); err != nil {
+			b.log.Warn("broadcast: releasing a receiver's ack lock", "err", err)
+		}
+		if !a.Invalid[k] && Matches(e.Seq, r, a.LVB[k]) {
+			return a
+		}
+	}
+	return a
+}
+
 // publish writes e into the message lock (EX to CW publishes it), asks
 // every receiver's ack lock in CR at once, releases the message lock and
 // returns the Result. Holds the message lock in EX on entry, NL on return.
@@ -1129,22 +1162,7 @@ func (b *Broadcaster) publish(ctx context.Context, sm dlm.LockHandle, e Envelope
 	b.mu.Unlock()
 	answers := make([]Answer, len(recv))
 	n := b.cfg.Locker.LVBLen()
-	b.cfg.Parallel(len(recv), func(i int) {
-		a := Answer{Node: recv[i]}
-		h, err := b.cfg.Locker.Request(ctx, dlm.LockSpec{Resource: AckLock(recv[i]), Mode: dlm.CR, Flags: dlm.ValBlk})
-		if err != nil {
-			a.Err = err
-		} else {
-			a.LVB, a.Invalid = h.LVB(), invalid(h)
-			if len(a.LVB) != n {
-				a.LVB = make([]byte, n)
-			}
-			if err := b.unlock(ctx, h, 0); err != nil {
-				b.log.Warn("broadcast: releasing a receiver's ack lock", "err", err)
-			}
-		}
-		answers[i] = a
-	})
+	b.cfg.Parallel(len(recv), func(i int) { answers[i] = b.ask(ctx, e, recv[i], n) })
 	if err := b.down(ctx, sm, dlm.NL, 0); err != nil {
 		if gone(err) {
 			b.lost(err)

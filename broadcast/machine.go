@@ -55,15 +55,6 @@ func (p Phase) String() string {
 	return fmt.Sprintf("phase(%d)", uint8(p))
 }
 
-// recvState is where the receive side is in one receive cycle.
-type recvState uint8
-
-const (
-	recvIdle  recvState = iota // holding the ack lock in EX, message in NL
-	recvBusy                   // reading, acting or replying: message held in CR
-	recvRearm                  // replied (ack in NL); re-taking ack EX is owed, message still in CR
-)
-
 // Work is the next thing the receive side must do, as Machine.Work decides.
 type Work uint8
 
@@ -74,17 +65,23 @@ const (
 	// cached in EX.
 	WorkReleaseToken
 	// WorkReceive: read the message lock and act on what it holds: a
-	// sender is waiting for this node's reply (Notified), or a recovery
-	// happened and a broadcast whose sender departed may not have reached
-	// this node (catch-up).
+	// sender waits on one of our ack locks (Job.Notified, Job.Lock), or a
+	// recovery happened and a broadcast whose sender departed may not have
+	// reached this node (catch-up).
 	WorkReceive
-	// WorkRearm: the reply is written; re-take the ack lock in EX, then
-	// release the message lock.
-	WorkRearm
 )
 
 func (w Work) String() string {
-	return [...]string{"none", "release token", "receive", "re-arm"}[w]
+	return [...]string{"none", "release token", "receive"}[w]
+}
+
+// Job is one piece of receive-side work.
+type Job struct {
+	Work Work
+	// Notified: a sender waits on ack lock Lock (0 or 1) for our answer.
+	// Otherwise a WorkReceive is a catch-up and answers nobody.
+	Notified bool
+	Lock     uint8
 }
 
 // Machine makes the broadcast's decisions for one node of one array. It
@@ -111,9 +108,14 @@ type Machine struct {
 
 	gaps uint64 // times a received sequence number skipped some
 
-	notified bool // a sender's CR request blocked on our ack lock
+	// The receive side. armed says which of our two ack locks we hold in
+	// EX (the others are in NL, answered); notified which ones blocked a
+	// sender since. busy: a receive is under way (between Work and
+	// Replied or Done).
+	armed    [2]bool
+	notified [2]bool
 	catchUp  bool // a recovery happened since the last read
-	recv     recvState
+	busy     bool
 
 	// The token's value as of the last grant, kept up to date while this
 	// node holds the token. tokenHeld: granted in EX (maybe cached).
@@ -272,7 +274,7 @@ func (m *Machine) Joined(lvb []byte, invalid bool) {
 		m.seen = max(m.seen, s)
 	}
 	m.phase = Joined
-	m.recv, m.notified, m.catchUp = recvIdle, false, false
+	m.armed, m.notified, m.catchUp, m.busy = [2]bool{true, true}, [2]bool{}, false, false
 	m.memo = Reply{Seq: m.seen, Node: m.self, Status: StatusActed}
 	m.token.joined.add(m.self)
 	m.departed.del(m.self)
@@ -294,13 +296,16 @@ var ErrBusy = errors.New("broadcast: a receive is in progress")
 
 // CanLeave reports whether this node may leave now: holding the token, no
 // broadcast is in flight, but a receive of an earlier one may still be
-// running (a handler that overran its sender's patience).
+// running (a handler that outlived its sender's patience).
 func (m *Machine) CanLeave() error {
-	if m.recv != recvIdle {
-		return fmt.Errorf("%w (node %d, receive state %d)", ErrBusy, m.self, m.recv)
+	if m.busy {
+		return fmt.Errorf("%w (node %d)", ErrBusy, m.self)
 	}
 	return nil
 }
+
+// Armed reports which of this node's ack locks it holds in EX.
+func (m *Machine) Armed() [2]bool { return m.armed }
 
 // LeaveReply is what this node writes into its ack lock when it leaves, so
 // that a sender finding the lock free learns that it left.
@@ -313,13 +318,13 @@ func (m *Machine) LeaveReply() Reply {
 func (m *Machine) Left() {
 	m.phase = Unjoined
 	m.token.joined.del(m.self)
-	m.notified, m.catchUp, m.recv = false, false, recvIdle
+	m.armed, m.notified, m.catchUp, m.busy = [2]bool{}, [2]bool{}, false, false
 }
 
 // Lost: this node's locks are gone without a Leave.
 func (m *Machine) Lost() {
 	m.phase = Lost
-	m.notified, m.catchUp, m.recv = false, false, recvIdle
+	m.armed, m.notified, m.catchUp, m.busy = [2]bool{}, [2]bool{}, false, false
 	m.tokenHeld, m.tokenWanted = false, false
 }
 
@@ -370,7 +375,13 @@ func (m *Machine) Publish(lvb []byte, msg Message) Envelope {
 	}
 	next++
 	msg.Slot = uint32(m.self) - 1
-	e := Envelope{Msg: msg, Seq: next, Sender: m.self}
+	// Ask first the ack lock the previous broadcast did not: its receivers
+	// armed it before they answered that one.
+	var toggle uint8 = 1
+	if len(lvb) >= LVBSize {
+		toggle = lvb[61]&1 ^ 1
+	}
+	e := Envelope{Msg: msg, Seq: next, Sender: m.self, Toggle: toggle}
 	m.seen = next
 	m.memo = Reply{Seq: next, Node: m.self, Status: StatusActed}
 	m.token.last = next
@@ -391,13 +402,26 @@ func (m *Machine) Receivers() []dlm.NodeID {
 }
 
 // Answer is one receiver's raw outcome, as the driver observed it: the
-// error of its CR request on the receiver's ack lock, or the value block
-// and status flags the grant returned.
+// error of a CR request on one of the receiver's ack locks, or the value
+// blocks and status flags the grants returned. The driver asks the lock
+// the broadcast's Toggle names first, and the other one only if the first
+// was granted at once with an answer that is not for this broadcast
+// (Matches says which).
 type Answer struct {
-	Node    dlm.NodeID
-	Err     error
-	LVB     []byte
-	Invalid bool
+	Node dlm.NodeID
+	Err  error
+	// Tried counts the ack locks asked (1 or 2); LVB and Invalid hold what
+	// each grant returned, in the order asked.
+	Tried   int
+	LVB     [2][]byte
+	Invalid [2]bool
+}
+
+// Matches reports whether an ack lock's value block holds node's answer
+// to broadcast seq: then asking the receiver's other lock is pointless.
+func Matches(seq uint64, node dlm.NodeID, lvb []byte) bool {
+	r, err := DecodeReply(lvb)
+	return err == nil && r.Seq == seq && r.Node == node
 }
 
 // Outcome is what an answer means.
@@ -435,35 +459,40 @@ func (m *Machine) Classify(seq uint64, a Answer) (Outcome, error) {
 		if errors.Is(a.Err, dlm.ErrTimeout) || errors.Is(a.Err, dlm.ErrCancel) {
 			return Unanswered, fmt.Errorf("node %d: no answer to broadcast %d: %w", a.Node, seq, a.Err)
 		}
-		return Failed, fmt.Errorf("node %d: ack lock %s: %w", a.Node, AckLock(a.Node), a.Err)
+		return Failed, fmt.Errorf("node %d: ack lock: %w", a.Node, a.Err)
 	}
-	wasJoined := m.token.joined.has(a.Node) || m.departed.has(a.Node)
-	gone := func() (Outcome, error) {
-		if wasJoined {
-			return Departed, nil
+	var left bool
+	var bad error
+	for i := range min(a.Tried, 2) {
+		if a.Invalid[i] {
+			continue // its EX holder died, or it was never written
 		}
-		return NotJoined, nil
+		r, err := DecodeReply(a.LVB[i])
+		switch {
+		case errors.Is(err, ErrEmpty):
+		case err != nil:
+			bad = err
+		case r.Node != a.Node:
+			bad = fmt.Errorf("%w: reply signed by node %d", ErrMalformed, r.Node)
+		case r.Seq == seq && r.Status == StatusActed:
+			return Acted, nil
+		case r.Seq == seq:
+			return Failed, &RemoteError{Node: a.Node, Seq: seq, Status: r.Status, Text: r.Text}
+		case r.Status == StatusLeft:
+			left = true
+		}
 	}
-	if a.Invalid {
-		return gone() // its EX holder died, or it was never written
-	}
-	r, err := DecodeReply(a.LVB)
 	switch {
-	case errors.Is(err, ErrEmpty):
-		return gone()
-	case err != nil:
-		return Failed, fmt.Errorf("node %d: %w", a.Node, err)
-	case r.Node != a.Node:
-		return Failed, fmt.Errorf("node %d: %w: reply signed by node %d", a.Node, ErrMalformed, r.Node)
-	case r.Seq != seq:
-		if r.Status == StatusLeft {
-			return NotJoined, nil
-		}
-		return gone()
-	case r.Status == StatusActed:
-		return Acted, nil
+	case bad != nil:
+		return Failed, fmt.Errorf("node %d: %w", a.Node, bad)
+	case left:
+		return NotJoined, nil
+	case m.token.joined.has(a.Node) || m.departed.has(a.Node):
+		// Joined, yet neither ack lock held: it died and recovery purged
+		// its locks.
+		return Departed, nil
 	}
-	return Failed, &RemoteError{Node: a.Node, Seq: seq, Status: r.Status, Text: r.Text}
+	return NotJoined, nil
 }
 
 // Result is the outcome of one broadcast.
@@ -558,43 +587,51 @@ func (m *Machine) Laggards() (seq uint64, nodes []dlm.NodeID) {
 
 // --- receiving ---
 
-// Notify: a sender's request is blocked on our ack lock (its blocking
-// callback). A receive is owed.
-func (m *Machine) Notify() { m.notified = true }
+// Notify: a sender's request is blocked on our ack lock number lock (its
+// blocking callback). A receive is owed.
+func (m *Machine) Notify(lock uint8) { m.notified[lock&1] = true }
 
 // Pending reports whether Work(tokenFree) would return something to do.
 func (m *Machine) Pending(tokenFree bool) bool {
 	if tokenFree && m.TokenWanted() {
 		return true
 	}
-	if m.phase != Joined {
+	if m.phase != Joined || m.busy {
 		return false
 	}
-	return m.recv == recvRearm || (m.recv == recvIdle && (m.notified || m.catchUp))
+	return (m.notified[0] && m.armed[0]) || (m.notified[1] && m.armed[1]) || m.catchUp
 }
 
 // Work returns the next thing the receive side must do and marks it
-// started. notified (for WorkReceive) says a sender waits for a reply.
-// tokenFree says no local sender holds the token now (only then may it be
-// released from here).
-func (m *Machine) Work(tokenFree bool) (w Work, notified bool) {
+// started. tokenFree says no local sender holds the token now (only then
+// may it be released from here).
+func (m *Machine) Work(tokenFree bool) Job {
 	if tokenFree && m.TokenWanted() {
-		return WorkReleaseToken, false
+		return Job{Work: WorkReleaseToken}
 	}
 	if m.phase != Joined {
-		m.notified, m.catchUp = false, false
-		return WorkNone, false
+		m.notified, m.catchUp = [2]bool{}, false
+		return Job{}
 	}
-	switch {
-	case m.recv == recvRearm:
-		return WorkRearm, false
-	case m.recv == recvIdle && (m.notified || m.catchUp):
-		notified = m.notified
-		m.notified, m.catchUp = false, false
-		m.recv = recvBusy
-		return WorkReceive, notified
+	if m.busy {
+		return Job{}
 	}
-	return WorkNone, false
+	for i := range uint8(2) {
+		if !m.notified[i] {
+			continue
+		}
+		m.notified[i] = false
+		if !m.armed[i] {
+			continue // a stale callback: an answered lock blocks nobody
+		}
+		m.busy, m.catchUp = true, false
+		return Job{Work: WorkReceive, Notified: true, Lock: i}
+	}
+	if m.catchUp {
+		m.busy, m.catchUp = true, false
+		return Job{Work: WorkReceive}
+	}
+	return Job{}
 }
 
 // Decision is what to do with what the message lock holds.
@@ -605,8 +642,8 @@ type Decision struct {
 	// Reply, when Act is false and NoReply is false, is the answer to
 	// write at once.
 	Reply Reply
-	// NoReply: nothing to answer (a catch-up that found nothing owed):
-	// release the message lock and stop.
+	// NoReply: nothing to answer (a catch-up): the receive is over (Done)
+	// once Act, if set, is carried out.
 	NoReply bool
 }
 
@@ -629,13 +666,13 @@ func (m *Machine) Incoming(lvb []byte, notified bool) Decision {
 	noReply := Decision{NoReply: true}
 	e, err := DecodeEnvelope(lvb)
 	if err != nil {
-		if !notified || errors.Is(err, ErrEmpty) {
-			if notified {
-				return Decision{Reply: Reply{Node: m.self, Status: StatusStale, Text: "no message"}}
-			}
+		if !notified {
 			return noReply
 		}
 		s, _ := rawSeq(lvb)
+		if errors.Is(err, ErrEmpty) {
+			return Decision{Reply: Reply{Node: m.self, Status: StatusStale, Text: "no message"}}
+		}
 		return Decision{Reply: Reply{Seq: s, Node: m.self, Status: StatusMalformed, Text: err.Error()}}
 	}
 	switch {
@@ -664,8 +701,8 @@ func (m *Machine) Incoming(lvb []byte, notified bool) Decision {
 	// New: it counts as seen from now on, whatever the handler does, so a
 	// repeated notification is answered from memory and never acted on
 	// twice. Sequence numbers are consecutive unless a broadcast was
-	// missed (published while this node had not even started reading the
-	// one before, after its sender gave up on it) or lost in a failure.
+	// missed (published after its sender gave up waiting for this node)
+	// or lost in a failure.
 	if e.Seq > m.seen+1 && m.seen != 0 {
 		m.gaps++
 	}
@@ -678,8 +715,20 @@ func (m *Machine) Incoming(lvb []byte, notified bool) Decision {
 		return Decision{Reply: m.memo}
 	}
 	m.memo = Reply{Seq: e.Seq, Node: m.self, Status: StatusFailed, Text: "handler did not finish"}
-	return Decision{Act: true, Env: e}
+	return Decision{Act: true, Env: e, NoReply: !notified}
 }
+
+// NeedArm returns the ack lock to arm (take back to EX) before answering
+// on lock, if any: a receiver always holds one ack lock in EX, so the
+// next broadcast, which asks the lock this one did not, finds it armed
+// however soon it comes.
+func (m *Machine) NeedArm(lock uint8) (other uint8, need bool) {
+	other = lock&1 ^ 1
+	return other, !m.armed[other]
+}
+
+// Rearmed: ack lock number lock is held in EX again.
+func (m *Machine) Rearmed(lock uint8) { m.armed[lock&1] = true }
 
 // Acted records the handler's outcome for e and returns the reply to
 // write. overran says its context's deadline passed (ReceiveTimeout).
@@ -701,20 +750,27 @@ func (m *Machine) Acted(e Envelope, err error, overran bool) Reply {
 	return r
 }
 
-// Replied: the reply is written and the ack lock is in NL; re-taking it in
-// EX is owed.
-func (m *Machine) Replied() { m.recv = recvRearm }
-
-// Rearmed: the ack lock is back in EX and the message lock in NL: ready
-// for the next broadcast.
-func (m *Machine) Rearmed() { m.recv = recvIdle }
-
-// ReadFailed: the message lock could not be read; a notified receive is
-// owed again.
-func (m *Machine) ReadFailed(notified bool) {
-	m.recv = recvIdle
-	m.notified = m.notified || notified
+// Replied: the reply is written to ack lock number lock, now in NL: the
+// receive is over.
+func (m *Machine) Replied(lock uint8) {
+	m.armed[lock&1] = false
+	m.busy = false
 }
 
-// Released: a receive that needed no reply is over (message lock in NL).
-func (m *Machine) Released() { m.recv = recvIdle }
+// Retry: the receive could not finish (the message lock or the other ack
+// lock could not be taken in time); it is owed again, from the start
+// (answered from memory if it was acted on).
+func (m *Machine) Retry(job Job) {
+	m.busy = false
+	if job.Notified {
+		m.notified[job.Lock&1] = true
+	} else {
+		m.catchUp = true
+	}
+}
+
+// Done: a receive that answers nobody (a catch-up) is over.
+func (m *Machine) Done() { m.busy = false }
+
+// Busy reports whether a receive is under way.
+func (m *Machine) Busy() bool { return m.busy }

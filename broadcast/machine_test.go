@@ -184,6 +184,9 @@ func TestMachineClassify(t *testing.T) {
 	reply := func(seq uint64, node dlm.NodeID, st Status, text string) []byte {
 		return Reply{Seq: seq, Node: node, Status: st, Text: text}.Encode(LVBSize)
 	}
+	one := func(n dlm.NodeID, lvb []byte) Answer { return Answer{Node: n, Tried: 1, LVB: [2][]byte{lvb}} }
+	two := func(n dlm.NodeID, a, b []byte) Answer { return Answer{Node: n, Tried: 2, LVB: [2][]byte{a, b}} }
+	zero := make([]byte, LVBSize)
 	timeout := fmt.Errorf("lock: %w", dlm.ErrTimeout)
 	for _, c := range []struct {
 		name string
@@ -191,20 +194,20 @@ func TestMachineClassify(t *testing.T) {
 		want Outcome
 		is   error
 	}{
-		{"acted", Answer{Node: 2, LVB: reply(11, 2, StatusActed, "")}, Acted, nil},
-		{"failed", Answer{Node: 2, LVB: reply(11, 2, StatusFailed, "x")}, Failed, ErrReceiverFailed},
-		{"unknown", Answer{Node: 2, LVB: reply(11, 2, StatusUnknownType, "")}, Failed, ErrUnknownType},
-		{"receive timeout", Answer{Node: 2, LVB: reply(11, 2, StatusTimeout, "")}, Failed, ErrReceiveTimeout},
-		{"future status", Answer{Node: 2, LVB: reply(11, 2, Status(99), "")}, Failed, ErrReceiverFailed},
+		{"acted", one(2, reply(11, 2, StatusActed, "")), Acted, nil},
+		{"acted on the other lock", two(2, reply(9, 2, StatusActed, ""), reply(11, 2, StatusActed, "")), Acted, nil},
+		{"failed", one(2, reply(11, 2, StatusFailed, "x")), Failed, ErrReceiverFailed},
+		{"unknown", one(2, reply(11, 2, StatusUnknownType, "")), Failed, ErrUnknownType},
+		{"receive timeout", one(2, reply(11, 2, StatusTimeout, "")), Failed, ErrReceiveTimeout},
+		{"future status", one(2, reply(11, 2, Status(99), "")), Failed, ErrReceiverFailed},
 		{"no answer", Answer{Node: 2, Err: timeout}, Unanswered, dlm.ErrTimeout},
 		{"lock error", Answer{Node: 2, Err: dlm.ErrReleased}, Failed, dlm.ErrReleased},
-		{"joined, purged", Answer{Node: 2, Invalid: true, LVB: reply(10, 2, StatusActed, "")}, Departed, nil},
-		{"joined, stale reply", Answer{Node: 2, LVB: reply(10, 2, StatusActed, "")}, Departed, nil},
-		{"left", Answer{Node: 2, LVB: reply(10, 2, StatusLeft, "")}, NotJoined, nil},
-		{"never joined", Answer{Node: 3, Invalid: true, LVB: make([]byte, LVBSize)}, NotJoined, nil},
-		{"never written", Answer{Node: 3, LVB: make([]byte, LVBSize)}, NotJoined, nil},
-		{"wrong signer", Answer{Node: 2, LVB: reply(11, 3, StatusActed, "")}, Failed, ErrMalformed},
-		{"garbage", Answer{Node: 2, LVB: append([]byte{1}, make([]byte, LVBSize-1)...)}, Failed, ErrMalformed},
+		{"joined, both purged", Answer{Node: 2, Tried: 2, Invalid: [2]bool{true, false}, LVB: [2][]byte{reply(10, 2, StatusActed, ""), reply(9, 2, StatusActed, "")}}, Departed, nil},
+		{"left", two(2, reply(9, 2, StatusActed, ""), reply(10, 2, StatusLeft, "")), NotJoined, nil},
+		{"never joined", Answer{Node: 3, Tried: 2, Invalid: [2]bool{true, true}, LVB: [2][]byte{zero, zero}}, NotJoined, nil},
+		{"never written", two(3, zero, zero), NotJoined, nil},
+		{"wrong signer", two(2, reply(11, 3, StatusActed, ""), zero), Failed, ErrMalformed},
+		{"garbage", two(2, append([]byte{1}, make([]byte, LVBSize-1)...), zero), Failed, ErrMalformed},
 	} {
 		o, err := m.Classify(11, c.a)
 		if o != c.want || (c.is == nil) != (err == nil) || (c.is != nil && !errors.Is(err, c.is)) {
@@ -214,8 +217,11 @@ func TestMachineClassify(t *testing.T) {
 	// Recovery's word counts as joined: a purged node it reported is
 	// departed even if the token did not list it.
 	m.Departed([]dlm.NodeID{3})
-	if o, _ := m.Classify(11, Answer{Node: 3, Invalid: true}); o != Departed {
+	if o, _ := m.Classify(11, Answer{Node: 3, Tried: 2, Invalid: [2]bool{true, true}}); o != Departed {
 		t.Fatalf("departed per recovery: %v", o)
+	}
+	if !Matches(11, 2, reply(11, 2, StatusFailed, "")) || Matches(11, 2, reply(10, 2, StatusActed, "")) || Matches(11, 2, reply(11, 3, StatusActed, "")) {
+		t.Fatal("Matches")
 	}
 }
 
@@ -230,13 +236,13 @@ func TestMachineSentUpdatesToken(t *testing.T) {
 	}
 	e := m.Publish(make([]byte, LVBSize), Message{})
 	ok := func(n dlm.NodeID) Answer {
-		return Answer{Node: n, LVB: Reply{Seq: e.Seq, Node: n}.Encode(LVBSize)}
+		return Answer{Node: n, Tried: 1, LVB: [2][]byte{Reply{Seq: e.Seq, Node: n}.Encode(LVBSize)}}
 	}
 	res := m.Sent(e.Seq, []Answer{
 		ok(2),
-		{Node: 3, Invalid: true},
+		{Node: 3, Tried: 2, Invalid: [2]bool{true, true}},
 		{Node: 4, Err: dlm.ErrTimeout},
-		{Node: 5, Invalid: true},
+		{Node: 5, Tried: 2, Invalid: [2]bool{true, true}},
 	})
 	if !slices.Equal(res.Acted, []dlm.NodeID{2}) || !slices.Equal(res.Departed, []dlm.NodeID{3}) ||
 		!slices.Equal(res.Unanswered, []dlm.NodeID{4}) || !slices.Equal(res.NotJoined, []dlm.NodeID{5}) {
@@ -318,52 +324,70 @@ func TestMachineUnfinished(t *testing.T) {
 	}
 }
 
-// TestMachineWork: the receive side does one thing at a time, in order:
-// a notification starts a receive; nothing else starts until the re-arm
-// is done; the token is released from here only when no local sender
-// holds it; a node not joined does nothing.
+// TestMachineWork: the receive side does one thing at a time: a
+// notification on an armed ack lock starts a receive; nothing else starts
+// until it ends; before answering on one lock the other must be armed; a
+// notification on an answered lock is stale; the token is released from
+// here only when no local sender holds it; a node not joined does nothing.
 func TestMachineWork(t *testing.T) {
 	m, _ := NewMachine(2)
-	m.Notify()
-	if w, _ := m.Work(true); w != WorkNone || m.Pending(true) {
-		t.Fatalf("not joined: %v", w)
+	m.Notify(0)
+	if j := m.Work(true); j.Work != WorkNone || m.Pending(true) {
+		t.Fatalf("not joined: %+v", j)
 	}
 	m = joined(t, 2, 0)
-	m.Notify()
+	if m.Armed() != [2]bool{true, true} {
+		t.Fatalf("armed at join: %v", m.Armed())
+	}
+	m.Notify(1)
 	if !m.Pending(false) {
 		t.Fatal("not pending")
 	}
-	w, notified := m.Work(false)
-	if w != WorkReceive || !notified {
-		t.Fatalf("%v %v", w, notified)
+	j := m.Work(false)
+	if j.Work != WorkReceive || !j.Notified || j.Lock != 1 {
+		t.Fatalf("%+v", j)
 	}
-	m.Notify() // a second notification while busy waits its turn
-	if w, _ := m.Work(false); w != WorkNone {
-		t.Fatalf("busy: %v", w)
+	if other, need := m.NeedArm(1); other != 0 || need {
+		t.Fatalf("need arm %d %v", other, need)
+	}
+	m.Notify(0) // a second notification while busy waits its turn
+	if j := m.Work(false); j.Work != WorkNone || m.Pending(false) {
+		t.Fatalf("busy: %+v", j)
 	}
 	if err := m.CanLeave(); !errors.Is(err, ErrBusy) {
 		t.Fatalf("leave while busy: %v", err)
 	}
-	m.Replied()
-	if w, _ := m.Work(false); w != WorkRearm {
-		t.Fatalf("after reply: %v", w)
+	m.Replied(1)
+	if m.Armed() != [2]bool{true, false} || m.Busy() {
+		t.Fatalf("after the reply: armed %v busy %v", m.Armed(), m.Busy())
 	}
-	m.Rearmed()
-	if w, n := m.Work(false); w != WorkReceive || !n {
-		t.Fatalf("second notification: %v %v", w, n)
+	j = m.Work(false)
+	if j.Work != WorkReceive || j.Lock != 0 {
+		t.Fatalf("second notification: %+v", j)
 	}
-	m.ReadFailed(true)
-	if w, n := m.Work(false); w != WorkReceive || !n {
-		t.Fatalf("retry after a failed read: %v %v", w, n)
+	if other, need := m.NeedArm(0); other != 1 || !need {
+		t.Fatalf("lock 1 must be armed before answering on 0: %d %v", other, need)
 	}
-	m.Released()
+	m.Retry(j) // the arm timed out: owed again
+	if j2 := m.Work(false); j2 != j {
+		t.Fatalf("retry: %+v", j2)
+	}
+	m.Rearmed(1)
+	m.Replied(0)
+	if m.Armed() != [2]bool{false, true} {
+		t.Fatalf("armed %v", m.Armed())
+	}
+	m.Notify(0) // stale: lock 0 is answered, it blocks nobody
+	if j := m.Work(false); j.Work != WorkNone {
+		t.Fatalf("stale notification: %+v", j)
+	}
 	m.TokenGranted(make([]byte, LVBSize), false)
 	m.TokenBlocked()
-	if w, _ := m.Work(false); w != WorkNone || m.Pending(false) {
-		t.Fatalf("token held by a local sender: %v", w)
+	if j := m.Work(false); j.Work != WorkNone || m.Pending(false) {
+		t.Fatalf("token held by a local sender: %+v", j)
 	}
-	if w, _ := m.Work(true); w != WorkReleaseToken {
-		t.Fatalf("token wanted: %v", w)
+	if j := m.Work(true); j.Work != WorkReleaseToken {
+		t.Fatalf("token wanted: %+v", j)
 	}
 	m.TokenReleased()
 	if m.TokenWanted() || m.Pending(true) {
@@ -378,15 +402,37 @@ func TestMachineWork(t *testing.T) {
 	// Recovery asks for a catch-up read.
 	m.TokenReleased()
 	m.ViewDone(9, []dlm.NodeID{2, 3})
-	if w, n := m.Work(false); w != WorkReceive || n {
-		t.Fatalf("catch-up: %v %v", w, n)
+	if j := m.Work(false); j.Work != WorkReceive || j.Notified {
+		t.Fatalf("catch-up: %+v", j)
 	}
-	m.Released()
+	m.Done()
 	if err := m.CanLeave(); err != nil {
 		t.Fatal(err)
 	}
 	m.Left()
 	if m.Phase() != Unjoined || slices.Contains(m.TokenState().Joined, 2) || m.LeaveReply().Status != StatusLeft {
 		t.Fatalf("left: %v %+v", m.Phase(), m.TokenState())
+	}
+}
+
+// TestMachineToggleAlternates: each broadcast asks first the ack lock the
+// one before it did not; a finish re-publishes with the same toggle.
+func TestMachineToggleAlternates(t *testing.T) {
+	m := joined(t, 1, 0)
+	lvb := make([]byte, LVBSize)
+	var last uint8 = 9
+	for range 4 {
+		e := m.Publish(lvb, Message{})
+		if e.Toggle == last {
+			t.Fatalf("toggle %d twice in a row", e.Toggle)
+		}
+		last = e.Toggle
+		lvb = e.Encode(LVBSize)
+	}
+	n := joined(t, 2, 0)
+	n.TokenGranted(nil, true)
+	e, _, ok := n.Finish(Envelope{Msg: Message{Slot: 2}, Seq: 50, Sender: 3, Toggle: 1}.Encode(LVBSize))
+	if !ok || e.Toggle != 1 {
+		t.Fatalf("finish: %+v %v", e, ok)
 	}
 }
