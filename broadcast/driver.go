@@ -14,10 +14,10 @@ import (
 // Receiver acts on the broadcasts this node receives. Receive is called on
 // the broadcaster's receive loop (Run or Step), one message at a time, in
 // the array's total order of broadcasts. It must return once ctx ends
-// (Config.ReceiveTimeout): until it returns, this node keeps the message
-// lock in CR, so no later broadcast can start anywhere in the array. Its
-// error goes back to the sender; returning ErrUnknownType (wrapped) says the
-// type is not handled here.
+// (Config.ReceiveTimeout): until it returns, this node answers no sender
+// (they give up on it after their SendTimeout, other nodes go on
+// receiving). Its error goes back to the sender; returning ErrUnknownType
+// (wrapped) says the type is not handled here.
 //
 // Receive must not wait for anything a local sender holds while it waits
 // for the token (an application mutex held around Send, say): the sender of
@@ -39,7 +39,7 @@ func (f ReceiverFunc) Receive(ctx context.Context, from dlm.NodeID, m Message) e
 // Defaults of Config's bounds.
 const (
 	// DefaultLockTimeout bounds one lock call that should be quick (the
-	// token, the message lock, re-taking the ack lock): md-cluster's
+	// token, the message lock, arming an ack lock): md-cluster's
 	// WAIT_DLM_LOCK_TIMEOUT, 30 s.
 	DefaultLockTimeout = 30 * time.Second
 	// DefaultReceiveTimeout bounds a Receiver's handler. md's slowest
@@ -67,8 +67,9 @@ type Config struct {
 	// NotJoined rather than not mentioned. nil: unknown until then.
 	Members []dlm.NodeID
 	// LockTimeout bounds each lock call that waits only for other nodes'
-	// lock traffic (token, message, re-taking the ack lock), and a local
-	// sender's wait for another local sender. 0: DefaultLockTimeout.
+	// lock traffic (token, message, arming an ack lock), a local sender's
+	// wait for another local sender, and Leave's wait for a receive in
+	// progress. 0: DefaultLockTimeout.
 	LockTimeout time.Duration
 	// ReceiveTimeout bounds the Receiver's handler (through its context).
 	// 0: DefaultReceiveTimeout.
@@ -154,6 +155,11 @@ type Stats struct {
 	Replies uint64
 	// Finishes counts unfinished broadcasts re-published by this node.
 	Finishes uint64
+	// Gaps counts the broadcasts received whose sequence number was not
+	// the one after the last this node had seen: it missed broadcasts
+	// (its senders reported it unanswered) or numbers were lost to a
+	// failed publish.
+	Gaps uint64
 	// LastSend and AvgSend are the latency of Send / Txn.Send as callers
 	// saw it (successful calls).
 	LastSend, AvgSend time.Duration
@@ -260,6 +266,7 @@ func (b *Broadcaster) Stats() Stats {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	s := b.stats
+	s.Gaps = b.m.Gaps()
 	if b.sendOK > 0 {
 		s.AvgSend = b.sendTotal / time.Duration(b.sendOK)
 	}
@@ -1067,9 +1074,9 @@ func (b *Broadcaster) send(ctx context.Context, msg Message) (Result, error) {
 }
 
 // takeMessage converts the sending message lock NL to EX, reading its
-// value. It waits until every receiver of the previous broadcast has
-// re-armed and released its CR; the error names the previous broadcast's
-// laggards when there were any.
+// value. It waits only for receivers still reading the previous broadcast
+// (they let go as soon as they have copied it); the error names the
+// previous broadcast's laggards when there were any.
 func (b *Broadcaster) takeMessage(ctx context.Context, sm dlm.LockHandle) error {
 	lctx, cancel := b.lockCtx(ctx)
 	defer cancel()
@@ -1084,10 +1091,10 @@ func (b *Broadcaster) takeMessage(ctx context.Context, sm dlm.LockHandle) error 
 	seq, lag := b.m.Laggards()
 	b.mu.Unlock()
 	if len(lag) > 0 {
-		return fmt.Errorf("broadcast: node %d: take %s in EX (nodes %v had not answered broadcast %d and may still hold it in CR): %w",
+		return fmt.Errorf("broadcast: node %d: take %s in EX (nodes %v had not answered broadcast %d): %w",
 			b.cfg.Self, MessageLock, lag, seq, err)
 	}
-	return fmt.Errorf("broadcast: node %d: take %s in EX (waiting for the previous broadcast's receivers to re-arm): %w", b.cfg.Self, MessageLock, err)
+	return fmt.Errorf("broadcast: node %d: take %s in EX (waiting for the previous broadcast's readers): %w", b.cfg.Self, MessageLock, err)
 }
 
 // finish re-publishes a broadcast whose sender died with the token, so
@@ -1140,7 +1147,7 @@ func (b *Broadcaster) ask(ctx context.Context, e Envelope, r dlm.NodeID, n int) 
 }
 
 // publish writes e into the message lock (EX to CW publishes it), asks
-// every receiver's ack lock in CR at once, releases the message lock and
+// every receiver for its answer at once (ask), releases the message lock and
 // returns the Result. Holds the message lock in EX on entry, NL on return.
 func (b *Broadcaster) publish(ctx context.Context, sm dlm.LockHandle, e Envelope) (Result, error) {
 	self := b.cfg.Self

@@ -5,13 +5,15 @@
 //
 // It runs over three kinds of locks in the array's lockspace: "token"
 // serialises senders and joins, "message" carries the message in its lock
-// value block, and one "ack%04d" lock per node is held in EX by that node
-// while it is joined. A sender publishes the message, then asks for every
-// other node's ack lock in CR: each request blocks on the receiver's EX,
-// which is the receiver's notification; the receiver acts, writes its reply
-// into its ack lock's value block and drops to NL, which grants the
-// sender's request and hands it the reply. docs/broadcast.md has the
-// protocol, the lock modes of every step and why each ordering is safe.
+// value block, and each node has two ack locks ("ack%04d.0", "ack%04d.1")
+// which it holds in EX while it is joined and idle. A sender publishes the
+// message, then asks one ack lock of every other node in CR: each request
+// blocks on the receiver's EX, which is the receiver's notification; the
+// receiver reads the message, makes sure its other ack lock is in EX (the
+// one the next broadcast asks), acts, writes its reply into the asked
+// lock's value block and drops it to NL, which grants the sender's request
+// and hands it the reply. docs/broadcast.md has the protocol, the lock
+// modes of every step and why each ordering is safe.
 //
 // The decisions (sequence numbers, what a value block or reply means, who
 // must be asked, what a recovery changes) live in Machine, a pure state
@@ -35,8 +37,8 @@ const (
 	// Unjoined: the node does not hold its ack lock; senders find it not
 	// joined and it neither sends nor receives.
 	Unjoined Phase = iota
-	// Joined: the node holds its ack lock in EX and receives every
-	// broadcast; it may send.
+	// Joined: the node holds at least one of its ack locks in EX and
+	// receives every broadcast; it may send.
 	Joined
 	// Lost: the node's locks are gone (its lockspace was released or it
 	// rejoined the cluster clean); it must Join again.
@@ -264,7 +266,7 @@ func (m *Machine) TokenLost() { m.TokenReleased() }
 
 // --- joining and leaving ---
 
-// Joined: holding the token, this node took its ack lock in EX and read
+// Joined: holding the token, this node took both its ack locks in EX and read
 // the message lock (lvb, invalid). Whatever broadcast the message lock
 // holds was sent before this node joined: it is counted seen, so it is
 // never acted on here (the joining node loads the array state after it
@@ -313,8 +315,8 @@ func (m *Machine) LeaveReply() Reply {
 	return Reply{Seq: m.seen, Node: m.self, Status: StatusLeft}
 }
 
-// Left: this node released its ack and message locks; it is no longer
-// joined. The token value to write on release no longer lists it.
+// Left: this node is about to release its ack and message locks; it is
+// no longer joined (the receive side starts nothing more). The token value to write on release no longer lists it.
 func (m *Machine) Left() {
 	m.phase = Unjoined
 	m.token.joined.del(m.self)
@@ -507,8 +509,12 @@ type Result struct {
 	// ErrReceiveTimeout or ErrMalformed, or a lock error.
 	Failed map[dlm.NodeID]error
 	// Unanswered lists the receivers that did not answer within the
-	// sender's bound. They were notified and may still act (before any
-	// later broadcast, never after one).
+	// sender's bound: the outcome there is unknown. A receiver that had
+	// read the message acts on it when its handler gets to it (before any
+	// later broadcast); one that had not yet read it when a later
+	// broadcast was published reads that one instead and never acts on
+	// this one (its Stats count a gap). Either way it never acts on a
+	// broadcast after a later one.
 	Unanswered []dlm.NodeID
 	// NotJoined lists the nodes asked that have not joined the array (or
 	// left it): nothing was delivered to them.
@@ -579,8 +585,8 @@ func (m *Machine) Sent(seq uint64, answers []Answer) Result {
 }
 
 // Laggards returns the nodes that had not answered the last broadcast the
-// token knows of when its sender stopped waiting: the likely holders of
-// the message lock when a send cannot take it.
+// token knows of when its sender stopped waiting (named in errors, as the
+// likely culprits when the next send cannot make progress).
 func (m *Machine) Laggards() (seq uint64, nodes []dlm.NodeID) {
 	return m.token.last, m.token.laggards.list()
 }
