@@ -805,7 +805,9 @@ func (b *Broadcaster) receive(ctx context.Context, job Job) (err error) {
 	b.m.Replied(job.Lock)
 	b.stats.Replies++
 	b.mu.Unlock()
-	b.log.Debug("broadcast: replied", "seq", reply.Seq, "status", reply.Status, "lock", AckLock(self, job.Lock))
+	if b.log.Enabled(ctx, slog.LevelDebug) {
+		b.log.Debug("broadcast: replied", "seq", reply.Seq, "status", reply.Status, "lock", AckLock(self, job.Lock))
+	}
 	return nil
 }
 
@@ -851,7 +853,7 @@ func (b *Broadcaster) act(ctx context.Context, e Envelope) Reply {
 	b.mu.Unlock()
 	if err != nil {
 		b.log.Warn("broadcast: receiver failed", "seq", e.Seq, "from", e.Sender, "msg", e.Msg.Type, "status", r.Status, "err", err)
-	} else {
+	} else if b.log.Enabled(ctx, slog.LevelDebug) {
 		b.log.Debug("broadcast: acted", "seq", e.Seq, "from", e.Sender, "msg", e.Msg.Type)
 	}
 	return r
@@ -1179,11 +1181,11 @@ func (b *Broadcaster) publish(ctx context.Context, sm dlm.LockHandle, e Envelope
 	b.mu.Lock()
 	res := b.m.Sent(e.Seq, answers)
 	b.mu.Unlock()
-	lg := b.log.With("seq", e.Seq, "msg", e.Msg.Type, "acted", res.Acted)
 	if len(res.Failed) > 0 || len(res.Unanswered) > 0 || len(res.Departed) > 0 {
-		lg.Warn("broadcast: not every receiver acted", "failed", res.Err(), "unanswered", res.Unanswered, "departed", res.Departed, "not_joined", res.NotJoined)
-	} else {
-		lg.Debug("broadcast: sent", "not_joined", res.NotJoined)
+		b.log.Warn("broadcast: not every receiver acted", "seq", e.Seq, "msg", e.Msg.Type, "acted", res.Acted,
+			"failed", res.Err(), "unanswered", res.Unanswered, "departed", res.Departed, "not_joined", res.NotJoined)
+	} else if b.log.Enabled(ctx, slog.LevelDebug) {
+		b.log.Debug("broadcast: sent", "seq", e.Seq, "msg", e.Msg.Type, "acted", res.Acted, "not_joined", res.NotJoined)
 	}
 	if len(res.Unanswered) > 0 {
 		return res, fmt.Errorf("broadcast: node %d: broadcast %d (%s): no answer from nodes %v within the send timeout: %w",
