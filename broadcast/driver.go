@@ -392,8 +392,8 @@ func (b *Broadcaster) lost(err error) {
 // not joined is skipped by senders (reported NotJoined), so no message can
 // reach an array that is not started.
 //
-// Holding the token (so no broadcast is in flight), it takes its ack lock
-// in EX, reads the message lock to learn the last sequence number (that
+// Holding the token (so no broadcast is in flight), it takes both its ack
+// locks in EX, reads the message lock to learn the last sequence number (that
 // broadcast was sent before this node joined and is never acted on here:
 // the caller loads the array's state after Join returns), records itself
 // in the token's list of joined nodes and releases the token.

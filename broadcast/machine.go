@@ -34,8 +34,8 @@ import (
 type Phase uint8
 
 const (
-	// Unjoined: the node does not hold its ack lock; senders find it not
-	// joined and it neither sends nor receives.
+	// Unjoined: the node holds no ack lock; senders find it not joined
+	// and it neither sends nor receives.
 	Unjoined Phase = iota
 	// Joined: the node holds at least one of its ack locks in EX and
 	// receives every broadcast; it may send.
@@ -293,7 +293,7 @@ func rawSeq(lvb []byte) (uint64, bool) {
 }
 
 // ErrBusy: the operation cannot run while a receive is in progress (a
-// handler still acting, or the ack lock still being re-taken).
+// handler still acting on an earlier broadcast).
 var ErrBusy = errors.New("broadcast: a receive is in progress")
 
 // CanLeave reports whether this node may leave now: holding the token, no
@@ -309,8 +309,8 @@ func (m *Machine) CanLeave() error {
 // Armed reports which of this node's ack locks it holds in EX.
 func (m *Machine) Armed() [2]bool { return m.armed }
 
-// LeaveReply is what this node writes into its ack lock when it leaves, so
-// that a sender finding the lock free learns that it left.
+// LeaveReply is what this node writes into its ack locks when it leaves,
+// so that a sender finding them free learns that it left.
 func (m *Machine) LeaveReply() Reply {
 	return Reply{Seq: m.seen, Node: m.self, Status: StatusLeft}
 }
