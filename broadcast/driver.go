@@ -654,10 +654,11 @@ func (b *Broadcaster) RecoverDone(gen uint64, members []dlm.NodeID, _ dlm.NodeID
 // Run is the receive loop: it waits for blocking callbacks and recovery
 // events and carries out what they leave (Step) until ctx ends. The daemon
 // runs it on a goroutine for as long as the array is open, before Join and
-// until after Leave. Errors of single steps are logged and retried (each
-// step is bounded by LockTimeout or ReceiveTimeout); Run returns ctx's
-// error.
+// until after Leave. A step that fails is logged and retried after a
+// pause of LockTimeout/30 (between 10 ms and 1 s), so that an error that
+// comes back at once cannot make the loop spin; Run returns ctx's error.
 func (b *Broadcaster) Run(ctx context.Context) error {
+	pause := min(max(b.cfg.LockTimeout/30, 10*time.Millisecond), time.Second)
 	for {
 		for {
 			did, err := b.Step(ctx)
@@ -665,7 +666,14 @@ func (b *Broadcaster) Run(ctx context.Context) error {
 				if ctx.Err() != nil {
 					return ctx.Err()
 				}
-				b.log.Warn("broadcast: receive step failed; retrying", "err", err)
+				b.log.Warn("broadcast: receive step failed; retrying", "err", err, "after", pause)
+				t := time.NewTimer(pause)
+				select {
+				case <-t.C:
+				case <-ctx.Done():
+					t.Stop()
+					return ctx.Err()
+				}
 			}
 			if !did {
 				break
