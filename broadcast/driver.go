@@ -465,22 +465,21 @@ func (b *Broadcaster) Join(ctx context.Context) (err error) {
 	}
 	held = append(held, sm)
 	b.mu.Lock()
-	b.m.Joined(lvb, inval)
-	val := b.m.TokenValue(b.cfg.Locker.LVBLen())
-	seen := b.m.Seen()
+	val := b.m.TokenValueAfterJoin(b.cfg.Locker.LVBLen())
 	b.mu.Unlock()
 	if err := tok.SetLVB(val); err != nil {
 		return fmt.Errorf("broadcast: node %d: join: %w", self, err)
 	}
-	if err := tok.Convert(lctx, dlm.NL, dlm.ValBlk); err != nil {
-		b.mu.Lock()
-		b.m.Lost()
-		b.mu.Unlock()
-		return fmt.Errorf("broadcast: node %d: join: release %s: %w", self, TokenLock, err)
+	if err := b.down(ctx, tok, dlm.NL, dlm.ValBlk); err != nil {
+		return fmt.Errorf("broadcast: node %d: join: release the token: %w", self, err)
 	}
+	// Joined only now, with the locks in place: the receive loop (a
+	// catch-up after a recovery event, say) finds everything it uses.
 	b.mu.Lock()
+	b.m.Joined(lvb, inval)
 	b.m.TokenReleased()
 	b.token, b.ack, b.recvMsg, b.sendMsg = tok, ack, rm, sm
+	seen := b.m.Seen()
 	b.mu.Unlock()
 	held = nil
 	b.log.Info("broadcast: joined", "ack_locks", []string{AckLock(self, 0), AckLock(self, 1)}, "last_seq", seen)

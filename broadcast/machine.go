@@ -282,6 +282,16 @@ func (m *Machine) Joined(lvb []byte, invalid bool) {
 	m.departed.del(m.self)
 }
 
+// TokenValueAfterJoin returns the token's value as it will be once this
+// node has joined (listed as joined), for the joiner to write as it
+// releases the token; Joined records the join itself afterwards.
+func (m *Machine) TokenValueAfterJoin(n int) []byte {
+	t := m.token
+	t.joined.add(m.self)
+	t.unfinished = m.unfinished
+	return t.encode(n)
+}
+
 // rawSeq reads the sequence number of a message value block even when it
 // does not decode (or was flagged invalid), as a floor for the next one.
 func rawSeq(lvb []byte) (uint64, bool) {
