@@ -49,9 +49,8 @@ type peer struct {
 	mu      sync.Mutex
 	addr    string // "" while the address is unknown: never dialled, queue bounded
 	removed bool
-	cur     *conn                // authenticated connection, nil while disconnected
-	curA    atomic.Pointer[conn] // cur, for Claim and Await to read without mu
-	peerInc uint64               // peer incarnation our streams are bound to; 0 = unbound
+	cur     *conn  // authenticated connection, nil while disconnected
+	peerInc uint64 // peer incarnation our streams are bound to; 0 = unbound
 
 	// addrGen counts address changes; the dialer compares it with the
 	// value it last dialled to restart its back-off for a new address.
@@ -153,7 +152,6 @@ func (p *peer) remove(reason string) {
 	p.ackTimer.Stop()
 	if c := p.cur; c != nil {
 		p.cur = nil
-		p.curA.Store(nil)
 		c.retired.Store(true)
 		c.close()
 		p.log.Debug("connection closed", "reason", reason)
@@ -319,11 +317,13 @@ func (p *peer) fillLocked(c *conn) []byte {
 	return buf
 }
 
-// flushLocked writes pending frames from the calling goroutine when nobody
-// else is writing to the connection: the common, idle case costs no
-// goroutine switch. The write is non-blocking; whatever the socket does not
-// take at once, and whatever other goroutines queue meanwhile, is handed to
-// the connection's flusher goroutine. p.mu is released during the write.
+// flushLocked writes pending frames from the calling goroutine when the
+// writer goroutine is idle: the common, idle case costs no goroutine
+// switch. The write is non-blocking (directwrite_unix.go), because Send
+// must never block: the lock manager sends with its lockspace lock held.
+// Whatever the socket does not take at once, and whatever other goroutines
+// queue meanwhile, is handed to the writer goroutine. p.mu is released
+// during the write.
 func (p *peer) flushLocked() {
 	c := p.cur
 	if c == nil || c.writing || !p.hasWorkLocked(c) {
@@ -350,7 +350,7 @@ func (p *peer) flushLocked() {
 		return
 	}
 	if p.hasWorkLocked(c) {
-		c.wakeFlusher() // ownership passes to the flusher, writing stays true
+		c.wakeFlusher() // ownership passes to the writer, writing stays true
 		return
 	}
 	c.writing = false
@@ -484,14 +484,14 @@ func (p *peer) install(c *conn, hs handshakeResult) {
 		p.log.Info("connection replaced by a new one")
 	}
 	p.cur = c
-	p.curA.Store(c)
+	c.startReading(t.cfg.ReadBufferSize)
 	c.sentAbs = p.headAbs
 	p.ackedOut.Store(hs.ourAck)
 	p.ackDue = false
 	t.stats.connEstablished.Add(1)
 	c.log = p.log
 	t.wg.Add(2)
-	go p.watch(c)
+	go p.readLoop(c)
 	go p.flushLoop(c)
 	p.mu.Unlock()
 	p.recvMu.Unlock()
@@ -517,7 +517,6 @@ func (p *peer) connLostLocked(c *conn, level slog.Level, what string, err error)
 		return
 	}
 	p.cur = nil
-	p.curA.Store(nil)
 	c.retired.Store(true)
 	c.close()
 	if !p.t.closed.Load() && !p.removed {
@@ -741,7 +740,7 @@ func (p *peer) dialOnce(ctx context.Context, addr string) error {
 	defer t.untrackHandshake(nc)
 	stop := context.AfterFunc(ctx, func() { nc.Close() })
 	t.tuneConn(nc)
-	c := newConn(nc, t.cfg.ReadBufferSize)
+	c := newConn(nc)
 	nc.SetDeadline(time.Now().Add(t.cfg.HandshakeTimeout))
 	hs, err := t.dialHandshake(c, p)
 	if !stop() {
@@ -762,41 +761,43 @@ func (p *peer) dialOnce(ctx context.Context, addr string) error {
 type conn struct {
 	nc  net.Conn
 	log *slog.Logger
-	br  *bufio.Reader
-	rs  readSide // who reads (see readside.go); br and big belong to the token holder
-	big []byte   // payloads larger than the read buffer
-	// A large frame being read: its header and how much of it has arrived.
-	bigHdr     Header
-	bigHave    int
-	bigPending bool
-	wake       chan struct{} // hands write ownership to the flusher
-	done       chan struct{} // closed by close
-	once       sync.Once
-	retired    atomic.Bool // set under the peer's recvMu when replaced or lost
+	// br is the read buffer, allocated once the connection is
+	// authenticated (the handshake reads exactly what it needs, so an
+	// unauthenticated connection costs no buffer); only the reader uses it.
+	br      *bufio.Reader
+	big     []byte        // payloads larger than the read buffer (reader only)
+	wake    chan struct{} // hands write work to the writer goroutine
+	done    chan struct{} // closed by close
+	once    sync.Once
+	retired atomic.Bool // set under the peer's recvMu when replaced or lost
 
 	writing  bool   // mu: a goroutine owns the socket's write side
 	leftover []byte // mu: unwritten tail of a partial direct write
 	wbuf     []byte // mu/owner: coalescing write buffer
 	sentAbs  int64  // mu: stream offset written so far on this connection
 
-	// Non-blocking direct writes (see tryWrite); owner only.
+	// Non-blocking direct writes (directwrite_unix.go); owner only.
 	raw   syscall.RawConn
-	rawFn func(fd uintptr)
-	rwBuf []byte
-	rwN   int
-	rwErr error
+	rawFn func(fd uintptr) bool
+	dwBuf []byte
+	dwN   int
+	dwErr error
 }
 
-func newConn(nc net.Conn, readBuf int) *conn {
+func newConn(nc net.Conn) *conn {
 	c := &conn{
 		nc:   nc,
 		wake: make(chan struct{}, 1),
 		done: make(chan struct{}),
 		wbuf: make([]byte, 0, 4096),
 	}
-	c.initRaw()
-	c.br = bufio.NewReaderSize(newRawReader(c), readBuf)
+	c.initDirect()
 	return c
+}
+
+// startReading allocates the read buffer; called once authenticated.
+func (c *conn) startReading(size int) {
+	c.br = bufio.NewReaderSize(c.nc, size)
 }
 
 func (c *conn) wakeFlusher() {
@@ -810,6 +811,5 @@ func (c *conn) close() {
 	c.once.Do(func() {
 		close(c.done)
 		c.nc.Close()
-		c.rs.shutdown()
 	})
 }

@@ -21,12 +21,6 @@ type Stats struct {
 	FramesReceived uint64
 	// FramesDelivered counts handler calls.
 	FramesDelivered uint64
-	// InlineWaits counts Await calls that read the connection themselves
-	// (instead of being woken by the connection's watcher goroutine).
-	InlineWaits uint64
-	// IdleWakes counts times a connection's watcher was woken by data that
-	// arrived while no goroutine was reading it (see readside.go).
-	IdleWakes uint64
 	// Dropped counts frames not delivered or not sent, by reason.
 	Dropped DropStats
 	// ConnectionsEstablished counts authenticated connections.
@@ -75,7 +69,6 @@ type DropStats struct {
 type counters struct {
 	framesSent, framesResent, acksSent, writes          atomic.Uint64
 	framesReceived                                      atomic.Uint64
-	inlineWaits, idleWakes                              atomic.Uint64
 	dropDuplicate, dropStale, dropRestarted, dropRemove atomic.Uint64
 	dropQueueFull                                       atomic.Uint64
 	connEstablished, connLost                           atomic.Uint64
@@ -91,8 +84,6 @@ func (c *counters) snapshot() Stats {
 		Writes:          c.writes.Load(),
 		FramesReceived:  c.framesReceived.Load(),
 		FramesDelivered: c.framesReceived.Load() - c.dropStale.Load(), // every other received frame is delivered
-		InlineWaits:     c.inlineWaits.Load(),
-		IdleWakes:       c.idleWakes.Load(),
 		Dropped: DropStats{
 			Duplicate:       c.dropDuplicate.Load(),
 			StaleGeneration: c.dropStale.Load(),

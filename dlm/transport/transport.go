@@ -7,6 +7,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"maps"
 	"net"
@@ -61,9 +62,6 @@ type Transport struct {
 	gens  atomic.Pointer[map[LockspaceID]uint64] // copy on write under genMu
 
 	stats counters
-
-	// inline counts callers reading connections in Await.
-	inline inlineGate
 }
 
 // New starts a transport: it listens, and dials every peer with a higher ID.
@@ -121,10 +119,9 @@ func (t *Transport) Incarnation() uint64 { return t.inc }
 func (t *Transport) Stats() Stats { return t.stats.snapshot() }
 
 // Send queues payload for node to, tagged with lockspace ls and the sender's
-// generation gen for it, and returns without waiting for the network. When
-// the connection is idle the frame is written immediately by the calling
-// goroutine (a non-blocking write, so Send never waits on a slow peer);
-// otherwise it joins the next coalesced write. The payload is copied, so
+// generation gen for it, and returns without waiting for the network: the
+// connection's writer goroutine writes it, coalesced with whatever else is
+// queued. The payload is copied, so
 // the caller may reuse it at once. Errors only report invalid arguments or a
 // closed transport; frames to a disconnected peer wait for the connection.
 func (t *Transport) Send(to NodeID, ls LockspaceID, gen uint64, payload []byte) error {
@@ -330,7 +327,6 @@ func (t *Transport) Close() error {
 		p.remove("transport closed")
 	}
 	t.mu.Unlock()
-	t.inline.closeAndWait()
 	t.wg.Wait()
 	t.log.Info("transport closed")
 	if err != nil && !errors.Is(err, net.ErrClosed) {
@@ -425,7 +421,7 @@ func (t *Transport) serveInbound(nc net.Conn) {
 	}
 	defer t.untrackHandshake(nc)
 	t.tuneConn(nc)
-	c := newConn(nc, t.cfg.ReadBufferSize)
+	c := newConn(nc)
 	nc.SetDeadline(time.Now().Add(t.cfg.HandshakeTimeout))
 	p, hs, err := t.acceptHandshake(c)
 	if err != nil {
@@ -459,23 +455,21 @@ func (p *peer) streamAck(peerInc, peerStreamFor uint64) uint64 {
 
 // readHandshake reads one handshake frame of type want from c.
 func (t *Transport) readHandshake(c *conn, want FrameType) ([]byte, error) {
-	hb, err := c.br.Peek(HeaderSize)
-	if err != nil {
+	var hb [HeaderSize]byte
+	if _, err := io.ReadFull(c.nc, hb[:]); err != nil {
 		return nil, fmt.Errorf("reading %v: %w", want, err)
 	}
-	h, err := DecodeHeader(hb, handshakeMaxBody)
+	h, err := DecodeHeader(hb[:], handshakeMaxBody)
 	if err != nil {
 		return nil, fmt.Errorf("reading %v: %w", want, err)
 	}
 	if h.Type != want {
 		return nil, fmt.Errorf("%w: got %v frame, want %v", ErrMalformed, h.Type, want)
 	}
-	b, err := c.br.Peek(HeaderSize + int(h.Length))
-	if err != nil {
+	body := make([]byte, h.Length)
+	if _, err := io.ReadFull(c.nc, body); err != nil {
 		return nil, fmt.Errorf("reading %v body: %w", want, err)
 	}
-	body := append([]byte(nil), b[HeaderSize:]...)
-	c.br.Discard(len(b))
 	return body, nil
 }
 
