@@ -292,9 +292,14 @@ func (p *peer) fillLocked(c *conn) []byte {
 		end += n
 	}
 	if end > off {
-		buf = append(buf, p.sendBuf[off:end]...)
-		for o := 0; o < len(buf); o += HeaderSize + int(binary.BigEndian.Uint32(buf[o+offLen:])) {
-			binary.BigEndian.PutUint64(buf[o+offAck:], ack)
+		for o := off; o < end; {
+			n := HeaderSize + int(binary.BigEndian.Uint32(p.sendBuf[o+offLen:]))
+			start := len(buf)
+			buf = append(buf, 0, 0, 0, 0)
+			buf = append(buf, p.sendBuf[o:o+n]...)
+			binary.BigEndian.PutUint64(buf[start+recHdrLen+offAck:], ack)
+			buf = c.send.finish(buf, start)
+			o += n
 		}
 		c.sentAbs = p.bufBase + int64(end)
 		p.highAbs = max(p.highAbs, c.sentAbs)
@@ -308,7 +313,7 @@ func (p *peer) fillLocked(c *conn) []byte {
 	} else if p.ackDue && ack > p.ackedOut.Load() {
 		var h [HeaderSize]byte
 		putHeader(h[:], FrameAck, 0, 0, 0, 0, ack)
-		buf = append(buf, h[:]...)
+		buf = c.send.seal(buf, h[:])
 		p.ackedOut.Store(ack)
 		p.ackDue = false
 		st.acksSent.Add(1)
@@ -602,6 +607,9 @@ func (p *peer) readFailed(c *conn, err error) {
 	case errors.Is(err, ErrMalformed):
 		p.t.stats.malformed.Add(1)
 		level, what = slog.LevelWarn, "malformed frame"
+	case errors.Is(err, errAuth):
+		p.t.stats.rejected.Add(1)
+		level, what = slog.LevelWarn, "record failed authentication"
 	case errors.Is(err, errProtocol):
 		p.t.stats.protocolErr.Add(1)
 		level, what = slog.LevelWarn, "protocol error"
@@ -764,12 +772,16 @@ type conn struct {
 	// br is the read buffer, allocated once the connection is
 	// authenticated (the handshake reads exactly what it needs, so an
 	// unauthenticated connection costs no buffer); only the reader uses it.
-	br      *bufio.Reader
-	big     []byte        // payloads larger than the read buffer (reader only)
-	wake    chan struct{} // hands write work to the writer goroutine
-	done    chan struct{} // closed by close
-	once    sync.Once
-	retired atomic.Bool // set under the peer's recvMu when replaced or lost
+	br  *bufio.Reader
+	big []byte // payloads larger than the read buffer (reader only)
+	// The connection's two directions' ciphers (seal.go), set by the
+	// handshake: send is used under mu (or by the handshake, before the
+	// connection is installed), recv by the reader.
+	send, recv *aeadDir
+	wake       chan struct{} // hands write work to the writer goroutine
+	done       chan struct{} // closed by close
+	once       sync.Once
+	retired    atomic.Bool // set under the peer's recvMu when replaced or lost
 
 	writing  bool   // mu: a goroutine owns the socket's write side
 	leftover []byte // mu: unwritten tail of a partial direct write

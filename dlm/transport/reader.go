@@ -1,6 +1,9 @@
 package transport
 
-import "io"
+import (
+	"fmt"
+	"io"
+)
 
 // The read side: every authenticated connection has one reader goroutine
 // (readLoop) that reads frames and hands them to receive, which calls the
@@ -30,35 +33,54 @@ func (p *peer) afterFrame(c *conn) {
 	}
 }
 
-// readFrame reads c's next frame and hands it to receive. Payloads that fit
-// the read buffer are passed without copying; larger ones are read into
-// c.big.
+// readFrame reads c's next record, opens it and hands the frame inside to
+// receive. Records that fit the read buffer are opened in place and their
+// payload passed without copying; larger ones are read into c.big. A record
+// that does not open ends the connection before anything in it is used.
 func (p *peer) readFrame(c *conn) error {
-	hb, err := c.br.Peek(HeaderSize)
+	hb, err := c.br.Peek(recHdrLen)
 	if err != nil {
 		return err
 	}
-	h, err := DecodeHeader(hb, p.t.cfg.MaxFrameSize)
+	n, err := recordLen(hb, p.t.cfg.MaxFrameSize)
 	if err != nil {
 		return err
 	}
-	total := HeaderSize + int(h.Length)
+	total := recHdrLen + n
 	if total <= c.br.Size() {
 		b, err := c.br.Peek(total)
 		if err != nil {
 			return err
 		}
-		err = p.receive(c, &h, b[HeaderSize:])
+		err = p.openAndReceive(c, b[:recHdrLen], b[recHdrLen:])
 		c.br.Discard(total)
 		return err
 	}
-	c.br.Discard(HeaderSize)
-	if cap(c.big) < int(h.Length) {
-		c.big = make([]byte, h.Length)
+	var hdr [recHdrLen]byte
+	copy(hdr[:], hb)
+	c.br.Discard(recHdrLen)
+	if cap(c.big) < n {
+		c.big = make([]byte, n)
 	}
-	payload := c.big[:h.Length]
-	if _, err := io.ReadFull(c.br, payload); err != nil {
+	body := c.big[:n]
+	if _, err := io.ReadFull(c.br, body); err != nil {
 		return err
 	}
-	return p.receive(c, &h, payload)
+	return p.openAndReceive(c, hdr[:], body)
+}
+
+// openAndReceive opens one record and processes the frame inside.
+func (p *peer) openAndReceive(c *conn, hdr, body []byte) error {
+	pt, err := c.recv.open(hdr, body)
+	if err != nil {
+		return err
+	}
+	f, used, err := DecodeFrame(pt, p.t.cfg.MaxFrameSize)
+	if err != nil {
+		return err
+	}
+	if used != len(pt) {
+		return fmt.Errorf("%w: %d bytes after the frame in its record", ErrMalformed, len(pt)-used)
+	}
+	return p.receive(c, &f.Header, f.Payload)
 }

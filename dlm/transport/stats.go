@@ -39,6 +39,10 @@ type Stats struct {
 	// MalformedFrames counts connections closed because a frame did not
 	// decode.
 	MalformedFrames uint64
+	// RecordsRejected counts connections reset because a sealed record did
+	// not open (modified, injected, replayed, reordered or from another
+	// connection); nothing in such a record is used.
+	RecordsRejected uint64
 	// ProtocolErrors counts connections closed because a well-formed frame
 	// broke the protocol (sequence gap, impossible ack, frame type out of
 	// place).
@@ -73,7 +77,7 @@ type counters struct {
 	dropQueueFull                                       atomic.Uint64
 	connEstablished, connLost                           atomic.Uint64
 	handshakeFail, authFail, unknownNode                atomic.Uint64
-	malformed, protocolErr                              atomic.Uint64
+	malformed, protocolErr, rejected                    atomic.Uint64
 }
 
 func (c *counters) snapshot() Stats {
@@ -98,5 +102,6 @@ func (c *counters) snapshot() Stats {
 		UnknownNodes:           c.unknownNode.Load(),
 		MalformedFrames:        c.malformed.Load(),
 		ProtocolErrors:         c.protocolErr.Load(),
+		RecordsRejected:        c.rejected.Load(),
 	}
 }

@@ -473,6 +473,49 @@ func (t *Transport) readHandshake(c *conn, want FrameType) ([]byte, error) {
 	return body, nil
 }
 
+// readSession reads and opens the sealed Session record that ends each
+// side's part of the handshake.
+func (t *Transport) readSession(c *conn) (session, error) {
+	var hdr [recHdrLen]byte
+	if _, err := io.ReadFull(c.nc, hdr[:]); err != nil {
+		return session{}, fmt.Errorf("reading session: %w", err)
+	}
+	n, err := recordLen(hdr[:], sessionBodyLen)
+	if err != nil {
+		return session{}, err
+	}
+	body := make([]byte, n)
+	if _, err := io.ReadFull(c.nc, body); err != nil {
+		return session{}, fmt.Errorf("reading session: %w", err)
+	}
+	pt, err := c.recv.open(hdr[:], body)
+	if err != nil {
+		return session{}, refuse(&t.stats.authFail, "session record did not open: %w", err)
+	}
+	f, used, err := DecodeFrame(pt, sessionBodyLen)
+	if err != nil {
+		return session{}, err
+	}
+	if used != len(pt) {
+		return session{}, fmt.Errorf("%w: %d bytes after the session frame", ErrMalformed, len(pt)-used)
+	}
+	return parseSession(f)
+}
+
+// setKeys installs the connection's two ciphers.
+func (c *conn) setKeys(sendKey, recvKey []byte) error {
+	s, err := newAEADDir(sendKey)
+	if err != nil {
+		return err
+	}
+	r, err := newAEADDir(recvKey)
+	if err != nil {
+		return err
+	}
+	c.send, c.recv = s, r
+	return nil
+}
+
 // acceptHandshake runs the acceptor's side of the handshake.
 func (t *Transport) acceptHandshake(c *conn) (*peer, handshakeResult, error) {
 	var res handshakeResult
@@ -498,12 +541,7 @@ func (t *Transport) acceptHandshake(c *conn) (*peer, handshakeResult, error) {
 	if err != nil {
 		return nil, res, err
 	}
-	res.ourAck = p.streamAck(hi.Incarnation, hi.StreamFor)
-	p.mu.Lock()
-	streamFor := p.peerInc
-	p.mu.Unlock()
-	me := hello{From: t.id, To: hi.From, Incarnation: t.inc, StreamFor: streamFor, Nonce: nonce}
-	ch := challengeFrame(t.cfg.ClusterKey, helloBody, &me, res.ourAck)
+	ch := helloFrame(FrameChallenge, &hello{From: t.id, To: hi.From, Nonce: nonce})
 	if _, err := c.nc.Write(ch); err != nil {
 		return nil, res, fmt.Errorf("writing challenge to node %d: %w", hi.From, err)
 	}
@@ -511,15 +549,40 @@ func (t *Transport) acceptHandshake(c *conn) (*peer, handshakeResult, error) {
 	if err != nil {
 		return nil, res, fmt.Errorf("node %d: %w", hi.From, err)
 	}
-	ack, mac, err := parseAuth(authBody)
+	chBody := ch[HeaderSize:]
+	if !hmac.Equal(authBody, transcriptMAC(t.cfg.ClusterKey, labelDialer, helloBody, chBody)) {
+		return nil, res, refuse(&t.stats.authFail, "node %d failed authentication (wrong cluster key?)", hi.From)
+	}
+	d2a, a2d, err := sessionKeys(t.cfg.ClusterKey, hi.From, t.id, hi.Nonce[:], nonce[:])
 	if err != nil {
 		return nil, res, err
 	}
-	want := dialerMAC(t.cfg.ClusterKey, helloBody, ch[HeaderSize:HeaderSize+challengeMACOff], authBody[:8])
-	if !hmac.Equal(mac, want) {
-		return nil, res, refuse(&t.stats.authFail, "node %d failed authentication (wrong cluster key?)", hi.From)
+	if err := c.setKeys(a2d, d2a); err != nil {
+		return nil, res, err
 	}
-	res.peerInc, res.peerStreamFor, res.peerAck = hi.Incarnation, hi.StreamFor, ack
+	// The dialer proved the key: now we prove it, and read its session.
+	if _, err := c.nc.Write(macFrame(FrameProof, transcriptMAC(t.cfg.ClusterKey, labelAcceptor, helloBody, chBody))); err != nil {
+		return nil, res, fmt.Errorf("writing proof to node %d: %w", hi.From, err)
+	}
+	ds, err := t.readSession(c)
+	if err != nil {
+		return nil, res, fmt.Errorf("node %d: %w", hi.From, err)
+	}
+	res.ourAck = p.streamAck(ds.Incarnation, ds.StreamFor)
+	p.mu.Lock()
+	streamFor := p.peerInc
+	p.mu.Unlock()
+	if _, err := c.nc.Write(c.send.seal(nil, sessionFrame(session{Incarnation: t.inc, StreamFor: streamFor, Ack: res.ourAck}))); err != nil {
+		return nil, res, fmt.Errorf("writing session to node %d: %w", hi.From, err)
+	}
+	fin, err := t.readSession(c)
+	if err != nil {
+		return nil, res, fmt.Errorf("node %d: %w", hi.From, err)
+	}
+	if fin.Incarnation != ds.Incarnation || fin.StreamFor != ds.StreamFor {
+		return nil, res, fmt.Errorf("%w: node %d changed its session during the handshake", ErrMalformed, hi.From)
+	}
+	res.peerInc, res.peerStreamFor, res.peerAck = ds.Incarnation, ds.StreamFor, fin.Ack
 	return p, res, nil
 }
 
@@ -530,11 +593,7 @@ func (t *Transport) dialHandshake(c *conn, p *peer) (handshakeResult, error) {
 	if err != nil {
 		return res, err
 	}
-	p.mu.Lock()
-	streamFor := p.peerInc
-	p.mu.Unlock()
-	me := hello{From: t.id, To: p.id, Incarnation: t.inc, StreamFor: streamFor, Nonce: nonce}
-	hf := helloFrame(&me)
+	hf := helloFrame(FrameHello, &hello{From: t.id, To: p.id, Nonce: nonce})
 	if _, err := c.nc.Write(hf); err != nil {
 		return res, fmt.Errorf("writing hello: %w", err)
 	}
@@ -542,20 +601,46 @@ func (t *Transport) dialHandshake(c *conn, p *peer) (handshakeResult, error) {
 	if err != nil {
 		return res, err
 	}
-	hi, ack, mac, err := parseChallenge(chBody)
+	hi, err := parseHello(chBody)
 	if err != nil {
 		return res, err
 	}
 	if hi.From != p.id || hi.To != t.id {
 		return res, refuse(&t.stats.unknownNode, "expected node %d, found node %d (which wants node %d)", p.id, hi.From, hi.To)
 	}
-	if !hmac.Equal(mac, acceptorMAC(t.cfg.ClusterKey, hf[HeaderSize:], chBody[:challengeMACOff])) {
+	helloBody := hf[HeaderSize:]
+	d2a, a2d, err := sessionKeys(t.cfg.ClusterKey, t.id, p.id, nonce[:], hi.Nonce[:])
+	if err != nil {
+		return res, err
+	}
+	if err := c.setKeys(d2a, a2d); err != nil {
+		return res, err
+	}
+	p.mu.Lock()
+	streamFor := p.peerInc
+	p.mu.Unlock()
+	me := session{Incarnation: t.inc, StreamFor: streamFor}
+	msg := macFrame(FrameAuth, transcriptMAC(t.cfg.ClusterKey, labelDialer, helloBody, chBody))
+	msg = c.send.seal(msg, sessionFrame(me)) // sealed: only a key holder can read it
+	if _, err := c.nc.Write(msg); err != nil {
+		return res, fmt.Errorf("writing auth: %w", err)
+	}
+	proof, err := t.readHandshake(c, FrameProof)
+	if err != nil {
+		return res, fmt.Errorf("node %d did not prove the key (if it closed the connection, it refused ours: wrong cluster key?): %w", p.id, err)
+	}
+	if !hmac.Equal(proof, transcriptMAC(t.cfg.ClusterKey, labelAcceptor, helloBody, chBody)) {
 		return res, refuse(&t.stats.authFail, "node %d failed authentication (wrong cluster key?)", hi.From)
 	}
-	res.peerInc, res.peerStreamFor, res.peerAck = hi.Incarnation, hi.StreamFor, ack
-	res.ourAck = p.streamAck(hi.Incarnation, hi.StreamFor)
-	if _, err := c.nc.Write(authFrame(t.cfg.ClusterKey, hf[HeaderSize:], chBody, res.ourAck)); err != nil {
-		return res, fmt.Errorf("writing auth: %w", err)
+	as, err := t.readSession(c)
+	if err != nil {
+		return res, err
+	}
+	res.peerInc, res.peerStreamFor, res.peerAck = as.Incarnation, as.StreamFor, as.Ack
+	res.ourAck = p.streamAck(as.Incarnation, as.StreamFor)
+	me.Ack = res.ourAck
+	if _, err := c.nc.Write(c.send.seal(nil, sessionFrame(me))); err != nil {
+		return res, fmt.Errorf("writing session: %w", err)
 	}
 	return res, nil
 }
