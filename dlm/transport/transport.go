@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"maps"
 	"net"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -627,7 +628,11 @@ func (t *Transport) dialHandshake(c *conn, p *peer) (handshakeResult, error) {
 	}
 	proof, err := t.readHandshake(c, FrameProof)
 	if err != nil {
-		return res, fmt.Errorf("node %d did not prove the key (if it closed the connection, it refused ours: wrong cluster key?): %w", p.id, err)
+		if errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, ErrMalformed) {
+			return res, fmt.Errorf("node %d did not prove the key: %w", p.id, err)
+		}
+		// It closed the connection after our proof: it refused it.
+		return res, refuse(&t.stats.authFail, "node %d refused our proof of the key (wrong cluster key?): %w", p.id, err)
 	}
 	if !hmac.Equal(proof, transcriptMAC(t.cfg.ClusterKey, labelAcceptor, helloBody, chBody)) {
 		return res, refuse(&t.stats.authFail, "node %d failed authentication (wrong cluster key?)", hi.From)
