@@ -186,6 +186,15 @@ func (p *peer) send(ls LockspaceID, gen uint64, payload []byte) error {
 				p.id, ErrQueueFull, queued, p.t.cfg.MaxUnaddressedQueue)
 		}
 	}
+	if queued := int(p.tailAbsLocked() - p.headAbs); p.addr != "" && queued+extra > p.t.cfg.MaxUnackedBytes {
+		p.t.stats.dropBacklog.Add(1)
+		p.mu.Unlock()
+		p.t.lim.logf(fmt.Sprintf("backlog %d", p.id), slog.LevelWarn,
+			"frame refused: too many bytes unacknowledged by the peer (not reading, or unreachable)",
+			"peer", uint32(p.id), "unacked_bytes", queued, "limit", p.t.cfg.MaxUnackedBytes)
+		return fmt.Errorf("transport: send to node %d: %w: %d bytes unacknowledged (limit %d)",
+			p.id, ErrQueueFull, queued, p.t.cfg.MaxUnackedBytes)
+	}
 	seq := p.nextSeq
 	p.nextSeq++
 	if len(p.sendBuf)+extra > cap(p.sendBuf) {
@@ -446,11 +455,12 @@ func (p *peer) freshLocked(peerInc, peerStreamFor uint64) bool {
 	return peerInc != p.peerInc || peerStreamFor != p.t.inc
 }
 
-// install makes c the peer's connection after a successful handshake,
+// install makes c the peer's connection after a successful handshake
+// (an error if it cannot: the peer acknowledged frames never sent),
 // resetting the streams if the peer is a new incarnation, dropping what
 // the peer already has, and starting the reader and the flusher; then
 // resends whatever is unacknowledged.
-func (p *peer) install(c *conn, hs handshakeResult) {
+func (p *peer) install(c *conn, hs handshakeResult) error {
 	t := p.t
 	p.recvMu.Lock()
 	p.mu.Lock()
@@ -458,7 +468,7 @@ func (p *peer) install(c *conn, hs handshakeResult) {
 		p.mu.Unlock()
 		p.recvMu.Unlock()
 		c.close()
-		return
+		return ErrClosed
 	}
 	if p.freshLocked(hs.peerInc, hs.peerStreamFor) {
 		if p.peerInc != 0 {
@@ -479,9 +489,10 @@ func (p *peer) install(c *conn, hs handshakeResult) {
 		p.mu.Unlock()
 		p.recvMu.Unlock()
 		t.stats.protocolErr.Add(1)
-		p.log.Warn("connection refused: protocol error in handshake", "reason", err.Error())
+		t.lim.logf(fmt.Sprintf("handshake protocol %d", p.id), slog.LevelWarn,
+			"connection refused: protocol error in handshake", "peer", uint32(p.id), "reason", err.Error())
 		c.close()
-		return
+		return fmt.Errorf("%w: %w", errProtocol, err)
 	}
 	if old := p.cur; old != nil {
 		old.retired.Store(true)
@@ -506,6 +517,7 @@ func (p *peer) install(c *conn, hs handshakeResult) {
 	p.mu.Lock()
 	p.flushLocked()
 	p.mu.Unlock()
+	return nil
 }
 
 func (p *peer) unackedSnapshot() int {
@@ -526,7 +538,12 @@ func (p *peer) connLostLocked(c *conn, level slog.Level, what string, err error)
 	c.close()
 	if !p.t.closed.Load() && !p.removed {
 		p.t.stats.connLost.Add(1)
-		p.log.Log(context.Background(), level, "connection closed", "reason", what, "err", errString(err))
+		if level >= slog.LevelWarn {
+			p.t.lim.logf(fmt.Sprintf("conn lost %d: %s", p.id, what), level, "connection closed",
+				"peer", uint32(p.id), "reason", what, "err", errString(err))
+		} else {
+			p.log.Log(context.Background(), level, "connection closed", "reason", what, "err", errString(err))
+		}
 	}
 	select {
 	case p.down <- struct{}{}:
@@ -656,7 +673,9 @@ func (p *peer) dialLoop() {
 			if time.Since(established) > t.cfg.ReconnectMax {
 				backoff = 0
 			} else {
-				backoff = max(backoff, t.cfg.ReconnectMin)
+				// A connection that died young (a peer that authenticates
+				// and then breaks the protocol) backs off like a failure.
+				backoff = min(max(2*backoff, t.cfg.ReconnectMin), t.cfg.ReconnectMax)
 			}
 			continue
 		}
@@ -698,7 +717,9 @@ func (p *peer) dialLoop() {
 		if failures == 1 {
 			level = slog.LevelWarn
 		}
-		if !t.closed.Load() {
+		if !t.closed.Load() && level == slog.LevelWarn {
+			t.lim.logf(fmt.Sprintf("dial %d", p.id), level, "cannot connect to peer", "peer", uint32(p.id), "addr", addr, "err", err.Error(), "attempts", failures)
+		} else if !t.closed.Load() {
 			p.log.Log(context.Background(), level, "cannot connect to peer", "addr", addr, "err", err.Error(), "attempts", failures)
 		}
 	}
@@ -742,10 +763,10 @@ func (p *peer) dialOnce(ctx context.Context, addr string) error {
 	if err != nil {
 		return fmt.Errorf("dial %s: %w", addr, err)
 	}
-	if !t.trackHandshake(nc) {
+	if !t.trackHandshake(nc, false) {
 		return ErrClosed
 	}
-	defer t.untrackHandshake(nc)
+	defer t.untrackHandshake(nc, false)
 	stop := context.AfterFunc(ctx, func() { nc.Close() })
 	t.tuneConn(nc)
 	c := newConn(nc)
@@ -760,7 +781,9 @@ func (p *peer) dialOnce(ctx context.Context, addr string) error {
 		return fmt.Errorf("handshake with %s: %w", addr, err)
 	}
 	nc.SetDeadline(time.Time{})
-	p.install(c, hs)
+	if err := p.install(c, hs); err != nil {
+		return fmt.Errorf("handshake with %s: %w", addr, err)
+	}
 	return nil
 }
 

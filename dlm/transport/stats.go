@@ -39,6 +39,10 @@ type Stats struct {
 	// MalformedFrames counts connections closed because a frame did not
 	// decode.
 	MalformedFrames uint64
+	// HandshakesRefused counts accepted connections closed at once
+	// because Config.MaxHandshakes connections were already in their
+	// handshake.
+	HandshakesRefused uint64
 	// RecordsRejected counts connections reset because a sealed record did
 	// not open (modified, injected, replayed, reordered or from another
 	// connection); nothing in such a record is used.
@@ -67,6 +71,10 @@ type DropStats struct {
 	// QueueFull: frames Send refused (ErrQueueFull) because their peer's
 	// address is unknown and its queue reached Config.MaxUnaddressedQueue.
 	QueueFull uint64
+	// Backlog: frames Send refused (ErrQueueFull) because Config.
+	// MaxUnackedBytes were already queued and unacknowledged for their
+	// peer.
+	Backlog uint64
 }
 
 // counters is the live, atomically updated form of Stats.
@@ -74,7 +82,7 @@ type counters struct {
 	framesSent, framesResent, acksSent, writes          atomic.Uint64
 	framesReceived                                      atomic.Uint64
 	dropDuplicate, dropStale, dropRestarted, dropRemove atomic.Uint64
-	dropQueueFull                                       atomic.Uint64
+	dropQueueFull, dropBacklog, hsRefused               atomic.Uint64
 	connEstablished, connLost                           atomic.Uint64
 	handshakeFail, authFail, unknownNode                atomic.Uint64
 	malformed, protocolErr, rejected                    atomic.Uint64
@@ -94,6 +102,7 @@ func (c *counters) snapshot() Stats {
 			PeerRestarted:   c.dropRestarted.Load(),
 			PeerRemoved:     c.dropRemove.Load(),
 			QueueFull:       c.dropQueueFull.Load(),
+			Backlog:         c.dropBacklog.Load(),
 		},
 		ConnectionsEstablished: c.connEstablished.Load(),
 		ConnectionsLost:        c.connLost.Load(),
@@ -103,5 +112,6 @@ func (c *counters) snapshot() Stats {
 		MalformedFrames:        c.malformed.Load(),
 		ProtocolErrors:         c.protocolErr.Load(),
 		RecordsRejected:        c.rejected.Load(),
+		HandshakesRefused:      c.hsRefused.Load(),
 	}
 }

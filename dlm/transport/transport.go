@@ -57,12 +57,14 @@ type Transport struct {
 	// still in their handshake.
 	mu          sync.Mutex
 	handshaking map[net.Conn]struct{}
+	pendingIn   int                              // inbound connections in handshaking
 	peers       atomic.Pointer[map[NodeID]*peer] // copy on write under mu
 
 	genMu sync.Mutex
 	gens  atomic.Pointer[map[LockspaceID]uint64] // copy on write under genMu
 
 	stats counters
+	lim   logLimiter
 }
 
 // New starts a transport: it listens, and dials every peer with a higher ID.
@@ -87,6 +89,7 @@ func New(cfg Config) (*Transport, error) {
 		}
 		t.inc = binary.BigEndian.Uint64(b[:])
 	}
+	t.lim = logLimiter{log: t.log, interval: cfg.LogInterval}
 	t.ln = cfg.Listener
 	if t.ln == nil {
 		lc := net.ListenConfig{KeepAlive: -1}
@@ -337,21 +340,38 @@ func (t *Transport) Close() error {
 }
 
 // trackHandshake registers a connection in its handshake so Close can
-// interrupt it; it reports false (and closes nc) if the transport is closed.
-func (t *Transport) trackHandshake(nc net.Conn) bool {
+// interrupt it; it reports false (and closes nc) if the transport is
+// closed, or if MaxHandshakes connections are already in their handshake
+// (counted in HandshakesRefused).
+func (t *Transport) trackHandshake(nc net.Conn, inbound bool) bool {
 	t.mu.Lock()
-	defer t.mu.Unlock()
 	if t.closed.Load() {
+		t.mu.Unlock()
 		nc.Close()
 		return false
 	}
+	if inbound && t.pendingIn >= t.cfg.MaxHandshakes {
+		t.mu.Unlock()
+		nc.Close()
+		t.stats.hsRefused.Add(1)
+		t.lim.logf("handshake limit", slog.LevelWarn, "connection refused: too many connections in their handshake",
+			"limit", t.cfg.MaxHandshakes, "refused_total", t.stats.hsRefused.Load())
+		return false
+	}
 	t.handshaking[nc] = struct{}{}
+	if inbound {
+		t.pendingIn++
+	}
+	t.mu.Unlock()
 	return true
 }
 
-func (t *Transport) untrackHandshake(nc net.Conn) {
+func (t *Transport) untrackHandshake(nc net.Conn, inbound bool) {
 	t.mu.Lock()
 	delete(t.handshaking, nc)
+	if inbound {
+		t.pendingIn--
+	}
 	t.mu.Unlock()
 }
 
@@ -377,6 +397,12 @@ func (t *Transport) acceptLoop() {
 			continue
 		}
 		delay = 0
+		if !t.trackHandshake(nc, true) {
+			if t.closed.Load() {
+				return
+			}
+			continue // over MaxHandshakes: closed, counted, logged (rate-limited)
+		}
 		t.wg.Add(1)
 		go t.serveInbound(nc)
 	}
@@ -410,17 +436,23 @@ func (t *Transport) handshakeFailed(nc net.Conn, side string, err error) {
 	if errors.Is(err, ErrMalformed) {
 		t.stats.malformed.Add(1)
 	}
-	t.log.Warn("connection refused: handshake failed", "side", side,
+	kind := "other"
+	switch {
+	case he != nil && he.counter == &t.stats.authFail:
+		kind = "auth"
+	case he != nil && he.counter == &t.stats.unknownNode:
+		kind = "unknown node"
+	case errors.Is(err, ErrMalformed):
+		kind = "malformed"
+	}
+	t.lim.logf("handshake failed: "+side+": "+kind, slog.LevelWarn, "connection refused: handshake failed", "side", side,
 		"remote", nc.RemoteAddr().String(), "reason", err.Error())
 }
 
 // serveInbound authenticates an accepted connection and hands it to its peer.
 func (t *Transport) serveInbound(nc net.Conn) {
 	defer t.wg.Done()
-	if !t.trackHandshake(nc) {
-		return
-	}
-	defer t.untrackHandshake(nc)
+	defer t.untrackHandshake(nc, true)
 	t.tuneConn(nc)
 	c := newConn(nc)
 	nc.SetDeadline(time.Now().Add(t.cfg.HandshakeTimeout))
@@ -430,7 +462,7 @@ func (t *Transport) serveInbound(nc net.Conn) {
 		return
 	}
 	nc.SetDeadline(time.Time{})
-	p.install(c, hs)
+	p.install(c, hs) // an error is logged and counted; the dialer retries
 }
 
 // handshakeResult is what a completed handshake tells about the peer.
