@@ -747,9 +747,9 @@ type Lock struct {
 	inflight  bool // on the handle's pending list
 	done      func(*Lock, error)
 	stopAfter func() bool
-	waiter    bool              // a synchronous caller waits on waitW
-	byContext bool              // a context's end cancelled the pending operation (see failure)
-	waitW     *waiter           // taken from the space's idle pool for a synchronous call
+	waiter    bool    // a synchronous caller waits on waitW
+	byContext bool    // a context's end cancelled the pending operation (see failure)
+	waitW     *waiter // taken from the space's idle pool for a synchronous call
 	// The handle's list of locks with an operation pending (inflight).
 	prevPending, nextPending *Lock
 	result                   error  // outcome of the latest completed operation
