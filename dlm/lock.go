@@ -201,9 +201,6 @@ func (lk *Lock) startConvert(ctx context.Context, mode Mode, flags Flags, done f
 	lk.pending = true
 	lk.done = done
 	lk.op++
-	if done == nil {
-		lk.claimReply()
-	}
 	sp.flush()
 	if lk.pending {
 		lk.ls.track(ctx, lk)

@@ -415,7 +415,7 @@ type space struct {
 	nextOwner OwnerID
 	handles   int
 	open      map[*Lockspace]struct{}
-	idle      sync.Pool // of *transport.Waiter, for synchronous calls to wait on
+	idle      sync.Pool // of *waiter, for synchronous calls to wait on
 
 	// Callbacks for user code (async completions, blocking handlers) run on
 	// one dispatcher goroutine, in the order the core produced them.
@@ -747,10 +747,9 @@ type Lock struct {
 	inflight  bool // on the handle's pending list
 	done      func(*Lock, error)
 	stopAfter func() bool
-	waiter    bool              // a synchronous caller waits on waitW
-	byContext bool              // a context's end cancelled the pending operation (see failure)
-	waitW     *transport.Waiter // taken from the space's idle pool for a synchronous call
-	waitFrom  NodeID            // where the awaited reply comes from (0: not a message)
+	waiter    bool    // a synchronous caller waits on waitW
+	byContext bool    // a context's end cancelled the pending operation (see failure)
+	waitW     *waiter // taken from the space's idle pool for a synchronous call
 	// The handle's list of locks with an operation pending (inflight).
 	prevPending, nextPending *Lock
 	result                   error  // outcome of the latest completed operation
@@ -881,9 +880,6 @@ func (ls *Lockspace) start(ctx context.Context, req LockRequest, done func(*Lock
 		sp.mu.Unlock()
 		return nil, false, err
 	}
-	if done == nil {
-		lk.claimReply()
-	}
 	sp.flush()
 	if lk.pending {
 		ls.track(ctx, lk)
@@ -936,30 +932,21 @@ func (lk *Lock) prepareWait() bool {
 	}
 	lk.getWaiter()
 	lk.waiter = true
-	lk.waitFrom = lk.ls.sp.sp.ReplyFrom(&lk.proc)
 	return true
 }
 
 // awaitDone blocks, without mu, until the operation prepareWait readied the
-// lock for completes, and returns its outcome. When a message from another
-// node will complete it, the transport may let this goroutine read that
-// node's connection meanwhile (Transport.Await), so the reply needs no
-// goroutine to wake this one.
+// lock for completes, and returns its outcome. Whoever completes it (the
+// transport's reader goroutine handling the reply, a local completion, a
+// cancellation) wakes the waiter.
 func (lk *Lock) awaitDone(ctx context.Context) error {
 	sp := lk.ls.sp
 	w := lk.waitW
 	var woken bool
-	if tr := sp.node.tr; tr != nil && lk.waitFrom != 0 {
-		woken = tr.Await(ctx, transport.NodeID(lk.waitFrom), w)
-	} else {
-		if tr != nil {
-			tr.Unclaim(w)
-		}
-		select {
-		case <-w.C():
-			woken = true
-		case <-ctx.Done():
-		}
+	select {
+	case <-w.C():
+		woken = true
+	case <-ctx.Done():
 	}
 	if !woken {
 		lk.cancelWith(lk.opNow(), ctx.Err())
@@ -977,46 +964,26 @@ func (lk *Lock) awaitDone(ctx context.Context) error {
 // getWaiter returns the lock's waiter, taking an idle one if it has none:
 // a lock handle usually waits once, and a waiter is an allocation. Called
 // with mu held.
-func (lk *Lock) getWaiter() *transport.Waiter {
+func (lk *Lock) getWaiter() *waiter {
 	if lk.waitW == nil {
-		if w, ok := lk.ls.sp.idle.Get().(*transport.Waiter); ok {
+		if w, ok := lk.ls.sp.idle.Get().(*waiter); ok {
 			lk.waitW = w
 		} else {
-			lk.waitW = transport.NewWaiter()
+			lk.waitW = newWaiter()
 		}
 	}
 	return lk.waitW
 }
 
-// putWaiter gives back the lock's unused waiter, if it has one, with any
-// claim it holds. Called with mu held.
+// putWaiter gives back the lock's unused waiter, if it has one. Called
+// with mu held.
 func (lk *Lock) putWaiter() {
 	w := lk.waitW
 	if w == nil {
 		return
 	}
-	sp := lk.ls.sp
-	if tr := sp.node.tr; tr != nil {
-		tr.Unclaim(w)
-	}
 	lk.waitW = nil
-	sp.idle.Put(w)
-}
-
-// claimReply is called by a synchronous call, after the core has taken its
-// request and before the request is sent: it claims the connection the
-// reply will come on (transport.Claim), so that this goroutine reads the
-// reply itself instead of being woken by the connection's watcher. Called
-// with mu held.
-func (lk *Lock) claimReply() {
-	sp := lk.ls.sp
-	tr := sp.node.tr
-	if tr == nil {
-		return
-	}
-	if from := sp.sp.ReplyFrom(&lk.proc); from != 0 {
-		tr.Claim(transport.NodeID(from), lk.getWaiter())
-	}
+	lk.ls.sp.idle.Put(w)
 }
 
 func (lk *Lock) opNow() uint64 {

@@ -1,7 +1,6 @@
 package transport
 
 import (
-	"context"
 	"io"
 	"log/slog"
 	"net"
@@ -245,26 +244,4 @@ func BenchmarkTransportRoundTripInline(b *testing.B) {
 	left = b.N
 	n1.Send(2, 1, 1, msg)
 	<-done
-}
-
-// BenchmarkTransportRoundTripAwait is BenchmarkTransportRoundTrip with the
-// caller claiming the connection before sending and waiting in Await, so
-// that it reads the reply itself: the pattern of a synchronous remote lock
-// request.
-func BenchmarkTransportRoundTripAwait(b *testing.B) {
-	w := NewWaiter()
-	var n1 *Transport
-	n1, _ = benchPairWith(b, func() { w.Wake() })
-	msg := make([]byte, 64)
-	msg[0] = 'Q'
-	ctx := context.Background()
-	b.ReportAllocs()
-	for b.Loop() {
-		n1.Claim(2, w)
-		n1.Send(2, 1, 1, msg)
-		if !n1.Await(ctx, 2, w) {
-			b.Fatal("not woken")
-		}
-		w.Reset()
-	}
 }

@@ -89,6 +89,22 @@ type Config struct {
 	// accumulate for as long as it stays in the peer set. Queues of peers
 	// with an address are bounded by the lock manager (see docs/transport.md).
 	MaxUnaddressedQueue int
+	// MaxUnackedBytes bounds the bytes (frames with their headers) queued
+	// for a peer with an address and not yet acknowledged by it: a peer
+	// that stopped reading, or is unreachable, cannot make this node
+	// buffer without limit. Past the bound Send refuses with ErrQueueFull
+	// (counted in Stats.Dropped.Backlog); see docs/transport.md.
+	MaxUnackedBytes int
+	// MaxHandshakes bounds the connections accepted and not yet
+	// authenticated; more are closed at once (Stats.HandshakesRefused).
+	// Each costs one goroutine and a few hundred bytes until it
+	// authenticates or HandshakeTimeout ends it; the read buffer is only
+	// allocated after authentication.
+	MaxHandshakes int
+	// LogInterval is the least time between two log lines about the same
+	// kind of failure (per peer once authenticated); the lines in between
+	// are counted and the count reported with the next one.
+	LogInterval time.Duration
 }
 
 // MinKeyLen is the shortest cluster key accepted, in bytes.
@@ -101,7 +117,7 @@ func DefaultConfig() Config {
 		DialTimeout:      3 * time.Second,
 		HandshakeTimeout: 5 * time.Second,
 		MaxFrameSize:     1 << 20,
-		ReconnectMin:     50 * time.Millisecond,
+		ReconnectMin:     100 * time.Millisecond,
 		ReconnectMax:     2 * time.Second,
 		AckDelay:         5 * time.Millisecond,
 		AckEvery:         64,
@@ -110,6 +126,9 @@ func DefaultConfig() Config {
 		PeerTimeout:      15 * time.Second,
 
 		MaxUnaddressedQueue: 64 << 20,
+		MaxUnackedBytes:     64 << 20,
+		MaxHandshakes:       64,
+		LogInterval:         time.Second,
 	}
 }
 
@@ -149,6 +168,15 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.MaxUnaddressedQueue <= 0 {
 		c.MaxUnaddressedQueue = d.MaxUnaddressedQueue
+	}
+	if c.MaxUnackedBytes <= 0 {
+		c.MaxUnackedBytes = d.MaxUnackedBytes
+	}
+	if c.MaxHandshakes <= 0 {
+		c.MaxHandshakes = d.MaxHandshakes
+	}
+	if c.LogInterval <= 0 {
+		c.LogInterval = d.LogInterval
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()

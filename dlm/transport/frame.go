@@ -35,7 +35,7 @@ const Magic uint32 = 0x4d444c54
 
 // Version is the frame format version this package writes and accepts. A peer
 // speaking another version is refused rather than misread.
-const Version uint8 = 1
+const Version uint8 = 2
 
 // Header field offsets, shared by the encoder, the decoder and the code that
 // patches the acknowledgement field of already encoded frames.
@@ -65,12 +65,18 @@ const (
 	FrameAck FrameType = 2
 	// FrameHello is the dialer's first handshake message.
 	FrameHello FrameType = 3
-	// FrameChallenge is the acceptor's answer to Hello: its identity, its
-	// nonce and its proof of the cluster key.
+	// FrameChallenge is the acceptor's answer to Hello: its identity and
+	// its nonce, nothing that depends on the key.
 	FrameChallenge FrameType = 4
-	// FrameAuth is the dialer's proof of the cluster key; it ends the
-	// handshake.
+	// FrameAuth is the dialer's proof of the cluster key.
 	FrameAuth FrameType = 5
+	// FrameProof is the acceptor's proof of the cluster key, sent only
+	// after the dialer's verified.
+	FrameProof FrameType = 6
+	// FrameSession carries a side's incarnation, stream binding and (in
+	// the Ack field) receive position; it only travels sealed, at the end
+	// of the handshake.
+	FrameSession FrameType = 7
 )
 
 // String names the frame type for logs.
@@ -86,6 +92,10 @@ func (t FrameType) String() string {
 		return "challenge"
 	case FrameAuth:
 		return "auth"
+	case FrameProof:
+		return "proof"
+	case FrameSession:
+		return "session"
 	}
 	return fmt.Sprintf("FrameType(%d)", uint8(t))
 }
@@ -178,8 +188,8 @@ func DecodeHeader(b []byte, maxPayload int) (Header, error) {
 		if h.Length != 0 || h.Seq != 0 || h.Lockspace != 0 || h.Generation != 0 {
 			return h, fmt.Errorf("%w: ack frame with payload, sequence, lockspace or generation", ErrMalformed)
 		}
-	case FrameHello, FrameChallenge, FrameAuth:
-		if h.Seq != 0 || h.Ack != 0 || h.Lockspace != 0 || h.Generation != 0 {
+	case FrameHello, FrameChallenge, FrameAuth, FrameProof, FrameSession:
+		if h.Seq != 0 || (h.Ack != 0 && h.Type != FrameSession) || h.Lockspace != 0 || h.Generation != 0 {
 			return h, fmt.Errorf("%w: %v frame with sequence, ack, lockspace or generation", ErrMalformed, h.Type)
 		}
 		if want := handshakeBodySize(h.Type); int(h.Length) != want {

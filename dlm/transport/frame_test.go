@@ -73,8 +73,8 @@ func TestDecodeRejectsMalformed(t *testing.T) {
 
 func TestHandshakeMessages(t *testing.T) {
 	key := []byte("0123456789abcdef0123456789abcdef")
-	h := hello{From: 1, To: 2, Incarnation: 77, StreamFor: 5, Nonce: [nonceLen]byte{1, 2, 3}}
-	hf := helloFrame(&h)
+	h := hello{From: 1, To: 2, Nonce: [nonceLen]byte{1, 2, 3}}
+	hf := helloFrame(FrameHello, &h)
 	f, _, err := DecodeFrame(hf, handshakeMaxBody)
 	if err != nil {
 		t.Fatal(err)
@@ -83,42 +83,60 @@ func TestHandshakeMessages(t *testing.T) {
 	if err != nil || got != h {
 		t.Fatalf("hello round trip: %+v, %v", got, err)
 	}
-	a := hello{From: 2, To: 1, Incarnation: 88, Nonce: [nonceLen]byte{9}}
-	cf := challengeFrame(key, f.Payload, &a, 12)
-	cfr, _, err := DecodeFrame(cf, handshakeMaxBody)
-	if err != nil {
-		t.Fatal(err)
+	cf := helloFrame(FrameChallenge, &hello{From: 2, To: 1, Nonce: [nonceLen]byte{9}})
+	macD := transcriptMAC(key, labelDialer, hf[HeaderSize:], cf[HeaderSize:])
+	if bytes.Equal(macD, transcriptMAC(key, labelAcceptor, hf[HeaderSize:], cf[HeaderSize:])) {
+		t.Fatal("the two sides' proofs are equal: one could be reflected")
 	}
-	gotA, ack, mac, err := parseChallenge(cfr.Payload)
-	if err != nil || gotA != a || ack != 12 {
-		t.Fatalf("challenge round trip: %+v %d %v", gotA, ack, err)
+	if bytes.Equal(macD, transcriptMAC([]byte("another key, not the cluster's"), labelDialer, hf[HeaderSize:], cf[HeaderSize:])) {
+		t.Fatal("proof verifies with the wrong key")
 	}
-	if !bytes.Equal(mac, acceptorMAC(key, f.Payload, cfr.Payload[:challengeMACOff])) {
-		t.Fatal("challenge MAC does not verify")
-	}
-	if bytes.Equal(mac, acceptorMAC([]byte("another key, not the cluster's"), f.Payload, cfr.Payload[:challengeMACOff])) {
-		t.Fatal("challenge MAC verifies with the wrong key")
-	}
-	af := authFrame(key, f.Payload, cfr.Payload, 3)
+	af := macFrame(FrameAuth, macD)
 	afr, _, err := DecodeFrame(af, handshakeMaxBody)
+	if err != nil || !bytes.Equal(afr.Payload, macD) {
+		t.Fatalf("auth round trip: %v", err)
+	}
+	d2a, a2d, err := sessionKeys(key, 1, 2, h.Nonce[:], []byte{9})
 	if err != nil {
 		t.Fatal(err)
 	}
-	ack, mac, err = parseAuth(afr.Payload)
-	if err != nil || ack != 3 {
-		t.Fatalf("auth: %d %v", ack, err)
+	if bytes.Equal(d2a, a2d) {
+		t.Fatal("both directions share a key")
 	}
-	if !bytes.Equal(mac, dialerMAC(key, f.Payload, cfr.Payload[:challengeMACOff], afr.Payload[:8])) {
-		t.Fatal("auth MAC does not verify")
+	if x, _, _ := sessionKeys(key, 1, 3, h.Nonce[:], []byte{9}); bytes.Equal(x, d2a) {
+		t.Fatal("the key does not depend on the node IDs")
+	}
+	s := session{Incarnation: 5, StreamFor: 6, Ack: 7}
+	enc, err := newAEADDir(d2a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dec, _ := newAEADDir(d2a)
+	rec := enc.seal(nil, sessionFrame(s))
+	pt, err := dec.open(rec[:recHdrLen], append([]byte(nil), rec[recHdrLen:]...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sf, _, err := DecodeFrame(pt, sessionBodyLen)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if gotS, err := parseSession(sf); err != nil || gotS != s {
+		t.Fatalf("session round trip: %+v %v", gotS, err)
+	}
+	// The same record again (a replay) does not open: the counter moved on.
+	if _, err := dec.open(rec[:recHdrLen], append([]byte(nil), rec[recHdrLen:]...)); !errors.Is(err, errAuth) {
+		t.Fatalf("replayed record: %v", err)
 	}
 }
 
 func FuzzDecodeFrame(f *testing.F) {
 	f.Add(EncodeFrame(nil, &Frame{Header: Header{Type: FrameData, Lockspace: 3, Generation: 2, Seq: 1, Ack: 9}, Payload: []byte("payload")}))
 	f.Add(EncodeFrame(nil, &Frame{Header: Header{Type: FrameAck, Ack: 5}}))
-	f.Add(helloFrame(&hello{From: 1, To: 2, Incarnation: 3}))
-	f.Add(challengeFrame([]byte("k"), nil, &hello{From: 2, To: 1, Incarnation: 4}, 0))
-	f.Add(authFrame([]byte("k"), nil, make([]byte, challengeBodyLen), 1))
+	f.Add(helloFrame(FrameHello, &hello{From: 1, To: 2}))
+	f.Add(helloFrame(FrameChallenge, &hello{From: 2, To: 1}))
+	f.Add(macFrame(FrameAuth, make([]byte, macLen)))
+	f.Add(sessionFrame(session{Incarnation: 1, Ack: 3}))
 	f.Add([]byte("MDLT"))
 	f.Add([]byte{})
 	f.Fuzz(func(t *testing.T, b []byte) {
@@ -137,12 +155,10 @@ func FuzzDecodeFrame(f *testing.F) {
 			t.Fatalf("re-encoding differs:\n got %x\nwant %x", re, b[:n])
 		}
 		switch fr.Type {
-		case FrameHello:
+		case FrameHello, FrameChallenge:
 			parseHello(fr.Payload)
-		case FrameChallenge:
-			parseChallenge(fr.Payload)
-		case FrameAuth:
-			parseAuth(fr.Payload)
+		case FrameSession:
+			parseSession(fr)
 		}
 	})
 }

@@ -1,6 +1,7 @@
 package transport
 
 import (
+	"crypto/hkdf"
 	"crypto/hmac"
 	"crypto/rand"
 	"crypto/sha256"
@@ -8,81 +9,83 @@ import (
 	"fmt"
 )
 
-// The handshake runs on every new connection before any data frame, and is
-// three frames long:
+// The handshake runs on every new connection before any data frame:
 //
-//	dialer   -> acceptor  Hello     {from, to, incarnation, streamFor, nonceD}
-//	acceptor -> dialer    Challenge {from, to, incarnation, streamFor, nonceA, ack, macA}
-//	dialer   -> acceptor  Auth      {ack, macD}
+//	dialer   -> acceptor  Hello     {from, to, nonceD}                 clear
+//	acceptor -> dialer    Challenge {from, to, nonceA}                 clear
+//	dialer   -> acceptor  Auth      {macD}                             clear
+//	dialer   -> acceptor  Session   {incD, streamForD}                 sealed
+//	acceptor -> dialer    Proof     {macA}                             clear
+//	acceptor -> dialer    Session   {incA, streamForA, ack=ackA}       sealed
+//	dialer   -> acceptor  Session   {incD, streamForD, ack=ackD}       sealed
 //
-// macA = HMAC-SHA256(key, "acceptor" label | Hello body | Challenge body without mac)
-// macD = HMAC-SHA256(key, "dialer" label | Hello body | Challenge body without mac | Auth ack)
+// T    = Hello body | Challenge body (both IDs, both nonces)
+// macD = HMAC-SHA256(key, "dialer" label | T)
+// macA = HMAC-SHA256(key, "acceptor" label | T)
+// keys = HKDF-SHA256(key, salt = nonceD | nonceA,
+//                    info = direction label | dialer ID | acceptor ID), one per direction
 //
-// Each MAC covers the other side's fresh nonce, so neither can be replayed,
-// and distinct labels stop a MAC from being reflected back. Both node IDs and
-// both incarnations are inside the MACs, so a node holding the key cannot be
-// talked into believing it reached someone else. streamFor is the peer
-// incarnation the sender's outgoing stream is bound to (0: not yet bound) and
-// ack is the highest sequence received on the stream coming the other way;
-// together they let both sides agree whether the streams continue (and what
-// to resend) or start afresh.
+// Nothing a node sends before its peer proved the key depends on the key or
+// on its state: the Challenge is the acceptor's own IDs and a fresh nonce.
+// The acceptor proves the key only after verifying macD; the dialer's
+// session record, sent right after macD, is sealed with a key the acceptor
+// can only derive if it holds the cluster key. Each MAC covers the other
+// side's fresh nonce, so a recorded handshake cannot be replayed, and the
+// labels differ, so a MAC cannot be reflected. Incarnations and receive
+// positions travel only inside the sealed channel; from then on every frame
+// is sealed (see seal.go).
 
 const (
 	nonceLen = 32
 	macLen   = sha256.Size
 
-	helloBodyLen     = 4 + 4 + 8 + 8 + nonceLen
-	challengeMACOff  = helloBodyLen + 8
-	challengeBodyLen = challengeMACOff + macLen
-	authBodyLen      = 8 + macLen
+	helloBodyLen   = 4 + 4 + nonceLen
+	authBodyLen    = macLen
+	sessionBodyLen = 8 + 8
 
-	handshakeMaxBody = challengeBodyLen
+	handshakeMaxBody = helloBodyLen
 
-	labelAcceptor = "mdcluster dlm transport v1 acceptor\x00"
-	labelDialer   = "mdcluster dlm transport v1 dialer\x00"
+	labelAcceptor = "mdcluster dlm transport v2 acceptor\x00"
+	labelDialer   = "mdcluster dlm transport v2 dialer\x00"
+	labelKeyD2A   = "mdcluster dlm transport v2 key dialer->acceptor\x00"
+	labelKeyA2D   = "mdcluster dlm transport v2 key acceptor->dialer\x00"
 )
 
 // handshakeBodySize is the exact payload size of a handshake frame type.
 func handshakeBodySize(t FrameType) int {
 	switch t {
-	case FrameHello:
+	case FrameHello, FrameChallenge:
 		return helloBodyLen
-	case FrameChallenge:
-		return challengeBodyLen
-	case FrameAuth:
+	case FrameAuth, FrameProof:
 		return authBodyLen
+	case FrameSession:
+		return sessionBodyLen
 	}
 	return -1
 }
 
-// hello is the identity part shared by Hello and Challenge.
+// hello is the body of Hello and Challenge.
 type hello struct {
-	From, To    NodeID
-	Incarnation uint64
-	StreamFor   uint64
-	Nonce       [nonceLen]byte
+	From, To NodeID
+	Nonce    [nonceLen]byte
 }
 
 func (h *hello) put(b []byte) {
 	binary.BigEndian.PutUint32(b[0:], uint32(h.From))
 	binary.BigEndian.PutUint32(b[4:], uint32(h.To))
-	binary.BigEndian.PutUint64(b[8:], h.Incarnation)
-	binary.BigEndian.PutUint64(b[16:], h.StreamFor)
-	copy(b[24:24+nonceLen], h.Nonce[:])
+	copy(b[8:8+nonceLen], h.Nonce[:])
 }
 
 func parseHello(b []byte) (hello, error) {
 	var h hello
-	if len(b) < helloBodyLen {
-		return h, fmt.Errorf("%w: handshake body of %d bytes, need %d", ErrMalformed, len(b), helloBodyLen)
+	if len(b) != helloBodyLen {
+		return h, fmt.Errorf("%w: hello body of %d bytes, want %d", ErrMalformed, len(b), helloBodyLen)
 	}
 	h.From = NodeID(binary.BigEndian.Uint32(b[0:]))
 	h.To = NodeID(binary.BigEndian.Uint32(b[4:]))
-	h.Incarnation = binary.BigEndian.Uint64(b[8:])
-	h.StreamFor = binary.BigEndian.Uint64(b[16:])
-	copy(h.Nonce[:], b[24:24+nonceLen])
-	if h.From == 0 || h.To == 0 || h.Incarnation == 0 {
-		return h, fmt.Errorf("%w: handshake with zero node ID or incarnation", ErrMalformed)
+	copy(h.Nonce[:], b[8:8+nonceLen])
+	if h.From == 0 || h.To == 0 {
+		return h, fmt.Errorf("%w: handshake with zero node ID", ErrMalformed)
 	}
 	return h, nil
 }
@@ -96,69 +99,84 @@ func newNonce() ([nonceLen]byte, error) {
 	return n, nil
 }
 
-// helloFrame encodes a Hello frame.
-func helloFrame(h *hello) []byte {
+// helloFrame encodes a Hello (or, with t FrameChallenge, a Challenge).
+func helloFrame(t FrameType, h *hello) []byte {
 	b := make([]byte, HeaderSize+helloBodyLen)
-	putHeader(b, FrameHello, 0, helloBodyLen, 0, 0, 0)
+	putHeader(b, t, 0, helloBodyLen, 0, 0, 0)
 	h.put(b[HeaderSize:])
 	return b
 }
 
-// challengeFrame encodes a Challenge frame and computes its MAC over the
-// transcript so far (the Hello body as received).
-func challengeFrame(key, helloBody []byte, h *hello, ack uint64) []byte {
-	b := make([]byte, HeaderSize+challengeBodyLen)
-	putHeader(b, FrameChallenge, 0, challengeBodyLen, 0, 0, 0)
-	body := b[HeaderSize:]
-	h.put(body)
-	binary.BigEndian.PutUint64(body[helloBodyLen:], ack)
-	copy(body[challengeMACOff:], acceptorMAC(key, helloBody, body[:challengeMACOff]))
-	return b
-}
-
-// parseChallenge splits a Challenge body into its parts.
-func parseChallenge(b []byte) (h hello, ack uint64, mac []byte, err error) {
-	if len(b) != challengeBodyLen {
-		return h, 0, nil, fmt.Errorf("%w: challenge body of %d bytes, want %d", ErrMalformed, len(b), challengeBodyLen)
-	}
-	h, err = parseHello(b)
-	if err != nil {
-		return h, 0, nil, err
-	}
-	return h, binary.BigEndian.Uint64(b[helloBodyLen:]), b[challengeMACOff:], nil
-}
-
-// authFrame encodes the Auth frame that completes the dialer's side.
-func authFrame(key, helloBody, challengeBody []byte, ack uint64) []byte {
+// macFrame encodes an Auth or Proof frame carrying mac.
+func macFrame(t FrameType, mac []byte) []byte {
 	b := make([]byte, HeaderSize+authBodyLen)
-	putHeader(b, FrameAuth, 0, authBodyLen, 0, 0, 0)
-	body := b[HeaderSize:]
-	binary.BigEndian.PutUint64(body, ack)
-	copy(body[8:], dialerMAC(key, helloBody, challengeBody[:challengeMACOff], body[:8]))
+	putHeader(b, t, 0, authBodyLen, 0, 0, 0)
+	copy(b[HeaderSize:], mac)
 	return b
 }
 
-// parseAuth splits an Auth body into its parts.
-func parseAuth(b []byte) (ack uint64, mac []byte, err error) {
-	if len(b) != authBodyLen {
-		return 0, nil, fmt.Errorf("%w: auth body of %d bytes, want %d", ErrMalformed, len(b), authBodyLen)
+// transcriptMAC is the proof of the key for one side.
+func transcriptMAC(key []byte, label string, helloBody, challengeBody []byte) []byte {
+	m := hmac.New(sha256.New, key)
+	m.Write([]byte(label))
+	m.Write(helloBody)
+	m.Write(challengeBody)
+	return m.Sum(nil)
+}
+
+// sessionKeys derives the two per-connection keys (dialer to acceptor,
+// acceptor to dialer) from the cluster key, both nonces and both IDs.
+func sessionKeys(key []byte, dialer, acceptor NodeID, nonceD, nonceA []byte) (d2a, a2d []byte, err error) {
+	salt := make([]byte, 0, 2*nonceLen)
+	salt = append(salt, nonceD...)
+	salt = append(salt, nonceA...)
+	info := func(label string) string {
+		var ids [8]byte
+		binary.BigEndian.PutUint32(ids[0:], uint32(dialer))
+		binary.BigEndian.PutUint32(ids[4:], uint32(acceptor))
+		return label + string(ids[:])
 	}
-	return binary.BigEndian.Uint64(b), b[8:], nil
+	prk, err := hkdf.Extract(sha256.New, key, salt)
+	if err != nil {
+		return nil, nil, err
+	}
+	if d2a, err = hkdf.Expand(sha256.New, prk, info(labelKeyD2A), keyLen); err != nil {
+		return nil, nil, err
+	}
+	if a2d, err = hkdf.Expand(sha256.New, prk, info(labelKeyA2D), keyLen); err != nil {
+		return nil, nil, err
+	}
+	return d2a, a2d, nil
 }
 
-func acceptorMAC(key, helloBody, challengeNoMAC []byte) []byte {
-	m := hmac.New(sha256.New, key)
-	m.Write([]byte(labelAcceptor))
-	m.Write(helloBody)
-	m.Write(challengeNoMAC)
-	return m.Sum(nil)
+// session is a side's stream state, exchanged sealed.
+type session struct {
+	Incarnation uint64
+	StreamFor   uint64 // the peer incarnation our outgoing stream is bound to (0: none)
+	Ack         uint64 // highest sequence received on the peer's stream (in the header)
 }
 
-func dialerMAC(key, helloBody, challengeNoMAC, ackBytes []byte) []byte {
-	m := hmac.New(sha256.New, key)
-	m.Write([]byte(labelDialer))
-	m.Write(helloBody)
-	m.Write(challengeNoMAC)
-	m.Write(ackBytes)
-	return m.Sum(nil)
+// sessionFrame encodes a Session frame (plaintext, to be sealed).
+func sessionFrame(s session) []byte {
+	b := make([]byte, HeaderSize+sessionBodyLen)
+	putHeader(b, FrameSession, 0, sessionBodyLen, 0, 0, s.Ack)
+	binary.BigEndian.PutUint64(b[HeaderSize:], s.Incarnation)
+	binary.BigEndian.PutUint64(b[HeaderSize+8:], s.StreamFor)
+	return b
+}
+
+// parseSession decodes an opened Session frame.
+func parseSession(f Frame) (session, error) {
+	if f.Type != FrameSession || len(f.Payload) != sessionBodyLen {
+		return session{}, fmt.Errorf("%w: got %v frame, want session", ErrMalformed, f.Type)
+	}
+	s := session{
+		Incarnation: binary.BigEndian.Uint64(f.Payload),
+		StreamFor:   binary.BigEndian.Uint64(f.Payload[8:]),
+		Ack:         f.Ack,
+	}
+	if s.Incarnation == 0 {
+		return s, fmt.Errorf("%w: session with zero incarnation", ErrMalformed)
+	}
+	return s, nil
 }

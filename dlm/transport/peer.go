@@ -49,9 +49,8 @@ type peer struct {
 	mu      sync.Mutex
 	addr    string // "" while the address is unknown: never dialled, queue bounded
 	removed bool
-	cur     *conn                // authenticated connection, nil while disconnected
-	curA    atomic.Pointer[conn] // cur, for Claim and Await to read without mu
-	peerInc uint64               // peer incarnation our streams are bound to; 0 = unbound
+	cur     *conn  // authenticated connection, nil while disconnected
+	peerInc uint64 // peer incarnation our streams are bound to; 0 = unbound
 
 	// addrGen counts address changes; the dialer compares it with the
 	// value it last dialled to restart its back-off for a new address.
@@ -153,7 +152,6 @@ func (p *peer) remove(reason string) {
 	p.ackTimer.Stop()
 	if c := p.cur; c != nil {
 		p.cur = nil
-		p.curA.Store(nil)
 		c.retired.Store(true)
 		c.close()
 		p.log.Debug("connection closed", "reason", reason)
@@ -187,6 +185,15 @@ func (p *peer) send(ls LockspaceID, gen uint64, payload []byte) error {
 			return fmt.Errorf("transport: send to node %d: %w: its address is unknown and %d bytes wait for it (limit %d)",
 				p.id, ErrQueueFull, queued, p.t.cfg.MaxUnaddressedQueue)
 		}
+	}
+	if queued := int(p.tailAbsLocked() - p.headAbs); p.addr != "" && queued+extra > p.t.cfg.MaxUnackedBytes {
+		p.t.stats.dropBacklog.Add(1)
+		p.mu.Unlock()
+		p.t.lim.logf(fmt.Sprintf("backlog %d", p.id), slog.LevelWarn,
+			"frame refused: too many bytes unacknowledged by the peer (not reading, or unreachable)",
+			"peer", uint32(p.id), "unacked_bytes", queued, "limit", p.t.cfg.MaxUnackedBytes)
+		return fmt.Errorf("transport: send to node %d: %w: %d bytes unacknowledged (limit %d)",
+			p.id, ErrQueueFull, queued, p.t.cfg.MaxUnackedBytes)
 	}
 	seq := p.nextSeq
 	p.nextSeq++
@@ -294,9 +301,14 @@ func (p *peer) fillLocked(c *conn) []byte {
 		end += n
 	}
 	if end > off {
-		buf = append(buf, p.sendBuf[off:end]...)
-		for o := 0; o < len(buf); o += HeaderSize + int(binary.BigEndian.Uint32(buf[o+offLen:])) {
-			binary.BigEndian.PutUint64(buf[o+offAck:], ack)
+		for o := off; o < end; {
+			n := HeaderSize + int(binary.BigEndian.Uint32(p.sendBuf[o+offLen:]))
+			start := len(buf)
+			buf = append(buf, 0, 0, 0, 0)
+			buf = append(buf, p.sendBuf[o:o+n]...)
+			binary.BigEndian.PutUint64(buf[start+recHdrLen+offAck:], ack)
+			buf = c.send.finish(buf, start)
+			o += n
 		}
 		c.sentAbs = p.bufBase + int64(end)
 		p.highAbs = max(p.highAbs, c.sentAbs)
@@ -310,7 +322,7 @@ func (p *peer) fillLocked(c *conn) []byte {
 	} else if p.ackDue && ack > p.ackedOut.Load() {
 		var h [HeaderSize]byte
 		putHeader(h[:], FrameAck, 0, 0, 0, 0, ack)
-		buf = append(buf, h[:]...)
+		buf = c.send.seal(buf, h[:])
 		p.ackedOut.Store(ack)
 		p.ackDue = false
 		st.acksSent.Add(1)
@@ -319,11 +331,13 @@ func (p *peer) fillLocked(c *conn) []byte {
 	return buf
 }
 
-// flushLocked writes pending frames from the calling goroutine when nobody
-// else is writing to the connection: the common, idle case costs no
-// goroutine switch. The write is non-blocking; whatever the socket does not
-// take at once, and whatever other goroutines queue meanwhile, is handed to
-// the connection's flusher goroutine. p.mu is released during the write.
+// flushLocked writes pending frames from the calling goroutine when the
+// writer goroutine is idle: the common, idle case costs no goroutine
+// switch. The write is non-blocking (directwrite_unix.go), because Send
+// must never block: the lock manager sends with its lockspace lock held.
+// Whatever the socket does not take at once, and whatever other goroutines
+// queue meanwhile, is handed to the writer goroutine. p.mu is released
+// during the write.
 func (p *peer) flushLocked() {
 	c := p.cur
 	if c == nil || c.writing || !p.hasWorkLocked(c) {
@@ -350,7 +364,7 @@ func (p *peer) flushLocked() {
 		return
 	}
 	if p.hasWorkLocked(c) {
-		c.wakeFlusher() // ownership passes to the flusher, writing stays true
+		c.wakeFlusher() // ownership passes to the writer, writing stays true
 		return
 	}
 	c.writing = false
@@ -441,11 +455,12 @@ func (p *peer) freshLocked(peerInc, peerStreamFor uint64) bool {
 	return peerInc != p.peerInc || peerStreamFor != p.t.inc
 }
 
-// install makes c the peer's connection after a successful handshake,
+// install makes c the peer's connection after a successful handshake
+// (an error if it cannot: the peer acknowledged frames never sent),
 // resetting the streams if the peer is a new incarnation, dropping what
 // the peer already has, and starting the reader and the flusher; then
 // resends whatever is unacknowledged.
-func (p *peer) install(c *conn, hs handshakeResult) {
+func (p *peer) install(c *conn, hs handshakeResult) error {
 	t := p.t
 	p.recvMu.Lock()
 	p.mu.Lock()
@@ -453,7 +468,7 @@ func (p *peer) install(c *conn, hs handshakeResult) {
 		p.mu.Unlock()
 		p.recvMu.Unlock()
 		c.close()
-		return
+		return ErrClosed
 	}
 	if p.freshLocked(hs.peerInc, hs.peerStreamFor) {
 		if p.peerInc != 0 {
@@ -474,9 +489,10 @@ func (p *peer) install(c *conn, hs handshakeResult) {
 		p.mu.Unlock()
 		p.recvMu.Unlock()
 		t.stats.protocolErr.Add(1)
-		p.log.Warn("connection refused: protocol error in handshake", "reason", err.Error())
+		t.lim.logf(fmt.Sprintf("handshake protocol %d", p.id), slog.LevelWarn,
+			"connection refused: protocol error in handshake", "peer", uint32(p.id), "reason", err.Error())
 		c.close()
-		return
+		return fmt.Errorf("%w: %w", errProtocol, err)
 	}
 	if old := p.cur; old != nil {
 		old.retired.Store(true)
@@ -484,14 +500,14 @@ func (p *peer) install(c *conn, hs handshakeResult) {
 		p.log.Info("connection replaced by a new one")
 	}
 	p.cur = c
-	p.curA.Store(c)
+	c.startReading(t.cfg.ReadBufferSize)
 	c.sentAbs = p.headAbs
 	p.ackedOut.Store(hs.ourAck)
 	p.ackDue = false
 	t.stats.connEstablished.Add(1)
 	c.log = p.log
 	t.wg.Add(2)
-	go p.watch(c)
+	go p.readLoop(c)
 	go p.flushLoop(c)
 	p.mu.Unlock()
 	p.recvMu.Unlock()
@@ -501,6 +517,7 @@ func (p *peer) install(c *conn, hs handshakeResult) {
 	p.mu.Lock()
 	p.flushLocked()
 	p.mu.Unlock()
+	return nil
 }
 
 func (p *peer) unackedSnapshot() int {
@@ -517,12 +534,16 @@ func (p *peer) connLostLocked(c *conn, level slog.Level, what string, err error)
 		return
 	}
 	p.cur = nil
-	p.curA.Store(nil)
 	c.retired.Store(true)
 	c.close()
 	if !p.t.closed.Load() && !p.removed {
 		p.t.stats.connLost.Add(1)
-		p.log.Log(context.Background(), level, "connection closed", "reason", what, "err", errString(err))
+		if level >= slog.LevelWarn {
+			p.t.lim.logf(fmt.Sprintf("conn lost %d: %s", p.id, what), level, "connection closed",
+				"peer", uint32(p.id), "reason", what, "err", errString(err))
+		} else {
+			p.log.Log(context.Background(), level, "connection closed", "reason", what, "err", errString(err))
+		}
 	}
 	select {
 	case p.down <- struct{}{}:
@@ -603,6 +624,9 @@ func (p *peer) readFailed(c *conn, err error) {
 	case errors.Is(err, ErrMalformed):
 		p.t.stats.malformed.Add(1)
 		level, what = slog.LevelWarn, "malformed frame"
+	case errors.Is(err, errAuth):
+		p.t.stats.rejected.Add(1)
+		level, what = slog.LevelWarn, "record failed authentication"
 	case errors.Is(err, errProtocol):
 		p.t.stats.protocolErr.Add(1)
 		level, what = slog.LevelWarn, "protocol error"
@@ -649,7 +673,9 @@ func (p *peer) dialLoop() {
 			if time.Since(established) > t.cfg.ReconnectMax {
 				backoff = 0
 			} else {
-				backoff = max(backoff, t.cfg.ReconnectMin)
+				// A connection that died young (a peer that authenticates
+				// and then breaks the protocol) backs off like a failure.
+				backoff = min(max(2*backoff, t.cfg.ReconnectMin), t.cfg.ReconnectMax)
 			}
 			continue
 		}
@@ -691,7 +717,9 @@ func (p *peer) dialLoop() {
 		if failures == 1 {
 			level = slog.LevelWarn
 		}
-		if !t.closed.Load() {
+		if !t.closed.Load() && level == slog.LevelWarn {
+			t.lim.logf(fmt.Sprintf("dial %d", p.id), level, "cannot connect to peer", "peer", uint32(p.id), "addr", addr, "err", err.Error(), "attempts", failures)
+		} else if !t.closed.Load() {
 			p.log.Log(context.Background(), level, "cannot connect to peer", "addr", addr, "err", err.Error(), "attempts", failures)
 		}
 	}
@@ -735,13 +763,13 @@ func (p *peer) dialOnce(ctx context.Context, addr string) error {
 	if err != nil {
 		return fmt.Errorf("dial %s: %w", addr, err)
 	}
-	if !t.trackHandshake(nc) {
+	if !t.trackHandshake(nc, false) {
 		return ErrClosed
 	}
-	defer t.untrackHandshake(nc)
+	defer t.untrackHandshake(nc, false)
 	stop := context.AfterFunc(ctx, func() { nc.Close() })
 	t.tuneConn(nc)
-	c := newConn(nc, t.cfg.ReadBufferSize)
+	c := newConn(nc)
 	nc.SetDeadline(time.Now().Add(t.cfg.HandshakeTimeout))
 	hs, err := t.dialHandshake(c, p)
 	if !stop() {
@@ -753,7 +781,9 @@ func (p *peer) dialOnce(ctx context.Context, addr string) error {
 		return fmt.Errorf("handshake with %s: %w", addr, err)
 	}
 	nc.SetDeadline(time.Time{})
-	p.install(c, hs)
+	if err := p.install(c, hs); err != nil {
+		return fmt.Errorf("handshake with %s: %w", addr, err)
+	}
 	return nil
 }
 
@@ -762,14 +792,16 @@ func (p *peer) dialOnce(ctx context.Context, addr string) error {
 type conn struct {
 	nc  net.Conn
 	log *slog.Logger
+	// br is the read buffer, allocated once the connection is
+	// authenticated (the handshake reads exactly what it needs, so an
+	// unauthenticated connection costs no buffer); only the reader uses it.
 	br  *bufio.Reader
-	rs  readSide // who reads (see readside.go); br and big belong to the token holder
-	big []byte   // payloads larger than the read buffer
-	// A large frame being read: its header and how much of it has arrived.
-	bigHdr     Header
-	bigHave    int
-	bigPending bool
-	wake       chan struct{} // hands write ownership to the flusher
+	big []byte // payloads larger than the read buffer (reader only)
+	// The connection's two directions' ciphers (seal.go), set by the
+	// handshake: send is used under mu (or by the handshake, before the
+	// connection is installed), recv by the reader.
+	send, recv *aeadDir
+	wake       chan struct{} // hands write work to the writer goroutine
 	done       chan struct{} // closed by close
 	once       sync.Once
 	retired    atomic.Bool // set under the peer's recvMu when replaced or lost
@@ -779,24 +811,28 @@ type conn struct {
 	wbuf     []byte // mu/owner: coalescing write buffer
 	sentAbs  int64  // mu: stream offset written so far on this connection
 
-	// Non-blocking direct writes (see tryWrite); owner only.
+	// Non-blocking direct writes (directwrite_unix.go); owner only.
 	raw   syscall.RawConn
-	rawFn func(fd uintptr)
-	rwBuf []byte
-	rwN   int
-	rwErr error
+	rawFn func(fd uintptr) bool
+	dwBuf []byte
+	dwN   int
+	dwErr error
 }
 
-func newConn(nc net.Conn, readBuf int) *conn {
+func newConn(nc net.Conn) *conn {
 	c := &conn{
 		nc:   nc,
 		wake: make(chan struct{}, 1),
 		done: make(chan struct{}),
 		wbuf: make([]byte, 0, 4096),
 	}
-	c.initRaw()
-	c.br = bufio.NewReaderSize(newRawReader(c), readBuf)
+	c.initDirect()
 	return c
+}
+
+// startReading allocates the read buffer; called once authenticated.
+func (c *conn) startReading(size int) {
+	c.br = bufio.NewReaderSize(c.nc, size)
 }
 
 func (c *conn) wakeFlusher() {
@@ -810,6 +846,5 @@ func (c *conn) close() {
 	c.once.Do(func() {
 		close(c.done)
 		c.nc.Close()
-		c.rs.shutdown()
 	})
 }

@@ -21,12 +21,6 @@ type Stats struct {
 	FramesReceived uint64
 	// FramesDelivered counts handler calls.
 	FramesDelivered uint64
-	// InlineWaits counts Await calls that read the connection themselves
-	// (instead of being woken by the connection's watcher goroutine).
-	InlineWaits uint64
-	// IdleWakes counts times a connection's watcher was woken by data that
-	// arrived while no goroutine was reading it (see readside.go).
-	IdleWakes uint64
 	// Dropped counts frames not delivered or not sent, by reason.
 	Dropped DropStats
 	// ConnectionsEstablished counts authenticated connections.
@@ -45,6 +39,14 @@ type Stats struct {
 	// MalformedFrames counts connections closed because a frame did not
 	// decode.
 	MalformedFrames uint64
+	// HandshakesRefused counts accepted connections closed at once
+	// because Config.MaxHandshakes connections were already in their
+	// handshake.
+	HandshakesRefused uint64
+	// RecordsRejected counts connections reset because a sealed record did
+	// not open (modified, injected, replayed, reordered or from another
+	// connection); nothing in such a record is used.
+	RecordsRejected uint64
 	// ProtocolErrors counts connections closed because a well-formed frame
 	// broke the protocol (sequence gap, impossible ack, frame type out of
 	// place).
@@ -69,18 +71,21 @@ type DropStats struct {
 	// QueueFull: frames Send refused (ErrQueueFull) because their peer's
 	// address is unknown and its queue reached Config.MaxUnaddressedQueue.
 	QueueFull uint64
+	// Backlog: frames Send refused (ErrQueueFull) because Config.
+	// MaxUnackedBytes were already queued and unacknowledged for their
+	// peer.
+	Backlog uint64
 }
 
 // counters is the live, atomically updated form of Stats.
 type counters struct {
 	framesSent, framesResent, acksSent, writes          atomic.Uint64
 	framesReceived                                      atomic.Uint64
-	inlineWaits, idleWakes                              atomic.Uint64
 	dropDuplicate, dropStale, dropRestarted, dropRemove atomic.Uint64
-	dropQueueFull                                       atomic.Uint64
+	dropQueueFull, dropBacklog, hsRefused               atomic.Uint64
 	connEstablished, connLost                           atomic.Uint64
 	handshakeFail, authFail, unknownNode                atomic.Uint64
-	malformed, protocolErr                              atomic.Uint64
+	malformed, protocolErr, rejected                    atomic.Uint64
 }
 
 func (c *counters) snapshot() Stats {
@@ -91,14 +96,13 @@ func (c *counters) snapshot() Stats {
 		Writes:          c.writes.Load(),
 		FramesReceived:  c.framesReceived.Load(),
 		FramesDelivered: c.framesReceived.Load() - c.dropStale.Load(), // every other received frame is delivered
-		InlineWaits:     c.inlineWaits.Load(),
-		IdleWakes:       c.idleWakes.Load(),
 		Dropped: DropStats{
 			Duplicate:       c.dropDuplicate.Load(),
 			StaleGeneration: c.dropStale.Load(),
 			PeerRestarted:   c.dropRestarted.Load(),
 			PeerRemoved:     c.dropRemove.Load(),
 			QueueFull:       c.dropQueueFull.Load(),
+			Backlog:         c.dropBacklog.Load(),
 		},
 		ConnectionsEstablished: c.connEstablished.Load(),
 		ConnectionsLost:        c.connLost.Load(),
@@ -107,5 +111,7 @@ func (c *counters) snapshot() Stats {
 		UnknownNodes:           c.unknownNode.Load(),
 		MalformedFrames:        c.malformed.Load(),
 		ProtocolErrors:         c.protocolErr.Load(),
+		RecordsRejected:        c.rejected.Load(),
+		HandshakesRefused:      c.hsRefused.Load(),
 	}
 }

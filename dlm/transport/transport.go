@@ -7,9 +7,11 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"maps"
 	"net"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -55,15 +57,14 @@ type Transport struct {
 	// still in their handshake.
 	mu          sync.Mutex
 	handshaking map[net.Conn]struct{}
+	pendingIn   int                              // inbound connections in handshaking
 	peers       atomic.Pointer[map[NodeID]*peer] // copy on write under mu
 
 	genMu sync.Mutex
 	gens  atomic.Pointer[map[LockspaceID]uint64] // copy on write under genMu
 
 	stats counters
-
-	// inline counts callers reading connections in Await.
-	inline inlineGate
+	lim   logLimiter
 }
 
 // New starts a transport: it listens, and dials every peer with a higher ID.
@@ -88,6 +89,7 @@ func New(cfg Config) (*Transport, error) {
 		}
 		t.inc = binary.BigEndian.Uint64(b[:])
 	}
+	t.lim = logLimiter{log: t.log, interval: cfg.LogInterval}
 	t.ln = cfg.Listener
 	if t.ln == nil {
 		lc := net.ListenConfig{KeepAlive: -1}
@@ -121,10 +123,9 @@ func (t *Transport) Incarnation() uint64 { return t.inc }
 func (t *Transport) Stats() Stats { return t.stats.snapshot() }
 
 // Send queues payload for node to, tagged with lockspace ls and the sender's
-// generation gen for it, and returns without waiting for the network. When
-// the connection is idle the frame is written immediately by the calling
-// goroutine (a non-blocking write, so Send never waits on a slow peer);
-// otherwise it joins the next coalesced write. The payload is copied, so
+// generation gen for it, and returns without waiting for the network: the
+// connection's writer goroutine writes it, coalesced with whatever else is
+// queued. The payload is copied, so
 // the caller may reuse it at once. Errors only report invalid arguments or a
 // closed transport; frames to a disconnected peer wait for the connection.
 func (t *Transport) Send(to NodeID, ls LockspaceID, gen uint64, payload []byte) error {
@@ -330,7 +331,6 @@ func (t *Transport) Close() error {
 		p.remove("transport closed")
 	}
 	t.mu.Unlock()
-	t.inline.closeAndWait()
 	t.wg.Wait()
 	t.log.Info("transport closed")
 	if err != nil && !errors.Is(err, net.ErrClosed) {
@@ -340,21 +340,38 @@ func (t *Transport) Close() error {
 }
 
 // trackHandshake registers a connection in its handshake so Close can
-// interrupt it; it reports false (and closes nc) if the transport is closed.
-func (t *Transport) trackHandshake(nc net.Conn) bool {
+// interrupt it; it reports false (and closes nc) if the transport is
+// closed, or if MaxHandshakes connections are already in their handshake
+// (counted in HandshakesRefused).
+func (t *Transport) trackHandshake(nc net.Conn, inbound bool) bool {
 	t.mu.Lock()
-	defer t.mu.Unlock()
 	if t.closed.Load() {
+		t.mu.Unlock()
 		nc.Close()
 		return false
 	}
+	if inbound && t.pendingIn >= t.cfg.MaxHandshakes {
+		t.mu.Unlock()
+		nc.Close()
+		t.stats.hsRefused.Add(1)
+		t.lim.logf("handshake limit", slog.LevelWarn, "connection refused: too many connections in their handshake",
+			"limit", t.cfg.MaxHandshakes, "refused_total", t.stats.hsRefused.Load())
+		return false
+	}
 	t.handshaking[nc] = struct{}{}
+	if inbound {
+		t.pendingIn++
+	}
+	t.mu.Unlock()
 	return true
 }
 
-func (t *Transport) untrackHandshake(nc net.Conn) {
+func (t *Transport) untrackHandshake(nc net.Conn, inbound bool) {
 	t.mu.Lock()
 	delete(t.handshaking, nc)
+	if inbound {
+		t.pendingIn--
+	}
 	t.mu.Unlock()
 }
 
@@ -380,6 +397,12 @@ func (t *Transport) acceptLoop() {
 			continue
 		}
 		delay = 0
+		if !t.trackHandshake(nc, true) {
+			if t.closed.Load() {
+				return
+			}
+			continue // over MaxHandshakes: closed, counted, logged (rate-limited)
+		}
 		t.wg.Add(1)
 		go t.serveInbound(nc)
 	}
@@ -413,19 +436,25 @@ func (t *Transport) handshakeFailed(nc net.Conn, side string, err error) {
 	if errors.Is(err, ErrMalformed) {
 		t.stats.malformed.Add(1)
 	}
-	t.log.Warn("connection refused: handshake failed", "side", side,
+	kind := "other"
+	switch {
+	case he != nil && he.counter == &t.stats.authFail:
+		kind = "auth"
+	case he != nil && he.counter == &t.stats.unknownNode:
+		kind = "unknown node"
+	case errors.Is(err, ErrMalformed):
+		kind = "malformed"
+	}
+	t.lim.logf("handshake failed: "+side+": "+kind, slog.LevelWarn, "connection refused: handshake failed", "side", side,
 		"remote", nc.RemoteAddr().String(), "reason", err.Error())
 }
 
 // serveInbound authenticates an accepted connection and hands it to its peer.
 func (t *Transport) serveInbound(nc net.Conn) {
 	defer t.wg.Done()
-	if !t.trackHandshake(nc) {
-		return
-	}
-	defer t.untrackHandshake(nc)
+	defer t.untrackHandshake(nc, true)
 	t.tuneConn(nc)
-	c := newConn(nc, t.cfg.ReadBufferSize)
+	c := newConn(nc)
 	nc.SetDeadline(time.Now().Add(t.cfg.HandshakeTimeout))
 	p, hs, err := t.acceptHandshake(c)
 	if err != nil {
@@ -433,7 +462,7 @@ func (t *Transport) serveInbound(nc net.Conn) {
 		return
 	}
 	nc.SetDeadline(time.Time{})
-	p.install(c, hs)
+	p.install(c, hs) // an error is logged and counted; the dialer retries
 }
 
 // handshakeResult is what a completed handshake tells about the peer.
@@ -459,24 +488,65 @@ func (p *peer) streamAck(peerInc, peerStreamFor uint64) uint64 {
 
 // readHandshake reads one handshake frame of type want from c.
 func (t *Transport) readHandshake(c *conn, want FrameType) ([]byte, error) {
-	hb, err := c.br.Peek(HeaderSize)
-	if err != nil {
+	var hb [HeaderSize]byte
+	if _, err := io.ReadFull(c.nc, hb[:]); err != nil {
 		return nil, fmt.Errorf("reading %v: %w", want, err)
 	}
-	h, err := DecodeHeader(hb, handshakeMaxBody)
+	h, err := DecodeHeader(hb[:], handshakeMaxBody)
 	if err != nil {
 		return nil, fmt.Errorf("reading %v: %w", want, err)
 	}
 	if h.Type != want {
 		return nil, fmt.Errorf("%w: got %v frame, want %v", ErrMalformed, h.Type, want)
 	}
-	b, err := c.br.Peek(HeaderSize + int(h.Length))
-	if err != nil {
+	body := make([]byte, h.Length)
+	if _, err := io.ReadFull(c.nc, body); err != nil {
 		return nil, fmt.Errorf("reading %v body: %w", want, err)
 	}
-	body := append([]byte(nil), b[HeaderSize:]...)
-	c.br.Discard(len(b))
 	return body, nil
+}
+
+// readSession reads and opens the sealed Session record that ends each
+// side's part of the handshake.
+func (t *Transport) readSession(c *conn) (session, error) {
+	var hdr [recHdrLen]byte
+	if _, err := io.ReadFull(c.nc, hdr[:]); err != nil {
+		return session{}, fmt.Errorf("reading session: %w", err)
+	}
+	n, err := recordLen(hdr[:], sessionBodyLen)
+	if err != nil {
+		return session{}, err
+	}
+	body := make([]byte, n)
+	if _, err := io.ReadFull(c.nc, body); err != nil {
+		return session{}, fmt.Errorf("reading session: %w", err)
+	}
+	pt, err := c.recv.open(hdr[:], body)
+	if err != nil {
+		return session{}, refuse(&t.stats.authFail, "session record did not open: %w", err)
+	}
+	f, used, err := DecodeFrame(pt, sessionBodyLen)
+	if err != nil {
+		return session{}, err
+	}
+	if used != len(pt) {
+		return session{}, fmt.Errorf("%w: %d bytes after the session frame", ErrMalformed, len(pt)-used)
+	}
+	return parseSession(f)
+}
+
+// setKeys installs the connection's two ciphers.
+func (c *conn) setKeys(sendKey, recvKey []byte) error {
+	s, err := newAEADDir(sendKey)
+	if err != nil {
+		return err
+	}
+	r, err := newAEADDir(recvKey)
+	if err != nil {
+		return err
+	}
+	c.send, c.recv = s, r
+	return nil
 }
 
 // acceptHandshake runs the acceptor's side of the handshake.
@@ -504,12 +574,7 @@ func (t *Transport) acceptHandshake(c *conn) (*peer, handshakeResult, error) {
 	if err != nil {
 		return nil, res, err
 	}
-	res.ourAck = p.streamAck(hi.Incarnation, hi.StreamFor)
-	p.mu.Lock()
-	streamFor := p.peerInc
-	p.mu.Unlock()
-	me := hello{From: t.id, To: hi.From, Incarnation: t.inc, StreamFor: streamFor, Nonce: nonce}
-	ch := challengeFrame(t.cfg.ClusterKey, helloBody, &me, res.ourAck)
+	ch := helloFrame(FrameChallenge, &hello{From: t.id, To: hi.From, Nonce: nonce})
 	if _, err := c.nc.Write(ch); err != nil {
 		return nil, res, fmt.Errorf("writing challenge to node %d: %w", hi.From, err)
 	}
@@ -517,15 +582,40 @@ func (t *Transport) acceptHandshake(c *conn) (*peer, handshakeResult, error) {
 	if err != nil {
 		return nil, res, fmt.Errorf("node %d: %w", hi.From, err)
 	}
-	ack, mac, err := parseAuth(authBody)
+	chBody := ch[HeaderSize:]
+	if !hmac.Equal(authBody, transcriptMAC(t.cfg.ClusterKey, labelDialer, helloBody, chBody)) {
+		return nil, res, refuse(&t.stats.authFail, "node %d failed authentication (wrong cluster key?)", hi.From)
+	}
+	d2a, a2d, err := sessionKeys(t.cfg.ClusterKey, hi.From, t.id, hi.Nonce[:], nonce[:])
 	if err != nil {
 		return nil, res, err
 	}
-	want := dialerMAC(t.cfg.ClusterKey, helloBody, ch[HeaderSize:HeaderSize+challengeMACOff], authBody[:8])
-	if !hmac.Equal(mac, want) {
-		return nil, res, refuse(&t.stats.authFail, "node %d failed authentication (wrong cluster key?)", hi.From)
+	if err := c.setKeys(a2d, d2a); err != nil {
+		return nil, res, err
 	}
-	res.peerInc, res.peerStreamFor, res.peerAck = hi.Incarnation, hi.StreamFor, ack
+	// The dialer proved the key: now we prove it, and read its session.
+	if _, err := c.nc.Write(macFrame(FrameProof, transcriptMAC(t.cfg.ClusterKey, labelAcceptor, helloBody, chBody))); err != nil {
+		return nil, res, fmt.Errorf("writing proof to node %d: %w", hi.From, err)
+	}
+	ds, err := t.readSession(c)
+	if err != nil {
+		return nil, res, fmt.Errorf("node %d: %w", hi.From, err)
+	}
+	res.ourAck = p.streamAck(ds.Incarnation, ds.StreamFor)
+	p.mu.Lock()
+	streamFor := p.peerInc
+	p.mu.Unlock()
+	if _, err := c.nc.Write(c.send.seal(nil, sessionFrame(session{Incarnation: t.inc, StreamFor: streamFor, Ack: res.ourAck}))); err != nil {
+		return nil, res, fmt.Errorf("writing session to node %d: %w", hi.From, err)
+	}
+	fin, err := t.readSession(c)
+	if err != nil {
+		return nil, res, fmt.Errorf("node %d: %w", hi.From, err)
+	}
+	if fin.Incarnation != ds.Incarnation || fin.StreamFor != ds.StreamFor {
+		return nil, res, fmt.Errorf("%w: node %d changed its session during the handshake", ErrMalformed, hi.From)
+	}
+	res.peerInc, res.peerStreamFor, res.peerAck = ds.Incarnation, ds.StreamFor, fin.Ack
 	return p, res, nil
 }
 
@@ -536,11 +626,7 @@ func (t *Transport) dialHandshake(c *conn, p *peer) (handshakeResult, error) {
 	if err != nil {
 		return res, err
 	}
-	p.mu.Lock()
-	streamFor := p.peerInc
-	p.mu.Unlock()
-	me := hello{From: t.id, To: p.id, Incarnation: t.inc, StreamFor: streamFor, Nonce: nonce}
-	hf := helloFrame(&me)
+	hf := helloFrame(FrameHello, &hello{From: t.id, To: p.id, Nonce: nonce})
 	if _, err := c.nc.Write(hf); err != nil {
 		return res, fmt.Errorf("writing hello: %w", err)
 	}
@@ -548,20 +634,50 @@ func (t *Transport) dialHandshake(c *conn, p *peer) (handshakeResult, error) {
 	if err != nil {
 		return res, err
 	}
-	hi, ack, mac, err := parseChallenge(chBody)
+	hi, err := parseHello(chBody)
 	if err != nil {
 		return res, err
 	}
 	if hi.From != p.id || hi.To != t.id {
 		return res, refuse(&t.stats.unknownNode, "expected node %d, found node %d (which wants node %d)", p.id, hi.From, hi.To)
 	}
-	if !hmac.Equal(mac, acceptorMAC(t.cfg.ClusterKey, hf[HeaderSize:], chBody[:challengeMACOff])) {
+	helloBody := hf[HeaderSize:]
+	d2a, a2d, err := sessionKeys(t.cfg.ClusterKey, t.id, p.id, nonce[:], hi.Nonce[:])
+	if err != nil {
+		return res, err
+	}
+	if err := c.setKeys(d2a, a2d); err != nil {
+		return res, err
+	}
+	p.mu.Lock()
+	streamFor := p.peerInc
+	p.mu.Unlock()
+	me := session{Incarnation: t.inc, StreamFor: streamFor}
+	msg := macFrame(FrameAuth, transcriptMAC(t.cfg.ClusterKey, labelDialer, helloBody, chBody))
+	msg = c.send.seal(msg, sessionFrame(me)) // sealed: only a key holder can read it
+	if _, err := c.nc.Write(msg); err != nil {
+		return res, fmt.Errorf("writing auth: %w", err)
+	}
+	proof, err := t.readHandshake(c, FrameProof)
+	if err != nil {
+		if errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, ErrMalformed) {
+			return res, fmt.Errorf("node %d did not prove the key: %w", p.id, err)
+		}
+		// It closed the connection after our proof: it refused it.
+		return res, refuse(&t.stats.authFail, "node %d refused our proof of the key (wrong cluster key?): %w", p.id, err)
+	}
+	if !hmac.Equal(proof, transcriptMAC(t.cfg.ClusterKey, labelAcceptor, helloBody, chBody)) {
 		return res, refuse(&t.stats.authFail, "node %d failed authentication (wrong cluster key?)", hi.From)
 	}
-	res.peerInc, res.peerStreamFor, res.peerAck = hi.Incarnation, hi.StreamFor, ack
-	res.ourAck = p.streamAck(hi.Incarnation, hi.StreamFor)
-	if _, err := c.nc.Write(authFrame(t.cfg.ClusterKey, hf[HeaderSize:], chBody, res.ourAck)); err != nil {
-		return res, fmt.Errorf("writing auth: %w", err)
+	as, err := t.readSession(c)
+	if err != nil {
+		return res, err
+	}
+	res.peerInc, res.peerStreamFor, res.peerAck = as.Incarnation, as.StreamFor, as.Ack
+	res.ourAck = p.streamAck(as.Incarnation, as.StreamFor)
+	me.Ack = res.ourAck
+	if _, err := c.nc.Write(c.send.seal(nil, sessionFrame(me))); err != nil {
+		return res, fmt.Errorf("writing session: %w", err)
 	}
 	return res, nil
 }

@@ -1,11 +1,11 @@
 package transport
 
 import (
-	"bufio"
 	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"runtime"
@@ -373,7 +373,7 @@ func TestWrongKeyRefused(t *testing.T) {
 		a.Send(2, 1, 1, message(i, 8))
 		b.Send(1, 1, 1, message(i, 8))
 	}
-	waitFor(t, "dialer refuses the acceptor", func() bool { return a.Stats().AuthFailures >= 2 })
+	waitFor(t, "dialer's handshakes fail", func() bool { return a.Stats().HandshakeFailures >= 2 })
 	waitFor(t, "acceptor sees failed handshakes", func() bool { return b.Stats().HandshakeFailures >= 2 })
 	// An attacker that skips checking the acceptor and sends its own proof
 	// (made with the wrong key) followed by data.
@@ -381,16 +381,16 @@ func TestWrongKeyRefused(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	nc.Write(dataFrame(1, message(0, 8)))
+	nc.write(dataFrame(1, message(0, 8)))
 	waitFor(t, "acceptor refuses the attacker", func() bool { return b.Stats().AuthFailures >= 1 })
-	expectClosed(t, nc)
+	expectClosed(t, nc.nc)
 	if a.Stats().FramesDelivered != 0 || b.Stats().FramesDelivered != 0 {
 		t.Fatalf("frames delivered despite the wrong key: %d, %d", a.Stats().FramesDelivered, b.Stats().FramesDelivered)
 	}
 	if ps, _ := a.PeerStatus(2); ps.Connected {
 		t.Fatal("connected with the wrong key")
 	}
-	if !a.logs.contains("failed authentication") || !b.logs.contains("failed authentication") {
+	if !a.logs.contains("wrong cluster key") || !b.logs.contains("failed authentication") {
 		t.Fatal("authentication failures not logged")
 	}
 }
@@ -460,7 +460,7 @@ func TestMalformedFrameClosesConnection(t *testing.T) {
 		want string
 	}{
 		{"bad magic", func(b []byte) { b[0] = 'X' }, "bad magic"},
-		{"bad version", func(b []byte) { b[offVersion] = 2 }, "unsupported version"},
+		{"bad version", func(b []byte) { b[offVersion] = 9 }, "unsupported version"},
 		{"too long", func(b []byte) { binary.BigEndian.PutUint32(b[offLen:], 1<<30) }, "over maximum"},
 		{"unknown type", func(b []byte) { b[offType] = 77 }, "unknown frame type"},
 	}
@@ -473,12 +473,12 @@ func TestMalformedFrameClosesConnection(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer nc.Close()
-			nc.Write(dataFrame(1, message(0, 8)))
+			nc.write(dataFrame(1, message(0, 8)))
 			waitFor(t, "first frame", func() bool { return b.in.count(1) == 1 })
 			bad := dataFrame(2, message(1, 8))
 			tc.mod(bad)
-			nc.Write(bad)
-			expectClosed(t, nc)
+			nc.write(bad)
+			expectClosed(t, nc.nc)
 			waitFor(t, "log line", func() bool { return b.logs.contains("malformed frame") })
 			if !b.logs.contains(tc.want) {
 				t.Fatalf("log does not give the reason %q:\n%s", tc.want, b.logs.String())
@@ -563,36 +563,81 @@ func TestSendErrors(t *testing.T) {
 	}
 }
 
-// fakeDial plays node from dialling node to with key, without checking the
-// acceptor's proof, and returns the connection ready for data frames.
-func fakeDial(addr string, from, to NodeID, key []byte) (net.Conn, error) {
+// fakeConn is a hand-driven dialer's end of a connection: it seals what
+// it writes with the keys its handshake derived.
+type fakeConn struct {
+	nc         net.Conn
+	send, recv *aeadDir
+}
+
+// write seals frame and writes it.
+func (f *fakeConn) write(frame []byte) error {
+	_, err := f.nc.Write(f.send.seal(nil, frame))
+	return err
+}
+
+func (f *fakeConn) Close() error { return f.nc.Close() }
+
+// fakeDial plays node from dialling node to with key: it proves the key,
+// sends its session, and, if the acceptor proves the key too, completes
+// the handshake; the connection is then ready for sealed data frames. With
+// the wrong key it returns after sending its proof and session.
+func fakeDial(addr string, from, to NodeID, key []byte) (*fakeConn, error) {
 	nc, err := net.Dial("tcp", addr)
 	if err != nil {
 		return nil, err
 	}
-	h := hello{From: from, To: to, Incarnation: 12345}
-	hf := helloFrame(&h)
+	nc.SetDeadline(time.Now().Add(waitTimeout))
+	defer nc.SetDeadline(time.Time{})
+	nonce := [nonceLen]byte{7, 7, 7}
+	hf := helloFrame(FrameHello, &hello{From: from, To: to, Nonce: nonce})
 	if _, err := nc.Write(hf); err != nil {
 		return nil, err
 	}
-	hb := make([]byte, HeaderSize+challengeBodyLen)
-	if _, err := ioReadFull(nc, hb); err != nil {
+	hb := make([]byte, HeaderSize+helloBodyLen)
+	if _, err := io.ReadFull(nc, hb); err != nil {
 		return nil, fmt.Errorf("reading challenge: %w", err)
 	}
 	ch, _, err := DecodeFrame(hb, handshakeMaxBody)
 	if err != nil {
 		return nil, err
 	}
-	if _, err := nc.Write(authFrame(key, hf[HeaderSize:], ch.Payload, 0)); err != nil {
+	d2a, a2d, err := sessionKeys(key, from, to, nonce[:], ch.Payload[8:8+nonceLen])
+	if err != nil {
 		return nil, err
 	}
-	return nc, nil
-}
-
-func ioReadFull(nc net.Conn, b []byte) (int, error) {
-	nc.SetReadDeadline(time.Now().Add(waitTimeout))
-	defer nc.SetReadDeadline(time.Time{})
-	return bufio.NewReader(nc).Read(b) // frames this small arrive in one segment on loopback
+	fc := &fakeConn{nc: nc}
+	if fc.send, err = newAEADDir(d2a); err != nil {
+		return nil, err
+	}
+	if fc.recv, err = newAEADDir(a2d); err != nil {
+		return nil, err
+	}
+	me := session{Incarnation: 12345}
+	msg := macFrame(FrameAuth, transcriptMAC(key, labelDialer, hf[HeaderSize:], ch.Payload))
+	msg = fc.send.seal(msg, sessionFrame(me))
+	if _, err := nc.Write(msg); err != nil {
+		return nil, err
+	}
+	pb := make([]byte, HeaderSize+authBodyLen)
+	if _, err := io.ReadFull(nc, pb); err != nil {
+		return fc, nil // refused: the caller checks that
+	}
+	var rh [recHdrLen]byte
+	if _, err := io.ReadFull(nc, rh[:]); err != nil {
+		return nil, err
+	}
+	body := make([]byte, binary.BigEndian.Uint32(rh[:]))
+	if _, err := io.ReadFull(nc, body); err != nil {
+		return nil, err
+	}
+	if _, err := fc.recv.open(rh[:], body); err != nil {
+		return nil, err
+	}
+	if err := fc.write(sessionFrame(me)); err != nil {
+		return nil, err
+	}
+	return fc, nil
 }
 
 func dataFrame(seq uint64, payload []byte) []byte {

@@ -1,0 +1,86 @@
+package transport
+
+import (
+	"fmt"
+	"io"
+)
+
+// The read side: every authenticated connection has one reader goroutine
+// (readLoop) that reads frames and hands them to receive, which calls the
+// handler. A caller waiting for a reply waits on its own channel, woken by
+// the handler; nothing else reads the connection.
+
+// readLoop reads c until it fails or is closed.
+func (p *peer) readLoop(c *conn) {
+	defer p.t.wg.Done()
+	for {
+		if err := p.readFrame(c); err != nil {
+			p.readFailed(c, err)
+			return
+		}
+		p.afterFrame(c)
+	}
+}
+
+// afterFrame keeps acknowledgements flowing after a handled frame: at a
+// pause (nothing buffered) by the ack timer, and every AckEvery frames in a
+// long stream that never pauses.
+func (p *peer) afterFrame(c *conn) {
+	if c.br.Buffered() == 0 {
+		p.afterBatch()
+	} else if p.recvSeq.Load()-p.ackedOut.Load() >= uint64(p.t.cfg.AckEvery) {
+		p.ackNow()
+	}
+}
+
+// readFrame reads c's next record, opens it and hands the frame inside to
+// receive. Records that fit the read buffer are opened in place and their
+// payload passed without copying; larger ones are read into c.big. A record
+// that does not open ends the connection before anything in it is used.
+func (p *peer) readFrame(c *conn) error {
+	hb, err := c.br.Peek(recHdrLen)
+	if err != nil {
+		return err
+	}
+	n, err := recordLen(hb, p.t.cfg.MaxFrameSize)
+	if err != nil {
+		return err
+	}
+	total := recHdrLen + n
+	if total <= c.br.Size() {
+		b, err := c.br.Peek(total)
+		if err != nil {
+			return err
+		}
+		err = p.openAndReceive(c, b[:recHdrLen], b[recHdrLen:])
+		c.br.Discard(total)
+		return err
+	}
+	var hdr [recHdrLen]byte
+	copy(hdr[:], hb)
+	c.br.Discard(recHdrLen)
+	if cap(c.big) < n {
+		c.big = make([]byte, n)
+	}
+	body := c.big[:n]
+	if _, err := io.ReadFull(c.br, body); err != nil {
+		return err
+	}
+	return p.openAndReceive(c, hdr[:], body)
+}
+
+// openAndReceive opens one record and processes the frame inside.
+func (p *peer) openAndReceive(c *conn, hdr, body []byte) error {
+	pt, err := c.recv.open(hdr, body)
+	if err != nil {
+		return err
+	}
+	f, used, err := DecodeFrame(pt, p.t.cfg.MaxFrameSize)
+	if err != nil {
+		return err
+	}
+	if used != len(pt) {
+		return fmt.Errorf("%w: %d bytes after the frame in its record", ErrMalformed, len(pt)-used)
+	}
+	return p.receive(c, &f.Header, f.Payload)
+}
