@@ -33,9 +33,12 @@ type Config struct {
 	// FenceRetryTicks is the wait before a failed fence is asked for again.
 	// Default 5.
 	FenceRetryTicks int
-	// SilentTicks is how long a node that stayed silent through a phase is
-	// left out of new proposals although the failure detector still lists
-	// it; any message from it readmits it earlier. Default 5*PrepareTimeout.
+	// SilentTicks is how often the coordinator asks (with a HELLO) a node
+	// that stayed silent through a phase whether it is there. Such a node
+	// is left out of new proposals, although the failure detector still
+	// lists it, until it sends an agreement message (any: the answer to
+	// that HELLO, or its own); it is removed once and does not come and
+	// go. Default 5*PrepareTimeout.
 	SilentTicks int
 	// HelloTicks is how often a leaving node repeats its LEAVE and a
 	// restarted node its HELLO. Default 5.
@@ -158,7 +161,7 @@ type Agreement struct {
 	deferUntil     int64
 	fences         map[NodeID]*fenceState
 	commit         *commitState
-	silent         map[NodeID]int64 // node → tick until which it is left out
+	silent         map[NodeID]int64 // node left out for silence → tick of its next HELLO
 	leavers        map[NodeID]bool
 	leaveGen       map[NodeID]uint64 // leaver → generation its LEAVE was sent from
 	restartedPeer  map[NodeID]bool
@@ -367,8 +370,12 @@ func (a *Agreement) Tick() {
 	a.commitTick()
 	for _, id := range sortedKeys(a.silent) {
 		if a.tick >= a.silent[id] {
-			delete(a.silent, id)
-			a.log(slog.LevelInfo, "readmitting a node left out for silence", slog.Any("node", id))
+			// Still left out: it is readmitted only once it says something
+			// (any message does, see handle). Ask it, so that a node that
+			// was merely slow answers; one that never answers costs one
+			// HELLO every SilentTicks and no view change.
+			a.silent[id] = a.tick + int64(a.cfg.SilentTicks)
+			a.send(id, message{Type: mHello})
 		}
 	}
 	a.run()
@@ -771,6 +778,13 @@ func (a *Agreement) onHello(from NodeID, m message) {
 		// change to catch up.
 		a.stale(from, m, "the sender has since installed, or is being sent, a newer view")
 		return
+	}
+	if from != a.cfg.Self && from == a.believedCoordinator() && !m.Restarted && !m.Stopped {
+		// The coordinator asks whether this node is there (it was left out
+		// for silence): answering is what readmits it. The coordinator
+		// itself never answers (it is nobody's coordinator but its own), so
+		// this cannot ping-pong.
+		a.send(from, message{Type: mHello})
 	}
 	if m.Gen > a.hs.Installed.Gen && m.Gen > a.behind {
 		// The sender installed a view this node never did: this node was
