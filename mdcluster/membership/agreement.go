@@ -43,6 +43,15 @@ type Config struct {
 	// HelloTicks is how often a leaving node repeats its LEAVE and a
 	// restarted node its HELLO. Default 5.
 	HelloTicks int
+	// StartupFenceAfter is how long, after a restart as a member of its
+	// persisted view, this node (as coordinator) waits for the other
+	// members of that view to come back before it proposes a view without
+	// them, which fences them (dlm_controld's post_join_delay). A whole
+	// cluster that restarts together then forms its first view with every
+	// member instead of fencing the slowest to boot; one that does not
+	// come back within it is fenced before any view leaving it out is
+	// installed. Default 3*PrepareTimeout; negative: no wait.
+	StartupFenceAfter int
 }
 
 func (c *Config) setDefaults() {
@@ -60,6 +69,12 @@ func (c *Config) setDefaults() {
 	}
 	if c.HelloTicks <= 0 {
 		c.HelloTicks = 5
+	}
+	switch {
+	case c.StartupFenceAfter == 0:
+		c.StartupFenceAfter = 3 * c.PrepareTimeout
+	case c.StartupFenceAfter < 0:
+		c.StartupFenceAfter = 0
 	}
 }
 
@@ -171,6 +186,11 @@ type Agreement struct {
 	acceptedAt     int64             // tick at which the pending accepted value was accepted
 	acceptedRun    uint64            // generation of the last value this run (not an earlier one) accepted
 	lastNotQuorate string
+	// startupMembers are the other members of the persisted view this node
+	// restarted in; until they are all seen or StartupFenceAfter ticks have
+	// passed, no view leaving one of them out is proposed.
+	startupMembers []NodeID
+	startupWaitLog bool
 
 	ready Ready
 	inbox [][]byte
@@ -212,6 +232,7 @@ func New(cfg Config) (*Agreement, error) {
 	a.maxSeen = max(a.hs.Promised, a.hs.Installed.Gen)
 	if a.hs.Installed.Gen > 0 && contains(a.hs.Installed.Members, cfg.Self) {
 		a.restarted = true
+		a.startupMembers = minus(a.hs.Installed.Members, []NodeID{cfg.Self})
 		a.log(slog.LevelWarn, "restarted as a member of a persisted view; lock state is lost, asking to be readmitted clean",
 			slog.Uint64("gen", a.hs.Installed.Gen))
 	}
@@ -955,6 +976,14 @@ func (a *Agreement) maybeStart() {
 	if !need {
 		return
 	}
+	if missing := a.startupMissing(target); len(missing) > 0 {
+		if !a.startupWaitLog {
+			a.startupWaitLog = true
+			a.log(slog.LevelInfo, "restarted: waiting for the other members of the persisted view before fencing them",
+				slog.Any("missing", missing), slog.Int("ticks", a.cfg.StartupFenceAfter), slog.Uint64("gen", a.hs.Installed.Gen))
+		}
+		return
+	}
 	if !a.cfg.Quorum.Quorate(target) {
 		if d := a.cfg.Quorum.Describe(target); d != a.lastNotQuorate {
 			a.lastNotQuorate = d
@@ -979,6 +1008,26 @@ func (a *Agreement) maybeStart() {
 	for _, id := range target {
 		a.send(id, message{Type: mPrepare, Ballot: a.ballot, Intended: target})
 	}
+}
+
+// startupMissing returns the members of the persisted view this node
+// restarted in that target leaves out, while the start-up wait lasts
+// (Config.StartupFenceAfter); once they have all been seen, or the wait is
+// over, it is nil for good.
+func (a *Agreement) startupMissing(target []NodeID) []NodeID {
+	if a.startupMembers == nil {
+		return nil
+	}
+	missing := minus(a.startupMembers, target)
+	if len(missing) == 0 || a.tick >= int64(a.cfg.StartupFenceAfter) {
+		if len(missing) > 0 {
+			a.log(slog.LevelWarn, "members of the persisted view did not come back in time; they will be fenced",
+				slog.Any("missing", missing), slog.Int("ticks", a.cfg.StartupFenceAfter))
+		}
+		a.startupMembers = nil
+		return nil
+	}
+	return missing
 }
 
 func (a *Agreement) abort(why string) {
