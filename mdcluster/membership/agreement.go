@@ -50,7 +50,9 @@ type Config struct {
 	// cluster that restarts together then forms its first view with every
 	// member instead of fencing the slowest to boot; one that does not
 	// come back within it is fenced before any view leaving it out is
-	// installed. Default 3*PrepareTimeout; negative: no wait.
+	// installed. Zero or negative: no wait (the default for now: with a
+	// wait, simulator seed 1835 of internal/sim finds a node granting a
+	// lock while not quorate; see docs/membership.md, "Not done yet").
 	StartupFenceAfter int
 }
 
@@ -70,10 +72,7 @@ func (c *Config) setDefaults() {
 	if c.HelloTicks <= 0 {
 		c.HelloTicks = 5
 	}
-	switch {
-	case c.StartupFenceAfter == 0:
-		c.StartupFenceAfter = 3 * c.PrepareTimeout
-	case c.StartupFenceAfter < 0:
+	if c.StartupFenceAfter < 0 {
 		c.StartupFenceAfter = 0
 	}
 }
@@ -232,7 +231,9 @@ func New(cfg Config) (*Agreement, error) {
 	a.maxSeen = max(a.hs.Promised, a.hs.Installed.Gen)
 	if a.hs.Installed.Gen > 0 && contains(a.hs.Installed.Members, cfg.Self) {
 		a.restarted = true
-		a.startupMembers = minus(a.hs.Installed.Members, []NodeID{cfg.Self})
+		if cfg.StartupFenceAfter > 0 {
+			a.startupMembers = minus(a.hs.Installed.Members, []NodeID{cfg.Self})
+		}
 		a.log(slog.LevelWarn, "restarted as a member of a persisted view; lock state is lost, asking to be readmitted clean",
 			slog.Uint64("gen", a.hs.Installed.Gen))
 	}

@@ -12,6 +12,7 @@ import (
 // member and nobody is fenced.
 func TestStartupWaitsForPersistedMembers(t *testing.T) {
 	c := formed(t, three, nil, calm)
+	c.mkCfg = withStartupWait
 	f0, i0 := c.fenceCalls, c.installsN
 	for _, id := range c.ids {
 		c.crash(id)
@@ -19,7 +20,7 @@ func TestStartupWaitsForPersistedMembers(t *testing.T) {
 	c.run(5)
 	c.start(1)
 	c.start(2)
-	c.run(20) // 1 and 2 are quorate; the default wait is 3 × PrepareTimeout = 36 ticks
+	c.run(20) // 1 and 2 are quorate; the wait is 36 ticks
 	c.start(3)
 	if !c.runUntil(300, func() bool { return c.converged() && len(lastInstall(c.nodes[1]).View.Members) == 3 }) {
 		t.Fatalf("cluster did not re-form:\n%s", c.describe())
@@ -37,6 +38,7 @@ func TestStartupWaitsForPersistedMembers(t *testing.T) {
 // StartupFenceAfter is fenced before the first view without it is installed.
 func TestStartupFencesMembersThatNeverReturn(t *testing.T) {
 	c := formed(t, three, nil, calm)
+	c.mkCfg = withStartupWait
 	f0 := c.fenceCalls
 	for _, id := range c.ids {
 		c.crash(id)
@@ -60,4 +62,9 @@ func TestStartupFencesMembersThatNeverReturn(t *testing.T) {
 	if waited := c.now - start; waited < 36 {
 		t.Fatalf("view without node 3 after %d ticks, before StartupFenceAfter (36)", waited)
 	}
+}
+
+func withStartupWait(cfg Config) Config {
+	cfg.StartupFenceAfter = 3 * cfg.PrepareTimeout // 36 ticks
+	return cfg
 }

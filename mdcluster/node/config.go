@@ -91,8 +91,8 @@ type Config struct {
 	// StartupFenceAfter is how long a node that restarted as a member of
 	// its persisted view waits for that view's other members to come back
 	// before it proposes (as coordinator) a view without them, which fences
-	// them (see membership.Config.StartupFenceAfter). Zero: the
-	// agreement's default, 3 × PrepareTimeout ticks; negative: no wait.
+	// them (see membership.Config.StartupFenceAfter). Zero or negative:
+	// no wait.
 	StartupFenceAfter time.Duration
 	// JoinRetry is how often the node retries joining Seeds while it knows
 	// no other live node.

@@ -125,10 +125,7 @@ func New(cfg Config) (*Node, error) {
 	n.dlmStopped = true
 
 	startupFence := 0
-	switch {
-	case cfg.StartupFenceAfter < 0:
-		startupFence = -1
-	case cfg.StartupFenceAfter > 0 && cfg.Tick > 0:
+	if cfg.StartupFenceAfter > 0 && cfg.Tick > 0 {
 		startupFence = int((cfg.StartupFenceAfter + cfg.Tick - 1) / cfg.Tick)
 	}
 	run, err := gossip.NewRunner(gossip.RunnerConfig{
