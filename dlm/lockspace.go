@@ -61,6 +61,35 @@ type Config struct {
 	// to a millisecond in an idle process; a node waiting on such a message
 	// gets it at once anyway (see docs/dlm.md).
 	DeferDelay time.Duration
+
+	// MaxEarly bounds the messages held for lockspaces not yet opened here,
+	// over all lockspaces (0: DefaultMaxEarly); MaxEarlyPerPeer those from
+	// one node (0: DefaultMaxEarlyPerPeer), and MaxEarlyBytes their
+	// payloads in total (0: DefaultMaxEarlyBytes). Beyond them a message is
+	// dropped, counted (NodeStats.EarlyDropped) and logged once per
+	// lockspace at Warn.
+	MaxEarly        int
+	MaxEarlyPerPeer int
+	MaxEarlyBytes   int
+	// Space bounds each lockspace's state that other nodes create here:
+	// remote locks and directory entries per node, held messages (see
+	// SpaceConfig; Self, LVBLen, TossLimit and CacheTicks are ignored).
+	Space SpaceConfig
+}
+
+// Defaults of the early-message bounds.
+const (
+	DefaultMaxEarly        = 1 << 16
+	DefaultMaxEarlyPerPeer = 1 << 14
+	DefaultMaxEarlyBytes   = 64 << 20
+)
+
+// NodeStats are a Node's counters of messages held for lockspaces not yet
+// opened here. Each lockspace has its own (Lockspace.Stats).
+type NodeStats struct {
+	EarlyHeld    int    // messages held now
+	EarlyBytes   int    // their payload bytes
+	EarlyDropped uint64 // messages dropped for a bound
 }
 
 // Defaults of Config's tunables; zero fields of a Config get them.
@@ -115,15 +144,19 @@ type Node struct {
 	byID   map[transport.LockspaceID]*space
 	// lookup is byID for the transport's handler, read without mu: a
 	// copy published after each Open has replayed its early messages.
-	lookup  atomic.Pointer[map[transport.LockspaceID]*space]
-	early   map[transport.LockspaceID][]earlyMsg
-	members []NodeID
-	gen     uint64 // generation of members
-	halted  bool   // Stop was called and no Recover yet
-	closed  bool
-	stop    chan struct{}
-	stopped chan struct{}
-	ctl     Controller
+	lookup atomic.Pointer[map[transport.LockspaceID]*space]
+	early  map[transport.LockspaceID][]earlyMsg
+	// Early messages held, in total, by peer and in bytes (Config.MaxEarly...).
+	earlyN, earlyBytes int
+	earlyBy            map[NodeID]int
+	earlyDropped       uint64
+	members            []NodeID
+	gen                uint64 // generation of members
+	halted             bool   // Stop was called and no Recover yet
+	closed             bool
+	stop               chan struct{}
+	stopped            chan struct{}
+	ctl                Controller
 	// deferDelay bounds how long a message nobody waits for is held for a
 	// later message to the same node to carry it.
 	deferDelay time.Duration
@@ -134,9 +167,6 @@ type earlyMsg struct {
 	gen     uint64
 	payload []byte
 }
-
-// maxEarly bounds the messages held for lockspaces not yet opened here.
-const maxEarly = 1 << 16
 
 // NewNode starts a node: with peers configured it listens for them and
 // connects to them in the background.
@@ -153,6 +183,16 @@ func NewNode(cfg Config) (*Node, error) {
 		members: []NodeID{cfg.ID}, gen: 1, stop: make(chan struct{}), stopped: make(chan struct{})}
 	if cfg.Managed {
 		n.gen, n.halted = 0, true
+	}
+	n.earlyBy = map[NodeID]int{}
+	if n.cfg.MaxEarly <= 0 {
+		n.cfg.MaxEarly = DefaultMaxEarly
+	}
+	if n.cfg.MaxEarlyPerPeer <= 0 {
+		n.cfg.MaxEarlyPerPeer = DefaultMaxEarlyPerPeer
+	}
+	if n.cfg.MaxEarlyBytes <= 0 {
+		n.cfg.MaxEarlyBytes = DefaultMaxEarlyBytes
 	}
 	n.ctl.init(n)
 	n.lookup.Store(&map[transport.LockspaceID]*space{})
@@ -251,13 +291,21 @@ func (n *Node) receive(from transport.NodeID, ls transport.LockspaceID, gen uint
 			n.mu.Unlock()
 			return
 		}
-		q := n.early[ls]
-		if len(q) >= maxEarly {
+		if n.earlyN >= n.cfg.MaxEarly || n.earlyBy[NodeID(from)] >= n.cfg.MaxEarlyPerPeer ||
+			n.earlyBytes+len(payload) > n.cfg.MaxEarlyBytes {
+			n.earlyDropped++
+			first := n.earlyDropped&(n.earlyDropped-1) == 0 // log the 1st, 2nd, 4th, 8th... drop
 			n.mu.Unlock()
-			n.log.Warn("dropping message for a lockspace not opened here", "lockspace_id", ls, "from", from)
+			if first {
+				n.log.Warn("dropping message for a lockspace not opened here: early-message bound reached",
+					"lockspace_id", ls, "from", from, "dropped", n.earlyDropped)
+			}
 			return
 		}
-		n.early[ls] = append(q, earlyMsg{NodeID(from), gen, bytes.Clone(payload)})
+		n.early[ls] = append(n.early[ls], earlyMsg{NodeID(from), gen, bytes.Clone(payload)})
+		n.earlyN++
+		n.earlyBy[NodeID(from)]++
+		n.earlyBytes += len(payload)
 		n.mu.Unlock()
 		return
 	}
@@ -309,7 +357,9 @@ func (n *Node) Open(name string, opts OpenOptions) (*Lockspace, error) {
 		if other := n.byID[id]; other != nil {
 			return nil, fmt.Errorf("open lockspace %q: %w: its wire ID collides with lockspace %q", name, ErrInvalid, other.name)
 		}
-		s, err := NewSpace(SpaceConfig{Self: n.id, LVBLen: lvbLen})
+		sc := n.cfg.Space
+		sc.Self, sc.LVBLen, sc.TossLimit, sc.CacheTicks = n.id, lvbLen, 0, 0
+		s, err := NewSpace(sc)
 		if err != nil {
 			return nil, fmt.Errorf("open lockspace %q: %w", name, err)
 		}
@@ -331,6 +381,13 @@ func (n *Node) Open(name string, opts OpenOptions) (*Lockspace, error) {
 		sp.log.Debug("lockspace created", "lvb_len", lvbLen, "members", n.members, "generation", gen, "stopped", n.halted)
 		if early := n.early[id]; len(early) > 0 {
 			delete(n.early, id)
+			for _, m := range early {
+				n.earlyN--
+				n.earlyBytes -= len(m.payload)
+				if n.earlyBy[m.from]--; n.earlyBy[m.from] <= 0 {
+					delete(n.earlyBy, m.from)
+				}
+			}
 			sp.mu.Lock()
 			for _, m := range early {
 				sp.step(m.from, m.gen, m.payload)
@@ -1006,4 +1063,23 @@ func (lk *Lock) cancelWith(op uint64, cause error) {
 		_ = sp.sp.Cancel(&lk.proc, ctxStatus(cause))
 		sp.flush()
 	}
+}
+
+// Stats returns the node's counters of messages held for lockspaces not yet
+// opened here.
+func (n *Node) Stats() NodeStats {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return NodeStats{EarlyHeld: n.earlyN, EarlyBytes: n.earlyBytes, EarlyDropped: n.earlyDropped}
+}
+
+// Stats returns the lockspace's counters and the size of the state other
+// nodes hold here (see SpaceStats), or zero on a zero or released handle.
+func (ls *Lockspace) Stats() SpaceStats {
+	if ls == nil || ls.sp == nil {
+		return SpaceStats{}
+	}
+	ls.sp.mu.Lock()
+	defer ls.sp.mu.Unlock()
+	return ls.sp.sp.Stats()
 }

@@ -96,7 +96,7 @@ type message struct {
 // Wire layout, little-endian: type(1) then per type:
 //
 //	lookup, remove:  namelen(1) name
-//	lookup-reply:    master(4) namelen(1) name
+//	lookup-reply:    master(4) namelen(1) name (master 0: refused, ENOMEM)
 //	request:         lock(8) mode(1) flags(4) bast(1) namelen(1) name lvblen(2) lvb
 //	convert, unlock: lock(8) mode(1) flags(4) wid(8) lvblen(2) lvb
 //	cancel:          lock(8) status(1)
@@ -294,10 +294,7 @@ func decodeNext(b []byte, lvbLen int, m *message) ([]byte, error) {
 		m.nameb = r.name()
 	case msgLookupReply:
 		m.master = NodeID(r.u32("master"))
-		m.nameb = r.name()
-		if r.err == nil && m.master == 0 {
-			r.err = fmt.Errorf("%w: lookup reply names node 0", ErrInvalid)
-		}
+		m.nameb = r.name() // master 0: refused (ENOMEM, see Space.lookupRefused)
 	case msgRequest:
 		m.lock = r.u64("lock")
 		m.mode = r.mode("mode")
@@ -332,7 +329,7 @@ func decodeNext(b []byte, lvbLen int, m *message) ([]byte, error) {
 		m.sbf = StatusFlags(r.u8("status flags"))
 		m.seq = r.u32("lvb sequence")
 		m.lvb = r.lvb(lvbLen)
-		if r.err == nil && m.status > StatusReleased {
+		if r.err == nil && m.status > StatusReleased && m.status != StatusNoMem {
 			r.err = fmt.Errorf("%w: cast with status %d", ErrInvalid, m.status)
 		}
 	case msgBast:

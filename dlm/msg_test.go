@@ -68,7 +68,6 @@ func TestMessageDecodeRejects(t *testing.T) {
 		{"bad mode", []byte{byte(msgBast), 1, 0, 0, 0, 0, 0, 0, 0, 9}, "bad mode"},
 		{"empty name", []byte{byte(msgLookup), 0}, "name length 0"},
 		{"long lvb", appendMessage(nil, &message{typ: msgConvert, lock: 1, mode: NL, lvb: make([]byte, 32)}), "LVB of 32 bytes"},
-		{"node 0", appendMessage(nil, &message{typ: msgLookupReply, name: "x"}), "node 0"},
 		{"bad cancel status", []byte{byte(msgCancel), 1, 0, 0, 0, 0, 0, 0, 0, 0}, "cancel with status"},
 	} {
 		_, err := decodeMessage(tc.b, 16)

@@ -169,6 +169,15 @@ func (s *Space) Recover(gen uint64, members []NodeID, departed []NodeID, reset b
 			}
 		}
 	}
+	if old := s.rec; old != nil {
+		// Lookups the interrupted recovery held go with it (their
+		// senders ask again in this one).
+		for _, h := range old.held {
+			if h.from != s.self {
+				s.unholdOne(h.from)
+			}
+		}
+	}
 	s.rec = rec
 	s.core.dropLocks(func(l *lkb) bool { return l.owner&remoteOwner != 0 },
 		func(l *lkb) bool {
@@ -176,7 +185,7 @@ func (s *Space) Recover(gen uint64, members []NodeID, departed []NodeID, reset b
 			rec.strong[l.res.name] = append(rec.strong[l.res.name], n)
 			return departedNow(n)
 		})
-	s.mcopies = map[mkey]*mcopy{}
+	s.clearMcopies()
 	s.core.evicted = s.core.evicted[:0]
 	// Requester side: every cached master is forgotten, so that each lock
 	// is resent where the rebuilt directory says, never on a stale cache's
@@ -188,14 +197,14 @@ func (s *Space) Recover(gen uint64, members []NodeID, departed []NodeID, reset b
 			r.master = 0
 		}
 	}
-	s.dir = map[string]NodeID{}
+	s.clearDir()
 
 	// 2. The directory.
 	byDir := map[NodeID][]string{}
 	for _, name := range slices.Sorted(maps.Keys(rec.mastered)) {
 		d := s.dirNode(name)
 		if d == s.self {
-			s.dir[name] = s.self
+			s.setDir(name, s.self)
 		} else {
 			byDir[d] = append(byDir[d], name)
 		}
@@ -246,6 +255,7 @@ func (s *Space) Recover(gen uint64, members []NodeID, departed []NodeID, reset b
 	// Messages of this generation that arrived early.
 	future := s.future
 	s.future = nil
+	s.unhold(future)
 	for _, h := range future {
 		if err := s.Step(h.from, h.gen, h.payload); err != nil {
 			return err
@@ -273,9 +283,12 @@ func (s *Space) resetAll() {
 	}
 	core, _ := NewCore(CoreConfig{LVBLen: s.lvbLen, TossLimit: s.core.tossLimit})
 	s.core = core
-	s.dir, s.rsbs, s.procs, s.mcopies = map[string]NodeID{}, map[string]*rsbInfo{}, map[uint64]*Proc{}, map[mkey]*mcopy{}
+	s.rsbs, s.procs = map[string]*rsbInfo{}, map[uint64]*Proc{}
+	s.clearDir()
+	s.clearMcopies()
 	// Held messages belong to the old state; those of the generation being
 	// recovered into (s.future) are kept: Recover replays them.
+	s.unhold(s.held)
 	s.held = nil
 	s.writes, s.writeAt = map[string][]pendingWrite{}, map[uint64]string{}
 	for _, p := range ended {
@@ -392,7 +405,14 @@ func (s *Space) answerLookups() {
 	held := rec.held
 	rec.held = nil
 	for _, h := range held {
-		master := s.dirLookup(h.name, h.from)
+		if h.from != s.self {
+			s.unholdOne(h.from)
+		}
+		master := s.dirLookup(h.name, h.from, s.recoveryCap())
+		if master == 0 {
+			s.stats.RecoveryDropped++ // no honest peer gets here; it is not answered
+			continue
+		}
 		if h.from == s.self {
 			s.recoveryLookupReply(h.name, master)
 		} else {
@@ -427,12 +447,16 @@ func (s *Space) locksDoneFrom(from NodeID) {
 func (s *Space) recoverLock(from NodeID, m *message) {
 	rec := s.rec
 	name := string(m.nameb)
+	key := mkey{from, m.lock}
+	if s.mcopies[key] == nil && s.mcBy[from] >= s.recoveryCap() {
+		s.stats.RecoveryDropped++ // no honest peer holds that many
+		return
+	}
 	r := s.rsb(name)
 	r.master = s.self // the directory sent the holder here
 	if !rec.mastered[name] {
 		rec.rebuilt[name] = true
 	}
-	key := mkey{from, m.lock}
 	mc := s.newMcopy()
 	mc.key, mc.grmode, mc.flags = key, m.mode, m.flags
 	if len(m.lvb) > 0 {
@@ -446,6 +470,9 @@ func (s *Space) recoverLock(from NodeID, m *message) {
 	mc.rqmode = m.rqmode
 	mc.coreID = s.core.restoreGranted(name, m.mode, m.flags, mc.lvb, m.seq, m.bad, m.rqmode != ModeIV,
 		OwnerID(remoteOwner|uint32(from)), true, mc)
+	if s.mcopies[key] == nil {
+		s.mcBy[from]++
+	}
 	s.mcopies[key] = mc
 }
 
@@ -591,6 +618,7 @@ func (s *Space) maybeFinish() {
 	}
 	held := s.held
 	s.held = nil
+	s.unhold(held)
 	for _, h := range held {
 		_ = s.Step(h.from, h.gen, h.payload)
 	}
@@ -615,12 +643,19 @@ func (s *Space) stepRecovery(from NodeID, m *message) {
 	switch m.typ {
 	case msgNames:
 		for _, n := range m.namesb {
-			s.dir[string(n)] = from
+			if _, ok := s.dir[string(n)]; !ok && s.dirBy[from] >= s.recoveryCap() {
+				s.stats.RecoveryDropped++
+				continue
+			}
+			s.setDir(string(n), from)
 		}
 		if m.last {
 			s.namesFrom(from)
 		}
 	case msgLookup:
+		if !s.holdOne(from) {
+			return
+		}
 		rec.held = append(rec.held, mkeyName{from, string(m.nameb)})
 		s.answerLookups()
 	case msgLookupReply:
@@ -630,9 +665,7 @@ func (s *Space) stepRecovery(from NodeID, m *message) {
 	case msgLocksDone:
 		s.locksDoneFrom(from)
 	case msgRemove:
-		if s.dir[string(m.nameb)] == from {
-			delete(s.dir, string(m.nameb))
-		}
+		s.delDir(string(m.nameb), from)
 	case msgRecoverWrite:
 		var v []byte
 		if len(m.lvb) > 0 {
@@ -642,7 +675,38 @@ func (s *Space) stepRecovery(from NodeID, m *message) {
 	}
 }
 
-// holdMessage keeps a message for later (a copy: payloads are not retained).
+// holdMessage keeps a message for later (a copy: payloads are not
+// retained), within SpaceConfig.MaxHeld and MaxHeldPerPeer; beyond them it
+// is dropped and counted.
 func (s *Space) holdMessage(to *[]heldMsg, from NodeID, gen uint64, payload []byte) {
+	if !s.holdOne(from) {
+		return
+	}
 	*to = append(*to, heldMsg{from, gen, bytes.Clone(payload)})
+}
+
+// holdOne counts one more message held from a node, or reports (and
+// counts) that the bounds do not allow it.
+func (s *Space) holdOne(from NodeID) bool {
+	if s.heldN >= s.maxHeld || s.heldBy[from] >= s.maxHeldPeer {
+		s.stats.HeldDropped++
+		return false
+	}
+	s.heldN++
+	s.heldBy[from]++
+	return true
+}
+
+func (s *Space) unholdOne(from NodeID) {
+	s.heldN--
+	if s.heldBy[from]--; s.heldBy[from] <= 0 {
+		delete(s.heldBy, from)
+	}
+}
+
+// unhold uncounts messages taken off a held list.
+func (s *Space) unhold(hs []heldMsg) {
+	for _, h := range hs {
+		s.unholdOne(h.from)
+	}
 }

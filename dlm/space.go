@@ -24,6 +24,55 @@ type SpaceConfig struct {
 	// CacheTicks is how many Ticks an unused cached master is remembered;
 	// after that the master is looked up again on next use (0: 10).
 	CacheTicks int
+
+	// Bounds on what other nodes can make this node keep (see docs/dlm.md,
+	// "Bounded resources"); 0 takes the default, SpaceStats counts.
+
+	// MaxPeerLocks bounds the master copies of one remote node's locks
+	// kept here (0: DefaultMaxPeerLocks). A request beyond it is refused
+	// with StatusNoMem, which the requester's owner gets as ErrNoMem.
+	MaxPeerLocks int
+	// MaxPeerDirEntries bounds the directory entries here naming one
+	// remote node as master, i.e. the resources its lookups created (0:
+	// DefaultMaxPeerDirEntries). A lookup that would create one more is
+	// refused: the requests waiting on it end with ErrNoMem.
+	MaxPeerDirEntries int
+	// MaxHeld bounds the messages held for later (of a newer generation,
+	// or while the lockspace is stopped) in total (0: DefaultMaxHeld), and
+	// MaxHeldPerPeer those from one node (0: DefaultMaxHeldPerPeer). A
+	// message beyond them is dropped and counted (SpaceStats.HeldDropped).
+	MaxHeld        int
+	MaxHeldPerPeer int
+}
+
+// Defaults of SpaceConfig's bounds: far above what a node's honest traffic
+// needs, small enough that no peer can exhaust memory.
+const (
+	DefaultMaxPeerLocks      = 1 << 16
+	DefaultMaxPeerDirEntries = 1 << 16
+	DefaultMaxHeld           = 1 << 18
+	DefaultMaxHeldPerPeer    = 1 << 16
+)
+
+// SpaceStats are a Space's counters and gauges of its bounded state.
+type SpaceStats struct {
+	// StaleDropped counts messages dropped for an older generation.
+	StaleDropped uint64
+	// Held is the number of messages held for later now; HeldDropped
+	// counts those dropped because MaxHeld or MaxHeldPerPeer was reached.
+	Held        int
+	HeldDropped uint64
+	// PeerLocks is the number of remote nodes' master copies kept here,
+	// PeerDirEntries the directory entries naming a remote master.
+	PeerLocks      int
+	PeerDirEntries int
+	// RefusedLocks and RefusedLookups count requests and lookups refused
+	// with StatusNoMem (MaxPeerLocks, MaxPeerDirEntries); RecoveryDropped
+	// counts recovery records (names, lookups, locks) beyond what any
+	// honest peer can send, ignored.
+	RefusedLocks    uint64
+	RefusedLookups  uint64
+	RecoveryDropped uint64
 }
 
 // Outgoing is a message for another node, produced by a Space step. Payload
@@ -91,6 +140,12 @@ type Space struct {
 	cancels      []pendingCancel
 	staleDrops   uint64
 	recoveredGen uint64
+
+	// Bounds (SpaceConfig) and what each peer uses of them.
+	maxPeerLocks, maxPeerDir, maxHeld, maxHeldPeer int
+	mcBy, dirBy, heldBy                            map[NodeID]int
+	heldN                                          int
+	stats                                          SpaceStats
 
 	out    []Outgoing
 	outBuf []byte
@@ -182,6 +237,15 @@ func NewSpace(cfg SpaceConfig) (*Space, error) {
 	if cfg.CacheTicks == 0 {
 		cfg.CacheTicks = 10
 	}
+	for _, b := range []struct {
+		v   *int
+		def int
+	}{{&cfg.MaxPeerLocks, DefaultMaxPeerLocks}, {&cfg.MaxPeerDirEntries, DefaultMaxPeerDirEntries},
+		{&cfg.MaxHeld, DefaultMaxHeld}, {&cfg.MaxHeldPerPeer, DefaultMaxHeldPerPeer}} {
+		if *b.v <= 0 {
+			*b.v = b.def
+		}
+	}
 	core, err := NewCore(CoreConfig{LVBLen: cfg.LVBLen, TossLimit: cfg.TossLimit})
 	if err != nil {
 		return nil, err
@@ -191,7 +255,60 @@ func NewSpace(cfg SpaceConfig) (*Space, error) {
 		core: core, dir: map[string]NodeID{}, rsbs: map[string]*rsbInfo{},
 		procs: map[uint64]*Proc{}, mcopies: map[mkey]*mcopy{},
 		writes: map[string][]pendingWrite{}, writeAt: map[uint64]string{},
+		maxPeerLocks: cfg.MaxPeerLocks, maxPeerDir: cfg.MaxPeerDirEntries, maxHeld: cfg.MaxHeld, maxHeldPeer: cfg.MaxHeldPerPeer,
+		mcBy: map[NodeID]int{}, dirBy: map[NodeID]int{}, heldBy: map[NodeID]int{},
 	}, nil
+}
+
+// Stats returns the Space's counters and the size of its bounded state.
+func (s *Space) Stats() SpaceStats {
+	st := s.stats
+	st.StaleDropped, st.Held, st.PeerLocks = s.staleDrops, s.heldN, len(s.mcopies)
+	for _, n := range s.dirBy {
+		st.PeerDirEntries += n
+	}
+	return st
+}
+
+// recoveryCap bounds what one peer may make this node keep through
+// recovery, where refusing would lose lock state: an honest peer cannot
+// exceed it (what it holds was created under the per-node bounds at each
+// of the members).
+func (s *Space) recoveryCap() int {
+	return (s.maxPeerLocks + s.maxPeerDir) * len(s.members)
+}
+
+// setDir records name's master in the directory, counting per remote node.
+func (s *Space) setDir(name string, master NodeID) {
+	if old, ok := s.dir[name]; ok && old != s.self {
+		s.dirBy[old]--
+	}
+	s.dir[name] = master
+	if master != s.self {
+		s.dirBy[master]++
+	}
+}
+
+// delDir removes name's directory entry if master holds it.
+func (s *Space) delDir(name string, master NodeID) {
+	if m, ok := s.dir[name]; ok && m == master {
+		delete(s.dir, name)
+		if m != s.self {
+			if s.dirBy[m]--; s.dirBy[m] <= 0 {
+				delete(s.dirBy, m)
+			}
+		}
+	}
+}
+
+// clearDir empties the directory.
+func (s *Space) clearDir() {
+	s.dir, s.dirBy = map[string]NodeID{}, map[NodeID]int{}
+}
+
+// clearMcopies forgets every master copy.
+func (s *Space) clearMcopies() {
+	s.mcopies, s.mcBy = map[mkey]*mcopy{}, map[NodeID]int{}
 }
 
 // LVBLen returns the lockspace's LVB length.
@@ -322,7 +439,7 @@ func (s *Space) lookup(r *rsbInfo) {
 		s.send(d, &message{typ: msgLookup, name: r.name})
 		return
 	}
-	s.lookupReply(r.name, s.dirLookup(r.name, s.self))
+	s.lookupReply(r.name, s.dirLookup(r.name, s.self, 0))
 }
 
 func (s *Space) lockLocal(p *Proc) {
@@ -686,12 +803,16 @@ func (s *Space) Tick() {
 // --- the directory ---
 
 // dirLookup answers a lookup at this (directory) node: the recorded master,
-// or asker as the new master.
-func (s *Space) dirLookup(name string, asker NodeID) NodeID {
+// or asker as the new master; 0 (refused) when that would give a remote
+// asker more than limit entries.
+func (s *Space) dirLookup(name string, asker NodeID, limit int) NodeID {
 	if m, ok := s.dir[name]; ok {
 		return m
 	}
-	s.dir[name] = asker
+	if asker != s.self && s.dirBy[asker] >= limit {
+		return 0
+	}
+	s.setDir(name, asker)
 	return asker
 }
 
@@ -750,6 +871,9 @@ func (s *Space) drainCore() {
 			if cb.Mode == ModeIV {
 				// The lock is gone: nothing refers to the copy any more.
 				delete(s.mcopies, mc.key)
+				if s.mcBy[mc.key.node]--; s.mcBy[mc.key.node] <= 0 {
+					delete(s.mcBy, mc.key.node)
+				}
 				s.mfree = append(s.mfree, mc)
 			}
 		}
@@ -772,9 +896,7 @@ func (s *Space) dropMastery(name string) {
 		}
 	}
 	if d := s.dirNode(name); d == s.self {
-		if s.dir[name] == s.self {
-			delete(s.dir, name)
-		}
+		s.delDir(name, s.self)
 	} else {
 		s.send(d, &message{typ: msgRemove, name: name})
 	}
@@ -836,13 +958,18 @@ func (s *Space) stepOne(from NodeID, gen uint64, raw []byte, mp *message) error 
 	switch m.typ {
 	case msgLookup:
 		name := string(m.nameb)
-		master := s.dirLookup(name, from)
+		master := s.dirLookup(name, from, s.maxPeerDir)
+		if master == 0 {
+			s.stats.RefusedLookups++ // master 0 on the wire: refused
+		}
 		s.send(from, &message{typ: msgLookupReply, name: name, master: master})
 	case msgRemove:
-		if s.dir[string(m.nameb)] == from {
-			delete(s.dir, string(m.nameb))
-		}
+		s.delDir(string(m.nameb), from)
 	case msgLookupReply:
+		if m.master == 0 {
+			s.lookupRefused(string(m.nameb))
+			return nil
+		}
 		s.lookupReply(string(m.nameb), m.master)
 	case msgRequest:
 		s.masterRequest(from, m)
@@ -901,6 +1028,23 @@ func (s *Space) lookupReply(name string, master NodeID) {
 	}
 }
 
+// lookupRefused ends the requests waiting for name's master with
+// StatusNoMem: the directory node refused to record this node as the
+// master of one more resource (SpaceConfig.MaxPeerDirEntries there).
+func (s *Space) lookupRefused(name string) {
+	r := s.rsbs[name]
+	if r == nil || !r.lookingUp {
+		return
+	}
+	r.lookingUp = false
+	waiting := r.waiting
+	r.waiting = nil
+	for _, p := range waiting {
+		s.freeProc(p)
+		s.cast(p, StatusNoMem, 0)
+	}
+}
+
 func (s *Space) masterRequest(from NodeID, m *message) {
 	r := s.rsbs[string(m.nameb)]
 	if r == nil || r.master != s.self {
@@ -910,6 +1054,11 @@ func (s *Space) masterRequest(from NodeID, m *message) {
 	key := mkey{from, m.lock}
 	if s.mcopies[key] != nil {
 		return // a duplicate: the transport should never deliver one
+	}
+	if s.mcBy[from] >= s.maxPeerLocks {
+		s.stats.RefusedLocks++
+		s.send(from, &message{typ: msgCast, lock: m.lock, status: StatusNoMem, mode: ModeIV})
+		return
 	}
 	mc := s.newMcopy()
 	mc.key, mc.grmode, mc.flags = key, ModeIV, m.flags
@@ -925,6 +1074,7 @@ func (s *Space) masterRequest(from NodeID, m *message) {
 	}
 	mc.coreID = id
 	s.mcopies[key] = mc
+	s.mcBy[from]++
 	s.drainCore()
 }
 

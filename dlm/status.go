@@ -41,6 +41,13 @@ const (
 	// StatusStopped: the lockspace is stopped for a membership change;
 	// retry once recovery is over.
 	StatusStopped
+	// StatusNoMem (ENOMEM, as Linux's dlm_lock returns when it cannot
+	// allocate): a resource limit of the master or directory node was
+	// reached: this node already holds as many remote locks there
+	// (SpaceConfig.MaxPeerLocks) or masters as many resources recorded
+	// there (MaxPeerDirEntries) as it allows. Nothing was granted; retry
+	// after releasing locks.
+	StatusNoMem
 )
 
 // The errors below are the Status values as errors. Functions of this package
@@ -60,6 +67,7 @@ var (
 	ErrNotFound error = StatusNotFound
 	ErrReleased error = StatusReleased
 	ErrStopped  error = StatusStopped
+	ErrNoMem    error = StatusNoMem
 )
 
 var statusText = [...]string{
@@ -74,6 +82,7 @@ var statusText = [...]string{
 	StatusNotFound: "dlm: no such lock (ENOENT)",
 	StatusReleased: "dlm: lockspace released",
 	StatusStopped:  "dlm: lockspace stopped for recovery",
+	StatusNoMem:    "dlm: a resource limit of a remote node was reached (ENOMEM)",
 }
 
 // Error returns a short description naming the Linux errno.

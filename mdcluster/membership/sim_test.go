@@ -68,6 +68,9 @@ type simNode struct {
 	// restarts. The next view it installs after that generation must
 	// reset it: its old lock state must never merge with the cluster's.
 	fencedFor uint64
+	// mute models a node alive to the failure detector that never answers
+	// agreement messages: it receives nothing and sends nothing.
+	mute bool
 }
 
 type simEvent struct {
@@ -375,6 +378,9 @@ func (e nodeEffects) Log(ev Event) {
 }
 
 func (c *cluster) sendMsg(from NodeID, m Outgoing) {
+	if c.nodes[from].mute {
+		return
+	}
 	copies := 1
 	if c.rng.Float64() < c.net.Dup {
 		copies = 2
@@ -420,7 +426,7 @@ func (c *cluster) deliver(e simEvent) {
 	switch e.kind {
 	case evMsg:
 		// Partitions cut messages at delivery time too.
-		if !c.connected(e.from, e.to) {
+		if !c.connected(e.from, e.to) || n.mute {
 			return
 		}
 		if err := n.a.Step(e.from, e.data); err != nil {

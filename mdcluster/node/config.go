@@ -88,6 +88,12 @@ type Config struct {
 	PrepareTimeout  int
 	RetransmitTicks int
 	FenceRetryTicks int
+	// StartupFenceAfter is how long a node that restarted as a member of
+	// its persisted view waits for that view's other members to come back
+	// before it proposes (as coordinator) a view without them, which fences
+	// them (see membership.Config.StartupFenceAfter). Zero or negative:
+	// no wait.
+	StartupFenceAfter time.Duration
 	// JoinRetry is how often the node retries joining Seeds while it knows
 	// no other live node.
 	JoinRetry time.Duration

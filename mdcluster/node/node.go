@@ -124,9 +124,14 @@ func New(cfg Config) (*Node, error) {
 	}
 	n.dlmStopped = true
 
+	startupFence := 0
+	if cfg.StartupFenceAfter > 0 && cfg.Tick > 0 {
+		startupFence = int((cfg.StartupFenceAfter + cfg.Tick - 1) / cfg.Tick)
+	}
 	run, err := gossip.NewRunner(gossip.RunnerConfig{
 		Agreement: membership.Config{Self: cfg.ID, Quorum: cfg.Quorum, State: hs,
-			PrepareTimeout: cfg.PrepareTimeout, RetransmitTicks: cfg.RetransmitTicks, FenceRetryTicks: cfg.FenceRetryTicks},
+			PrepareTimeout: cfg.PrepareTimeout, RetransmitTicks: cfg.RetransmitTicks, FenceRetryTicks: cfg.FenceRetryTicks,
+			StartupFenceAfter: startupFence},
 		Tick: cfg.Tick,
 		Send: func(to NodeID, p []byte) error { return n.det.Send(to, p) },
 		Hooks: gossip.Hooks{
