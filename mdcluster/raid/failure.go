@@ -8,6 +8,12 @@ package raid
 // (md never fails the last working copy; the I/O that hit the error fails
 // instead, and FailuresRefused counts it).
 func (e *Engine) failMember(i int, cause error) <-chan struct{} {
+	return e.fail(i, cause, true)
+}
+
+// fail is failMember; ioErr says whether an I/O error (not the operator)
+// caused it, for the FailuresRefused counter.
+func (e *Engine) fail(i int, cause error, ioErr bool) <-chan struct{} {
 	m := e.members[i]
 	e.mu.Lock()
 	switch m.st() {
@@ -21,6 +27,9 @@ func (e *Engine) failMember(i int, cause error) <-chan struct{} {
 	case InSync:
 		if !e.geo.Survives(func(j int) bool { return j != i && e.members[j].st() == InSync }) {
 			e.mu.Unlock()
+			if !ioErr {
+				return nil
+			}
 			e.st.notFailed.Add(1)
 			e.log.Error("member I/O error, but it holds the last in-sync copy of some data: not failed", "member", i, "err", cause)
 			return nil

@@ -28,6 +28,9 @@ type opGroup struct {
 	m   int
 	ops []ioOp
 	err error
+	// failed lists the reads that failed (a read error does not stop the
+	// member's other reads; each failed one is retried on its own).
+	failed []int
 }
 
 // plan is a request's extents and device operations, recycled through a
@@ -76,7 +79,7 @@ func (p *plan) add(m int, op ioOp) {
 		if len(p.groups) < cap(p.groups) {
 			p.groups = p.groups[:len(p.groups)+1]
 			g = &p.groups[len(p.groups)-1]
-			g.m, g.ops, g.err = m, g.ops[:0], nil
+			g.m, g.ops, g.err, g.failed = m, g.ops[:0], nil, g.failed[:0]
 		} else {
 			p.groups = append(p.groups, opGroup{m: m})
 			g = &p.groups[len(p.groups)-1]
@@ -368,7 +371,7 @@ func (e *Engine) writeCopies(buf []byte, off int64, fua bool) (degraded bool, fa
 					cause = append(cause, g.err)
 				}
 			}
-			return degraded, fails, fmt.Errorf("raid: write of array bytes %d+%d: no working copy left: %w", x.off, x.n, errors.Join(append(cause, errNoCopy)...))
+			return degraded, fails, fmt.Errorf("raid: write of array bytes %d+%d: no working copy left: %w", x.off, x.n, errors.Join(append(cause, ErrNoCopy)...))
 		}
 	}
 	if len(errs) > 0 {
@@ -377,8 +380,10 @@ func (e *Engine) writeCopies(buf []byte, off int64, fua bool) (degraded bool, fa
 	return degraded, fails, nil
 }
 
-// errNoCopy is wrapped by errors about data with no usable copy left.
-var errNoCopy = errors.New("no in-sync copy")
+// ErrNoCopy is wrapped by the error of an I/O that found no usable copy
+// of some block: every copy's member is failed, missing or not yet
+// rebuilt, or every copy failed. The array cannot serve that data.
+var ErrNoCopy = errors.New("no usable copy left")
 
 // pin keeps the bitmap chunks of [lo, hi) dirty: one write is held open
 // on each (their bits are durable already, set by the write being
@@ -531,31 +536,28 @@ func (e *Engine) readCopies(buf []byte, off int64, repair bool) error {
 		}
 		if best < 0 {
 			e.st.unrecoverable.Add(1)
-			return fmt.Errorf("raid: read of array bytes %d+%d: %w (every copy's member is failed, missing or not yet recovered)", x.off, x.n, errNoCopy)
+			return fmt.Errorf("raid: read of array bytes %d+%d: %w (every copy's member is failed, missing or not yet recovered)", x.off, x.n, ErrNoCopy)
 		}
 		l := locs[best]
 		pl.add(l.Member, ioOp{dev: l.Off, bo: x.off - off, n: x.n})
 	}
 	pl.run(func(g *opGroup) {
 		m := e.members[g.m]
-		for _, op := range g.ops {
+		for k, op := range g.ops {
 			if err := e.devRead(m, buf[op.bo:op.bo+op.n], op.dev); err != nil {
-				g.err = err
-				return
+				if g.err == nil {
+					g.err = err
+				}
+				g.failed = append(g.failed, k)
 			}
 		}
 	})
 	for i := range pl.groups {
 		g := &pl.groups[i]
-		if g.err == nil {
-			continue
-		}
-		// Retry every operation of the failed member on other copies
-		// (the ones before the failing op succeeded, but they are
-		// cheap to redo and the error may have hit any).
-		for _, op := range g.ops {
+		for _, k := range g.failed {
+			op := g.ops[k]
 			e.st.readRetries.Add(1)
-			if err := e.readRetry(buf[op.bo:op.bo+op.n], off+op.bo, g.m, g.err, repair); err != nil {
+			if err := e.readRetry(buf[op.bo:op.bo+op.n], off+op.bo, g.m, repair); err != nil {
 				return err
 			}
 		}
@@ -563,50 +565,68 @@ func (e *Engine) readCopies(buf []byte, off int64, repair bool) error {
 	return nil
 }
 
-// readRetry reads array bytes [off, off+len(p)) from copies other than
-// bad (whose read failed with cause), extent by extent, in md's copy
-// order. Copies that fail too are skipped. With repair, every copy that
-// failed is rewritten from the good one afterwards.
-func (e *Engine) readRetry(p []byte, off int64, bad int, cause error, repair bool) error {
+// retryUnit is the piece size in which a failed read is retried and
+// repaired, so one bad sector costs one small rewrite, not a whole request.
+const retryUnit = 4096
+
+// readRetry reads array bytes [off, off+len(p)), whose read from member
+// bad failed, piece by piece, as md's fix_read_error does: first from bad
+// again (the error may lie in another piece), then from the other copies
+// in md's copy order. With repair, each piece some copies failed to read
+// is rewritten on them from the copy that worked.
+func (e *Engine) readRetry(p []byte, off int64, bad int, repair bool) error {
 	pl := getPlan()
 	defer putPlan(pl)
 	e.extents(pl, off, int64(len(p)))
 	for _, x := range pl.exts {
-		b := p[x.off-off : x.off-off+x.n]
 		locs := pl.locs[x.lo:x.hi]
-		failed := []int{bad}
-		errs := []error{cause}
-		good := -1
-		for i, l := range locs {
-			m := e.members[l.Member]
-			if l.Member == bad || !m.readable(x.off, x.n) {
-				continue
-			}
-			if err := e.devRead(m, b, l.Off); err != nil {
-				failed = append(failed, l.Member)
-				errs = append(errs, err)
-				continue
-			}
-			good = i
-			break
-		}
-		if good < 0 {
-			e.st.unrecoverable.Add(1)
-			return fmt.Errorf("raid: read of array bytes %d+%d: every copy failed: %w", x.off, x.n, errors.Join(append(errs, errNoCopy)...))
-		}
-		if !repair {
-			continue
-		}
-		for _, fm := range failed {
-			for _, l := range locs {
-				if l.Member == fm {
-					e.repair(x.off, x.n, l, locs[good], errs)
+		unit := min(int64(retryUnit), x.n)
+		unit -= unit % int64(e.bs)
+		for u := x.off; u < x.off+x.n; u += unit {
+			un := min(unit, x.off+x.n-u)
+			b := p[u-off : u-off+un]
+			var failed []int
+			var errs []error
+			good := -1
+			// bad first, then the others in order
+			order := make([]int, 0, len(locs))
+			for i, l := range locs {
+				if l.Member == bad {
+					order = append([]int{i}, order...)
+				} else {
+					order = append(order, i)
 				}
+			}
+			for _, i := range order {
+				l := locs[i]
+				m := e.members[l.Member]
+				if !m.readable(x.off, x.n) {
+					continue
+				}
+				if err := e.devRead(m, b, l.Off+(u-x.off)); err != nil {
+					failed = append(failed, i)
+					errs = append(errs, err)
+					continue
+				}
+				good = i
+				break
+			}
+			if good < 0 {
+				e.st.unrecoverable.Add(1)
+				return fmt.Errorf("raid: read of array bytes %d+%d: every copy failed: %w", u, un, errors.Join(append(errs, ErrNoCopy)...))
+			}
+			if !repair {
+				continue
+			}
+			for _, i := range failed {
+				e.repair(u, un, shift(locs[i], u-x.off), shift(locs[good], u-x.off), errs)
 			}
 		}
 	}
 	return nil
 }
+
+func shift(l Loc, d int64) Loc { return Loc{Member: l.Member, Off: l.Off + d} }
 
 // repair rewrites bad, a copy of array bytes [off, off+n) whose read
 // failed, from the copy good, under the range lock (so no write can slip
@@ -721,7 +741,7 @@ func (e *Engine) Flush() error {
 	waitFailures(fails)
 	e.st.flushes.Add(1)
 	if synced == 0 {
-		errs = append(errs, errNoCopy)
+		errs = append(errs, ErrNoCopy)
 	}
 	if len(errs) > 0 {
 		return fmt.Errorf("raid: flush: %w", errors.Join(errs...))

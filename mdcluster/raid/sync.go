@@ -346,7 +346,7 @@ func (e *Engine) copyWindow(ctx context.Context, buf []byte, off int64, target i
 				continue
 			}
 			if x.src < 0 {
-				return 0, degraded, fmt.Errorf("array bytes %d+%d: no readable copy to copy from: %w", x.off, x.n, errNoCopy)
+				return 0, degraded, fmt.Errorf("array bytes %d+%d: no readable copy to copy from: %w", x.off, x.n, ErrNoCopy)
 			}
 			l := locs[x.src]
 			pl.add(l.Member, ioOp{dev: l.Off, bo: x.off - off, n: x.n})
@@ -479,7 +479,7 @@ func (e *Engine) FailMember(member int, reason error) error {
 	if reason == nil {
 		reason = errors.New("failed by request")
 	}
-	ch := e.failMember(member, reason)
+	ch := e.fail(member, reason, false)
 	if ch == nil {
 		return fmt.Errorf("raid: fail member %d: it is %s, or holds the last in-sync copy of some data", member, e.members[member].st())
 	}
