@@ -36,12 +36,12 @@ type DirectFile struct {
 }
 
 // OpenDirect opens path read-write with O_DIRECT. File systems without
-// direct I/O (tmpfs, most notably) refuse it; the error says so.
+// direct I/O (tmpfs before Linux 6.6, for one) refuse it; the error says so.
 func OpenDirect(path string) (*DirectFile, error) {
 	fd, err := unix.Open(path, unix.O_RDWR|unix.O_DIRECT|unix.O_CLOEXEC, 0)
 	if err != nil {
 		if errors.Is(err, unix.EINVAL) {
-			return nil, fmt.Errorf("open %s with O_DIRECT: %w (the file system does not support direct I/O; tmpfs does not)", path, err)
+			return nil, fmt.Errorf("open %s with O_DIRECT: %w (the file system does not support direct I/O, e.g. tmpfs before Linux 6.6)", path, err)
 		}
 		return nil, fmt.Errorf("open %s with O_DIRECT: %w", path, err)
 	}
