@@ -378,6 +378,10 @@ func (e *Engine) writeIntent() WriteIntent {
 	return nil
 }
 
+// Clock returns the engine's clock. The write-intent bitmap's daemon
+// (intent.Tick) must be driven by it: EndWrite times are stamped with it.
+func (e *Engine) Clock() Clock { return e.clock }
+
 // Geometry returns the array's geometry.
 func (e *Engine) Geometry() Geometry { return e.geo }
 
