@@ -96,7 +96,9 @@ type Config struct {
 	// cluster-wide metadata update. The engine has already stopped using
 	// the member; writes that saw the failure are acknowledged only after
 	// the callback returns (md holds such writes until the superblock
-	// records the failure), so it must not write to the array itself.
+	// records the failure). Those writes wait inside the engine, so the
+	// callback must not wait for the array's I/O: no writes to the array,
+	// and no RemoveMember or Close until it has returned.
 	OnMemberFailed func(member int, err error)
 	// MaxInFlight bounds the requests (reads, writes, flushes) the engine
 	// runs at once; more wait for a slot. Default 128. Each holds at most
@@ -331,6 +333,12 @@ func New(cfg Config) (*Engine, error) {
 		m.dev.Store(&devRef{dev: mc.Device, dataOff: mc.DataOffset})
 		m.state.Store(int32(mc.State))
 		e.bs = max(e.bs, mc.Device.BlockSize())
+	}
+	if e.size%int64(e.bs) != 0 {
+		return nil, fmt.Errorf("raid: array size %d is not a multiple of the members' %d-byte blocks", e.size, e.bs)
+	}
+	if cs := cfg.BitmapChunkSize; cs > 0 && cs%int64(e.bs) != 0 {
+		return nil, fmt.Errorf("raid: bitmap chunk of %d bytes is not a multiple of the members' %d-byte blocks", cs, e.bs)
 	}
 	if cfg.Intent != nil {
 		e.intent.Store(&intentRef{cfg.Intent})

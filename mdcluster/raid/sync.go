@@ -179,6 +179,9 @@ func (e *Engine) chunkSpans(chunks []uint64) ([]span, error) {
 // has one sync thread per array). It returns whether some copy could not
 // be written.
 func (e *Engine) runSync(ctx context.Context, op string, target int, spans []span, announce bool) (degraded bool, err error) {
+	if len(spans) == 0 {
+		return false, ctx.Err()
+	}
 	select {
 	case e.syncSem <- struct{}{}:
 	case <-ctx.Done():
