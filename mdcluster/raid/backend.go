@@ -123,6 +123,7 @@ func (b bitmapMirror) ref() *devRef {
 	return m.dev.Load()
 }
 
+// ReadAt reads the member's bitmap area; it fails for a member not in use.
 func (b bitmapMirror) ReadAt(p []byte, off int64) (int, error) {
 	r := b.ref()
 	if r == nil {
@@ -131,6 +132,8 @@ func (b bitmapMirror) ReadAt(p []byte, off int64) (int, error) {
 	return r.dev.ReadAt(p, off)
 }
 
+// WriteAt writes a bitmap page to the member, skipping members not in use
+// and failing the member on an error (see BitmapMirrors).
 func (b bitmapMirror) WriteAt(p []byte, off int64) (int, error) {
 	r := b.ref()
 	if r == nil {
@@ -142,6 +145,7 @@ func (b bitmapMirror) WriteAt(p []byte, off int64) (int, error) {
 	return len(p), nil
 }
 
+// Sync flushes the member, with WriteAt's treatment of errors.
 func (b bitmapMirror) Sync() error {
 	r := b.ref()
 	if r == nil {

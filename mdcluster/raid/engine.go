@@ -47,6 +47,7 @@ const (
 	Missing
 )
 
+// String names the state for logs and status output.
 func (s MemberState) String() string {
 	switch s {
 	case InSync:
@@ -249,11 +250,11 @@ type engineStats struct {
 
 // Defaults for Config fields.
 const (
-	DefaultMaxInFlight            = 128
-	DefaultMaxIOSize              = 1 << 20
-	DefaultResyncIOSize           = 1 << 20
-	DefaultClusterWindow          = 32 << 20
-	DefaultMaxCorrectedReadErrors = 20
+	DefaultMaxInFlight            = 128      // requests at once: enough to keep an NVMe queue busy, small enough to bound memory
+	DefaultMaxIOSize              = 1 << 20  // a request piece: the size md and the block layer favour for streaming
+	DefaultResyncIOSize           = 1 << 20  // a resync window: large sequential I/O, short enough to hold writes only briefly
+	DefaultClusterWindow          = 32 << 20 // md-cluster's raid1 CLUSTER_RESYNC_WINDOW
+	DefaultMaxCorrectedReadErrors = 20       // md's max_corrected_read_errors
 )
 
 // New starts an engine over cfg's members. It does no I/O.

@@ -21,6 +21,7 @@ const (
 	RAID10 Level = 10
 )
 
+// String returns md's name for the level ("raid1", "raid10").
 func (l Level) String() string {
 	switch l {
 	case RAID1:

@@ -59,6 +59,7 @@ const (
 	OpSync
 )
 
+// String names the operation.
 func (o Op) String() string {
 	switch o {
 	case OpRead:

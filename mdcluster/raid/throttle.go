@@ -22,8 +22,10 @@ func SystemClock() Clock { return sysClock{start: time.Now()} }
 
 type sysClock struct{ start time.Time }
 
+// Now is the time since the clock was made.
 func (c sysClock) Now() time.Duration { return time.Since(c.start) }
 
+// Sleep waits on a timer.
 func (c sysClock) Sleep(ctx context.Context, d time.Duration) error {
 	if d <= 0 {
 		return ctx.Err()
@@ -40,8 +42,8 @@ func (c sysClock) Sleep(ctx context.Context, d time.Duration) error {
 
 // md's defaults for /proc/sys/dev/raid/speed_limit_{min,max}, in KiB/s.
 const (
-	DefaultSpeedLimitMin = 1000
-	DefaultSpeedLimitMax = 200000
+	DefaultSpeedLimitMin = 1000   // KiB/s a resync keeps even while the array is busy
+	DefaultSpeedLimitMax = 200000 // KiB/s a resync may use while the array is idle
 )
 
 // throttle paces resync I/O the way md's speed limits do: while the array
