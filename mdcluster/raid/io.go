@@ -511,7 +511,7 @@ func (e *Engine) readCopies(buf []byte, off int64, repair bool) error {
 	n := int64(len(buf))
 	e.extents(pl, off, n)
 	force := e.forcePrimary(off, n)
-	turn := int(e.rr.Add(1))
+	turn := int(e.rr.Add(1) & 0x3fffffff) // never negative
 	for _, x := range pl.exts {
 		locs := pl.locs[x.lo:x.hi]
 		best, bestPending := -1, int64(0)
