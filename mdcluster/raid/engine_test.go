@@ -179,9 +179,7 @@ func runIntegrity(t testing.TB, r *rig, seed uint64, fail int, mut mutation) boo
 	const workers, ops = 6, 150
 	e := r.e
 	e.mut = mut
-	for _, m := range r.mem {
-		m.OnIO = func(Op, int64, int64, bool) { runtime.Gosched() }
-	}
+	r.shuffleIO(seed)
 	size := e.Size()
 	words := size / 8
 	var seq atomic.Int64
@@ -335,9 +333,7 @@ func TestOverlappingWritesKeepMirrorsIdentical(t *testing.T) {
 	run := func(mut mutation) (diverged bool) {
 		r := newRig(t, g, rigOpts{})
 		r.e.mut = mut
-		for _, m := range r.mem {
-			m.OnIO = func(Op, int64, int64, bool) { runtime.Gosched() }
-		}
+		r.shuffleIO(uint64(mut) + 1)
 		for round := 0; round < 200 && !diverged; round++ {
 			var wg sync.WaitGroup
 			for w := 0; w < 4; w++ {

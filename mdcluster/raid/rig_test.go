@@ -2,6 +2,8 @@ package raid
 
 import (
 	"bytes"
+	"math/rand/v2"
+	"runtime"
 	"context"
 	"fmt"
 	"io"
@@ -267,4 +269,23 @@ func (w tWriter) Write(p []byte) (int, error) {
 // windowOf builds a remote resync window from byte offsets.
 func windowOf(lo, hi int64) ownership.Window {
 	return ownership.Window{Lo: uint64(lo / 512), Hi: uint64(hi / 512)}
+}
+
+// shuffleIO makes every operation on the rig's members yield a seeded
+// random number of times first, so that concurrent requests' device
+// operations interleave differently from member to member, even on one
+// CPU.
+func (r *rig) shuffleIO(seed uint64) {
+	var mu sync.Mutex
+	rng := rand.New(rand.NewPCG(seed, 77))
+	for _, m := range r.mem {
+		m.OnIO = func(Op, int64, int64, bool) {
+			mu.Lock()
+			n := rng.IntN(4)
+			mu.Unlock()
+			for range n {
+				runtime.Gosched()
+			}
+		}
+	}
 }

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"math"
 	"math/rand/v2"
-	"runtime"
 	"slices"
 	"sync"
 	"testing"
@@ -115,9 +114,7 @@ func TestResyncBarrier(t *testing.T) {
 	run := func(mut mutation) bool {
 		r := newRig(t, g, rigOpts{tweak: func(c *Config) { c.ResyncIOSize = 16 << 10; c.SpeedLimitMin = 1 << 30 }})
 		r.e.mut = mut
-		for _, m := range r.mem {
-			m.OnIO = func(Op, int64, int64, bool) { runtime.Gosched() }
-		}
+		r.shuffleIO(uint64(mut) + 1)
 		const cs = 64 << 10
 		var chunks []uint64
 		for c := uint64(0); c < uint64(g.Size()/cs); c++ {
