@@ -2,13 +2,13 @@ package raid
 
 import (
 	"bytes"
-	"math/rand/v2"
-	"runtime"
 	"context"
 	"fmt"
 	"io"
 	"log/slog"
+	"math/rand/v2"
 	"os"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
