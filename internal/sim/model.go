@@ -163,7 +163,7 @@ func (m *model) installed(n *Node, in membership.Install) {
 
 func (m *model) callback(n *Node, cb dlm.Callback) {
 	if h, ok := cb.Tag.(*simLock); ok {
-		m.s.own.callback(n, h, cb)
+		h.on.callback(h, cb)
 		return
 	}
 	l, ok := cb.Tag.(*Lock)
