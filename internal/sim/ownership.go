@@ -807,7 +807,10 @@ func (o *ownSim) close() {
 
 // Close releases what a run still holds (the ownership layer's parked
 // coroutines); Finish does it at its end. A Sim is not used after Close.
-func (s *Sim) Close() { s.own.close() }
+func (s *Sim) Close() {
+	s.own.close()
+	s.bc.close()
+}
 
 // --- trace ---
 
