@@ -70,6 +70,12 @@ const (
 	// BcastNoFail: node 2's receiver acts even when it is to fail, and
 	// reports the failure anyway (a failure report that lies).
 	BcastNoFail
+	// BcastStall: node 2's receive loop is never stepped once it has
+	// joined (md's receive thread stuck: every sender waits).
+	BcastStall
+	// BcastSkipReceiver: senders leave node 2 out of their Results, as a
+	// broadcaster that never asked it would.
+	BcastSkipReceiver
 )
 
 // BcastStats counts what the broadcast layer did in a run.
@@ -350,7 +356,8 @@ func (bs *bcSim) resume(n *Node) bool {
 		}
 		return true
 	}
-	if bn.recv == nil && bs.s.now >= bn.recvHold && bn.b.Pending() {
+	stalled := bs.cfg.Mutation == BcastStall && n.ID == 2 && bn.joined
+	if bn.recv == nil && !stalled && bs.s.now >= bn.recvHold && bn.b.Pending() {
 		bn.recv = newCoro("receive", func() {
 			if _, err := bn.b.Step(bcCtx); err != nil && !bn.dead {
 				bs.stats.StepErrors++
@@ -552,6 +559,10 @@ func (bs *bcSim) queueSend(bn *bcNode, typ broadcast.Type) {
 		bn.sending = false
 		if bn.dead {
 			return
+		}
+		if bs.cfg.Mutation == BcastSkipReceiver {
+			res.Acted = slices.DeleteFunc(res.Acted, func(id dlm.NodeID) bool { return id == 2 })
+			delete(res.Failed, 2)
 		}
 		bs.s.tracef("bc %s.%d: send of message %d (%v): seq %d acted %v failed %v unanswered %v not joined %v departed %v: err %v",
 			bn.n.ID, bn.epoch, id, typ, res.Seq, res.Acted, res.Failed, res.Unanswered, res.NotJoined, res.Departed, err)
