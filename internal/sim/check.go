@@ -17,6 +17,7 @@ func (s *Sim) Check() {
 	s.m.checkLocks()
 	s.checkMasters()
 	s.own.check()
+	s.bc.check()
 }
 
 // checkMasters: every lock a recovered master lists belongs to a member of

@@ -111,6 +111,7 @@ func held(l *Lock) dlm.Mode {
 
 func (m *model) crashed(n *Node) {
 	m.s.own.crashed(n)
+	m.s.bc.crashed(n)
 	for _, l := range m.live(n.ID) {
 		if m.counts(n) {
 			if l.Gr >= dlm.PW {
@@ -126,6 +127,7 @@ func (m *model) crashed(n *Node) {
 
 func (m *model) fencedAlive(n *Node) {
 	m.s.own.fenced(n)
+	m.s.bc.fenced(n)
 	for _, l := range m.live(n.ID) {
 		if l.Gr >= dlm.PW {
 			m.res[l.Res].invalid = true
@@ -150,6 +152,7 @@ func (m *model) dropGhosts(id NodeID) {
 
 func (m *model) installed(n *Node, in membership.Install) {
 	m.s.own.installing(n, in)
+	m.s.bc.installing(n, in)
 	for _, r := range in.Rejoined {
 		m.dropGhosts(r) // it restarted: its old process is gone, and the view says so
 	}
@@ -163,7 +166,7 @@ func (m *model) installed(n *Node, in membership.Install) {
 
 func (m *model) callback(n *Node, cb dlm.Callback) {
 	if h, ok := cb.Tag.(*simLock); ok {
-		m.s.own.callback(n, h, cb)
+		h.on.callback(h, cb)
 		return
 	}
 	l, ok := cb.Tag.(*Lock)
@@ -254,7 +257,7 @@ func trim(b []byte) []byte { return bytes.TrimRight(b, "\x00") }
 
 func (m *model) randomOp() {
 	s := m.s
-	if s.own.randomOp() {
+	if s.bc.randomOp() || s.own.randomOp() {
 		return
 	}
 	var up []*Node
@@ -522,6 +525,10 @@ func (s *Sim) Finish() {
 		return
 	}
 	s.own.finish()
+	if s.failed != "" {
+		return
+	}
+	s.bc.finish()
 	if s.failed != "" {
 		return
 	}

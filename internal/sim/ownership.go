@@ -123,19 +123,15 @@ type debt struct {
 // adapter, device handles and coroutines. A crash, a fence or a clean
 // rejoin ends it (dead); a restart or the rejoin starts the next.
 type ownNode struct {
-	o       *ownSim
-	n       *Node
-	epoch   int
-	slot    int
-	drv     *ownership.Driver
-	dead    bool
-	joined  bool
-	ops     []ownOp // operations queued, run one at a time (the driver serialises them too)
-	cur     *coro
-	side    []*coro // blocking callbacks
-	running *coro
-	handles []*simLock
-	writes  []*dataWrite
+	coHost // node, coroutines, locks; dead once the incarnation is over
+	o      *ownSim
+	epoch  int
+	slot   int
+	drv    *ownership.Driver
+	joined bool
+	ops    []ownOp // operations queued, run one at a time (the driver serialises them too)
+	cur    *coro
+	writes []*dataWrite
 	// prepared: RecoverPrepare delivered, RecoverDone not yet.
 	// recovering: a view was installed, RecoverDone is due when the Space
 	// runs again.
@@ -208,13 +204,13 @@ func (o *ownSim) started(n *Node) {
 
 func (o *ownSim) newIncarnation(n *Node) *ownNode {
 	o.epochs++
-	on := &ownNode{o: o, n: n, epoch: o.epochs, slot: int(n.ID) - 1}
+	on := &ownNode{coHost: coHost{s: o.s, n: n, tag: "own", owner: ownOwner, releasing: o.releasing}, o: o, epoch: o.epochs, slot: int(n.ID) - 1}
 	var mirrors []intent.Device
 	for i, d := range o.disks {
 		mirrors = append(mirrors, &simDev{on: on, d: d, mirror: i})
 	}
 	drv, err := ownership.New(ownership.Config{
-		Lockspace: &spaceLocker{on: on}, Node: dlm.NodeID(n.ID), Layout: o.layout, Mirrors: mirrors,
+		Lockspace: &spaceLocker{on: &on.coHost}, Node: dlm.NodeID(n.ID), Layout: o.layout, Mirrors: mirrors,
 		Array:       &simArray{on: on},
 		DaemonSleep: time.Duration(o.cfg.DaemonSleep) * time.Second,
 		Logger:      slog.New(&traceLog{s: o.s, prefix: fmt.Sprintf("own %s.%d:", n.ID, on.epoch)}),
@@ -367,10 +363,10 @@ func (o *ownSim) installing(n *Node, in membership.Install) {
 
 // park parks the incarnation's running coroutine until wake holds; false
 // when the incarnation is gone.
-func (on *ownNode) park(wake func() bool) bool {
+func (on *coHost) park(wake func() bool) bool {
 	c := on.running
 	if c == nil {
-		on.o.fail("node %s: a blocking call outside a coroutine", on.n.ID)
+		on.s.fail("%s: node %s: a blocking call outside a coroutine", on.tag, on.n.ID)
 		return false
 	}
 	if on.dead {
@@ -385,7 +381,7 @@ func (on *ownNode) park(wake func() bool) bool {
 
 // awaitRunning waits until the node's Space runs (not stopped for
 // recovery), as a real lockspace call waits for recovery to end.
-func (on *ownNode) awaitRunning() error {
+func (on *coHost) awaitRunning() error {
 	for {
 		if on.dead {
 			return errGone
@@ -445,27 +441,28 @@ func (o *ownSim) resume(n *Node) bool {
 }
 
 // step runs one of the incarnation's coroutines until it parks or ends.
-func (on *ownNode) step(c *coro) {
+func (on *coHost) step(c *coro) {
 	on.running = c
 	c.step()
 	on.running = nil
 }
 
-// callback (hook: model.callback) applies a Space callback for one of the
-// ownership layer's locks.
-func (o *ownSim) callback(n *Node, h *simLock, cb dlm.Callback) {
+// callback (hook: model.callback) applies a Space callback for one of a
+// host's locks: a blocking callback runs as a coroutine of its own (it may
+// make lock calls), a completion wakes the call that waits for it.
+func (on *coHost) callback(h *simLock, cb dlm.Callback) {
 	if cb.Kind == dlm.Blocking {
-		if h.onBlock != nil && !h.gone && !h.on.dead {
+		if h.onBlock != nil && !h.gone && !on.dead {
 			f, m := h.onBlock, cb.Mode
-			h.on.side = append(h.on.side, newCoro("blocking callback", func() { f(m) }))
+			on.side = append(on.side, newCoro("blocking callback", func() { f(m) }))
 		}
 		return
 	}
 	if !h.pending && cb.Status != dlm.StatusReleased {
-		o.fail("node %s: second completion %v for lock %q", n.ID, cb.Status, h.res)
+		on.s.fail("%s: node %s: second completion %v for lock %q", on.tag, on.n.ID, cb.Status, h.res)
 		return
 	}
-	o.s.tracef("own %s: %s %q -> %v %v %v", n.ID, h.op, h.res, cb.Status, cb.Mode, cb.Flags)
+	on.s.tracef("%s %s: %s %q -> %v %v %v", on.tag, on.n.ID, h.op, h.res, cb.Status, cb.Mode, cb.Flags)
 	h.complete(cb)
 }
 
@@ -600,11 +597,12 @@ func (on *ownNode) holdsPW(s int) bool {
 // for an unpaid debt is clear by then, the chunk would be forgotten.
 func (o *ownSim) releasing(h *simLock) {
 	on := h.on
+	onSlot := int(on.n.ID) - 1
 	if m := h.p.Mode(); m != dlm.PW && m != dlm.EX {
 		return
 	}
 	slot, ok := o.slotOf(h.res)
-	if !ok || slot == on.slot {
+	if !ok || slot == onSlot {
 		return
 	}
 	o.stats.ClaimsReleased++
@@ -809,7 +807,10 @@ func (o *ownSim) close() {
 
 // Close releases what a run still holds (the ownership layer's parked
 // coroutines); Finish does it at its end. A Sim is not used after Close.
-func (s *Sim) Close() { s.own.close() }
+func (s *Sim) Close() {
+	s.own.close()
+	s.bc.close()
+}
 
 // --- trace ---
 

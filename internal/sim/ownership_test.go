@@ -223,7 +223,7 @@ func TestOwnershipOneHolderCheck(t *testing.T) {
 	if own1.res != "bitmap0000" || own1.p.Mode() != dlm.PW {
 		t.Fatalf("node 1's first lock is %q in %v", own1.res, own1.p.Mode())
 	}
-	forged := &simLock{on: o.nodes[2], res: own1.res, p: own1.p}
+	forged := &simLock{on: &o.nodes[2].coHost, res: own1.res, p: own1.p}
 	o.nodes[2].handles = append(o.nodes[2].handles, forged)
 	s.Check()
 	if f := s.Failed(); !strings.HasPrefix(f, "ownership (d): nodes 1 and 2 both hold bitmap0000 in PW") {
@@ -255,7 +255,7 @@ func TestSpaceLockerContract(t *testing.T) {
 			t.Fatalf("%s: %v", name, err)
 		}
 	}
-	var a, b dlm.Locker = &spaceLocker{on: o.nodes[1]}, &spaceLocker{on: o.nodes[2]}
+	var a, b dlm.Locker = &spaceLocker{on: &o.nodes[1].coHost}, &spaceLocker{on: &o.nodes[2].coHost}
 	val := bytes.Repeat([]byte{7}, 16)
 	var w dlm.LockHandle
 	run(1, "writer", func() (err error) {

@@ -17,18 +17,41 @@ import (
 // callbacks with the Space's Ready and hands them to ownSim.callback). A
 // call made while the Space is stopped for recovery waits until it runs
 // again, as the real lockspace's calls do.
-type spaceLocker struct{ on *ownNode }
+type spaceLocker struct{ on *coHost }
 
-// ownOwner is the Space owner of ownership locks (the model's owners are 1
-// and 2).
-const ownOwner dlm.OwnerID = 3
+// coHost is what a spaceLocker and its locks run on: one incarnation of a
+// layer of blocking code on one node (an array's ownership driver, a
+// broadcaster), with its coroutines, the locks it holds, and whether it is
+// gone (its node crashed or was fenced: every call then fails at once).
+type coHost struct {
+	s     *Sim
+	n     *Node
+	tag   string      // trace prefix ("own", "bc")
+	owner dlm.OwnerID // the Space owner of its locks
+	dead  bool
+	// running is the coroutine being stepped; side are coroutines run
+	// besides the host's main ones (blocking callbacks, parallel tasks).
+	running *coro
+	side    []*coro
+	handles []*simLock
+	// releasing, if set, is called before an unlock or a conversion below
+	// PW of one of its locks reaches the Space.
+	releasing func(h *simLock)
+}
+
+// ownOwner and bcOwner are the Space owners of ownership and broadcast
+// locks (the model's owners are 1 and 2).
+const (
+	ownOwner dlm.OwnerID = 3
+	bcOwner  dlm.OwnerID = 4
+)
 
 // errGone is returned by every call of an array incarnation that is gone
 // (its node crashed, was fenced, or rejoined clean).
 var errGone = fmt.Errorf("array incarnation gone: %w", dlm.ErrReleased)
 
 // LVBLen implements dlm.Locker.
-func (l *spaceLocker) LVBLen() int { return l.on.o.s.cfg.LVBLen }
+func (l *spaceLocker) LVBLen() int { return l.on.s.cfg.LVBLen }
 
 // Request implements dlm.Locker.
 func (l *spaceLocker) Request(ctx context.Context, spec dlm.LockSpec) (dlm.LockHandle, error) {
@@ -48,13 +71,13 @@ func (l *spaceLocker) Request(ctx context.Context, spec dlm.LockSpec) (dlm.LockH
 		h.lvb = make([]byte, n)
 	}
 	err := on.n.Sp.Lock(&h.p, dlm.Request{Resource: spec.Resource, Mode: spec.Mode, Flags: spec.Flags, LVB: h.lvb,
-		Owner: ownOwner, Blocking: spec.OnBlock != nil, Tag: h})
+		Owner: on.owner, Blocking: spec.OnBlock != nil, Tag: h})
 	if err != nil {
 		return nil, fmt.Errorf("lock %q: %w", spec.Resource, err)
 	}
 	h.pending = true
 	on.handles = append(on.handles, h)
-	on.o.s.tracef("own %s: lock %q %v %v", on.n.ID, spec.Resource, spec.Mode, spec.Flags)
+	on.s.tracef("%s %s: lock %q %v %v", on.tag, on.n.ID, spec.Resource, spec.Mode, spec.Flags)
 	if err := h.await(); err != nil {
 		return nil, err
 	}
@@ -65,7 +88,7 @@ func (l *spaceLocker) Request(ctx context.Context, spec dlm.LockSpec) (dlm.LockH
 // dlm.LockHandle. p is the Space's record of the lock, which the
 // simulation's invariants read to learn what the DLM granted.
 type simLock struct {
-	on      *ownNode
+	on      *coHost
 	p       dlm.Proc
 	res     string
 	onBlock func(dlm.Mode)
@@ -120,8 +143,8 @@ func (h *simLock) LVB() []byte { return bytes.Clone(h.lvb) }
 // SetLVB implements dlm.LockHandle. The buffer is the one the Space holds
 // for the lock, so the next write from PW or EX carries it.
 func (h *simLock) SetLVB(b []byte) error {
-	if len(b) != h.on.o.s.cfg.LVBLen {
-		return fmt.Errorf("lock %q: %w: LVB is %d bytes, lockspace uses %d", h.res, dlm.ErrInvalid, len(b), h.on.o.s.cfg.LVBLen)
+	if len(b) != h.on.s.cfg.LVBLen {
+		return fmt.Errorf("lock %q: %w: LVB is %d bytes, lockspace uses %d", h.res, dlm.ErrInvalid, len(b), h.on.s.cfg.LVBLen)
 	}
 	switch {
 	case h.gone:
@@ -160,16 +183,16 @@ func (h *simLock) Convert(_ context.Context, mode dlm.Mode, flags dlm.Flags) err
 		return fmt.Errorf("convert %q: %w", h.res, dlm.ErrBusy)
 	}
 	if flags&dlm.ValBlk != 0 && h.lvb == nil {
-		h.lvb = make([]byte, h.on.o.s.cfg.LVBLen)
+		h.lvb = make([]byte, h.on.s.cfg.LVBLen)
 	}
-	if mode < dlm.PW {
-		h.on.o.releasing(h)
+	if mode < dlm.PW && h.on.releasing != nil {
+		h.on.releasing(h)
 	}
 	if err := h.on.n.Sp.Convert(&h.p, mode, flags|dlm.Convert, h.lvb); err != nil {
 		return fmt.Errorf("convert %q: %w", h.res, err)
 	}
 	h.pending, h.op = true, "convert"
-	h.on.o.s.tracef("own %s: convert %q %v->%v %v", h.on.n.ID, h.res, h.mode, mode, flags)
+	h.on.s.tracef("%s %s: convert %q %v->%v %v", h.on.tag, h.on.n.ID, h.res, h.mode, mode, flags)
 	return h.await()
 }
 
@@ -192,7 +215,9 @@ func (h *simLock) Unlock(_ context.Context, flags dlm.Flags) error {
 	if wasPending && flags&dlm.ForceUnlock == 0 {
 		return fmt.Errorf("unlock %q: %w", h.res, dlm.ErrBusy)
 	}
-	h.on.o.releasing(h)
+	if h.on.releasing != nil {
+		h.on.releasing(h)
+	}
 	if !wasPending {
 		h.unlocking = true
 	}
@@ -200,7 +225,7 @@ func (h *simLock) Unlock(_ context.Context, flags dlm.Flags) error {
 		h.unlocking = false
 		return fmt.Errorf("unlock %q: %w", h.res, err)
 	}
-	h.on.o.s.tracef("own %s: unlock %q %v", h.on.n.ID, h.res, flags)
+	h.on.s.tracef("%s %s: unlock %q %v", h.on.tag, h.on.n.ID, h.res, flags)
 	if wasPending {
 		// A force-unlock overtook the pending operation, whose waiter gets
 		// ErrUnlocked; this call itself succeeded.

@@ -92,6 +92,9 @@ type Config struct {
 	// Ownership, when set, runs bitmap slot ownership on every node
 	// (ownership.go).
 	Ownership *OwnershipConfig
+	// Broadcast, when set, runs the configuration broadcast on every node
+	// (bcast.go; needs LVBLen 64).
+	Broadcast *BroadcastConfig
 }
 
 // dmsg is a DLM message in flight between one ordered pair.
@@ -172,6 +175,7 @@ type Sim struct {
 
 	m      *model
 	own    *ownSim // nil unless Config.Ownership (ownership.go)
+	bc     *bcSim  // nil unless Config.Broadcast (bcast.go)
 	failed string
 	stats  Stats
 
@@ -226,6 +230,7 @@ func New(cfg Config) (*Sim, error) {
 	}
 	s.m = newModel(s)
 	s.own = newOwnSim(s)
+	s.bc = newBcSim(s)
 	for _, id := range s.ids {
 		s.Start(id)
 	}
@@ -312,6 +317,7 @@ func (s *Sim) Start(id NodeID) {
 	}
 	s.tracef("start %s (incarnation %d, persisted gen %d)", id, n.inc, n.disk.Installed.Gen)
 	s.own.started(n) // ownership hook
+	s.bc.started(n)  // broadcast hook
 	s.pump(n)
 	s.fdChanged()
 }
@@ -398,6 +404,9 @@ func (s *Sim) pump(n *Node) {
 			progressed = true
 		}
 		if s.own.resume(n) { // ownership hook: recovery events, driver coroutines
+			progressed = true
+		}
+		if s.bc.resume(n) { // broadcast hook: recovery events, broadcaster coroutines
 			progressed = true
 		}
 		if !progressed {

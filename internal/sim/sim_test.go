@@ -51,9 +51,13 @@ func randomConfig(seed uint64) Config {
 		Heal:         0.3,
 	}
 	f.Early, f.AnyPartition = true, true
-	return Config{Seed: seed, Quorum: q, Extra: extra, LVBLen: []int{16, 64}[r.IntN(2)], TossLimit: 1 + r.IntN(3),
+	cfg := Config{Seed: seed, Quorum: q, Extra: extra, LVBLen: []int{16, 64}[r.IntN(2)], TossLimit: 1 + r.IntN(3),
 		Faults: f, Resources: 4 + r.IntN(3), MaxLocks: 4 + r.IntN(4),
 		Ownership: &OwnershipConfig{Chunks: 4 + r.IntN(13), DaemonSleep: 1 + r.IntN(4), MaxWrites: 1 + r.IntN(4)}}
+	if cfg.LVBLen >= 64 { // the broadcast needs 64-byte value blocks
+		cfg.Broadcast = &BroadcastConfig{FailProb: []float64{0, 0.1, 0.3}[r.IntN(3)], ReleaseToken: r.IntN(4) == 0}
+	}
+	return cfg
 }
 
 func traceWriter() io.Writer {
@@ -99,7 +103,7 @@ func TestRandom(t *testing.T) {
 		}
 		s, msg := runRandom(seed, randomSteps, traceWriter())
 		if s != nil {
-			t.Logf("seed %d: %+v %+v", seed, s.Stats(), s.OwnStats())
+			t.Logf("seed %d: %+v %+v %+v", seed, s.Stats(), s.OwnStats(), s.BcastStats())
 		}
 		if msg != "" {
 			t.Fatalf("seed %d step %d: %s\nreplay: %s", seed, stepOf(s), msg, replay("TestRandom", seed))
@@ -120,6 +124,7 @@ func TestRandom(t *testing.T) {
 	start := time.Now()
 	var total Stats
 	var own OwnStats
+	var bc BcastStats
 	var failures []string
 	for seed := uint64(1); seed <= uint64(seeds); seed++ {
 		s, msg := runRandom(seed, randomSteps, nil)
@@ -132,8 +137,9 @@ func TestRandom(t *testing.T) {
 		}
 		add(&total, s.Stats())
 		addOwn(&own, s.OwnStats())
+		addBcast(&bc, s.BcastStats())
 	}
-	t.Logf("%d seeds in %v: %+v\nownership: %+v", seeds, time.Since(start).Round(time.Millisecond), total, own)
+	t.Logf("%d seeds in %v: %+v\nownership: %+v\nbroadcast: %+v", seeds, time.Since(start).Round(time.Millisecond), total, own, bc)
 	if len(failures) > 0 {
 		t.Fatalf("%d failing seeds (first ones):\n%s", len(failures), strings.Join(failures, "\n"))
 	}
@@ -190,4 +196,22 @@ func add(t *Stats, s Stats) {
 	t.ResetsSuppressed += s.ResetsSuppressed
 	t.Purges += s.Purges
 	t.StopsAfterInstall += s.StopsAfterInstall
+}
+
+func addBcast(t *BcastStats, s BcastStats) {
+	t.Joins += s.Joins
+	t.Leaves += s.Leaves
+	t.LeaveBusy += s.LeaveBusy
+	t.Sends += s.Sends
+	t.SendOK += s.SendOK
+	t.SendErr += s.SendErr
+	t.Acted += s.Acted
+	t.Failed += s.Failed
+	t.Unknown += s.Unknown
+	t.NotJoined += s.NotJoined
+	t.Departed += s.Departed
+	t.Unan += s.Unan
+	t.Records += s.Records
+	t.StepErrors += s.StepErrors
+	t.Stale += s.Stale
 }
