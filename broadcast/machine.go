@@ -272,8 +272,14 @@ func (m *Machine) TokenLost() { m.TokenReleased() }
 // never acted on here (the joining node loads the array state after it
 // instead).
 func (m *Machine) Joined(lvb []byte, invalid bool) {
+	// The joiner holds the token, so no broadcast is in flight and the
+	// value read is the cluster's current numbering. It replaces what this
+	// machine saw before it left: when every node let go of the broadcast
+	// locks meanwhile, the value blocks were dropped and numbering started
+	// again at 1, and keeping the old, higher number would answer every new
+	// broadcast "stale" (found by the simulator, seed 1372).
 	if s, ok := rawSeq(lvb); ok {
-		m.seen = max(m.seen, s)
+		m.seen = s
 	}
 	m.phase = Joined
 	m.armed, m.notified, m.catchUp, m.busy = [2]bool{true, true}, [2]bool{}, false, false

@@ -436,3 +436,22 @@ func TestMachineToggleAlternates(t *testing.T) {
 		t.Fatalf("finish: %+v %v", e, ok)
 	}
 }
+
+// TestMachineRejoinAfterNumberingRestarted: a node leaves after acting on
+// broadcast 3; every node lets go of the broadcast locks, so the value
+// blocks are dropped and numbering starts again. Rejoining with the same
+// machine, it must take the value it reads (0) as the current number, so
+// that the next broadcast, numbered 1, is new to it and not "stale".
+func TestMachineRejoinAfterNumberingRestarted(t *testing.T) {
+	m := joined(t, 2, 3)
+	if m.Seen() != 3 {
+		t.Fatalf("seen %d after joining at 3", m.Seen())
+	}
+	m.Left()
+	m.TokenGranted(make([]byte, LVBSize), false)
+	m.Joined(make([]byte, LVBSize), false)
+	m.TokenReleased()
+	if m.Seen() != 0 {
+		t.Fatalf("after rejoining a restarted numbering the machine has seen %d, want 0: broadcast 1 would be answered stale", m.Seen())
+	}
+}
