@@ -630,11 +630,14 @@ func TestTimeouts(t *testing.T) {
 	})
 	t.Run("waiting for replies is not idle", func(t *testing.T) {
 		h := &hookBackend{Backend: NewMemBackend(1 << 16), gate: make(chan struct{}), entered: make(chan string, 1)}
-		s, sock := startServer(t, Config{IdleTimeout: 100 * time.Millisecond, Exports: []Export{{Name: "g", Backend: h}}})
+		// The request waits 4 idle timeouts in the backend; the follow-up
+		// read right after its reply has a whole idle timeout to arrive,
+		// ample even on a loaded machine.
+		s, sock := startServer(t, Config{IdleTimeout: 250 * time.Millisecond, Exports: []Export{{Name: "g", Backend: h}}})
 		c := dialGo(t, sock, "g")
 		_, ch := c.send(cmdRead, 0, 0, 1, nil, 1)
 		<-h.entered
-		time.Sleep(300 * time.Millisecond)
+		time.Sleep(time.Second)
 		close(h.gate)
 		if r := c.wait(ch); r.err != nil || r.errno != 0 {
 			t.Fatalf("slow read: %+v", r)
