@@ -4,6 +4,7 @@ import (
 	"math/bits"
 	"sync"
 	"sync/atomic"
+	"time"
 )
 
 // budget bounds what one connection holds in flight: a number of requests
@@ -18,6 +19,9 @@ type budget struct {
 	n      int
 	bytes  int
 	closed bool
+	// drained is when n last dropped to 0: a connection is idle only from
+	// its last reply on, not from its last request's arrival.
+	drained time.Time
 }
 
 func newBudget(maxN, maxBytes int, waits *atomic.Uint64) *budget {
@@ -53,8 +57,19 @@ func (b *budget) release(size int) {
 	b.mu.Lock()
 	b.n--
 	b.bytes -= size
+	if b.n == 0 {
+		b.drained = time.Now()
+	}
 	b.mu.Unlock()
 	b.cond.Signal()
+}
+
+// idleSince reports whether a request is in flight and, if none is, when
+// the last one completed (zero if none ever did).
+func (b *budget) idleSince() (busy bool, since time.Time) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.n > 0, b.drained
 }
 
 // busy reports whether any request is in flight.

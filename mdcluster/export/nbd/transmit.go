@@ -61,12 +61,19 @@ func (c *conn) readRequests() error {
 				// Nothing of a new request has arrived: only the idle
 				// limit matters here.
 				if cfg.IdleTimeout > 0 && time.Since(c.lastReq) >= cfg.IdleTimeout {
-					if !c.budget.busy() {
+					busy, drained := c.budget.idleSince()
+					switch {
+					case busy:
+						// Waiting for our own replies is not idling.
+						c.lastReq = time.Now()
+					case time.Since(drained) < cfg.IdleTimeout:
+						// Idle only since the last reply went out: the
+						// client has the whole IdleTimeout from then.
+						c.lastReq = drained
+					default:
 						c.s.stats.timeouts.Add(1)
 						return fmt.Errorf("no request for %v (IdleTimeout)", cfg.IdleTimeout)
 					}
-					// Waiting for our own replies is not idling.
-					c.lastReq = time.Now()
 				}
 				continue
 			}
