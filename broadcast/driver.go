@@ -100,6 +100,11 @@ type Config struct {
 	// mutation makes the broadcaster deliberately wrong in one md-like way,
 	// so the regression tests can show they catch it. Tests only.
 	mutation mutation
+	// trace, when set, is called at each step of a send and a receive with
+	// the step's name and the node it concerns (the receiver asked, for a
+	// sender's per-receiver steps; this node otherwise), on the goroutine
+	// taking the step. Tests only: TestTraceWarmBroadcast times the steps.
+	trace func(step string, node dlm.NodeID)
 }
 
 // mutation names a deliberate bug for regression tests.
@@ -299,6 +304,13 @@ func (b *Broadcaster) inHandler(ctx context.Context) bool {
 }
 
 // --- small helpers ---
+
+// tr reports a step to Config.trace, if set.
+func (b *Broadcaster) tr(step string, node dlm.NodeID) {
+	if b.cfg.trace != nil {
+		b.cfg.trace(step, node)
+	}
+}
 
 func (b *Broadcaster) lockCtx(ctx context.Context) (context.Context, context.CancelFunc) {
 	return context.WithTimeout(ctx, b.cfg.LockTimeout)
@@ -608,6 +620,7 @@ func (b *Broadcaster) dropHandles(ctx context.Context) {
 // notified is the blocking callback of ack lock number lock: a sender
 // waits for us there.
 func (b *Broadcaster) notified(lock uint8) {
+	b.tr("recv: blocking callback", b.cfg.Self)
 	b.mu.Lock()
 	b.m.Notify(lock)
 	b.mu.Unlock()
@@ -747,9 +760,11 @@ func (b *Broadcaster) receive(ctx context.Context, job Job) (err error) {
 		b.lost(errors.New("no locks"))
 		return nil
 	}
+	b.tr("recv: loop started", self)
 	lctx, cancel := b.lockCtx(ctx)
 	err = rm.Convert(lctx, dlm.CR, dlm.ValBlk)
 	cancel()
+	b.tr("recv: message read", self)
 	if err != nil {
 		b.retry(job)
 		if gone(err) {
@@ -786,10 +801,12 @@ func (b *Broadcaster) receive(ctx context.Context, job Job) (err error) {
 		b.m.Rearmed(other)
 		b.mu.Unlock()
 	}
+	b.tr("recv: other ack armed", self)
 	reply := d.Reply
 	if d.Act {
 		reply = b.act(ctx, d.Env)
 	}
+	b.tr("recv: acted", self)
 	if d.NoReply || b.skipReply(reply) {
 		b.mu.Lock()
 		b.m.Done()
@@ -808,6 +825,7 @@ func (b *Broadcaster) receive(ctx context.Context, job Job) (err error) {
 		}
 		return fmt.Errorf("broadcast: node %d: reply to broadcast %d: %w", self, reply.Seq, err)
 	}
+	b.tr("recv: replied", self)
 	b.mu.Lock()
 	b.m.Replied(job.Lock)
 	b.stats.Replies++
@@ -1060,9 +1078,11 @@ func (b *Broadcaster) send(ctx context.Context, msg Message) (Result, error) {
 	if sm == nil {
 		return Result{}, fmt.Errorf("broadcast: node %d: send %s: %w", b.cfg.Self, msg.Type, ErrNotJoined)
 	}
+	b.tr("send: token held", b.cfg.Self)
 	if err := b.takeMessage(ctx, sm); err != nil {
 		return Result{}, fmt.Errorf("broadcast: send %s: %w", msg.Type, err)
 	}
+	b.tr("send: message in EX", b.cfg.Self)
 	if finish {
 		b.mu.Lock()
 		e, act, ok := b.m.Finish(sm.LVB())
@@ -1134,6 +1154,7 @@ func (b *Broadcaster) finish(ctx context.Context, sm dlm.LockHandle, e Envelope,
 // holds one of them. Each lock is released as soon as its value is read.
 func (b *Broadcaster) ask(ctx context.Context, e Envelope, r dlm.NodeID, n int) Answer {
 	a := Answer{Node: r}
+	b.tr("send: ask", r)
 	for k, lock := range [2]uint8{e.Toggle, e.Toggle ^ 1} {
 		h, err := b.cfg.Locker.Request(ctx, dlm.LockSpec{Resource: AckLock(r, lock), Mode: dlm.CR, Flags: dlm.ValBlk})
 		if err != nil {
@@ -1141,6 +1162,7 @@ func (b *Broadcaster) ask(ctx context.Context, e Envelope, r dlm.NodeID, n int) 
 			return a
 		}
 		a.Tried = k + 1
+		b.tr("send: ack granted", r)
 		a.LVB[k], a.Invalid[k] = h.LVB(), invalid(h)
 		if len(a.LVB[k]) != n {
 			a.LVB[k] = make([]byte, n)
@@ -1172,6 +1194,7 @@ func (b *Broadcaster) publish(ctx context.Context, sm dlm.LockHandle, e Envelope
 		}
 		return Result{Seq: e.Seq}, fmt.Errorf("broadcast: node %d: publish broadcast %d (%s) through %s: %w", self, e.Seq, e.Msg.Type, MessageLock, err)
 	}
+	b.tr("send: published", self)
 	b.mu.Lock()
 	recv := b.m.Receivers()
 	b.stats.Sends++
@@ -1185,6 +1208,7 @@ func (b *Broadcaster) publish(ctx context.Context, sm dlm.LockHandle, e Envelope
 		}
 		return Result{Seq: e.Seq}, fmt.Errorf("broadcast: node %d: release %s after broadcast %d: %w", self, MessageLock, e.Seq, err)
 	}
+	b.tr("send: all answered, message in NL", self)
 	b.mu.Lock()
 	res := b.m.Sent(e.Seq, answers)
 	b.mu.Unlock()
