@@ -322,11 +322,88 @@ func (b *Broadcaster) cleanupCtx(ctx context.Context) (context.Context, context.
 	return context.WithTimeout(context.WithoutCancel(ctx), b.cfg.LockTimeout)
 }
 
+// quickCtx is cleanupCtx for a call that normally completes without
+// waiting (a down-conversion or an unlock, which the lock manager completes
+// at once): the same bound, but its timer starts only if the call waits on
+// Done, so the common case costs no timer (a send makes several of these).
+func (b *Broadcaster) quickCtx(ctx context.Context) *boundCtx {
+	return &boundCtx{parent: ctx, deadline: time.Now().Add(b.cfg.LockTimeout)}
+}
+
+// boundCtx is context.WithTimeout(context.WithoutCancel(parent), d) with
+// the timer started lazily, by the first call to Done. Err reads the clock
+// when no timer runs, so the deadline holds either way.
+type boundCtx struct {
+	parent   context.Context // values only; its cancellation is not inherited
+	deadline time.Time
+	mu       sync.Mutex
+	done     chan struct{}
+	timer    *time.Timer
+	err      error
+}
+
+var _ context.Context = (*boundCtx)(nil)
+
+func (c *boundCtx) Deadline() (time.Time, bool) { return c.deadline, true }
+func (c *boundCtx) Value(key any) any           { return c.parent.Value(key) }
+
+func (c *boundCtx) Done() <-chan struct{} {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.done == nil {
+		c.done = make(chan struct{})
+		if c.err != nil {
+			close(c.done)
+		} else if d := time.Until(c.deadline); d <= 0 {
+			c.end(context.DeadlineExceeded)
+		} else {
+			c.timer = time.AfterFunc(d, func() {
+				c.mu.Lock()
+				c.end(context.DeadlineExceeded)
+				c.mu.Unlock()
+			})
+		}
+	}
+	return c.done
+}
+
+func (c *boundCtx) Err() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.err == nil && c.timer == nil && !time.Now().Before(c.deadline) {
+		c.end(context.DeadlineExceeded)
+	}
+	return c.err
+}
+
+// cancel ends the context (context.Canceled unless it had ended) and stops
+// its timer.
+func (c *boundCtx) cancel() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.timer != nil {
+		c.timer.Stop()
+	}
+	c.end(context.Canceled)
+}
+
+// end records err as the context's end and closes Done if it was handed
+// out. Called with mu held.
+func (c *boundCtx) end(err error) {
+	if c.err != nil {
+		return
+	}
+	c.err = err
+	if c.done != nil {
+		close(c.done)
+	}
+}
+
 // down converts h down to mode within a fresh cleanup bound (a
 // down-conversion does not wait for other nodes).
 func (b *Broadcaster) down(ctx context.Context, h dlm.LockHandle, mode dlm.Mode, flags dlm.Flags) error {
-	cctx, cancel := b.cleanupCtx(ctx)
-	defer cancel()
+	cctx := b.quickCtx(ctx)
+	defer cctx.cancel()
 	if err := h.Convert(cctx, mode, flags); err != nil {
 		return fmt.Errorf("convert %s to %s: %w", h.Resource(), mode, err)
 	}
@@ -335,8 +412,8 @@ func (b *Broadcaster) down(ctx context.Context, h dlm.LockHandle, mode dlm.Mode,
 
 // unlock releases h within a fresh cleanup bound.
 func (b *Broadcaster) unlock(ctx context.Context, h dlm.LockHandle, flags dlm.Flags) error {
-	cctx, cancel := b.cleanupCtx(ctx)
-	defer cancel()
+	cctx := b.quickCtx(ctx)
+	defer cctx.cancel()
 	if err := h.Unlock(cctx, flags); err != nil {
 		return fmt.Errorf("release %s: %w", h.Resource(), err)
 	}
