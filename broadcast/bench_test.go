@@ -55,7 +55,12 @@ func echoConn(b *testing.B) net.Conn {
 // manager configuration) against a raw 64-byte
 // TCP round trip, alternating blocks of each so that both see the same
 // machine state, and reports each one's time and their ratio. One op is
-// one broadcast plus one round trip.
+// one broadcast plus one round trip. It also reports the lock manager's
+// frames per broadcast (all nodes together) and the CPU time the
+// process (all three nodes and the echo end) used per broadcast and per
+// round trip (getrusage around each block; its granularity needs thousands
+// of ops): on two processors a broadcast is mostly bound by it, and on a
+// machine shared with other work it moves less than the wall times.
 //
 // Node 1 joins first, so it masters the token and message locks, and each
 // receiver masters its own ack lock: the placement a long-running array
@@ -93,25 +98,39 @@ func benchBroadcast(b *testing.B, nodes int) {
 		ping()
 	}
 	const block = 64
-	var tBcast, tPing time.Duration
+	var tBcast, tPing, cBcast, cPing time.Duration
+	frames := func() (n uint64) {
+		for _, nd := range c.nodes {
+			n += nd.dn.Controller().Transport().Stats().FramesSent
+		}
+		return n
+	}
+	f0 := frames()
 	b.ReportAllocs()
 	b.ResetTimer()
 	for done := 0; done < b.N; {
 		n := min(block, b.N-done)
-		t0 := time.Now()
+		c0, t0 := cpuTime(), time.Now()
 		for range n {
 			bcast()
 		}
-		t1 := time.Now()
+		c1, t1 := cpuTime(), time.Now()
 		for range n {
 			ping()
 		}
 		tPing += time.Since(t1)
+		cPing += cpuTime() - c1
 		tBcast += t1.Sub(t0)
+		cBcast += c1 - c0
 		done += n
 	}
 	b.StopTimer()
+	b.ReportMetric(float64(frames()-f0)/float64(b.N), "frames/bcast")
 	b.ReportMetric(float64(tBcast.Nanoseconds())/float64(b.N), "bcast-ns")
 	b.ReportMetric(float64(tPing.Nanoseconds())/float64(b.N), "rtt-ns")
 	b.ReportMetric(float64(tBcast)/float64(tPing), "bcast/rtt")
+	if cBcast > 0 && cPing > 0 {
+		b.ReportMetric(float64(cBcast.Nanoseconds())/float64(b.N), "bcast-cpu-ns")
+		b.ReportMetric(float64(cPing.Nanoseconds())/float64(b.N), "rtt-cpu-ns")
+	}
 }

@@ -100,6 +100,11 @@ type Config struct {
 	// mutation makes the broadcaster deliberately wrong in one md-like way,
 	// so the regression tests can show they catch it. Tests only.
 	mutation mutation
+	// trace, when set, is called at each step of a send and a receive with
+	// the step's name and the node it concerns (the receiver asked, for a
+	// sender's per-receiver steps; this node otherwise), on the goroutine
+	// taking the step. Tests only: TestTraceWarmBroadcast times the steps.
+	trace func(step string, node dlm.NodeID)
 }
 
 // mutation names a deliberate bug for regression tests.
@@ -300,6 +305,13 @@ func (b *Broadcaster) inHandler(ctx context.Context) bool {
 
 // --- small helpers ---
 
+// tr reports a step to Config.trace, if set.
+func (b *Broadcaster) tr(step string, node dlm.NodeID) {
+	if b.cfg.trace != nil {
+		b.cfg.trace(step, node)
+	}
+}
+
 func (b *Broadcaster) lockCtx(ctx context.Context) (context.Context, context.CancelFunc) {
 	return context.WithTimeout(ctx, b.cfg.LockTimeout)
 }
@@ -310,11 +322,88 @@ func (b *Broadcaster) cleanupCtx(ctx context.Context) (context.Context, context.
 	return context.WithTimeout(context.WithoutCancel(ctx), b.cfg.LockTimeout)
 }
 
+// quickCtx is cleanupCtx for a call that normally completes without
+// waiting (a down-conversion or an unlock, which the lock manager completes
+// at once): the same bound, but its timer starts only if the call waits on
+// Done, so the common case costs no timer (a send makes several of these).
+func (b *Broadcaster) quickCtx(ctx context.Context) *boundCtx {
+	return &boundCtx{parent: ctx, deadline: time.Now().Add(b.cfg.LockTimeout)}
+}
+
+// boundCtx is context.WithTimeout(context.WithoutCancel(parent), d) with
+// the timer started lazily, by the first call to Done. Err reads the clock
+// when no timer runs, so the deadline holds either way.
+type boundCtx struct {
+	parent   context.Context // values only; its cancellation is not inherited
+	deadline time.Time
+	mu       sync.Mutex
+	done     chan struct{}
+	timer    *time.Timer
+	err      error
+}
+
+var _ context.Context = (*boundCtx)(nil)
+
+func (c *boundCtx) Deadline() (time.Time, bool) { return c.deadline, true }
+func (c *boundCtx) Value(key any) any           { return c.parent.Value(key) }
+
+func (c *boundCtx) Done() <-chan struct{} {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.done == nil {
+		c.done = make(chan struct{})
+		if c.err != nil {
+			close(c.done)
+		} else if d := time.Until(c.deadline); d <= 0 {
+			c.end(context.DeadlineExceeded)
+		} else {
+			c.timer = time.AfterFunc(d, func() {
+				c.mu.Lock()
+				c.end(context.DeadlineExceeded)
+				c.mu.Unlock()
+			})
+		}
+	}
+	return c.done
+}
+
+func (c *boundCtx) Err() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.err == nil && c.timer == nil && !time.Now().Before(c.deadline) {
+		c.end(context.DeadlineExceeded)
+	}
+	return c.err
+}
+
+// cancel ends the context (context.Canceled unless it had ended) and stops
+// its timer.
+func (c *boundCtx) cancel() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.timer != nil {
+		c.timer.Stop()
+	}
+	c.end(context.Canceled)
+}
+
+// end records err as the context's end and closes Done if it was handed
+// out. Called with mu held.
+func (c *boundCtx) end(err error) {
+	if c.err != nil {
+		return
+	}
+	c.err = err
+	if c.done != nil {
+		close(c.done)
+	}
+}
+
 // down converts h down to mode within a fresh cleanup bound (a
 // down-conversion does not wait for other nodes).
 func (b *Broadcaster) down(ctx context.Context, h dlm.LockHandle, mode dlm.Mode, flags dlm.Flags) error {
-	cctx, cancel := b.cleanupCtx(ctx)
-	defer cancel()
+	cctx := b.quickCtx(ctx)
+	defer cctx.cancel()
 	if err := h.Convert(cctx, mode, flags); err != nil {
 		return fmt.Errorf("convert %s to %s: %w", h.Resource(), mode, err)
 	}
@@ -323,8 +412,8 @@ func (b *Broadcaster) down(ctx context.Context, h dlm.LockHandle, mode dlm.Mode,
 
 // unlock releases h within a fresh cleanup bound.
 func (b *Broadcaster) unlock(ctx context.Context, h dlm.LockHandle, flags dlm.Flags) error {
-	cctx, cancel := b.cleanupCtx(ctx)
-	defer cancel()
+	cctx := b.quickCtx(ctx)
+	defer cctx.cancel()
 	if err := h.Unlock(cctx, flags); err != nil {
 		return fmt.Errorf("release %s: %w", h.Resource(), err)
 	}
@@ -608,6 +697,7 @@ func (b *Broadcaster) dropHandles(ctx context.Context) {
 // notified is the blocking callback of ack lock number lock: a sender
 // waits for us there.
 func (b *Broadcaster) notified(lock uint8) {
+	b.tr("recv: blocking callback", b.cfg.Self)
 	b.mu.Lock()
 	b.m.Notify(lock)
 	b.mu.Unlock()
@@ -747,9 +837,11 @@ func (b *Broadcaster) receive(ctx context.Context, job Job) (err error) {
 		b.lost(errors.New("no locks"))
 		return nil
 	}
+	b.tr("recv: loop started", self)
 	lctx, cancel := b.lockCtx(ctx)
 	err = rm.Convert(lctx, dlm.CR, dlm.ValBlk)
 	cancel()
+	b.tr("recv: message read", self)
 	if err != nil {
 		b.retry(job)
 		if gone(err) {
@@ -786,10 +878,12 @@ func (b *Broadcaster) receive(ctx context.Context, job Job) (err error) {
 		b.m.Rearmed(other)
 		b.mu.Unlock()
 	}
+	b.tr("recv: other ack armed", self)
 	reply := d.Reply
 	if d.Act {
 		reply = b.act(ctx, d.Env)
 	}
+	b.tr("recv: acted", self)
 	if d.NoReply || b.skipReply(reply) {
 		b.mu.Lock()
 		b.m.Done()
@@ -808,6 +902,7 @@ func (b *Broadcaster) receive(ctx context.Context, job Job) (err error) {
 		}
 		return fmt.Errorf("broadcast: node %d: reply to broadcast %d: %w", self, reply.Seq, err)
 	}
+	b.tr("recv: replied", self)
 	b.mu.Lock()
 	b.m.Replied(job.Lock)
 	b.stats.Replies++
@@ -1060,9 +1155,11 @@ func (b *Broadcaster) send(ctx context.Context, msg Message) (Result, error) {
 	if sm == nil {
 		return Result{}, fmt.Errorf("broadcast: node %d: send %s: %w", b.cfg.Self, msg.Type, ErrNotJoined)
 	}
+	b.tr("send: token held", b.cfg.Self)
 	if err := b.takeMessage(ctx, sm); err != nil {
 		return Result{}, fmt.Errorf("broadcast: send %s: %w", msg.Type, err)
 	}
+	b.tr("send: message in EX", b.cfg.Self)
 	if finish {
 		b.mu.Lock()
 		e, act, ok := b.m.Finish(sm.LVB())
@@ -1134,6 +1231,7 @@ func (b *Broadcaster) finish(ctx context.Context, sm dlm.LockHandle, e Envelope,
 // holds one of them. Each lock is released as soon as its value is read.
 func (b *Broadcaster) ask(ctx context.Context, e Envelope, r dlm.NodeID, n int) Answer {
 	a := Answer{Node: r}
+	b.tr("send: ask", r)
 	for k, lock := range [2]uint8{e.Toggle, e.Toggle ^ 1} {
 		h, err := b.cfg.Locker.Request(ctx, dlm.LockSpec{Resource: AckLock(r, lock), Mode: dlm.CR, Flags: dlm.ValBlk})
 		if err != nil {
@@ -1141,6 +1239,7 @@ func (b *Broadcaster) ask(ctx context.Context, e Envelope, r dlm.NodeID, n int) 
 			return a
 		}
 		a.Tried = k + 1
+		b.tr("send: ack granted", r)
 		a.LVB[k], a.Invalid[k] = h.LVB(), invalid(h)
 		if len(a.LVB[k]) != n {
 			a.LVB[k] = make([]byte, n)
@@ -1172,6 +1271,7 @@ func (b *Broadcaster) publish(ctx context.Context, sm dlm.LockHandle, e Envelope
 		}
 		return Result{Seq: e.Seq}, fmt.Errorf("broadcast: node %d: publish broadcast %d (%s) through %s: %w", self, e.Seq, e.Msg.Type, MessageLock, err)
 	}
+	b.tr("send: published", self)
 	b.mu.Lock()
 	recv := b.m.Receivers()
 	b.stats.Sends++
@@ -1185,6 +1285,7 @@ func (b *Broadcaster) publish(ctx context.Context, sm dlm.LockHandle, e Envelope
 		}
 		return Result{Seq: e.Seq}, fmt.Errorf("broadcast: node %d: release %s after broadcast %d: %w", self, MessageLock, e.Seq, err)
 	}
+	b.tr("send: all answered, message in NL", self)
 	b.mu.Lock()
 	res := b.m.Sent(e.Seq, answers)
 	b.mu.Unlock()

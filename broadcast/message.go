@@ -474,5 +474,22 @@ const (
 // before it answers on this one, so the next broadcast, which asks the
 // other, always finds it armed without waiting for this sender to let go.
 func AckLock(id dlm.NodeID, toggle uint8) string {
+	if id >= 1 && id <= MaxNode {
+		return ackLockNames[id-1][toggle&1] // a sender asks for them on every broadcast
+	}
+	return ackLockName(id, toggle)
+}
+
+func ackLockName(id dlm.NodeID, toggle uint8) string {
 	return fmt.Sprintf("ack%04d.%d", uint32(id)-1, toggle&1)
 }
+
+// ackLockNames holds AckLock's names of nodes 1..MaxNode.
+var ackLockNames = func() (t [MaxNode][2]string) {
+	for i := range t {
+		for k := range t[i] {
+			t[i][k] = ackLockName(dlm.NodeID(i+1), uint8(k))
+		}
+	}
+	return t
+}()

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 	"unicode/utf8"
@@ -157,6 +158,16 @@ func TestTokenStateRoundTrip(t *testing.T) {
 func TestAckLockName(t *testing.T) {
 	if AckLock(1, 0) != "ack0000.0" || AckLock(12, 1) != "ack0011.1" || AckLock(3, 3) != "ack0002.1" {
 		t.Fatal(AckLock(1, 0), AckLock(12, 1))
+	}
+	if AckLock(MaxNode, 1) != "ack0191.1" || AckLock(MaxNode+1, 0) != "ack0192.0" {
+		t.Fatal(AckLock(MaxNode, 1), AckLock(MaxNode+1, 0))
+	}
+	for id := dlm.NodeID(0); id <= MaxNode+1; id++ {
+		for k := range uint8(4) {
+			if got, want := AckLock(id, k), fmt.Sprintf("ack%04d.%d", uint32(id)-1, k&1); got != want {
+				t.Fatalf("AckLock(%d, %d) = %q, want %q", id, k, got, want)
+			}
+		}
 	}
 }
 
