@@ -73,6 +73,16 @@ func (c *Client) Call(ctx context.Context, command string, args, result any) err
 	stop := context.AfterFunc(ctx, func() { _ = c.conn.SetDeadline(time.Unix(1, 0)) })
 	defer stop()
 	if err := WriteFrame(c.conn, body); err != nil {
+		// The daemon may have refused the connection (not root, too many
+		// connections) and closed it before the request went out: its
+		// answer is waiting to be read and says why.
+		_ = c.conn.SetReadDeadline(time.Now().Add(time.Second))
+		if rb, rerr := ReadFrame(c.conn, 64<<10); rerr == nil {
+			var resp Response
+			if json.Unmarshal(rb, &resp) == nil && !resp.OK && resp.Error != nil {
+				return resp.Error
+			}
+		}
 		return c.ioError(ctx, command, err)
 	}
 	max := c.MaxResponse
