@@ -52,7 +52,7 @@ func TestCtlClientChild(t *testing.T) {
 }
 
 // startTestControl serves a control socket in dir with a trivial handler.
-func startTestControl(t *testing.T, dir string, cfg config.Control, logs *syncBuffer) (*controlServer, *Metrics) {
+func startTestControl(t *testing.T, dir string, cfg config.Control, logs *syncBuffer, allowUID uint32) (*controlServer, *Metrics) {
 	t.Helper()
 	cfg.Socket = filepath.Join(dir, "ctl.sock")
 	ln, err := listenControl(cfg.Socket)
@@ -70,6 +70,7 @@ func startTestControl(t *testing.T, dir string, cfg config.Control, logs *syncBu
 		}
 		return nil, ctl.Errorf(ctl.CodeUnknownCommand, "unknown command %q", req.Command)
 	})
+	s.allowUID = allowUID
 	s.serve()
 	t.Cleanup(func() { s.close(time.Second) })
 	return s, m
@@ -96,7 +97,7 @@ func TestControlRefusesNonRoot(t *testing.T) {
 		t.Fatal(err)
 	}
 	var logs syncBuffer
-	s, m := startTestControl(t, dir, controlCfg(), &logs)
+	s, m := startTestControl(t, dir, controlCfg(), &logs, 0)
 	if err := os.Chmod(s.path, 0o666); err != nil {
 		t.Fatal(err)
 	}
@@ -146,8 +147,7 @@ func TestControlRefusesNonRoot(t *testing.T) {
 // answered, but logged once per interval with the number left out.
 func TestControlRefusalLogIsRateLimited(t *testing.T) {
 	var logs syncBuffer
-	s, m := startTestControl(t, t.TempDir(), controlCfg(), &logs)
-	s.allowUID = 4242 // root is "someone else" for this server
+	s, m := startTestControl(t, t.TempDir(), controlCfg(), &logs, 4242) // root is "someone else" for this server
 	for i := range 3 {
 		c := dial(t, s.path)
 		if _, err := c.Status(ctx10(t)); !errors.Is(err, &ctl.Error{Code: ctl.CodePermissionDenied}) {
@@ -208,7 +208,7 @@ func readResponse(c net.Conn) (ctl.Response, error) {
 func TestControlBounds(t *testing.T) {
 	var logs syncBuffer
 	cfg := controlCfg()
-	s, m := startTestControl(t, t.TempDir(), cfg, &logs)
+	s, m := startTestControl(t, t.TempDir(), cfg, &logs, 0)
 
 	// Too large: refused from the header, answered, closed.
 	c, err := net.Dial("unix", s.path)
@@ -287,7 +287,7 @@ func TestControlIdleTimeout(t *testing.T) {
 	var logs syncBuffer
 	cfg := controlCfg()
 	cfg.IdleTimeout = 50 * time.Millisecond
-	s, m := startTestControl(t, t.TempDir(), cfg, &logs)
+	s, m := startTestControl(t, t.TempDir(), cfg, &logs, 0)
 	c, err := net.Dial("unix", s.path)
 	if err != nil {
 		t.Fatal(err)
