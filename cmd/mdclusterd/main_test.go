@@ -143,7 +143,9 @@ func newCluster(t *testing.T, n int) *cluster {
 	return c
 }
 
-func (c *cluster) socket(id int) string { return filepath.Join(c.dir, fmt.Sprintf("run%d", id), "mdclusterd.sock") }
+func (c *cluster) socket(id int) string {
+	return filepath.Join(c.dir, fmt.Sprintf("run%d", id), "mdclusterd.sock")
+}
 func (c *cluster) dataDir(id int) string {
 	return filepath.Join(c.dir, fmt.Sprintf("data%d", id))
 }
