@@ -181,9 +181,11 @@ func (s *controlServer) admit(c *net.UnixConn) {
 			s.mu.Lock()
 			delete(s.conns, c)
 			s.mu.Unlock()
-			c.Close()
-			s.m.ctlConns.Dec()
+			// The slot is free before the client sees the close, so a
+			// client that reconnects at once is not refused as busy.
 			<-s.slots
+			s.m.ctlConns.Dec()
+			c.Close()
 			s.wg.Done()
 		}()
 		s.serveConn(c, cred)
