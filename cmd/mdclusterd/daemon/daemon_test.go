@@ -11,6 +11,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/mdcluster/mdcluster/dlm"
 	"github.com/mdcluster/mdcluster/mdcluster/ctl"
@@ -227,4 +228,55 @@ func TestSecondDaemonRefused(t *testing.T) {
 		t.Fatalf("stale socket not taken over: %v", err)
 	}
 	d.Close()
+}
+
+// stuckArrays never finishes quiescing on its own, like an array layer
+// waiting for I/O that does not complete.
+type stuckArrays struct {
+	NoArrays
+	quiescing chan struct{}
+}
+
+func (a *stuckArrays) Quiesce(ctx context.Context) error {
+	close(a.quiescing)
+	<-ctx.Done()
+	return ctx.Err()
+}
+
+// TestSecondSignalStopsAtOnce: SIGTERM starts the graceful stop; while it
+// waits (here on the array layer), SIGINT stops the daemon at once, well
+// before shutdown.leave_timeout, and Run says the stop was not graceful.
+func TestSecondSignalStopsAtOnce(t *testing.T) {
+	dir := t.TempDir()
+	cfg := testConfig(t, dir)
+	cfg.Shutdown.LeaveTimeout = time.Hour
+	arrays := &stuckArrays{quiescing: make(chan struct{})}
+	var logs syncBuffer
+	d, err := Start(context.Background(), Options{Config: cfg, Logger: testLogger(&logs), Arrays: arrays})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sigs := make(chan os.Signal, 2)
+	runDone := make(chan error, 1)
+	go func() { runDone <- d.Run(sigs) }()
+	sigs <- syscall.SIGTERM
+	<-arrays.quiescing
+	if st := d.Status(); st.State != "leaving" {
+		t.Errorf("state %q while leaving", st.State)
+	}
+	sigs <- syscall.SIGINT
+	select {
+	case err := <-runDone:
+		if err == nil || !strings.Contains(err.Error(), "the array layer did not quiesce") {
+			t.Errorf("Run: %v", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("the second signal did not stop the daemon")
+	}
+	if !strings.Contains(logs.String(), "second signal: stopping at once") {
+		t.Errorf("no log line for the second signal")
+	}
+	if _, err := os.Stat(cfg.Control.Socket); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("control socket left behind: %v", err)
+	}
 }

@@ -247,8 +247,10 @@ type meteredLocker struct {
 	m *Metrics
 }
 
+// LVBLen implements dlm.Locker.
 func (l *meteredLocker) LVBLen() int { return l.l.LVBLen() }
 
+// Request implements dlm.Locker, counting and timing the request.
 func (l *meteredLocker) Request(ctx context.Context, spec dlm.LockSpec) (dlm.LockHandle, error) {
 	start := time.Now()
 	h, err := l.l.Request(ctx, spec)
@@ -264,6 +266,7 @@ type meteredHandle struct {
 	m *Metrics
 }
 
+// Convert implements dlm.LockHandle, counting and timing the conversion.
 func (h *meteredHandle) Convert(ctx context.Context, mode dlm.Mode, flags dlm.Flags) error {
 	start := time.Now()
 	err := h.LockHandle.Convert(ctx, mode, flags)
@@ -271,6 +274,7 @@ func (h *meteredHandle) Convert(ctx context.Context, mode dlm.Mode, flags dlm.Fl
 	return err
 }
 
+// Unlock implements dlm.LockHandle, counting and timing the unlock.
 func (h *meteredHandle) Unlock(ctx context.Context, flags dlm.Flags) error {
 	start := time.Now()
 	err := h.LockHandle.Unlock(ctx, flags)
@@ -358,6 +362,8 @@ type limitListener struct {
 	m    *Metrics
 }
 
+// Accept returns the next connection within the bound; connections
+// beyond it are closed and counted without being returned.
 func (l *limitListener) Accept() (net.Conn, error) {
 	for {
 		c, err := l.Listener.Accept()
@@ -381,6 +387,7 @@ type countedConn struct {
 	once sync.Once
 }
 
+// Close frees the connection's place in the bound (once).
 func (c *countedConn) Close() error {
 	c.once.Do(func() {
 		c.l.open.Add(-1)
