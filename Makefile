@@ -13,8 +13,11 @@ APT_PACKAGES ?= mdadm qemu-system-x86 busybox-static libnbd-bin fio
 
 all: build
 
+# build compiles every package and puts the two programs in bin/.
 build:
 	$(GO) build ./...
+	$(GO) build -o bin/mdclusterd ./cmd/mdclusterd
+	$(GO) build -o bin/mdadm-go ./cmd/mdadm-go
 
 # deps installs the system packages the tests need, only when one is missing,
 # and makes sure apt has package lists (the VM test looks up the kernel package).
@@ -58,3 +61,4 @@ bench:
 
 clean:
 	$(GO) clean -testcache
+	rm -rf bin

@@ -729,9 +729,13 @@ func (a *Agreement) install(p Proposal, ballot uint64, from NodeID) {
 		a.restarted = false
 	}
 	a.excluded = false
-	for _, id := range p.Left {
-		delete(a.leavers, id)
-	}
+	// A node this view let go stays a leaver: its process may stay alive
+	// in gossip for a moment after it learns it is out (it shuts down only
+	// then), and it must not be proposed back meanwhile: that view would
+	// count a node that is about to vanish, and its exit would then look
+	// like a failure to be fenced. It is forgotten as a leaver when gossip
+	// drops it (SetAlive), when it restarts (a HELLO with Restarted) or
+	// when a newer view readmits it (noteReadmitted).
 	for id, g := range a.stoppedPeer {
 		if g < p.Gen {
 			delete(a.stoppedPeer, id) // this view lets it resume

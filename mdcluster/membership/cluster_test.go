@@ -419,3 +419,41 @@ func TestFencedLowestNodeReadmitted(t *testing.T) {
 		}
 	}
 }
+
+// TestLeaverLingeringInGossipIsNotProposedBack: a node that left
+// gracefully shuts its gossip down only after it learns it is out, so the
+// others' failure detectors list it alive for a while (here: for good).
+// It must not be proposed back into a view meanwhile: that costs a view
+// change that stops the lock manager for nothing, and if the leaver
+// accepted it just before exiting (the mdclusterd 3-daemon test saw a
+// PREPARE overtake the COMMIT of its leave) it would be a member again,
+// and its exit a failure that is fenced.
+func TestLeaverLingeringInGossipIsNotProposedBack(t *testing.T) {
+	c := formed(t, three, nil, calm)
+	c.nodes[3].a.Leave()
+	c.process(c.nodes[3])
+	if !c.runUntil(200, func() bool { return c.nodes[3].exited && c.converged() }) {
+		t.Fatalf("node 3 never completed its leave:\n%s", c.describe())
+	}
+	installs, stops := c.installsN, [2]uint64{c.nodes[1].stopped, c.nodes[2].stopped}
+	gen := c.nodes[1].a.View().Gen
+	c.run(300) // node 3 stays up and reachable: every detector lists it
+	c.mustOK(t)
+	if v := c.nodes[1].a.View(); v.Gen != gen || !slices.Equal(v.Members, []NodeID{1, 2}) {
+		t.Fatalf("view after the leave settled: %+v, want gen %d with [1 2]", v, gen)
+	}
+	if c.installsN != installs || c.nodes[1].stopped != stops[0] || c.nodes[2].stopped != stops[1] {
+		t.Fatalf("a view change began after the leave (installs %d→%d, stops %v→[%d %d]):\n%s",
+			installs, c.installsN, stops, c.nodes[1].stopped, c.nodes[2].stopped, c.dumpTrace())
+	}
+	if c.fenceCalls != 0 {
+		t.Fatalf("%d fence requests after a graceful leave", c.fenceCalls)
+	}
+	// Restarted, the node is admitted again.
+	c.crash(3)
+	c.start(3)
+	if !c.runUntil(300, func() bool { v := c.nodes[1].a.View(); return len(v.Members) == 3 && c.converged() }) {
+		t.Fatalf("node 3 not readmitted after its restart:\n%s", c.describe())
+	}
+	c.mustOK(t)
+}
