@@ -11,10 +11,12 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	mrand "math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -114,8 +116,8 @@ type fileArray struct {
 
 // newFileArray builds the array. bitmapChunk is the bitmap's bytes per bit;
 // fill, if set, is written to every member file first (so a benchmark does
-// not pay for block allocation).
-func newFileArray(t testing.TB, g Geometry, bitmapChunk int64, fill bool) *fileArray {
+// not pay for block allocation). extra exports are served alongside.
+func newFileArray(t testing.TB, g Geometry, bitmapChunk int64, fill bool, extra ...nbd.Export) *fileArray {
 	t.Helper()
 	a := &fileArray{geo: g}
 	dir := t.TempDir()
@@ -189,7 +191,7 @@ func newFileArray(t testing.TB, g Geometry, bitmapChunk int64, fill bool) *fileA
 	}()
 
 	a.srv, err = nbd.NewServer(nbd.Config{
-		Exports: []nbd.Export{{Name: "md0", Description: g.String(), Backend: a.e}},
+		Exports: append([]nbd.Export{{Name: "md0", Description: g.String(), Backend: a.e}}, extra...),
 		Logger:  slog.New(slog.NewTextHandler(io.Discard, nil)),
 	})
 	if err != nil {
@@ -409,4 +411,115 @@ func TestNBDClients(t *testing.T) {
 				tc.name, st.ConnectionsAccepted, st.Writes, st.Reads, st.WriteZeroes, st.Flushes, a.in.Stats())
 		})
 	}
+}
+
+// TestBenchNBDvsEngine compares fio through the NBD server (unix socket)
+// with an in-process load generator of the same shape calling the engine,
+// alternating the two three times over the same array and files: 1 MiB
+// sequential writes (one in flight) and 4 KiB random writes with 32 in
+// flight. The array is a 2-mirror raid1 of 256 MiB over O_DIRECT files
+// (filled first, so neither side pays for block allocation) with the
+// bitmap on (64 MiB chunks, mdadm's default). It only runs with
+// NBD_RAID_BENCH=1:
+//
+//	NBD_RAID_BENCH=1 go test -count=1 -run TestBenchNBDvsEngine -v ./mdcluster/raid/
+//
+// Targets: NBD / engine ≥ 0.7 for sequential, ≥ 0.5 for random writes.
+func TestBenchNBDvsEngine(t *testing.T) {
+	if os.Getenv("NBD_RAID_BENCH") == "" {
+		t.Skip("a benchmark: set NBD_RAID_BENCH=1 to run it")
+	}
+	nbdToolPath(t, "fio", "fio")
+	const arr = 256 << 20
+	g, err := NewRAID1(2, arr/512)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The same server also serves a memory export: fio against it
+	// measures what NBD itself costs (socket, server, fio's engine).
+	a := newFileArray(t, g, 64<<20, true, nbd.Export{Name: "mem", Backend: nbd.NewMemBackend(arr)})
+	memURI := "nbd+unix:///mem?socket=" + a.sock
+	seqDepth := 1
+	if s := os.Getenv("NBD_RAID_BENCH_SEQ_DEPTH"); s != "" {
+		fmt.Sscan(s, &seqDepth)
+	}
+	const randDepth, randBytes = 32, 32 << 20
+
+	seqArgs := []string{"--name=seq", "--rw=write", "--bs=1m", fmt.Sprintf("--iodepth=%d", seqDepth), fmt.Sprintf("--size=%d", arr)}
+	randArgs := []string{"--name=rand", "--rw=randwrite", "--bs=4k", fmt.Sprintf("--iodepth=%d", randDepth),
+		fmt.Sprintf("--size=%d", arr), fmt.Sprintf("--io_size=%d", randBytes), "--norandommap", "--randrepeat=0"}
+	t.Logf("fio command: fio --output-format=json --ioengine=nbd --uri=%s --verify_state_save=0 %s", a.uri(), strings.Join(seqArgs, " "))
+	t.Logf("fio command: fio --output-format=json --ioengine=nbd --uri=%s --verify_state_save=0 %s", a.uri(), strings.Join(randArgs, " "))
+
+	// The in-process side: the same I/O shape, depth goroutines each
+	// with one write in flight.
+	engineLoad := func(bs int, depth int, total int64, random bool, seed uint64) float64 {
+		var next atomic.Int64
+		done := make(chan error, depth)
+		t0 := time.Now()
+		for w := 0; w < depth; w++ {
+			go func(w int) {
+				rng := mrand.New(mrand.NewPCG(seed, uint64(w)))
+				buf := alignedBuf(bs)
+				rand.Read(buf)
+				for {
+					i := next.Add(1) - 1
+					if i >= total/int64(bs) {
+						done <- nil
+						return
+					}
+					off := i * int64(bs) % arr
+					if random {
+						off = rng.Int64N(arr/int64(bs)) * int64(bs)
+					}
+					if err := a.e.WriteAt(buf, off, 0); err != nil {
+						done <- err
+						return
+					}
+				}
+			}(w)
+		}
+		for range depth {
+			if err := <-done; err != nil {
+				t.Fatal(err)
+			}
+		}
+		return float64(total) / time.Since(t0).Seconds()
+	}
+
+	type side struct{ nbd, engine, mem []float64 }
+	var seq, rnd side
+	for round := 0; round < 3; round++ {
+		fioSeq := func() { seq.nbd = append(seq.nbd, runFio(t, a.uri(), seqArgs...).Write.BW) }
+		engSeq := func() { seq.engine = append(seq.engine, engineLoad(1<<20, seqDepth, arr, false, 0)) }
+		fioRand := func() { rnd.nbd = append(rnd.nbd, runFio(t, a.uri(), randArgs...).Write.BW) }
+		engRand := func() { rnd.engine = append(rnd.engine, engineLoad(4096, randDepth, randBytes, true, uint64(round))) }
+		seq.mem = append(seq.mem, runFio(t, memURI, seqArgs...).Write.BW)
+		rnd.mem = append(rnd.mem, runFio(t, memURI, randArgs...).Write.BW)
+		// Alternate which side goes first.
+		if round%2 == 0 {
+			fioSeq()
+			engSeq()
+			fioRand()
+			engRand()
+		} else {
+			engSeq()
+			fioSeq()
+			engRand()
+			fioRand()
+		}
+		a.quiesce(t)
+		t.Logf("round %d: seq 1 MiB qd%d: nbd %.0f MB/s, engine %.0f MB/s, ratio %.2f (nbd to memory %.0f MB/s); rand 4 KiB qd%d: nbd %.0f IOPS, engine %.0f IOPS, ratio %.2f (nbd to memory %.0f IOPS)",
+			round, seqDepth, seq.nbd[round]/1e6, seq.engine[round]/1e6, seq.nbd[round]/seq.engine[round], seq.mem[round]/1e6,
+			randDepth, rnd.nbd[round]/4096, rnd.engine[round]/4096, rnd.nbd[round]/rnd.engine[round], rnd.mem[round]/4096)
+	}
+	sum := func(v []float64) (s float64) {
+		for _, x := range v {
+			s += x
+		}
+		return s
+	}
+	t.Logf("total: seq ratio %.2f (target ≥ 0.7), rand ratio %.2f (target ≥ 0.5)",
+		sum(seq.nbd)/sum(seq.engine), sum(rnd.nbd)/sum(rnd.engine))
+	a.checkMirrors(t, nil)
 }
