@@ -425,6 +425,7 @@ func TestNBDClients(t *testing.T) {
 //	NBD_RAID_BENCH=1 go test -count=1 -run TestBenchNBDvsEngine -v ./mdcluster/raid/
 //
 // Targets: NBD / engine ≥ 0.7 for sequential, ≥ 0.5 for random writes.
+// NBD_RAID_BENCH_SEQ_DEPTH sets the sequential writes' depth (default 1).
 func TestBenchNBDvsEngine(t *testing.T) {
 	if os.Getenv("NBD_RAID_BENCH") == "" {
 		t.Skip("a benchmark: set NBD_RAID_BENCH=1 to run it")
@@ -448,6 +449,12 @@ func TestBenchNBDvsEngine(t *testing.T) {
 	seqArgs := []string{"--name=seq", "--rw=write", "--bs=1m", fmt.Sprintf("--iodepth=%d", seqDepth), fmt.Sprintf("--size=%d", arr)}
 	randArgs := []string{"--name=rand", "--rw=randwrite", "--bs=4k", fmt.Sprintf("--iodepth=%d", randDepth),
 		fmt.Sprintf("--size=%d", arr), fmt.Sprintf("--io_size=%d", randBytes), "--norandommap", "--randrepeat=0"}
+	// NBD_RAID_BENCH_FIO_ARGS adds fio options to both jobs (e.g.
+	// --gtod_reduce=1 to see what fio's own time keeping costs).
+	if extra := strings.Fields(os.Getenv("NBD_RAID_BENCH_FIO_ARGS")); len(extra) > 0 {
+		seqArgs = append(seqArgs, extra...)
+		randArgs = append(randArgs, extra...)
+	}
 	t.Logf("fio command: fio --output-format=json --ioengine=nbd --uri=%s --verify_state_save=0 %s", a.uri(), strings.Join(seqArgs, " "))
 	t.Logf("fio command: fio --output-format=json --ioengine=nbd --uri=%s --verify_state_save=0 %s", a.uri(), strings.Join(randArgs, " "))
 
