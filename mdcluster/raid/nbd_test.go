@@ -1,0 +1,532 @@
+//go:build linux
+
+package raid
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	mrand "math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/mdcluster/mdcluster/bitmap"
+	"github.com/mdcluster/mdcluster/bitmap/intent"
+	"github.com/mdcluster/mdcluster/mdcluster/export/nbd"
+)
+
+// These tests serve the engine over the NBD server (a unix socket) and
+// drive it with independent clients: libnbd's nbdinfo and nbdcopy
+// (Debian package libnbd-bin) and fio's nbd engine (package fio). `make
+// deps` installs them; without them the tests skip, except under CI (CI
+// set), where a missing tool is a broken set-up and fails. After each
+// client run the array is quiesced and every copy of every block is read
+// straight from the member files and compared: the mirrors must agree.
+
+// nbdToolPath returns the path of an NBD client program or skips the test
+// (fails under CI).
+func nbdToolPath(t testing.TB, name, pkg string) string {
+	t.Helper()
+	p, err := exec.LookPath(name)
+	if err != nil {
+		msg := fmt.Sprintf("%s not found: the independent-client tests need it (on Debian: apt-get install %s, or make deps)", name, pkg)
+		if os.Getenv("CI") != "" {
+			t.Fatal(msg)
+		}
+		t.Skip(msg)
+	}
+	return p
+}
+
+// runNBDTool runs a client with a deadline and returns its standard
+// output, failing the test if it exits non-zero.
+func runNBDTool(t testing.TB, timeout time.Duration, name string, args ...string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, name, args...)
+	cmd.Dir = t.TempDir() // whatever a tool leaves behind stays out of the tree
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	start := time.Now()
+	if err := cmd.Run(); err != nil {
+		t.Fatalf("%s %s: %v after %v\nstdout:\n%s\nstderr:\n%s", name, strings.Join(args, " "), err, time.Since(start), out.String(), errb.String())
+	}
+	return out.String()
+}
+
+// runFio runs fio with the nbd engine against uri and returns its first
+// job's report, failing the test on a job error.
+func runFio(t testing.TB, uri string, args ...string) fioJob {
+	t.Helper()
+	fio := nbdToolPath(t, "fio", "fio")
+	args = append([]string{"--output-format=json", "--ioengine=nbd", "--uri=" + uri, "--verify_state_save=0"}, args...)
+	out := runNBDTool(t, 120*time.Second, fio, args...)
+	if i := strings.IndexByte(out, '{'); i > 0 { // fio may print notes first
+		out = out[i:]
+	}
+	var rep struct {
+		Jobs []fioJob `json:"jobs"`
+	}
+	if err := json.Unmarshal([]byte(out), &rep); err != nil || len(rep.Jobs) == 0 {
+		t.Fatalf("fio output (%v):\n%s", err, out)
+	}
+	if rep.Jobs[0].Error != 0 {
+		t.Fatalf("fio job error %d:\n%s", rep.Jobs[0].Error, out)
+	}
+	return rep.Jobs[0]
+}
+
+type fioJob struct {
+	Error int `json:"error"`
+	Read  struct {
+		IOBytes int64   `json:"io_bytes"`
+		BW      float64 `json:"bw_bytes"`
+		IOPS    float64 `json:"iops"`
+	} `json:"read"`
+	Write struct {
+		IOBytes int64   `json:"io_bytes"`
+		BW      float64 `json:"bw_bytes"`
+		IOPS    float64 `json:"iops"`
+		Runtime int64   `json:"runtime"` // ms
+	} `json:"write"`
+}
+
+// fileArray is an engine over O_DIRECT member files with an internal
+// write-intent bitmap (where mdadm puts one on v1.2: 8 KiB in, data at 1
+// MiB), served by an NBD server on a unix socket.
+type fileArray struct {
+	geo   Geometry
+	e     *Engine
+	in    *intent.Intent
+	paths []string
+	srv   *nbd.Server
+	sock  string
+}
+
+// newFileArray builds the array. bitmapChunk is the bitmap's bytes per bit;
+// fill, if set, is written to every member file first (so a benchmark does
+// not pay for block allocation). extra exports are served alongside.
+func newFileArray(t testing.TB, g Geometry, bitmapChunk int64, fill bool, extra ...nbd.Export) *fileArray {
+	t.Helper()
+	a := &fileArray{geo: g}
+	dir := t.TempDir()
+	sb := bitmap.Superblock{
+		Magic: bitmap.Magic, Version: bitmap.VersionClustered, Nodes: 2,
+		UUID: [16]byte{4, 5, 6}, SyncSize: uint64(g.Size() / 512),
+		ChunkSize: uint32(bitmapChunk), DaemonSleep: 5,
+	}
+	layout, err := bitmap.NewLayout(&sb, rigBitmapStart, bitmap.SlotAlign)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := layout.CheckFits(rigBitmapStart, rigDataOff); err != nil {
+		t.Fatal(err)
+	}
+	size := rigDataOff + g.DevSize()
+	members := make([]Member, g.Disks())
+	devs := make([]*DirectFile, g.Disks())
+	for i := range members {
+		a.paths = append(a.paths, newFile(t, dir, fmt.Sprintf("m%d", i), size))
+		d := openDirect(t, a.paths[i])
+		if fill {
+			buf := alignedBuf(4 << 20)
+			for j := range buf {
+				buf[j] = byte(j * 7)
+			}
+			for off := int64(0); off < size; off += int64(len(buf)) {
+				if _, err := d.WriteAt(buf[:min(int64(len(buf)), size-off)], off); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+		if err := bitmap.Format(d, sb, layout, false); err != nil {
+			t.Fatal(err)
+		}
+		if err := d.Sync(); err != nil {
+			t.Fatal(err)
+		}
+		devs[i] = d
+		members[i] = Member{Device: d, DataOffset: rigDataOff}
+	}
+	a.e, err = New(Config{Geometry: g, Members: members, BitmapChunkSize: bitmapChunk, RequireIntent: true, Logger: testLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	slot, err := bitmap.ReadSlot(devs[0], layout, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.in, err = intent.New(intent.Config{Layout: layout, Slot: slot, Mirrors: a.e.BitmapMirrors(), Owner: intent.Static(0)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.e.SetIntent(a.in)
+	// md's bitmap daemon, faster than md's 5 s so the bits clear during
+	// a short test too.
+	stop := make(chan struct{})
+	ticked := make(chan struct{})
+	go func() {
+		defer close(ticked)
+		tk := time.NewTicker(100 * time.Millisecond)
+		defer tk.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-tk.C:
+				a.in.Tick(a.e.Clock().Now())
+			}
+		}
+	}()
+
+	a.srv, err = nbd.NewServer(nbd.Config{
+		Exports: append([]nbd.Export{{Name: "md0", Description: g.String(), Backend: a.e}}, extra...),
+		Logger:  slog.New(slog.NewTextHandler(io.Discard, nil)),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.sock = filepath.Join(dir, "nbd.sock")
+	l, err := nbd.ListenUnix(a.sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan error, 1)
+	go func() { served <- a.srv.Serve(l) }()
+	t.Cleanup(func() {
+		if err := a.srv.Close(); err != nil {
+			t.Errorf("server Close: %v", err)
+		}
+		if err := <-served; !errors.Is(err, nbd.ErrServerClosed) {
+			t.Errorf("Serve returned %v", err)
+		}
+		close(stop)
+		<-ticked
+		a.e.Close()
+	})
+	return a
+}
+
+func (a *fileArray) uri() string { return "nbd+unix:///md0?socket=" + a.sock }
+
+// quiesce waits until the server has no connection left (each flushes the
+// engine as it ends) and flushes the engine once more: nothing is then in
+// flight and every member holds what was acknowledged.
+func (a *fileArray) quiesce(t testing.TB) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for a.srv.Stats().ConnectionsActive != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("connections still open: %+v", a.srv.Stats())
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if err := a.e.Flush(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// checkMirrors reads the member files without the engine and checks that
+// every copy of every array block is identical across the members (the
+// engine's geometry says where the copies are), and, with want set, that
+// they hold want. It returns the array contents.
+func (a *fileArray) checkMirrors(t testing.TB, want []byte) []byte {
+	t.Helper()
+	if failed := a.e.Degraded(); failed {
+		t.Fatalf("array degraded: %+v", a.e.Members())
+	}
+	files := make([][]byte, len(a.paths))
+	for i, p := range a.paths {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		files[i] = b[rigDataOff:]
+	}
+	array := make([]byte, a.geo.Size())
+	bad := 0
+	a.geo.Extents(0, a.geo.Size(), func(x Extent) bool {
+		first := x.Copies[0]
+		ref := files[first.Member][first.Off : first.Off+x.Len]
+		copy(array[x.Off:], ref)
+		for _, l := range x.Copies[1:] {
+			got := files[l.Member][l.Off : l.Off+x.Len]
+			if !bytes.Equal(got, ref) {
+				t.Errorf("array bytes %d+%d: member %d at %d differs from member %d at %d (first difference at +%d)",
+					x.Off, x.Len, l.Member, l.Off, first.Member, first.Off, firstDiff(got, ref))
+				bad++
+			}
+		}
+		if want != nil && !bytes.Equal(ref, want[x.Off:x.Off+x.Len]) {
+			t.Errorf("array bytes %d+%d: the copies do not hold what was written (first difference at +%d)", x.Off, x.Len, firstDiff(ref, want[x.Off:x.Off+x.Len]))
+			bad++
+		}
+		return bad < 10
+	})
+	if bad > 0 {
+		t.FailNow()
+	}
+	return array
+}
+
+// nbdGeometries are the arrays the client tests run on: raid1 with two
+// mirrors and raid10 near, far and offset, each 8 MiB with 64 KiB chunks.
+func nbdGeometries(t testing.TB) []struct {
+	name string
+	geo  Geometry
+} {
+	t.Helper()
+	must := func(g Geometry, err error) Geometry {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if g.Size() != 8<<20 {
+			t.Fatalf("%v: %d bytes, want 8 MiB", g, g.Size())
+		}
+		return g
+	}
+	const mib = 2048 // sectors
+	return []struct {
+		name string
+		geo  Geometry
+	}{
+		{"raid1-2", must(NewRAID1(2, 8*mib))},
+		{"raid10-n2-4", must(NewRAID10(4, 0x102, 128, 4*mib))},
+		{"raid10-f2-4", must(NewRAID10(4, 0x201, 128, 4*mib))},
+		{"raid10-f2-2", must(NewRAID10(2, 0x201, 128, 8*mib))},
+		{"raid10-o2-4", must(NewRAID10(4, 0x10201, 128, 4*mib))},
+	}
+}
+
+// TestNBDClients serves each array shape over NBD and runs nbdinfo,
+// nbdcopy (in and out) and fio (4 KiB random writes at depth 32, 1 MiB
+// sequential writes, both verified by fio) against it, checking after each
+// run that every copy of every block agrees across the member files.
+func TestNBDClients(t *testing.T) {
+	nbdinfo := nbdToolPath(t, "nbdinfo", "libnbd-bin")
+	nbdcopy := nbdToolPath(t, "nbdcopy", "libnbd-bin")
+	nbdToolPath(t, "fio", "fio")
+	for _, tc := range nbdGeometries(t) {
+		t.Run(tc.name, func(t *testing.T) {
+			a := newFileArray(t, tc.geo, 64<<10, false)
+			size := a.geo.Size()
+			uri := a.uri()
+
+			// nbdinfo: size and flags as the engine advertises them.
+			var info struct {
+				Exports []struct {
+					Name        string `json:"export-name"`
+					Description string `json:"description"`
+					Size        int64  `json:"export-size"`
+					ReadOnly    bool   `json:"is_read_only"`
+					Flush       bool   `json:"can_flush"`
+					FUA         bool   `json:"can_fua"`
+					Trim        bool   `json:"can_trim"`
+					Zero        bool   `json:"can_zero"`
+					FastZero    bool   `json:"can_fast_zero"`
+					MultiConn   bool   `json:"can_multi_conn"`
+					Cache       bool   `json:"can_cache"`
+					MinBlock    int    `json:"block_size_minimum"`
+					PrefBlock   int    `json:"block_size_preferred"`
+					MaxBlock    int    `json:"block_size_maximum"`
+				} `json:"exports"`
+			}
+			out := runNBDTool(t, 30*time.Second, nbdinfo, "--json", uri)
+			if err := json.Unmarshal([]byte(out), &info); err != nil || len(info.Exports) != 1 {
+				t.Fatalf("nbdinfo --json (%v):\n%s", err, out)
+			}
+			x := info.Exports[0]
+			if x.Name != "md0" || x.Size != size || x.Description != tc.geo.String() {
+				t.Fatalf("nbdinfo: %+v, want md0 of %d bytes described %q\n%s", x, size, tc.geo.String(), out)
+			}
+			if x.ReadOnly || !x.Flush || !x.FUA || !x.Trim || !x.Zero || !x.FastZero || !x.MultiConn || x.Cache {
+				t.Fatalf("nbdinfo flags: %+v\n%s", x, out)
+			}
+			bs := a.e.BlockSize()
+			if x.MinBlock != bs || x.PrefBlock != max(bs, Alignment) || x.MaxBlock != 32<<20 {
+				t.Fatalf("nbdinfo block sizes %d/%d/%d, want %d/%d/%d", x.MinBlock, x.PrefBlock, x.MaxBlock, bs, max(bs, Alignment), 32<<20)
+			}
+
+			// nbdcopy: random data in, with a zero stretch (which
+			// nbdcopy sends as zeroing requests), and out again.
+			dir := t.TempDir()
+			src, back := filepath.Join(dir, "src"), filepath.Join(dir, "back")
+			data := make([]byte, size)
+			rand.Read(data)
+			clear(data[1<<20 : 2<<20])
+			if err := os.WriteFile(src, data, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			runNBDTool(t, 60*time.Second, nbdcopy, "--flush", src, uri)
+			runNBDTool(t, 60*time.Second, nbdcopy, uri, back)
+			got, err := os.ReadFile(back)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(got, data) {
+				t.Fatalf("nbdcopy read back %d bytes that differ from the %d written (first difference at %d)", len(got), len(data), firstDiff(got, data))
+			}
+			a.quiesce(t)
+			a.checkMirrors(t, data)
+
+			// fio: 4 KiB random writes, 32 in flight, verified.
+			j := runFio(t, uri, "--name=randwrite", "--rw=randwrite", "--bs=4k", "--iodepth=32", "--size=4m",
+				"--verify=crc32c", "--do_verify=1", "--verify_fatal=1")
+			if j.Write.IOBytes != 4<<20 || j.Read.IOBytes != 4<<20 {
+				t.Fatalf("fio randwrite wrote %d and verified %d bytes, want 4 MiB each", j.Write.IOBytes, j.Read.IOBytes)
+			}
+			a.quiesce(t)
+			a.checkMirrors(t, nil)
+
+			// fio: 1 MiB sequential writes over the whole array, verified.
+			j = runFio(t, uri, "--name=seqwrite", "--rw=write", "--bs=1m", "--iodepth=4", fmt.Sprintf("--size=%d", size),
+				"--verify=crc32c", "--do_verify=1", "--verify_fatal=1")
+			if j.Write.IOBytes != size || j.Read.IOBytes != size {
+				t.Fatalf("fio seqwrite wrote %d and verified %d bytes, want %d each", j.Write.IOBytes, j.Read.IOBytes, size)
+			}
+			a.quiesce(t)
+			arr := a.checkMirrors(t, nil)
+			// The engine reads what the members hold.
+			viaEngine := make([]byte, size)
+			if _, err := a.e.ReadAt(viaEngine, 0); err != nil || !bytes.Equal(viaEngine, arr) {
+				t.Fatalf("engine read: %v, equal to the member files: %v", err, bytes.Equal(viaEngine, arr))
+			}
+			st := a.srv.Stats()
+			if st.ErrorReplies != 0 || st.ProtocolErrors != 0 || st.HandshakeFailures != 0 {
+				t.Fatalf("server stats: %+v", st)
+			}
+			t.Logf("%s: %d connections, %d writes, %d reads, %d zeroing requests, %d flushes; bitmap %+v",
+				tc.name, st.ConnectionsAccepted, st.Writes, st.Reads, st.WriteZeroes, st.Flushes, a.in.Stats())
+		})
+	}
+}
+
+// TestBenchNBDvsEngine compares fio through the NBD server (unix socket)
+// with an in-process load generator of the same shape calling the engine,
+// alternating the two three times over the same array and files: 1 MiB
+// sequential writes (one in flight) and 4 KiB random writes with 32 in
+// flight. The array is a 2-mirror raid1 of 256 MiB over O_DIRECT files
+// (filled first, so neither side pays for block allocation) with the
+// bitmap on (64 MiB chunks, mdadm's default). It only runs with
+// NBD_RAID_BENCH=1:
+//
+//	NBD_RAID_BENCH=1 go test -count=1 -run TestBenchNBDvsEngine -v ./mdcluster/raid/
+//
+// Targets: NBD / engine ≥ 0.7 for sequential, ≥ 0.5 for random writes.
+// NBD_RAID_BENCH_SEQ_DEPTH sets the sequential writes' depth (default 1).
+func TestBenchNBDvsEngine(t *testing.T) {
+	if os.Getenv("NBD_RAID_BENCH") == "" {
+		t.Skip("a benchmark: set NBD_RAID_BENCH=1 to run it")
+	}
+	nbdToolPath(t, "fio", "fio")
+	const arr = 256 << 20
+	g, err := NewRAID1(2, arr/512)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The same server also serves a memory export: fio against it
+	// measures what NBD itself costs (socket, server, fio's engine).
+	a := newFileArray(t, g, 64<<20, true, nbd.Export{Name: "mem", Backend: nbd.NewMemBackend(arr)})
+	memURI := "nbd+unix:///mem?socket=" + a.sock
+	seqDepth := 1
+	if s := os.Getenv("NBD_RAID_BENCH_SEQ_DEPTH"); s != "" {
+		fmt.Sscan(s, &seqDepth)
+	}
+	const randDepth, randBytes = 32, 32 << 20
+
+	seqArgs := []string{"--name=seq", "--rw=write", "--bs=1m", fmt.Sprintf("--iodepth=%d", seqDepth), fmt.Sprintf("--size=%d", arr)}
+	randArgs := []string{"--name=rand", "--rw=randwrite", "--bs=4k", fmt.Sprintf("--iodepth=%d", randDepth),
+		fmt.Sprintf("--size=%d", arr), fmt.Sprintf("--io_size=%d", randBytes), "--norandommap", "--randrepeat=0"}
+	// NBD_RAID_BENCH_FIO_ARGS adds fio options to both jobs (e.g.
+	// --gtod_reduce=1 to see what fio's own time keeping costs).
+	if extra := strings.Fields(os.Getenv("NBD_RAID_BENCH_FIO_ARGS")); len(extra) > 0 {
+		seqArgs = append(seqArgs, extra...)
+		randArgs = append(randArgs, extra...)
+	}
+	t.Logf("fio command: fio --output-format=json --ioengine=nbd --uri=%s --verify_state_save=0 %s", a.uri(), strings.Join(seqArgs, " "))
+	t.Logf("fio command: fio --output-format=json --ioengine=nbd --uri=%s --verify_state_save=0 %s", a.uri(), strings.Join(randArgs, " "))
+
+	// The in-process side: the same I/O shape, depth goroutines each
+	// with one write in flight.
+	engineLoad := func(bs int, depth int, total int64, random bool, seed uint64) float64 {
+		var next atomic.Int64
+		done := make(chan error, depth)
+		t0 := time.Now()
+		for w := 0; w < depth; w++ {
+			go func(w int) {
+				rng := mrand.New(mrand.NewPCG(seed, uint64(w)))
+				buf := alignedBuf(bs)
+				rand.Read(buf)
+				for {
+					i := next.Add(1) - 1
+					if i >= total/int64(bs) {
+						done <- nil
+						return
+					}
+					off := i * int64(bs) % arr
+					if random {
+						off = rng.Int64N(arr/int64(bs)) * int64(bs)
+					}
+					if err := a.e.WriteAt(buf, off, 0); err != nil {
+						done <- err
+						return
+					}
+				}
+			}(w)
+		}
+		for range depth {
+			if err := <-done; err != nil {
+				t.Fatal(err)
+			}
+		}
+		return float64(total) / time.Since(t0).Seconds()
+	}
+
+	type side struct{ nbd, engine, mem []float64 }
+	var seq, rnd side
+	for round := 0; round < 3; round++ {
+		fioSeq := func() { seq.nbd = append(seq.nbd, runFio(t, a.uri(), seqArgs...).Write.BW) }
+		engSeq := func() { seq.engine = append(seq.engine, engineLoad(1<<20, seqDepth, arr, false, 0)) }
+		fioRand := func() { rnd.nbd = append(rnd.nbd, runFio(t, a.uri(), randArgs...).Write.BW) }
+		engRand := func() { rnd.engine = append(rnd.engine, engineLoad(4096, randDepth, randBytes, true, uint64(round))) }
+		seq.mem = append(seq.mem, runFio(t, memURI, seqArgs...).Write.BW)
+		rnd.mem = append(rnd.mem, runFio(t, memURI, randArgs...).Write.BW)
+		// Alternate which side goes first.
+		if round%2 == 0 {
+			fioSeq()
+			engSeq()
+			fioRand()
+			engRand()
+		} else {
+			engSeq()
+			fioSeq()
+			engRand()
+			fioRand()
+		}
+		a.quiesce(t)
+		t.Logf("round %d: seq 1 MiB qd%d: nbd %.0f MB/s, engine %.0f MB/s, ratio %.2f (nbd to memory %.0f MB/s); rand 4 KiB qd%d: nbd %.0f IOPS, engine %.0f IOPS, ratio %.2f (nbd to memory %.0f IOPS)",
+			round, seqDepth, seq.nbd[round]/1e6, seq.engine[round]/1e6, seq.nbd[round]/seq.engine[round], seq.mem[round]/1e6,
+			randDepth, rnd.nbd[round]/4096, rnd.engine[round]/4096, rnd.nbd[round]/rnd.engine[round], rnd.mem[round]/4096)
+	}
+	sum := func(v []float64) (s float64) {
+		for _, x := range v {
+			s += x
+		}
+		return s
+	}
+	t.Logf("total: seq ratio %.2f (target ≥ 0.7), rand ratio %.2f (target ≥ 0.5)",
+		sum(seq.nbd)/sum(seq.engine), sum(rnd.nbd)/sum(rnd.engine))
+	a.checkMirrors(t, nil)
+}
