@@ -82,4 +82,3 @@ func (s StampFencer) Fence(ctx context.Context, req Request) (Result, error) {
 	}
 	return Result{Node: req.Node, Method: "generation-stamp", FencedAt: now()}, nil
 }
-

@@ -14,7 +14,7 @@ import (
 // fakeClock is a settable monotonic clock.
 type fakeClock struct{ ns atomic.Int64 }
 
-func (c *fakeClock) now() time.Duration       { return time.Duration(c.ns.Load()) }
+func (c *fakeClock) now() time.Duration      { return time.Duration(c.ns.Load()) }
 func (c *fakeClock) advance(d time.Duration) { c.ns.Add(int64(d)) }
 
 type fakeReads struct {
