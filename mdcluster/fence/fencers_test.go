@@ -216,3 +216,34 @@ func TestLevels(t *testing.T) {
 		t.Errorf("cancelled ctx: err = %v, calls %d → %d", err, n, len(first.Calls()))
 	}
 }
+
+// TestStampFencerWaitsOutTheLease: the fence returns only after the
+// stamp and then the whole wait; FencedAt is taken after the wait; a wait
+// cut short is a failure, never a success.
+func TestStampFencerWaitsOutTheLease(t *testing.T) {
+	st := &fakeStamper{}
+	var slept []time.Duration
+	var stampedBeforeSleep bool
+	now := t0
+	f := StampFencer{Stamper: st, Wait: 7 * time.Second, Now: func() time.Time { return now },
+		Sleep: func(ctx context.Context, d time.Duration) error {
+			stampedBeforeSleep = len(st.gens) == 1
+			slept = append(slept, d)
+			now = now.Add(d)
+			return ctx.Err()
+		}}
+	res, err := f.Fence(context.Background(), Request{Node: 3, Generation: 9})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !stampedBeforeSleep || len(slept) != 1 || slept[0] != 7*time.Second {
+		t.Fatalf("stamped before sleep %v, slept %v", stampedBeforeSleep, slept)
+	}
+	if !res.FencedAt.Equal(t0.Add(7 * time.Second)) {
+		t.Errorf("FencedAt %v, want after the wait", res.FencedAt)
+	}
+	f.Sleep = func(ctx context.Context, d time.Duration) error { return context.DeadlineExceeded }
+	if _, err := f.Fence(context.Background(), Request{Node: 3, Generation: 10}); !errors.Is(err, ErrTimeout) || !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("wait cut short: err = %v, want ErrTimeout", err)
+	}
+}

@@ -24,8 +24,9 @@ import (
 //   - be safe to call repeatedly and concurrently with the same generation;
 //   - return an error when ctx is done before the stamp is durable.
 //
-// This package only defines the hook; writing and checking the generation
-// on the member devices is implemented elsewhere.
+// This package only defines the hook; mdcluster/lease implements it on the
+// member devices (lease.Stamper) together with the I/O lease every node
+// keeps by re-reading the stamp.
 type GenerationStamper interface {
 	Stamp(ctx context.Context, gen uint64) error
 }
@@ -39,10 +40,20 @@ type StampFencer struct {
 	Stamper GenerationStamper
 	// Now stamps Result.FencedAt; nil means time.Now.
 	Now func() time.Time
+	// Wait is how long to wait after the stamp is durable before the
+	// fence counts as done: the I/O lease plus its margin
+	// (lease.FenceWait). A victim that still runs stops writing when its
+	// lease runs out, so only then may its slot be recovered. Zero means
+	// no wait (only for stampers whose readers stop at once).
+	Wait time.Duration
+	// Sleep waits d or until ctx is done (then returning its error); nil
+	// means a real timer. The simulator injects its own.
+	Sleep func(ctx context.Context, d time.Duration) error
 }
 
-// Fence implements Fencer. Result.Verified is false: the stamper confirms the
-// write, not that the victim has noticed it.
+// Fence implements Fencer: stamp, then wait out Wait. Result.Verified is
+// false: the stamper confirms the write, and the wait bounds when the
+// victim must have stopped, but nothing checks that it did.
 func (s StampFencer) Fence(ctx context.Context, req Request) (Result, error) {
 	if s.Stamper == nil {
 		return Result{}, errors.New("fence: generation stamp: no stamper configured")
@@ -55,6 +66,15 @@ func (s StampFencer) Fence(ctx context.Context, req Request) (Result, error) {
 	}
 	if err := s.Stamper.Stamp(ctx, req.Generation); err != nil {
 		return Result{}, fmt.Errorf("fence: generation stamp %d for node %s: %w: %w", req.Generation, req.Node, ErrFailed, err)
+	}
+	if s.Wait > 0 {
+		sleep := s.Sleep
+		if sleep == nil {
+			sleep = sleepTimer
+		}
+		if err := sleep(ctx, s.Wait); err != nil {
+			return Result{}, fmt.Errorf("fence: generation stamp %d for node %s: waiting %v for its lease to run out: %w: %w", req.Generation, req.Node, s.Wait, ErrTimeout, err)
+		}
 	}
 	now := time.Now
 	if s.Now != nil {

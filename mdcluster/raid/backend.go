@@ -139,6 +139,9 @@ func (b bitmapMirror) WriteAt(p []byte, off int64) (int, error) {
 	if r == nil {
 		return len(p), nil
 	}
+	if err := b.e.gateCheck(); err != nil {
+		return 0, fmt.Errorf("bitmap on member %d: %w", b.m, err)
+	}
 	if _, err := r.dev.WriteAt(p, off); err != nil {
 		return 0, b.failed(fmt.Errorf("bitmap write at %d: %w", off, err))
 	}
@@ -150,6 +153,9 @@ func (b bitmapMirror) Sync() error {
 	r := b.ref()
 	if r == nil {
 		return nil
+	}
+	if err := b.e.gateCheck(); err != nil {
+		return fmt.Errorf("bitmap on member %d: %w", b.m, err)
 	}
 	if err := r.dev.Sync(); err != nil {
 		return b.failed(fmt.Errorf("bitmap flush: %w", err))

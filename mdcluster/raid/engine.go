@@ -135,6 +135,38 @@ type Config struct {
 	Clock Clock
 	// Logger receives the engine's log; nil means slog.Default().
 	Logger *slog.Logger
+	// Gate, if set, may stop all of this node's array I/O (the storage
+	// fencing lease, mdcluster/lease): new requests call Wait before
+	// they are admitted, and every member read, write and flush calls
+	// Check just before it reaches the device. An error from either fails
+	// the request with an error wrapping ErrIOStopped; it never fails a
+	// member, since the members are fine and this node is what stopped.
+	Gate IOGate
+}
+
+// IOGate stops and resumes the engine's I/O; see Config.Gate.
+type IOGate interface {
+	// Wait returns nil once I/O may proceed, or an error saying why it
+	// may not (after whatever time the gate allows requests to wait).
+	Wait() error
+	// Check returns nil if I/O may proceed now, without waiting.
+	Check() error
+}
+
+// ErrIOStopped is wrapped by the error of a request refused by
+// Config.Gate: this node must not do array I/O now (its lease ran out,
+// it was fenced, or it lost quorum). The gate's own error is wrapped too.
+var ErrIOStopped = errors.New("array I/O stopped on this node")
+
+// gateCheck is the per-device-operation check of Config.Gate.
+func (e *Engine) gateCheck() error {
+	if e.cfg.Gate == nil {
+		return nil
+	}
+	if err := e.cfg.Gate.Check(); err != nil {
+		return fmt.Errorf("%w: %w", ErrIOStopped, err)
+	}
+	return nil
 }
 
 // member is the engine's state for one role.
@@ -542,6 +574,12 @@ func (e *Engine) Stats() Stats {
 
 // admit takes an in-flight slot and the shared I/O lock. release undoes it.
 func (e *Engine) admit() error {
+	if g := e.cfg.Gate; g != nil && !e.closed.Load() {
+		// Wait before taking ioMu, so a stopped node can still Close.
+		if err := g.Wait(); err != nil {
+			return fmt.Errorf("raid: %w: %w", ErrIOStopped, err)
+		}
+	}
 	e.ioMu.RLock()
 	if e.closed.Load() {
 		e.ioMu.RUnlock()

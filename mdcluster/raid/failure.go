@@ -1,5 +1,7 @@
 package raid
 
+import "errors"
+
 // failMember stops using member i because of cause (an I/O error, or the
 // operator). It returns a channel that is closed once OnMemberFailed has
 // returned (so writes that saw the failure can wait for it to be
@@ -14,6 +16,10 @@ func (e *Engine) failMember(i int, cause error) <-chan struct{} {
 // fail is failMember; ioErr says whether an I/O error (not the operator)
 // caused it, for the FailuresRefused counter.
 func (e *Engine) fail(i int, cause error, ioErr bool) <-chan struct{} {
+	if ioErr && errors.Is(cause, ErrIOStopped) {
+		// The gate refused the I/O: the member is fine, this node stopped.
+		return nil
+	}
 	m := e.members[i]
 	e.mu.Lock()
 	switch m.st() {

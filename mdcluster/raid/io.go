@@ -133,6 +133,9 @@ func (e *Engine) devRead(m *member, b []byte, dev int64) error {
 	if ref == nil {
 		return fmt.Errorf("member %d: no device", m.idx)
 	}
+	if err := e.gateCheck(); err != nil {
+		return fmt.Errorf("member %d: %w", m.idx, err)
+	}
 	m.pending.Add(1)
 	_, err := ref.dev.ReadAt(b, ref.dataOff+dev)
 	m.pending.Add(-1)
@@ -150,6 +153,9 @@ func (e *Engine) devWrite(m *member, b []byte, dev int64, fua bool) error {
 	ref := m.dev.Load()
 	if ref == nil {
 		return fmt.Errorf("member %d: no device", m.idx)
+	}
+	if err := e.gateCheck(); err != nil {
+		return fmt.Errorf("member %d: %w", m.idx, err)
 	}
 	m.pending.Add(1)
 	var err error
@@ -553,6 +559,13 @@ func (e *Engine) readCopies(buf []byte, off int64, repair bool) error {
 		}
 	})
 	for i := range pl.groups {
+		// A read the gate refused is not a read error: retrying it on the
+		// other copies (and repairing) would only be refused again.
+		if g := &pl.groups[i]; errors.Is(g.err, ErrIOStopped) {
+			return fmt.Errorf("raid: read of array bytes %d+%d: %w", off, n, g.err)
+		}
+	}
+	for i := range pl.groups {
 		g := &pl.groups[i]
 		for _, k := range g.failed {
 			op := g.ops[k]
@@ -714,6 +727,10 @@ func (e *Engine) Flush() error {
 		ref := m.dev.Load()
 		if ref == nil {
 			g.err = fmt.Errorf("member %d: no device", g.m)
+			return
+		}
+		if err := e.gateCheck(); err != nil {
+			g.err = fmt.Errorf("member %d: %w", g.m, err)
 			return
 		}
 		m.pending.Add(1)
