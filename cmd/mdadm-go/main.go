@@ -15,7 +15,14 @@ package main
 import (
 	"os"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
+
+func isTerminal(f *os.File) bool {
+	_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
+	return err == nil
+}
 
 func main() {
 	host, _ := os.Hostname()
@@ -25,5 +32,8 @@ func main() {
 		prog:     "mdadm-go",
 		hostname: host,
 		location: time.Local,
+		getenv:   os.Getenv,
+		// --wait draws its progress bar only on a terminal.
+		isTerminal: isTerminal(os.Stdout),
 	}))
 }
