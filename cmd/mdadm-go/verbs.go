@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"strings"
 	"time"
 
@@ -45,10 +46,12 @@ func (s *session) dial() *ctl.Client {
 	return c
 }
 
-// unwrapDial drops the ctl package's prefix from a dial error.
+// unwrapDial drops the ctl and net prefixes from a dial error, keeping
+// the system call and its error ("connect: connection refused").
 func unwrapDial(err error) error {
-	for u := errors.Unwrap(err); u != nil; u = errors.Unwrap(u) {
-		err = u
+	var se *os.SyscallError
+	if errors.As(err, &se) {
+		return se
 	}
 	return err
 }
