@@ -50,7 +50,7 @@ func runExamine(e *env, o *options) int {
 		return exitUsage
 	}
 	status := exitOK
-	for _, name := range o.devices {
+	for _, name := range names(o.devices) {
 		if examineOne(e, o, name) != exitOK {
 			status = exitFail
 		}
@@ -94,7 +94,7 @@ func runExamineBitmap(e *env, o *options) int {
 		return exitUsage
 	}
 	status := exitOK
-	for _, name := range o.devices {
+	for _, name := range names(o.devices) {
 		status |= examineBitmapOne(e, name)
 	}
 	return status

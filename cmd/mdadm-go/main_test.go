@@ -75,7 +75,7 @@ func TestUsageErrors(t *testing.T) {
 		{[]string{"-E"}, 2, "No devices to examine", ""},
 		{[]string{"-X"}, 2, "No devices given.", ""},
 		{[]string{"-E", "-X", junk}, 2, "cannot be given with", ""},
-		{[]string{"--frobnicate", junk}, 2, "unrecognised option '--frobnicate'", ""},
+		{[]string{"--frobnicate", junk}, 2, "unrecognized option '--frobnicate'", ""},
 		{[]string{"-Q", junk}, 2, "invalid option -- 'Q'", ""},
 		{[]string{"--examine=yes", junk}, 2, "doesn't allow an argument", ""},
 		{[]string{junk}, 2, "no mode given", ""},

@@ -96,7 +96,7 @@ const (
 )
 
 // Array commands the daemon routes to its array layer; their arguments
-// and results are defined with the array manager.
+// and results are in array.go (more commands are declared there).
 const (
 	CmdArrayCreate   = "array.create"
 	CmdArrayAssemble = "array.assemble"
@@ -104,7 +104,7 @@ const (
 	CmdArrayAdd      = "array.add"
 	CmdArrayRemove   = "array.remove"
 	CmdArrayFail     = "array.fail"
-	CmdArrayReAdd    = "array.re-add"
+	CmdArrayReAdd    = "array.re_add"
 	CmdArrayDetail   = "array.detail"
 	CmdArrayList     = "array.list"
 )
@@ -112,7 +112,8 @@ const (
 // ArrayCommands lists the array commands of this protocol version, in the
 // order mdadm documents its modes. A command not listed is unknown.
 var ArrayCommands = []string{CmdArrayCreate, CmdArrayAssemble, CmdArrayStop, CmdArrayAdd,
-	CmdArrayRemove, CmdArrayFail, CmdArrayReAdd, CmdArrayDetail, CmdArrayList}
+	CmdArrayAddSpare, CmdArrayRemove, CmdArrayFail, CmdArrayReAdd, CmdArrayClusterConfirm,
+	CmdArrayDetail, CmdArrayReadwrite, CmdArrayWait, CmdArrayGrow, CmdArrayList}
 
 // Error codes carried in a failed response's error.code.
 const (
