@@ -95,6 +95,9 @@ type Config struct {
 	// Broadcast, when set, runs the configuration broadcast on every node
 	// (bcast.go; needs LVBLen 64).
 	Broadcast *BroadcastConfig
+	// StartupFenceAfter is every node's membership.Config.StartupFenceAfter
+	// (ticks; 0: no start-up wait).
+	StartupFenceAfter int
 }
 
 // dmsg is a DLM message in flight between one ordered pair.
@@ -291,7 +294,7 @@ func (s *Sim) Start(id NodeID) {
 	if n.Up {
 		return
 	}
-	ag, err := membership.New(membership.Config{Self: id, Quorum: s.q, State: n.disk, PrepareTimeout: 12})
+	ag, err := membership.New(membership.Config{Self: id, Quorum: s.q, State: n.disk, PrepareTimeout: 12, StartupFenceAfter: s.cfg.StartupFenceAfter})
 	if err != nil {
 		s.fail("node %s: membership.New: %v", id, err)
 		return

@@ -57,6 +57,12 @@ func randomConfig(seed uint64) Config {
 	if cfg.LVBLen >= 64 { // the broadcast needs 64-byte value blocks
 		cfg.Broadcast = &BroadcastConfig{FailProb: []float64{0, 0.1, 0.3}[r.IntN(3)], ReleaseToken: r.IntN(4) == 0}
 	}
+	// The start-up wait (membership.Config.StartupFenceAfter, in ticks; the
+	// nodes' PrepareTimeout is 12) on half the seeds: none, one
+	// PrepareTimeout, or the 3 × PrepareTimeout the daemon's defaults use.
+	// Drawn last, so the draws above (and so every seed's cluster shape
+	// and faults) are what they were before it existed.
+	cfg.StartupFenceAfter = []int{0, 0, 12, 36}[r.IntN(4)]
 	return cfg
 }
 
@@ -148,6 +154,25 @@ func TestRandom(t *testing.T) {
 	if seeds >= 100 && (total.Resets == 0 || total.ResetsSuppressed == 0 || total.Purges == 0 || total.StopsAfterInstall == 0) {
 		t.Fatalf("%d seeds never took some applier rule: resets %d, suppressed resets %d, installs with a purge %d, stops after install %d",
 			seeds, total.Resets, total.ResetsSuppressed, total.Purges, total.StopsAfterInstall)
+	}
+}
+
+// TestStartupWaitSeed1835: seed 1835 with a start-up wait on every node
+// (3 × PrepareTimeout, the daemon's default) found a node granting a lock
+// while its agreement said it was not quorate. While restarted node 1
+// waited for node 3, a partition left node 3 at gen 12 seeing nodes 2, 3
+// and 4; node 2's ACCEPT for [2 3 4] carried as its base gen 15 = [3 4 5],
+// which node 3 had missed. Node 3 installed that base at once, a view in
+// which only 3 and 4 are alive to it, and its DLM recovery granted a
+// waiting lock before the stop that followed the install
+// (TestAcceptDoesNotInstallBaseWithoutQuorum in mdcluster/membership).
+func TestStartupWaitSeed1835(t *testing.T) {
+	cfg := randomConfig(1835)
+	cfg.StartupFenceAfter = 36
+	cfg.Trace = traceWriter()
+	s, msg := runConfig(cfg, randomSteps)
+	if msg != "" {
+		t.Fatalf("seed 1835 with StartupFenceAfter 36, step %d: %s", stepOf(s), msg)
 	}
 }
 

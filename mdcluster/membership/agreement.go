@@ -632,8 +632,20 @@ func (a *Agreement) onAccept(from NodeID, m message) {
 	if contains(m.Base.Members, a.cfg.Self) && m.Base.Gen > a.hs.Installed.Gen {
 		// We missed the commit of the view this proposal builds on: it is
 		// chosen (it was installed somewhere), so install it first and
-		// do not skip it.
-		a.install(m.Base, 0, from)
+		// do not skip it, unless this node is not quorate in it (too few
+		// of its members alive): installed now, it would start DLM
+		// recovery, which may grant at once, in a view in which this node
+		// must not (the Stop for this proposal comes only after the
+		// Install in the driver's order). The same rule as onCommit. The
+		// base is then installed with the value, at its COMMIT (which
+		// carries the base too), just before the value, once this node is
+		// quorate in that: accepting does not need it installed.
+		if live := intersect(m.Base.Members, a.alive); a.cfg.Quorum.Quorate(live) {
+			a.install(m.Base, 0, from)
+		} else {
+			a.log(slog.LevelInfo, "not installing the missed predecessor of a proposal now: this node is not quorate in it; it is installed with the proposal's commit",
+				slog.Uint64("ballot", m.Ballot), slog.Uint64("base_gen", m.Base.Gen), slog.String("quorum", a.cfg.Quorum.Describe(live)))
+		}
 	}
 	if acc := a.hs.Accepted; acc == nil || acc.Ballot != m.Ballot || !acc.Value.equal(m.Value) {
 		a.hs.Accepted = &Accepted{Ballot: m.Ballot, Value: m.Value, Base: m.Base}

@@ -31,6 +31,11 @@ func EncodeCommit(gen, ballot uint64, value, base Proposal) []byte {
 	return encodeMessage(message{Type: mCommit, Gen: gen, Ballot: ballot, Value: value, Base: base})
 }
 
+// EncodeAccept encodes an ACCEPT of value on base, as a coordinator sends it.
+func EncodeAccept(gen, ballot uint64, value, base Proposal) []byte {
+	return encodeMessage(message{Type: mAccept, Gen: gen, Ballot: ballot, Value: value, Base: base})
+}
+
 // MessageType returns the type of an encoded message ("COMMITTED", ...).
 func MessageType(payload []byte) (string, error) {
 	m, err := decodeMessage(payload)
