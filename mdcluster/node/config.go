@@ -113,28 +113,31 @@ type Config struct {
 
 // DefaultLANConfig is the profile for an ordinary LAN or a busy host:
 // memberlist's LAN timings (a crashed node is declared dead after about
-// 5-7 s), a 50 ms agreement tick with a 1 s prepare timeout, and a 60 s
-// limit per fence attempt (the ClusterLabs agents' usual limit).
+// 5-7 s), a 50 ms agreement tick with a 1 s prepare timeout, a 3 s
+// start-up wait (3 prepare timeouts) for the other members of the
+// persisted view after a restart, and a 60 s limit per fence attempt (the
+// ClusterLabs agents' usual limit).
 func DefaultLANConfig() Config {
 	return Config{
-		Profile:         gossip.LAN,
-		Tick:            50 * time.Millisecond,
-		PrepareTimeout:  20,
-		RetransmitTicks: 2,
-		FenceRetryTicks: 20,
-		FenceTimeout:    60 * time.Second,
-		JoinRetry:       time.Second,
-		DLMTick:         time.Second,
+		Profile:           gossip.LAN,
+		Tick:              50 * time.Millisecond,
+		PrepareTimeout:    20,
+		RetransmitTicks:   2,
+		FenceRetryTicks:   20,
+		StartupFenceAfter: 3 * 20 * 50 * time.Millisecond,
+		FenceTimeout:      60 * time.Second,
+		JoinRetry:         time.Second,
+		DLMTick:           time.Second,
 	}
 }
 
 // StorageLANConfig is the fast profile for a dedicated, lightly loaded
 // storage network between a handful of nodes: memberlist probes every
 // 100 ms (a crashed node is declared dead in about 0.3-0.6 s), the agreement
-// ticks every 10 ms with a 200 ms prepare timeout. A host that stalls for
-// tens of milliseconds will be suspected: prefer DefaultLANConfig where a
-// false suspicion (a view change and a fence of a healthy node) is worse
-// than slower failover.
+// ticks every 10 ms with a 200 ms prepare timeout (and a 600 ms start-up
+// wait). A host that stalls for tens of milliseconds will be suspected:
+// prefer DefaultLANConfig where a false suspicion (a view change and a
+// fence of a healthy node) is worse than slower failover.
 func StorageLANConfig() Config {
 	c := DefaultLANConfig()
 	c.Profile = gossip.Fast
@@ -142,6 +145,7 @@ func StorageLANConfig() Config {
 	c.PrepareTimeout = 20
 	c.RetransmitTicks = 3
 	c.FenceRetryTicks = 50
+	c.StartupFenceAfter = 3 * 20 * 10 * time.Millisecond // 3 prepare timeouts
 	c.JoinRetry = 200 * time.Millisecond
 	return c
 }
