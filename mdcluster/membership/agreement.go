@@ -50,9 +50,8 @@ type Config struct {
 	// cluster that restarts together then forms its first view with every
 	// member instead of fencing the slowest to boot; one that does not
 	// come back within it is fenced before any view leaving it out is
-	// installed. Zero or negative: no wait (the default for now: with a
-	// wait, simulator seed 1835 of internal/sim finds a node granting a
-	// lock while not quorate; see docs/membership.md, "Not done yet").
+	// installed. Zero or negative: no wait (node.DefaultLANConfig and
+	// StorageLANConfig wait 3 × PrepareTimeout).
 	StartupFenceAfter int
 }
 
