@@ -1,0 +1,1116 @@
+package broadcast
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/mdcluster/mdcluster/dlm"
+)
+
+// Receiver acts on the broadcasts this node receives. Receive is called on
+// the broadcaster's receive loop (Run or Step), one message at a time, in
+// the array's total order of broadcasts. It must return once ctx ends
+// (Config.ReceiveTimeout): until it returns, this node keeps the message
+// lock in CR, so no later broadcast can start anywhere in the array. Its
+// error goes back to the sender; returning ErrUnknownType (wrapped) says the
+// type is not handled here.
+//
+// Receive must not wait for anything a local sender holds while it waits
+// for the token (an application mutex held around Send, say): the sender of
+// the message being handled keeps the token until this node answers.
+// Calling Send, Begin, Join or Leave with ctx fails at once with
+// ErrInHandler for the same reason.
+type Receiver interface {
+	Receive(ctx context.Context, from dlm.NodeID, m Message) error
+}
+
+// ReceiverFunc adapts a function to Receiver.
+type ReceiverFunc func(ctx context.Context, from dlm.NodeID, m Message) error
+
+// Receive calls f.
+func (f ReceiverFunc) Receive(ctx context.Context, from dlm.NodeID, m Message) error {
+	return f(ctx, from, m)
+}
+
+// Defaults of Config's bounds.
+const (
+	// DefaultLockTimeout bounds one lock call that should be quick (the
+	// token, the message lock, re-taking the ack lock): md-cluster's
+	// WAIT_DLM_LOCK_TIMEOUT, 30 s.
+	DefaultLockTimeout = 30 * time.Second
+	// DefaultReceiveTimeout bounds a Receiver's handler. md's slowest
+	// receive, a NEWDISK confirmation through udev and mdadm, is bounded
+	// by NEW_DEV_TIMEOUT (5 s at HZ=1000, 20 s at HZ=250); 20 s covers both.
+	DefaultReceiveTimeout = 20 * time.Second
+)
+
+// Config configures a Broadcaster.
+type Config struct {
+	// Locker is the array's lockspace (64-byte value blocks): the real
+	// *dlm.Lockspace, or the simulator's adapter. Its recovery events must
+	// reach the Broadcaster (it is a dlm.RecoveryHandler), or departed
+	// senders' broadcasts are finished only by the next send.
+	Locker dlm.Locker
+	// Self is this node's ID; its bitmap slot, and ack lock, is Self-1.
+	Self dlm.NodeID
+	// Receiver acts on received broadcasts.
+	Receiver Receiver
+	// Members is the current view when the broadcaster is created; the
+	// lockspace's next RecoverDone replaces it. A lockspace handle opened
+	// while the lockspace runs hears of no view until the next change, and
+	// senders ask the view's members (besides the nodes the token lists as
+	// joined) so that a node that is in the view but not joined is reported
+	// NotJoined rather than not mentioned. nil: unknown until then.
+	Members []dlm.NodeID
+	// LockTimeout bounds each lock call that waits only for other nodes'
+	// lock traffic (token, message, re-taking the ack lock), and a local
+	// sender's wait for another local sender. 0: DefaultLockTimeout.
+	LockTimeout time.Duration
+	// ReceiveTimeout bounds the Receiver's handler (through its context).
+	// 0: DefaultReceiveTimeout.
+	ReceiveTimeout time.Duration
+	// SendTimeout bounds one Send (token included) or one Txn.Send: the
+	// wait for every receiver's answer is what it mostly covers. 0: three
+	// LockTimeouts plus ReceiveTimeout, enough for a receiver that takes
+	// its full ReceiveTimeout to be heard.
+	SendTimeout time.Duration
+	// ReleaseToken releases the token after every transaction, as md-cluster
+	// does, instead of keeping it cached in EX until another node asks for
+	// it (which saves the token's round trip when one node sends several
+	// broadcasts in a row, e.g. resync windows). A simulator that must not
+	// have the receive loop touch the token sets it.
+	ReleaseToken bool
+	// Parallel runs task(0) .. task(n-1) and returns when all have returned:
+	// a sender asks every receiver at once through it. nil runs them on
+	// goroutines. A deterministic simulator passes one that runs them as
+	// its own coroutines, or one after the other (Sequential), which is
+	// correct but makes a broadcast wait for receivers one at a time.
+	Parallel func(n int, task func(i int))
+	// Now reads the clock for Stats' latencies only (nil: time.Now); no
+	// protocol decision depends on it.
+	Now func() time.Time
+	// Logger receives the broadcaster's log; nil means slog.Default().
+	Logger *slog.Logger
+
+	// mutation makes the broadcaster deliberately wrong in one md-like way,
+	// so the regression tests can show they catch it. Tests only.
+	mutation mutation
+}
+
+// mutation names a deliberate bug for regression tests.
+type mutation uint8
+
+const (
+	// mutNoReplyOnError: a receive whose handler failed or timed out is not
+	// answered and the ack lock stays held (md before "fix hanging issue
+	// while a new disk adding", 2024).
+	mutNoReplyOnError mutation = iota + 1
+	// mutNoReplyUnknown: an unknown message type is not answered (md's
+	// "Received unknown message" path before the same fix).
+	mutNoReplyUnknown
+	// mutRecvTakesSendLock: the receive side takes the local send lock, as
+	// md's recv_mutex couples receiving with sending.
+	mutRecvTakesSendLock
+)
+
+// Sequential is a Config.Parallel that runs the tasks one after the other.
+func Sequential(n int, task func(i int)) {
+	for i := range n {
+		task(i)
+	}
+}
+
+func goroutines(n int, task func(i int)) {
+	if n == 0 {
+		return
+	}
+	var wg sync.WaitGroup
+	for i := 1; i < n; i++ {
+		wg.Go(func() { task(i) })
+	}
+	task(0)
+	wg.Wait()
+}
+
+// Stats counts what a Broadcaster did.
+type Stats struct {
+	// Sends counts broadcasts this node published (finishing a dead
+	// holder's broadcast included); SendErrors the Send and Txn.Send calls
+	// that returned an error.
+	Sends, SendErrors uint64
+	// ReceiverErrors counts receivers' errors in this node's Results.
+	ReceiverErrors uint64
+	// Receives counts broadcasts this node acted on (its handler was
+	// called); HandlerErrors those whose handler failed.
+	Receives, HandlerErrors uint64
+	// Replies counts answers written to this node's ack lock.
+	Replies uint64
+	// Finishes counts unfinished broadcasts re-published by this node.
+	Finishes uint64
+	// LastSend and AvgSend are the latency of Send / Txn.Send as callers
+	// saw it (successful calls).
+	LastSend, AvgSend time.Duration
+}
+
+// Broadcaster is one node's end of an array's broadcast: it sends (Send,
+// Begin), receives (Run or Step), joins and leaves, and follows the
+// lockspace's recovery (it is a dlm.RecoveryHandler).
+//
+// Concurrency: local senders, Join and Leave serialise on a local lock
+// that the receive side never takes, so this node keeps answering other
+// senders while its own sends wait for the token. Lock calls are made on
+// the caller's goroutine; the only goroutines are Config.Parallel's.
+// Blocking callbacks and recovery events only update state and signal the
+// receive loop.
+type Broadcaster struct {
+	cfg Config
+	log *slog.Logger
+	now func() time.Time
+
+	// sem is the local send lock: held by Join, Leave and a transaction,
+	// and by the receive loop only to release the cached token (without
+	// waiting for it).
+	sem chan struct{}
+	// sig wakes Run: a blocking callback or recovery event left work.
+	sig chan struct{}
+
+	mu sync.Mutex // guards the fields below; never held across a lock call or the handler
+	m  *Machine
+	// The locks, nil while not joined. token is NL or EX; ack is EX while
+	// idle; recvMsg (receiving) and sendMsg (sending) are NL while idle.
+	token, ack, recvMsg, sendMsg dlm.LockHandle
+	stats                        Stats
+	sendTotal                    time.Duration
+	sendOK                       uint64
+}
+
+var _ dlm.RecoveryHandler = (*Broadcaster)(nil)
+
+// New returns the broadcaster of node cfg.Self. It takes no lock: Join
+// does, once the array can act on messages.
+func New(cfg Config) (*Broadcaster, error) {
+	switch {
+	case cfg.Locker == nil:
+		return nil, errors.New("broadcast: Config.Locker is required")
+	case cfg.Receiver == nil:
+		return nil, errors.New("broadcast: Config.Receiver is required")
+	case cfg.Locker.LVBLen() < LVBSize:
+		return nil, fmt.Errorf("broadcast: the lockspace has %d-byte value blocks, need %d", cfg.Locker.LVBLen(), LVBSize)
+	case cfg.LockTimeout < 0 || cfg.ReceiveTimeout < 0 || cfg.SendTimeout < 0:
+		return nil, errors.New("broadcast: negative timeout")
+	}
+	m, err := NewMachine(cfg.Self)
+	if err != nil {
+		return nil, err
+	}
+	if cfg.Members != nil {
+		m.ViewDone(0, cfg.Members)
+	}
+	if cfg.LockTimeout == 0 {
+		cfg.LockTimeout = DefaultLockTimeout
+	}
+	if cfg.ReceiveTimeout == 0 {
+		cfg.ReceiveTimeout = DefaultReceiveTimeout
+	}
+	if cfg.SendTimeout == 0 {
+		cfg.SendTimeout = 3*cfg.LockTimeout + cfg.ReceiveTimeout
+	}
+	if cfg.Parallel == nil {
+		cfg.Parallel = goroutines
+	}
+	now := cfg.Now
+	if now == nil {
+		now = time.Now
+	}
+	lg := cfg.Logger
+	if lg == nil {
+		lg = slog.Default()
+	}
+	return &Broadcaster{cfg: cfg, log: lg.With("node", cfg.Self), now: now, m: m,
+		sem: make(chan struct{}, 1), sig: make(chan struct{}, 1)}, nil
+}
+
+// Phase returns where this node is (joined or not).
+func (b *Broadcaster) Phase() Phase {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.m.Phase()
+}
+
+// Seen returns the highest broadcast sequence number this node has seen.
+func (b *Broadcaster) Seen() uint64 {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.m.Seen()
+}
+
+// Stats returns the counters.
+func (b *Broadcaster) Stats() Stats {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	s := b.stats
+	if b.sendOK > 0 {
+		s.AvgSend = b.sendTotal / time.Duration(b.sendOK)
+	}
+	return s
+}
+
+// --- handler context ---
+
+type handlerKey struct{}
+
+type handlerInfo struct {
+	b   *Broadcaster
+	seq uint64
+}
+
+// SequenceOf returns the sequence number of the broadcast a Receiver's
+// handler is acting on, from the context it was given (for a journal, or
+// logs that must line up across nodes).
+func SequenceOf(ctx context.Context) (uint64, bool) {
+	h, ok := ctx.Value(handlerKey{}).(*handlerInfo)
+	if !ok {
+		return 0, false
+	}
+	return h.seq, true
+}
+
+func (b *Broadcaster) inHandler(ctx context.Context) bool {
+	h, ok := ctx.Value(handlerKey{}).(*handlerInfo)
+	return ok && h.b == b
+}
+
+// --- small helpers ---
+
+func (b *Broadcaster) lockCtx(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(ctx, b.cfg.LockTimeout)
+}
+
+// cleanupCtx bounds the calls that put locks back after a failure: they
+// must run even when the caller's context has ended.
+func (b *Broadcaster) cleanupCtx(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.WithoutCancel(ctx), b.cfg.LockTimeout)
+}
+
+func (b *Broadcaster) signal() {
+	select {
+	case b.sig <- struct{}{}:
+	default:
+	}
+}
+
+func (b *Broadcaster) acquire(ctx context.Context, what string) error {
+	select {
+	case b.sem <- struct{}{}:
+		return nil
+	default:
+	}
+	lctx, cancel := b.lockCtx(ctx)
+	defer cancel()
+	select {
+	case b.sem <- struct{}{}:
+		return nil
+	case <-lctx.Done():
+		return fmt.Errorf("broadcast: node %d: %s: waiting for this node's other sender: %w", b.cfg.Self, what, lctx.Err())
+	}
+}
+
+func (b *Broadcaster) trySem() bool {
+	select {
+	case b.sem <- struct{}{}:
+		return true
+	default:
+		return false
+	}
+}
+
+func (b *Broadcaster) release() { <-b.sem }
+
+func invalid(h dlm.LockHandle) bool { return h.StatusFlags()&dlm.ValNotValid != 0 }
+
+// gone reports errors that say this node's locks are gone for good.
+func gone(err error) bool {
+	return errors.Is(err, dlm.ErrReleased) || errors.Is(err, dlm.ErrNotFound)
+}
+
+// lost marks this node's locks gone (it must Join again).
+func (b *Broadcaster) lost(err error) {
+	b.mu.Lock()
+	was := b.m.Phase()
+	b.m.Lost()
+	b.token, b.ack, b.recvMsg, b.sendMsg = nil, nil, nil, nil
+	b.mu.Unlock()
+	if was == Joined {
+		b.log.Error("broadcast: this node's locks are gone; it no longer receives and must join again", "err", err)
+	}
+}
+
+// --- join and leave ---
+
+// Join makes this node a receiver (and allowed sender) of the array's
+// broadcasts. Call it once the array can act on messages: a node that has
+// not joined is skipped by senders (reported NotJoined), so no message can
+// reach an array that is not started.
+//
+// Holding the token (so no broadcast is in flight), it takes its ack lock
+// in EX, reads the message lock to learn the last sequence number (that
+// broadcast was sent before this node joined and is never acted on here:
+// the caller loads the array's state after Join returns), records itself
+// in the token's list of joined nodes and releases the token.
+func (b *Broadcaster) Join(ctx context.Context) (err error) {
+	if b.inHandler(ctx) {
+		return fmt.Errorf("broadcast: join: %w", ErrInHandler)
+	}
+	if err := b.acquire(ctx, "join"); err != nil {
+		return err
+	}
+	defer b.release()
+	b.mu.Lock()
+	if b.m.Phase() == Joined {
+		b.mu.Unlock()
+		return nil
+	}
+	b.mu.Unlock()
+	self := b.cfg.Self
+	var held []dlm.LockHandle
+	defer func() {
+		if err == nil {
+			return
+		}
+		cctx, cancel := b.cleanupCtx(ctx)
+		defer cancel()
+		for i := len(held) - 1; i >= 0; i-- {
+			_ = held[i].Unlock(cctx, 0) // no ValBlk: nothing is written
+		}
+		b.mu.Lock()
+		b.m.TokenLost()
+		b.mu.Unlock()
+	}()
+	lctx, cancel := b.lockCtx(ctx)
+	defer cancel()
+	tok, err := b.cfg.Locker.Request(lctx, dlm.LockSpec{Resource: TokenLock, Mode: dlm.EX, Flags: dlm.ValBlk, OnBlock: b.tokenBlocked})
+	if err != nil {
+		return fmt.Errorf("broadcast: node %d: join: take %s in EX (a broadcast or join in flight?): %w", self, TokenLock, err)
+	}
+	held = append(held, tok)
+	b.mu.Lock()
+	b.m.TokenGranted(tok.LVB(), invalid(tok))
+	b.mu.Unlock()
+	ack, err := b.cfg.Locker.Request(lctx, dlm.LockSpec{Resource: AckLock(self), Mode: dlm.EX, Flags: dlm.ValBlk, OnBlock: b.notified})
+	if err != nil {
+		return fmt.Errorf("broadcast: node %d: join: take %s in EX: %w", self, AckLock(self), err)
+	}
+	held = append(held, ack)
+	rm, err := b.cfg.Locker.Request(lctx, dlm.LockSpec{Resource: MessageLock, Mode: dlm.CR, Flags: dlm.ValBlk})
+	if err != nil {
+		return fmt.Errorf("broadcast: node %d: join: read %s in CR: %w", self, MessageLock, err)
+	}
+	held = append(held, rm)
+	lvb, inval := rm.LVB(), invalid(rm)
+	if err := rm.Convert(lctx, dlm.NL, 0); err != nil {
+		return fmt.Errorf("broadcast: node %d: join: release %s to NL: %w", self, MessageLock, err)
+	}
+	sm, err := b.cfg.Locker.Request(lctx, dlm.LockSpec{Resource: MessageLock, Mode: dlm.NL})
+	if err != nil {
+		return fmt.Errorf("broadcast: node %d: join: %s in NL for sending: %w", self, MessageLock, err)
+	}
+	held = append(held, sm)
+	b.mu.Lock()
+	b.m.Joined(lvb, inval)
+	val := b.m.TokenValue(b.cfg.Locker.LVBLen())
+	seen := b.m.Seen()
+	b.mu.Unlock()
+	if err := tok.SetLVB(val); err != nil {
+		return fmt.Errorf("broadcast: node %d: join: %w", self, err)
+	}
+	if err := tok.Convert(lctx, dlm.NL, dlm.ValBlk); err != nil {
+		b.mu.Lock()
+		b.m.Lost()
+		b.mu.Unlock()
+		return fmt.Errorf("broadcast: node %d: join: release %s: %w", self, TokenLock, err)
+	}
+	b.mu.Lock()
+	b.m.TokenReleased()
+	b.token, b.ack, b.recvMsg, b.sendMsg = tok, ack, rm, sm
+	b.mu.Unlock()
+	held = nil
+	b.log.Info("broadcast: joined", "ack_lock", AckLock(self), "last_seq", seen)
+	b.signal()
+	return nil
+}
+
+// Leave stops this node receiving and sending. Holding the token (so no
+// broadcast is in flight), it writes a "left" reply into its ack lock and
+// releases it, releases the message lock and removes itself from the
+// token's joined list. Run must still be running while Leave waits for the
+// token: a broadcast in flight needs this node's answer before the token is
+// free. It fails with ErrBusy while a receive is still under way (a handler
+// that outlived its sender's patience); try again once it has returned.
+func (b *Broadcaster) Leave(ctx context.Context) error {
+	if b.inHandler(ctx) {
+		return fmt.Errorf("broadcast: leave: %w", ErrInHandler)
+	}
+	if err := b.acquire(ctx, "leave"); err != nil {
+		return err
+	}
+	defer b.release()
+	b.mu.Lock()
+	ph := b.m.Phase()
+	b.mu.Unlock()
+	if ph != Joined {
+		b.dropHandles(ctx)
+		return nil
+	}
+	if err := b.takeToken(ctx, "leave"); err != nil {
+		return err
+	}
+	b.mu.Lock()
+	if err := b.m.CanLeave(); err != nil {
+		b.mu.Unlock()
+		rerr := b.releaseToken(ctx)
+		return errors.Join(fmt.Errorf("broadcast: node %d: leave: %w", b.cfg.Self, err), rerr)
+	}
+	reply := b.m.LeaveReply()
+	b.m.Left()
+	val := b.m.TokenValue(b.cfg.Locker.LVBLen())
+	tok, ack, rm, sm := b.token, b.ack, b.recvMsg, b.sendMsg
+	b.token, b.ack, b.recvMsg, b.sendMsg = nil, nil, nil, nil
+	b.mu.Unlock()
+	cctx, cancel := b.cleanupCtx(ctx)
+	defer cancel()
+	n := b.cfg.Locker.LVBLen()
+	var errs []error
+	if err := ack.SetLVB(reply.Encode(n)); err != nil {
+		errs = append(errs, err)
+	}
+	if err := ack.Unlock(cctx, dlm.ValBlk); err != nil {
+		errs = append(errs, fmt.Errorf("release %s: %w", AckLock(b.cfg.Self), err))
+	}
+	for _, h := range []dlm.LockHandle{rm, sm} {
+		if err := h.Unlock(cctx, 0); err != nil {
+			errs = append(errs, fmt.Errorf("release %s: %w", MessageLock, err))
+		}
+	}
+	if err := tok.SetLVB(val); err != nil {
+		errs = append(errs, err)
+	}
+	if err := tok.Unlock(cctx, dlm.ValBlk); err != nil {
+		errs = append(errs, fmt.Errorf("release %s: %w", TokenLock, err))
+	}
+	b.mu.Lock()
+	b.m.TokenReleased()
+	b.mu.Unlock()
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("broadcast: node %d: leave: %w", b.cfg.Self, err)
+	}
+	b.log.Info("broadcast: left", "last_seq", reply.Seq)
+	return nil
+}
+
+// dropHandles releases whatever locks a node that lost its membership
+// still has handles for (best effort: they are usually gone already).
+func (b *Broadcaster) dropHandles(ctx context.Context) {
+	b.mu.Lock()
+	hs := []dlm.LockHandle{b.ack, b.recvMsg, b.sendMsg, b.token}
+	b.token, b.ack, b.recvMsg, b.sendMsg = nil, nil, nil, nil
+	b.m.TokenLost()
+	b.mu.Unlock()
+	cctx, cancel := b.cleanupCtx(ctx)
+	defer cancel()
+	for _, h := range hs {
+		if h != nil && h.Mode() != dlm.ModeIV {
+			_ = h.Unlock(cctx, 0)
+		}
+	}
+}
+
+// --- callbacks and recovery events: they only record and signal ---
+
+// notified is the ack lock's blocking callback: a sender waits for us.
+func (b *Broadcaster) notified(dlm.Mode) {
+	b.mu.Lock()
+	b.m.Notify()
+	b.mu.Unlock()
+	b.signal()
+}
+
+// tokenBlocked is the token's blocking callback: another node wants it.
+func (b *Broadcaster) tokenBlocked(dlm.Mode) {
+	b.mu.Lock()
+	b.m.TokenBlocked()
+	b.mu.Unlock()
+	b.signal()
+}
+
+// RecoverPrepare implements dlm.RecoveryHandler; nothing changes until
+// recovery is done.
+func (b *Broadcaster) RecoverPrepare(gen uint64) {
+	b.log.Debug("broadcast: lockspace stopped for recovery", "gen", gen)
+}
+
+// RecoverDeparted implements dlm.RecoveryHandler: the departed nodes are
+// reported departed (not "not joined") when a sender finds their ack locks
+// free.
+func (b *Broadcaster) RecoverDeparted(gen uint64, nodes []dlm.NodeID) {
+	b.mu.Lock()
+	b.m.Departed(nodes)
+	b.mu.Unlock()
+	b.log.Debug("broadcast: nodes departed", "gen", gen, "nodes", nodes)
+}
+
+// RecoverDone implements dlm.RecoveryHandler: senders ask the new view's
+// members, and the receive loop checks whether a broadcast whose sender
+// departed is still owed to this node.
+func (b *Broadcaster) RecoverDone(gen uint64, members []dlm.NodeID, _ dlm.NodeID) {
+	b.mu.Lock()
+	b.m.ViewDone(gen, members)
+	b.mu.Unlock()
+	b.signal()
+}
+
+// --- the receive loop ---
+
+// Run is the receive loop: it waits for blocking callbacks and recovery
+// events and carries out what they leave (Step) until ctx ends. The daemon
+// runs it on a goroutine for as long as the array is open, before Join and
+// until after Leave. Errors of single steps are logged and retried (each
+// step is bounded by LockTimeout or ReceiveTimeout); Run returns ctx's
+// error.
+func (b *Broadcaster) Run(ctx context.Context) error {
+	for {
+		for {
+			did, err := b.Step(ctx)
+			if err != nil {
+				if ctx.Err() != nil {
+					return ctx.Err()
+				}
+				b.log.Warn("broadcast: receive step failed; retrying", "err", err)
+			}
+			if !did {
+				break
+			}
+		}
+		select {
+		case <-b.sig:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// Pending reports whether Step has something to do. A simulator that
+// drives the broadcaster without Run calls Step while Pending holds.
+func (b *Broadcaster) Pending() bool {
+	free := len(b.sem) == 0
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.m.Pending(free && !b.cfg.ReleaseToken)
+}
+
+// Signal returns the channel Run waits on: it receives a value when a
+// blocking callback or a recovery event left something for Step.
+func (b *Broadcaster) Signal() <-chan struct{} { return b.sig }
+
+// Step does the next piece of receive-side work, if any, and reports
+// whether there was any: answer a sender (read the message lock, act,
+// reply, re-arm), finish re-arming after a failed attempt, catch up after
+// a recovery, or release the cached token to a node that wants it. It
+// never waits for a local sender.
+func (b *Broadcaster) Step(ctx context.Context) (bool, error) {
+	b.mu.Lock()
+	want := b.m.TokenWanted()
+	b.mu.Unlock()
+	free := want && !b.cfg.ReleaseToken && b.trySem()
+	b.mu.Lock()
+	w, notified := b.m.Work(free)
+	b.mu.Unlock()
+	if free && w != WorkReleaseToken {
+		b.release()
+		free = false
+	}
+	switch w {
+	case WorkReleaseToken:
+		defer b.release()
+		return true, b.releaseToken(ctx)
+	case WorkReceive:
+		return true, b.receive(ctx, notified)
+	case WorkRearm:
+		return true, b.rearm(ctx)
+	}
+	return false, nil
+}
+
+// receive reads the message lock in CR and answers it: act on a new
+// broadcast, or repeat the answer given to one already seen; then write
+// the reply into the ack lock (EX to NL grants the sender's CR and hands
+// it the reply) and re-arm.
+func (b *Broadcaster) receive(ctx context.Context, notified bool) error {
+	if b.cfg.mutation == mutRecvTakesSendLock {
+		if err := b.acquire(ctx, "receive"); err != nil {
+			b.mu.Lock()
+			b.m.ReadFailed(notified)
+			b.mu.Unlock()
+			return err
+		}
+		defer b.release()
+	}
+	self := b.cfg.Self
+	b.mu.Lock()
+	ack, rm := b.ack, b.recvMsg
+	b.mu.Unlock()
+	if ack == nil || rm == nil {
+		b.lost(errors.New("no locks"))
+		return nil
+	}
+	lctx, cancel := b.lockCtx(ctx)
+	err := rm.Convert(lctx, dlm.CR, dlm.ValBlk)
+	cancel()
+	if err != nil {
+		b.mu.Lock()
+		b.m.ReadFailed(notified)
+		b.mu.Unlock()
+		if gone(err) {
+			b.lost(err)
+		}
+		return fmt.Errorf("broadcast: node %d: read %s in CR: %w", self, MessageLock, err)
+	}
+	b.mu.Lock()
+	d := b.m.Incoming(rm.LVB(), invalid(rm), notified)
+	b.mu.Unlock()
+	reply := d.Reply
+	if d.Act {
+		reply = b.act(ctx, d.Env)
+	}
+	if d.NoReply || b.skipReply(reply) {
+		cctx, cancel := b.cleanupCtx(ctx)
+		err := rm.Convert(cctx, dlm.NL, 0)
+		cancel()
+		b.mu.Lock()
+		b.m.Released()
+		b.mu.Unlock()
+		if err != nil {
+			return fmt.Errorf("broadcast: node %d: release %s: %w", self, MessageLock, err)
+		}
+		return nil
+	}
+	if err := ack.SetLVB(reply.Encode(b.cfg.Locker.LVBLen())); err != nil {
+		return fmt.Errorf("broadcast: node %d: reply: %w", self, err)
+	}
+	cctx, cancel := b.cleanupCtx(ctx)
+	err = ack.Convert(cctx, dlm.NL, dlm.ValBlk)
+	cancel()
+	if err != nil {
+		// A down-conversion fails only when the lock is gone.
+		b.lost(err)
+		return fmt.Errorf("broadcast: node %d: reply to broadcast %d through %s: %w", self, reply.Seq, AckLock(self), err)
+	}
+	b.mu.Lock()
+	b.m.Replied()
+	b.stats.Replies++
+	b.mu.Unlock()
+	b.log.Debug("broadcast: replied", "seq", reply.Seq, "status", reply.Status)
+	return b.rearm(ctx)
+}
+
+// skipReply is where the md-like mutations leave a receive unanswered.
+func (b *Broadcaster) skipReply(r Reply) bool {
+	switch b.cfg.mutation {
+	case mutNoReplyOnError:
+		return r.Status == StatusFailed || r.Status == StatusTimeout
+	case mutNoReplyUnknown:
+		return r.Status == StatusUnknownType
+	}
+	return false
+}
+
+// rearm re-takes the ack lock in EX (granted once the sender released its
+// CR) and only then releases the message lock: the next broadcast cannot
+// be published while this node holds the message lock, so it always finds
+// this node armed.
+func (b *Broadcaster) rearm(ctx context.Context) error {
+	self := b.cfg.Self
+	b.mu.Lock()
+	ack, rm := b.ack, b.recvMsg
+	b.mu.Unlock()
+	if ack == nil || rm == nil {
+		b.lost(errors.New("no locks"))
+		return nil
+	}
+	lctx, cancel := b.lockCtx(ctx)
+	err := ack.Convert(lctx, dlm.EX, 0)
+	cancel()
+	if err != nil {
+		if gone(err) {
+			b.lost(err)
+		}
+		return fmt.Errorf("broadcast: node %d: re-take %s in EX (the sender has not released its CR): %w", self, AckLock(self), err)
+	}
+	cctx, cancel := b.cleanupCtx(ctx)
+	err = rm.Convert(cctx, dlm.NL, 0)
+	cancel()
+	b.mu.Lock()
+	b.m.Rearmed()
+	b.mu.Unlock()
+	if err != nil {
+		b.lost(err)
+		return fmt.Errorf("broadcast: node %d: release %s: %w", self, MessageLock, err)
+	}
+	return nil
+}
+
+// act calls the Receiver for e, bounded by ReceiveTimeout, and returns the
+// reply. A panicking handler is an error, not a crash that would leave
+// every sender waiting.
+func (b *Broadcaster) act(ctx context.Context, e Envelope) Reply {
+	hctx, cancel := context.WithTimeout(ctx, b.cfg.ReceiveTimeout)
+	defer cancel()
+	hctx = context.WithValue(hctx, handlerKey{}, &handlerInfo{b: b, seq: e.Seq})
+	err := func() (err error) {
+		defer func() {
+			if p := recover(); p != nil {
+				err = fmt.Errorf("receiver panicked: %v", p)
+			}
+		}()
+		return b.cfg.Receiver.Receive(hctx, e.Sender, e.Msg)
+	}()
+	overran := errors.Is(hctx.Err(), context.DeadlineExceeded)
+	b.mu.Lock()
+	r := b.m.Acted(e, err, overran)
+	b.stats.Receives++
+	if err != nil {
+		b.stats.HandlerErrors++
+	}
+	b.mu.Unlock()
+	if err != nil {
+		b.log.Warn("broadcast: receiver failed", "seq", e.Seq, "from", e.Sender, "msg", e.Msg.Type, "status", r.Status, "err", err)
+	} else {
+		b.log.Debug("broadcast: acted", "seq", e.Seq, "from", e.Sender, "msg", e.Msg.Type)
+	}
+	return r
+}
+
+// --- sending ---
+
+// Txn is a transaction: the token held across several broadcasts, as md
+// holds it from metadata_update_start to metadata_update_finish (adding a
+// disk: NEWDISK, the no-new-dev check, METADATA_UPDATED). No other node
+// can send or join meanwhile. Not for concurrent use; End it promptly.
+type Txn struct {
+	b    *Broadcaster
+	done bool
+}
+
+// Begin takes the token (waiting at most LockTimeout) and starts a
+// transaction. It waits for this node's other senders first.
+func (b *Broadcaster) Begin(ctx context.Context) (*Txn, error) {
+	if b.inHandler(ctx) {
+		return nil, fmt.Errorf("broadcast: begin: %w", ErrInHandler)
+	}
+	if err := b.acquire(ctx, "begin"); err != nil {
+		return nil, err
+	}
+	if err := b.takeToken(ctx, "begin"); err != nil {
+		b.release()
+		return nil, err
+	}
+	return &Txn{b: b}, nil
+}
+
+// takeToken converts the token to EX unless it is cached there. Called
+// with sem held.
+func (b *Broadcaster) takeToken(ctx context.Context, what string) error {
+	self := b.cfg.Self
+	b.mu.Lock()
+	ph, held, tok := b.m.Phase(), b.m.TokenHeld(), b.token
+	b.mu.Unlock()
+	if ph != Joined || tok == nil {
+		return fmt.Errorf("broadcast: node %d: %s: %w (%s)", self, what, ErrNotJoined, ph)
+	}
+	if held {
+		if tok.Mode() == dlm.EX {
+			return nil
+		}
+		b.lost(errors.New("cached token lock is gone"))
+		return fmt.Errorf("broadcast: node %d: %s: cached %s lock is gone: %w", self, what, TokenLock, ErrNotJoined)
+	}
+	lctx, cancel := b.lockCtx(ctx)
+	defer cancel()
+	if err := tok.Convert(lctx, dlm.EX, dlm.ValBlk); err != nil {
+		if gone(err) {
+			b.lost(err)
+		}
+		return fmt.Errorf("broadcast: node %d: %s: take %s in EX: %w", self, what, TokenLock, err)
+	}
+	b.mu.Lock()
+	b.m.TokenGranted(tok.LVB(), invalid(tok))
+	b.mu.Unlock()
+	return nil
+}
+
+// releaseToken writes the token's value and converts it to NL. Called with
+// sem held.
+func (b *Broadcaster) releaseToken(ctx context.Context) error {
+	b.mu.Lock()
+	if !b.m.TokenHeld() || b.token == nil {
+		b.mu.Unlock()
+		return nil
+	}
+	val := b.m.TokenValue(b.cfg.Locker.LVBLen())
+	tok := b.token
+	b.mu.Unlock()
+	cctx, cancel := b.cleanupCtx(ctx)
+	defer cancel()
+	err := tok.SetLVB(val)
+	if err == nil {
+		err = tok.Convert(cctx, dlm.NL, dlm.ValBlk)
+	}
+	b.mu.Lock()
+	b.m.TokenReleased()
+	b.mu.Unlock()
+	if err != nil {
+		if gone(err) {
+			b.lost(err)
+		}
+		return fmt.Errorf("broadcast: node %d: release %s: %w", b.cfg.Self, TokenLock, err)
+	}
+	return nil
+}
+
+// Send broadcasts m within the transaction and returns when every joined
+// receiver has answered, or SendTimeout (from this call) has passed. The
+// Result says who acted, who failed (and why), who did not answer, who is
+// not joined and who departed. Receivers' failures are not an error of
+// Send: see Result.Err. An error (a lock that could not be taken, a
+// receiver that did not answer: ErrNoAnswer) ends the transaction and
+// releases the token.
+func (t *Txn) Send(ctx context.Context, m Message) (Result, error) {
+	b := t.b
+	if t.done {
+		return Result{}, fmt.Errorf("broadcast: node %d: send %s: %w", b.cfg.Self, m.Type, ErrTxnDone)
+	}
+	if b.inHandler(ctx) {
+		return Result{}, fmt.Errorf("broadcast: send %s: %w", m.Type, ErrInHandler)
+	}
+	sctx, cancel := context.WithTimeout(ctx, b.cfg.SendTimeout)
+	defer cancel()
+	start := b.now()
+	res, err := b.send(sctx, m)
+	b.mu.Lock()
+	if err != nil {
+		b.stats.SendErrors++
+	} else {
+		d := b.now().Sub(start)
+		b.stats.LastSend = d
+		b.sendTotal += d
+		b.sendOK++
+	}
+	b.stats.ReceiverErrors += uint64(len(res.Failed))
+	b.mu.Unlock()
+	if err != nil {
+		t.abort(ctx)
+	}
+	return res, err
+}
+
+// End ends the transaction: the token goes back to NL, or stays cached in
+// EX (see Config.ReleaseToken) until another node asks for it. End after
+// End, or after a failed Send ended the transaction, does nothing.
+func (t *Txn) End(ctx context.Context) error {
+	if t.done {
+		return nil
+	}
+	t.done = true
+	b := t.b
+	b.mu.Lock()
+	rel := b.cfg.ReleaseToken || b.m.TokenWanted() || b.m.Phase() != Joined
+	b.mu.Unlock()
+	var err error
+	if rel {
+		err = b.releaseToken(ctx)
+	}
+	b.release()
+	b.mu.Lock()
+	wanted := b.m.TokenWanted()
+	b.mu.Unlock()
+	if wanted {
+		// Asked for while we held the send lock after deciding to keep it:
+		// the receive loop releases it now that the send lock is free.
+		b.signal()
+	}
+	return err
+}
+
+// abort ends the transaction after a failed send, releasing the token so
+// that a bound never leaves it held.
+func (t *Txn) abort(ctx context.Context) {
+	if t.done {
+		return
+	}
+	t.done = true
+	b := t.b
+	if err := b.releaseToken(ctx); err != nil {
+		b.log.Warn("broadcast: releasing the token after a failed send", "err", err)
+	}
+	b.release()
+}
+
+// Send broadcasts m in a transaction of its own: Begin, Txn.Send, End, all
+// within SendTimeout.
+func (b *Broadcaster) Send(ctx context.Context, m Message) (Result, error) {
+	if b.inHandler(ctx) {
+		return Result{}, fmt.Errorf("broadcast: send %s: %w", m.Type, ErrInHandler)
+	}
+	sctx, cancel := context.WithTimeout(ctx, b.cfg.SendTimeout)
+	defer cancel()
+	t, err := b.Begin(sctx)
+	if err != nil {
+		b.mu.Lock()
+		b.stats.SendErrors++
+		b.mu.Unlock()
+		return Result{}, fmt.Errorf("broadcast: send %s: %w", m.Type, err)
+	}
+	res, err := t.Send(sctx, m)
+	if err != nil {
+		return res, err
+	}
+	return res, t.End(ctx)
+}
+
+// send publishes m and collects the answers; the caller holds the token.
+func (b *Broadcaster) send(ctx context.Context, msg Message) (Result, error) {
+	b.mu.Lock()
+	sm := b.sendMsg
+	finish := b.m.NeedsFinish()
+	b.mu.Unlock()
+	if sm == nil {
+		return Result{}, fmt.Errorf("broadcast: node %d: send %s: %w", b.cfg.Self, msg.Type, ErrNotJoined)
+	}
+	if err := b.takeMessage(ctx, sm); err != nil {
+		return Result{}, fmt.Errorf("broadcast: send %s: %w", msg.Type, err)
+	}
+	if finish {
+		b.mu.Lock()
+		e, act, ok := b.m.Finish(sm.LVB(), invalid(sm))
+		b.mu.Unlock()
+		if ok {
+			if err := b.finish(ctx, sm, e, act); err != nil {
+				return Result{}, fmt.Errorf("broadcast: send %s: %w", msg.Type, err)
+			}
+			if err := b.takeMessage(ctx, sm); err != nil {
+				return Result{}, fmt.Errorf("broadcast: send %s: %w", msg.Type, err)
+			}
+		}
+	}
+	b.mu.Lock()
+	e := b.m.Publish(sm.LVB(), msg)
+	b.mu.Unlock()
+	return b.publish(ctx, sm, e)
+}
+
+// takeMessage converts the sending message lock NL to EX, reading its
+// value. It waits until every receiver of the previous broadcast has
+// re-armed and released its CR; the error names the previous broadcast's
+// laggards when there were any.
+func (b *Broadcaster) takeMessage(ctx context.Context, sm dlm.LockHandle) error {
+	lctx, cancel := b.lockCtx(ctx)
+	defer cancel()
+	err := sm.Convert(lctx, dlm.EX, dlm.ValBlk)
+	if err == nil {
+		return nil
+	}
+	if gone(err) {
+		b.lost(err)
+	}
+	b.mu.Lock()
+	seq, lag := b.m.Laggards()
+	b.mu.Unlock()
+	if len(lag) > 0 {
+		return fmt.Errorf("broadcast: node %d: take %s in EX (nodes %v had not answered broadcast %d and may still hold it in CR): %w",
+			b.cfg.Self, MessageLock, lag, seq, err)
+	}
+	return fmt.Errorf("broadcast: node %d: take %s in EX (waiting for the previous broadcast's receivers to re-arm): %w", b.cfg.Self, MessageLock, err)
+}
+
+// finish re-publishes a broadcast whose sender died with the token, so
+// that every receiver has acted on it before the next one; this node acts
+// on it first if it had not. Holds the message lock in EX on entry, NL on
+// return.
+func (b *Broadcaster) finish(ctx context.Context, sm dlm.LockHandle, e Envelope, act bool) error {
+	if act {
+		b.act(ctx, e)
+	}
+	res, err := b.publish(ctx, sm, e)
+	b.mu.Lock()
+	b.m.Finished()
+	b.stats.Finishes++
+	b.mu.Unlock()
+	b.log.Info("broadcast: finished a broadcast whose sender's token holder died", "seq", e.Seq, "from", e.Sender, "msg", e.Msg.Type,
+		"acted", res.Acted, "failed", len(res.Failed), "unanswered", res.Unanswered)
+	if err != nil {
+		return fmt.Errorf("finishing broadcast %d from node %d: %w", e.Seq, e.Sender, err)
+	}
+	return nil
+}
+
+// publish writes e into the message lock (EX to CW publishes it), asks
+// every receiver's ack lock in CR at once, releases the message lock and
+// returns the Result. Holds the message lock in EX on entry, NL on return.
+func (b *Broadcaster) publish(ctx context.Context, sm dlm.LockHandle, e Envelope) (Result, error) {
+	self := b.cfg.Self
+	cctx, cancel := b.cleanupCtx(ctx)
+	defer cancel()
+	if err := sm.SetLVB(e.Encode(b.cfg.Locker.LVBLen())); err != nil {
+		_ = sm.Convert(cctx, dlm.NL, 0)
+		return Result{Seq: e.Seq}, fmt.Errorf("broadcast: node %d: broadcast %d: %w", self, e.Seq, err)
+	}
+	if err := sm.Convert(cctx, dlm.CW, dlm.ValBlk); err != nil {
+		b.lost(err)
+		return Result{Seq: e.Seq}, fmt.Errorf("broadcast: node %d: publish broadcast %d (%s) through %s: %w", self, e.Seq, e.Msg.Type, MessageLock, err)
+	}
+	b.mu.Lock()
+	recv := b.m.Receivers()
+	b.stats.Sends++
+	b.mu.Unlock()
+	answers := make([]Answer, len(recv))
+	n := b.cfg.Locker.LVBLen()
+	b.cfg.Parallel(len(recv), func(i int) {
+		a := Answer{Node: recv[i]}
+		h, err := b.cfg.Locker.Request(ctx, dlm.LockSpec{Resource: AckLock(recv[i]), Mode: dlm.CR, Flags: dlm.ValBlk})
+		if err != nil {
+			a.Err = err
+		} else {
+			a.LVB, a.Invalid = h.LVB(), invalid(h)
+			if len(a.LVB) != n {
+				a.LVB = make([]byte, n)
+			}
+			uctx, cancel := b.cleanupCtx(ctx)
+			if err := h.Unlock(uctx, 0); err != nil {
+				b.log.Warn("broadcast: releasing a receiver's ack lock", "lock", AckLock(recv[i]), "err", err)
+			}
+			cancel()
+		}
+		answers[i] = a
+	})
+	if err := sm.Convert(cctx, dlm.NL, 0); err != nil {
+		b.lost(err)
+		return Result{Seq: e.Seq}, fmt.Errorf("broadcast: node %d: release %s after broadcast %d: %w", self, MessageLock, e.Seq, err)
+	}
+	b.mu.Lock()
+	res := b.m.Sent(e.Seq, answers)
+	b.mu.Unlock()
+	lg := b.log.With("seq", e.Seq, "msg", e.Msg.Type, "acted", res.Acted)
+	if len(res.Failed) > 0 || len(res.Unanswered) > 0 || len(res.Departed) > 0 {
+		lg.Warn("broadcast: not every receiver acted", "failed", res.Err(), "unanswered", res.Unanswered, "departed", res.Departed, "not_joined", res.NotJoined)
+	} else {
+		lg.Debug("broadcast: sent", "not_joined", res.NotJoined)
+	}
+	if len(res.Unanswered) > 0 {
+		return res, fmt.Errorf("broadcast: node %d: broadcast %d (%s): no answer from nodes %v within the send timeout: %w",
+			self, e.Seq, e.Msg.Type, res.Unanswered, ErrNoAnswer)
+	}
+	return res, nil
+}
