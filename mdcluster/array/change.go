@@ -5,7 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
-	
+
 	"github.com/mdcluster/mdcluster/bitmap"
 	"github.com/mdcluster/mdcluster/broadcast"
 	"github.com/mdcluster/mdcluster/dlm"

@@ -34,9 +34,9 @@ var clusterKey = []byte("array manager test cluster key!!")
 const guard = 30 * time.Second
 
 const (
-	imgSize     = 8 << 20  // 8 MiB members: 1 MiB metadata, 7 MiB data
+	imgSize         = 8 << 20  // 8 MiB members: 1 MiB metadata, 7 MiB data
 	testBitmapChunk = 64 << 10 // 112 bitmap chunks
-	testWindow  = 512 << 10
+	testWindow      = 512 << 10
 )
 
 // logWriter sends log lines to the test until it ends.

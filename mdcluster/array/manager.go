@@ -302,11 +302,11 @@ type Manager struct {
 	ctx        context.Context
 	cancel     context.CancelFunc
 	loopCancel context.CancelFunc
-	wg     sync.WaitGroup
-	runEnd chan struct{}
-	kick   chan struct{} // wakes the syncer
-	maint  chan struct{} // wakes the maintenance loop
-	tasks  []maintTask
+	wg         sync.WaitGroup
+	runEnd     chan struct{}
+	kick       chan struct{} // wakes the syncer
+	maint      chan struct{} // wakes the maintenance loop
+	tasks      []maintTask
 }
 
 // candidate is a device another node is adding (NEWDISK) that this node
