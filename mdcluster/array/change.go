@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"time"
 
 	"github.com/mdcluster/mdcluster/bitmap"
 	"github.com/mdcluster/mdcluster/broadcast"
@@ -603,6 +604,9 @@ func (m *Manager) copyBitmap(st *arrayState, d Member) error {
 	return nil
 }
 
+// noNewDevRetry bounds the retries of the no-new-dev EX (see confirm).
+const noNewDevRetry = time.Second
+
 // confirm broadcasts NEWDISK and checks md's no-new-dev lock. missing is
 // nil when every node confirmed, else the nodes (and reasons) that did
 // not.
@@ -624,16 +628,29 @@ func (t *changeTxn) confirm(ctx context.Context, devUUID [16]byte, devNo uint32,
 	if nnd == nil {
 		return nil, fmt.Errorf("%s: %s lock not held", t.what, NoNewDevLock)
 	}
-	lctx, cancel := context.WithTimeout(ctx, m.cfg.LockTimeout)
-	err = nnd.Convert(lctx, dlm.EX, dlm.NoQueue)
-	cancel()
+	// Every receiver that confirmed has dropped its CR before answering,
+	// but the lock manager sends down-conversions without waiting, so the
+	// master may not have applied them yet: the NOQUEUE EX asks for
+	// blocking callbacks (which make a node that already dropped send it
+	// at once) and is retried for a short, bounded while. A node that
+	// really holds CR keeps refusing it.
+	deadline := time.Now().Add(min(m.cfg.LockTimeout, noNewDevRetry))
+	for {
+		lctx, cancel := context.WithTimeout(ctx, m.cfg.LockTimeout)
+		err = nnd.Convert(lctx, dlm.EX, dlm.NoQueue|dlm.NoQueueBast)
+		cancel()
+		if !errors.Is(err, dlm.ErrAgain) || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 	switch {
 	case errors.Is(err, dlm.ErrAgain):
 		return fmt.Errorf("some node did not confirm the device: %s EX refused (a node still holds CR)", NoNewDevLock), nil
 	case err != nil:
 		return nil, fmt.Errorf("%s: %s EX: %w", t.what, NoNewDevLock, err)
 	}
-	lctx, cancel = context.WithTimeout(context.WithoutCancel(ctx), m.cfg.LockTimeout)
+	lctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), m.cfg.LockTimeout)
 	err = nnd.Convert(lctx, dlm.CR, 0)
 	cancel()
 	if err != nil {

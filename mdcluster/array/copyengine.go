@@ -79,11 +79,15 @@ func (e *CopyEngine) Start(ctx context.Context, setup EngineSetup) error {
 	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	if e.started {
+	if e.started && !e.stopped {
 		return errors.New("copy engine: already started")
 	}
-	e.started, e.setup = true, setup
+	// (A stopped engine starts afresh: the array was stopped and is
+	// assembled again.)
+	e.started, e.stopped, e.setup = true, false, setup
 	e.setup.Members = nil
+	e.members, e.flights = map[uint32]*EngineMember{}, map[uint64]Window{}
+	e.remote, e.local, e.noBal, e.prog = Window{}, Window{}, false, SyncProgress{}
 	for _, m := range setup.Members {
 		mm := m
 		e.members[m.Dev] = &mm

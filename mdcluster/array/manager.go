@@ -821,3 +821,10 @@ func (f *fanout) RecoverDone(gen uint64, members []dlm.NodeID, self dlm.NodeID) 
 		h.RecoverDone(gen, members, self)
 	}
 }
+
+// stateCopy returns the current state (tests).
+func (m *Manager) stateCopy() *arrayState {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.st
+}
