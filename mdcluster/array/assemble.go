@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/mdcluster/mdcluster/bitmap"
 	"github.com/mdcluster/mdcluster/bitmap/intent"
@@ -241,7 +242,7 @@ func (m *Manager) Assemble(ctx context.Context) (err error) {
 	for i := range mirrors {
 		mirrors[i] = slotDevice{m: m, slot: i}
 	}
-	own, err := ownership.New(ownership.Config{Lockspace: ls, Node: m.self, Layout: st.Layout, Mirrors: mirrors,
+	own, err := ownership.New(ownership.Config{Lockspace: serialLocker{ls}, Node: m.self, Layout: st.Layout, Mirrors: mirrors,
 		Array: slotResyncer{m}, DaemonSleep: m.cfg.DaemonSleep, Logger: m.log,
 		OnRecovered: func(gen uint64, departed []dlm.NodeID, err error) {
 			if err != nil {
@@ -541,8 +542,19 @@ func (m *Manager) shutdown(ctx context.Context, graceful bool) error {
 		}
 	}
 	if bus != nil && !m.isDead() {
-		if err := bus.Leave(ctx); err != nil {
-			errs = append(errs, err)
+		// Leave refuses while a receive is still under way (a handler that
+		// outlived its sender); it is retried for at most LockTimeout.
+		deadline := time.Now().Add(m.cfg.LockTimeout)
+		for {
+			err := bus.Leave(ctx)
+			if err == nil {
+				break
+			}
+			if !errors.Is(err, broadcast.ErrBusy) || time.Now().After(deadline) || ctx.Err() != nil {
+				errs = append(errs, err)
+				break
+			}
+			time.Sleep(10 * time.Millisecond)
 		}
 	}
 	if cancel != nil {

@@ -51,9 +51,30 @@ type CopyEngine struct {
 	tickEnd chan struct{}
 	tickWG  sync.WaitGroup
 
-	// Test hooks (same package only).
+	// Test hooks (same package only; set with setHooks).
+	hookMu        sync.Mutex
 	failSetMember func(EngineMember) error
 	beforeCopy    func(ctx context.Context, kind SyncKind, lo uint64) error
+}
+
+// setBeforeCopy installs a test hook called before each copy step.
+func (e *CopyEngine) setBeforeCopy(f func(ctx context.Context, kind SyncKind, lo uint64) error) {
+	e.hookMu.Lock()
+	e.beforeCopy = f
+	e.hookMu.Unlock()
+}
+
+// setFailSetMember installs a test hook that can fail SetMember.
+func (e *CopyEngine) setFailSetMember(f func(EngineMember) error) {
+	e.hookMu.Lock()
+	e.failSetMember = f
+	e.hookMu.Unlock()
+}
+
+func (e *CopyEngine) hooks() (func(EngineMember) error, func(context.Context, SyncKind, uint64) error) {
+	e.hookMu.Lock()
+	defer e.hookMu.Unlock()
+	return e.failSetMember, e.beforeCopy
 }
 
 var _ Engine = (*CopyEngine)(nil)
@@ -156,7 +177,7 @@ func (e *CopyEngine) Stop() error {
 
 // SetMember adds or updates a member.
 func (e *CopyEngine) SetMember(m EngineMember) error {
-	if f := e.failSetMember; f != nil {
+	if f, _ := e.hooks(); f != nil {
 		if err := f(m); err != nil {
 			return err
 		}
@@ -469,7 +490,7 @@ func (e *CopyEngine) Sync(ctx context.Context, r SyncRequest) error {
 	buf := make([]byte, copyStep)
 	for _, rg := range ranges {
 		for s := rg[0]; s < rg[1]; {
-			if f := e.beforeCopy; f != nil {
+			if _, f := e.hooks(); f != nil {
 				if err := f(ctx, r.Kind, s); err != nil {
 					return err
 				}

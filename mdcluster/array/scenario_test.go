@@ -3,10 +3,12 @@ package array
 import (
 	"context"
 	"errors"
+	"os"
 	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/mdcluster/mdcluster/mdcluster/node"
 )
@@ -213,13 +215,13 @@ func TestClusterManageReAdd(t *testing.T) {
 	var copied sync.Map
 	for _, id := range c.ids {
 		id := id
-		c.nodes[id].eng.beforeCopy = func(_ context.Context, k SyncKind, lo uint64) error {
+		c.nodes[id].eng.setBeforeCopy(func(_ context.Context, k SyncKind, lo uint64) error {
 			if k == SyncRecovery {
 				v, _ := copied.LoadOrStore(id, new(atomic.Int64))
 				v.(*atomic.Int64).Add(1)
 			}
 			return nil
-		}
+		})
 	}
 	if _, err := c.nodes[2].m.ReAdd(ctx, filepath.Join(c.dir, "a.img")); err != nil {
 		t.Fatal(err)
@@ -242,3 +244,136 @@ func TestClusterManageReAdd(t *testing.T) {
 }
 
 func errorsIs(err, target error) bool { return errors.Is(err, target) }
+
+// fill writes a byte pattern over an image's data area (before create, so
+// that the members differ and a resync has something to do).
+func (c *tcluster) fill(name string, seed byte) {
+	c.t.Helper()
+	p := c.image(name)
+	f, err := os.OpenFile(p, os.O_RDWR, 0)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.WriteAt(pattern(seed, imgSize-1<<20), 1<<20); err != nil {
+		c.t.Fatal(err)
+	}
+}
+
+// holdSync makes node id's engine stop before copying sector at or past
+// lo of a sync of kind k, report it on reached and wait for its context
+// (the node's crash) to end.
+func (c *tcluster) holdSync(id node.NodeID, k SyncKind, lo uint64, reached chan<- node.NodeID) {
+	c.nodes[id].eng.setBeforeCopy(func(ctx context.Context, kind SyncKind, s uint64) error {
+		if kind != k || s < lo {
+			return nil
+		}
+		select {
+		case reached <- id:
+		default:
+		}
+		<-ctx.Done()
+		return ctx.Err()
+	})
+}
+
+// Test03SwitchResync is 03r1_switch-resync: an array created without
+// --assume-clean is resynced by one node under the resync lock while the
+// others see its window (REMOTE) and wait for the lock (PENDING); the
+// resyncing node dies: the survivors drop its window, one takes the
+// resync over from where it had got and finishes it; the dead node comes
+// back and finds the array clean.
+func Test03SwitchResync(t *testing.T) {
+	c := newTCluster(t, 3)
+	c.fill("a.img", 1)
+	c.fill("b.img", 2)
+	for _, id := range c.ids {
+		c.manager(id, nil)
+	}
+	reached := make(chan node.NodeID, 1)
+	c.holdSync(1, SyncResync, 3*testWindow/512, reached)
+	c.createAndAssemble(false, 2, "a.img", "b.img")
+	select {
+	case <-reached:
+	case <-time.After(guard):
+		t.Fatal("node 1 never started the resync")
+	}
+	eventually(t, guard, func() bool {
+		for _, id := range []node.NodeID{2, 3} {
+			st := c.nodes[id].m.Status()
+			if st.Sync.RemoteFrom != 1 || !st.Sync.Remote.Active() || !st.Sync.Pending {
+				return false
+			}
+		}
+		return true
+	}, "nodes 2 and 3 to see node 1's window (REMOTE) and wait for the resync lock (PENDING)")
+	if w := c.nodes[2].eng.RemoteWindow(); w.Lo != 3*testWindow/512 {
+		t.Fatalf("node 2's engine holds window %+v, want the one at sector %d", w, 3*testWindow/512)
+	}
+	// Node 2's writes outside the window go through; into it they wait.
+	c.writeSome(2, 90, 0)
+	c.crash(1)
+	c.waitDeparted(1)
+	c.waitSynced()
+	for _, id := range []node.NodeID{2, 3} {
+		if st := c.nodes[id].m.Status(); !st.Clean {
+			t.Fatalf("node %d: not clean after the takeover: %+v", id, st)
+		}
+	}
+	c.sameData("a.img", "b.img")
+	// Node 1 comes back: nothing to sync.
+	m1 := c.restart(1)
+	if err := m1.Assemble(c.ctx()); err != nil {
+		t.Fatal(err)
+	}
+	c.agree("")
+	if st := m1.Status(); !st.Clean || st.Sync.Running {
+		t.Fatalf("node 1 after restart: %+v", st)
+	}
+}
+
+// Test03SwitchRecovery is 03r1_switch-recovery: -n2 -x1, fail a member:
+// one node activates the spare and rebuilds it; it dies mid-rebuild;
+// another node takes the recovery over and completes it.
+func Test03SwitchRecovery(t *testing.T) {
+	c := newTCluster(t, 3)
+	for _, id := range c.ids {
+		c.manager(id, nil)
+	}
+	c.createAndAssemble(true, 2, "a.img", "b.img", "c.img")
+	c.writeSome(1, 3, 0, 1<<20, 4<<20, 6<<20)
+	reached := make(chan node.NodeID, 3)
+	for _, id := range c.ids {
+		c.holdSync(id, SyncRecovery, 4*testWindow/512, reached)
+	}
+	if err := c.nodes[2].m.Fail(c.ctx(), 0); err != nil {
+		t.Fatal(err)
+	}
+	var victim node.NodeID
+	select {
+	case victim = <-reached:
+	case <-time.After(guard):
+		t.Fatal("nobody started the recovery")
+	}
+	for _, id := range c.ids {
+		if id != victim {
+			c.nodes[id].eng.setBeforeCopy(nil)
+		}
+	}
+	t.Logf("node %d is recovering; crashing it", victim)
+	c.crash(victim)
+	c.waitDeparted(victim)
+	c.waitSynced()
+	c.agree("")
+	for _, id := range c.live() {
+		if ms := c.nodes[id].m.Members(); countState(ms, MemberInSync) != 2 || countState(ms, MemberFaulty) != 1 {
+			t.Fatalf("node %d: %v, want the spare in sync", id, ms)
+		}
+	}
+	c.sameData("b.img", "c.img")
+	m := c.restart(victim)
+	if err := m.Assemble(c.ctx()); err != nil {
+		t.Fatal(err)
+	}
+	c.agree("")
+}
