@@ -201,14 +201,14 @@ type Detector struct {
 	ml   *memberlist.Memberlist
 	self NodeID
 
-	mu       sync.Mutex
-	alive    map[NodeID]bool
+	mu    sync.Mutex
+	alive map[NodeID]bool
 	// addrs is each node's gossip address as memberlist last reported it
 	// (NotifyJoin, NotifyUpdate: called under memberlist's node lock, so
 	// reading the node there is safe). Send uses it instead of the nodes
 	// Members returns, whose fields memberlist rewrites without a lock
 	// the caller could take (every alive message does).
-	addrs map[NodeID]memberlist.Node
+	addrs    map[NodeID]memberlist.Node
 	onChange func([]NodeID)
 	onMsg    func(from NodeID, payload []byte)
 	log      *slog.Logger
