@@ -194,6 +194,11 @@ func (m *Manager) Assemble(ctx context.Context) (err error) {
 		return fmt.Errorf("assemble: %w", jerr)
 	}
 	m.jr = jr
+	m.mu.Unlock()
+	if err := m.redoBitmapChange(ctx); err != nil {
+		return fmt.Errorf("assemble: %w", err)
+	}
+	m.mu.Lock()
 	st, err := m.readStateLocked()
 	if err != nil {
 		m.mu.Unlock()

@@ -68,7 +68,45 @@ func (m *Manager) recoverDone(gen uint64, members []dlm.NodeID, _ dlm.NodeID) {
 	if len(departed) > 0 {
 		m.queue(maintTask{kind: taskDeparted, nodes: departed})
 	}
+	m.queue(maintTask{kind: taskCheckLocks})
 	m.wake(m.kick)
+}
+
+// checkLocks stops the array here if this node's locks did not survive
+// the view change (it was excluded and rejoined clean): it no longer owns
+// its bitmap slot, so it may not write, and no longer receives changes, so
+// its member set may fall behind. Running on would serve data the other
+// nodes do not coordinate with.
+func (m *Manager) checkLocks() {
+	m.mu.Lock()
+	own, bus, ph := m.own, m.bus, m.phase
+	m.mu.Unlock()
+	if ph != PhaseRunning || own == nil || bus == nil {
+		return
+	}
+	var why error
+	if err := own.Check(); err != nil {
+		why = err
+	} else if p := bus.Phase(); p != broadcast.Joined {
+		why = fmt.Errorf("the broadcast says this node is %s", p)
+	}
+	if why == nil {
+		return
+	}
+	m.failLocal(fmt.Sprintf("this node's locks were lost (the cluster excluded it and it rejoined clean): %v; stop and assemble the array again", why))
+}
+
+// failLocal stops the engine and marks the array failed on this node.
+func (m *Manager) failLocal(reason string) {
+	m.mu.Lock()
+	if m.phase != PhaseRunning {
+		m.mu.Unlock()
+		return
+	}
+	m.failReason, m.phase, m.engineOn = reason, PhaseFailed, false
+	m.mu.Unlock()
+	_ = m.cfg.Engine.Stop()
+	m.log.Error("array stopped on this node: it cannot follow the cluster", "reason", reason)
 }
 
 // --- the maintenance loop ---
@@ -88,6 +126,8 @@ const (
 	taskApply
 	// taskRetakeCR: no-new-dev could not be re-taken in CR.
 	taskRetakeCR
+	// taskCheckLocks: after a view change, check this node kept its locks.
+	taskCheckLocks
 )
 
 type maintTask struct {
@@ -194,6 +234,8 @@ func (m *Manager) runTask(ctx context.Context, t maintTask) bool {
 		return m.probeSlot(ctx, t.slot, t.until)
 	case taskApply:
 		return m.retryApply()
+	case taskCheckLocks:
+		m.checkLocks()
 	case taskRetakeCR:
 		m.retakeCR(ctx)
 		m.mu.Lock()
@@ -262,11 +304,10 @@ func (m *Manager) retryApply() bool {
 	if time.Since(m.diverged) < m.cfg.ApplyRetryLimit {
 		return false
 	}
-	m.failReason = fmt.Sprintf("could not apply the array's configuration for %v: %v", m.cfg.ApplyRetryLimit, err)
-	m.phase = PhaseFailed
-	m.engineOn = false
-	_ = m.cfg.Engine.Stop()
-	m.log.Error("this node cannot follow the array: its engine is stopped so that it serves nothing that differs from the other nodes", "reason", m.failReason)
+	reason := fmt.Sprintf("could not apply the array's configuration for %v (so as to serve nothing that differs from the other nodes): %v", m.cfg.ApplyRetryLimit, err)
+	m.mu.Unlock()
+	m.failLocal(reason)
+	m.mu.Lock()
 	return true
 }
 

@@ -377,3 +377,93 @@ func Test03SwitchRecovery(t *testing.T) {
 	}
 	c.agree("")
 }
+
+// bitmapOn reads the bitmap superblock of an image ("" when it has none).
+func (c *tcluster) bitmapOn(name string) (mode BitmapMode, clusterName string) {
+	c.t.Helper()
+	f, err := OpenFile(filepath.Join(c.dir, name), false)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	defer f.Close()
+	sb := readSuperOf(f)
+	if sb == nil || !sb.HasBitmap() {
+		return BitmapNone, ""
+	}
+	slots, err := readBitmap(f, sb)
+	if err != nil {
+		c.t.Fatalf("%s: %v", name, err)
+	}
+	if slots[0].Super.Nodes > 0 {
+		return BitmapClustered, slots[0].Super.Name()
+	}
+	return BitmapInternal, ""
+}
+
+// Test01GrowBitmapSwitch is 01r1_Grow_bitmap-switch: a clustered bitmap
+// cannot be removed while another node runs the array (md's
+// lock_all_bitmaps: "can't change bitmap to none since the array is in use
+// by more than one node"); once the others stopped it switches to none,
+// internal, none, and back to clustered, after which the others assemble
+// again. Dirty bits survive each switch, and --nodes changes the slot
+// count.
+func Test01GrowBitmapSwitch(t *testing.T) {
+	c := newTCluster(t, 3)
+	c.createAndAssemble(true, 2, "a.img", "b.img")
+	ctx := c.ctx()
+	m1 := c.nodes[1].m
+	if err := m1.SetBitmap(ctx, BitmapSpec{Mode: BitmapNone}); !errors.Is(err, ErrInUseByOthers) {
+		t.Fatalf("removing the clustered bitmap while others run the array: %v, want ErrInUseByOthers", err)
+	}
+	for _, id := range []node.NodeID{2, 3} {
+		if err := c.nodes[id].m.Stop(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := m1.SetBitmap(ctx, BitmapSpec{Mode: BitmapNone}); err != nil {
+		t.Fatal(err)
+	}
+	if mode, _ := c.bitmapOn("a.img"); mode != BitmapNone || m1.Status().Bitmap != BitmapNone {
+		t.Fatalf("after --bitmap=none: on disk %s, status %s", mode, m1.Status().Bitmap)
+	}
+	if err := m1.SetBitmap(ctx, BitmapSpec{Mode: BitmapInternal, Chunk: testBitmapChunk}); err != nil {
+		t.Fatal(err)
+	}
+	if mode, _ := c.bitmapOn("b.img"); mode != BitmapInternal || m1.Status().Bitmap != BitmapInternal {
+		t.Fatalf("after --bitmap=internal: on disk %s", mode)
+	}
+	c.writeSome(1, 5, 0, 3<<20) // bits in the internal bitmap
+	if err := m1.SetBitmap(ctx, BitmapSpec{Mode: BitmapClustered, ClusterName: "test"}); err != nil {
+		t.Fatal(err)
+	}
+	if mode, name := c.bitmapOn("a.img"); mode != BitmapClustered || name != "test" {
+		t.Fatalf("after --bitmap=clustered: on disk %s, cluster name %q", mode, name)
+	}
+	for _, id := range []node.NodeID{2, 3} {
+		if err := c.nodes[id].m.Assemble(ctx); err != nil {
+			t.Fatalf("node %d assembling after the switch back: %v", id, err)
+		}
+	}
+	c.agree("")
+	for _, id := range c.ids {
+		if st := c.nodes[id].m.Status(); st.Bitmap != BitmapClustered || st.Nodes != 4 {
+			t.Fatalf("node %d: bitmap %s, %d nodes", id, st.Bitmap, st.Nodes)
+		}
+	}
+	// --nodes: only when alone, as well.
+	if err := m1.SetBitmap(ctx, BitmapSpec{Mode: BitmapClustered, Nodes: 6}); !errors.Is(err, ErrInUseByOthers) {
+		t.Fatalf("--nodes while others run the array: %v", err)
+	}
+	for _, id := range []node.NodeID{2, 3} {
+		if err := c.nodes[id].m.Stop(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := m1.SetBitmap(ctx, BitmapSpec{Mode: BitmapClustered, Nodes: 6}); err != nil {
+		t.Fatal(err)
+	}
+	if st := m1.Status(); st.Nodes != 6 {
+		t.Fatalf("after --nodes=6: %d", st.Nodes)
+	}
+	c.sameData("a.img", "b.img")
+}
