@@ -226,7 +226,7 @@ func (c *tcluster) hide(id node.NodeID, name string) {
 func (c *tcluster) image(name string) string {
 	c.t.Helper()
 	p := filepath.Join(c.dir, name)
-	f, err := os.Create(p)
+	f, err := os.OpenFile(p, os.O_RDWR|os.O_CREATE, 0o644) // keeps what fill wrote
 	if err != nil {
 		c.t.Fatal(err)
 	}
