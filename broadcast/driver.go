@@ -14,10 +14,10 @@ import (
 // Receiver acts on the broadcasts this node receives. Receive is called on
 // the broadcaster's receive loop (Run or Step), one message at a time, in
 // the array's total order of broadcasts. It must return once ctx ends
-// (Config.ReceiveTimeout): until it returns, this node keeps the message
-// lock in CR, so no later broadcast can start anywhere in the array. Its
-// error goes back to the sender; returning ErrUnknownType (wrapped) says the
-// type is not handled here.
+// (Config.ReceiveTimeout): until it returns, this node answers no sender
+// (they give up on it after their SendTimeout, other nodes go on
+// receiving). Its error goes back to the sender; returning ErrUnknownType
+// (wrapped) says the type is not handled here.
 //
 // Receive must not wait for anything a local sender holds while it waits
 // for the token (an application mutex held around Send, say): the sender of
@@ -39,7 +39,7 @@ func (f ReceiverFunc) Receive(ctx context.Context, from dlm.NodeID, m Message) e
 // Defaults of Config's bounds.
 const (
 	// DefaultLockTimeout bounds one lock call that should be quick (the
-	// token, the message lock, re-taking the ack lock): md-cluster's
+	// token, the message lock, arming an ack lock): md-cluster's
 	// WAIT_DLM_LOCK_TIMEOUT, 30 s.
 	DefaultLockTimeout = 30 * time.Second
 	// DefaultReceiveTimeout bounds a Receiver's handler. md's slowest
@@ -67,8 +67,9 @@ type Config struct {
 	// NotJoined rather than not mentioned. nil: unknown until then.
 	Members []dlm.NodeID
 	// LockTimeout bounds each lock call that waits only for other nodes'
-	// lock traffic (token, message, re-taking the ack lock), and a local
-	// sender's wait for another local sender. 0: DefaultLockTimeout.
+	// lock traffic (token, message, arming an ack lock), a local sender's
+	// wait for another local sender, and Leave's wait for a receive in
+	// progress. 0: DefaultLockTimeout.
 	LockTimeout time.Duration
 	// ReceiveTimeout bounds the Receiver's handler (through its context).
 	// 0: DefaultReceiveTimeout.
@@ -115,6 +116,9 @@ const (
 	// mutRecvTakesSendLock: the receive side takes the local send lock, as
 	// md's recv_mutex couples receiving with sending.
 	mutRecvTakesSendLock
+	// mutJoinWithoutToken: Join does not wait for the token (md before
+	// "fix locking when node joins cluster during message broadcast").
+	mutJoinWithoutToken
 )
 
 // Sequential is a Config.Parallel that runs the tasks one after the other.
@@ -151,6 +155,11 @@ type Stats struct {
 	Replies uint64
 	// Finishes counts unfinished broadcasts re-published by this node.
 	Finishes uint64
+	// Gaps counts the broadcasts received whose sequence number was not
+	// the one after the last this node had seen: it missed broadcasts
+	// (its senders reported it unanswered) or numbers were lost to a
+	// failed publish.
+	Gaps uint64
 	// LastSend and AvgSend are the latency of Send / Txn.Send as callers
 	// saw it (successful calls).
 	LastSend, AvgSend time.Duration
@@ -180,12 +189,16 @@ type Broadcaster struct {
 
 	mu sync.Mutex // guards the fields below; never held across a lock call or the handler
 	m  *Machine
-	// The locks, nil while not joined. token is NL or EX; ack is EX while
-	// idle; recvMsg (receiving) and sendMsg (sending) are NL while idle.
-	token, ack, recvMsg, sendMsg dlm.LockHandle
-	stats                        Stats
-	sendTotal                    time.Duration
-	sendOK                       uint64
+	// The locks, nil while not joined. token is NL or EX; ack are this
+	// node's two ack locks (EX when armed, NL once answered); recvMsg
+	// (receiving) and sendMsg (sending) are NL while idle.
+	token, recvMsg, sendMsg dlm.LockHandle
+	ack                     [2]dlm.LockHandle
+	// idle is signalled whenever a receive ends, for Leave to wait on.
+	idle      chan struct{}
+	stats     Stats
+	sendTotal time.Duration
+	sendOK    uint64
 }
 
 var _ dlm.RecoveryHandler = (*Broadcaster)(nil)
@@ -231,7 +244,7 @@ func New(cfg Config) (*Broadcaster, error) {
 		lg = slog.Default()
 	}
 	return &Broadcaster{cfg: cfg, log: lg.With("node", cfg.Self), now: now, m: m,
-		sem: make(chan struct{}, 1), sig: make(chan struct{}, 1)}, nil
+		sem: make(chan struct{}, 1), sig: make(chan struct{}, 1), idle: make(chan struct{}, 1)}, nil
 }
 
 // Phase returns where this node is (joined or not).
@@ -253,6 +266,7 @@ func (b *Broadcaster) Stats() Stats {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	s := b.stats
+	s.Gaps = b.m.Gaps()
 	if b.sendOK > 0 {
 		s.AvgSend = b.sendTotal / time.Duration(b.sendOK)
 	}
@@ -294,6 +308,27 @@ func (b *Broadcaster) lockCtx(ctx context.Context) (context.Context, context.Can
 // must run even when the caller's context has ended.
 func (b *Broadcaster) cleanupCtx(ctx context.Context) (context.Context, context.CancelFunc) {
 	return context.WithTimeout(context.WithoutCancel(ctx), b.cfg.LockTimeout)
+}
+
+// down converts h down to mode within a fresh cleanup bound (a
+// down-conversion does not wait for other nodes).
+func (b *Broadcaster) down(ctx context.Context, h dlm.LockHandle, mode dlm.Mode, flags dlm.Flags) error {
+	cctx, cancel := b.cleanupCtx(ctx)
+	defer cancel()
+	if err := h.Convert(cctx, mode, flags); err != nil {
+		return fmt.Errorf("convert %s to %s: %w", h.Resource(), mode, err)
+	}
+	return nil
+}
+
+// unlock releases h within a fresh cleanup bound.
+func (b *Broadcaster) unlock(ctx context.Context, h dlm.LockHandle, flags dlm.Flags) error {
+	cctx, cancel := b.cleanupCtx(ctx)
+	defer cancel()
+	if err := h.Unlock(cctx, flags); err != nil {
+		return fmt.Errorf("release %s: %w", h.Resource(), err)
+	}
+	return nil
 }
 
 func (b *Broadcaster) signal() {
@@ -342,8 +377,9 @@ func (b *Broadcaster) lost(err error) {
 	b.mu.Lock()
 	was := b.m.Phase()
 	b.m.Lost()
-	b.token, b.ack, b.recvMsg, b.sendMsg = nil, nil, nil, nil
+	b.token, b.ack, b.recvMsg, b.sendMsg = nil, [2]dlm.LockHandle{}, nil, nil
 	b.mu.Unlock()
+	b.pulseIdle()
 	if was == Joined {
 		b.log.Error("broadcast: this node's locks are gone; it no longer receives and must join again", "err", err)
 	}
@@ -356,8 +392,8 @@ func (b *Broadcaster) lost(err error) {
 // not joined is skipped by senders (reported NotJoined), so no message can
 // reach an array that is not started.
 //
-// Holding the token (so no broadcast is in flight), it takes its ack lock
-// in EX, reads the message lock to learn the last sequence number (that
+// Holding the token (so no broadcast is in flight), it takes both its ack
+// locks in EX, reads the message lock to learn the last sequence number (that
 // broadcast was sent before this node joined and is never acted on here:
 // the caller loads the array's state after Join returns), records itself
 // in the token's list of joined nodes and releases the token.
@@ -392,7 +428,11 @@ func (b *Broadcaster) Join(ctx context.Context) (err error) {
 	}()
 	lctx, cancel := b.lockCtx(ctx)
 	defer cancel()
-	tok, err := b.cfg.Locker.Request(lctx, dlm.LockSpec{Resource: TokenLock, Mode: dlm.EX, Flags: dlm.ValBlk, OnBlock: b.tokenBlocked})
+	tokMode := dlm.EX
+	if b.cfg.mutation == mutJoinWithoutToken {
+		tokMode = dlm.NL
+	}
+	tok, err := b.cfg.Locker.Request(lctx, dlm.LockSpec{Resource: TokenLock, Mode: tokMode, Flags: dlm.ValBlk, OnBlock: b.tokenBlocked})
 	if err != nil {
 		return fmt.Errorf("broadcast: node %d: join: take %s in EX (a broadcast or join in flight?): %w", self, TokenLock, err)
 	}
@@ -400,11 +440,16 @@ func (b *Broadcaster) Join(ctx context.Context) (err error) {
 	b.mu.Lock()
 	b.m.TokenGranted(tok.LVB(), invalid(tok))
 	b.mu.Unlock()
-	ack, err := b.cfg.Locker.Request(lctx, dlm.LockSpec{Resource: AckLock(self), Mode: dlm.EX, Flags: dlm.ValBlk, OnBlock: b.notified})
-	if err != nil {
-		return fmt.Errorf("broadcast: node %d: join: take %s in EX: %w", self, AckLock(self), err)
+	var ack [2]dlm.LockHandle
+	for i := range uint8(2) {
+		h, err := b.cfg.Locker.Request(lctx, dlm.LockSpec{Resource: AckLock(self, i), Mode: dlm.EX, Flags: dlm.ValBlk,
+			OnBlock: func(dlm.Mode) { b.notified(i) }})
+		if err != nil {
+			return fmt.Errorf("broadcast: node %d: join: take %s in EX: %w", self, AckLock(self, i), err)
+		}
+		held = append(held, h)
+		ack[i] = h
 	}
-	held = append(held, ack)
 	rm, err := b.cfg.Locker.Request(lctx, dlm.LockSpec{Resource: MessageLock, Mode: dlm.CR, Flags: dlm.ValBlk})
 	if err != nil {
 		return fmt.Errorf("broadcast: node %d: join: read %s in CR: %w", self, MessageLock, err)
@@ -420,36 +465,36 @@ func (b *Broadcaster) Join(ctx context.Context) (err error) {
 	}
 	held = append(held, sm)
 	b.mu.Lock()
-	b.m.Joined(lvb, inval)
-	val := b.m.TokenValue(b.cfg.Locker.LVBLen())
-	seen := b.m.Seen()
+	val := b.m.TokenValueAfterJoin(b.cfg.Locker.LVBLen())
 	b.mu.Unlock()
 	if err := tok.SetLVB(val); err != nil {
 		return fmt.Errorf("broadcast: node %d: join: %w", self, err)
 	}
-	if err := tok.Convert(lctx, dlm.NL, dlm.ValBlk); err != nil {
-		b.mu.Lock()
-		b.m.Lost()
-		b.mu.Unlock()
-		return fmt.Errorf("broadcast: node %d: join: release %s: %w", self, TokenLock, err)
+	if err := b.down(ctx, tok, dlm.NL, dlm.ValBlk); err != nil {
+		return fmt.Errorf("broadcast: node %d: join: release the token: %w", self, err)
 	}
+	// Joined only now, with the locks in place: the receive loop (a
+	// catch-up after a recovery event, say) finds everything it uses.
 	b.mu.Lock()
+	b.m.Joined(lvb, inval)
 	b.m.TokenReleased()
 	b.token, b.ack, b.recvMsg, b.sendMsg = tok, ack, rm, sm
+	seen := b.m.Seen()
 	b.mu.Unlock()
 	held = nil
-	b.log.Info("broadcast: joined", "ack_lock", AckLock(self), "last_seq", seen)
+	b.log.Info("broadcast: joined", "ack_locks", []string{AckLock(self, 0), AckLock(self, 1)}, "last_seq", seen)
 	b.signal()
 	return nil
 }
 
 // Leave stops this node receiving and sending. Holding the token (so no
-// broadcast is in flight), it writes a "left" reply into its ack lock and
-// releases it, releases the message lock and removes itself from the
+// broadcast is in flight), it waits for a receive still under way here to
+// end (at most LockTimeout: a handler that outlived its sender's patience
+// may still be acting), writes a "left" reply into its ack locks and
+// releases them, releases the message lock and removes itself from the
 // token's joined list. Run must still be running while Leave waits for the
-// token: a broadcast in flight needs this node's answer before the token is
-// free. It fails with ErrBusy while a receive is still under way (a handler
-// that outlived its sender's patience); try again once it has returned.
+// token: a broadcast in flight needs this node's answer before the token
+// is free.
 func (b *Broadcaster) Leave(ctx context.Context) error {
 	if b.inHandler(ctx) {
 		return fmt.Errorf("broadcast: leave: %w", ErrInHandler)
@@ -468,38 +513,39 @@ func (b *Broadcaster) Leave(ctx context.Context) error {
 	if err := b.takeToken(ctx, "leave"); err != nil {
 		return err
 	}
-	b.mu.Lock()
-	if err := b.m.CanLeave(); err != nil {
-		b.mu.Unlock()
+	if err := b.leaveWhenIdle(ctx); err != nil {
 		rerr := b.releaseToken(ctx)
 		return errors.Join(fmt.Errorf("broadcast: node %d: leave: %w", b.cfg.Self, err), rerr)
 	}
+	b.mu.Lock()
 	reply := b.m.LeaveReply()
-	b.m.Left()
 	val := b.m.TokenValue(b.cfg.Locker.LVBLen())
 	tok, ack, rm, sm := b.token, b.ack, b.recvMsg, b.sendMsg
-	b.token, b.ack, b.recvMsg, b.sendMsg = nil, nil, nil, nil
+	b.token, b.ack, b.recvMsg, b.sendMsg = nil, [2]dlm.LockHandle{}, nil, nil
 	b.mu.Unlock()
-	cctx, cancel := b.cleanupCtx(ctx)
-	defer cancel()
 	n := b.cfg.Locker.LVBLen()
 	var errs []error
-	if err := ack.SetLVB(reply.Encode(n)); err != nil {
-		errs = append(errs, err)
-	}
-	if err := ack.Unlock(cctx, dlm.ValBlk); err != nil {
-		errs = append(errs, fmt.Errorf("release %s: %w", AckLock(b.cfg.Self), err))
+	for _, h := range ack {
+		// An armed lock (EX) gets the reply written on unlock; an answered
+		// one (NL) keeps its last answer, which no sender takes for a reply
+		// to a later broadcast.
+		if err := h.SetLVB(reply.Encode(n)); err != nil {
+			errs = append(errs, err)
+		}
+		if err := b.unlock(ctx, h, dlm.ValBlk); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	for _, h := range []dlm.LockHandle{rm, sm} {
-		if err := h.Unlock(cctx, 0); err != nil {
-			errs = append(errs, fmt.Errorf("release %s: %w", MessageLock, err))
+		if err := b.unlock(ctx, h, 0); err != nil {
+			errs = append(errs, err)
 		}
 	}
 	if err := tok.SetLVB(val); err != nil {
 		errs = append(errs, err)
 	}
-	if err := tok.Unlock(cctx, dlm.ValBlk); err != nil {
-		errs = append(errs, fmt.Errorf("release %s: %w", TokenLock, err))
+	if err := b.unlock(ctx, tok, dlm.ValBlk); err != nil {
+		errs = append(errs, err)
 	}
 	b.mu.Lock()
 	b.m.TokenReleased()
@@ -511,29 +557,59 @@ func (b *Broadcaster) Leave(ctx context.Context) error {
 	return nil
 }
 
+// leaveWhenIdle marks this node not joined as soon as no receive is under
+// way, so the receive loop starts nothing more; it waits at most
+// LockTimeout for a receive in progress.
+func (b *Broadcaster) leaveWhenIdle(ctx context.Context) error {
+	lctx, cancel := b.lockCtx(ctx)
+	defer cancel()
+	for {
+		b.mu.Lock()
+		err := b.m.CanLeave()
+		if err == nil {
+			b.m.Left()
+		}
+		b.mu.Unlock()
+		if err == nil {
+			return nil
+		}
+		select {
+		case <-b.idle:
+		case <-lctx.Done():
+			return fmt.Errorf("%w; waited %v: %w", err, b.cfg.LockTimeout, lctx.Err())
+		}
+	}
+}
+
+func (b *Broadcaster) pulseIdle() {
+	select {
+	case b.idle <- struct{}{}:
+	default:
+	}
+}
+
 // dropHandles releases whatever locks a node that lost its membership
 // still has handles for (best effort: they are usually gone already).
 func (b *Broadcaster) dropHandles(ctx context.Context) {
 	b.mu.Lock()
-	hs := []dlm.LockHandle{b.ack, b.recvMsg, b.sendMsg, b.token}
-	b.token, b.ack, b.recvMsg, b.sendMsg = nil, nil, nil, nil
+	hs := []dlm.LockHandle{b.ack[0], b.ack[1], b.recvMsg, b.sendMsg, b.token}
+	b.token, b.ack, b.recvMsg, b.sendMsg = nil, [2]dlm.LockHandle{}, nil, nil
 	b.m.TokenLost()
 	b.mu.Unlock()
-	cctx, cancel := b.cleanupCtx(ctx)
-	defer cancel()
 	for _, h := range hs {
 		if h != nil && h.Mode() != dlm.ModeIV {
-			_ = h.Unlock(cctx, 0)
+			_ = b.unlock(ctx, h, 0)
 		}
 	}
 }
 
 // --- callbacks and recovery events: they only record and signal ---
 
-// notified is the ack lock's blocking callback: a sender waits for us.
-func (b *Broadcaster) notified(dlm.Mode) {
+// notified is the blocking callback of ack lock number lock: a sender
+// waits for us there.
+func (b *Broadcaster) notified(lock uint8) {
 	b.mu.Lock()
-	b.m.Notify()
+	b.m.Notify(lock)
 	b.mu.Unlock()
 	b.signal()
 }
@@ -577,10 +653,11 @@ func (b *Broadcaster) RecoverDone(gen uint64, members []dlm.NodeID, _ dlm.NodeID
 // Run is the receive loop: it waits for blocking callbacks and recovery
 // events and carries out what they leave (Step) until ctx ends. The daemon
 // runs it on a goroutine for as long as the array is open, before Join and
-// until after Leave. Errors of single steps are logged and retried (each
-// step is bounded by LockTimeout or ReceiveTimeout); Run returns ctx's
-// error.
+// until after Leave. A step that fails is logged and retried after a
+// pause of LockTimeout/30 (between 10 ms and 1 s), so that an error that
+// comes back at once cannot make the loop spin; Run returns ctx's error.
 func (b *Broadcaster) Run(ctx context.Context) error {
+	pause := min(max(b.cfg.LockTimeout/30, 10*time.Millisecond), time.Second)
 	for {
 		for {
 			did, err := b.Step(ctx)
@@ -588,7 +665,14 @@ func (b *Broadcaster) Run(ctx context.Context) error {
 				if ctx.Err() != nil {
 					return ctx.Err()
 				}
-				b.log.Warn("broadcast: receive step failed; retrying", "err", err)
+				b.log.Warn("broadcast: receive step failed; retrying", "err", err, "after", pause)
+				t := time.NewTimer(pause)
+				select {
+				case <-t.C:
+				case <-ctx.Done():
+					t.Stop()
+					return ctx.Err()
+				}
 			}
 			if !did {
 				break
@@ -616,44 +700,41 @@ func (b *Broadcaster) Pending() bool {
 func (b *Broadcaster) Signal() <-chan struct{} { return b.sig }
 
 // Step does the next piece of receive-side work, if any, and reports
-// whether there was any: answer a sender (read the message lock, act,
-// reply, re-arm), finish re-arming after a failed attempt, catch up after
-// a recovery, or release the cached token to a node that wants it. It
-// never waits for a local sender.
+// whether there was any: answer a sender (read the message lock, arm the
+// other ack lock, act, reply), catch up after a recovery, or release the
+// cached token to a node that wants it. It never waits for a local sender.
 func (b *Broadcaster) Step(ctx context.Context) (bool, error) {
 	b.mu.Lock()
 	want := b.m.TokenWanted()
 	b.mu.Unlock()
 	free := want && !b.cfg.ReleaseToken && b.trySem()
 	b.mu.Lock()
-	w, notified := b.m.Work(free)
+	job := b.m.Work(free)
 	b.mu.Unlock()
-	if free && w != WorkReleaseToken {
+	if free && job.Work != WorkReleaseToken {
 		b.release()
-		free = false
 	}
-	switch w {
+	switch job.Work {
 	case WorkReleaseToken:
 		defer b.release()
 		return true, b.releaseToken(ctx)
 	case WorkReceive:
-		return true, b.receive(ctx, notified)
-	case WorkRearm:
-		return true, b.rearm(ctx)
+		err := b.receive(ctx, job)
+		b.pulseIdle()
+		return true, err
 	}
 	return false, nil
 }
 
-// receive reads the message lock in CR and answers it: act on a new
-// broadcast, or repeat the answer given to one already seen; then write
-// the reply into the ack lock (EX to NL grants the sender's CR and hands
-// it the reply) and re-arm.
-func (b *Broadcaster) receive(ctx context.Context, notified bool) error {
+// receive carries out one receive job: read the message lock in CR (and
+// let it go at once: the value is copied); decide; arm the other ack lock
+// if it is not (so that the next broadcast finds it armed); act; write the
+// reply into the notified ack lock and drop it to NL, which grants the
+// waiting sender's CR and hands it the reply.
+func (b *Broadcaster) receive(ctx context.Context, job Job) (err error) {
 	if b.cfg.mutation == mutRecvTakesSendLock {
 		if err := b.acquire(ctx, "receive"); err != nil {
-			b.mu.Lock()
-			b.m.ReadFailed(notified)
-			b.mu.Unlock()
+			b.retry(job)
 			return err
 		}
 		defer b.release()
@@ -662,58 +743,85 @@ func (b *Broadcaster) receive(ctx context.Context, notified bool) error {
 	b.mu.Lock()
 	ack, rm := b.ack, b.recvMsg
 	b.mu.Unlock()
-	if ack == nil || rm == nil {
+	if ack[0] == nil || ack[1] == nil || rm == nil {
 		b.lost(errors.New("no locks"))
 		return nil
 	}
 	lctx, cancel := b.lockCtx(ctx)
-	err := rm.Convert(lctx, dlm.CR, dlm.ValBlk)
+	err = rm.Convert(lctx, dlm.CR, dlm.ValBlk)
 	cancel()
 	if err != nil {
-		b.mu.Lock()
-		b.m.ReadFailed(notified)
-		b.mu.Unlock()
+		b.retry(job)
 		if gone(err) {
 			b.lost(err)
 		}
 		return fmt.Errorf("broadcast: node %d: read %s in CR: %w", self, MessageLock, err)
 	}
+	lvb := rm.LVB()
+	if err := b.down(ctx, rm, dlm.NL, 0); err != nil {
+		b.retry(job)
+		if gone(err) {
+			b.lost(err)
+		}
+		return fmt.Errorf("broadcast: node %d: %w", self, err)
+	}
 	b.mu.Lock()
-	d := b.m.Incoming(rm.LVB(), invalid(rm), notified)
+	d := b.m.Incoming(lvb, job.Notified)
+	other, needArm := b.m.NeedArm(job.Lock)
 	b.mu.Unlock()
+	if job.Notified && needArm {
+		// Granted at once unless the sender that asked it last has not let
+		// go yet; a blocking callback makes that sender send its unlock.
+		lctx, cancel := b.lockCtx(ctx)
+		err := ack[other].Convert(lctx, dlm.EX, 0)
+		cancel()
+		if err != nil {
+			b.retry(job)
+			if gone(err) {
+				b.lost(err)
+			}
+			return fmt.Errorf("broadcast: node %d: arm %s in EX: %w", self, AckLock(self, other), err)
+		}
+		b.mu.Lock()
+		b.m.Rearmed(other)
+		b.mu.Unlock()
+	}
 	reply := d.Reply
 	if d.Act {
 		reply = b.act(ctx, d.Env)
 	}
 	if d.NoReply || b.skipReply(reply) {
-		cctx, cancel := b.cleanupCtx(ctx)
-		err := rm.Convert(cctx, dlm.NL, 0)
-		cancel()
 		b.mu.Lock()
-		b.m.Released()
+		b.m.Done()
 		b.mu.Unlock()
-		if err != nil {
-			return fmt.Errorf("broadcast: node %d: release %s: %w", self, MessageLock, err)
-		}
 		return nil
 	}
-	if err := ack.SetLVB(reply.Encode(b.cfg.Locker.LVBLen())); err != nil {
+	h := ack[job.Lock]
+	if err := h.SetLVB(reply.Encode(b.cfg.Locker.LVBLen())); err != nil {
+		b.retry(job)
 		return fmt.Errorf("broadcast: node %d: reply: %w", self, err)
 	}
-	cctx, cancel := b.cleanupCtx(ctx)
-	err = ack.Convert(cctx, dlm.NL, dlm.ValBlk)
-	cancel()
-	if err != nil {
-		// A down-conversion fails only when the lock is gone.
-		b.lost(err)
-		return fmt.Errorf("broadcast: node %d: reply to broadcast %d through %s: %w", self, reply.Seq, AckLock(self), err)
+	if err := b.down(ctx, h, dlm.NL, dlm.ValBlk); err != nil {
+		b.retry(job)
+		if gone(err) {
+			b.lost(err)
+		}
+		return fmt.Errorf("broadcast: node %d: reply to broadcast %d: %w", self, reply.Seq, err)
 	}
 	b.mu.Lock()
-	b.m.Replied()
+	b.m.Replied(job.Lock)
 	b.stats.Replies++
 	b.mu.Unlock()
-	b.log.Debug("broadcast: replied", "seq", reply.Seq, "status", reply.Status)
-	return b.rearm(ctx)
+	if b.log.Enabled(ctx, slog.LevelDebug) {
+		b.log.Debug("broadcast: replied", "seq", reply.Seq, "status", reply.Status, "lock", AckLock(self, job.Lock))
+	}
+	return nil
+}
+
+func (b *Broadcaster) retry(job Job) {
+	b.mu.Lock()
+	b.m.Retry(job)
+	b.mu.Unlock()
 }
 
 // skipReply is where the md-like mutations leave a receive unanswered.
@@ -725,41 +833,6 @@ func (b *Broadcaster) skipReply(r Reply) bool {
 		return r.Status == StatusUnknownType
 	}
 	return false
-}
-
-// rearm re-takes the ack lock in EX (granted once the sender released its
-// CR) and only then releases the message lock: the next broadcast cannot
-// be published while this node holds the message lock, so it always finds
-// this node armed.
-func (b *Broadcaster) rearm(ctx context.Context) error {
-	self := b.cfg.Self
-	b.mu.Lock()
-	ack, rm := b.ack, b.recvMsg
-	b.mu.Unlock()
-	if ack == nil || rm == nil {
-		b.lost(errors.New("no locks"))
-		return nil
-	}
-	lctx, cancel := b.lockCtx(ctx)
-	err := ack.Convert(lctx, dlm.EX, 0)
-	cancel()
-	if err != nil {
-		if gone(err) {
-			b.lost(err)
-		}
-		return fmt.Errorf("broadcast: node %d: re-take %s in EX (the sender has not released its CR): %w", self, AckLock(self), err)
-	}
-	cctx, cancel := b.cleanupCtx(ctx)
-	err = rm.Convert(cctx, dlm.NL, 0)
-	cancel()
-	b.mu.Lock()
-	b.m.Rearmed()
-	b.mu.Unlock()
-	if err != nil {
-		b.lost(err)
-		return fmt.Errorf("broadcast: node %d: release %s: %w", self, MessageLock, err)
-	}
-	return nil
 }
 
 // act calls the Receiver for e, bounded by ReceiveTimeout, and returns the
@@ -787,7 +860,7 @@ func (b *Broadcaster) act(ctx context.Context, e Envelope) Reply {
 	b.mu.Unlock()
 	if err != nil {
 		b.log.Warn("broadcast: receiver failed", "seq", e.Seq, "from", e.Sender, "msg", e.Msg.Type, "status", r.Status, "err", err)
-	} else {
+	} else if b.log.Enabled(ctx, slog.LevelDebug) {
 		b.log.Debug("broadcast: acted", "seq", e.Seq, "from", e.Sender, "msg", e.Msg.Type)
 	}
 	return r
@@ -862,11 +935,9 @@ func (b *Broadcaster) releaseToken(ctx context.Context) error {
 	val := b.m.TokenValue(b.cfg.Locker.LVBLen())
 	tok := b.token
 	b.mu.Unlock()
-	cctx, cancel := b.cleanupCtx(ctx)
-	defer cancel()
 	err := tok.SetLVB(val)
 	if err == nil {
-		err = tok.Convert(cctx, dlm.NL, dlm.ValBlk)
+		err = b.down(ctx, tok, dlm.NL, dlm.ValBlk)
 	}
 	b.mu.Lock()
 	b.m.TokenReleased()
@@ -875,7 +946,7 @@ func (b *Broadcaster) releaseToken(ctx context.Context) error {
 		if gone(err) {
 			b.lost(err)
 		}
-		return fmt.Errorf("broadcast: node %d: release %s: %w", b.cfg.Self, TokenLock, err)
+		return fmt.Errorf("broadcast: node %d: release the token: %w", b.cfg.Self, err)
 	}
 	return nil
 }
@@ -994,7 +1065,7 @@ func (b *Broadcaster) send(ctx context.Context, msg Message) (Result, error) {
 	}
 	if finish {
 		b.mu.Lock()
-		e, act, ok := b.m.Finish(sm.LVB(), invalid(sm))
+		e, act, ok := b.m.Finish(sm.LVB())
 		b.mu.Unlock()
 		if ok {
 			if err := b.finish(ctx, sm, e, act); err != nil {
@@ -1012,9 +1083,9 @@ func (b *Broadcaster) send(ctx context.Context, msg Message) (Result, error) {
 }
 
 // takeMessage converts the sending message lock NL to EX, reading its
-// value. It waits until every receiver of the previous broadcast has
-// re-armed and released its CR; the error names the previous broadcast's
-// laggards when there were any.
+// value. It waits only for receivers still reading the previous broadcast
+// (they let go as soon as they have copied it); the error names the
+// previous broadcast's laggards when there were any.
 func (b *Broadcaster) takeMessage(ctx context.Context, sm dlm.LockHandle) error {
 	lctx, cancel := b.lockCtx(ctx)
 	defer cancel()
@@ -1029,10 +1100,10 @@ func (b *Broadcaster) takeMessage(ctx context.Context, sm dlm.LockHandle) error 
 	seq, lag := b.m.Laggards()
 	b.mu.Unlock()
 	if len(lag) > 0 {
-		return fmt.Errorf("broadcast: node %d: take %s in EX (nodes %v had not answered broadcast %d and may still hold it in CR): %w",
+		return fmt.Errorf("broadcast: node %d: take %s in EX (nodes %v had not answered broadcast %d): %w",
 			b.cfg.Self, MessageLock, lag, seq, err)
 	}
-	return fmt.Errorf("broadcast: node %d: take %s in EX (waiting for the previous broadcast's receivers to re-arm): %w", b.cfg.Self, MessageLock, err)
+	return fmt.Errorf("broadcast: node %d: take %s in EX (waiting for the previous broadcast's readers): %w", b.cfg.Self, MessageLock, err)
 }
 
 // finish re-publishes a broadcast whose sender died with the token, so
@@ -1056,19 +1127,49 @@ func (b *Broadcaster) finish(ctx context.Context, sm dlm.LockHandle, e Envelope,
 	return nil
 }
 
+// ask asks receiver r for its answer to e: a CR request on its ack lock
+// e.Toggle, which blocks (notifying r) until r answers, or is granted at
+// once if r does not hold that lock. Then, unless the grant carried r's
+// answer to e, the other ack lock the same way: a joined receiver always
+// holds one of them. Each lock is released as soon as its value is read.
+func (b *Broadcaster) ask(ctx context.Context, e Envelope, r dlm.NodeID, n int) Answer {
+	a := Answer{Node: r}
+	for k, lock := range [2]uint8{e.Toggle, e.Toggle ^ 1} {
+		h, err := b.cfg.Locker.Request(ctx, dlm.LockSpec{Resource: AckLock(r, lock), Mode: dlm.CR, Flags: dlm.ValBlk})
+		if err != nil {
+			a.Err = err
+			return a
+		}
+		a.Tried = k + 1
+		a.LVB[k], a.Invalid[k] = h.LVB(), invalid(h)
+		if len(a.LVB[k]) != n {
+			a.LVB[k] = make([]byte, n)
+		}
+		if err := b.unlock(ctx, h, 0); err != nil {
+			b.log.Warn("broadcast: releasing a receiver's ack lock", "err", err)
+		}
+		if !a.Invalid[k] && Matches(e.Seq, r, a.LVB[k]) {
+			return a
+		}
+	}
+	return a
+}
+
 // publish writes e into the message lock (EX to CW publishes it), asks
-// every receiver's ack lock in CR at once, releases the message lock and
+// every receiver for its answer at once (ask), releases the message lock and
 // returns the Result. Holds the message lock in EX on entry, NL on return.
 func (b *Broadcaster) publish(ctx context.Context, sm dlm.LockHandle, e Envelope) (Result, error) {
 	self := b.cfg.Self
-	cctx, cancel := b.cleanupCtx(ctx)
-	defer cancel()
 	if err := sm.SetLVB(e.Encode(b.cfg.Locker.LVBLen())); err != nil {
-		_ = sm.Convert(cctx, dlm.NL, 0)
+		_ = b.down(ctx, sm, dlm.NL, 0)
 		return Result{Seq: e.Seq}, fmt.Errorf("broadcast: node %d: broadcast %d: %w", self, e.Seq, err)
 	}
-	if err := sm.Convert(cctx, dlm.CW, dlm.ValBlk); err != nil {
-		b.lost(err)
+	if err := b.down(ctx, sm, dlm.CW, dlm.ValBlk); err != nil {
+		// Whether it was published is unknown: if it was, receivers act on
+		// it when notified by a later finish or catch-up, never twice.
+		if gone(err) {
+			b.lost(err)
+		}
 		return Result{Seq: e.Seq}, fmt.Errorf("broadcast: node %d: publish broadcast %d (%s) through %s: %w", self, e.Seq, e.Msg.Type, MessageLock, err)
 	}
 	b.mu.Lock()
@@ -1077,36 +1178,21 @@ func (b *Broadcaster) publish(ctx context.Context, sm dlm.LockHandle, e Envelope
 	b.mu.Unlock()
 	answers := make([]Answer, len(recv))
 	n := b.cfg.Locker.LVBLen()
-	b.cfg.Parallel(len(recv), func(i int) {
-		a := Answer{Node: recv[i]}
-		h, err := b.cfg.Locker.Request(ctx, dlm.LockSpec{Resource: AckLock(recv[i]), Mode: dlm.CR, Flags: dlm.ValBlk})
-		if err != nil {
-			a.Err = err
-		} else {
-			a.LVB, a.Invalid = h.LVB(), invalid(h)
-			if len(a.LVB) != n {
-				a.LVB = make([]byte, n)
-			}
-			uctx, cancel := b.cleanupCtx(ctx)
-			if err := h.Unlock(uctx, 0); err != nil {
-				b.log.Warn("broadcast: releasing a receiver's ack lock", "lock", AckLock(recv[i]), "err", err)
-			}
-			cancel()
+	b.cfg.Parallel(len(recv), func(i int) { answers[i] = b.ask(ctx, e, recv[i], n) })
+	if err := b.down(ctx, sm, dlm.NL, 0); err != nil {
+		if gone(err) {
+			b.lost(err)
 		}
-		answers[i] = a
-	})
-	if err := sm.Convert(cctx, dlm.NL, 0); err != nil {
-		b.lost(err)
 		return Result{Seq: e.Seq}, fmt.Errorf("broadcast: node %d: release %s after broadcast %d: %w", self, MessageLock, e.Seq, err)
 	}
 	b.mu.Lock()
 	res := b.m.Sent(e.Seq, answers)
 	b.mu.Unlock()
-	lg := b.log.With("seq", e.Seq, "msg", e.Msg.Type, "acted", res.Acted)
 	if len(res.Failed) > 0 || len(res.Unanswered) > 0 || len(res.Departed) > 0 {
-		lg.Warn("broadcast: not every receiver acted", "failed", res.Err(), "unanswered", res.Unanswered, "departed", res.Departed, "not_joined", res.NotJoined)
-	} else {
-		lg.Debug("broadcast: sent", "not_joined", res.NotJoined)
+		b.log.Warn("broadcast: not every receiver acted", "seq", e.Seq, "msg", e.Msg.Type, "acted", res.Acted,
+			"failed", res.Err(), "unanswered", res.Unanswered, "departed", res.Departed, "not_joined", res.NotJoined)
+	} else if b.log.Enabled(ctx, slog.LevelDebug) {
+		b.log.Debug("broadcast: sent", "seq", e.Seq, "msg", e.Msg.Type, "acted", res.Acted, "not_joined", res.NotJoined)
 	}
 	if len(res.Unanswered) > 0 {
 		return res, fmt.Errorf("broadcast: node %d: broadcast %d (%s): no answer from nodes %v within the send timeout: %w",

@@ -112,6 +112,7 @@ type tnode struct {
 	dn     *dlm.Node
 	ls     *dlm.Lockspace
 	b      *Broadcaster
+	fw     *forward
 	rec    *recorder
 	stop   context.CancelFunc
 	runEnd chan struct{}
@@ -176,12 +177,20 @@ func startCluster(tb testing.TB, n int, tweak func(*Config)) *tcluster {
 		fw.mu.Lock()
 		fw.h = b
 		fw.mu.Unlock()
-		tn := &tnode{id: id, dn: dn, ls: ls, b: b, rec: rec}
+		tn := &tnode{id: id, dn: dn, ls: ls, b: b, fw: fw, rec: rec}
 		tn.startRun()
 		tb.Cleanup(tn.stopRun)
 		c.nodes = append(c.nodes, tn)
 	}
 	return c
+}
+
+// deaf stops the node's recovery events reaching its broadcaster (a
+// Locker that does not deliver them).
+func (n *tnode) deaf() {
+	n.fw.mu.Lock()
+	n.fw.h = nil
+	n.fw.mu.Unlock()
 }
 
 func (n *tnode) startRun() {

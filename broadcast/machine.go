@@ -5,13 +5,15 @@
 //
 // It runs over three kinds of locks in the array's lockspace: "token"
 // serialises senders and joins, "message" carries the message in its lock
-// value block, and one "ack%04d" lock per node is held in EX by that node
-// while it is joined. A sender publishes the message, then asks for every
-// other node's ack lock in CR: each request blocks on the receiver's EX,
-// which is the receiver's notification; the receiver acts, writes its reply
-// into its ack lock's value block and drops to NL, which grants the
-// sender's request and hands it the reply. docs/broadcast.md has the
-// protocol, the lock modes of every step and why each ordering is safe.
+// value block, and each node has two ack locks ("ack%04d.0", "ack%04d.1")
+// which it holds in EX while it is joined and idle. A sender publishes the
+// message, then asks one ack lock of every other node in CR: each request
+// blocks on the receiver's EX, which is the receiver's notification; the
+// receiver reads the message, makes sure its other ack lock is in EX (the
+// one the next broadcast asks), acts, writes its reply into the asked
+// lock's value block and drops it to NL, which grants the sender's request
+// and hands it the reply. docs/broadcast.md has the protocol, the lock
+// modes of every step and why each ordering is safe.
 //
 // The decisions (sequence numbers, what a value block or reply means, who
 // must be asked, what a recovery changes) live in Machine, a pure state
@@ -32,11 +34,11 @@ import (
 type Phase uint8
 
 const (
-	// Unjoined: the node does not hold its ack lock; senders find it not
-	// joined and it neither sends nor receives.
+	// Unjoined: the node holds no ack lock; senders find it not joined
+	// and it neither sends nor receives.
 	Unjoined Phase = iota
-	// Joined: the node holds its ack lock in EX and receives every
-	// broadcast; it may send.
+	// Joined: the node holds at least one of its ack locks in EX and
+	// receives every broadcast; it may send.
 	Joined
 	// Lost: the node's locks are gone (its lockspace was released or it
 	// rejoined the cluster clean); it must Join again.
@@ -55,15 +57,6 @@ func (p Phase) String() string {
 	return fmt.Sprintf("phase(%d)", uint8(p))
 }
 
-// recvState is where the receive side is in one receive cycle.
-type recvState uint8
-
-const (
-	recvIdle  recvState = iota // holding the ack lock in EX, message in NL
-	recvBusy                   // reading, acting or replying: message held in CR
-	recvRearm                  // replied (ack in NL); re-taking ack EX is owed, message still in CR
-)
-
 // Work is the next thing the receive side must do, as Machine.Work decides.
 type Work uint8
 
@@ -74,17 +67,23 @@ const (
 	// cached in EX.
 	WorkReleaseToken
 	// WorkReceive: read the message lock and act on what it holds: a
-	// sender is waiting for this node's reply (Notified), or a recovery
-	// happened and a broadcast whose sender departed may not have reached
-	// this node (catch-up).
+	// sender waits on one of our ack locks (Job.Notified, Job.Lock), or a
+	// recovery happened and a broadcast whose sender departed may not have
+	// reached this node (catch-up).
 	WorkReceive
-	// WorkRearm: the reply is written; re-take the ack lock in EX, then
-	// release the message lock.
-	WorkRearm
 )
 
 func (w Work) String() string {
-	return [...]string{"none", "release token", "receive", "re-arm"}[w]
+	return [...]string{"none", "release token", "receive"}[w]
+}
+
+// Job is one piece of receive-side work.
+type Job struct {
+	Work Work
+	// Notified: a sender waits on ack lock Lock (0 or 1) for our answer.
+	// Otherwise a WorkReceive is a catch-up and answers nobody.
+	Notified bool
+	Lock     uint8
 }
 
 // Machine makes the broadcast's decisions for one node of one array. It
@@ -111,9 +110,14 @@ type Machine struct {
 
 	gaps uint64 // times a received sequence number skipped some
 
-	notified bool // a sender's CR request blocked on our ack lock
+	// The receive side. armed says which of our two ack locks we hold in
+	// EX (the others are in NL, answered); notified which ones blocked a
+	// sender since. busy: a receive is under way (between Work and
+	// Replied or Done).
+	armed    [2]bool
+	notified [2]bool
 	catchUp  bool // a recovery happened since the last read
-	recv     recvState
+	busy     bool
 
 	// The token's value as of the last grant, kept up to date while this
 	// node holds the token. tokenHeld: granted in EX (maybe cached).
@@ -220,8 +224,9 @@ func (m *Machine) TokenGranted(lvb []byte, invalid bool) {
 	default:
 		m.unfinished = m.unfinished || t.unfinished
 	}
+	// t.last is only a floor for the next sequence number (Publish): it
+	// says what was sent, not what this node saw, so seen stays.
 	m.token = t
-	m.seen = max(m.seen, t.last)
 }
 
 // TokenBlocked: another node's request is blocked by our token (its
@@ -261,7 +266,7 @@ func (m *Machine) TokenLost() { m.TokenReleased() }
 
 // --- joining and leaving ---
 
-// Joined: holding the token, this node took its ack lock in EX and read
+// Joined: holding the token, this node took both its ack locks in EX and read
 // the message lock (lvb, invalid). Whatever broadcast the message lock
 // holds was sent before this node joined: it is counted seen, so it is
 // never acted on here (the joining node loads the array state after it
@@ -271,10 +276,20 @@ func (m *Machine) Joined(lvb []byte, invalid bool) {
 		m.seen = max(m.seen, s)
 	}
 	m.phase = Joined
-	m.recv, m.notified, m.catchUp = recvIdle, false, false
+	m.armed, m.notified, m.catchUp, m.busy = [2]bool{true, true}, [2]bool{}, false, false
 	m.memo = Reply{Seq: m.seen, Node: m.self, Status: StatusActed}
 	m.token.joined.add(m.self)
 	m.departed.del(m.self)
+}
+
+// TokenValueAfterJoin returns the token's value as it will be once this
+// node has joined (listed as joined), for the joiner to write as it
+// releases the token; Joined records the join itself afterwards.
+func (m *Machine) TokenValueAfterJoin(n int) []byte {
+	t := m.token
+	t.joined.add(m.self)
+	t.unfinished = m.unfinished
+	return t.encode(n)
 }
 
 // rawSeq reads the sequence number of a message value block even when it
@@ -288,37 +303,40 @@ func rawSeq(lvb []byte) (uint64, bool) {
 }
 
 // ErrBusy: the operation cannot run while a receive is in progress (a
-// handler still acting, or the ack lock still being re-taken).
+// handler still acting on an earlier broadcast).
 var ErrBusy = errors.New("broadcast: a receive is in progress")
 
 // CanLeave reports whether this node may leave now: holding the token, no
 // broadcast is in flight, but a receive of an earlier one may still be
-// running (a handler that overran its sender's patience).
+// running (a handler that outlived its sender's patience).
 func (m *Machine) CanLeave() error {
-	if m.recv != recvIdle {
-		return fmt.Errorf("%w (node %d, receive state %d)", ErrBusy, m.self, m.recv)
+	if m.busy {
+		return fmt.Errorf("%w (node %d)", ErrBusy, m.self)
 	}
 	return nil
 }
 
-// LeaveReply is what this node writes into its ack lock when it leaves, so
-// that a sender finding the lock free learns that it left.
+// Armed reports which of this node's ack locks it holds in EX.
+func (m *Machine) Armed() [2]bool { return m.armed }
+
+// LeaveReply is what this node writes into its ack locks when it leaves,
+// so that a sender finding them free learns that it left.
 func (m *Machine) LeaveReply() Reply {
 	return Reply{Seq: m.seen, Node: m.self, Status: StatusLeft}
 }
 
-// Left: this node released its ack and message locks; it is no longer
-// joined. The token value to write on release no longer lists it.
+// Left: this node is about to release its ack and message locks; it is
+// no longer joined (the receive side starts nothing more). The token value to write on release no longer lists it.
 func (m *Machine) Left() {
 	m.phase = Unjoined
 	m.token.joined.del(m.self)
-	m.notified, m.catchUp, m.recv = false, false, recvIdle
+	m.armed, m.notified, m.catchUp, m.busy = [2]bool{}, [2]bool{}, false, false
 }
 
 // Lost: this node's locks are gone without a Leave.
 func (m *Machine) Lost() {
 	m.phase = Lost
-	m.notified, m.catchUp, m.recv = false, false, recvIdle
+	m.armed, m.notified, m.catchUp, m.busy = [2]bool{}, [2]bool{}, false, false
 	m.tokenHeld, m.tokenWanted = false, false
 }
 
@@ -329,18 +347,14 @@ func (m *Machine) Lost() {
 func (m *Machine) NeedsFinish() bool { return m.unfinished }
 
 // Finish decides, given the message lock's value (read with EX), whether
-// there is a broadcast to finish: a valid message from another node. It is
+// there is a broadcast to finish: a message from another node. It is
 // re-published as it is, same sequence number, to every receiver; those
 // that acted on it answer from memory, the others act now. act says this
 // node has not seen it either and must act on it itself first.
-func (m *Machine) Finish(lvb []byte, invalid bool) (e Envelope, act, ok bool) {
-	if invalid {
-		// A value nobody can vouch for was never acted on by anyone: its
-		// sender died before publishing it (PW/EX holders invalidate on
-		// death), or it is stale. Nothing to finish.
-		m.unfinished = false
-		return Envelope{}, false, false
-	}
+//
+// The value is used even when the lock manager flags it VALNOTVALID (see
+// Incoming for why that is safe).
+func (m *Machine) Finish(lvb []byte) (e Envelope, act, ok bool) {
 	e, err := DecodeEnvelope(lvb)
 	if err != nil || e.Sender == m.self {
 		m.unfinished = false
@@ -373,7 +387,13 @@ func (m *Machine) Publish(lvb []byte, msg Message) Envelope {
 	}
 	next++
 	msg.Slot = uint32(m.self) - 1
-	e := Envelope{Msg: msg, Seq: next, Sender: m.self}
+	// Ask first the ack lock the previous broadcast did not: its receivers
+	// armed it before they answered that one.
+	var toggle uint8 = 1
+	if len(lvb) >= LVBSize {
+		toggle = lvb[61]&1 ^ 1
+	}
+	e := Envelope{Msg: msg, Seq: next, Sender: m.self, Toggle: toggle}
 	m.seen = next
 	m.memo = Reply{Seq: next, Node: m.self, Status: StatusActed}
 	m.token.last = next
@@ -394,13 +414,26 @@ func (m *Machine) Receivers() []dlm.NodeID {
 }
 
 // Answer is one receiver's raw outcome, as the driver observed it: the
-// error of its CR request on the receiver's ack lock, or the value block
-// and status flags the grant returned.
+// error of a CR request on one of the receiver's ack locks, or the value
+// blocks and status flags the grants returned. The driver asks the lock
+// the broadcast's Toggle names first, and the other one only if the first
+// was granted at once with an answer that is not for this broadcast
+// (Matches says which).
 type Answer struct {
-	Node    dlm.NodeID
-	Err     error
-	LVB     []byte
-	Invalid bool
+	Node dlm.NodeID
+	Err  error
+	// Tried counts the ack locks asked (1 or 2); LVB and Invalid hold what
+	// each grant returned, in the order asked.
+	Tried   int
+	LVB     [2][]byte
+	Invalid [2]bool
+}
+
+// Matches reports whether an ack lock's value block holds node's answer
+// to broadcast seq: then asking the receiver's other lock is pointless.
+func Matches(seq uint64, node dlm.NodeID, lvb []byte) bool {
+	r, err := DecodeReply(lvb)
+	return err == nil && r.Seq == seq && r.Node == node
 }
 
 // Outcome is what an answer means.
@@ -438,35 +471,40 @@ func (m *Machine) Classify(seq uint64, a Answer) (Outcome, error) {
 		if errors.Is(a.Err, dlm.ErrTimeout) || errors.Is(a.Err, dlm.ErrCancel) {
 			return Unanswered, fmt.Errorf("node %d: no answer to broadcast %d: %w", a.Node, seq, a.Err)
 		}
-		return Failed, fmt.Errorf("node %d: ack lock %s: %w", a.Node, AckLock(a.Node), a.Err)
+		return Failed, fmt.Errorf("node %d: ack lock: %w", a.Node, a.Err)
 	}
-	wasJoined := m.token.joined.has(a.Node) || m.departed.has(a.Node)
-	gone := func() (Outcome, error) {
-		if wasJoined {
-			return Departed, nil
+	var left bool
+	var bad error
+	for i := range min(a.Tried, 2) {
+		if a.Invalid[i] {
+			continue // its EX holder died, or it was never written
 		}
-		return NotJoined, nil
+		r, err := DecodeReply(a.LVB[i])
+		switch {
+		case errors.Is(err, ErrEmpty):
+		case err != nil:
+			bad = err
+		case r.Node != a.Node:
+			bad = fmt.Errorf("%w: reply signed by node %d", ErrMalformed, r.Node)
+		case r.Seq == seq && r.Status == StatusActed:
+			return Acted, nil
+		case r.Seq == seq:
+			return Failed, &RemoteError{Node: a.Node, Seq: seq, Status: r.Status, Text: r.Text}
+		case r.Status == StatusLeft:
+			left = true
+		}
 	}
-	if a.Invalid {
-		return gone() // its EX holder died, or it was never written
-	}
-	r, err := DecodeReply(a.LVB)
 	switch {
-	case errors.Is(err, ErrEmpty):
-		return gone()
-	case err != nil:
-		return Failed, fmt.Errorf("node %d: %w", a.Node, err)
-	case r.Node != a.Node:
-		return Failed, fmt.Errorf("node %d: %w: reply signed by node %d", a.Node, ErrMalformed, r.Node)
-	case r.Seq != seq:
-		if r.Status == StatusLeft {
-			return NotJoined, nil
-		}
-		return gone()
-	case r.Status == StatusActed:
-		return Acted, nil
+	case bad != nil:
+		return Failed, fmt.Errorf("node %d: %w", a.Node, bad)
+	case left:
+		return NotJoined, nil
+	case m.token.joined.has(a.Node) || m.departed.has(a.Node):
+		// Joined, yet neither ack lock held: it died and recovery purged
+		// its locks.
+		return Departed, nil
 	}
-	return Failed, &RemoteError{Node: a.Node, Seq: seq, Status: r.Status, Text: r.Text}
+	return NotJoined, nil
 }
 
 // Result is the outcome of one broadcast.
@@ -481,8 +519,12 @@ type Result struct {
 	// ErrReceiveTimeout or ErrMalformed, or a lock error.
 	Failed map[dlm.NodeID]error
 	// Unanswered lists the receivers that did not answer within the
-	// sender's bound. They were notified and may still act (before any
-	// later broadcast, never after one).
+	// sender's bound: the outcome there is unknown. A receiver that had
+	// read the message acts on it when its handler gets to it (before any
+	// later broadcast); one that had not yet read it when a later
+	// broadcast was published reads that one instead and never acts on
+	// this one (its Stats count a gap). Either way it never acts on a
+	// broadcast after a later one.
 	Unanswered []dlm.NodeID
 	// NotJoined lists the nodes asked that have not joined the array (or
 	// left it): nothing was delivered to them.
@@ -553,51 +595,59 @@ func (m *Machine) Sent(seq uint64, answers []Answer) Result {
 }
 
 // Laggards returns the nodes that had not answered the last broadcast the
-// token knows of when its sender stopped waiting: the likely holders of
-// the message lock when a send cannot take it.
+// token knows of when its sender stopped waiting (named in errors, as the
+// likely culprits when the next send cannot make progress).
 func (m *Machine) Laggards() (seq uint64, nodes []dlm.NodeID) {
 	return m.token.last, m.token.laggards.list()
 }
 
 // --- receiving ---
 
-// Notify: a sender's request is blocked on our ack lock (its blocking
-// callback). A receive is owed.
-func (m *Machine) Notify() { m.notified = true }
+// Notify: a sender's request is blocked on our ack lock number lock (its
+// blocking callback). A receive is owed.
+func (m *Machine) Notify(lock uint8) { m.notified[lock&1] = true }
 
 // Pending reports whether Work(tokenFree) would return something to do.
 func (m *Machine) Pending(tokenFree bool) bool {
 	if tokenFree && m.TokenWanted() {
 		return true
 	}
-	if m.phase != Joined {
+	if m.phase != Joined || m.busy {
 		return false
 	}
-	return m.recv == recvRearm || (m.recv == recvIdle && (m.notified || m.catchUp))
+	return (m.notified[0] && m.armed[0]) || (m.notified[1] && m.armed[1]) || m.catchUp
 }
 
 // Work returns the next thing the receive side must do and marks it
-// started. notified (for WorkReceive) says a sender waits for a reply.
-// tokenFree says no local sender holds the token now (only then may it be
-// released from here).
-func (m *Machine) Work(tokenFree bool) (w Work, notified bool) {
+// started. tokenFree says no local sender holds the token now (only then
+// may it be released from here).
+func (m *Machine) Work(tokenFree bool) Job {
 	if tokenFree && m.TokenWanted() {
-		return WorkReleaseToken, false
+		return Job{Work: WorkReleaseToken}
 	}
 	if m.phase != Joined {
-		m.notified, m.catchUp = false, false
-		return WorkNone, false
+		m.notified, m.catchUp = [2]bool{}, false
+		return Job{}
 	}
-	switch {
-	case m.recv == recvRearm:
-		return WorkRearm, false
-	case m.recv == recvIdle && (m.notified || m.catchUp):
-		notified = m.notified
-		m.notified, m.catchUp = false, false
-		m.recv = recvBusy
-		return WorkReceive, notified
+	if m.busy {
+		return Job{}
 	}
-	return WorkNone, false
+	for i := range uint8(2) {
+		if !m.notified[i] {
+			continue
+		}
+		m.notified[i] = false
+		if !m.armed[i] {
+			continue // a stale callback: an answered lock blocks nobody
+		}
+		m.busy, m.catchUp = true, false
+		return Job{Work: WorkReceive, Notified: true, Lock: i}
+	}
+	if m.catchUp {
+		m.busy, m.catchUp = true, false
+		return Job{Work: WorkReceive}
+	}
+	return Job{}
 }
 
 // Decision is what to do with what the message lock holds.
@@ -608,8 +658,8 @@ type Decision struct {
 	// Reply, when Act is false and NoReply is false, is the answer to
 	// write at once.
 	Reply Reply
-	// NoReply: nothing to answer (a catch-up that found nothing owed):
-	// release the message lock and stop.
+	// NoReply: nothing to answer (a catch-up): the receive is over (Done)
+	// once Act, if set, is carried out.
 	NoReply bool
 }
 
@@ -617,24 +667,28 @@ type Decision struct {
 // notified says a sender waits for our reply; otherwise this is a
 // catch-up after a recovery, which acts only on a broadcast whose sender
 // departed (a live sender notifies us itself, or gave up on us).
-func (m *Machine) Incoming(lvb []byte, invalid, notified bool) Decision {
+//
+// The lock manager's VALNOTVALID flag on the message lock is not a reason
+// to drop its value. While a sender holds the lock in CW its value is
+// vouched for (a recovering master takes it from the CW holder); the flag
+// shows up only after the lock's master died while no holder above CR
+// knew the value, and then the recovered value is the newest copy a
+// surviving reader held: a broadcast that was published (readers only
+// ever copy a published value) and that some node may have acted on. An
+// older one is refused by the sequence check like any repeat, so acting
+// on it here, if this node has not seen it, only brings this node to
+// where that reader is.
+func (m *Machine) Incoming(lvb []byte, notified bool) Decision {
 	noReply := Decision{NoReply: true}
-	if invalid {
+	e, err := DecodeEnvelope(lvb)
+	if err != nil {
 		if !notified {
 			return noReply
 		}
 		s, _ := rawSeq(lvb)
-		return Decision{Reply: Reply{Seq: s, Node: m.self, Status: StatusMalformed, Text: "message value block not valid"}}
-	}
-	e, err := DecodeEnvelope(lvb)
-	if err != nil {
-		if !notified || errors.Is(err, ErrEmpty) {
-			if notified {
-				return Decision{Reply: Reply{Node: m.self, Status: StatusStale, Text: "no message"}}
-			}
-			return noReply
+		if errors.Is(err, ErrEmpty) {
+			return Decision{Reply: Reply{Node: m.self, Status: StatusStale, Text: "no message"}}
 		}
-		s, _ := rawSeq(lvb)
 		return Decision{Reply: Reply{Seq: s, Node: m.self, Status: StatusMalformed, Text: err.Error()}}
 	}
 	switch {
@@ -663,8 +717,8 @@ func (m *Machine) Incoming(lvb []byte, invalid, notified bool) Decision {
 	// New: it counts as seen from now on, whatever the handler does, so a
 	// repeated notification is answered from memory and never acted on
 	// twice. Sequence numbers are consecutive unless a broadcast was
-	// missed (published while this node had not even started reading the
-	// one before, after its sender gave up on it) or lost in a failure.
+	// missed (published after its sender gave up waiting for this node)
+	// or lost in a failure.
 	if e.Seq > m.seen+1 && m.seen != 0 {
 		m.gaps++
 	}
@@ -677,8 +731,20 @@ func (m *Machine) Incoming(lvb []byte, invalid, notified bool) Decision {
 		return Decision{Reply: m.memo}
 	}
 	m.memo = Reply{Seq: e.Seq, Node: m.self, Status: StatusFailed, Text: "handler did not finish"}
-	return Decision{Act: true, Env: e}
+	return Decision{Act: true, Env: e, NoReply: !notified}
 }
+
+// NeedArm returns the ack lock to arm (take back to EX) before answering
+// on lock, if any: a receiver always holds one ack lock in EX, so the
+// next broadcast, which asks the lock this one did not, finds it armed
+// however soon it comes.
+func (m *Machine) NeedArm(lock uint8) (other uint8, need bool) {
+	other = lock&1 ^ 1
+	return other, !m.armed[other]
+}
+
+// Rearmed: ack lock number lock is held in EX again.
+func (m *Machine) Rearmed(lock uint8) { m.armed[lock&1] = true }
 
 // Acted records the handler's outcome for e and returns the reply to
 // write. overran says its context's deadline passed (ReceiveTimeout).
@@ -700,20 +766,27 @@ func (m *Machine) Acted(e Envelope, err error, overran bool) Reply {
 	return r
 }
 
-// Replied: the reply is written and the ack lock is in NL; re-taking it in
-// EX is owed.
-func (m *Machine) Replied() { m.recv = recvRearm }
-
-// Rearmed: the ack lock is back in EX and the message lock in NL: ready
-// for the next broadcast.
-func (m *Machine) Rearmed() { m.recv = recvIdle }
-
-// ReadFailed: the message lock could not be read; a notified receive is
-// owed again.
-func (m *Machine) ReadFailed(notified bool) {
-	m.recv = recvIdle
-	m.notified = m.notified || notified
+// Replied: the reply is written to ack lock number lock, now in NL: the
+// receive is over.
+func (m *Machine) Replied(lock uint8) {
+	m.armed[lock&1] = false
+	m.busy = false
 }
 
-// Released: a receive that needed no reply is over (message lock in NL).
-func (m *Machine) Released() { m.recv = recvIdle }
+// Retry: the receive could not finish (the message lock or the other ack
+// lock could not be taken in time); it is owed again, from the start
+// (answered from memory if it was acted on).
+func (m *Machine) Retry(job Job) {
+	m.busy = false
+	if job.Notified {
+		m.notified[job.Lock&1] = true
+	} else {
+		m.catchUp = true
+	}
+}
+
+// Done: a receive that answers nobody (a catch-up) is over.
+func (m *Machine) Done() { m.busy = false }
+
+// Busy reports whether a receive is under way.
+func (m *Machine) Busy() bool { return m.busy }

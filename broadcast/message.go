@@ -115,11 +115,16 @@ func (m Message) String() string {
 //	48      8   seq: the broadcast's sequence number, never 0
 //	56      4   sender's node ID (slot + 1)
 //	60      1   trailer version, 1
-//	61      3   reserved, 0
+//	61      1   flags: bit 0 is the toggle, which of each receiver's two
+//	            ack locks the sender asks first (see AckLock)
+//	62      2   reserved, 0
 type Envelope struct {
 	Msg    Message
 	Seq    uint64
 	Sender dlm.NodeID
+	// Toggle (0 or 1) names the ack lock the sender asks first; it
+	// alternates from one broadcast to the next.
+	Toggle uint8
 }
 
 // trailerVersion is the version of the 16-byte trailer after cluster_msg.
@@ -172,6 +177,7 @@ func (e Envelope) Encode(n int) []byte {
 	le.PutUint64(b[48:], e.Seq)
 	le.PutUint32(b[56:], uint32(e.Sender))
 	b[60] = trailerVersion
+	b[61] = e.Toggle & 1
 	return b
 }
 
@@ -194,12 +200,15 @@ func DecodeEnvelope(b []byte) (Envelope, error) {
 	e.Msg.RaidSlot = le.Uint32(b[40:])
 	e.Seq = le.Uint64(b[48:])
 	e.Sender = dlm.NodeID(le.Uint32(b[56:]))
+	e.Toggle = b[61] & 1
 	switch {
 	case !isZero(b[44:48]):
 		return Envelope{}, fmt.Errorf("%w: message: padding after raid_slot is not zero", ErrMalformed)
 	case b[60] != trailerVersion:
 		return Envelope{}, fmt.Errorf("%w: message: trailer version %d, want %d", ErrMalformed, b[60], trailerVersion)
-	case !isZero(b[61:64]):
+	case b[61]&^1 != 0:
+		return Envelope{}, fmt.Errorf("%w: message: unknown trailer flags %#x", ErrMalformed, b[61])
+	case !isZero(b[62:64]):
 		return Envelope{}, fmt.Errorf("%w: message: reserved trailer bytes are not zero", ErrMalformed)
 	case e.Seq == 0:
 		return Envelope{}, fmt.Errorf("%w: message: sequence number 0", ErrMalformed)
@@ -452,12 +461,18 @@ func DecodeTokenState(b []byte) (TokenState, error) {
 }
 
 // Lock names in the array's lockspace. md-cluster's are "token", "message"
-// and "ack"; the ack lock here is one per node.
+// and "ack"; the ack locks here are two per node.
 const (
 	TokenLock   = "token"
 	MessageLock = "message"
 )
 
-// AckLock returns the name of node id's ack lock, "ack%04d" of its 0-based
-// bitmap slot (id - 1), matching the bitmap locks' "bitmap%04d".
-func AckLock(id dlm.NodeID) string { return fmt.Sprintf("ack%04d", uint32(id)-1) }
+// AckLock returns the name of node id's ack lock number toggle (0 or 1),
+// "ack%04d.%d" of its 0-based bitmap slot (id - 1), like the bitmap locks'
+// "bitmap%04d". A joined node holds both in EX while idle; a sender asks
+// one in CR (the broadcast's Toggle), and the receiver arms the other
+// before it answers on this one, so the next broadcast, which asks the
+// other, always finds it armed without waiting for this sender to let go.
+func AckLock(id dlm.NodeID, toggle uint8) string {
+	return fmt.Sprintf("ack%04d.%d", uint32(id)-1, toggle&1)
+}

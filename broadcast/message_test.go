@@ -30,7 +30,7 @@ func TestTypeNumbers(t *testing.T) {
 // cluster_msg and the documented trailer.
 func TestEnvelopeLayout(t *testing.T) {
 	e := Envelope{Msg: Message{Type: NewDisk, Slot: 2, Low: 0x1122334455667788, High: 0x99aabbccddeeff00, RaidSlot: 0xdeadbeef},
-		Seq: 0x0102030405060708, Sender: 3}
+		Seq: 0x0102030405060708, Sender: 3, Toggle: 1}
 	for i := range e.Msg.UUID {
 		e.Msg.UUID[i] = byte(0xa0 + i)
 	}
@@ -39,7 +39,7 @@ func TestEnvelopeLayout(t *testing.T) {
 	if len(b) != 64 || le.Uint32(b[0:]) != 2 || le.Uint32(b[4:]) != 2 || le.Uint64(b[8:]) != e.Msg.Low ||
 		le.Uint64(b[16:]) != e.Msg.High || !bytes.Equal(b[24:40], e.Msg.UUID[:]) || le.Uint32(b[40:]) != 0xdeadbeef ||
 		!bytes.Equal(b[44:48], []byte{0, 0, 0, 0}) || le.Uint64(b[48:]) != e.Seq || le.Uint32(b[56:]) != 3 ||
-		b[60] != 1 || !bytes.Equal(b[61:64], []byte{0, 0, 0}) {
+		b[60] != 1 || b[61] != 1 || !bytes.Equal(b[62:64], []byte{0, 0}) {
 		t.Fatalf("layout: %x", b)
 	}
 	got, err := DecodeEnvelope(b)
@@ -72,6 +72,7 @@ func TestEnvelopeMalformed(t *testing.T) {
 		"padding":          func(b []byte) []byte { b[45] = 1; return b },
 		"version":          func(b []byte) []byte { b[60] = 2; return b },
 		"reserved trailer": func(b []byte) []byte { b[63] = 1; return b },
+		"trailer flags":    func(b []byte) []byte { b[61] = 2; return b },
 		"sequence 0":       func(b []byte) []byte { clear(b[48:56]); return b },
 		"no sender":        func(b []byte) []byte { clear(b[56:60]); return b },
 		"sender too high":  func(b []byte) []byte { binary.LittleEndian.PutUint32(b[56:], MaxNode+1); return b },
@@ -154,8 +155,8 @@ func TestTokenStateRoundTrip(t *testing.T) {
 }
 
 func TestAckLockName(t *testing.T) {
-	if AckLock(1) != "ack0000" || AckLock(12) != "ack0011" {
-		t.Fatal(AckLock(1), AckLock(12))
+	if AckLock(1, 0) != "ack0000.0" || AckLock(12, 1) != "ack0011.1" || AckLock(3, 3) != "ack0002.1" {
+		t.Fatal(AckLock(1, 0), AckLock(12, 1))
 	}
 }
 
