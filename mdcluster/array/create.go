@@ -16,6 +16,7 @@ package array
 
 import (
 	"crypto/rand"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -78,8 +79,10 @@ const (
 )
 
 // CreateSpec is what mdadm --create is told: the options that matter for
-// the on-disk result. The zero value of every field is mdadm's default,
-// except Level, RaidDevices and Name, which must be given.
+// the on-disk result. The zero value of a field is mdadm's default, except
+// for Level, RaidDevices and Name, which must be given, and Homehost and
+// ClusterName, which mdadm finds itself (the host name, corosync's cluster
+// name) and callers here pass in.
 type CreateSpec struct {
 	// Level is 1 (raid1) or 10 (raid10); mdcluster supports no other.
 	Level int
@@ -390,6 +393,9 @@ func bitmapChunk(usedSectors, syncSectors uint64, requested int64) (uint32, erro
 	if room <= 1 {
 		return 0, fmt.Errorf("no room for a bitmap on members using %d sectors", usedSectors)
 	}
+	if syncSectors > 1<<54 {
+		return 0, fmt.Errorf("a bitmap cannot cover %d sectors (md's limit is 8 EiB)", syncSectors)
+	}
 	maxBits := (room*512 - bitmap.SuperblockSize) * 8
 	minChunk := uint64(4096)
 	nbits := syncSectors*512/minChunk + 1
@@ -650,7 +656,11 @@ func planCreate(spec CreateSpec, members []Member) (*plan, error) {
 		sync := usedSectors
 		if level == superblock.LevelRAID10 {
 			copies := uint64(layout&0xff) * uint64(layout>>8&0xff)
-			sync = sizeKiB * uint64(spec.RaidDevices) / copies * 2
+			hi, lo := bits.Mul64(sizeKiB, uint64(spec.RaidDevices))
+			if hi != 0 {
+				return nil, refuse("array too large: %d KiB per member times %d members", sizeKiB, spec.RaidDevices)
+			}
+			sync = lo / copies * 2
 		}
 		chunk, err := bitmapChunk(usedSectors, sync, spec.BitmapChunk)
 		if err != nil {
@@ -813,23 +823,29 @@ func findOldSuperblocks(m Member, sectors uint64) ([]oldSB, error) {
 	}
 	for _, minor := range []int{2, 1, 0} {
 		off, _ := superblock.Offset(minor, sectors)
-		buf := make([]byte, superblock.FixedSize)
-		n, err := m.ReadAt(buf, int64(off)*superblock.SectorSize)
-		if n < len(buf) {
+		// The identity checks mdadm and md make: magic, major version
+		// 1, and super_offset naming this very place. A superblock that
+		// passes them counts even if it is otherwise damaged.
+		head := make([]byte, superblock.FixedSize)
+		n, err := m.ReadAt(head, int64(off)*superblock.SectorSize)
+		if n < len(head) {
 			if err == nil || errors.Is(err, io.EOF) {
 				continue
 			}
 			return nil, fmt.Errorf("%s: read sector %d: %w", m.Name(), off, err)
 		}
-		sb, err := superblock.Decode(buf)
-		if err != nil || sb.MajorVersion != superblock.MajorVersion || sb.SuperOffset != off {
+		le := binary.LittleEndian
+		if le.Uint32(head[0:]) != superblock.Magic || le.Uint32(head[4:]) != superblock.MajorVersion || le.Uint64(head[144:]) != off {
 			continue
 		}
-		found = append(found, oldSB{
-			offset: int64(off) * superblock.SectorSize, size: 512,
-			desc: fmt.Sprintf("v1.%d superblock, level=%s devices=%d ctime=%s uuid=%s", minor, superblock.LevelName(sb.Level), sb.RaidDisks,
-				timeFrom(sb.CTime).UTC().Format(time.ANSIC), bitmap.FormatUUID(sb.SetUUID)),
-		})
+		desc := fmt.Sprintf("v1.%d superblock", minor)
+		if sb, err := superblock.ReadAt(m, off); err == nil {
+			desc += fmt.Sprintf(", level=%s devices=%d ctime=%s uuid=%s", superblock.LevelName(sb.Level), sb.RaidDisks,
+				timeFrom(sb.CTime).UTC().Format(time.ANSIC), bitmap.FormatUUID(sb.SetUUID))
+		} else {
+			desc += fmt.Sprintf(" (damaged: %v)", err)
+		}
+		found = append(found, oldSB{offset: int64(off) * superblock.SectorSize, size: 512, desc: desc})
 	}
 	// v0.90: MD_RESERVED_SECTORS (64 KiB) reserved at the end.
 	if sectors >= 256 {

@@ -266,8 +266,9 @@ type Inspection struct {
 	// Slots has one entry per raid slot: the index of the member that
 	// holds it in sync, or -1.
 	Slots []int
-	// Missing lists devices the freshest superblock puts in a slot but
-	// that were not among the members.
+	// Missing lists devices the freshest superblock puts in a slot that
+	// are not among the members at all (a member that is there but stale
+	// or faulty is reported with its status instead).
 	Missing []MissingDevice
 	// InSync is the number of slots with an in-sync member.
 	InSync int
@@ -390,9 +391,9 @@ func Inspect(members []Member, opt InspectOptions) (*Inspection, error) {
 			res.Slots[r.Slot] = i
 		}
 	}
-	present := map[uint32]bool{}
-	for _, r := range res.Members {
-		if r.Super != nil && r.Status.Used() {
+	present := map[uint32]bool{} // device numbers of this array's members, used or not
+	for i, r := range res.Members {
+		if valid[i] && r.Status != StatusMismatch {
 			present[r.Super.DevNumber] = true
 		}
 	}
@@ -408,7 +409,10 @@ func Inspect(members []Member, opt InspectOptions) (*Inspection, error) {
 	}
 	res.Degraded = res.InSync < len(res.Slots)
 	res.Startable = Enough(fresh.Level, fresh.Layout, int(fresh.RaidDisks), func(slot int) bool { return res.Slots[slot] >= 0 })
-	if !res.Startable {
+	switch {
+	case fresh.Level != superblock.LevelRAID1 && fresh.Level != superblock.LevelRAID10:
+		res.Reason = fmt.Sprintf("raid level %s is not supported by mdcluster", superblock.LevelName(fresh.Level))
+	case !res.Startable:
 		res.Reason = fmt.Sprintf("not enough members to start the array: %d of %d slots in sync", res.InSync, len(res.Slots))
 		if fresh.Level == superblock.LevelRAID10 && res.InSync > 0 {
 			res.Reason += " and some raid10 chunk has no in-sync copy"
@@ -478,6 +482,11 @@ func classify(res *Inspection, i int, fresh *superblock.Superblock, byDev map[ui
 	role := fresh.DevRoles[sb.DevNumber]
 	r.Role = role
 	freshName := res.Members[res.Freshest].Name
+	// Too far behind to be current. What matters for a spare is only that
+	// it is a spare (md ignores its contents); a member that still claims
+	// a slot in its own superblock but was removed since is stale, as
+	// mdadm --assemble judges it by its own superblock.
+	stale := sb.Events+eventMargin < fresh.Events && (role < superblock.RoleMax || sb.Role() < superblock.RoleMax)
 	switch {
 	case role == superblock.RoleFaulty:
 		r.Status = StatusFaulty
@@ -487,9 +496,11 @@ func classify(res *Inspection, i int, fresh *superblock.Superblock, byDev map[ui
 			r.Reason = fmt.Sprintf("%s is marked faulty by the newer superblock on %s (events %d, its own %d)", r.Name, freshName, fresh.Events, sb.Events)
 		}
 		return
+	case stale:
+		r.Status = StatusStale
+		r.Reason = fmt.Sprintf("%s has an out-of-date superblock (events %d, freshest %d on %s): not used, md kicks it as non-fresh", r.Name, sb.Events, fresh.Events, freshName)
+		return
 	case role == superblock.RoleSpare:
-		// md treats a spare's contents as meaningless, so its event
-		// count does not matter.
 		r.Status = StatusSpare
 		byDev[sb.DevNumber] = i
 		return
@@ -500,11 +511,6 @@ func classify(res *Inspection, i int, fresh *superblock.Superblock, byDev map[ui
 	case uint32(role) >= fresh.RaidDisks:
 		r.Status = StatusMismatch
 		r.Reason = fmt.Sprintf("%s has role %d but the array has %d raid devices", r.Name, role, fresh.RaidDisks)
-		return
-	}
-	if sb.Events+eventMargin < fresh.Events {
-		r.Status = StatusStale
-		r.Reason = fmt.Sprintf("%s has an out-of-date superblock (events %d, freshest %d on %s): not used, md kicks it as non-fresh", r.Name, sb.Events, fresh.Events, freshName)
 		return
 	}
 	if i != res.Freshest && fresh.DevNumber < uint32(len(sb.DevRoles)) {
@@ -821,20 +827,28 @@ func InSync(dev *superblock.Superblock) *superblock.Superblock {
 	return out
 }
 
-// NewDevice returns the per-device superblock for a member joining the
-// array as device number dev (after AddSpare): a fresh device UUID from
-// rnd (crypto/rand when nil), the array's data offset and the member's own
-// data size, the bad-block log where the other members have it (none for
-// clustered arrays), and shared's contents. It fails when the member is too
+// NewDevice returns the superblock for a member joining the array as
+// device number dev (after AddSpare): shared's contents, a fresh device
+// UUID from rnd (crypto/rand when nil), the member's own data size, and the
+// data offset and bad-block log position of like, the superblock of a
+// current member (mdadm --add also starts from a current member's
+// superblock). The per-device state is that of a new device: no recovery
+// offset, no flags, no corrected reads. It fails when the member is too
 // small to hold the array's used size (mdadm: "X not large enough to join
 // array").
-func NewDevice(shared *superblock.Superblock, dev uint32, m Member, rnd io.Reader) (*superblock.Superblock, error) {
+func NewDevice(shared, like *superblock.Superblock, dev uint32, m Member, rnd io.Reader) (*superblock.Superblock, error) {
+	if like.SetUUID != shared.SetUUID {
+		return nil, fmt.Errorf("new device: the template superblock belongs to array %s, not %s", bitmap.FormatUUID(like.SetUUID), bitmap.FormatUUID(shared.SetUUID))
+	}
+	if dev >= uint32(len(shared.DevRoles)) {
+		return nil, fmt.Errorf("new device: device number %d: the superblock has room for %d devices", dev, len(shared.DevRoles))
+	}
 	sectors, err := memberSectors(m)
 	if err != nil {
 		return nil, fmt.Errorf("new device: %w", err)
 	}
-	if sectors < shared.DataOffset || sectors-shared.DataOffset < shared.Size {
-		return nil, fmt.Errorf("%s not large enough to join array: %d sectors, the array needs %d (data offset %d + used size %d)", m.Name(), sectors, shared.DataOffset+shared.Size, shared.DataOffset, shared.Size)
+	if sectors < like.DataOffset || sectors-like.DataOffset < shared.Size {
+		return nil, fmt.Errorf("%s not large enough to join array: %d sectors, the array needs %d (data offset %d + used size %d)", m.Name(), sectors, like.DataOffset+shared.Size, like.DataOffset, shared.Size)
 	}
 	out := clone(shared)
 	out.DevNumber = dev
@@ -844,12 +858,55 @@ func NewDevice(shared *superblock.Superblock, dev uint32, m Member, rnd io.Reade
 	if _, err := io.ReadFull(rnd, out.DeviceUUID[:]); err != nil {
 		return nil, fmt.Errorf("new device: device UUID: %w", err)
 	}
-	out.SuperOffset = superblock.V12Offset
-	out.DataSize = sectors - shared.DataOffset
+	out.SuperOffset = like.SuperOffset
+	out.DataOffset = like.DataOffset
+	out.DataSize = sectors - like.DataOffset
+	out.BBLogShift, out.BBLogSize, out.BBLogOffset = like.BBLogShift, like.BBLogSize, like.BBLogOffset
 	out.NewOffset, out.RecoveryOffset, out.DevFlags, out.CntCorrectedRead = 0, 0, 0, 0
 	out.FeatureMap &^= perDeviceFeatures
 	out.UpdateChecksum()
+	if err := out.Validate(sectors); err != nil {
+		return nil, fmt.Errorf("new device %s: %w", m.Name(), err)
+	}
 	return out, nil
+}
+
+// CopyBitmap gives a member joining the array (see NewDevice) the array's
+// bitmap: it copies every bitmap slot, bits and padding included, from src,
+// a current member, to dst, after checking that src's bitmap belongs to
+// shared's array and fits before dst's data. The joining member then holds
+// what every other member holds, so md may read the bitmap from it later.
+// (mdadm --add instead writes a fresh bitmap with slot 0 all dirty, and in
+// 4.2 only one slot even for clustered arrays; md never reads a spare's
+// bitmap, but a copy stays correct once the member is in sync.) Arrays
+// without a bitmap need nothing; CopyBitmap then does nothing.
+func CopyBitmap(shared *superblock.Superblock, src, dst Member) error {
+	if !shared.HasBitmap() {
+		return nil
+	}
+	slots, err := readBitmap(src, shared)
+	if err != nil {
+		return fmt.Errorf("copy bitmap: %w", err)
+	}
+	l, err := bitmap.NewLayout(&slots[0].Super, shared.BitmapStart(), bitmap.AlignFor(shared.BitmapOffset))
+	if err != nil {
+		return fmt.Errorf("copy bitmap: %w", err)
+	}
+	sectors, err := memberSectors(dst)
+	if err != nil {
+		return fmt.Errorf("copy bitmap: %w", err)
+	}
+	if l.End() > int64(min(sectors, shared.DataOffset))*superblock.SectorSize {
+		return fmt.Errorf("copy bitmap: %s: the bitmap (bytes %d..%d) does not fit before the data", dst.Name(), l.Start, l.End())
+	}
+	buf := make([]byte, l.End()-l.Start)
+	if _, err := src.ReadAt(buf, l.Start); err != nil {
+		return fmt.Errorf("copy bitmap: read %s: %w", src.Name(), err)
+	}
+	if _, err := dst.WriteAt(buf, l.Start); err != nil {
+		return fmt.Errorf("copy bitmap: write %s: %w", dst.Name(), err)
+	}
+	return nil
 }
 
 // Device is a member together with its own superblock, the unit WriteAll
