@@ -467,7 +467,17 @@ func (m *Manager) AddSpare(ctx context.Context, path string) (MemberStatus, erro
 	if err != nil {
 		return MemberStatus{}, fmt.Errorf("%s: %w", what, err)
 	}
-	real, err := NewDevice(shared, devNo, d, m.cfg.Rand)
+	var like *superblock.Superblock
+	for _, s := range st.statuses() {
+		if s.State == MemberInSync {
+			like = st.Members[s.Dev].Super
+			break
+		}
+	}
+	if like == nil {
+		return MemberStatus{}, fmt.Errorf("%s: no in-sync member to model the new superblock on", what)
+	}
+	real, err := NewDevice(shared, like, devNo, d, m.cfg.Rand)
 	if err != nil {
 		return MemberStatus{}, fmt.Errorf("%s: %w: %v", what, ErrRefusedChange, err)
 	}
