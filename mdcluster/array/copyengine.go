@@ -274,7 +274,7 @@ func (e *CopyEngine) waitLocked(ctx context.Context, ok func() bool) error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	for !ok() {
-		if e.stopped {
+		if e.stopped || !e.started {
 			return ErrEngineStopped
 		}
 		if err := ctx.Err(); err != nil {
@@ -319,6 +319,9 @@ func (e *CopyEngine) Write(ctx context.Context, off int64, p []byte) error {
 	defer cancel()
 	var id uint64
 	err := e.waitLocked(wctx, func() bool {
+		if e.stopped || !e.started {
+			return false // waitLocked reports ErrEngineStopped
+		}
 		if e.remote.Overlaps(lo, hi) || e.local.Overlaps(lo, hi) {
 			return false
 		}
@@ -386,6 +389,10 @@ func (e *CopyEngine) Read(ctx context.Context, off int64, p []byte) error {
 	lo := uint64(off) / superblock.SectorSize
 	hi := (uint64(off) + uint64(len(p)) + superblock.SectorSize - 1) / superblock.SectorSize
 	e.mu.Lock()
+	if e.stopped || !e.started {
+		e.mu.Unlock()
+		return ErrEngineStopped
+	}
 	var in []EngineMember
 	for _, m := range e.members {
 		if m.State == MemberInSync {

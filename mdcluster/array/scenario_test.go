@@ -467,3 +467,79 @@ func Test01GrowBitmapSwitch(t *testing.T) {
 	}
 	c.sameData("a.img", "b.img")
 }
+
+// Test03SwitchResyncStop is 03r1_switch-resync as the suite runs it, with
+// stop_md: the resyncing node stops its array gracefully mid-resync. It
+// sends BITMAP_NEEDS_SYNC with where it got to (md's leave with a dirty
+// bitmap); the others drop its window, one takes the resync lock and
+// resumes from there.
+func Test03SwitchResyncStop(t *testing.T) {
+	c := newTCluster(t, 3)
+	c.fill("a.img", 3)
+	c.fill("b.img", 4)
+	for _, id := range c.ids {
+		c.manager(id, nil)
+	}
+	reached := make(chan node.NodeID, 1)
+	c.holdSync(1, SyncResync, 4*testWindow/512, reached)
+	c.createAndAssemble(false, 2, "a.img", "b.img")
+	<-reached
+	if err := c.nodes[1].m.Stop(c.ctx()); err != nil {
+		t.Fatal(err)
+	}
+	var resumed uint64
+	for _, id := range []node.NodeID{2, 3} {
+		c.nodes[id].m.mu.Lock()
+		resumed = max(resumed, c.nodes[id].m.remote.Hints[workKey(SyncResync, 0)])
+		c.nodes[id].m.mu.Unlock()
+	}
+	c.waitSynced()
+	for _, id := range []node.NodeID{2, 3} {
+		if st := c.nodes[id].m.Status(); !st.Clean {
+			t.Fatalf("node %d not clean: %+v", id, st)
+		}
+	}
+	c.sameData("a.img", "b.img")
+	if resumed != 4*testWindow/512 {
+		t.Fatalf("the takers' resume point is %d, want %d (the stopped node's last window)", resumed, 4*testWindow/512)
+	}
+	if err := c.nodes[1].m.Assemble(c.ctx()); err != nil {
+		t.Fatal(err)
+	}
+	c.agree("")
+}
+
+// Test03SwitchRecoveryStop is 03r1_switch-recovery with stop_md: the node
+// rebuilding the spare stops gracefully; another takes the rebuild over.
+func Test03SwitchRecoveryStop(t *testing.T) {
+	c := newTCluster(t, 3)
+	for _, id := range c.ids {
+		c.manager(id, nil)
+	}
+	c.createAndAssemble(true, 2, "a.img", "b.img", "c.img")
+	c.writeSome(2, 9, 0, 2<<20, 6<<20)
+	reached := make(chan node.NodeID, 3)
+	for _, id := range c.ids {
+		c.holdSync(id, SyncRecovery, 3*testWindow/512, reached)
+	}
+	if err := c.nodes[1].m.Fail(c.ctx(), 0); err != nil {
+		t.Fatal(err)
+	}
+	victim := <-reached
+	for _, id := range c.ids {
+		if id != victim {
+			c.nodes[id].eng.setBeforeCopy(nil)
+		}
+	}
+	if err := c.nodes[victim].m.Stop(c.ctx()); err != nil {
+		t.Fatal(err)
+	}
+	c.waitSynced()
+	c.agree("")
+	c.sameData("b.img", "c.img")
+	c.nodes[victim].eng.setBeforeCopy(nil)
+	if err := c.nodes[victim].m.Assemble(c.ctx()); err != nil {
+		t.Fatal(err)
+	}
+	c.agree("")
+}
