@@ -201,8 +201,14 @@ type Detector struct {
 	ml   *memberlist.Memberlist
 	self NodeID
 
-	mu       sync.Mutex
-	alive    map[NodeID]bool
+	mu    sync.Mutex
+	alive map[NodeID]bool
+	// addrs is each node's gossip address as memberlist last reported it
+	// (NotifyJoin, NotifyUpdate: called under memberlist's node lock, so
+	// reading the node there is safe). Send uses it instead of the nodes
+	// Members returns, whose fields memberlist rewrites without a lock
+	// the caller could take (every alive message does).
+	addrs    map[NodeID]memberlist.Node
 	onChange func([]NodeID)
 	onMsg    func(from NodeID, payload []byte)
 	log      *slog.Logger
@@ -287,17 +293,17 @@ func (d *Detector) sortedLocked() []NodeID {
 // Send delivers an agreement message to node to over memberlist's reliable
 // (TCP, encrypted) channel. The message is framed with the sender's ID.
 func (d *Detector) Send(to NodeID, payload []byte) error {
-	name := strconv.FormatUint(uint64(to), 10)
-	for _, n := range d.ml.Members() {
-		if n.Name == name {
-			msg := binary.BigEndian.AppendUint32(make([]byte, 0, 4+len(payload)), uint32(d.self))
-			if err := d.ml.SendReliable(n, append(msg, payload...)); err != nil {
-				return fmt.Errorf("gossip: node %s: sending to %s: %w", d.self, to, err)
-			}
-			return nil
-		}
+	d.mu.Lock()
+	n, ok := d.addrs[to]
+	d.mu.Unlock()
+	if !ok {
+		return fmt.Errorf("gossip: node %s: node %s is not known to memberlist", d.self, to)
 	}
-	return fmt.Errorf("gossip: node %s: node %s is not known to memberlist", d.self, to)
+	msg := binary.BigEndian.AppendUint32(make([]byte, 0, 4+len(payload)), uint32(d.self))
+	if err := d.ml.SendReliable(&n, append(msg, payload...)); err != nil {
+		return fmt.Errorf("gossip: node %s: sending to %s: %w", d.self, to, err)
+	}
+	return nil
 }
 
 // Leave announces a graceful leave to memberlist and waits up to timeout
@@ -434,8 +440,23 @@ type events Detector
 // NotifyJoin hands the node's metadata on before reporting it alive.
 func (e *events) NotifyJoin(n *memberlist.Node) {
 	d := (*Detector)(e)
+	d.noteAddr(n)
 	d.metaChanged(n)
 	d.update(n, true)
+}
+
+// noteAddr records the node's address for Send.
+func (d *Detector) noteAddr(n *memberlist.Node) {
+	id, ok := parseNodeID(n)
+	if !ok {
+		return
+	}
+	d.mu.Lock()
+	if d.addrs == nil {
+		d.addrs = map[NodeID]memberlist.Node{}
+	}
+	d.addrs[id] = memberlist.Node{Name: n.Name, Addr: slices.Clone(n.Addr), Port: n.Port}
+	d.mu.Unlock()
 }
 
 // NotifyLeave reports the node dead, then its metadata gone.
@@ -448,7 +469,10 @@ func (e *events) NotifyLeave(n *memberlist.Node) {
 }
 
 // NotifyUpdate is memberlist's report of a changed metadata record.
-func (e *events) NotifyUpdate(n *memberlist.Node) { (*Detector)(e).metaChanged(n) }
+func (e *events) NotifyUpdate(n *memberlist.Node) {
+	(*Detector)(e).noteAddr(n)
+	(*Detector)(e).metaChanged(n)
+}
 
 type delegate Detector
 
