@@ -1,6 +1,6 @@
-// Command mdcluster-demo shows the lock manager at work: several clients
+// Command dlm-demo shows the lock manager at work: several clients
 // contend for a few resources, and the demo prints the queues and every
-// callback as it happens. Later it grows into the clustered-RAID demo.
+// callback as it happens (the clustered-RAID demo is cmd/mdcluster-demo).
 package main
 
 import (
@@ -26,7 +26,7 @@ func main() {
 	ops := flag.Int("ops", 2000, "operations per client in the contention phase")
 	flag.Parse()
 	if err := run(os.Stdout, *seed, *clients, *ops); err != nil {
-		fmt.Fprintln(os.Stderr, "mdcluster-demo:", err)
+		fmt.Fprintln(os.Stderr, "dlm-demo:", err)
 		os.Exit(1)
 	}
 }
