@@ -373,7 +373,7 @@ func Full(ctx context.Context, c *Cluster, r *Result) error {
 	if sums, err = mirrorsEqual(a, cimg); err != nil {
 		return err
 	}
-	r.check("final: members a.img and c.img identical (" + sums + ")")
+	r.check("final: members a.img and c.img identical (%s)", sums)
 	return nil
 }
 
