@@ -492,7 +492,14 @@ func (m *Manager) AddSpare(ctx context.Context, path string) (MemberStatus, erro
 	// 1. The candidate: bitmap copy, then the superblock under the
 	// candidate UUID.
 	if st.HasBitmap {
-		if err := m.copyBitmap(st, d); err != nil {
+		var src Member
+		for _, s := range st.statuses() {
+			if s.State == MemberInSync {
+				src = st.Members[s.Dev].Member
+				break
+			}
+		}
+		if err := CopyBitmap(st.Shared, src, d); err != nil {
 			return MemberStatus{}, fmt.Errorf("%s: %w", what, err)
 		}
 	}
@@ -588,30 +595,6 @@ func (m *Manager) checkNewDevice(d Member, st *arrayState) error {
 		return nil // an abandoned candidate
 	}
 	return fmt.Errorf("%w: it carries a superblock of array %s: zero it first (mdadm --zero-superblock)", ErrRefusedChange, bitmap.FormatUUID(sb.SetUUID))
-}
-
-// copyBitmap copies the bitmap area (every slot) from an in-sync member to
-// a new device, so that it is a well-formed member when it commits.
-func (m *Manager) copyBitmap(st *arrayState, d Member) error {
-	var src Member
-	for _, s := range st.statuses() {
-		if s.State == MemberInSync {
-			src = st.Members[s.Dev].Member
-			break
-		}
-	}
-	if src == nil {
-		return errors.New("no in-sync member to copy the bitmap from")
-	}
-	n := st.Layout.End() - st.Layout.Start
-	buf := make([]byte, n)
-	if _, err := src.ReadAt(buf, st.Layout.Start); err != nil {
-		return fmt.Errorf("read the bitmap: %w", err)
-	}
-	if _, err := d.WriteAt(buf, st.Layout.Start); err != nil {
-		return fmt.Errorf("copy the bitmap: %w", err)
-	}
-	return nil
 }
 
 // noNewDevRetry bounds the retries of the no-new-dev EX (see confirm).

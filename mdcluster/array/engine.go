@@ -93,7 +93,8 @@ type EngineMember struct {
 	// in every message and in the superblock's role table.
 	Dev uint32
 	// Slot is the raid slot for InSync and Recovering members, else -1.
-	Slot  int
+	Slot int
+	// State is what the member is to the data path.
 	State MemberState
 	// Member is the device (as this node reaches it).
 	Member Member
@@ -105,12 +106,14 @@ type EngineMember struct {
 
 // EngineSetup is what Start needs.
 type EngineSetup struct {
-	// Level is 1 (raid1) or 10 (raid10); Layout and ChunkSectors as in the
-	// superblock; RaidDisks the number of slots.
-	Level        int32
-	Layout       uint32
+	// Level is 1 (raid1) or 10 (raid10).
+	Level int32
+	// Layout is the superblock's layout word (raid10).
+	Layout uint32
+	// ChunkSectors is the raid10 chunk in sectors (0 for raid1).
 	ChunkSectors uint32
-	RaidDisks    int
+	// RaidDisks is the number of slots.
+	RaidDisks int
 	// DevSectors is the used size of each member's data area (sectors).
 	DevSectors uint64
 	// Members are the bound members.
@@ -143,6 +146,7 @@ type WriteIntent interface {
 // Window is a range of sectors [Lo, Hi) being resynced by some node; Hi ==
 // 0 means none. It is md-cluster's suspend_lo/suspend_hi.
 type Window struct {
+	// Lo is the first sector of the window, Hi the first after it.
 	Lo, Hi uint64
 }
 
@@ -175,6 +179,7 @@ func (k SyncKind) String() string {
 
 // SyncRequest asks the engine to copy sectors.
 type SyncRequest struct {
+	// Kind says why (for progress and logs; the copy is the same).
 	Kind SyncKind
 	// Lo and Hi bound the sectors (of each member's data area) to copy.
 	Lo, Hi uint64
@@ -183,14 +188,17 @@ type SyncRequest struct {
 	Targets []uint32
 	// Chunks, when set, restricts the copy to these bitmap chunks (of
 	// ChunkBytes each); a re-add copies only what the bitmaps mark.
-	Chunks     []uint64
+	Chunks []uint64
+	// ChunkBytes is the size of one bitmap chunk (with Chunks).
 	ChunkBytes uint32
 }
 
 // SyncProgress is a snapshot of the engine's running Sync.
 type SyncProgress struct {
+	// Running: a Sync is copying; Kind is its kind.
 	Running bool
-	Kind    SyncKind
+	// Kind is the running Sync's kind.
+	Kind SyncKind
 	// Done and Total are sectors of the current request.
 	Done, Total uint64
 }

@@ -585,17 +585,21 @@ func (m *Manager) undoEngineLocked(done []engineOp) {
 // ArrayStatus is a snapshot of the manager (what mdadm --detail and
 // /proc/mdstat show).
 type ArrayStatus struct {
+	// Phase is where the manager is.
 	Phase Phase
-	UUID  [16]byte
+	// UUID is the array's UUID.
+	UUID [16]byte
 	// Events is the superblock event count this node last read.
-	Events  uint64
+	Events uint64
+	// Members are the members this node has bound.
 	Members []MemberStatus
 	// NotUsed explains the devices with the array's UUID that are not
 	// used.
 	NotUsed []string
 	// Bitmap is the array's bitmap mode; Nodes its slot count.
 	Bitmap BitmapMode
-	Nodes  int
+	// Nodes is the slot count of a clustered bitmap.
+	Nodes int
 	// Clean: no resync owed (resync_offset = MaxSector).
 	Clean bool
 	// Sync describes this node's own sync (md: "resync", "recovery"),
@@ -610,18 +614,24 @@ type ArrayStatus struct {
 
 // SyncStatus is the sync part of ArrayStatus.
 type SyncStatus struct {
+	// Running: this node syncs (md: "resync" / "recovery").
 	Running bool
+	// Pending: this node has sync work and waits for the resync lock
+	// (md: "PENDING").
 	Pending bool
-	Kind    SyncKind
+	// Kind is the local sync's kind.
+	Kind SyncKind
 	// Target is the device being recovered (recovery).
 	Target uint32
 	// Window is this node's current window; Done/Total its progress in
 	// sectors.
-	Window      Window
+	Window Window
+	// Done and Total: progress of the local sync in sectors.
 	Done, Total uint64
 	// Remote is another node's announced window (zero if none), RemoteFrom
 	// that node.
-	Remote     Window
+	Remote Window
+	// RemoteFrom is the node that announced Remote (md: "REMOTE").
 	RemoteFrom dlm.NodeID
 }
 

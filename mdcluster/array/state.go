@@ -16,8 +16,10 @@ type MemberStatus struct {
 	DeviceUUID [16]byte
 	// Path is where this node reaches the member (it may differ between
 	// nodes: members are found by UUID).
-	Path  string
-	Slot  int
+	Path string
+	// Slot is the raid slot of an in-sync or recovering member, else -1.
+	Slot int
+	// State is the member's state on this node.
 	State MemberState
 	// RecoveryOffset is how far a recovering member is rebuilt (sectors).
 	RecoveryOffset uint64
