@@ -10,6 +10,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -200,8 +202,24 @@ func Full(ctx context.Context, c *Cluster, r *Result) error {
 	}
 	fioDone := make(chan struct{})
 	go func() { fio.Wait(); fl.Close(); close(fioDone) }()
-	time.Sleep(1500 * time.Millisecond)
-	c.Say("node 2: fio writing 64 KiB random writes through %s (32-56 MiB of the array)", n2.URI())
+	// Kill it once its bitmap slot (slot 1) marks chunks dirty on disk.
+	var dirty int
+	for deadline := time.Now().Add(15 * time.Second); ; {
+		if dirty, err = c.SlotDirty(ctx, a, 1); err != nil {
+			return err
+		}
+		if dirty > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			fio.Process.Signal(syscall.SIGKILL)
+			<-fioDone
+			b, _ := os.ReadFile(fioLog)
+			return fmt.Errorf("node 2's bitmap slot shows no dirty chunk while fio writes through its export: %s", b)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	c.Say("node 2: fio writing 64 KiB random writes through %s (32-56 MiB of the array); mdadm-go --examine-bitmap a.img: slot 1 (node 2) has %d dirty chunks", n2.URI(), dirty)
 	kill := time.Now()
 	n2.Kill()
 	c.Say("node 2: kill -9 (while fio writes through its export)")
@@ -258,7 +276,13 @@ func Full(ctx context.Context, c *Cluster, r *Result) error {
 	if err != nil {
 		return err
 	}
-	c.Say("mirrors after the resync of node 2's dirty chunks: identical (%s)", sums)
+	if dirty, err = c.SlotDirty(ctx, a, 1); err != nil {
+		return err
+	}
+	if dirty != 0 {
+		return fmt.Errorf("node 2's bitmap slot still marks %d dirty chunks after its recovery", dirty)
+	}
+	c.Say("mirrors after the resync of node 2's dirty chunks: identical (%s); node 2's slot now 0 dirty", sums)
 	r.check("after kill -9 of a writing node, a survivor resynced its dirty chunks and the mirrors are identical")
 
 	// Replace a member: fail and remove b.img, add c.img from node 1.
@@ -433,4 +457,27 @@ func errOr(err error, s string) string {
 		return err.Error()
 	}
 	return s
+}
+
+var dirtyRE = regexp.MustCompile(`(\d+) dirty`)
+
+// SlotDirty returns the dirty chunks of a clustered bitmap slot as
+// mdadm-go --examine-bitmap reads them from member path.
+func (c *Cluster) SlotDirty(ctx context.Context, path string, slot int) (int, error) {
+	out, err := Run(ctx, filepath.Join(c.Bin, "mdadm-go"), "--examine-bitmap", path)
+	if err != nil {
+		return 0, err
+	}
+	parts := strings.Split(out, "Node Slot : ")
+	for _, p := range parts[1:] {
+		if !strings.HasPrefix(p, strconv.Itoa(slot)+"\n") {
+			continue
+		}
+		m := dirtyRE.FindStringSubmatch(p)
+		if m == nil {
+			break
+		}
+		return strconv.Atoi(m[1])
+	}
+	return 0, fmt.Errorf("mdadm-go --examine-bitmap %s: no slot %d in:\n%s", path, slot, out)
 }
