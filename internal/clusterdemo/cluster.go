@@ -76,7 +76,7 @@ func Setup(dir, bin string, out io.Writer) (*Cluster, error) {
 	// fence_ipmilan or fence_scsi here; the process is already dead).
 	agent := filepath.Join(dir, "fence_demo")
 	script := "#!/bin/sh\nn=?\nwhile read l; do case \"$l\" in nodename=*) n=${l#nodename=};; esac; done\n" +
-		"echo \"$(date +%H:%M:%S.%N) fenced node $n\" >> " + filepath.Join(dir, "fence.log") + "\nexit 0\n"
+		"echo \"$(date -u +%Y-%m-%dT%H:%M:%S.%NZ) fenced node $n\" >> " + filepath.Join(dir, "fence.log") + "\nexit 0\n"
 	if err := os.WriteFile(agent, []byte(script), 0o700); err != nil {
 		return nil, err
 	}

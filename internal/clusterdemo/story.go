@@ -231,11 +231,11 @@ func Full(ctx context.Context, c *Cluster, r *Result) error {
 	if err != nil {
 		return err
 	}
-	r.KillToDeparted = time.Since(kill)
+	r.KillToDeparted = since(kill, line)
 	c.Say("node 1 log: %s", line)
 	for {
 		if bs, _ := os.ReadFile(filepath.Join(c.Dir, "fence.log")); strings.Contains(string(bs), "fenced node 2") {
-			r.KillToFenced = time.Since(kill)
+			r.KillToFenced = since(kill, string(bs))
 			c.Say("fence agent: %s", strings.TrimSpace(string(bs)))
 			break
 		}
@@ -262,7 +262,7 @@ func Full(ctx context.Context, c *Cluster, r *Result) error {
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
-	r.KillToSlotResynced = time.Since(kill)
+	r.KillToSlotResynced = since(kill, line)
 	c.Say("node %d log: %s", who.ID, line)
 	for _, d := range []*Daemon{n1, n3} {
 		for _, l := range d.Grep("slot of the node that left") {
@@ -480,4 +480,18 @@ func (c *Cluster) SlotDirty(ctx context.Context, path string, slot int) (int, er
 		return strconv.Atoi(m[1])
 	}
 	return 0, fmt.Errorf("mdadm-go --examine-bitmap %s: no slot %d in:\n%s", path, slot, out)
+}
+
+var stampRE = regexp.MustCompile(`\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z`)
+
+// since is the time from t to the first timestamp in a log line (the
+// daemons' slog time=..., the fence agent's date -u), or to now if the
+// line has none.
+func since(t time.Time, line string) time.Duration {
+	if m := stampRE.FindString(line); m != "" {
+		if at, err := time.Parse(time.RFC3339Nano, m); err == nil {
+			return at.Sub(t)
+		}
+	}
+	return time.Since(t)
 }
