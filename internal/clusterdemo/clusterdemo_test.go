@@ -81,5 +81,16 @@ func TestDemoCore(t *testing.T) {
 	if err != nil || !strings.Contains(out, "Active Devices : 2") || !strings.Contains(out, "Cluster Name : demo") {
 		t.Fatalf("node 1 --detail: %v\n%s", err, out)
 	}
+	out, err = c.Mdadm(ctx, c.Nodes[1], "--status")
+	if err != nil || !strings.Contains(out, "md0 : active raid1") || !strings.Contains(out, "[2/2] [UU]") {
+		t.Fatalf("node 2 --status: %v\n%s", err, out)
+	}
+	if out, err := c.Mdadm(ctx, c.Nodes[0], "--detail", "/dev/md9"); err == nil {
+		t.Fatalf("--detail of an array that does not exist succeeded:\n%s", out)
+	}
+	if out, err := c.Mdadm(ctx, c.Nodes[0], "--create", "/dev/md0", "--level=1", "--raid-devices=2",
+		filepath.Join(c.Disks, "a.img"), filepath.Join(c.Disks, "b.img")); err == nil || !strings.Contains(err.Error(), "already in use") {
+		t.Fatalf("a second create of /dev/md0: %v\n%s", err, out)
+	}
 	t.Logf("create %v, assemble %v, write %v, read back %v", r.Create, r.Assemble, r.Write, r.ReadBack)
 }
