@@ -442,8 +442,12 @@ func (l *Layer) Close() error {
 	l.mu.Unlock()
 	l.wg.Wait()
 	for _, a := range as {
-		if a.srv != nil {
-			a.srv.Close()
+		l.mu.Lock()
+		srv := a.srv
+		a.srv, a.running = nil, false
+		l.mu.Unlock()
+		if srv != nil {
+			srv.Close()
 		}
 		a.eng.Stop()
 	}
