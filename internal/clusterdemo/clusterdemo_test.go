@@ -27,7 +27,11 @@ func TestDemoCore(t *testing.T) {
 	}
 	bin := t.TempDir()
 	gobin := filepath.Join(runtime.GOROOT(), "bin", "go")
-	build := exec.Command(gobin, "build", "-o", bin+"/", "github.com/mdcluster/mdcluster/cmd/mdclusterd", "github.com/mdcluster/mdcluster/cmd/mdadm-go")
+	args := []string{"build", "-o", bin + "/"}
+	if raceEnabled {
+		args = append(args, "-race") // the daemons too, under go test -race
+	}
+	build := exec.Command(gobin, append(args, "github.com/mdcluster/mdcluster/cmd/mdclusterd", "github.com/mdcluster/mdcluster/cmd/mdadm-go")...)
 	if out, err := build.CombinedOutput(); err != nil {
 		t.Fatalf("build: %v\n%s", err, out)
 	}
@@ -91,6 +95,12 @@ func TestDemoCore(t *testing.T) {
 	if out, err := c.Mdadm(ctx, c.Nodes[0], "--create", "/dev/md0", "--level=1", "--raid-devices=2",
 		filepath.Join(c.Disks, "a.img"), filepath.Join(c.Disks, "b.img")); err == nil || !strings.Contains(err.Error(), "already in use") {
 		t.Fatalf("a second create of /dev/md0: %v\n%s", err, out)
+	}
+	c.Stop()
+	for _, d := range c.Nodes {
+		if l := d.Grep("DATA RACE"); len(l) > 0 {
+			t.Errorf("node %d: the race detector reported a data race (see %s)", d.ID, d.Log)
+		}
 	}
 	t.Logf("create %v, assemble %v, write %v, read back %v", r.Create, r.Assemble, r.Write, r.ReadBack)
 }
