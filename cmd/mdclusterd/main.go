@@ -25,6 +25,7 @@ import (
 	"strings"
 	"syscall"
 
+	"github.com/mdcluster/mdcluster/cmd/mdclusterd/arrays"
 	"github.com/mdcluster/mdcluster/cmd/mdclusterd/config"
 	"github.com/mdcluster/mdcluster/cmd/mdclusterd/daemon"
 )
@@ -32,10 +33,9 @@ import (
 // DefaultConfigPath is read when -c is not given.
 const DefaultConfigPath = "/etc/mdcluster/mdclusterd.toml"
 
-// arrayLayer is the array layer the daemon runs with; nil means
-// daemon.NoArrays. The array manager's branch sets it here; the tests set
-// their own.
-var arrayLayer daemon.ArrayLayer
+// arrayLayer is the array layer the daemon runs with: the array manager
+// (cmd/mdclusterd/arrays). The tests may set their own.
+var arrayLayer daemon.ArrayLayer = arrays.New()
 
 func main() { os.Exit(run(os.Args[1:], os.Stdout, os.Stderr)) }
 

@@ -1,0 +1,884 @@
+// Package arrays is mdclusterd's array layer (daemon.ArrayLayer): one
+// array.Manager per array found among the configured devices, the
+// manager's CopyEngine as the data path, and an NBD export per running
+// array on a unix socket.
+//
+// Every array found among [devices] search is attached (its lockspace
+// joined) whether or not it runs here: the lock manager grants locks in a
+// lockspace only once every node of the view has opened it, so a create or
+// assemble on one node needs the others attached. A scanner does that
+// every scanInterval.
+package arrays
+
+import (
+	"context"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/mdcluster/mdcluster/bitmap"
+	"github.com/mdcluster/mdcluster/cmd/mdclusterd/config"
+	"github.com/mdcluster/mdcluster/cmd/mdclusterd/daemon"
+	"github.com/mdcluster/mdcluster/mdcluster/array"
+	"github.com/mdcluster/mdcluster/mdcluster/ctl"
+	"github.com/mdcluster/mdcluster/mdcluster/export/nbd"
+	"github.com/mdcluster/mdcluster/mdcluster/superblock"
+)
+
+// scanInterval is how often the devices are scanned for arrays to attach.
+const scanInterval = 300 * time.Millisecond
+
+// DefaultClusterName is the clustered bitmap's cluster name when
+// --home-cluster is not given.
+const DefaultClusterName = "mdcluster"
+
+// Layer implements daemon.ArrayLayer.
+type Layer struct {
+	env daemon.ArrayEnv
+	log *slog.Logger
+
+	// opMu serialises create against the scanner, so that the scanner
+	// never builds a second manager for an array being created.
+	opMu sync.Mutex
+
+	mu     sync.Mutex
+	arrays map[[16]byte]*arr
+	closed bool
+
+	stop chan struct{}
+	wg   sync.WaitGroup
+}
+
+// arr is one array known to this node.
+type arr struct {
+	uuid [16]byte
+	mgr  *array.Manager
+	eng  *array.CopyEngine
+	// md is the md device name ("/dev/md0") once it runs here.
+	md      string
+	running bool
+	srv     *nbd.Server
+	lns     []net.Listener
+	socket  string
+}
+
+// New returns the array layer.
+func New() *Layer { return &Layer{arrays: map[[16]byte]*arr{}, stop: make(chan struct{})} }
+
+var _ daemon.ArrayLayer = (*Layer)(nil)
+
+// Start implements daemon.ArrayLayer: it starts the scanner and assembles
+// the configured arrays that are found (one not found is logged, not an
+// error: it may be created later).
+func (l *Layer) Start(ctx context.Context, env daemon.ArrayEnv) error {
+	l.env, l.log = env, env.Logger.With("layer", "array")
+	l.scan(ctx)
+	l.wg.Add(1)
+	go l.scanner()
+	for _, c := range env.Config.Arrays {
+		id := c.Name
+		if id == "" {
+			id = c.UUID
+		}
+		u, ok := l.findConfigured(c)
+		if !ok {
+			l.log.Warn("configured array not found among the devices: not assembled (create or assemble it later)", "array", id,
+				"search", env.Config.Devices.Search)
+			continue
+		}
+		actx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+		_, err := l.assemble(actx, u, "/dev/md/"+shortName(l.nameOf(u), id))
+		cancel()
+		if err != nil {
+			l.log.Error("configured array not assembled", "array", id, "err", err)
+		}
+	}
+	return nil
+}
+
+func (l *Layer) scanner() {
+	defer l.wg.Done()
+	t := time.NewTicker(scanInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-l.stop:
+			return
+		case <-t.C:
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		l.scan(ctx)
+		cancel()
+	}
+}
+
+// probe reads the md superblock of every device under the search globs.
+func (l *Layer) probe() map[string]*superblock.Superblock {
+	out := map[string]*superblock.Superblock{}
+	for _, g := range l.env.Config.Devices.Search {
+		paths, _ := filepath.Glob(g)
+		for _, p := range paths {
+			if sb := readSuper(p); sb != nil {
+				out[p] = sb
+			}
+		}
+	}
+	return out
+}
+
+func readSuper(p string) *superblock.Superblock {
+	m, err := array.OpenFile(p, false)
+	if err != nil {
+		return nil
+	}
+	defer m.Close()
+	size, err := m.Size()
+	if err != nil {
+		return nil
+	}
+	sb, err := superblock.Probe(m, uint64(size)/superblock.SectorSize)
+	if err != nil {
+		return nil
+	}
+	return sb
+}
+
+// scan attaches every array found that is not known yet.
+func (l *Layer) scan(ctx context.Context) {
+	if !l.opMu.TryLock() {
+		return
+	}
+	defer l.opMu.Unlock()
+	seen := map[[16]byte]bool{}
+	for _, sb := range l.probe() {
+		seen[sb.SetUUID] = true
+	}
+	for u := range seen {
+		if _, err := l.ensure(ctx, u); err != nil {
+			l.log.Debug("attach", "uuid", bitmap.FormatUUID(u), "err", err)
+		}
+	}
+}
+
+// ensure returns the array's entry, creating its manager and attaching it.
+func (l *Layer) ensure(ctx context.Context, u [16]byte) (*arr, error) {
+	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		return nil, ctl.Errorf(ctl.CodeUnavailable, "the array layer is stopping")
+	}
+	a := l.arrays[u]
+	l.mu.Unlock()
+	if a != nil {
+		return a, nil
+	}
+	a, err := l.newArr(u)
+	if err != nil {
+		return nil, err
+	}
+	if err := a.mgr.Attach(ctx); err != nil {
+		return nil, fmt.Errorf("attach %s: %w", bitmap.FormatUUID(u), err)
+	}
+	l.mu.Lock()
+	l.arrays[u] = a
+	l.mu.Unlock()
+	l.log.Info("array found among the devices: attached to its lockspace", "uuid", bitmap.FormatUUID(u))
+	return a, nil
+}
+
+func (l *Layer) newArr(u [16]byte) (*arr, error) {
+	eng := array.NewCopyEngine()
+	eng.TickInterval = 500 * time.Millisecond
+	cfg := array.Config{Cluster: array.NodeCluster(l.env.Node), Devices: l.env.Config.Devices.Search, Engine: eng,
+		UUID: u, Logger: l.log, ResyncWindow: 4 << 20,
+		ResyncLockWait: time.Second, ResyncRetry: 300 * time.Millisecond, DaemonSleep: time.Second}
+	m, err := array.New(cfg)
+	if err != nil {
+		return nil, err
+	}
+	return &arr{uuid: u, mgr: m, eng: eng}, nil
+}
+
+func parseUUID(s string) ([16]byte, error) {
+	var u [16]byte
+	h := strings.NewReplacer(":", "", "-", "").Replace(s)
+	b, err := hex.DecodeString(h)
+	if err != nil || len(b) != 16 {
+		return u, fmt.Errorf("bad UUID %q", s)
+	}
+	copy(u[:], b)
+	return u, nil
+}
+
+// shortName is the md name without its "host:" prefix.
+func shortName(stored, fallback string) string {
+	if i := strings.LastIndexByte(stored, ':'); i >= 0 {
+		stored = stored[i+1:]
+	}
+	if stored == "" {
+		return fallback
+	}
+	return stored
+}
+
+// nameOf returns the stored name of array u from any of its members.
+func (l *Layer) nameOf(u [16]byte) string {
+	for _, sb := range l.probe() {
+		if sb.SetUUID == u {
+			return sb.Name()
+		}
+	}
+	return ""
+}
+
+// findConfigured finds a configured array among the devices.
+func (l *Layer) findConfigured(c config.Array) ([16]byte, bool) {
+	if c.UUID != "" {
+		u, err := parseUUID(c.UUID)
+		if err != nil {
+			return u, false
+		}
+		for _, sb := range l.probe() {
+			if sb.SetUUID == u {
+				return u, true
+			}
+		}
+		return u, false
+	}
+	return l.findByName(c.Name)
+}
+
+func (l *Layer) findByName(name string) ([16]byte, bool) {
+	var found [][16]byte
+	for _, sb := range l.probe() {
+		if shortName(sb.Name(), "") == name {
+			found = append(found, sb.SetUUID)
+		}
+	}
+	sort.Slice(found, func(i, j int) bool { return string(found[i][:]) < string(found[j][:]) })
+	if len(found) == 0 {
+		return [16]byte{}, false
+	}
+	return found[0], true
+}
+
+// exportFor returns the export socket (and TCP address) configured for the
+// array, or a default next to the control socket.
+func (l *Layer) exportFor(u [16]byte, md string) (string, string) {
+	name := shortName(l.nameOf(u), "")
+	for _, c := range l.env.Config.Arrays {
+		if c.UUID != "" {
+			if cu, err := parseUUID(c.UUID); err == nil && cu == u {
+				return c.ExportSocket, c.ExportTCP
+			}
+		} else if c.Name != "" && (c.Name == name || c.Name == filepath.Base(md)) {
+			return c.ExportSocket, c.ExportTCP
+		}
+	}
+	return filepath.Join(filepath.Dir(l.env.Config.Control.Socket), filepath.Base(md)+".nbd"), ""
+}
+
+// assemble starts array u here and exports it.
+func (l *Layer) assemble(ctx context.Context, u [16]byte, md string) (*arr, error) {
+	a, err := l.ensure(ctx, u)
+	if err != nil {
+		return nil, err
+	}
+	l.mu.Lock()
+	running := a.running
+	l.mu.Unlock()
+	if running {
+		return nil, ctl.Errorf(ctl.CodeFailed, "%s is already in use.", md)
+	}
+	if err := a.mgr.Assemble(ctx); err != nil {
+		return nil, err
+	}
+	if err := l.started(a, md); err != nil {
+		return nil, err
+	}
+	return a, nil
+}
+
+// started records a running array and starts its export.
+func (l *Layer) started(a *arr, md string) error {
+	info, err := l.info(a)
+	if err != nil {
+		return err
+	}
+	sock, tcp := l.exportFor(a.uuid, md)
+	be := &backend{eng: a.eng, size: int64(info.Info.ArraySectors) * superblock.SectorSize}
+	name := filepath.Base(md)
+	srv, err := nbd.NewServer(nbd.Config{Exports: []nbd.Export{{Name: name, Description: "mdcluster array " + md, Backend: be}},
+		DefaultExport: name, Logger: l.log.With("export", name)})
+	if err != nil {
+		return fmt.Errorf("export %s: %w", md, err)
+	}
+	var lns []net.Listener
+	ln, err := nbd.ListenUnix(sock)
+	if err != nil {
+		return fmt.Errorf("export %s on %s: %w", md, sock, err)
+	}
+	lns = append(lns, ln)
+	if tcp != "" {
+		tl, err := net.Listen("tcp", tcp)
+		if err != nil {
+			ln.Close()
+			return fmt.Errorf("export %s on %s: %w", md, tcp, err)
+		}
+		lns = append(lns, tl)
+	}
+	for _, ln := range lns {
+		go srv.Serve(ln)
+	}
+	l.mu.Lock()
+	a.md, a.running, a.srv, a.lns, a.socket = md, true, srv, lns, sock
+	l.mu.Unlock()
+	l.log.Info("array running: exported over NBD", "array", md, "uuid", bitmap.FormatUUID(a.uuid), "socket", sock,
+		"size", be.size)
+	return nil
+}
+
+// stopArr stops the export and the array here.
+func (l *Layer) stopArr(ctx context.Context, a *arr) error {
+	l.mu.Lock()
+	srv := a.srv
+	a.srv, a.running = nil, false
+	l.mu.Unlock()
+	var errs []error
+	if srv != nil {
+		errs = append(errs, srv.Close())
+	}
+	st := a.mgr.Status().Phase
+	if st == array.PhaseRunning || st == array.PhaseFailed {
+		errs = append(errs, a.mgr.Stop(ctx))
+	} else {
+		errs = append(errs, a.mgr.Detach())
+	}
+	l.mu.Lock()
+	delete(l.arrays, a.uuid)
+	l.mu.Unlock()
+	return errors.Join(errs...)
+}
+
+// info inspects the array's members as this node has them.
+func (l *Layer) info(a *arr) (*array.Inspection, error) {
+	var ms []array.Member
+	for _, s := range a.mgr.Members() {
+		m, err := array.OpenFile(s.Path, false)
+		if err != nil {
+			continue
+		}
+		defer m.Close()
+		ms = append(ms, m)
+	}
+	if len(ms) == 0 {
+		return nil, fmt.Errorf("no member of %s readable", bitmap.FormatUUID(a.uuid))
+	}
+	ins, err := array.Inspect(ms, array.InspectOptions{UUID: a.uuid})
+	if err != nil {
+		return nil, err
+	}
+	if ins.Info == nil {
+		return nil, fmt.Errorf("no superblock of %s readable", bitmap.FormatUUID(a.uuid))
+	}
+	return ins, nil
+}
+
+// Quiesce implements daemon.ArrayLayer: exports stop, every running array
+// stops (flush, leave the broadcast, release the slot clean), every
+// attached one detaches.
+func (l *Layer) Quiesce(ctx context.Context) error {
+	l.mu.Lock()
+	if !l.closed {
+		l.closed = true
+		close(l.stop)
+	}
+	as := make([]*arr, 0, len(l.arrays))
+	for _, a := range l.arrays {
+		as = append(as, a)
+	}
+	l.mu.Unlock()
+	l.wg.Wait()
+	done := make(chan error, 1)
+	go func() {
+		var errs []error
+		for _, a := range as {
+			if err := l.stopArr(ctx, a); err != nil {
+				errs = append(errs, fmt.Errorf("%s: %w", bitmap.FormatUUID(a.uuid), err))
+			} else if a.md != "" {
+				l.log.Info("array quiesced: export closed, array stopped, slot released", "uuid", bitmap.FormatUUID(a.uuid), "array", a.md)
+			}
+		}
+		done <- errors.Join(errs...)
+	}()
+	select {
+	case err := <-done:
+		return err
+	case <-ctx.Done():
+		return fmt.Errorf("quiescing the arrays: %w", ctx.Err())
+	}
+}
+
+// Close implements daemon.ArrayLayer.
+func (l *Layer) Close() error {
+	l.mu.Lock()
+	if !l.closed {
+		l.closed = true
+		close(l.stop)
+	}
+	as := make([]*arr, 0, len(l.arrays))
+	for _, a := range l.arrays {
+		as = append(as, a)
+	}
+	l.mu.Unlock()
+	l.wg.Wait()
+	for _, a := range as {
+		l.mu.Lock()
+		srv := a.srv
+		a.srv, a.running = nil, false
+		l.mu.Unlock()
+		if srv != nil {
+			srv.Close()
+		}
+		a.eng.Stop()
+	}
+	return nil
+}
+
+// Command implements daemon.ArrayLayer.
+func (l *Layer) Command(ctx context.Context, command string, raw json.RawMessage) (any, error) {
+	switch command {
+	case ctl.CmdArrayCreate:
+		var args ctl.CreateArgs
+		if err := decode(raw, &args); err != nil {
+			return nil, err
+		}
+		return l.create(ctx, args)
+	case ctl.CmdArrayAssemble:
+		var args ctl.AssembleArgs
+		if err := decode(raw, &args); err != nil {
+			return nil, err
+		}
+		return l.cmdAssemble(ctx, args)
+	case ctl.CmdArrayAdd, ctl.CmdArrayAddSpare, ctl.CmdArrayRemove, ctl.CmdArrayFail, ctl.CmdArrayReAdd:
+		var args ctl.DevicesArgs
+		if err := decode(raw, &args); err != nil {
+			return nil, err
+		}
+		return l.devices(ctx, command, args)
+	case ctl.CmdArrayClusterConfirm:
+		var args ctl.ClusterConfirmArgs
+		if err := decode(raw, &args); err != nil {
+			return nil, err
+		}
+		a, err := l.byMd(args.Array)
+		if err != nil {
+			return nil, err
+		}
+		var res ctl.DevicesResult
+		for _, c := range args.Confirms {
+			o := ctl.DeviceOutcome{Device: c.Device, Action: "confirmed"}
+			if err := a.mgr.ClusterConfirm(uint32(c.Slot), c.Device); err != nil {
+				o.Action, o.Error = "", err.Error()
+			}
+			res.Devices = append(res.Devices, o)
+		}
+		return res, nil
+	case ctl.CmdArrayStop, ctl.CmdArrayReadwrite, ctl.CmdArrayWait, ctl.CmdArrayDetail:
+		var args ctl.ArrayArgs
+		if err := decode(raw, &args); err != nil {
+			return nil, err
+		}
+		a, err := l.byMd(args.Array)
+		if err != nil {
+			return nil, err
+		}
+		switch command {
+		case ctl.CmdArrayStop:
+			return struct{}{}, l.stopArr(ctx, a)
+		case ctl.CmdArrayReadwrite:
+			return struct{}{}, nil // arrays always run read-write here
+		case ctl.CmdArrayWait:
+			return l.wait(ctx, a)
+		default:
+			return l.detail(a)
+		}
+	case ctl.CmdArrayGrow:
+		var args ctl.GrowArgs
+		if err := decode(raw, &args); err != nil {
+			return nil, err
+		}
+		a, err := l.byMd(args.Array)
+		if err != nil {
+			return nil, err
+		}
+		return struct{}{}, a.mgr.SetBitmap(ctx, array.BitmapSpec{Mode: array.BitmapMode(args.Bitmap), Nodes: args.Nodes,
+			ClusterName: DefaultClusterName, Chunk: args.BitmapChunk})
+	case ctl.CmdArrayList:
+		return l.list(), nil
+	}
+	return nil, ctl.Errorf(ctl.CodeUnknownCommand, "%s: unknown array command", command)
+}
+
+func decode(raw json.RawMessage, v any) error {
+	if len(raw) == 0 {
+		return nil
+	}
+	d := json.NewDecoder(strings.NewReader(string(raw)))
+	d.DisallowUnknownFields()
+	if err := d.Decode(v); err != nil {
+		return ctl.Errorf(ctl.CodeBadRequest, "bad arguments: %v", err)
+	}
+	return nil
+}
+
+// byMd finds a running array by its md device ("/dev/md0", "md0") or name.
+func (l *Layer) byMd(md string) (*arr, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for _, a := range l.arrays {
+		if a.running && (a.md == md || filepath.Base(a.md) == filepath.Base(md)) {
+			return a, nil
+		}
+	}
+	return nil, ctl.Errorf(ctl.CodeFailed, "%s does not appear to be an md device", md)
+}
+
+func (l *Layer) create(ctx context.Context, args ctl.CreateArgs) (any, error) {
+	if _, err := l.byMd(args.Array); err == nil {
+		return nil, ctl.Errorf(ctl.CodeFailed, "%s is already in use.", args.Array)
+	}
+	l.opMu.Lock()
+	defer l.opMu.Unlock()
+	name := args.Name
+	if name == "" {
+		name = filepath.Base(args.Array)
+	}
+	cluster := args.HomeCluster
+	if cluster == "" && args.Bitmap == ctl.BitmapClustered {
+		cluster = DefaultClusterName
+	}
+	homehost := args.Homehost
+	if homehost == "" {
+		homehost, _ = os.Hostname()
+	}
+	spec := array.CreateSpec{Level: args.Level, RaidDevices: args.RaidDevices, Layout: args.Layout, ChunkSize: args.ChunkSize,
+		Bitmap: array.BitmapMode(args.Bitmap), BitmapChunk: args.BitmapChunk, Nodes: args.Nodes, ClusterName: cluster,
+		Name: name, Homehost: homehost, AssumeClean: args.AssumeClean, Force: args.Force}
+	if spec.Bitmap == "" {
+		spec.Bitmap = array.BitmapInternal
+	}
+	a, err := l.newArr([16]byte{})
+	if err != nil {
+		return nil, err
+	}
+	c, err := a.mgr.Create(ctx, spec, args.Devices)
+	if err != nil {
+		return nil, err
+	}
+	a.uuid = c.Info.UUID
+	l.mu.Lock()
+	l.arrays[a.uuid] = a
+	l.mu.Unlock()
+	if err := l.started(a, args.Array); err != nil {
+		return nil, err
+	}
+	return ctl.CreateResult{Array: args.Array, Started: true}, nil
+}
+
+func (l *Layer) cmdAssemble(ctx context.Context, args ctl.AssembleArgs) (any, error) {
+	var u [16]byte
+	var ok bool
+	switch {
+	case args.UUID != "":
+		var err error
+		if u, err = parseUUID(args.UUID); err != nil {
+			return nil, ctl.Errorf(ctl.CodeBadRequest, "%v", err)
+		}
+		ok = true
+	case args.Name != "":
+		u, ok = l.findByName(args.Name)
+	case len(args.Devices) > 0:
+		for _, d := range args.Devices {
+			if sb := readSuper(d); sb != nil {
+				u, ok = sb.SetUUID, true
+				break
+			}
+		}
+	case args.Array != "":
+		n := strings.TrimPrefix(strings.TrimPrefix(args.Array, "/dev/md/"), "/dev/")
+		if u, ok = l.findByName(n); !ok {
+			for _, c := range l.env.Config.Arrays {
+				if c.Name == n || c.Name == filepath.Base(args.Array) {
+					u, ok = l.findConfigured(c)
+				}
+			}
+		}
+	}
+	if !ok {
+		return nil, ctl.Errorf(ctl.CodeFailed, "%s not identified in config file.", args.Array)
+	}
+	md := args.Array
+	if md == "" {
+		md = "/dev/md/" + shortName(l.nameOf(u), "0")
+	}
+	a, err := l.assemble(ctx, u, md)
+	if err != nil {
+		return nil, err
+	}
+	st := a.mgr.Status()
+	ins, _ := l.info(a)
+	as := ctl.Assembled{Array: md, Started: true}
+	if ins != nil {
+		as.RaidDevices = ins.Info.RaidDisks
+	}
+	for _, m := range st.Members {
+		switch m.State {
+		case array.MemberInSync, array.MemberRecovering:
+			as.Drives++
+		case array.MemberSpare:
+			as.Spares++
+		}
+	}
+	return ctl.AssembleResult{Arrays: []ctl.Assembled{as}}, nil
+}
+
+// member finds a member by its path here.
+func member(a *arr, dev string) (array.MemberStatus, bool) {
+	want, _ := filepath.Abs(dev)
+	if r, err := filepath.EvalSymlinks(want); err == nil {
+		want = r
+	}
+	for _, m := range a.mgr.Members() {
+		p := m.Path
+		if r, err := filepath.EvalSymlinks(p); err == nil {
+			p = r
+		}
+		if p == want || m.Path == dev {
+			return m, true
+		}
+	}
+	return array.MemberStatus{}, false
+}
+
+func (l *Layer) devices(ctx context.Context, command string, args ctl.DevicesArgs) (any, error) {
+	a, err := l.byMd(args.Array)
+	if err != nil {
+		return nil, err
+	}
+	var res ctl.DevicesResult
+	for _, d := range args.Devices {
+		var targets []array.MemberStatus
+		if d == "failed" || d == "faulty" {
+			for _, m := range a.mgr.Members() {
+				if m.State == array.MemberFaulty {
+					targets = append(targets, m)
+				}
+			}
+		}
+		switch command {
+		case ctl.CmdArrayAdd, ctl.CmdArrayAddSpare, ctl.CmdArrayReAdd:
+			o := ctl.DeviceOutcome{Device: d, Action: "added"}
+			var err error
+			if command == ctl.CmdArrayReAdd {
+				o.Action = "re-added"
+				_, err = a.mgr.ReAdd(ctx, d)
+			} else {
+				_, err = a.mgr.AddSpare(ctx, d)
+			}
+			if err != nil {
+				o.Action, o.Error = "", fmt.Sprintf("add new device failed for %s as -1: %v", d, err)
+			}
+			res.Devices = append(res.Devices, o)
+			continue
+		}
+		if d != "failed" && d != "faulty" {
+			m, ok := member(a, d)
+			if !ok {
+				res.Devices = append(res.Devices, ctl.DeviceOutcome{Device: d, Error: fmt.Sprintf("%s does not appear to be a member of %s", d, args.Array)})
+				continue
+			}
+			targets = append(targets, m)
+		}
+		for _, m := range targets {
+			o := ctl.DeviceOutcome{Device: m.Path}
+			var err error
+			if command == ctl.CmdArrayFail {
+				o.Action = "failed"
+				err = a.mgr.Fail(ctx, m.Dev)
+			} else {
+				o.Action = "removed"
+				err = a.mgr.Remove(ctx, m.Dev)
+			}
+			if err != nil {
+				verb := "hot remove"
+				if command == ctl.CmdArrayFail {
+					verb = "set faulty"
+				}
+				o.Action, o.Error = "", fmt.Sprintf("%s failed for %s: %v", verb, m.Path, err)
+				o.Busy = errors.Is(err, array.ErrRefusedChange)
+			}
+			res.Devices = append(res.Devices, o)
+		}
+	}
+	return res, nil
+}
+
+// syncing reports whether any resync or recovery runs or is owed.
+func syncing(st array.ArrayStatus) bool {
+	if st.Sync.Running || st.Sync.Pending || st.Sync.Remote.Active() || !st.Clean {
+		return true
+	}
+	for _, m := range st.Members {
+		if m.State == array.MemberRecovering {
+			return true
+		}
+	}
+	return false
+}
+
+func (l *Layer) wait(ctx context.Context, a *arr) (any, error) {
+	if !syncing(a.mgr.Status()) {
+		return ctl.WaitResult{}, nil
+	}
+	t := time.NewTicker(100 * time.Millisecond)
+	defer t.Stop()
+	for syncing(a.mgr.Status()) {
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-t.C:
+		}
+	}
+	return ctl.WaitResult{Waited: true}, nil
+}
+
+func syncOf(st array.ArrayStatus, totalKiB uint64) *ctl.Sync {
+	switch {
+	case st.Sync.Running:
+		return &ctl.Sync{Action: st.Sync.Kind.String(), DoneKiB: st.Sync.Done / 2, TotalKiB: st.Sync.Total / 2}
+	case st.Sync.Remote.Active():
+		return &ctl.Sync{Action: "resync", Special: "REMOTE", TotalKiB: totalKiB}
+	case st.Sync.Pending:
+		return &ctl.Sync{Action: st.Sync.Kind.String(), Special: "PENDING", TotalKiB: totalKiB}
+	}
+	return nil
+}
+
+func (l *Layer) detail(a *arr) (any, error) {
+	ins, err := l.info(a)
+	if err != nil {
+		return nil, err
+	}
+	st := a.mgr.Status()
+	inf := ins.Info
+	d := ctl.Detail{Array: a.md, Version: "1.2", Created: inf.Created, Updated: inf.Updated, Level: int(inf.Level),
+		ArrayKiB: inf.ArraySectors / 2, UsedDevKiB: inf.DevSectors / 2, RaidDevices: inf.RaidDisks,
+		Bitmap: string(st.Bitmap), State: "clean", Name: inf.Name, UUID: bitmap.FormatUUID(a.uuid), Events: st.Events,
+		ConsistencyPolicy: "bitmap"}
+	if inf.Level == superblock.LevelRAID10 {
+		d.Layout, d.ChunkKiB = inf.Layout, int(inf.ChunkSectors/2)
+	}
+	if st.Bitmap == array.BitmapNone {
+		d.ConsistencyPolicy = "resync"
+	}
+	if st.Bitmap == array.BitmapClustered {
+		d.ClusterName = inf.ClusterName
+	}
+	if !st.Clean {
+		d.State = "active"
+	}
+	d.Sync = syncOf(st, inf.ArraySectors/2)
+	slots := make([]*array.MemberStatus, inf.RaidDisks)
+	var others []array.MemberStatus
+	ms := st.Members
+	sort.Slice(ms, func(i, j int) bool { return ms[i].Dev < ms[j].Dev })
+	for i := range ms {
+		m := ms[i]
+		d.TotalDevices++
+		switch m.State {
+		case array.MemberInSync, array.MemberRecovering:
+			if m.Slot >= 0 && m.Slot < len(slots) {
+				slots[m.Slot] = &ms[i]
+				d.WorkingDevices++
+				if m.State == array.MemberInSync {
+					d.ActiveDevices++
+				}
+				continue
+			}
+		case array.MemberSpare:
+			d.WorkingDevices++
+			d.SpareDevices++
+		case array.MemberFaulty:
+			d.FailedDevices++
+		}
+		others = append(others, m)
+	}
+	for i, m := range slots {
+		if m == nil {
+			d.Degraded = true
+			d.Devices = append(d.Devices, ctl.DetailDevice{Number: -1, RaidDevice: i, Removed: true})
+			continue
+		}
+		dd := ctl.DetailDevice{Number: int(m.Dev), RaidDevice: i, Active: true, Device: m.Path}
+		if m.State == array.MemberInSync {
+			dd.InSync = true
+		} else {
+			d.Degraded = true
+		}
+		d.Devices = append(d.Devices, dd)
+	}
+	for _, m := range others {
+		dd := ctl.DetailDevice{Number: int(m.Dev), RaidDevice: -1, Device: m.Path, Faulty: m.State == array.MemberFaulty}
+		d.Devices = append(d.Devices, dd)
+	}
+	d.Failed = d.ActiveDevices == 0
+	if st.Sync.Running && st.Sync.Kind == array.SyncResync && d.State == "clean" {
+		d.State = "active"
+	}
+	return d, nil
+}
+
+func (l *Layer) list() ctl.ArrayList {
+	l.mu.Lock()
+	var as []*arr
+	for _, a := range l.arrays {
+		if a.running {
+			as = append(as, a)
+		}
+	}
+	l.mu.Unlock()
+	sort.Slice(as, func(i, j int) bool { return as[i].md < as[j].md })
+	out := ctl.ArrayList{Arrays: []ctl.ArrayStatus{}}
+	for _, a := range as {
+		dv, err := l.detail(a)
+		if err != nil {
+			continue
+		}
+		d := dv.(ctl.Detail)
+		s := ctl.ArrayStatus{Name: filepath.Base(a.md), Active: true, Level: d.Level, BlocksKiB: d.ArrayKiB, Version: d.Version,
+			ChunkKiB: d.ChunkKiB, Layout: d.Layout, RaidDevices: d.RaidDevices, Sync: d.Sync}
+		for _, dd := range d.Devices {
+			if dd.Removed {
+				s.Slots = append(s.Slots, false)
+				continue
+			}
+			if dd.RaidDevice >= 0 {
+				s.Slots = append(s.Slots, dd.InSync)
+			}
+			s.Members = append(s.Members, ctl.MdstatMember{Name: filepath.Base(dd.Device), Number: dd.Number,
+				Faulty: dd.Faulty, Spare: dd.RaidDevice < 0 && !dd.Faulty})
+		}
+		out.Arrays = append(out.Arrays, s)
+	}
+	return out
+}

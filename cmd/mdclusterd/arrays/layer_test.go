@@ -1,0 +1,81 @@
+package arrays
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"testing"
+
+	"github.com/mdcluster/mdcluster/mdcluster/array"
+	"github.com/mdcluster/mdcluster/mdcluster/ctl"
+)
+
+// The layer end to end (real daemons, mdadm-go, NBD clients) is tested by
+// internal/clusterdemo's TestDemoCore and the demo; these are its pure parts.
+
+func TestParseUUID(t *testing.T) {
+	u, err := parseUUID("adeeae08:4c0892f4:38a4eae7:4751ea90")
+	if err != nil || u[0] != 0xad || u[15] != 0x90 {
+		t.Fatalf("mdadm form: %x %v", u, err)
+	}
+	if v, err := parseUUID("adeeae08-4c08-92f4-38a4-eae74751ea90"); err != nil || v != u {
+		t.Fatalf("dashed form: %x %v", v, err)
+	}
+	for _, bad := range []string{"", "adeeae08", "zzeeae08:4c0892f4:38a4eae7:4751ea90", "adeeae08:4c0892f4:38a4eae7:4751ea9000"} {
+		if _, err := parseUUID(bad); err == nil {
+			t.Errorf("%q accepted", bad)
+		}
+	}
+}
+
+func TestShortName(t *testing.T) {
+	for _, c := range []struct{ stored, fallback, want string }{
+		{"vm:md0", "x", "md0"}, {"md0", "x", "md0"}, {"", "x", "x"}, {"host:", "x", "x"},
+	} {
+		if got := shortName(c.stored, c.fallback); got != c.want {
+			t.Errorf("shortName(%q, %q) = %q, want %q", c.stored, c.fallback, got, c.want)
+		}
+	}
+}
+
+func TestSyncing(t *testing.T) {
+	idle := array.ArrayStatus{Clean: true, Members: []array.MemberStatus{{State: array.MemberInSync}}}
+	if syncing(idle) || syncOf(idle, 100) != nil {
+		t.Fatal("an idle clean array reported as syncing")
+	}
+	rec := idle
+	rec.Members = []array.MemberStatus{{State: array.MemberInSync}, {State: array.MemberRecovering}}
+	if !syncing(rec) {
+		t.Fatal("a recovering member not reported")
+	}
+	remote := idle
+	remote.Sync.Remote = array.Window{Lo: 0, Hi: 8}
+	if s := syncOf(remote, 100); !syncing(remote) || s == nil || s.Special != "REMOTE" {
+		t.Fatalf("a remote window: %+v", s)
+	}
+	run := idle
+	run.Sync = array.SyncStatus{Running: true, Kind: array.SyncRecovery, Done: 20, Total: 200}
+	if s := syncOf(run, 100); s == nil || s.Action != "recovery" || s.DoneKiB != 10 || s.TotalKiB != 100 {
+		t.Fatalf("a running recovery: %+v", s)
+	}
+}
+
+func TestCommandErrors(t *testing.T) {
+	l := New()
+	_, err := l.Command(context.Background(), ctl.CmdArrayDetail, json.RawMessage(`{"array":"/dev/md0","bogus":1}`))
+	var ce *ctl.Error
+	if !errors.As(err, &ce) || ce.Code != ctl.CodeBadRequest {
+		t.Fatalf("unknown argument: %v", err)
+	}
+	_, err = l.Command(context.Background(), ctl.CmdArrayDetail, json.RawMessage(`{"array":"/dev/md0"}`))
+	if !errors.As(err, &ce) || ce.Code != ctl.CodeFailed {
+		t.Fatalf("detail of an array not running: %v", err)
+	}
+	if _, err = l.Command(context.Background(), "array.frobnicate", nil); !errors.As(err, &ce) || ce.Code != ctl.CodeUnknownCommand {
+		t.Fatalf("unknown command: %v", err)
+	}
+	res, err := l.Command(context.Background(), ctl.CmdArrayList, nil)
+	if err != nil || len(res.(ctl.ArrayList).Arrays) != 0 {
+		t.Fatalf("list with nothing running: %v %v", res, err)
+	}
+}

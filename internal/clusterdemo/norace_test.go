@@ -1,0 +1,5 @@
+//go:build !race
+
+package clusterdemo
+
+const raceEnabled = false

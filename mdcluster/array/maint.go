@@ -1,0 +1,511 @@
+package array
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"time"
+
+	"github.com/mdcluster/mdcluster/bitmap"
+	"github.com/mdcluster/mdcluster/bitmap/ownership"
+	"github.com/mdcluster/mdcluster/broadcast"
+	"github.com/mdcluster/mdcluster/dlm"
+	"github.com/mdcluster/mdcluster/mdcluster/store"
+	"github.com/mdcluster/mdcluster/mdcluster/superblock"
+)
+
+// --- recovery events (the manager's part; see fanout) ---
+
+// recoverPrepare: the lock manager stopped for a membership change. Reads
+// go to the first in-sync member until it is done (md's
+// SUSPEND_READ_BALANCING): a dead node's last writes may have reached one
+// mirror only.
+func (m *Manager) recoverPrepare(gen uint64) {
+	m.mu.Lock()
+	on := m.engineOn
+	m.mu.Unlock()
+	if on {
+		m.cfg.Engine.SuspendReadBalancing(true)
+	}
+	m.log.Info("lock recovery began: read balancing suspended", "gen", gen)
+}
+
+// recoverDeparted remembers the nodes that died until RecoverDone.
+func (m *Manager) recoverDeparted(gen uint64, nodes []dlm.NodeID) {
+	m.mu.Lock()
+	for _, n := range nodes {
+		if !slices.Contains(m.departed, n) {
+			m.departed = append(m.departed, n)
+		}
+	}
+	m.mu.Unlock()
+	m.log.Info("nodes departed", "gen", gen, "nodes", nodes)
+}
+
+// recoverDone: the lock manager recovered. Read balancing resumes; a dead
+// node's resync window is dropped (the survivors take its sync over, from
+// where it had got); and a post-departure check is queued: the dead node
+// may have left a change half done (see maintDeparted).
+func (m *Manager) recoverDone(gen uint64, members []dlm.NodeID, _ dlm.NodeID) {
+	m.mu.Lock()
+	departed := m.departed
+	m.departed = nil
+	m.view = slices.Clone(members)
+	on := m.engineOn
+	clear := m.remote.Window.Active() && slices.Contains(departed, m.remote.From)
+	if clear {
+		m.remote.Window = Window{}
+	}
+	m.mu.Unlock()
+	if on {
+		if clear {
+			_ = m.cfg.Engine.SetRemoteWindow(context.Background(), Window{})
+		}
+		m.cfg.Engine.SuspendReadBalancing(false)
+	}
+	m.log.Info("lock recovery done: read balancing resumed", "gen", gen, "members", members, "departed", departed, "dropped_remote_window", clear)
+	if len(departed) > 0 {
+		m.queue(maintTask{kind: taskDeparted, nodes: departed})
+	}
+	m.queue(maintTask{kind: taskCheckLocks})
+	m.wake(m.kick)
+}
+
+// checkLocks stops the array here if this node's locks did not survive
+// the view change (it was excluded and rejoined clean): it no longer owns
+// its bitmap slot, so it may not write, and no longer receives changes, so
+// its member set may fall behind. Running on would serve data the other
+// nodes do not coordinate with.
+func (m *Manager) checkLocks() {
+	m.mu.Lock()
+	own, bus, ph := m.own, m.bus, m.phase
+	m.mu.Unlock()
+	if ph != PhaseRunning || own == nil || bus == nil {
+		return
+	}
+	var why error
+	if err := own.Check(); err != nil {
+		why = err
+	} else if p := bus.Phase(); p != broadcast.Joined {
+		why = fmt.Errorf("the broadcast says this node is %s", p)
+	}
+	if why == nil {
+		return
+	}
+	m.failLocal(fmt.Sprintf("this node's locks were lost (the cluster excluded it and it rejoined clean): %v; stop and assemble the array again", why))
+}
+
+// failLocal stops the engine and marks the array failed on this node.
+func (m *Manager) failLocal(reason string) {
+	m.mu.Lock()
+	if m.phase != PhaseRunning {
+		m.mu.Unlock()
+		return
+	}
+	m.failReason, m.phase, m.engineOn = reason, PhaseFailed, false
+	m.mu.Unlock()
+	_ = m.cfg.Engine.Stop()
+	m.log.Error("array stopped on this node: it cannot follow the cluster", "reason", reason)
+}
+
+// --- the maintenance loop ---
+
+type taskKind int
+
+const (
+	// taskDeparted: nodes died (or a dead node's broadcast was finished):
+	// resolve their half-done changes from the disk.
+	taskDeparted taskKind = iota
+	// taskFail: a member had an I/O error: fail it cluster-wide.
+	taskFail
+	// taskProbeSlot: a node left with work behind: probe its slot until
+	// it is released, and recover it.
+	taskProbeSlot
+	// taskApply: a received change could not be applied: retry.
+	taskApply
+	// taskRetakeCR: no-new-dev could not be re-taken in CR.
+	taskRetakeCR
+	// taskCheckLocks: after a view change, check this node kept its locks.
+	taskCheckLocks
+)
+
+type maintTask struct {
+	kind  taskKind
+	nodes []dlm.NodeID
+	dev   uint32
+	slot  int
+	until time.Time
+}
+
+// queue adds a task for the maintenance loop.
+func (m *Manager) queue(t maintTask) {
+	m.mu.Lock()
+	for _, q := range m.tasks {
+		if q.kind == t.kind && q.dev == t.dev && q.slot == t.slot && slices.Equal(q.nodes, t.nodes) {
+			m.mu.Unlock()
+			m.wake(m.maint)
+			return
+		}
+	}
+	m.tasks = append(m.tasks, t)
+	m.mu.Unlock()
+	m.wake(m.maint)
+}
+
+// startLoops starts the sync and maintenance loops.
+func (m *Manager) startLoops() {
+	m.mu.Lock()
+	ctx, cancel := context.WithCancel(m.ctx)
+	m.loopCancel = cancel
+	m.mu.Unlock()
+	m.wg.Add(2)
+	go m.syncLoop(ctx)
+	go m.maintLoop(ctx)
+}
+
+// stopWorkers stops the loops and waits for them.
+func (m *Manager) stopWorkers() {
+	m.mu.Lock()
+	cancel := m.loopCancel
+	m.mu.Unlock()
+	if cancel != nil {
+		cancel()
+	}
+	m.wg.Wait()
+}
+
+// maintLoop carries out queued tasks, and retries what needs retrying.
+func (m *Manager) maintLoop(ctx context.Context) {
+	defer m.wg.Done()
+	tick := time.NewTicker(m.cfg.ResyncRetry)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-m.maint:
+		case <-tick.C:
+		}
+		m.mu.Lock()
+		tasks := m.tasks
+		m.tasks = nil
+		retry := m.ownedRetry
+		m.ownedRetry = false
+		m.mu.Unlock()
+		var again []maintTask
+		for _, t := range tasks {
+			if ctx.Err() != nil {
+				return
+			}
+			if !m.runTask(ctx, t) {
+				again = append(again, t)
+			}
+		}
+		if retry {
+			m.reprobe(ctx)
+		}
+		if len(again) > 0 {
+			m.mu.Lock()
+			m.tasks = append(again, m.tasks...)
+			m.mu.Unlock()
+		}
+	}
+}
+
+// runTask carries out one task; false means try again later.
+func (m *Manager) runTask(ctx context.Context, t maintTask) bool {
+	switch t.kind {
+	case taskDeparted:
+		if err := m.afterDeparture(ctx, t.nodes); err != nil {
+			if errors.Is(err, errCrashed) || ctx.Err() != nil {
+				return true
+			}
+			m.log.Warn("post-departure check failed; retrying", "departed", t.nodes, "err", err)
+			return false
+		}
+	case taskFail:
+		err := m.Fail(ctx, t.dev)
+		if err != nil && !errors.Is(err, ErrRefusedChange) && ctx.Err() == nil && !errors.Is(err, errCrashed) {
+			m.log.Warn("failing a member after an I/O error; retrying", "dev", t.dev, "err", err)
+			return false
+		}
+	case taskProbeSlot:
+		return m.probeSlot(ctx, t.slot, t.until)
+	case taskApply:
+		return m.retryApply()
+	case taskCheckLocks:
+		m.checkLocks()
+	case taskRetakeCR:
+		m.retakeCR(ctx)
+		m.mu.Lock()
+		ok := !m.needCR
+		m.mu.Unlock()
+		return ok
+	}
+	return true
+}
+
+// reprobe asks the ownership driver to probe every slot again and retry
+// owed slot resyncs.
+func (m *Manager) reprobe(ctx context.Context) {
+	m.mu.Lock()
+	own := m.own
+	m.mu.Unlock()
+	if own == nil {
+		return
+	}
+	if err := own.Reprobe(ctx); err != nil {
+		m.log.Warn("bitmap slot reprobe", "err", err)
+		m.mu.Lock()
+		m.ownedRetry = true
+		m.mu.Unlock()
+	}
+}
+
+// probeSlot probes until slot s is idle (recovered if it was dirty) or the
+// deadline passes.
+func (m *Manager) probeSlot(ctx context.Context, s int, until time.Time) bool {
+	m.mu.Lock()
+	own := m.own
+	m.mu.Unlock()
+	if own == nil {
+		return true
+	}
+	if err := own.Reprobe(ctx); err != nil {
+		m.log.Warn("probing a departed node's slot", "slot", s, "err", err)
+	}
+	states := own.States()
+	if s < len(states) && (states[s] == ownership.Idle || states[s] == ownership.Active) {
+		m.log.Info("slot of the node that left is idle: its dirty chunks (if any) are recovered", "slot", s)
+		m.wake(m.kick)
+		return true
+	}
+	if time.Now().After(until) {
+		m.log.Warn("slot of the node that left is still held; giving up probing (it is recovered when its owner dies or it is probed again)", "slot", s)
+		return true
+	}
+	return false
+}
+
+// retryApply re-reads the members after a failed apply; a node that
+// cannot follow the array for ApplyRetryLimit stops its engine.
+func (m *Manager) retryApply() bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.diverged.IsZero() || m.phase != PhaseRunning {
+		return true
+	}
+	err := m.reloadLocked(0, "retry after a failed apply")
+	if err == nil {
+		m.log.Info("caught up with the array after a failed apply")
+		return true
+	}
+	if time.Since(m.diverged) < m.cfg.ApplyRetryLimit {
+		return false
+	}
+	reason := fmt.Sprintf("could not apply the array's configuration for %v (so as to serve nothing that differs from the other nodes): %v", m.cfg.ApplyRetryLimit, err)
+	m.mu.Unlock()
+	m.failLocal(reason)
+	m.mu.Lock()
+	return true
+}
+
+// afterDeparture resolves what departed nodes may have left half done,
+// from the disk, under the token (so every survivor sees the same disk
+// and at most one acts on each thing): a device they were adding
+// (finished if it committed, wiped if not), superblocks written to some
+// members but not others (rewritten), a superblock change nobody was told
+// about (re-read; METADATA_UPDATED tells the others). Every survivor runs
+// this; the first to get the token does the work, the others find nothing
+// left.
+func (m *Manager) afterDeparture(ctx context.Context, nodes []dlm.NodeID) error {
+	t, err := m.begin(ctx, fmt.Sprintf("after nodes %v departed", nodes), false)
+	if err != nil {
+		if errors.Is(err, ErrNotRunning) {
+			return nil
+		}
+		return err
+	}
+	defer t.end(ctx)
+	changed := false
+	m.mu.Lock()
+	var cands []*candidate
+	for u, c := range m.candidates {
+		if slices.Contains(nodes, c.From) {
+			cands = append(cands, c)
+			delete(m.candidates, u)
+		}
+	}
+	m.mu.Unlock()
+	for _, c := range cands {
+		e := journalEntry{Kind: ChangeAdd, Array: m.uuid, Node: uint32(c.From), BaseEvents: c.BaseEvents, Dev: c.Dev, DeviceUUID: c.UUID}
+		did, err := m.resolve(e)
+		if err != nil {
+			return err
+		}
+		changed = changed || did
+		m.mu.Lock()
+		m.needCR = true
+		m.mu.Unlock()
+	}
+	did, err := m.reconcile(t)
+	if err != nil {
+		return err
+	}
+	changed = changed || did
+	if changed {
+		if _, err := t.announce(ctx, broadcast.MetadataUpdated, 0); err != nil {
+			return err
+		}
+	}
+	m.retakeCR(ctx)
+	return nil
+}
+
+// resolve decides one change found half done (after a crash, or left by a
+// departed node) from the disk and carries out the decision. It reports
+// whether it wrote anything.
+func (m *Manager) resolve(e journalEntry) (bool, error) {
+	m.mu.Lock()
+	facts := diskFacts{Shared: m.st.Shared}
+	var dev Member
+	if e.DeviceUUID != ([16]byte{}) {
+		if f, ok := m.findDeviceLocked(e.DeviceUUID); ok {
+			facts.Device, dev = f.Super, f.Member
+		}
+	}
+	m.mu.Unlock()
+	d := decideRecovery(e, facts)
+	m.log.Info("unfinished change resolved from the disk", "change", e.Kind, "journal_state", e.State, "by_node", e.Node,
+		"dev", e.Dev, "device_uuid", bitmap.FormatUUID(e.DeviceUUID), "outcome", d.Outcome, "reason", d.Reason)
+	if !d.ZeroCandidate || dev == nil {
+		return false, nil
+	}
+	if m.isDead() {
+		return false, errCrashed
+	}
+	if err := zeroSuper(dev); err != nil {
+		return false, fmt.Errorf("wipe the abandoned candidate superblock: %w", err)
+	}
+	return true, nil
+}
+
+// reconcile re-reads the members and, if their superblocks disagree (a
+// change was written to some members only), rewrites them all from the
+// freshest one with the events bumped. It reports whether it wrote.
+func (m *Manager) reconcile(t *changeTxn) (bool, error) {
+	m.mu.Lock()
+	err := m.reloadLocked(0, t.what)
+	st := m.st
+	m.mu.Unlock()
+	if err != nil {
+		return false, err
+	}
+	var behind []uint32
+	for _, s := range st.statuses() {
+		r := st.Members[s.Dev]
+		if r.State != MemberFaulty && r.Super.Events != st.Events() {
+			behind = append(behind, s.Dev)
+		}
+	}
+	if len(behind) == 0 {
+		return false, nil
+	}
+	m.log.Info("members' superblocks disagree (a change reached some of them only): rewriting them all from the freshest",
+		"events", st.Events(), "behind", behind)
+	next := BumpEvents(st.Shared, m.cfg.Now())
+	if err := t.writeSupers(next, st.devices()); err != nil {
+		return false, err
+	}
+	if err := t.reload(next.Events); err != nil {
+		return false, err
+	}
+	return true, nil
+}
+
+// recoverJournal finishes, at start-up, the changes this node's journal
+// holds: this node crashed while making them. Each is decided from the
+// disk (decideRecovery) under the token; the members' superblocks are made
+// to agree; METADATA_UPDATED makes every node re-read them.
+func (m *Manager) recoverJournal(ctx context.Context) error {
+	var pend []store.Entry
+	if err := m.cfg.Store.View(func(tx store.Txn) (err error) {
+		pend, err = m.jr.Pending(tx)
+		return err
+	}); err != nil {
+		return fmt.Errorf("journal: %w", err)
+	}
+	if len(pend) == 0 {
+		return nil
+	}
+	m.log.Info("journal: changes left unfinished by a crash of this node; resolving them", "count", len(pend))
+	t, err := m.begin(ctx, "journal recovery", true)
+	if err != nil {
+		return err
+	}
+	defer t.end(ctx)
+	for _, p := range pend {
+		e, err := decodeEntry(p.Data)
+		if err != nil {
+			return fmt.Errorf("journal entry %d: %w", p.Seq, err)
+		}
+		if e.Array != m.uuid {
+			continue
+		}
+		if _, err := m.resolve(e); err != nil {
+			return err
+		}
+		if err := m.cfg.Store.Update(func(tx store.Txn) error { return m.jr.Done(tx, p.Seq) }); err != nil {
+			return fmt.Errorf("journal: %w", err)
+		}
+	}
+	if _, err := m.reconcile(t); err != nil {
+		return err
+	}
+	// Every node re-reads: whatever the crash left, they now agree with
+	// the disk.
+	if _, err := t.announce(ctx, broadcast.MetadataUpdated, 0); err != nil {
+		return err
+	}
+	return nil
+}
+
+// --- ownership's Array ---
+
+// slotResyncer is the ownership driver's Array: it resyncs the chunks of a
+// recovered slot (a dead node's, or this node's own from an earlier crash)
+// under the cluster's resync lock, announcing the windows.
+type slotResyncer struct{ m *Manager }
+
+// slotResyncAttempts bounds how many times a slot resync waits for the
+// resync lock before it gives up; the chunks then stay dirty in this
+// node's slot and are retried by the next reprobe.
+const slotResyncAttempts = 12
+
+// Resync implements ownership.Array.
+func (r slotResyncer) Resync(ctx context.Context, chunks []uint64) error {
+	m := r.m
+	if len(chunks) == 0 {
+		return nil
+	}
+	m.syncMu.Lock()
+	defer m.syncMu.Unlock()
+	var lk dlm.LockHandle
+	var err error
+	for i := 0; i < slotResyncAttempts; i++ {
+		lk, err = m.lockResync(ctx)
+		if err == nil || ctx.Err() != nil {
+			break
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("slot resync: %w", err)
+	}
+	defer m.unlockResync(lk)
+	return m.resyncChunks(ctx, chunks)
+}
+
+var _ ownership.Array = slotResyncer{}
+
+var _ = superblock.MaxSector
