@@ -131,20 +131,15 @@ type bcSim struct {
 
 // bcNode is one incarnation of the broadcaster on a node.
 type bcNode struct {
-	coHost
+	coHost   // node, coroutines, locks, operations (cur: the one in progress)
 	bs       *bcSim
-	epoch    int
 	b        *broadcast.Broadcaster
 	joined   bool
 	joinedAt int // opSeq when Join returned
-	ops      []ownOp
-	op       *coro
 	opStart  int64
 	sending  bool
 	recv     *coro
 	recvHold int64 // no receive step before this tick (after a failed one)
-
-	prepared, recovering bool
 }
 
 // bcCtx is the context of every broadcaster call. It is cancelled: the
@@ -199,7 +194,7 @@ func (bs *bcSim) started(n *Node) {
 
 func (bs *bcSim) newIncarnation(n *Node) *bcNode {
 	bs.epochs++
-	bn := &bcNode{coHost: coHost{s: bs.s, n: n, tag: "bc", owner: bcOwner}, bs: bs, epoch: bs.epochs}
+	bn := &bcNode{coHost: coHost{s: bs.s, n: n, tag: "bc", owner: bcOwner, epoch: bs.epochs}, bs: bs}
 	b, err := broadcast.New(broadcast.Config{
 		Locker: &spaceLocker{on: &bn.coHost}, Self: dlm.NodeID(n.ID), Receiver: bn,
 		LockTimeout: time.Hour, ReceiveTimeout: time.Hour, SendTimeout: 4 * time.Hour,
@@ -248,15 +243,8 @@ func (bs *bcSim) retire(bn *bcNode, why string) {
 	}
 	bs.s.tracef("bc %s.%d: broadcaster gone (%s)", bn.n.ID, bn.epoch, why)
 	bn.dead, bn.joined = true, false
-	for _, c := range append([]*coro{bn.op, bn.recv}, bn.side...) {
-		if c != nil && !c.done {
-			prev := bn.running
-			bn.running = c
-			c.kill()
-			bn.running = prev
-		}
-	}
-	bn.op, bn.recv, bn.side, bn.ops = nil, nil, nil, nil
+	bn.kill(bn.cur, bn.recv)
+	bn.cur, bn.recv, bn.side, bn.ops = nil, nil, nil, nil
 }
 
 // installing (hook: model.installed): recovery events as the lockspace
@@ -276,22 +264,7 @@ func (bs *bcSim) installing(n *Node, in membership.Install) {
 	if bn.dead {
 		return
 	}
-	if !bn.prepared {
-		bn.prepared = true
-		bn.b.RecoverPrepare(n.Sp.Generation())
-	}
-	var gone []dlm.NodeID
-	for _, id := range slices.Concat(in.Departed, in.Left, in.Rejoined) {
-		if id != n.ID {
-			gone = append(gone, dlm.NodeID(id))
-		}
-	}
-	slices.Sort(gone)
-	gone = slices.Compact(gone)
-	if len(gone) > 0 {
-		bn.b.RecoverDeparted(in.View.Gen, gone)
-	}
-	bn.recovering = true
+	bn.install(bn.b, in)
 }
 
 // --- running the coroutines ---
@@ -325,35 +298,14 @@ func (bs *bcSim) resume(n *Node) bool {
 	if bn == nil || bn.dead || !n.Up {
 		return false
 	}
-	if !bn.prepared && n.Sp.Stopped() {
-		bn.prepared = true
-		bn.b.RecoverPrepare(n.Sp.Generation())
+	bn.recover(bn.b)
+	if bn.stepSide() {
+		return true
 	}
-	if bn.recovering && !n.Sp.Stopped() {
-		bn.recovering, bn.prepared = false, false
-		bn.b.RecoverDone(n.Sp.Generation(), n.Sp.Members(), dlm.NodeID(n.ID))
+	if bn.recv == nil && bn.startOp() {
+		bn.opStart = bs.s.now
 	}
-	for _, c := range bn.side {
-		if c.runnable() {
-			bn.step(c)
-			if c.done {
-				bn.side = slices.DeleteFunc(bn.side, func(x *coro) bool { return x == c })
-			}
-			return true
-		}
-	}
-	if bn.op == nil && bn.recv == nil && len(bn.ops) > 0 {
-		op := bn.ops[0]
-		bn.ops = bn.ops[1:]
-		bs.s.tracef("bc %s.%d: %s starts", n.ID, bn.epoch, op.name)
-		bn.op, bn.opStart = newCoro(op.name, op.f), bs.s.now
-	}
-	if c := bn.op; c != nil && c.runnable() {
-		bn.step(c)
-		if c.done {
-			bn.op = nil
-			bs.s.tracef("bc %s.%d: %s done", n.ID, bn.epoch, c.name)
-		}
+	if bn.stepOp() {
 		return true
 	}
 	stalled := bs.cfg.Mutation == BcastStall && n.ID == 2 && bn.joined
@@ -475,7 +427,7 @@ func (bs *bcSim) randomOp() bool {
 	s := bs.s
 	var idle []*bcNode
 	for _, id := range s.ids {
-		if bn := bs.nodes[id]; bn != nil && !bn.dead && bn.op == nil && len(bn.ops) == 0 {
+		if bn := bs.nodes[id]; bn != nil && !bn.dead && bn.cur == nil && len(bn.ops) == 0 {
 			idle = append(idle, bn)
 		}
 	}
@@ -718,13 +670,13 @@ func (bs *bcSim) check() {
 	}
 	for _, id := range s.ids {
 		bn := bs.nodes[id]
-		if bn == nil || bn.dead || bn.op == nil {
+		if bn == nil || bn.dead || bn.cur == nil {
 			continue
 		}
 		since := max(bn.opStart, bs.calmSince)
 		if s.now-since > int64(bs.cfg.Bound) {
 			bs.fail("(c): node %s's %s has waited %d ticks (since t=%d) on a calm cluster (bound %d)\n%s",
-				id, bn.op.name, s.now-since, since, bs.cfg.Bound, s.Describe())
+				id, bn.cur.name, s.now-since, since, bs.cfg.Bound, s.Describe())
 			return
 		}
 	}
@@ -797,17 +749,8 @@ func (bs *bcSim) finish() {
 
 func (bs *bcSim) runQuiet(limit int) bool {
 	s := bs.s
-	for range limit {
-		if s.failed != "" {
-			return false
-		}
-		if bs.quiet() {
-			return true
-		}
-		if !s.DeliverDLM() {
-			s.Tick()
-		}
-		s.Check()
+	if quiet, out := s.settle(limit, bs.quiet); !out {
+		return quiet
 	}
 	bs.fail("the broadcasters did not finish within %d rounds\n%s", limit, s.Describe())
 	return false
@@ -819,7 +762,7 @@ func (bs *bcSim) quiet() bool {
 		if bn == nil || bn.dead {
 			continue
 		}
-		if bn.op != nil || bn.recv != nil || len(bn.ops) > 0 || len(bn.side) > 0 || bn.recovering || bn.b.Pending() {
+		if bn.cur != nil || bn.recv != nil || len(bn.ops) > 0 || len(bn.side) > 0 || bn.recovering || bn.b.Pending() {
 			return false
 		}
 	}
@@ -833,14 +776,7 @@ func (bs *bcSim) close() {
 	}
 	for _, id := range bs.s.ids {
 		if bn := bs.nodes[id]; bn != nil {
-			for _, c := range append([]*coro{bn.op, bn.recv}, bn.side...) {
-				if c != nil && !c.done {
-					bn.running = c
-					bn.dead = true
-					c.kill()
-					bn.running = nil
-				}
-			}
+			bn.close(bn.cur, bn.recv)
 		}
 	}
 }

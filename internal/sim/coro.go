@@ -1,6 +1,9 @@
 package sim
 
-import "iter"
+import (
+	"iter"
+	"slices"
+)
 
 // coro runs blocking code, a bitmap ownership driver operation that waits on
 // lock calls, in strict lockstep with the simulation, so that the real
@@ -69,4 +72,96 @@ func (c *coro) park(wake func() bool) bool {
 func (c *coro) kill() {
 	c.stop()
 	c.done = true
+}
+
+// The coroutines of a coHost: its operations (ops, run one at a time as
+// cur), its side coroutines, and the layer's own (passed in).
+
+// startOp starts the next queued operation as coroutine cur, if none is in
+// progress; it reports whether it started one. Nothing runs before stepOp.
+func (on *coHost) startOp() bool {
+	if on.cur != nil || len(on.ops) == 0 {
+		return false
+	}
+	op := on.ops[0]
+	on.ops = on.ops[1:]
+	on.s.tracef("%s %s.%d: %s starts", on.tag, on.n.ID, on.epoch, op.name)
+	on.cur = newCoro(op.name, op.f)
+	return true
+}
+
+// stepOp steps the operation in progress if it is runnable, and reports
+// whether it did.
+func (on *coHost) stepOp() bool {
+	c := on.cur
+	if c == nil || !c.runnable() {
+		return false
+	}
+	on.step(c)
+	if c.done {
+		on.cur = nil
+		on.s.tracef("%s %s.%d: %s done", on.tag, on.n.ID, on.epoch, c.name)
+	}
+	return true
+}
+
+// stepSide steps the first runnable side coroutine, dropping it once it
+// has returned, and reports whether it stepped one.
+func (on *coHost) stepSide() bool {
+	for _, c := range on.side {
+		if c.runnable() {
+			on.step(c)
+			if c.done {
+				on.side = slices.DeleteFunc(on.side, func(x *coro) bool { return x == c })
+			}
+			return true
+		}
+	}
+	return false
+}
+
+// kill stops the host's coroutines cs (nil for none) and its side
+// coroutines, in that order, each as the running one while it unwinds.
+func (on *coHost) kill(cs ...*coro) {
+	for _, c := range append(cs, on.side...) {
+		if c != nil && !c.done {
+			prev := on.running
+			on.running = c
+			c.kill()
+			on.running = prev
+		}
+	}
+}
+
+// close stops, at the end of a run, every coroutine of cs and the side
+// coroutines still parked; the host is dead from the first on (every call
+// fails from now on).
+func (on *coHost) close(cs ...*coro) {
+	for _, c := range append(cs, on.side...) {
+		if c != nil && !c.done {
+			on.running = c
+			on.dead = true
+			c.kill()
+			on.running = nil
+		}
+	}
+}
+
+// settle runs the simulation (deliveries and ticks, checking after each
+// round) until quiet holds, at most limit rounds. It reports whether quiet
+// held, and out when the rounds ran out (rather than the run failing).
+func (s *Sim) settle(limit int, quiet func() bool) (ok, out bool) {
+	for range limit {
+		if s.failed != "" {
+			return false, false
+		}
+		if quiet() {
+			return true, false
+		}
+		if !s.DeliverDLM() {
+			s.Tick()
+		}
+		s.Check()
+	}
+	return false, true
 }

@@ -123,19 +123,12 @@ type debt struct {
 // adapter, device handles and coroutines. A crash, a fence or a clean
 // rejoin ends it (dead); a restart or the rejoin starts the next.
 type ownNode struct {
-	coHost // node, coroutines, locks; dead once the incarnation is over
+	coHost // node, coroutines, locks, operations (the driver serialises them too); dead once the incarnation is over
 	o      *ownSim
-	epoch  int
 	slot   int
 	drv    *ownership.Driver
 	joined bool
-	ops    []ownOp // operations queued, run one at a time (the driver serialises them too)
-	cur    *coro
 	writes []*dataWrite
-	// prepared: RecoverPrepare delivered, RecoverDone not yet.
-	// recovering: a view was installed, RecoverDone is due when the Space
-	// runs again.
-	prepared, recovering bool
 }
 
 type ownOp struct {
@@ -204,7 +197,7 @@ func (o *ownSim) started(n *Node) {
 
 func (o *ownSim) newIncarnation(n *Node) *ownNode {
 	o.epochs++
-	on := &ownNode{coHost: coHost{s: o.s, n: n, tag: "own", owner: ownOwner, releasing: o.releasing}, o: o, epoch: o.epochs, slot: int(n.ID) - 1}
+	on := &ownNode{coHost: coHost{s: o.s, n: n, tag: "own", owner: ownOwner, epoch: o.epochs, releasing: o.releasing}, o: o, slot: int(n.ID) - 1}
 	var mirrors []intent.Device
 	for i, d := range o.disks {
 		mirrors = append(mirrors, &simDev{on: on, d: d, mirror: i})
@@ -285,14 +278,7 @@ func (o *ownSim) retire(on *ownNode, why string) {
 	if on.drv != nil {
 		on.drv.Close()
 	}
-	for _, c := range append([]*coro{on.cur}, on.side...) {
-		if c != nil && !c.done {
-			prev := on.running
-			on.running = c
-			c.kill()
-			on.running = prev
-		}
-	}
+	on.kill(on.cur)
 	on.cur, on.side, on.ops = nil, nil, nil
 }
 
@@ -341,22 +327,7 @@ func (o *ownSim) installing(n *Node, in membership.Install) {
 	if on.dead {
 		return
 	}
-	if !on.prepared {
-		on.prepared = true
-		on.drv.RecoverPrepare(n.Sp.Generation())
-	}
-	var gone []dlm.NodeID
-	for _, id := range slices.Concat(in.Departed, in.Left, in.Rejoined) {
-		if id != n.ID {
-			gone = append(gone, dlm.NodeID(id))
-		}
-	}
-	slices.Sort(gone)
-	gone = slices.Compact(gone)
-	if len(gone) > 0 {
-		on.drv.RecoverDeparted(in.View.Gen, gone)
-	}
-	on.recovering = true
+	on.install(on.drv, in)
 }
 
 // --- running the coroutines ---
@@ -406,38 +377,9 @@ func (o *ownSim) resume(n *Node) bool {
 	if on == nil || on.dead || !n.Up {
 		return false
 	}
-	if !on.prepared && n.Sp.Stopped() {
-		on.prepared = true
-		on.drv.RecoverPrepare(n.Sp.Generation())
-	}
-	if on.recovering && !n.Sp.Stopped() {
-		on.recovering, on.prepared = false, false
-		on.drv.RecoverDone(n.Sp.Generation(), n.Sp.Members(), dlm.NodeID(n.ID))
-	}
-	if on.cur == nil && len(on.ops) > 0 {
-		op := on.ops[0]
-		on.ops = on.ops[1:]
-		o.s.tracef("own %s.%d: %s starts", n.ID, on.epoch, op.name)
-		on.cur = newCoro(op.name, op.f)
-	}
-	if c := on.cur; c != nil && c.runnable() {
-		on.step(c)
-		if c.done {
-			on.cur = nil
-			o.s.tracef("own %s.%d: %s done", n.ID, on.epoch, c.name)
-		}
-		return true
-	}
-	for _, c := range on.side {
-		if c.runnable() {
-			on.step(c)
-			if c.done {
-				on.side = slices.DeleteFunc(on.side, func(x *coro) bool { return x == c })
-			}
-			return true
-		}
-	}
-	return false
+	on.recover(on.drv)
+	on.startOp()
+	return on.stepOp() || on.stepSide()
 }
 
 // step runs one of the incarnation's coroutines until it parks or ends.
@@ -747,17 +689,8 @@ func (o *ownSim) finish() {
 // node's array has no operation left, at most limit rounds.
 func (o *ownSim) runQuiet(limit int) bool {
 	s := o.s
-	for range limit {
-		if s.failed != "" {
-			return false
-		}
-		if o.quiet() {
-			return true
-		}
-		if !s.DeliverDLM() {
-			s.Tick()
-		}
-		s.Check()
+	if quiet, out := s.settle(limit, o.quiet); !out {
+		return quiet
 	}
 	var busy []string
 	for _, id := range s.ids {
@@ -793,14 +726,7 @@ func (o *ownSim) close() {
 	}
 	for _, id := range o.s.ids {
 		if on := o.nodes[id]; on != nil {
-			for _, c := range append([]*coro{on.cur}, on.side...) {
-				if c != nil && !c.done {
-					on.running = c
-					on.dead = true // every call fails from now on
-					c.kill()
-					on.running = nil
-				}
-			}
+			on.close(on.cur)
 		}
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"slices"
 
 	"github.com/mdcluster/mdcluster/dlm"
+	"github.com/mdcluster/mdcluster/mdcluster/membership"
 )
 
 // spaceLocker is a dlm.Locker over one simulated node's dlm.Space, for code
@@ -28,7 +29,15 @@ type coHost struct {
 	n     *Node
 	tag   string      // trace prefix ("own", "bc")
 	owner dlm.OwnerID // the Space owner of its locks
+	epoch int         // the incarnation's number, in trace lines
 	dead  bool
+	// ops are the operations queued, run one at a time as coroutine cur.
+	ops []ownOp
+	cur *coro
+	// prepared: RecoverPrepare delivered, RecoverDone not yet.
+	// recovering: a view was installed, RecoverDone is due when the Space
+	// runs again.
+	prepared, recovering bool
 	// running is the coroutine being stepped; side are coroutines run
 	// besides the host's main ones (blocking callbacks, parallel tasks).
 	running *coro
@@ -233,4 +242,50 @@ func (h *simLock) Unlock(_ context.Context, flags dlm.Flags) error {
 	}
 	h.pending, h.op = true, "unlock"
 	return h.await()
+}
+
+// recoverer is the recovery side of the layer a coHost runs (an ownership
+// driver, a broadcaster): the lockspace's recovery events.
+type recoverer interface {
+	RecoverPrepare(gen uint64)
+	RecoverDeparted(gen uint64, nodes []dlm.NodeID)
+	RecoverDone(gen uint64, members []dlm.NodeID, self dlm.NodeID)
+}
+
+// install delivers to r a view being installed on the host's node:
+// RecoverPrepare (if the stop was not seen yet) and RecoverDeparted for the
+// other nodes that departed, left or rejoined; RecoverDone is then due.
+func (on *coHost) install(r recoverer, in membership.Install) {
+	n := on.n
+	if !on.prepared {
+		on.prepared = true
+		r.RecoverPrepare(n.Sp.Generation())
+	}
+	var gone []dlm.NodeID
+	for _, id := range slices.Concat(in.Departed, in.Left, in.Rejoined) {
+		if id != n.ID {
+			gone = append(gone, dlm.NodeID(id))
+		}
+	}
+	slices.Sort(gone)
+	gone = slices.Compact(gone)
+	if len(gone) > 0 {
+		r.RecoverDeparted(in.View.Gen, gone)
+	}
+	on.recovering = true
+}
+
+// recover delivers to r the recovery events now due: RecoverPrepare once
+// the node's Space has stopped, RecoverDone once it runs again after an
+// installed view.
+func (on *coHost) recover(r recoverer) {
+	n := on.n
+	if !on.prepared && n.Sp.Stopped() {
+		on.prepared = true
+		r.RecoverPrepare(n.Sp.Generation())
+	}
+	if on.recovering && !n.Sp.Stopped() {
+		on.recovering, on.prepared = false, false
+		r.RecoverDone(n.Sp.Generation(), n.Sp.Members(), dlm.NodeID(n.ID))
+	}
 }

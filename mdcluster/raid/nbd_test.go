@@ -4,7 +4,6 @@ package raid
 
 import (
 	"bytes"
-	"context"
 	"crypto/rand"
 	"encoding/json"
 	"errors"
@@ -13,7 +12,6 @@ import (
 	"log/slog"
 	mrand "math/rand/v2"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync/atomic"
@@ -22,6 +20,7 @@ import (
 
 	"github.com/mdcluster/mdcluster/bitmap"
 	"github.com/mdcluster/mdcluster/bitmap/intent"
+	"github.com/mdcluster/mdcluster/internal/tooltest"
 	"github.com/mdcluster/mdcluster/mdcluster/export/nbd"
 )
 
@@ -33,45 +32,13 @@ import (
 // client run the array is quiesced and every copy of every block is read
 // straight from the member files and compared: the mirrors must agree.
 
-// nbdToolPath returns the path of an NBD client program or skips the test
-// (fails under CI).
-func nbdToolPath(t testing.TB, name, pkg string) string {
-	t.Helper()
-	p, err := exec.LookPath(name)
-	if err != nil {
-		msg := fmt.Sprintf("%s not found: the independent-client tests need it (on Debian: apt-get install %s, or make deps)", name, pkg)
-		if os.Getenv("CI") != "" {
-			t.Fatal(msg)
-		}
-		t.Skip(msg)
-	}
-	return p
-}
-
-// runNBDTool runs a client with a deadline and returns its standard
-// output, failing the test if it exits non-zero.
-func runNBDTool(t testing.TB, timeout time.Duration, name string, args ...string) string {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, name, args...)
-	cmd.Dir = t.TempDir() // whatever a tool leaves behind stays out of the tree
-	var out, errb bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &errb
-	start := time.Now()
-	if err := cmd.Run(); err != nil {
-		t.Fatalf("%s %s: %v after %v\nstdout:\n%s\nstderr:\n%s", name, strings.Join(args, " "), err, time.Since(start), out.String(), errb.String())
-	}
-	return out.String()
-}
-
 // runFio runs fio with the nbd engine against uri and returns its first
 // job's report, failing the test on a job error.
 func runFio(t testing.TB, uri string, args ...string) fioJob {
 	t.Helper()
-	fio := nbdToolPath(t, "fio", "fio")
+	fio := tooltest.Need(t, "fio", "fio")
 	args = append([]string{"--output-format=json", "--ioengine=nbd", "--uri=" + uri, "--verify_state_save=0"}, args...)
-	out := runNBDTool(t, 120*time.Second, fio, args...)
+	out := tooltest.Run(t, 120*time.Second, fio, args...)
 	if i := strings.IndexByte(out, '{'); i > 0 { // fio may print notes first
 		out = out[i:]
 	}
@@ -315,9 +282,9 @@ func nbdGeometries(t testing.TB) []struct {
 // sequential writes, both verified by fio) against it, checking after each
 // run that every copy of every block agrees across the member files.
 func TestNBDClients(t *testing.T) {
-	nbdinfo := nbdToolPath(t, "nbdinfo", "libnbd-bin")
-	nbdcopy := nbdToolPath(t, "nbdcopy", "libnbd-bin")
-	nbdToolPath(t, "fio", "fio")
+	nbdinfo := tooltest.Need(t, "nbdinfo", "libnbd-bin")
+	nbdcopy := tooltest.Need(t, "nbdcopy", "libnbd-bin")
+	tooltest.Need(t, "fio", "fio")
 	for _, tc := range nbdGeometries(t) {
 		t.Run(tc.name, func(t *testing.T) {
 			a := newFileArray(t, tc.geo, 64<<10, false)
@@ -343,7 +310,7 @@ func TestNBDClients(t *testing.T) {
 					MaxBlock    int    `json:"block_size_maximum"`
 				} `json:"exports"`
 			}
-			out := runNBDTool(t, 30*time.Second, nbdinfo, "--json", uri)
+			out := tooltest.Run(t, 30*time.Second, nbdinfo, "--json", uri)
 			if err := json.Unmarshal([]byte(out), &info); err != nil || len(info.Exports) != 1 {
 				t.Fatalf("nbdinfo --json (%v):\n%s", err, out)
 			}
@@ -369,8 +336,8 @@ func TestNBDClients(t *testing.T) {
 			if err := os.WriteFile(src, data, 0o600); err != nil {
 				t.Fatal(err)
 			}
-			runNBDTool(t, 60*time.Second, nbdcopy, "--flush", src, uri)
-			runNBDTool(t, 60*time.Second, nbdcopy, uri, back)
+			tooltest.Run(t, 60*time.Second, nbdcopy, "--flush", src, uri)
+			tooltest.Run(t, 60*time.Second, nbdcopy, uri, back)
 			got, err := os.ReadFile(back)
 			if err != nil {
 				t.Fatal(err)
@@ -430,7 +397,7 @@ func TestBenchNBDvsEngine(t *testing.T) {
 	if os.Getenv("NBD_RAID_BENCH") == "" {
 		t.Skip("a benchmark: set NBD_RAID_BENCH=1 to run it")
 	}
-	nbdToolPath(t, "fio", "fio")
+	tooltest.Need(t, "fio", "fio")
 	const arr = 256 << 20
 	g, err := NewRAID1(2, arr/512)
 	if err != nil {

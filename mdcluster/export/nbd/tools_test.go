@@ -2,16 +2,16 @@ package nbd
 
 import (
 	"bytes"
-	"context"
 	"crypto/rand"
 	"encoding/json"
-	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/mdcluster/mdcluster/internal/tooltest"
 )
 
 // These tests drive the server with independent NBD clients: libnbd's
@@ -20,43 +20,12 @@ import (
 // except under CI (CI set), where a missing tool is a broken set-up and
 // fails.
 
-// needTool returns the path of an NBD client program or skips the test.
-func needTool(t *testing.T, name, pkg string) string {
-	t.Helper()
-	p, err := exec.LookPath(name)
-	if err != nil {
-		msg := fmt.Sprintf("%s not found: the independent-client tests need it (on Debian: apt-get install %s, or make deps)", name, pkg)
-		if os.Getenv("CI") != "" {
-			t.Fatal(msg)
-		}
-		t.Skip(msg)
-	}
-	return p
-}
-
-// runTool runs a client with a deadline and returns its output, failing
-// the test if it exits non-zero.
-func runTool(t *testing.T, timeout time.Duration, name string, args ...string) string {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, name, args...)
-	cmd.Dir = t.TempDir() // whatever a tool leaves behind stays out of the tree
-	var out, errb bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &errb
-	start := time.Now()
-	if err := cmd.Run(); err != nil {
-		t.Fatalf("%s %s: %v after %v\nstdout:\n%s\nstderr:\n%s", name, strings.Join(args, " "), err, time.Since(start), out.String(), errb.String())
-	}
-	return out.String()
-}
-
 func nbdURI(sock, export string) string {
 	return "nbd+unix:///" + export + "?socket=" + sock
 }
 
 func TestNbdinfo(t *testing.T) {
-	nbdinfo := needTool(t, "nbdinfo", "libnbd-bin")
+	nbdinfo := tooltest.Need(t, "nbdinfo", "libnbd-bin")
 	s, sock := startServer(t, Config{Exports: []Export{
 		{Name: "disk", Description: "the test disk", Backend: NewMemBackend(64 << 20)},
 		{Name: "ro", Backend: NewMemBackend(1 << 20), ReadOnly: true},
@@ -79,7 +48,7 @@ func TestNbdinfo(t *testing.T) {
 			MaxBlock    int    `json:"block_size_maximum"`
 		} `json:"exports"`
 	}
-	out := runTool(t, 30*time.Second, nbdinfo, "--json", nbdURI(sock, "disk"))
+	out := tooltest.Run(t, 30*time.Second, nbdinfo, "--json", nbdURI(sock, "disk"))
 	if err := json.Unmarshal([]byte(out), &info); err != nil {
 		t.Fatalf("nbdinfo --json output: %v\n%s", err, out)
 	}
@@ -97,7 +66,7 @@ func TestNbdinfo(t *testing.T) {
 		t.Fatalf("nbdinfo block sizes %d/%d/%d", e.MinBlock, e.PrefBlock, e.MaxBlock)
 	}
 	// The human-readable form and the exit-code queries.
-	out = runTool(t, 30*time.Second, nbdinfo, nbdURI(sock, "ro"))
+	out = tooltest.Run(t, 30*time.Second, nbdinfo, nbdURI(sock, "ro"))
 	for _, want := range []string{"export-size: 1048576", "is_read_only: true", "can_flush: true"} {
 		if !strings.Contains(out, want) {
 			t.Fatalf("nbdinfo output lacks %q:\n%s", want, out)
@@ -109,7 +78,7 @@ func TestNbdinfo(t *testing.T) {
 	if err := exec.Command(nbdinfo, "--is", "read-only", nbdURI(sock, "disk")).Run(); err == nil {
 		t.Fatalf("nbdinfo --is read-only on the writable export says yes")
 	}
-	out = runTool(t, 30*time.Second, nbdinfo, "--list", nbdURI(sock, ""))
+	out = tooltest.Run(t, 30*time.Second, nbdinfo, "--list", nbdURI(sock, ""))
 	if !strings.Contains(out, `export="disk"`) || !strings.Contains(out, `export="ro"`) {
 		t.Fatalf("nbdinfo --list:\n%s", out)
 	}
@@ -119,7 +88,7 @@ func TestNbdinfo(t *testing.T) {
 }
 
 func TestNbdcopyRoundTrip(t *testing.T) {
-	nbdcopy := needTool(t, "nbdcopy", "libnbd-bin")
+	nbdcopy := tooltest.Need(t, "nbdcopy", "libnbd-bin")
 	const size = 8 << 20
 	dir := t.TempDir()
 	src, back := filepath.Join(dir, "src"), filepath.Join(dir, "back")
@@ -133,8 +102,8 @@ func TestNbdcopyRoundTrip(t *testing.T) {
 	disk, _ := openTemp(t, size)
 	s, sock := startServer(t, Config{Exports: []Export{{Name: "disk", Backend: disk}}})
 	uri := nbdURI(sock, "disk")
-	runTool(t, 60*time.Second, nbdcopy, "--flush", src, uri)
-	runTool(t, 60*time.Second, nbdcopy, uri, back)
+	tooltest.Run(t, 60*time.Second, nbdcopy, "--flush", src, uri)
+	tooltest.Run(t, 60*time.Second, nbdcopy, uri, back)
 	got, err := os.ReadFile(back)
 	if err != nil {
 		t.Fatal(err)
@@ -148,18 +117,18 @@ func TestNbdcopyRoundTrip(t *testing.T) {
 	}
 	// CAN_MULTI_CONN lets nbdcopy open several connections per copy.
 	t.Logf("two nbdcopy runs used %d connections, %d zeroing requests", st.ConnectionsAccepted, st.WriteZeroes)
-	out := runTool(t, 30*time.Second, needTool(t, "nbdinfo", "libnbd-bin"), uri)
+	out := tooltest.Run(t, 30*time.Second, tooltest.Need(t, "nbdinfo", "libnbd-bin"), uri)
 	t.Logf("nbdinfo %s:\n%s", uri, out)
 }
 
 // fio runs fio with the nbd engine against uri and returns its JSON report.
 func fio(t *testing.T, uri string, args ...string) map[string]any {
 	t.Helper()
-	fioPath := needTool(t, "fio", "fio")
+	fioPath := tooltest.Need(t, "fio", "fio")
 	// fio saves its verify state in the working directory unless told
 	// not to; the package directory is not the place for it.
 	args = append([]string{"--output-format=json", "--ioengine=nbd", "--uri=" + uri, "--verify_state_save=0"}, args...)
-	out := runTool(t, 90*time.Second, fioPath, args...)
+	out := tooltest.Run(t, 90*time.Second, fioPath, args...)
 	// fio may print notes before the JSON.
 	if i := strings.IndexByte(out, '{'); i > 0 {
 		out = out[i:]
@@ -188,7 +157,7 @@ func fioNum(job map[string]any, dir, key string) float64 {
 }
 
 func TestFioRandomWriteVerify(t *testing.T) {
-	needTool(t, "fio", "fio")
+	tooltest.Need(t, "fio", "fio")
 	const size = 32 << 20
 	s, sock, _ := memServer(t, size, nil)
 	rep := fio(t, nbdURI(sock, "mem"),
@@ -209,7 +178,7 @@ func TestFioRandomWriteVerify(t *testing.T) {
 }
 
 func TestFioSequentialWriteVerify(t *testing.T) {
-	needTool(t, "fio", "fio")
+	tooltest.Need(t, "fio", "fio")
 	disk, _ := openTemp(t, 64<<20)
 	_, sock := startServer(t, Config{Exports: []Export{{Name: "disk", Backend: disk}}})
 	rep := fio(t, nbdURI(sock, "disk"),
