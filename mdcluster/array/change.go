@@ -232,6 +232,59 @@ func (t *changeTxn) announce(ctx context.Context, typ broadcast.Type, dev uint32
 	return nil, nil
 }
 
+// commit marks the journalled change committed, then passes the test
+// crash point step+":committing".
+func (t *changeTxn) commit(step string) error {
+	if err := t.setState(StateCommitted); err != nil {
+		return err
+	}
+	return t.m.point(step + ":committing")
+}
+
+// apply writes next to devs, reloads, and announces it (typ, dev as for
+// announce), ignoring which receivers did not act.
+func (t *changeTxn) apply(ctx context.Context, next *superblock.Superblock, devs []Device, typ broadcast.Type, dev uint32) error {
+	if err := t.writeSupers(next, devs); err != nil {
+		return err
+	}
+	if err := t.reload(next.Events); err != nil {
+		return err
+	}
+	_, err := t.announce(ctx, typ, dev)
+	return err
+}
+
+// applyAt is apply with the test crash points step+":written" (after the
+// write) and step+":announced" (after the announcement); it returns the
+// receivers that did not act.
+func (t *changeTxn) applyAt(ctx context.Context, step string, next *superblock.Superblock, devs []Device, typ broadcast.Type, dev uint32) ([]dlm.NodeID, error) {
+	m := t.m
+	if err := t.writeSupers(next, devs); err != nil {
+		return nil, err
+	}
+	if err := m.point(step + ":written"); err != nil {
+		return nil, err
+	}
+	if err := t.reload(next.Events); err != nil {
+		return nil, err
+	}
+	bad, err := t.announce(ctx, typ, dev)
+	if err != nil {
+		return nil, err
+	}
+	if err := m.point(step + ":announced"); err != nil {
+		return nil, err
+	}
+	return bad, nil
+}
+
+// state returns the current array state (m.st, read under the lock).
+func (m *Manager) state() *arrayState {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.st
+}
+
 // goodDeviceLocked is md's good_device_nr: the first in-sync member, from
 // which receivers may reload the superblock.
 func (m *Manager) goodDeviceLocked() uint32 {
@@ -256,9 +309,7 @@ func (m *Manager) Fail(ctx context.Context, dev uint32) error {
 		return err
 	}
 	defer t.end(ctx)
-	m.mu.Lock()
-	st := m.st
-	m.mu.Unlock()
+	st := m.state()
 	rec := st.Members[dev]
 	if rec == nil {
 		return fmt.Errorf("fail device %d: %w: no such member", dev, ErrRefusedChange)
@@ -287,26 +338,11 @@ func (m *Manager) Fail(ctx context.Context, dev uint32) error {
 		return fmt.Errorf("fail device %d: %w", dev, err)
 	}
 	next = BumpEvents(next, m.cfg.Now())
-	if err := t.setState(StateCommitted); err != nil {
+	if err := t.commit("fail"); err != nil {
 		return err
 	}
-	if err := m.point("fail:committing"); err != nil {
-		return err
-	}
-	if err := t.writeSupers(next, st.devices()); err != nil {
-		return err
-	}
-	if err := m.point("fail:written"); err != nil {
-		return err
-	}
-	if err := t.reload(next.Events); err != nil {
-		return err
-	}
-	bad, err := t.announce(ctx, broadcast.MetadataUpdated, dev)
+	bad, err := t.applyAt(ctx, "fail", next, st.devices(), broadcast.MetadataUpdated, dev)
 	if err != nil {
-		return err
-	}
-	if err := m.point("fail:announced"); err != nil {
 		return err
 	}
 	if len(bad) > 0 {
@@ -328,9 +364,7 @@ func (m *Manager) Remove(ctx context.Context, dev uint32) error {
 		return err
 	}
 	defer t.end(ctx)
-	m.mu.Lock()
-	st := m.st
-	m.mu.Unlock()
+	st := m.state()
 	rec := st.Members[dev]
 	if rec == nil {
 		return fmt.Errorf("remove device %d: %w: no such member", dev, ErrRefusedChange)
@@ -352,16 +386,8 @@ func (m *Manager) Remove(ctx context.Context, dev uint32) error {
 		}
 	}
 	next = BumpEvents(next, m.cfg.Now())
-	var devs []Device
-	for _, d := range st.devices() {
-		if d.Super.DevNumber != dev {
-			devs = append(devs, d)
-		}
-	}
-	if err := t.setState(StateCommitted); err != nil {
-		return err
-	}
-	if err := m.point("remove:committing"); err != nil {
+	devs := st.devicesExcept(dev)
+	if err := t.commit("remove"); err != nil {
 		return err
 	}
 	if rec.State == MemberSpare {
@@ -374,19 +400,7 @@ func (m *Manager) Remove(ctx context.Context, dev uint32) error {
 			return fmt.Errorf("remove device %d: mark its superblock removed: %w", dev, err)
 		}
 	}
-	if err := t.writeSupers(next, devs); err != nil {
-		return err
-	}
-	if err := m.point("remove:written"); err != nil {
-		return err
-	}
-	if err := t.reload(next.Events); err != nil {
-		return err
-	}
-	if _, err := t.announce(ctx, broadcast.Remove, dev); err != nil {
-		return err
-	}
-	if err := m.point("remove:announced"); err != nil {
+	if _, err := t.applyAt(ctx, "remove", next, devs, broadcast.Remove, dev); err != nil {
 		return err
 	}
 	m.log.Info("member removed cluster-wide", "dev", dev, "path", rec.Path)
@@ -534,10 +548,7 @@ func (m *Manager) AddSpare(ctx context.Context, path string) (MemberStatus, erro
 	}
 	// 4. Commit: the new device first.
 	next := BumpEvents(shared, m.cfg.Now())
-	if err := t.setState(StateCommitted); err != nil {
-		return MemberStatus{}, err
-	}
-	if err := m.point("add:committing"); err != nil {
+	if err := t.commit("add"); err != nil {
 		return MemberStatus{}, err
 	}
 	devs := append([]Device{{Member: d, Super: real}}, st.devices()...)
@@ -786,27 +797,12 @@ func (m *Manager) ReAdd(ctx context.Context, path string) (MemberStatus, error) 
 	}
 	next = BumpEvents(next, m.cfg.Now())
 	own := Recovering(dsb, 0, st.HasBitmap)
-	if err := t.setState(StateCommitted); err != nil {
-		return MemberStatus{}, err
-	}
-	if err := m.point("re-add:committing"); err != nil {
+	if err := t.commit("re-add"); err != nil {
 		return MemberStatus{}, err
 	}
 	devs := append(st.devices(), Device{Member: d, Super: own})
-	if err := t.writeSupers(next, devs); err != nil {
-		return MemberStatus{}, err
-	}
-	if err := m.point("re-add:written"); err != nil {
-		return MemberStatus{}, err
-	}
-	if err := t.reload(next.Events); err != nil {
-		return MemberStatus{}, err
-	}
-	bad, err := t.announce(ctx, broadcast.ReAdd, dev)
+	bad, err := t.applyAt(ctx, "re-add", next, devs, broadcast.ReAdd, dev)
 	if err != nil {
-		return MemberStatus{}, err
-	}
-	if err := m.point("re-add:announced"); err != nil {
 		return MemberStatus{}, err
 	}
 	if len(bad) > 0 {

@@ -253,28 +253,7 @@ func spec(clean bool, raidDevices int) CreateSpec {
 // assembles it on every other node.
 func (c *tcluster) createAndAssemble(clean bool, raidDevices int, images ...string) {
 	c.t.Helper()
-	var paths []string
-	for _, im := range images {
-		paths = append(paths, c.image(im))
-	}
-	for _, id := range c.ids {
-		if c.nodes[id].m == nil {
-			c.manager(id, nil)
-		}
-	}
-	created := make(chan error, 1)
-	go func() {
-		_, err := c.nodes[1].m.Create(c.ctx(), spec(clean, raidDevices), paths)
-		created <- err
-	}()
-	// The others attach to the new array's lockspace as soon as they find
-	// it among their devices (what every daemon does for every array).
-	for _, id := range c.ids[1:] {
-		c.attach(id)
-	}
-	if err := <-created; err != nil {
-		c.t.Fatalf("create on node 1: %v", err)
-	}
+	c.startCreate(clean, raidDevices, images...)
 	for _, id := range c.ids[1:] {
 		if err := c.nodes[id].m.Assemble(c.ctx()); err != nil {
 			c.t.Fatalf("assemble on node %d: %v", id, err)

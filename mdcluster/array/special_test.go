@@ -32,12 +32,40 @@ func (c *tcluster) startCreate(clean bool, raidDevices int, images ...string) {
 		_, err := c.nodes[1].m.Create(c.ctx(), spec(clean, raidDevices), paths)
 		created <- err
 	}()
+	// The others attach to the new array's lockspace as soon as they find
+	// it among their devices (what every daemon does for every array).
 	for _, id := range c.ids[1:] {
 		c.attach(id)
 	}
 	if err := <-created; err != nil {
 		c.t.Fatalf("create on node 1: %v", err)
 	}
+}
+
+// startHeldAssembly sets up 3 nodes: the array created over a.img and b.img,
+// assembled on node 2, and node 3 assembling but held after joining the
+// broadcast, before its engine starts, until release is closed. Node 3's
+// Assemble result arrives on asm3.
+func startHeldAssembly(t *testing.T) (c *tcluster, ctx context.Context, release chan struct{}, asm3 chan error) {
+	t.Helper()
+	c = newTCluster(t, 3)
+	release = make(chan struct{})
+	inside := make(chan struct{})
+	c.manager(3, func(cfg *Config) {
+		cfg.beforeStart = func() {
+			close(inside)
+			<-release
+		}
+	})
+	c.startCreate(true, 2, "a.img", "b.img")
+	ctx = c.ctx()
+	if err := c.nodes[2].m.Assemble(ctx); err != nil {
+		t.Fatal(err)
+	}
+	asm3 = make(chan error, 1)
+	go func() { asm3 <- c.nodes[3].m.Assemble(ctx) }()
+	<-inside
+	return c, ctx, release, asm3
 }
 
 // TestReadAutoAddRightAfterAssemble is the regression measured on the real
@@ -47,23 +75,7 @@ func (c *tcluster) startCreate(clean bool, raidDevices int, images ...string) {
 // assembling (joined to the broadcast, engine not started) when node 1
 // adds: the add succeeds at once and the disk is a spare on every node.
 func TestReadAutoAddRightAfterAssemble(t *testing.T) {
-	c := newTCluster(t, 3)
-	release := make(chan struct{})
-	inside := make(chan struct{})
-	c.manager(3, func(cfg *Config) {
-		cfg.beforeStart = func() {
-			close(inside)
-			<-release
-		}
-	})
-	c.startCreate(true, 2, "a.img", "b.img")
-	ctx := c.ctx()
-	if err := c.nodes[2].m.Assemble(ctx); err != nil {
-		t.Fatal(err)
-	}
-	asm3 := make(chan error, 1)
-	go func() { asm3 <- c.nodes[3].m.Assemble(ctx) }()
-	<-inside
+	c, ctx, release, asm3 := startHeldAssembly(t)
 	start := time.Now()
 	if _, err := c.nodes[1].m.AddSpare(ctx, c.image("c.img")); err != nil {
 		t.Fatalf("add right after the peers assembled: %v", err)
@@ -92,23 +104,7 @@ func TestReadAutoAddRightAfterAssemble(t *testing.T) {
 // a member: node 3 acts on it (answering the sender), and starts with the
 // member faulty.
 func TestMdBugNullPointerDereferenceInProcessMetadataUpdate(t *testing.T) {
-	c := newTCluster(t, 3)
-	release := make(chan struct{})
-	inside := make(chan struct{})
-	c.manager(3, func(cfg *Config) {
-		cfg.beforeStart = func() {
-			close(inside)
-			<-release
-		}
-	})
-	c.startCreate(true, 2, "a.img", "b.img")
-	ctx := c.ctx()
-	if err := c.nodes[2].m.Assemble(ctx); err != nil {
-		t.Fatal(err)
-	}
-	asm3 := make(chan error, 1)
-	go func() { asm3 <- c.nodes[3].m.Assemble(ctx) }()
-	<-inside
+	c, ctx, release, asm3 := startHeldAssembly(t)
 	if err := c.nodes[1].m.Fail(ctx, 1); err != nil {
 		t.Fatalf("fail while node 3 assembles: %v", err)
 	}

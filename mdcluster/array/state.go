@@ -110,6 +110,17 @@ func (s *arrayState) devices() []Device {
 	return out
 }
 
+// devicesExcept returns first, then the devices but dev's.
+func (s *arrayState) devicesExcept(dev uint32, first ...Device) []Device {
+	devs := first
+	for _, d := range s.devices() {
+		if d.Super.DevNumber != dev {
+			devs = append(devs, d)
+		}
+	}
+	return devs
+}
+
 // degraded reports whether some slot has no in-sync member.
 func (s *arrayState) degraded() bool {
 	if s == nil || s.Shared == nil {

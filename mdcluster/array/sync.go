@@ -447,9 +447,7 @@ func (m *Manager) activate(ctx context.Context, dev uint32, slot int) error {
 		return err
 	}
 	defer t.end(ctx)
-	m.mu.Lock()
-	st := m.st
-	m.mu.Unlock()
+	st := m.state()
 	r := st.Members[dev]
 	if r == nil || r.State != MemberSpare || st.slotHolder(slot) != nil {
 		return fmt.Errorf("activate spare %d into slot %d: no longer possible (the array changed)", dev, slot)
@@ -463,25 +461,11 @@ func (m *Manager) activate(ctx context.Context, dev uint32, slot int) error {
 		return err
 	}
 	next = BumpEvents(next, m.cfg.Now())
-	if err := t.setState(StateCommitted); err != nil {
+	if err := t.commit("activate"); err != nil {
 		return err
 	}
-	if err := m.point("activate:committing"); err != nil {
-		return err
-	}
-	devs := []Device{{Member: r.Member, Super: Recovering(r.Super, 0, false)}}
-	for _, d := range st.devices() {
-		if d.Super.DevNumber != dev {
-			devs = append(devs, d)
-		}
-	}
-	if err := t.writeSupers(next, devs); err != nil {
-		return err
-	}
-	if err := t.reload(next.Events); err != nil {
-		return err
-	}
-	if _, err := t.announce(ctx, broadcast.MetadataUpdated, dev); err != nil {
+	devs := st.devicesExcept(dev, Device{Member: r.Member, Super: Recovering(r.Super, 0, false)})
+	if err := t.apply(ctx, next, devs, broadcast.MetadataUpdated, dev); err != nil {
 		return err
 	}
 	m.log.Info("spare activated: it is rebuilt now", "dev", dev, "slot", slot)
@@ -495,9 +479,7 @@ func (m *Manager) markInSync(ctx context.Context, dev uint32) error {
 		return err
 	}
 	defer t.end(ctx)
-	m.mu.Lock()
-	st := m.st
-	m.mu.Unlock()
+	st := m.state()
 	r := st.Members[dev]
 	if r == nil || r.State != MemberRecovering {
 		return fmt.Errorf("mark device %d in sync: it is no longer recovering", dev)
@@ -507,25 +489,11 @@ func (m *Manager) markInSync(ctx context.Context, dev uint32) error {
 		return err
 	}
 	next := BumpEvents(st.Shared, m.cfg.Now())
-	if err := t.setState(StateCommitted); err != nil {
+	if err := t.commit("in-sync"); err != nil {
 		return err
 	}
-	if err := m.point("in-sync:committing"); err != nil {
-		return err
-	}
-	devs := []Device{{Member: r.Member, Super: InSync(r.Super)}}
-	for _, d := range st.devices() {
-		if d.Super.DevNumber != dev {
-			devs = append(devs, d)
-		}
-	}
-	if err := t.writeSupers(next, devs); err != nil {
-		return err
-	}
-	if err := t.reload(next.Events); err != nil {
-		return err
-	}
-	if _, err := t.announce(ctx, broadcast.MetadataUpdated, dev); err != nil {
+	devs := st.devicesExcept(dev, Device{Member: r.Member, Super: InSync(r.Super)})
+	if err := t.apply(ctx, next, devs, broadcast.MetadataUpdated, dev); err != nil {
 		return err
 	}
 	m.mu.Lock()
@@ -542,9 +510,7 @@ func (m *Manager) markResynced(ctx context.Context) error {
 		return err
 	}
 	defer t.end(ctx)
-	m.mu.Lock()
-	st := m.st
-	m.mu.Unlock()
+	st := m.state()
 	if st.Shared.Clean() {
 		return nil
 	}
@@ -553,19 +519,10 @@ func (m *Manager) markResynced(ctx context.Context) error {
 	}
 	next := BumpEvents(st.Shared, m.cfg.Now())
 	next.ResyncOffset = superblock.MaxSector
-	if err := t.setState(StateCommitted); err != nil {
+	if err := t.commit("resynced"); err != nil {
 		return err
 	}
-	if err := m.point("resynced:committing"); err != nil {
-		return err
-	}
-	if err := t.writeSupers(next, st.devices()); err != nil {
-		return err
-	}
-	if err := t.reload(next.Events); err != nil {
-		return err
-	}
-	if _, err := t.announce(ctx, broadcast.MetadataUpdated, 0); err != nil {
+	if err := t.apply(ctx, next, st.devices(), broadcast.MetadataUpdated, 0); err != nil {
 		return err
 	}
 	m.mu.Lock()
