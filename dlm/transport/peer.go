@@ -242,6 +242,48 @@ func (p *peer) discardSendLocked() {
 	p.unacked = 0
 }
 
+// restartStreamLocked starts a new outgoing stream for a peer that came
+// back as a new incarnation, returning how many unacknowledged frames it
+// kept. Without Config.KeepCurrentGeneration every queued frame is dropped:
+// it was addressed to a process that no longer exists. With it, frames
+// whose generation is at least their lockspace's current one were made for
+// the current view, which is addressed to the node whichever process
+// joined it (the view that readmits a restarted node is agreed with its
+// new incarnation), so they are kept, in order, and renumbered from 1;
+// frames of older generations are dropped (the new incarnation would drop
+// them as stale anyway).
+func (p *peer) restartStreamLocked() int {
+	var keep []byte
+	kept := 0
+	if p.t.cfg.KeepCurrentGeneration && p.unacked > 0 {
+		gens := *p.t.gens.Load()
+		live := p.sendBuf[p.headAbs-p.bufBase:]
+		for off := 0; off < len(live); {
+			f := live[off:]
+			n := HeaderSize + int(binary.BigEndian.Uint32(f[offLen:]))
+			ls := LockspaceID(binary.BigEndian.Uint32(f[offLS:]))
+			if cur := gens[ls]; cur != 0 && binary.BigEndian.Uint64(f[offGen:]) >= cur {
+				kept++
+				start := len(keep)
+				keep = append(keep, f[:n]...)
+				binary.BigEndian.PutUint64(keep[start+offSeq:], uint64(kept))
+				binary.BigEndian.PutUint64(keep[start+offAck:], 0)
+			}
+			off += n
+		}
+	}
+	p.discardSendLocked()
+	p.nextSeq = uint64(kept) + 1
+	if kept > 0 {
+		// The kept frames go out on the new stream as if just queued;
+		// highAbs marks them as already written once (resent).
+		p.sendBuf = append(p.sendBuf, keep...)
+		p.unacked = kept
+		p.highAbs = p.tailAbsLocked()
+	}
+	return kept
+}
+
 // trimLocked forgets frames acknowledged by ack. It fails if ack names a
 // frame never queued, which only a broken or confused peer does.
 func (p *peer) trimLocked(ack uint64) error {
@@ -472,13 +514,17 @@ func (p *peer) install(c *conn, hs handshakeResult) error {
 	}
 	if p.freshLocked(hs.peerInc, hs.peerStreamFor) {
 		if p.peerInc != 0 {
-			if p.unacked > 0 {
-				t.stats.dropRestarted.Add(uint64(p.unacked))
+			before := p.unacked
+			kept := p.restartStreamLocked()
+			if dropped := before - kept; dropped > 0 {
+				t.stats.dropRestarted.Add(uint64(dropped))
+			}
+			if kept > 0 {
+				t.stats.keptRestarted.Add(uint64(kept))
 			}
 			p.log.Info("peer restarted or reset its stream: starting new streams",
-				"old_incarnation", p.peerInc, "new_incarnation", hs.peerInc, "dropped_unacked", p.unacked)
-			p.discardSendLocked()
-			p.nextSeq = 1
+				"old_incarnation", p.peerInc, "new_incarnation", hs.peerInc,
+				"dropped_unacked", before-kept, "kept_current_generation", kept)
 		}
 		p.recvSeq.Store(0)
 		p.ackedIn = 0
