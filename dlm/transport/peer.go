@@ -23,9 +23,11 @@ import (
 //
 // Lock order: recvMu before mu.
 type peer struct {
-	t    *Transport
-	id   NodeID
-	log  *slog.Logger
+	t   *Transport
+	id  NodeID
+	log *slog.Logger
+	// key rate-limits this peer's connection events in the log (event).
+	key  string
 	stop chan struct{} // closed when the peer is removed
 	down chan struct{} // signalled (cap 1) when the connection is lost
 
@@ -92,6 +94,7 @@ func newPeer(t *Transport, id NodeID, addr string) *peer {
 		t:       t,
 		id:      id,
 		log:     t.log.With("peer", uint32(id)),
+		key:     fmt.Sprintf("peer %d", id),
 		stop:    make(chan struct{}),
 		down:    make(chan struct{}, 1),
 		moved:   make(chan struct{}, 1),
@@ -101,6 +104,15 @@ func newPeer(t *Transport, id NodeID, addr string) *peer {
 	p.ackTimer = time.AfterFunc(time.Hour, p.ackTimerFired)
 	p.ackTimer.Stop()
 	return p
+}
+
+// event logs one of the peer's connection events (connected, lost, dial
+// or handshake failure, backlog refusal). They share one rate-limit key per
+// peer: a peer that misbehaves in a loop costs at most one line per
+// LogInterval, and the latest event still shows at the end of each
+// interval (logLimiter).
+func (p *peer) event(level slog.Level, msg string, args ...any) {
+	p.t.lim.logf(p.key, level, msg, append([]any{"peer", uint32(p.id)}, args...)...)
 }
 
 // errAddrChanged abandons a dial to an address that is no longer the
@@ -189,9 +201,8 @@ func (p *peer) send(ls LockspaceID, gen uint64, payload []byte) error {
 	if queued := int(p.tailAbsLocked() - p.headAbs); p.addr != "" && queued+extra > p.t.cfg.MaxUnackedBytes {
 		p.t.stats.dropBacklog.Add(1)
 		p.mu.Unlock()
-		p.t.lim.logf(fmt.Sprintf("backlog %d", p.id), slog.LevelWarn,
-			"frame refused: too many bytes unacknowledged by the peer (not reading, or unreachable)",
-			"peer", uint32(p.id), "unacked_bytes", queued, "limit", p.t.cfg.MaxUnackedBytes)
+		p.event(slog.LevelWarn, "frame refused: too many bytes unacknowledged by the peer (not reading, or unreachable)",
+			"unacked_bytes", queued, "limit", p.t.cfg.MaxUnackedBytes)
 		return fmt.Errorf("transport: send to node %d: %w: %d bytes unacknowledged (limit %d)",
 			p.id, ErrQueueFull, queued, p.t.cfg.MaxUnackedBytes)
 	}
@@ -512,6 +523,7 @@ func (p *peer) install(c *conn, hs handshakeResult) error {
 		c.close()
 		return ErrClosed
 	}
+	var restartAttrs []any
 	if p.freshLocked(hs.peerInc, hs.peerStreamFor) {
 		if p.peerInc != 0 {
 			before := p.unacked
@@ -522,9 +534,8 @@ func (p *peer) install(c *conn, hs handshakeResult) error {
 			if kept > 0 {
 				t.stats.keptRestarted.Add(uint64(kept))
 			}
-			p.log.Info("peer restarted or reset its stream: starting new streams",
-				"old_incarnation", p.peerInc, "new_incarnation", hs.peerInc,
-				"dropped_unacked", before-kept, "kept_current_generation", kept)
+			restartAttrs = []any{"peer_restarted", "new streams", "old_incarnation", p.peerInc,
+				"dropped_unacked", before - kept, "kept_current_generation", kept}
 		}
 		p.recvSeq.Store(0)
 		p.ackedIn = 0
@@ -535,15 +546,15 @@ func (p *peer) install(c *conn, hs handshakeResult) error {
 		p.mu.Unlock()
 		p.recvMu.Unlock()
 		t.stats.protocolErr.Add(1)
-		t.lim.logf(fmt.Sprintf("handshake protocol %d", p.id), slog.LevelWarn,
-			"connection refused: protocol error in handshake", "peer", uint32(p.id), "reason", err.Error())
+		p.event(slog.LevelWarn, "connection refused: protocol error in handshake", "reason", err.Error())
 		c.close()
 		return fmt.Errorf("%w: %w", errProtocol, err)
 	}
+	replaced := false
 	if old := p.cur; old != nil {
 		old.retired.Store(true)
 		old.close()
-		p.log.Info("connection replaced by a new one")
+		replaced = true
 	}
 	p.cur = c
 	c.startReading(t.cfg.ReadBufferSize)
@@ -557,8 +568,8 @@ func (p *peer) install(c *conn, hs handshakeResult) error {
 	go p.flushLoop(c)
 	p.mu.Unlock()
 	p.recvMu.Unlock()
-	p.log.Info("connected", "remote", c.nc.RemoteAddr().String(), "peer_incarnation", hs.peerInc,
-		"resending", p.unackedSnapshot())
+	p.event(slog.LevelInfo, "connected", append([]any{"remote", c.nc.RemoteAddr().String(), "peer_incarnation", hs.peerInc,
+		"resending", p.unackedSnapshot(), "replaced_connection", replaced}, restartAttrs...)...)
 
 	p.mu.Lock()
 	p.flushLocked()
@@ -584,12 +595,7 @@ func (p *peer) connLostLocked(c *conn, level slog.Level, what string, err error)
 	c.close()
 	if !p.t.closed.Load() && !p.removed {
 		p.t.stats.connLost.Add(1)
-		if level >= slog.LevelWarn {
-			p.t.lim.logf(fmt.Sprintf("conn lost %d: %s", p.id, what), level, "connection closed",
-				"peer", uint32(p.id), "reason", what, "err", errString(err))
-		} else {
-			p.log.Log(context.Background(), level, "connection closed", "reason", what, "err", errString(err))
-		}
+		p.event(level, "connection closed", "reason", what, "err", errString(err))
 	}
 	select {
 	case p.down <- struct{}{}:
@@ -764,7 +770,7 @@ func (p *peer) dialLoop() {
 			level = slog.LevelWarn
 		}
 		if !t.closed.Load() && level == slog.LevelWarn {
-			t.lim.logf(fmt.Sprintf("dial %d", p.id), level, "cannot connect to peer", "peer", uint32(p.id), "addr", addr, "err", err.Error(), "attempts", failures)
+			p.event(level, "cannot connect to peer", "addr", addr, "err", err.Error(), "attempts", failures)
 		} else if !t.closed.Load() {
 			p.log.Log(context.Background(), level, "cannot connect to peer", "addr", addr, "err", err.Error(), "attempts", failures)
 		}
@@ -823,7 +829,7 @@ func (p *peer) dialOnce(ctx context.Context, addr string) error {
 		return fmt.Errorf("dial %s: abandoned: %w", addr, context.Cause(ctx))
 	}
 	if err != nil {
-		t.handshakeFailed(nc, "dial", err)
+		t.handshakeFailed(nc, "dial", p.key, err)
 		return fmt.Errorf("handshake with %s: %w", addr, err)
 	}
 	nc.SetDeadline(time.Time{})

@@ -332,6 +332,7 @@ func (t *Transport) Close() error {
 	}
 	t.mu.Unlock()
 	t.wg.Wait()
+	t.lim.close()
 	t.log.Info("transport closed")
 	if err != nil && !errors.Is(err, net.ErrClosed) {
 		return fmt.Errorf("transport: close listener: %w", err)
@@ -422,8 +423,11 @@ func refuse(counter *atomic.Uint64, format string, args ...any) error {
 	return &handshakeError{counter: counter, err: fmt.Errorf(format, args...)}
 }
 
-// handshakeFailed logs and counts a failed handshake and closes nc.
-func (t *Transport) handshakeFailed(nc net.Conn, side string, err error) {
+// handshakeFailed logs and counts a failed handshake and closes nc. key
+// rate-limits the log line: the peer's for a dial (we know whom we
+// dialled), one shared key for inbound handshakes (the sender is not
+// authenticated, so nothing it claims may pick a key).
+func (t *Transport) handshakeFailed(nc net.Conn, side, key string, err error) {
 	nc.Close()
 	if t.closed.Load() {
 		return
@@ -445,7 +449,7 @@ func (t *Transport) handshakeFailed(nc net.Conn, side string, err error) {
 	case errors.Is(err, ErrMalformed):
 		kind = "malformed"
 	}
-	t.lim.logf("handshake failed: "+side+": "+kind, slog.LevelWarn, "connection refused: handshake failed", "side", side,
+	t.lim.logf(key, slog.LevelWarn, "connection refused: handshake failed", "side", side, "kind", kind,
 		"remote", nc.RemoteAddr().String(), "reason", err.Error())
 }
 
@@ -458,7 +462,7 @@ func (t *Transport) serveInbound(nc net.Conn) {
 	nc.SetDeadline(time.Now().Add(t.cfg.HandshakeTimeout))
 	p, hs, err := t.acceptHandshake(c)
 	if err != nil {
-		t.handshakeFailed(nc, "accept", err)
+		t.handshakeFailed(nc, "accept", "handshake failed: accept", err)
 		return
 	}
 	nc.SetDeadline(time.Time{})
