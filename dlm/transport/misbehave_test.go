@@ -309,3 +309,68 @@ func TestPeerNeverAcks(t *testing.T) {
 		t.Errorf("%d log lines in %.2f s:\n%s", lines, secs, logs1)
 	}
 }
+
+// TestMisbehavingDialerPaced: the misbehaving peer has the lower ID, so it
+// dials, and it does so in a tight loop, acknowledging a frame never sent
+// on every connection. The acceptor paces it (a connection that died young
+// makes the next ones wait, the window doubling like the dialer's
+// back-off): over a few seconds at most 10 connections a second are
+// established and at most one line a second is logged for it.
+func TestMisbehavingDialerPaced(t *testing.T) {
+	const window = 3 * time.Second
+	b := newNode(t, 2, testKey, func(c *Config) {
+		def := DefaultConfig()
+		c.ReconnectMin, c.ReconnectMax, c.LogInterval = def.ReconnectMin, def.ReconnectMax, def.LogInterval
+	})
+	b.SetPeers(map[NodeID]string{1: "127.0.0.1:1"})
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	var attempts atomic.Int64
+	go func() {
+		defer close(done)
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			attempts.Add(1)
+			fc, err := fakeDial(b.Addr().String(), 1, 2, testKey)
+			if err != nil {
+				continue
+			}
+			var h [HeaderSize]byte
+			putHeader(h[:], FrameAck, 0, 0, 0, 0, 1000)
+			fc.write(h[:])
+			fc.nc.SetReadDeadline(time.Now().Add(time.Second))
+			io.Copy(io.Discard, fc.nc)
+			fc.Close()
+		}
+	}()
+	defer func() { close(stop); <-done }()
+	waitFor(t, "the first protocol error", func() bool { return b.Stats().ProtocolErrors >= 1 })
+	logs0, st0, a0 := b.logs.String(), b.Stats(), attempts.Load()
+	start := time.Now()
+	time.Sleep(window)
+	logs1, st1, a1 := b.logs.String(), b.Stats(), attempts.Load()
+	secs := time.Since(start).Seconds()
+	lines := logLines(logs1[len(logs0):])
+	conns := st1.ConnectionsEstablished - st0.ConnectionsEstablished
+	t.Logf("over %.2f s: %d attempts, %d connections established, %d paced, %d log lines (Info and above)",
+		secs, a1-a0, conns, st1.ReconnectsPaced-st0.ReconnectsPaced, lines)
+	if float64(conns) > 10*secs {
+		t.Errorf("%d connections in %.2f s: more than 10 a second", conns, secs)
+	}
+	if conns < 2 {
+		t.Errorf("%d connections in %.2f s: the peer was shut out, not paced", conns, secs)
+	}
+	if st1.ReconnectsPaced == st0.ReconnectsPaced {
+		t.Error("no connection was paced")
+	}
+	if float64(lines) > secs+1 {
+		t.Errorf("%d log lines in %.2f s:\n%s", lines, secs, logs1[len(logs0):])
+	}
+	if got := st1.ProtocolErrors - st0.ProtocolErrors; got+1 < conns {
+		t.Errorf("%d protocol errors counted for %d connections", got, conns)
+	}
+}

@@ -62,6 +62,15 @@ type peer struct {
 	// dialCancel abandons the dial (or handshake) in progress, if any,
 	// when the address changes or the peer is removed.
 	dialCancel context.CancelCauseFunc
+	// inBackoff and inNotBefore pace a lower-ID peer's inbound connections
+	// the way the dialer paces its own: after a connection that died
+	// younger than ReconnectMax, the next one is refused until inNotBefore,
+	// and the window doubles (from ReconnectMin/4 to ReconnectMax/4) while
+	// connections keep dying young. A quarter of the dialer's back-off, so
+	// that a correct dialer's jittered wait (at least half its back-off)
+	// always ends after the window.
+	inBackoff   time.Duration
+	inNotBefore time.Time
 	// fullDrops counts frames refused because the queue of a peer without
 	// an address was full, to rate-limit their log lines.
 	fullDrops uint64
@@ -557,6 +566,7 @@ func (p *peer) install(c *conn, hs handshakeResult) error {
 		replaced = true
 	}
 	p.cur = c
+	c.established = time.Now()
 	c.startReading(t.cfg.ReadBufferSize)
 	c.sentAbs = p.headAbs
 	p.ackedOut.Store(hs.ourAck)
@@ -577,6 +587,14 @@ func (p *peer) install(c *conn, hs handshakeResult) error {
 	return nil
 }
 
+// inboundWait is how long an inbound connection from the peer must still
+// wait after its previous connection died young (0 or less: accept it).
+func (p *peer) inboundWait() time.Duration {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return time.Until(p.inNotBefore)
+}
+
 func (p *peer) unackedSnapshot() int {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -593,6 +611,15 @@ func (p *peer) connLostLocked(c *conn, level slog.Level, what string, err error)
 	p.cur = nil
 	c.retired.Store(true)
 	c.close()
+	if p.t.id > p.id { // it dials us: pace its next connection
+		cfg := &p.t.cfg
+		if time.Since(c.established) > cfg.ReconnectMax {
+			p.inBackoff = 0
+		} else {
+			p.inBackoff = min(max(2*p.inBackoff, cfg.ReconnectMin), cfg.ReconnectMax)
+			p.inNotBefore = time.Now().Add(p.inBackoff / 4)
+		}
+	}
 	if !p.t.closed.Load() && !p.removed {
 		p.t.stats.connLost.Add(1)
 		p.event(level, "connection closed", "reason", what, "err", errString(err))
@@ -862,6 +889,8 @@ type conn struct {
 	leftover []byte // mu: unwritten tail of a partial direct write
 	wbuf     []byte // mu/owner: coalescing write buffer
 	sentAbs  int64  // mu: stream offset written so far on this connection
+
+	established time.Time // mu: when it was installed
 
 	// Non-blocking direct writes (directwrite_unix.go); owner only.
 	raw   syscall.RawConn

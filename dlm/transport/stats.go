@@ -47,6 +47,11 @@ type Stats struct {
 	// because Config.MaxHandshakes connections were already in their
 	// handshake.
 	HandshakesRefused uint64
+	// ReconnectsPaced counts inbound connections from a peer refused
+	// because its previous connection died young (a peer that keeps
+	// breaking the protocol and dialling again): the acceptor's side of the
+	// back-off, see docs/transport.md. Also counted in HandshakeFailures.
+	ReconnectsPaced uint64
 	// RecordsRejected counts connections reset because a sealed record did
 	// not open (modified, injected, replayed, reordered or from another
 	// connection); nothing in such a record is used.
@@ -87,6 +92,7 @@ type counters struct {
 	framesReceived                                       atomic.Uint64
 	dropDuplicate, dropStale, dropRestarted, dropRemove  atomic.Uint64
 	dropQueueFull, dropBacklog, hsRefused, keptRestarted atomic.Uint64
+	paced                                                atomic.Uint64
 	connEstablished, connLost                            atomic.Uint64
 	handshakeFail, authFail, unknownNode                 atomic.Uint64
 	malformed, protocolErr, rejected                     atomic.Uint64
@@ -118,5 +124,6 @@ func (c *counters) snapshot() Stats {
 		ProtocolErrors:         c.protocolErr.Load(),
 		RecordsRejected:        c.rejected.Load(),
 		HandshakesRefused:      c.hsRefused.Load(),
+		ReconnectsPaced:        c.paced.Load(),
 	}
 }

@@ -412,6 +412,7 @@ func (t *Transport) acceptLoop() {
 // handshakeError is a handshake failure with the counter it bumps.
 type handshakeError struct {
 	counter *atomic.Uint64 // extra counter besides HandshakeFailures, or nil
+	key     string         // rate-limit key for its log line, if not the side's
 	err     error
 }
 
@@ -446,8 +447,13 @@ func (t *Transport) handshakeFailed(nc net.Conn, side, key string, err error) {
 		kind = "auth"
 	case he != nil && he.counter == &t.stats.unknownNode:
 		kind = "unknown node"
+	case he != nil && he.counter == &t.stats.paced:
+		kind = "reconnecting too fast"
 	case errors.Is(err, ErrMalformed):
 		kind = "malformed"
+	}
+	if he != nil && he.key != "" {
+		key = he.key
 	}
 	t.lim.logf(key, slog.LevelWarn, "connection refused: handshake failed", "side", side, "kind", kind,
 		"remote", nc.RemoteAddr().String(), "reason", err.Error())
@@ -573,6 +579,14 @@ func (t *Transport) acceptHandshake(c *conn) (*peer, handshakeResult, error) {
 	}
 	if hi.From > t.id {
 		return nil, res, refuse(&t.stats.unknownNode, "node %d dialled a lower node ID; the lower ID dials", hi.From)
+	}
+	// Refused before any cryptography: the window only ever opens after
+	// an authenticated connection of that peer died young, so a stranger
+	// claiming its ID cannot open or extend it.
+	if wait := p.inboundWait(); wait > 0 {
+		err := refuse(&t.stats.paced, "node %d reconnected %v too early after a connection that died young", hi.From, wait.Round(time.Millisecond))
+		err.(*handshakeError).key = p.key // logged with the peer's other events
+		return nil, res, err
 	}
 	nonce, err := newNonce()
 	if err != nil {
