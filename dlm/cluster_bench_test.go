@@ -176,4 +176,5 @@ func BenchmarkRemoteVsTCP(b *testing.B) {
 	b.ReportMetric(float64(tPair.Nanoseconds())/float64(b.N), "pair-ns")
 	b.ReportMetric(float64(tPing.Nanoseconds())/float64(b.N), "rtt-ns")
 	b.ReportMetric(float64(tPair)/float64(tPing), "pair/rtt")
+	b.ReportMetric(float64((tPair-tPing).Nanoseconds())/float64(b.N), "pair-rtt-ns")
 }

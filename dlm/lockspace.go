@@ -217,6 +217,11 @@ func NewNode(cfg Config) (*Node, error) {
 			}
 		}
 		tc.Handler = n.receive
+		// Under membership control a message belongs to a view: one queued
+		// for a node that restarted and was readmitted in the current view
+		// is for its new run (recovery's messages in particular, which
+		// nothing resends), so the transport keeps it.
+		tc.KeepCurrentGeneration = cfg.Managed
 		tc.Logger = n.log
 		tr, err := transport.New(tc)
 		if err != nil {

@@ -101,6 +101,17 @@ type Config struct {
 	// authenticates or HandshakeTimeout ends it; the read buffer is only
 	// allocated after authentication.
 	MaxHandshakes int
+	// KeepCurrentGeneration addresses frames to a node in a generation
+	// rather than to one run of it. When a peer comes back as a new
+	// incarnation, the frames still unacknowledged by the old one are
+	// normally dropped (Stats.Dropped.PeerRestarted). With this set, those
+	// whose generation is at least their lockspace's current one
+	// (SetGeneration) are kept and sent first on the new stream; older ones
+	// are dropped. The lock manager under membership control sets it: its
+	// messages belong to a view, and the view that readmits a restarted node
+	// is agreed with its new run, which must get every message of that view
+	// even if they were queued before its connection came up.
+	KeepCurrentGeneration bool
 	// LogInterval is the least time between two log lines about the same
 	// kind of failure (per peer once authenticated); the lines in between
 	// are counted and the count reported with the next one.

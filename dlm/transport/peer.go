@@ -23,9 +23,11 @@ import (
 //
 // Lock order: recvMu before mu.
 type peer struct {
-	t    *Transport
-	id   NodeID
-	log  *slog.Logger
+	t   *Transport
+	id  NodeID
+	log *slog.Logger
+	// key rate-limits this peer's connection events in the log (event).
+	key  string
 	stop chan struct{} // closed when the peer is removed
 	down chan struct{} // signalled (cap 1) when the connection is lost
 
@@ -60,6 +62,15 @@ type peer struct {
 	// dialCancel abandons the dial (or handshake) in progress, if any,
 	// when the address changes or the peer is removed.
 	dialCancel context.CancelCauseFunc
+	// inBackoff and inNotBefore pace a lower-ID peer's inbound connections
+	// the way the dialer paces its own: after a connection that died
+	// younger than ReconnectMax, the next one is refused until inNotBefore,
+	// and the window doubles (from ReconnectMin/4 to ReconnectMax/4) while
+	// connections keep dying young. A quarter of the dialer's back-off, so
+	// that a correct dialer's jittered wait (at least half its back-off)
+	// always ends after the window.
+	inBackoff   time.Duration
+	inNotBefore time.Time
 	// fullDrops counts frames refused because the queue of a peer without
 	// an address was full, to rate-limit their log lines.
 	fullDrops uint64
@@ -92,6 +103,7 @@ func newPeer(t *Transport, id NodeID, addr string) *peer {
 		t:       t,
 		id:      id,
 		log:     t.log.With("peer", uint32(id)),
+		key:     fmt.Sprintf("peer %d", id),
 		stop:    make(chan struct{}),
 		down:    make(chan struct{}, 1),
 		moved:   make(chan struct{}, 1),
@@ -101,6 +113,15 @@ func newPeer(t *Transport, id NodeID, addr string) *peer {
 	p.ackTimer = time.AfterFunc(time.Hour, p.ackTimerFired)
 	p.ackTimer.Stop()
 	return p
+}
+
+// event logs one of the peer's connection events (connected, lost, dial
+// or handshake failure, backlog refusal). They share one rate-limit key per
+// peer: a peer that misbehaves in a loop costs at most one line per
+// LogInterval, and the latest event still shows at the end of each
+// interval (logLimiter).
+func (p *peer) event(level slog.Level, msg string, args ...any) {
+	p.t.lim.logf(p.key, level, msg, append([]any{"peer", uint32(p.id)}, args...)...)
 }
 
 // errAddrChanged abandons a dial to an address that is no longer the
@@ -189,9 +210,8 @@ func (p *peer) send(ls LockspaceID, gen uint64, payload []byte) error {
 	if queued := int(p.tailAbsLocked() - p.headAbs); p.addr != "" && queued+extra > p.t.cfg.MaxUnackedBytes {
 		p.t.stats.dropBacklog.Add(1)
 		p.mu.Unlock()
-		p.t.lim.logf(fmt.Sprintf("backlog %d", p.id), slog.LevelWarn,
-			"frame refused: too many bytes unacknowledged by the peer (not reading, or unreachable)",
-			"peer", uint32(p.id), "unacked_bytes", queued, "limit", p.t.cfg.MaxUnackedBytes)
+		p.event(slog.LevelWarn, "frame refused: too many bytes unacknowledged by the peer (not reading, or unreachable)",
+			"unacked_bytes", queued, "limit", p.t.cfg.MaxUnackedBytes)
 		return fmt.Errorf("transport: send to node %d: %w: %d bytes unacknowledged (limit %d)",
 			p.id, ErrQueueFull, queued, p.t.cfg.MaxUnackedBytes)
 	}
@@ -240,6 +260,48 @@ func (p *peer) discardSendLocked() {
 	}
 	p.bufBase, p.headAbs = tail, tail
 	p.unacked = 0
+}
+
+// restartStreamLocked starts a new outgoing stream for a peer that came
+// back as a new incarnation, returning how many unacknowledged frames it
+// kept. Without Config.KeepCurrentGeneration every queued frame is dropped:
+// it was addressed to a process that no longer exists. With it, frames
+// whose generation is at least their lockspace's current one were made for
+// the current view, which is addressed to the node whichever process
+// joined it (the view that readmits a restarted node is agreed with its
+// new incarnation), so they are kept, in order, and renumbered from 1;
+// frames of older generations are dropped (the new incarnation would drop
+// them as stale anyway).
+func (p *peer) restartStreamLocked() int {
+	var keep []byte
+	kept := 0
+	if p.t.cfg.KeepCurrentGeneration && p.unacked > 0 {
+		gens := *p.t.gens.Load()
+		live := p.sendBuf[p.headAbs-p.bufBase:]
+		for off := 0; off < len(live); {
+			f := live[off:]
+			n := HeaderSize + int(binary.BigEndian.Uint32(f[offLen:]))
+			ls := LockspaceID(binary.BigEndian.Uint32(f[offLS:]))
+			if cur := gens[ls]; cur != 0 && binary.BigEndian.Uint64(f[offGen:]) >= cur {
+				kept++
+				start := len(keep)
+				keep = append(keep, f[:n]...)
+				binary.BigEndian.PutUint64(keep[start+offSeq:], uint64(kept))
+				binary.BigEndian.PutUint64(keep[start+offAck:], 0)
+			}
+			off += n
+		}
+	}
+	p.discardSendLocked()
+	p.nextSeq = uint64(kept) + 1
+	if kept > 0 {
+		// The kept frames go out on the new stream as if just queued;
+		// highAbs marks them as already written once (resent).
+		p.sendBuf = append(p.sendBuf, keep...)
+		p.unacked = kept
+		p.highAbs = p.tailAbsLocked()
+	}
+	return kept
 }
 
 // trimLocked forgets frames acknowledged by ack. It fails if ack names a
@@ -470,15 +532,19 @@ func (p *peer) install(c *conn, hs handshakeResult) error {
 		c.close()
 		return ErrClosed
 	}
+	var restartAttrs []any
 	if p.freshLocked(hs.peerInc, hs.peerStreamFor) {
 		if p.peerInc != 0 {
-			if p.unacked > 0 {
-				t.stats.dropRestarted.Add(uint64(p.unacked))
+			before := p.unacked
+			kept := p.restartStreamLocked()
+			if dropped := before - kept; dropped > 0 {
+				t.stats.dropRestarted.Add(uint64(dropped))
 			}
-			p.log.Info("peer restarted or reset its stream: starting new streams",
-				"old_incarnation", p.peerInc, "new_incarnation", hs.peerInc, "dropped_unacked", p.unacked)
-			p.discardSendLocked()
-			p.nextSeq = 1
+			if kept > 0 {
+				t.stats.keptRestarted.Add(uint64(kept))
+			}
+			restartAttrs = []any{"peer_restarted", "new streams", "old_incarnation", p.peerInc,
+				"dropped_unacked", before - kept, "kept_current_generation", kept}
 		}
 		p.recvSeq.Store(0)
 		p.ackedIn = 0
@@ -489,17 +555,18 @@ func (p *peer) install(c *conn, hs handshakeResult) error {
 		p.mu.Unlock()
 		p.recvMu.Unlock()
 		t.stats.protocolErr.Add(1)
-		t.lim.logf(fmt.Sprintf("handshake protocol %d", p.id), slog.LevelWarn,
-			"connection refused: protocol error in handshake", "peer", uint32(p.id), "reason", err.Error())
+		p.event(slog.LevelWarn, "connection refused: protocol error in handshake", "reason", err.Error())
 		c.close()
 		return fmt.Errorf("%w: %w", errProtocol, err)
 	}
+	replaced := false
 	if old := p.cur; old != nil {
 		old.retired.Store(true)
 		old.close()
-		p.log.Info("connection replaced by a new one")
+		replaced = true
 	}
 	p.cur = c
+	c.established = time.Now()
 	c.startReading(t.cfg.ReadBufferSize)
 	c.sentAbs = p.headAbs
 	p.ackedOut.Store(hs.ourAck)
@@ -511,13 +578,21 @@ func (p *peer) install(c *conn, hs handshakeResult) error {
 	go p.flushLoop(c)
 	p.mu.Unlock()
 	p.recvMu.Unlock()
-	p.log.Info("connected", "remote", c.nc.RemoteAddr().String(), "peer_incarnation", hs.peerInc,
-		"resending", p.unackedSnapshot())
+	p.event(slog.LevelInfo, "connected", append([]any{"remote", c.nc.RemoteAddr().String(), "peer_incarnation", hs.peerInc,
+		"resending", p.unackedSnapshot(), "replaced_connection", replaced}, restartAttrs...)...)
 
 	p.mu.Lock()
 	p.flushLocked()
 	p.mu.Unlock()
 	return nil
+}
+
+// inboundWait is how long an inbound connection from the peer must still
+// wait after its previous connection died young (0 or less: accept it).
+func (p *peer) inboundWait() time.Duration {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return time.Until(p.inNotBefore)
 }
 
 func (p *peer) unackedSnapshot() int {
@@ -536,14 +611,18 @@ func (p *peer) connLostLocked(c *conn, level slog.Level, what string, err error)
 	p.cur = nil
 	c.retired.Store(true)
 	c.close()
+	if p.t.id > p.id { // it dials us: pace its next connection
+		cfg := &p.t.cfg
+		if time.Since(c.established) > cfg.ReconnectMax {
+			p.inBackoff = 0
+		} else {
+			p.inBackoff = min(max(2*p.inBackoff, cfg.ReconnectMin), cfg.ReconnectMax)
+			p.inNotBefore = time.Now().Add(p.inBackoff / 4)
+		}
+	}
 	if !p.t.closed.Load() && !p.removed {
 		p.t.stats.connLost.Add(1)
-		if level >= slog.LevelWarn {
-			p.t.lim.logf(fmt.Sprintf("conn lost %d: %s", p.id, what), level, "connection closed",
-				"peer", uint32(p.id), "reason", what, "err", errString(err))
-		} else {
-			p.log.Log(context.Background(), level, "connection closed", "reason", what, "err", errString(err))
-		}
+		p.event(level, "connection closed", "reason", what, "err", errString(err))
 	}
 	select {
 	case p.down <- struct{}{}:
@@ -718,7 +797,7 @@ func (p *peer) dialLoop() {
 			level = slog.LevelWarn
 		}
 		if !t.closed.Load() && level == slog.LevelWarn {
-			t.lim.logf(fmt.Sprintf("dial %d", p.id), level, "cannot connect to peer", "peer", uint32(p.id), "addr", addr, "err", err.Error(), "attempts", failures)
+			p.event(level, "cannot connect to peer", "addr", addr, "err", err.Error(), "attempts", failures)
 		} else if !t.closed.Load() {
 			p.log.Log(context.Background(), level, "cannot connect to peer", "addr", addr, "err", err.Error(), "attempts", failures)
 		}
@@ -777,7 +856,7 @@ func (p *peer) dialOnce(ctx context.Context, addr string) error {
 		return fmt.Errorf("dial %s: abandoned: %w", addr, context.Cause(ctx))
 	}
 	if err != nil {
-		t.handshakeFailed(nc, "dial", err)
+		t.handshakeFailed(nc, "dial", p.key, err)
 		return fmt.Errorf("handshake with %s: %w", addr, err)
 	}
 	nc.SetDeadline(time.Time{})
@@ -810,6 +889,8 @@ type conn struct {
 	leftover []byte // mu: unwritten tail of a partial direct write
 	wbuf     []byte // mu/owner: coalescing write buffer
 	sentAbs  int64  // mu: stream offset written so far on this connection
+
+	established time.Time // mu: when it was installed
 
 	// Non-blocking direct writes (directwrite_unix.go); owner only.
 	raw   syscall.RawConn

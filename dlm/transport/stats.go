@@ -21,6 +21,10 @@ type Stats struct {
 	FramesReceived uint64
 	// FramesDelivered counts handler calls.
 	FramesDelivered uint64
+	// KeptOnRestart counts unacknowledged frames of a lockspace's current
+	// generation kept for a peer's new incarnation instead of dropped
+	// (Config.KeepCurrentGeneration).
+	KeptOnRestart uint64
 	// Dropped counts frames not delivered or not sent, by reason.
 	Dropped DropStats
 	// ConnectionsEstablished counts authenticated connections.
@@ -43,6 +47,11 @@ type Stats struct {
 	// because Config.MaxHandshakes connections were already in their
 	// handshake.
 	HandshakesRefused uint64
+	// ReconnectsPaced counts inbound connections from a peer refused
+	// because its previous connection died young (a peer that keeps
+	// breaking the protocol and dialling again): the acceptor's side of the
+	// back-off, see docs/transport.md. Also counted in HandshakeFailures.
+	ReconnectsPaced uint64
 	// RecordsRejected counts connections reset because a sealed record did
 	// not open (modified, injected, replayed, reordered or from another
 	// connection); nothing in such a record is used.
@@ -79,13 +88,14 @@ type DropStats struct {
 
 // counters is the live, atomically updated form of Stats.
 type counters struct {
-	framesSent, framesResent, acksSent, writes          atomic.Uint64
-	framesReceived                                      atomic.Uint64
-	dropDuplicate, dropStale, dropRestarted, dropRemove atomic.Uint64
-	dropQueueFull, dropBacklog, hsRefused               atomic.Uint64
-	connEstablished, connLost                           atomic.Uint64
-	handshakeFail, authFail, unknownNode                atomic.Uint64
-	malformed, protocolErr, rejected                    atomic.Uint64
+	framesSent, framesResent, acksSent, writes           atomic.Uint64
+	framesReceived                                       atomic.Uint64
+	dropDuplicate, dropStale, dropRestarted, dropRemove  atomic.Uint64
+	dropQueueFull, dropBacklog, hsRefused, keptRestarted atomic.Uint64
+	paced                                                atomic.Uint64
+	connEstablished, connLost                            atomic.Uint64
+	handshakeFail, authFail, unknownNode                 atomic.Uint64
+	malformed, protocolErr, rejected                     atomic.Uint64
 }
 
 func (c *counters) snapshot() Stats {
@@ -96,6 +106,7 @@ func (c *counters) snapshot() Stats {
 		Writes:          c.writes.Load(),
 		FramesReceived:  c.framesReceived.Load(),
 		FramesDelivered: c.framesReceived.Load() - c.dropStale.Load(), // every other received frame is delivered
+		KeptOnRestart:   c.keptRestarted.Load(),
 		Dropped: DropStats{
 			Duplicate:       c.dropDuplicate.Load(),
 			StaleGeneration: c.dropStale.Load(),
@@ -113,5 +124,6 @@ func (c *counters) snapshot() Stats {
 		ProtocolErrors:         c.protocolErr.Load(),
 		RecordsRejected:        c.rejected.Load(),
 		HandshakesRefused:      c.hsRefused.Load(),
+		ReconnectsPaced:        c.paced.Load(),
 	}
 }

@@ -332,6 +332,7 @@ func (t *Transport) Close() error {
 	}
 	t.mu.Unlock()
 	t.wg.Wait()
+	t.lim.close()
 	t.log.Info("transport closed")
 	if err != nil && !errors.Is(err, net.ErrClosed) {
 		return fmt.Errorf("transport: close listener: %w", err)
@@ -411,6 +412,7 @@ func (t *Transport) acceptLoop() {
 // handshakeError is a handshake failure with the counter it bumps.
 type handshakeError struct {
 	counter *atomic.Uint64 // extra counter besides HandshakeFailures, or nil
+	key     string         // rate-limit key for its log line, if not the side's
 	err     error
 }
 
@@ -422,8 +424,11 @@ func refuse(counter *atomic.Uint64, format string, args ...any) error {
 	return &handshakeError{counter: counter, err: fmt.Errorf(format, args...)}
 }
 
-// handshakeFailed logs and counts a failed handshake and closes nc.
-func (t *Transport) handshakeFailed(nc net.Conn, side string, err error) {
+// handshakeFailed logs and counts a failed handshake and closes nc. key
+// rate-limits the log line: the peer's for a dial (we know whom we
+// dialled), one shared key for inbound handshakes (the sender is not
+// authenticated, so nothing it claims may pick a key).
+func (t *Transport) handshakeFailed(nc net.Conn, side, key string, err error) {
 	nc.Close()
 	if t.closed.Load() {
 		return
@@ -442,10 +447,15 @@ func (t *Transport) handshakeFailed(nc net.Conn, side string, err error) {
 		kind = "auth"
 	case he != nil && he.counter == &t.stats.unknownNode:
 		kind = "unknown node"
+	case he != nil && he.counter == &t.stats.paced:
+		kind = "reconnecting too fast"
 	case errors.Is(err, ErrMalformed):
 		kind = "malformed"
 	}
-	t.lim.logf("handshake failed: "+side+": "+kind, slog.LevelWarn, "connection refused: handshake failed", "side", side,
+	if he != nil && he.key != "" {
+		key = he.key
+	}
+	t.lim.logf(key, slog.LevelWarn, "connection refused: handshake failed", "side", side, "kind", kind,
 		"remote", nc.RemoteAddr().String(), "reason", err.Error())
 }
 
@@ -458,7 +468,7 @@ func (t *Transport) serveInbound(nc net.Conn) {
 	nc.SetDeadline(time.Now().Add(t.cfg.HandshakeTimeout))
 	p, hs, err := t.acceptHandshake(c)
 	if err != nil {
-		t.handshakeFailed(nc, "accept", err)
+		t.handshakeFailed(nc, "accept", "handshake failed: accept", err)
 		return
 	}
 	nc.SetDeadline(time.Time{})
@@ -569,6 +579,14 @@ func (t *Transport) acceptHandshake(c *conn) (*peer, handshakeResult, error) {
 	}
 	if hi.From > t.id {
 		return nil, res, refuse(&t.stats.unknownNode, "node %d dialled a lower node ID; the lower ID dials", hi.From)
+	}
+	// Refused before any cryptography: the window only ever opens after
+	// an authenticated connection of that peer died young, so a stranger
+	// claiming its ID cannot open or extend it.
+	if wait := p.inboundWait(); wait > 0 {
+		err := refuse(&t.stats.paced, "node %d reconnected %v too early after a connection that died young", hi.From, wait.Round(time.Millisecond))
+		err.(*handshakeError).key = p.key // logged with the peer's other events
+		return nil, res, err
 	}
 	nonce, err := newNonce()
 	if err != nil {

@@ -1,0 +1,104 @@
+package dlm_test
+
+import (
+	"net"
+	"testing"
+	"time"
+
+	"github.com/mdcluster/mdcluster/dlm"
+)
+
+// TestClusterRestartedMemberRecovers reproduces, deterministically, the
+// race behind a hang of a restarted node's recovery: node 3 restarts (new
+// process, new incarnation, new address) and the view that readmits it is
+// installed on the survivors before their transport reaches the new
+// process. Their recovery messages for node 3 (names, locks-done) are then
+// queued on the stream of the dead incarnation; when the connection comes
+// up they must reach the new one, or node 3 waits for them forever while
+// the survivors, who got node 3's messages, finish.
+func TestClusterRestartedMemberRecovers(t *testing.T) {
+	c := startClusterWith(t, 3, nil, func(cfg *dlm.Config) { cfg.Managed = true })
+	ls := c.open(t, "md0", 0)
+	recovered := make(chan uint64, 16)
+	c.nodes[2].Controller().OnRecovered(func(_ string, gen uint64) { recovered <- gen })
+	all := []dlm.NodeID{1, 2, 3}
+	for _, n := range c.nodes {
+		if err := n.Controller().Recover(1, all, nil, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ctx := withGuard(t)
+	if _, err := ls[2].Lock(ctx, "r", dlm.EX, 0); err != nil { // node 3 holds r
+		t.Fatal(err)
+	}
+	waitRecovered(t, recovered, 1)
+
+	// Node 3 dies; its survivors stop for the view change and keep
+	// dialling its old address, where nothing listens any more.
+	c.nodes[2].Close()
+	for _, n := range c.nodes[:2] {
+		n.Controller().Stop()
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n3, err := dlm.NewNode(dlm.Config{ID: 3, Managed: true, Listener: ln, ClusterKey: testKey, Logger: quietLogger(),
+		Peers: map[dlm.NodeID]string{1: c.addrs[1], 2: c.addrs[2]}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	closeOnCleanup(t, n3)
+	recovered3 := make(chan uint64, 16)
+	n3.Controller().OnRecovered(func(_ string, gen uint64) { recovered3 <- gen })
+	ls3, err := n3.Open("md0", dlm.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// View 2 readmits node 3 (its old incarnation's locks purged); the
+	// survivors recover into it while they still know only the old
+	// address, so what they send node 3 waits in its old stream.
+	for _, n := range c.nodes[:2] {
+		if err := n.Controller().Recover(2, all, []dlm.NodeID{3}, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := n3.Controller().Recover(2, all, nil, true); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range c.nodes[:2] {
+		if err := n.SetPeer(3, ln.Addr().String()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitRecovered(t, recovered3, 2)
+	// The old incarnation's lock is gone, and node 3 locks again.
+	if _, err := ls[0].Lock(ctx, "r", dlm.EX, 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ls3.Lock(ctx, "s", dlm.EX, 0); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range []*dlm.Node{c.nodes[0], c.nodes[1], n3} {
+		if st := n.Controller().Transport().Stats(); st.KeptOnRestart > 0 {
+			t.Logf("node %d kept %d frames of view 2 for node 3's new incarnation (dropped %d of view 1)",
+				n.ID(), st.KeptOnRestart, st.Dropped.PeerRestarted)
+		}
+	}
+}
+
+// waitRecovered waits for an OnRecovered report of generation gen.
+func waitRecovered(t *testing.T, ch <-chan uint64, gen uint64) {
+	t.Helper()
+	deadline := time.After(guard)
+	for {
+		select {
+		case g := <-ch:
+			if g == gen {
+				return
+			}
+		case <-deadline:
+			t.Fatalf("no recovery into generation %d reported within %v", gen, guard)
+		}
+	}
+}
