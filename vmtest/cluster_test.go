@@ -130,7 +130,7 @@ for i in 0 1 2; do run truncate -s ` + clusterMemberSize + ` /img/d$i.img; run l
 run 'echo 1 > /proc/sys/net/ipv4/ip_forward'
 run ip link set lo up
 for n in 1 2 3; do
-	unshare -n sleep 100000 &
+	unshare -n sleep 100000 </dev/null >/dev/null 2>&1 &
 	pid=$!
 	echo $pid > /tmp/ns$n
 	must waitfor 5 "namespace $n" "[ \"\$(readlink /proc/$pid/ns/net)\" != \"\$(readlink /proc/self/ns/net)\" ]"
@@ -148,12 +148,13 @@ for n in 1 2 3; do
 done
 run nsenter -t $(cat /tmp/ns1) -n ping -c 1 -W 5 10.99.3.2
 for n in 1 2 3; do
-	nsenter -F -t $(cat /tmp/ns$n) -n mdclusterd -c /etc/mdc/n$n.toml >/out/n$n.log 2>&1 &
+	nsenter -F -t $(cat /tmp/ns$n) -n mdclusterd -c /etc/mdc/n$n.toml </dev/null >/out/n$n.log 2>&1 &
 	echo $! > /tmp/d$n
 done
 # A guard against a hang: past it the daemons are killed, so that any
 # command waiting on them fails and the logs are still saved.
-( sleep 330; echo "guest watchdog: killing the daemons"; for n in 1 2 3; do kill -9 $(cat /tmp/d$n); done ) &
+( sleep 300; echo "guest watchdog: killing the daemons"; for n in 1 2 3; do kill -9 $(cat /tmp/d$n); done ) </dev/null >/dev/console 2>&1 &
+echo $! > /tmp/watchdog
 for n in 1 2 3; do
 	must waitfor 120 "node $n quorate, 3 votes, DLM connected to both others" "mg $n --cluster > /tmp/c$n && grep -q 'Quorate: *Yes' /tmp/c$n && grep -q 'Total votes: *3' /tmp/c$n && [ \$(grep -c '(connected)' /tmp/c$n) = 2 ]"
 done
@@ -295,7 +296,11 @@ func TestClusterQuick(t *testing.T) {
 	for n := 1; n <= clusterNodes; n++ {
 		g.AddFile(fmt.Sprintf("etc/mdc/n%d.toml", n), []byte(clusterConfig(n)), 0o600)
 	}
-	g.Finally = "dmesg > /out/dmesg.txt\ncat /proc/mdstat > /out/mdstat.txt 2>&1"
+	// After a failure: stop whatever still runs (the pipe to the console
+	// log stays open while anything holds it), keep the logs.
+	g.Finally = `for f in /tmp/watchdog /tmp/d1 /tmp/d2 /tmp/d3 /tmp/ns1 /tmp/ns2 /tmp/ns3; do [ -f $f ] && kill -9 $(cat $f) 2>/dev/null; done
+dmesg > /out/dmesg.txt
+cat /proc/mdstat > /out/mdstat.txt 2>&1`
 	body, checks := clusterBody()
 	initrd := filepath.Join(work, "initrd.cpio")
 	if err := g.Write(initrd, body); err != nil {
@@ -304,7 +309,7 @@ func TestClusterQuick(t *testing.T) {
 	start := time.Now()
 	verdict, files, err := Boot(BootOptions{
 		Kernel: k, Initramfs: initrd, WorkDir: work, MemoryMiB: 1536,
-		Timeout: 8 * time.Minute, // a guard against a hung guest (it has its own watchdog), not a speed check
+		Timeout: 6 * time.Minute, // a guard against a hung guest (it has its own watchdog), not a speed check
 		Verbose: testing.Verbose(),
 	})
 	t.Logf("VM run (%s) took %v", k.Package, time.Since(start).Round(time.Millisecond))

@@ -25,6 +25,7 @@ import (
 	"time"
 
 	"github.com/mdlayher/genetlink"
+	"golang.org/x/sys/unix"
 	"github.com/mdlayher/netlink"
 )
 
@@ -187,8 +188,49 @@ type conn struct {
 	family uint16
 }
 
+// initNetNS is the initial network namespace, as seen through init.
+const initNetNS = "/proc/1/ns/net"
+
+// dial opens a generic netlink socket and resolves the nbd family. Kernels
+// before 6.x register the family for the initial network namespace only,
+// so a daemon running in a namespace of its own (a container, or the VM
+// tests' three nodes) does not find it there; it then retries from the
+// initial namespace, which needs CAP_SYS_ADMIN there as CONNECT does
+// anyway. The socket descriptors handed to the kernel are not tied to a
+// namespace.
 func dial() (*conn, error) {
-	c, err := genetlink.Dial(nil)
+	c, err := dialIn(0)
+	if err == nil || !errors.Is(err, os.ErrNotExist) {
+		return c, err
+	}
+	if other, serr := otherNS(); serr == nil && other {
+		fd, oerr := unix.Open(initNetNS, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if oerr == nil {
+			defer unix.Close(fd)
+			if c, ierr := dialIn(fd); ierr == nil {
+				return c, nil
+			}
+		}
+	}
+	return nil, errors.New("the kernel has no \"nbd\" netlink family: load the nbd module (modprobe nbd)")
+}
+
+// otherNS reports whether this process runs outside the initial network
+// namespace.
+func otherNS() (bool, error) {
+	var a, b unix.Stat_t
+	if err := unix.Stat("/proc/thread-self/ns/net", &a); err != nil {
+		return false, err
+	}
+	if err := unix.Stat(initNetNS, &b); err != nil {
+		return false, err
+	}
+	return a.Ino != b.Ino || a.Dev != b.Dev, nil
+}
+
+// dialIn dials in the namespace of descriptor ns (0: the caller's).
+func dialIn(ns int) (*conn, error) {
+	c, err := genetlink.Dial(&netlink.Config{NetNS: ns})
 	if err != nil {
 		return nil, fmt.Errorf("generic netlink: %w", err)
 	}
@@ -196,7 +238,7 @@ func dial() (*conn, error) {
 	if err != nil {
 		c.Close()
 		if errors.Is(err, os.ErrNotExist) {
-			return nil, errors.New("the kernel has no \"nbd\" netlink family: load the nbd module (modprobe nbd)")
+			return nil, fmt.Errorf("nbd netlink family: %w", err)
 		}
 		return nil, fmt.Errorf("resolving the nbd netlink family: %w", err)
 	}
