@@ -148,7 +148,9 @@ for n in 1 2 3; do
 done
 run nsenter -t $(cat /tmp/ns1) -n ping -c 1 -W 5 10.99.3.2
 for n in 1 2 3; do
-	nsenter -F -t $(cat /tmp/ns$n) -n mdclusterd -c /etc/mdc/n$n.toml </dev/null >/out/n$n.log 2>&1 &
+	# One kernel for three nodes: their writable opens of the shared
+	# loop devices must not be exclusive (see array.SharedKernelEnv).
+	MDCLUSTER_SHARED_KERNEL=1 nsenter -F -t $(cat /tmp/ns$n) -n mdclusterd -c /etc/mdc/n$n.toml </dev/null >/out/n$n.log 2>&1 &
 	echo $! > /tmp/d$n
 done
 # A guard against a hang: past it the daemons are killed, so that any
@@ -327,8 +329,10 @@ cat /proc/mdstat > /out/mdstat.txt 2>&1`
 		}
 		t.Logf("the guest's log (its console), dmesg and every daemon's log (n1.log, n2.log, n3.log) are in %s", dir)
 	}
+	kept := false
 	if os.Getenv(OutEnv) != "" {
 		keep()
+		kept = true
 	}
 	for _, s := range []string{"s1", "s3", "s5"} {
 		if _, ok := files[s+".ok"]; ok {
@@ -367,7 +371,9 @@ cat /proc/mdstat > /out/mdstat.txt 2>&1`
 		t.Logf("compared %d mdadm -E/-X invocations with mdadm-go's", compared)
 	}
 	if verdict != "ok" || t.Failed() {
-		keep()
+		if !kept {
+			keep()
+		}
 		t.Fatalf("guest verdict %q; the end of its log:\n%s", verdict, tail(string(files["guest.log"]), 60))
 	}
 }

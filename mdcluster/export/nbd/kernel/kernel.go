@@ -25,8 +25,8 @@ import (
 	"time"
 
 	"github.com/mdlayher/genetlink"
-	"golang.org/x/sys/unix"
 	"github.com/mdlayher/netlink"
+	"golang.org/x/sys/unix"
 )
 
 // The kernel's NBD netlink ABI (include/uapi/linux/nbd-netlink.h): family
