@@ -183,7 +183,9 @@ for i in 0 1 2; do
 	run "same \$(blockdev --getsize64 /dev/nbd$i) $((size*1024))"
 done
 run 'cat /sys/block/nbd0/backend'
-run mke2fs -q -F -t ext4 -L vmtest /dev/nbd0
+# By full path: busybox's shell runs its own mke2fs applet for a bare
+# name, whatever PATH says.
+run /usr/sbin/mke2fs -q -F -t ext4 -L vmtest /dev/nbd0
 run sync
 run blockdev --flushbufs /dev/nbd0
 elapsed "mkfs.ext4 on node 1"
@@ -192,9 +194,9 @@ elapsed "mkfs.ext4 on node 1"
 # user would.
 run 'echo 3 > /proc/sys/vm/drop_caches'
 run blockdev --flushbufs /dev/nbd1
-run e2fsck -fn /dev/nbd1
+run /usr/sbin/e2fsck -fn /dev/nbd1
 run blockdev --flushbufs /dev/nbd2
-run e2fsck -fn /dev/nbd2
+run /usr/sbin/e2fsck -fn /dev/nbd2
 sum=$(md5sum < /dev/nbd0 | cut -d' ' -f1)
 run "same $sum \$(md5sum < /dev/nbd1 | cut -d' ' -f1)"
 run "same $sum \$(md5sum < /dev/nbd2 | cut -d' ' -f1)"
@@ -227,7 +229,7 @@ elapsed "cluster stopped"
 run mdadm --assemble /dev/md0 --run /dev/loop0 /dev/loop2
 run cat /proc/mdstat
 run "same $sum \$(md5sum < /dev/md0 | cut -d' ' -f1)"
-run e2fsck -fn /dev/md0
+run /usr/sbin/e2fsck -fn /dev/md0
 run mdadm --stop /dev/md0
 ` + parts[1] + `
 echo ok > /out/s5.ok
@@ -283,7 +285,7 @@ func TestClusterQuick(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	for _, b := range []struct{ name, src string }{{"sbin/mdadm", tools["mdadm"]}, {"sbin/mke2fs", tools["mke2fs"]}, {"sbin/e2fsck", tools["e2fsck"]}} {
+	for _, b := range []struct{ name, src string }{{"sbin/mdadm", tools["mdadm"]}, {"usr/sbin/mke2fs", tools["mke2fs"]}, {"usr/sbin/e2fsck", tools["e2fsck"]}} {
 		if err := g.AddBinary(b.name, b.src); err != nil {
 			t.Fatal(err)
 		}
