@@ -208,6 +208,9 @@ echo '=== scenario 3 (cont.): fail a member, recovery onto the spare'
 try mg 1 --wait /dev/md0
 must waitfor 120 "initial resync done" "! mg 1 --detail /dev/md0 | grep -q 'Resync Status'"
 run mg 1 /dev/md0 --fail /dev/loop1
+# Whichever node runs the recovery logs its end; --detail alone could
+# show a remote recovery's member as in sync early.
+must waitfor 150 "a node logged the recovery onto loop2 complete" "grep -q 'recovery complete: member in sync' /out/n1.log /out/n2.log /out/n3.log"
 for n in 1 2 3; do
 	must waitfor 150 "node $n: loop2 active and in sync" "mg $n --detail /dev/md0 | grep -q 'active sync   /dev/loop2' && ! mg $n --detail /dev/md0 | grep -q 'Rebuild Status'"
 	run "mg $n --detail /dev/md0 > /out/detail.n$n.recovered"
