@@ -221,10 +221,18 @@ run "same $sum \$(md5sum < /dev/nbd2 | cut -d' ' -f1)"
 echo ok > /out/s3.ok
 
 echo '=== scenario 5: interop with Linux md'
+# Stopping the array detaches the node's /dev/nbdN (DISCONNECT).
 run mg 3 --stop /dev/md0
+run "[ ! -f /sys/block/nbd2/pid ] && same \$(cat /sys/block/nbd2/size) 0"
 run mg 2 --stop /dev/md0
+run "[ ! -f /sys/block/nbd1/pid ] && same \$(cat /sys/block/nbd1/size) 0"
+run "[ -f /sys/block/nbd0/pid ]"
 run mg 1 --grow /dev/md0 --bitmap=internal
+# The switch restarts the array under the export: /dev/nbd0 still reads the data.
+run 'echo 3 > /proc/sys/vm/drop_caches'
+run "same $sum \$(md5sum < /dev/nbd0 | cut -d' ' -f1)"
 run mg 1 --stop /dev/md0
+run "[ ! -f /sys/block/nbd0/pid ] && same \$(cat /sys/block/nbd0/size) 0"
 for n in 1 2 3; do kill -TERM $(cat /tmp/d$n); done
 for n in 1 2 3; do wait $(cat /tmp/d$n); echo "node $n exit status $?"; done
 elapsed "cluster stopped"

@@ -174,6 +174,16 @@ func TestParseNBDDevice(t *testing.T) {
 	if cfg.Arrays[0].NBDDevice != "/dev/nbd3" {
 		t.Errorf("nbd_device %q, want /dev/nbd3", cfg.Arrays[0].NBDDevice)
 	}
+	two := replaceLine(30, `nbd_device = "/dev/nbd3"`) + `[[array]]
+name = "md1"
+[array.export]
+socket = "/run/mdcluster/md1.nbd"
+nbd_device = "/dev/nbd3"
+`
+	_, err = Parse(file, []byte(two), testFS())
+	if want := file + ":41: array[1].export.nbd_device: /dev/nbd3 is also the NBD device of array[0]"; err == nil || err.Error() != want {
+		t.Errorf("two arrays on one NBD device: %v, want %s", err, want)
+	}
 	if base := mustParse(t, base); base.Arrays[0].NBDDevice != "" {
 		t.Errorf("nbd_device %q without the key", base.Arrays[0].NBDDevice)
 	}
