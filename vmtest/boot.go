@@ -29,6 +29,7 @@ type BootOptions struct {
 	WorkDir   string        // where the output disk image is created
 	OutSize   int64         // size of the output disk, bytes (default 16 MiB)
 	MemoryMiB int           // guest memory (default 512)
+	CPUs      int           // virtual CPUs (default 1); more than one runs TCG multi-threaded
 	Timeout   time.Duration // the VM's whole lifetime; QEMU is killed after it
 	Append    []string      // extra kernel command line
 	Verbose   bool          // copy the console to stdout
@@ -44,6 +45,9 @@ func Boot(o BootOptions) (verdict string, files map[string][]byte, err error) {
 	}
 	if o.MemoryMiB == 0 {
 		o.MemoryMiB = 512
+	}
+	if o.CPUs == 0 {
+		o.CPUs = 1
 	}
 	out := filepath.Join(o.WorkDir, "out.img")
 	f, err := os.Create(out)
@@ -67,6 +71,7 @@ func Boot(o BootOptions) (verdict string, files map[string][]byte, err error) {
 		Params: []string{
 			"-accel", "tcg", // KVM is not usable on the machines this runs on
 			"-m", fmt.Sprint(o.MemoryMiB),
+			"-smp", fmt.Sprint(o.CPUs),
 			"-drive", "file=" + strings.ReplaceAll(out, ",", ",,") + ",if=virtio,format=raw",
 		},
 		Timeout: o.Timeout,

@@ -113,6 +113,7 @@ mg() { n=$1; shift; mdadm-go --socket=/run/n$n/mdclusterd.sock "$@"; }
 waitfor() {
 	t=$1; what=$2; shift 2; i=0
 	while ! eval "$@" >/dev/null 2>&1; do
+		if [ -f /out/fence.log ]; then echo "a node asked for a fence (a false failure suspicion?), giving up on: $what"; cat /out/fence.log; return 1; fi
 		i=$((i+1))
 		if [ $i -ge $((t*2)) ]; then echo "TIMEOUT after $t s: $what"; eval "$@"; return 1; fi
 		sleep 0.5
@@ -147,6 +148,12 @@ for n in 1 2 3; do
 	run nsenter -t $pid -n ip route add default via 10.99.$n.1
 done
 run nsenter -t $(cat /tmp/ns1) -n ping -c 1 -W 5 10.99.3.2
+echo '=== the kernel NBD attach on its own (mdcluster/export/nbd/kernel), from the root namespace and from node 1'"'"'s namespace'
+run 'nbdkerneltest -test.run TestAttachRealKernel -test.v > /out/kernel.root.txt 2>&1 || { cat /out/kernel.root.txt; false; }'
+run 'grep -q "^--- PASS: TestAttachRealKernel" /out/kernel.root.txt'
+run 'nsenter -t $(cat /tmp/ns1) -n nbdkerneltest -test.run TestAttachRealKernel -test.v > /out/kernel.ns1.txt 2>&1 || { cat /out/kernel.ns1.txt; false; }'
+run 'grep -q "^--- PASS: TestAttachRealKernel" /out/kernel.ns1.txt'
+echo ok > /out/s0.ok
 for n in 1 2 3; do
 	# One kernel for three nodes: their writable opens of the shared
 	# loop devices must not be exclusive (see array.SharedKernelEnv).
@@ -185,7 +192,7 @@ done
 run 'cat /sys/block/nbd0/backend'
 # By full path: busybox's shell runs its own mke2fs applet for a bare
 # name, whatever PATH says.
-run /usr/sbin/mke2fs -q -F -t ext4 -L vmtest /dev/nbd0
+run nice -n 10 /usr/sbin/mke2fs -q -F -t ext4 -L vmtest /dev/nbd0
 run sync
 run blockdev --flushbufs /dev/nbd0
 elapsed "mkfs.ext4 on node 1"
@@ -194,12 +201,12 @@ elapsed "mkfs.ext4 on node 1"
 # user would.
 run 'echo 3 > /proc/sys/vm/drop_caches'
 run blockdev --flushbufs /dev/nbd1
-run /usr/sbin/e2fsck -fn /dev/nbd1
+run nice -n 10 /usr/sbin/e2fsck -fn /dev/nbd1
 run blockdev --flushbufs /dev/nbd2
-run /usr/sbin/e2fsck -fn /dev/nbd2
-sum=$(md5sum < /dev/nbd0 | cut -d' ' -f1)
-run "same $sum \$(md5sum < /dev/nbd1 | cut -d' ' -f1)"
-run "same $sum \$(md5sum < /dev/nbd2 | cut -d' ' -f1)"
+run nice -n 10 /usr/sbin/e2fsck -fn /dev/nbd2
+sum=$(nice -n 10 md5sum < /dev/nbd0 | cut -d' ' -f1)
+run "same $sum \$(nice -n 10 md5sum < /dev/nbd1 | cut -d' ' -f1)"
+run "same $sum \$(nice -n 10 md5sum < /dev/nbd2 | cut -d' ' -f1)"
 echo $sum > /out/data.md5
 elapsed "fsck clean on nodes 2 and 3"
 echo ok > /out/s1.ok
@@ -217,7 +224,7 @@ for n in 1 2 3; do
 done
 elapsed "recovery onto loop2 complete"
 run 'echo 3 > /proc/sys/vm/drop_caches'
-run "same $sum \$(md5sum < /dev/nbd2 | cut -d' ' -f1)"
+run "same $sum \$(nice -n 10 md5sum < /dev/nbd2 | cut -d' ' -f1)"
 echo ok > /out/s3.ok
 
 echo '=== scenario 5: interop with Linux md'
@@ -230,7 +237,7 @@ run "[ -f /sys/block/nbd0/pid ]"
 run mg 1 --grow /dev/md0 --bitmap=internal
 # The switch restarts the array under the export: /dev/nbd0 still reads the data.
 run 'echo 3 > /proc/sys/vm/drop_caches'
-run "same $sum \$(md5sum < /dev/nbd0 | cut -d' ' -f1)"
+run "same $sum \$(nice -n 10 md5sum < /dev/nbd0 | cut -d' ' -f1)"
 run mg 1 --stop /dev/md0
 run "[ ! -f /sys/block/nbd0/pid ] && same \$(cat /sys/block/nbd0/size) 0"
 for n in 1 2 3; do kill -TERM $(cat /tmp/d$n); done
@@ -239,8 +246,8 @@ elapsed "cluster stopped"
 ` + parts[0] + `
 run mdadm --assemble /dev/md0 --run /dev/loop0 /dev/loop2
 run cat /proc/mdstat
-run "same $sum \$(md5sum < /dev/md0 | cut -d' ' -f1)"
-run /usr/sbin/e2fsck -fn /dev/md0
+run "same $sum \$(nice -n 10 md5sum < /dev/md0 | cut -d' ' -f1)"
+run nice -n 10 /usr/sbin/e2fsck -fn /dev/md0
 run mdadm --stop /dev/md0
 ` + parts[1] + `
 echo ok > /out/s5.ok
@@ -296,6 +303,15 @@ func TestClusterQuick(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	kt := filepath.Join(work, "nbdkerneltest")
+	cmd := exec.Command(tools["go"], "test", "-c", "-o", kt, "github.com/mdcluster/mdcluster/mdcluster/export/nbd/kernel")
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("building the kernel package's tests: %v\n%s", err, b)
+	}
+	if err := g.AddHostFile("bin/nbdkerneltest", kt, 0o755); err != nil {
+		t.Fatal(err)
+	}
 	for _, b := range []struct{ name, src string }{{"sbin/mdadm", tools["mdadm"]}, {"usr/sbin/mke2fs", tools["mke2fs"]}, {"usr/sbin/e2fsck", tools["e2fsck"]}} {
 		if err := g.AddBinary(b.name, b.src); err != nil {
 			t.Fatal(err)
@@ -323,7 +339,10 @@ cat /proc/mdstat > /out/mdstat.txt 2>&1`
 	}
 	start := time.Now()
 	verdict, files, err := Boot(BootOptions{
-		Kernel: k, Initramfs: initrd, WorkDir: work, MemoryMiB: 1536,
+		// Two virtual CPUs: three daemons' failure detectors and the
+		// workload (mke2fs, e2fsck, md5sum, run at a lower priority) share
+		// them.
+		Kernel: k, Initramfs: initrd, WorkDir: work, MemoryMiB: 1536, CPUs: 2,
 		Timeout: 6 * time.Minute, // a guard against a hung guest (it has its own watchdog), not a speed check
 		Verbose: testing.Verbose(),
 	})
@@ -346,6 +365,11 @@ cat /proc/mdstat > /out/mdstat.txt 2>&1`
 	if os.Getenv(OutEnv) != "" {
 		keep()
 		kept = true
+	}
+	if _, ok := files["s0.ok"]; ok {
+		t.Logf("kernel NBD attach test (root namespace, node 1's namespace): passed")
+	} else {
+		t.Errorf("kernel NBD attach test: did not pass:\n%s%s", files["kernel.root.txt"], files["kernel.ns1.txt"])
 	}
 	for _, s := range []string{"s1", "s3", "s5"} {
 		if _, ok := files[s+".ok"]; ok {
