@@ -18,7 +18,7 @@ import (
 // docs/vmtest.md describes it.
 
 // clusterMemberSize is each loop device's size; small because TCG is slow.
-const clusterMemberSize = "32M"
+const clusterMemberSize = "16M"
 
 // clusterNodes is how many daemons run.
 const clusterNodes = 3
@@ -61,7 +61,7 @@ nbd_device = "/dev/nbd%d"
 [control]
 socket = "/run/n%d/mdclusterd.sock"
 [shutdown]
-leave_timeout = "3s"
+leave_timeout = "2s"
 `, n, n, n, strings.Join(seeds, ", "), n, n, n-1, n)
 }
 
