@@ -38,7 +38,8 @@ type BootOptions struct {
 // Boot starts the VM under TCG with an empty raw output disk as the first
 // virtio block device (/dev/vda in the guest), waits for the guest's
 // result line and for QEMU to exit, and returns the verdict word and the
-// files of the tar archive the guest wrote to /dev/vda.
+// files of the tar archive the guest wrote to /dev/vda. When the result
+// line never came, the error comes with whatever archive the disk holds.
 func Boot(o BootOptions) (verdict string, files map[string][]byte, err error) {
 	if o.OutSize == 0 {
 		o.OutSize = 16 << 20
@@ -85,10 +86,13 @@ func Boot(o BootOptions) (verdict string, files map[string][]byte, err error) {
 	// waits for that (or asks ACPI when the guest died another way).
 	vm.Shutdown()
 	if err != nil {
+		// Whatever the guest managed to save is still worth having
+		// (files is nil when it wrote nothing).
+		files, _ = readTar(out)
 		if errors.Is(err, io.EOF) {
-			return "", nil, fmt.Errorf("the VM stopped (or hit its %v timeout) before printing %s; run with -v to see its console", o.Timeout, ResultMarker)
+			return "", files, fmt.Errorf("the VM stopped (or hit its %v timeout) before printing %s; run with -v to see its console", o.Timeout, ResultMarker)
 		}
-		return "", nil, fmt.Errorf("waiting for %s: %w", ResultMarker, err)
+		return "", files, fmt.Errorf("waiting for %s: %w", ResultMarker, err)
 	}
 	files, err = readTar(out)
 	if err != nil {

@@ -349,9 +349,6 @@ cat /proc/mdstat > /out/mdstat.txt 2>&1`
 		Verbose: testing.Verbose(),
 	})
 	t.Logf("VM run (%s) took %v", k.Package, time.Since(start).Round(time.Millisecond))
-	if err != nil {
-		t.Fatal(err)
-	}
 	keep := func() {
 		dir := os.Getenv(OutEnv)
 		if dir == "" {
@@ -362,6 +359,12 @@ cat /proc/mdstat > /out/mdstat.txt 2>&1`
 			return
 		}
 		t.Logf("the guest's log (its console), dmesg and every daemon's log (n1.log, n2.log, n3.log) are in %s", dir)
+	}
+	if err != nil {
+		if files != nil {
+			keep()
+		}
+		t.Fatal(err)
 	}
 	kept := false
 	if os.Getenv(OutEnv) != "" {
