@@ -191,9 +191,9 @@ type conn struct {
 // initNetNS is the initial network namespace, as seen through init.
 const initNetNS = "/proc/1/ns/net"
 
-// dial opens a generic netlink socket and resolves the nbd family. Kernels
-// before 6.x register the family for the initial network namespace only,
-// so a daemon running in a namespace of its own (a container, or the VM
+// dial opens a generic netlink socket and resolves the nbd family. Some
+// kernels (Debian 12's 6.1 among them) register the family for the initial
+// network namespace only, so a daemon running in a namespace of its own (a container, or the VM
 // tests' three nodes) does not find it there; it then retries from the
 // initial namespace, which needs CAP_SYS_ADMIN there as CONNECT does
 // anyway. The socket descriptors handed to the kernel are not tied to a
