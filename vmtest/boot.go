@@ -33,6 +33,10 @@ type BootOptions struct {
 	Timeout   time.Duration // the VM's whole lifetime; QEMU is killed after it
 	Append    []string      // extra kernel command line
 	Verbose   bool          // copy the console to stdout
+	// ConsoleLog, if set, is a file that receives the guest's second
+	// serial port (ttyS1), where a Guest with ConsoleCopy copies its log
+	// as it goes: the console of a guest that hangs before saving /out.
+	ConsoleLog string
 }
 
 // Boot starts the VM under TCG with an empty raw output disk as the first
@@ -62,19 +66,23 @@ func Boot(o BootOptions) (verdict string, files map[string][]byte, err error) {
 	if err := f.Close(); err != nil {
 		return "", nil, fmt.Errorf("output disk: %w", err)
 	}
+	params := []string{
+		"-accel", "tcg", // KVM is not usable on the machines this runs on
+		"-m", fmt.Sprint(o.MemoryMiB),
+		"-smp", fmt.Sprint(o.CPUs),
+		"-drive", "file=" + strings.ReplaceAll(out, ",", ",,") + ",if=virtio,format=raw",
+	}
+	if o.ConsoleLog != "" {
+		params = append(params, "-serial", "file:"+o.ConsoleLog)
+	}
 	vm, err := qemu.NewQemu(&qemu.QemuOptions{
 		OperatingSystem: qemu.OS_LINUX,
 		Kernel:          o.Kernel.Image,
 		InitRamFs:       o.Initramfs,
 		// panic=-1: a guest that panics reboots at once, and -no-reboot
 		// (always set by vmtest) turns that into QEMU exiting.
-		Append: append([]string{"panic=-1", "quiet"}, o.Append...),
-		Params: []string{
-			"-accel", "tcg", // KVM is not usable on the machines this runs on
-			"-m", fmt.Sprint(o.MemoryMiB),
-			"-smp", fmt.Sprint(o.CPUs),
-			"-drive", "file=" + strings.ReplaceAll(out, ",", ",,") + ",if=virtio,format=raw",
-		},
+		Append:  append([]string{"panic=-1", "quiet"}, o.Append...),
+		Params:  params,
 		Timeout: o.Timeout,
 		Verbose: o.Verbose,
 	})

@@ -331,6 +331,7 @@ func TestClusterQuick(t *testing.T) {
 	}
 	// After a failure: stop whatever still runs (the pipe to the console
 	// log stays open while anything holds it), keep the logs.
+	g.ConsoleCopy = true
 	g.Finally = `for f in /tmp/watchdog /tmp/d1 /tmp/d2 /tmp/d3 /tmp/ns1 /tmp/ns2 /tmp/ns3; do [ -f $f ] && kill -9 $(cat $f) 2>/dev/null; done
 dmesg > /out/dmesg.txt
 cat /proc/mdstat > /out/mdstat.txt 2>&1`
@@ -345,8 +346,9 @@ cat /proc/mdstat > /out/mdstat.txt 2>&1`
 		// workload (mke2fs, e2fsck, md5sum, run at a lower priority) share
 		// them.
 		Kernel: k, Initramfs: initrd, WorkDir: work, MemoryMiB: 1536, CPUs: 2,
-		Timeout: 6 * time.Minute, // a guard against a hung guest (it has its own watchdog), not a speed check
-		Verbose: testing.Verbose(),
+		ConsoleLog: filepath.Join(work, "console.log"),
+		Timeout:    6 * time.Minute, // a guard against a hung guest (it has its own watchdog), not a speed check
+		Verbose:    testing.Verbose(),
 	})
 	t.Logf("VM run (%s) took %v", k.Package, time.Since(start).Round(time.Millisecond))
 	keep := func() {
@@ -358,12 +360,14 @@ cat /proc/mdstat > /out/mdstat.txt 2>&1`
 			t.Error(err)
 			return
 		}
-		t.Logf("the guest's log (its console), dmesg and every daemon's log (n1.log, n2.log, n3.log) are in %s", dir)
+		// The console copy survives a guest that never saved /out.
+		if b, err := os.ReadFile(filepath.Join(work, "console.log")); err == nil {
+			os.WriteFile(filepath.Join(dir, "console.log"), b, 0o644)
+		}
+		t.Logf("the guest's log (guest.log; console.log is the copy it wrote to its second serial port as it went), dmesg and every daemon's log (n1.log, n2.log, n3.log) are in %s", dir)
 	}
 	if err != nil {
-		if files != nil {
-			keep()
-		}
+		keep()
 		t.Fatal(err)
 	}
 	kept := false
