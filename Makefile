@@ -6,8 +6,9 @@ export PATH := /usr/local/go/bin:$(PATH)
 
 # Debian packages the tests use: mdadm (format interop checks); QEMU and a
 # static busybox for the VM tests in vmtest/ (they fetch the kernel themselves);
-# libnbd-bin (nbdinfo, nbdcopy) and fio as independent NBD clients.
-APT_PACKAGES ?= mdadm qemu-system-x86 busybox-static libnbd-bin fio
+# libnbd-bin (nbdinfo, nbdcopy) and fio as independent NBD clients;
+# e2fsprogs (mke2fs, e2fsck) for the VM cluster test's file system checks.
+APT_PACKAGES ?= mdadm qemu-system-x86 busybox-static libnbd-bin fio e2fsprogs
 
 .PHONY: all build test demo deps vet race sim fuzz bench clean vmtest
 
@@ -35,7 +36,7 @@ vet:
 	$(GO) vet ./...
 
 race:
-	$(GO) test -race -count=1 ./...
+	$(GO) test -race -count=1 -timeout 20m ./...
 
 # sim runs the deterministic cluster simulation at full strength (2,000
 # seeds; under -race above it runs fewer). SIM_SEEDS=N runs more.
@@ -51,7 +52,7 @@ test: deps vet race sim fuzz
 
 # vmtest runs only the VM tests (real kernel md and mdadm under QEMU); `race` runs them too.
 vmtest: deps
-	$(GO) test -count=1 -v ./vmtest/
+	$(GO) test -count=1 -timeout 20m -v ./vmtest/
 
 # demo runs the product's demo (cmd/mdcluster-demo): three mdclusterd on
 # 127.0.0.1, a clustered raid1 over files, NBD clients, a node killed, a

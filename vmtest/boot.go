@@ -29,21 +29,30 @@ type BootOptions struct {
 	WorkDir   string        // where the output disk image is created
 	OutSize   int64         // size of the output disk, bytes (default 16 MiB)
 	MemoryMiB int           // guest memory (default 512)
+	CPUs      int           // virtual CPUs (default 1); more than one runs TCG multi-threaded
 	Timeout   time.Duration // the VM's whole lifetime; QEMU is killed after it
 	Append    []string      // extra kernel command line
 	Verbose   bool          // copy the console to stdout
+	// ConsoleLog, if set, is a file that receives the guest's second
+	// serial port (ttyS1), where a Guest with ConsoleCopy copies its log
+	// as it goes: the console of a guest that hangs before saving /out.
+	ConsoleLog string
 }
 
 // Boot starts the VM under TCG with an empty raw output disk as the first
 // virtio block device (/dev/vda in the guest), waits for the guest's
 // result line and for QEMU to exit, and returns the verdict word and the
-// files of the tar archive the guest wrote to /dev/vda.
+// files of the tar archive the guest wrote to /dev/vda. When the result
+// line never came, the error comes with whatever archive the disk holds.
 func Boot(o BootOptions) (verdict string, files map[string][]byte, err error) {
 	if o.OutSize == 0 {
 		o.OutSize = 16 << 20
 	}
 	if o.MemoryMiB == 0 {
 		o.MemoryMiB = 512
+	}
+	if o.CPUs == 0 {
+		o.CPUs = 1
 	}
 	out := filepath.Join(o.WorkDir, "out.img")
 	f, err := os.Create(out)
@@ -57,18 +66,23 @@ func Boot(o BootOptions) (verdict string, files map[string][]byte, err error) {
 	if err := f.Close(); err != nil {
 		return "", nil, fmt.Errorf("output disk: %w", err)
 	}
+	params := []string{
+		"-accel", "tcg", // KVM is not usable on the machines this runs on
+		"-m", fmt.Sprint(o.MemoryMiB),
+		"-smp", fmt.Sprint(o.CPUs),
+		"-drive", "file=" + strings.ReplaceAll(out, ",", ",,") + ",if=virtio,format=raw",
+	}
+	if o.ConsoleLog != "" {
+		params = append(params, "-serial", "file:"+o.ConsoleLog)
+	}
 	vm, err := qemu.NewQemu(&qemu.QemuOptions{
 		OperatingSystem: qemu.OS_LINUX,
 		Kernel:          o.Kernel.Image,
 		InitRamFs:       o.Initramfs,
 		// panic=-1: a guest that panics reboots at once, and -no-reboot
 		// (always set by vmtest) turns that into QEMU exiting.
-		Append: append([]string{"panic=-1", "quiet"}, o.Append...),
-		Params: []string{
-			"-accel", "tcg", // KVM is not usable on the machines this runs on
-			"-m", fmt.Sprint(o.MemoryMiB),
-			"-drive", "file=" + strings.ReplaceAll(out, ",", ",,") + ",if=virtio,format=raw",
-		},
+		Append:  append([]string{"panic=-1", "quiet"}, o.Append...),
+		Params:  params,
 		Timeout: o.Timeout,
 		Verbose: o.Verbose,
 	})
@@ -80,10 +94,13 @@ func Boot(o BootOptions) (verdict string, files map[string][]byte, err error) {
 	// waits for that (or asks ACPI when the guest died another way).
 	vm.Shutdown()
 	if err != nil {
+		// Whatever the guest managed to save is still worth having
+		// (files is nil when it wrote nothing).
+		files, _ = readTar(out)
 		if errors.Is(err, io.EOF) {
-			return "", nil, fmt.Errorf("the VM stopped (or hit its %v timeout) before printing %s; run with -v to see its console", o.Timeout, ResultMarker)
+			return "", files, fmt.Errorf("the VM stopped (or hit its %v timeout) before printing %s; run with -v to see its console", o.Timeout, ResultMarker)
 		}
-		return "", nil, fmt.Errorf("waiting for %s: %w", ResultMarker, err)
+		return "", files, fmt.Errorf("waiting for %s: %w", ResultMarker, err)
 	}
 	files, err = readTar(out)
 	if err != nil {

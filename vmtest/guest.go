@@ -14,6 +14,12 @@ type Guest struct {
 	*Initramfs
 	modules    []string          // names, in load order
 	moduleArgs map[string]string // insmod parameters by module name
+	// Finally is shell run after the body whether it failed or not,
+	// before /out is saved: collecting logs (dmesg, daemons' logs).
+	Finally string
+	// ConsoleCopy also writes the log to the second serial port, /dev/ttyS1
+	// (BootOptions.ConsoleLog on the host), as it is written.
+	ConsoleCopy bool
 }
 
 // NewGuest starts a guest image with the static busybox at busybox and
@@ -78,7 +84,13 @@ modules() {
 body() {
 %s}
 
-{ modules && body; echo $? > /tmp/status; } 2>&1 | tee /out/guest.log
+finally() {
+	:
+%s}
+
+# The body runs in a subshell, so that run's exit ends only the body and
+# its status is recorded, and finally still runs.
+{ modules && ( body ); echo $? > /tmp/status; finally; } 2>&1 | tee /out/guest.log %s
 verdict=failed
 [ "$(cat /tmp/status 2>/dev/null)" = 0 ] && verdict=ok
 i=0
@@ -98,7 +110,15 @@ func (g *Guest) Write(path, body string) error {
 	if !strings.HasSuffix(body, "\n") {
 		body += "\n"
 	}
-	g.AddFile("init", []byte(fmt.Sprintf(initTemplate, ins.String(), body)), 0o755)
+	fin := g.Finally
+	if fin != "" && !strings.HasSuffix(fin, "\n") {
+		fin += "\n"
+	}
+	cp := ""
+	if g.ConsoleCopy {
+		cp = "/dev/ttyS1"
+	}
+	g.AddFile("init", []byte(fmt.Sprintf(initTemplate, ins.String(), body, fin, cp)), 0o755)
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return err
 	}

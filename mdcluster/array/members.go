@@ -42,6 +42,14 @@ type FileMember struct {
 	block bool
 }
 
+// SharedKernelEnv, when set in the environment, drops O_EXCL from
+// OpenFile's writable opens of block devices. O_EXCL keeps a local md
+// array or file system off a member, but it is system-wide: several nodes
+// run under one kernel (the VM cluster tests, whose nodes share loop
+// devices and so their page cache) would lock each other out. Never set
+// it on a real node.
+const SharedKernelEnv = "MDCLUSTER_SHARED_KERNEL"
+
 // OpenFile opens path as a member device. With writable, the device is
 // opened read-write and, for block devices, exclusively (O_EXCL), the way
 // mdadm claims members: a block device that is mounted, or already held by
@@ -61,7 +69,7 @@ func OpenFile(path string, writable bool) (*FileMember, error) {
 	flag := os.O_RDONLY
 	if writable {
 		flag = os.O_RDWR
-		if block {
+		if block && os.Getenv(SharedKernelEnv) == "" {
 			flag |= unix.O_EXCL
 		}
 	}

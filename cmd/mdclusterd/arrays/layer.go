@@ -31,6 +31,7 @@ import (
 	"github.com/mdcluster/mdcluster/mdcluster/array"
 	"github.com/mdcluster/mdcluster/mdcluster/ctl"
 	"github.com/mdcluster/mdcluster/mdcluster/export/nbd"
+	"github.com/mdcluster/mdcluster/mdcluster/export/nbd/kernel"
 	"github.com/mdcluster/mdcluster/mdcluster/superblock"
 )
 
@@ -69,6 +70,8 @@ type arr struct {
 	srv     *nbd.Server
 	lns     []net.Listener
 	socket  string
+	// kdev is the export attached as /dev/nbdN (export.nbd_device).
+	kdev *kernel.Attachment
 }
 
 // New returns the array layer.
@@ -339,8 +342,13 @@ func (l *Layer) started(a *arr, md string) error {
 	for _, ln := range lns {
 		go srv.Serve(ln)
 	}
+	kdev, err := l.attachKernel(a, srv, name, md)
+	if err != nil {
+		srv.Close()
+		return err
+	}
 	l.mu.Lock()
-	a.md, a.running, a.srv, a.lns, a.socket = md, true, srv, lns, sock
+	a.md, a.running, a.srv, a.lns, a.socket, a.kdev = md, true, srv, lns, sock, kdev
 	l.mu.Unlock()
 	l.log.Info("array running: exported over NBD", "array", md, "uuid", bitmap.FormatUUID(a.uuid), "socket", sock,
 		"size", be.size)
@@ -350,10 +358,13 @@ func (l *Layer) started(a *arr, md string) error {
 // stopArr stops the export and the array here.
 func (l *Layer) stopArr(ctx context.Context, a *arr) error {
 	l.mu.Lock()
-	srv := a.srv
-	a.srv, a.running = nil, false
+	srv, kdev := a.srv, a.kdev
+	a.srv, a.running, a.kdev = nil, false, nil
 	l.mu.Unlock()
 	var errs []error
+	if kdev != nil {
+		errs = append(errs, kdev.Detach())
+	}
 	if srv != nil {
 		errs = append(errs, srv.Close())
 	}
@@ -443,9 +454,12 @@ func (l *Layer) Close() error {
 	l.wg.Wait()
 	for _, a := range as {
 		l.mu.Lock()
-		srv := a.srv
-		a.srv, a.running = nil, false
+		srv, kdev := a.srv, a.kdev
+		a.srv, a.running, a.kdev = nil, false, nil
 		l.mu.Unlock()
+		if kdev != nil {
+			kdev.Detach()
+		}
 		if srv != nil {
 			srv.Close()
 		}

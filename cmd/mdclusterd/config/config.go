@@ -138,6 +138,9 @@ type Array struct {
 	ExportSocket string
 	// ExportTCP is an optional loopback TCP address of its NBD export.
 	ExportTCP string
+	// NBDDevice, when set ("/dev/nbdN"), also attaches the export to the
+	// kernel's NBD client as that device while the array runs here.
+	NBDDevice string
 }
 
 // Log configures the daemon's log (slog, to stderr).

@@ -166,6 +166,38 @@ func TestParseValid(t *testing.T) {
 
 // TestParseErrors changes one line of a valid file at a time and expects
 // exactly the one error naming that line and field.
+func TestParseNBDDevice(t *testing.T) {
+	cfg, err := Parse(file, []byte(replaceLine(30, `nbd_device = "/dev/nbd3"`)), testFS())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Arrays[0].NBDDevice != "/dev/nbd3" {
+		t.Errorf("nbd_device %q, want /dev/nbd3", cfg.Arrays[0].NBDDevice)
+	}
+	two := replaceLine(30, `nbd_device = "/dev/nbd3"`) + `[[array]]
+name = "md1"
+[array.export]
+socket = "/run/mdcluster/md1.nbd"
+nbd_device = "/dev/nbd3"
+`
+	_, err = Parse(file, []byte(two), testFS())
+	if want := file + ":41: array[1].export.nbd_device: /dev/nbd3 is also the NBD device of array[0]"; err == nil || err.Error() != want {
+		t.Errorf("two arrays on one NBD device: %v, want %s", err, want)
+	}
+	if base := mustParse(t, base); base.Arrays[0].NBDDevice != "" {
+		t.Errorf("nbd_device %q without the key", base.Arrays[0].NBDDevice)
+	}
+}
+
+func mustParse(t *testing.T, doc string) *Config {
+	t.Helper()
+	cfg, err := Parse(file, []byte(doc), testFS())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cfg
+}
+
 func TestParseErrors(t *testing.T) {
 	cases := []struct {
 		line int
@@ -214,6 +246,8 @@ func TestParseErrors(t *testing.T) {
 		{27, `name = "md 0"`, `27: array[0].name: array name "md 0": only letters, digits, '.', '_' and '-'`},
 		{27, `uuid = "3d5f6a1e:8c2b4f70:9a1d2e3f"`, `27: array[0].uuid: "3d5f6a1e:8c2b4f70:9a1d2e3f" is not an array UUID (32 hex digits, e.g. as mdadm prints it: 3d5f6a1e:8c2b4f70:9a1d2e3f:4b5c6d7e)`},
 		{30, `tcp = "10.0.0.1:10809"`, `30: array[0].export.tcp: "10.0.0.1:10809" is not a loopback address (127.0.0.0/8, ::1 or localhost): NBD has no authentication, so it is served on this host only`},
+		{30, `nbd_device = "/dev/sda"`, `30: array[0].export.nbd_device: "/dev/sda" is not an NBD device path (/dev/nbdN)`},
+		{30, `nbd_device = "/dev/nbd70000"`, `30: array[0].export.nbd_device: "/dev/nbd70000": device number out of range 0..65535`},
 		{32, `format = "logfmt"`, `32: log.format: "logfmt" is not a log format ("text" or "json")`},
 		{32, `level = "trace"`, `32: log.level: "trace" is not a log level ("debug", "info", "warn" or "error")`},
 		{34, `listen = "9466"`, `34: metrics.listen: "9466" is not host:port (missing port in address)`},

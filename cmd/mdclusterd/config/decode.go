@@ -13,6 +13,7 @@ import (
 
 	"github.com/mdcluster/mdcluster/ddraid"
 	"github.com/mdcluster/mdcluster/mdcluster/ctl"
+	"github.com/mdcluster/mdcluster/mdcluster/export/nbd/kernel"
 	"github.com/mdcluster/mdcluster/mdcluster/membership/gossip"
 )
 
@@ -490,6 +491,16 @@ func (d *decoder) arrays(root *table, haveSearch bool) []Array {
 					seen["tcp "+s] = t.path
 					a.ExportTCP = s
 				}
+			}
+		}
+		if s, ok := d.str(ex, "nbd_device"); ok {
+			if _, err := kernel.ParseDevice(s); err != nil {
+				d.errorf(ex.key("nbd_device"), "%v", err)
+			} else if prev, dup := seen["nbd "+s]; dup {
+				d.errorf(ex.key("nbd_device"), "%s is also the NBD device of %s", s, prev)
+			} else {
+				seen["nbd "+s] = t.path
+				a.NBDDevice = s
 			}
 		}
 		d.done(ex)
