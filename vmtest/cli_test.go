@@ -51,14 +51,16 @@ type cliStep struct {
 	plain   string // shell line run as `try $T <plain>`
 }
 
-func capt(id, args string) cliStep { return cliStep{capture: &cliCapture{id: id, args: args, okExit: true}} }
+func capt(id, args string) cliStep {
+	return cliStep{capture: &cliCapture{id: id, args: args, okExit: true}}
+}
 func detail(id, md string) cliStep {
 	return cliStep{capture: &cliCapture{id: id, args: "--detail " + md, detail: true, okExit: true}}
 }
 func bad(id, args string) cliStep {
 	return cliStep{capture: &cliCapture{id: id, args: args, errExit: true}}
 }
-func r10(s cliStep) cliStep { s.capture.raid10 = true; return s }
+func r10(s cliStep) cliStep  { s.capture.raid10 = true; return s }
 func wait(md string) cliStep { return cliStep{plain: "--wait " + md} }
 
 // cliScript is what both tools run, in order: the arrays (raid1 with an

@@ -70,9 +70,9 @@ type arr struct {
 	// startSeq orders the running arrays by when they started here:
 	// the status view lists the newest first, as /proc/mdstat does.
 	startSeq uint64
-	srv     *nbd.Server
-	lns     []net.Listener
-	socket  string
+	srv      *nbd.Server
+	lns      []net.Listener
+	socket   string
 }
 
 // New returns the array layer.
@@ -752,26 +752,38 @@ func (l *Layer) devices(ctx context.Context, command string, args ctl.DevicesArg
 	return res, nil
 }
 
-// syncing reports whether any resync or recovery runs or is owed.
-func syncing(st array.ArrayStatus) bool {
+// syncing reports whether any resync or recovery runs or is owed: a
+// spare waiting to be activated into an empty slot (raidDisks slots) is
+// a recovery owed, as md's is once --add returns.
+func syncing(st array.ArrayStatus, raidDisks int) bool {
 	if st.Sync.Running || st.Sync.Pending || st.Sync.Remote.Active() || !st.Clean {
 		return true
 	}
+	inSlot, spares := 0, 0
 	for _, m := range st.Members {
-		if m.State == array.MemberRecovering {
+		switch m.State {
+		case array.MemberRecovering:
 			return true
+		case array.MemberInSync:
+			inSlot++
+		case array.MemberSpare:
+			spares++
 		}
 	}
-	return false
+	return spares > 0 && inSlot < raidDisks
 }
 
 func (l *Layer) wait(ctx context.Context, a *arr) (any, error) {
-	if !syncing(a.mgr.Status()) {
+	raidDisks := 0
+	if ins, err := l.info(a); err == nil {
+		raidDisks = ins.Info.RaidDisks
+	}
+	if !syncing(a.mgr.Status(), raidDisks) {
 		return ctl.WaitResult{}, nil
 	}
 	t := time.NewTicker(100 * time.Millisecond)
 	defer t.Stop()
-	for syncing(a.mgr.Status()) {
+	for syncing(a.mgr.Status(), raidDisks) {
 		select {
 		case <-ctx.Done():
 			return nil, ctx.Err()
@@ -848,9 +860,11 @@ func (l *Layer) detail(a *arr) (any, error) {
 			d.Devices = append(d.Devices, ctl.DetailDevice{Number: -1, RaidDevice: i, Removed: true})
 			continue
 		}
-		dd := ctl.DetailDevice{Number: int(m.Dev), RaidDevice: i, Active: true, Device: m.Path}
+		// md counts only in-sync members active: a recovering one is
+		// a "spare rebuilding" in --detail.
+		dd := ctl.DetailDevice{Number: int(m.Dev), RaidDevice: i, Device: m.Path}
 		if m.State == array.MemberInSync {
-			dd.InSync = true
+			dd.Active, dd.InSync = true, true
 		} else {
 			d.Degraded = true
 		}
