@@ -56,7 +56,14 @@ func TestDemoTimingsRepeated(t *testing.T) {
 	if out, err := build.CombinedOutput(); err != nil {
 		t.Fatalf("build: %v\n%s", err, out)
 	}
-	dir := t.TempDir()
+	// MDCLUSTER_DEMO_DIR keeps the cluster's directory (logs, configs,
+	// images) for a look afterwards.
+	dir := os.Getenv("MDCLUSTER_DEMO_DIR")
+	if dir == "" {
+		dir = t.TempDir()
+	} else if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
 	var log strings.Builder
 	c, err := Setup(dir, bin, &log)
 	if err != nil {
@@ -170,11 +177,21 @@ func TestDemoTimingsRepeated(t *testing.T) {
 		line = waitNth(ctx, t, []*Daemon{n1, n3}, endsBefore, slotResyncEnd)
 		resynced = append(resynced, since(kill, line))
 
+		// Restarting the victim within a few milliseconds of the end of
+		// the slot resync has twice left a survivor's lock recovery of
+		// the view that readmits it unfinished (the survivor was then
+		// excluded a minute later), so the measurement waits first; that
+		// hang is reported, not worked around in the daemon.
+		time.Sleep(restartPause)
+		restart := time.Now()
 		if err := c.Start(n2); err != nil {
 			t.Fatal(err)
 		}
-		if err := c.WaitView(ctx, 3); err != nil {
-			t.Fatal(err)
+		vctx, vcancel := context.WithTimeout(ctx, time.Minute)
+		err = c.WaitView(vctx, 3)
+		vcancel()
+		if err != nil {
+			t.Fatalf("repetition %d: node 2 restarted at %s: %v", i, restart.UTC().Format(time.RFC3339Nano), err)
 		}
 		// md0 is in node 2's configuration: it is assembled at start.
 		for {
@@ -195,6 +212,10 @@ func TestDemoTimingsRepeated(t *testing.T) {
 	report(t, "kill -9 -> a survivor holds its slot and resyncs its dirty chunks", resyncing)
 	report(t, "kill -9 -> its dirty chunks resynced", resynced)
 }
+
+// restartPause is how long the killed node stays down after its slot was
+// resynced.
+const restartPause = 2 * time.Second
 
 // The survivors' log lines at the start and end of a recovered slot's
 // resync (mdcluster/array).
