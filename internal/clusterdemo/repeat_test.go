@@ -21,7 +21,7 @@ const RepeatEnv = "MDCLUSTER_DEMO_REPEAT"
 
 // TestDemoTimingsRepeated measures, over N repetitions in one run of three
 // mdclusterd processes (storage-LAN profile, loopback, file members,
-// clustered raid1), the two timings the daemon promises, kill -9 first:
+// clustered raid1), the two timings the daemon promises:
 //
 //   - add spare: `mdadm-go /dev/md0 --add X` on node 1 returns once every
 //     node has confirmed the new disk (NEWDISK), before any rebuild. The
@@ -34,12 +34,13 @@ const RepeatEnv = "MDCLUSTER_DEMO_REPEAT"
 //     holds the slot, recovered), and to the end of that resync. Node 2 is
 //     restarted and reassembles md0 before the next repetition.
 //
-// It prints the median, min and max of each. (Run the other way round,
-// ten add/remove cycles of a spare before the first kill, the restart of
-// the killed node left a survivor's lock recovery of the view that
-// readmits it unfinished, three times of three.) Times after the kill come
-// from the daemons' and the fence agent's log timestamps. Slow (about
-// 10 s a repetition), so it runs only with MDCLUSTER_DEMO_REPEAT=N.
+// It prints the median, min and max of each. The spares are added first
+// on purpose: each add used to make some nodes attach a phantom array
+// (the added device's candidate UUID) whose lockspace a restarted node
+// never opened, so the survivors' lock recovery of the view readmitting
+// it never finished (fixed in the array layer's scanner). Times after the
+// kill come from the daemons' and the fence agent's log timestamps. Slow
+// (about 5 s a repetition), so it runs only with MDCLUSTER_DEMO_REPEAT=N.
 func TestDemoTimingsRepeated(t *testing.T) {
 	n, _ := strconv.Atoi(os.Getenv(RepeatEnv))
 	if n <= 0 {
@@ -83,6 +84,17 @@ func TestDemoTimingsRepeated(t *testing.T) {
 			}
 		}
 	}()
+	// MDCLUSTER_DEMO_LOG_LEVEL=debug makes the daemons log at that level.
+	if lvl := os.Getenv("MDCLUSTER_DEMO_LOG_LEVEL"); lvl != "" {
+		for _, d := range c.Nodes {
+			f, err := os.OpenFile(d.Config, os.O_APPEND|os.O_WRONLY, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			fmt.Fprintf(f, "[log]\nlevel = %q\n", lvl)
+			f.Close()
+		}
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(n)*40*time.Second+time.Minute)
 	defer cancel()
 	var r Result
@@ -90,135 +102,130 @@ func TestDemoTimingsRepeated(t *testing.T) {
 		t.Fatal(err)
 	}
 	n1, n2, n3 := c.Nodes[0], c.Nodes[1], c.Nodes[2]
-
-	// kill -9 of a writing node, then restart it.
 	a := filepath.Join(c.Disks, "a.img")
-	var departed, fenced, resyncing, resynced []time.Duration
-	for i := 0; i < n; i++ {
-		before := map[*Daemon]int{n1: len(n1.Grep("nodes departed", "nodes=[2]")), n3: len(n3.Grep("nodes departed", "nodes=[2]"))}
-		startsBefore := map[*Daemon]int{n1: len(n1.Grep(slotResyncStart)), n3: len(n3.Grep(slotResyncStart))}
-		endsBefore := map[*Daemon]int{n1: len(n1.Grep(slotResyncEnd)), n3: len(n3.Grep(slotResyncEnd))}
-		fencesBefore := strings.Count(readFile(filepath.Join(dir, "fence.log")), "fenced node 2")
 
-		fio := exec.Command("fio", "--name=node2", "--ioengine=nbd", "--uri="+n2.URI(), "--rw=randwrite", "--bs=64k",
-			fmt.Sprintf("--offset=%d", DataSize), fmt.Sprintf("--size=%d", 24<<20), "--time_based", "--runtime=60", "--iodepth=4")
-		fl, err := os.Create(filepath.Join(dir, fmt.Sprintf("fio-%d.log", i)))
-		if err != nil {
-			t.Fatal(err)
-		}
-		fio.Stdout, fio.Stderr = fl, fl
-		if err := fio.Start(); err != nil {
-			t.Fatal(err)
-		}
-		fioDone := make(chan struct{})
-		go func() { fio.Wait(); fl.Close(); close(fioDone) }()
-		for deadline := time.Now().Add(15 * time.Second); ; {
-			dirty, err := c.SlotDirty(ctx, a, 1)
+	killPhase := func() {
+		// kill -9 of a writing node, then restart it.
+		var departed, fenced, resyncing, resynced []time.Duration
+		for i := 0; i < n; i++ {
+			before := map[*Daemon]int{n1: len(n1.Grep("nodes departed", "nodes=[2]")), n3: len(n3.Grep("nodes departed", "nodes=[2]"))}
+			startsBefore := map[*Daemon]int{n1: len(n1.Grep(slotResyncStart)), n3: len(n3.Grep(slotResyncStart))}
+			endsBefore := map[*Daemon]int{n1: len(n1.Grep(slotResyncEnd)), n3: len(n3.Grep(slotResyncEnd))}
+			fencesBefore := strings.Count(readFile(filepath.Join(dir, "fence.log")), "fenced node 2")
+
+			fio := exec.Command("fio", "--name=node2", "--ioengine=nbd", "--uri="+n2.URI(), "--rw=randwrite", "--bs=64k",
+				fmt.Sprintf("--offset=%d", DataSize), fmt.Sprintf("--size=%d", 24<<20), "--time_based", "--runtime=60", "--iodepth=4")
+			fl, err := os.Create(filepath.Join(dir, fmt.Sprintf("fio-%d.log", i)))
 			if err != nil {
 				t.Fatal(err)
 			}
-			if dirty > 0 {
-				break
+			fio.Stdout, fio.Stderr = fl, fl
+			if err := fio.Start(); err != nil {
+				t.Fatal(err)
 			}
-			if time.Now().After(deadline) {
-				fio.Process.Signal(syscall.SIGKILL)
-				<-fioDone
-				t.Fatalf("repetition %d: node 2's slot shows no dirty chunk while fio writes", i)
+			fioDone := make(chan struct{})
+			go func() { fio.Wait(); fl.Close(); close(fioDone) }()
+			for deadline := time.Now().Add(15 * time.Second); ; {
+				dirty, err := c.SlotDirty(ctx, a, 1)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if dirty > 0 {
+					break
+				}
+				if time.Now().After(deadline) {
+					fio.Process.Signal(syscall.SIGKILL)
+					<-fioDone
+					t.Fatalf("repetition %d: node 2's slot shows no dirty chunk while fio writes", i)
+				}
+				time.Sleep(20 * time.Millisecond)
 			}
-			time.Sleep(20 * time.Millisecond)
-		}
-		kill := time.Now()
-		n2.Kill()
-		fio.Process.Signal(syscall.SIGKILL)
-		<-fioDone
+			kill := time.Now()
+			n2.Kill()
+			fio.Process.Signal(syscall.SIGKILL)
+			<-fioDone
 
-		line := waitNth(ctx, t, []*Daemon{n1}, before, "nodes departed", "nodes=[2]")
-		departed = append(departed, since(kill, line))
-		for {
-			if s := readFile(filepath.Join(dir, "fence.log")); strings.Count(s, "fenced node 2") > fencesBefore {
-				ls := strings.Split(strings.TrimSpace(s), "\n")
-				fenced = append(fenced, since(kill, ls[len(ls)-1]))
-				break
+			line := waitNth(ctx, t, []*Daemon{n1}, before, "nodes departed", "nodes=[2]")
+			departed = append(departed, since(kill, line))
+			for {
+				if s := readFile(filepath.Join(dir, "fence.log")); strings.Count(s, "fenced node 2") > fencesBefore {
+					ls := strings.Split(strings.TrimSpace(s), "\n")
+					fenced = append(fenced, since(kill, ls[len(ls)-1]))
+					break
+				}
+				if ctx.Err() != nil {
+					t.Fatalf("repetition %d: node 2 was not fenced", i)
+				}
+				time.Sleep(20 * time.Millisecond)
 			}
-			if ctx.Err() != nil {
-				t.Fatalf("repetition %d: node 2 was not fenced", i)
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
-		line = waitNth(ctx, t, []*Daemon{n1, n3}, startsBefore, slotResyncStart)
-		resyncing = append(resyncing, since(kill, line))
-		line = waitNth(ctx, t, []*Daemon{n1, n3}, endsBefore, slotResyncEnd)
-		resynced = append(resynced, since(kill, line))
+			line = waitNth(ctx, t, []*Daemon{n1, n3}, startsBefore, slotResyncStart)
+			resyncing = append(resyncing, since(kill, line))
+			line = waitNth(ctx, t, []*Daemon{n1, n3}, endsBefore, slotResyncEnd)
+			resynced = append(resynced, since(kill, line))
 
-		// Restarting the victim within a few milliseconds of the end of
-		// the slot resync has twice left a survivor's lock recovery of
-		// the view that readmits it unfinished (the survivor was then
-		// excluded a minute later), so the measurement waits first; that
-		// hang is reported, not worked around in the daemon.
-		time.Sleep(restartPause)
-		restart := time.Now()
-		if err := c.Start(n2); err != nil {
-			t.Fatal(err)
-		}
-		vctx, vcancel := context.WithTimeout(ctx, time.Minute)
-		err = c.WaitView(vctx, 3)
-		vcancel()
-		if err != nil {
-			t.Fatalf("repetition %d: node 2 restarted at %s: %v", i, restart.UTC().Format(time.RFC3339Nano), err)
-		}
-		// md0 is in node 2's configuration: it is assembled at start.
-		for {
-			if _, err := c.Mdadm(ctx, n2, "--detail", "/dev/md0"); err == nil {
-				break
+			restart := time.Now()
+			if err := c.Start(n2); err != nil {
+				t.Fatal(err)
 			}
-			if ctx.Err() != nil {
-				t.Fatalf("repetition %d: node 2 did not reassemble md0", i)
+			vctx, vcancel := context.WithTimeout(ctx, time.Minute)
+			err = c.WaitView(vctx, 3)
+			vcancel()
+			if err != nil {
+				t.Fatalf("repetition %d: node 2 restarted at %s: %v", i, restart.UTC().Format(time.RFC3339Nano), err)
 			}
-			time.Sleep(50 * time.Millisecond)
+			// md0 is in node 2's configuration: it is assembled at start.
+			for {
+				if _, err := c.Mdadm(ctx, n2, "--detail", "/dev/md0"); err == nil {
+					break
+				}
+				if ctx.Err() != nil {
+					t.Fatalf("repetition %d: node 2 did not reassemble md0", i)
+				}
+				time.Sleep(50 * time.Millisecond)
+			}
+			if _, err := c.Mdadm(ctx, n1, "--wait", "/dev/md0"); err != nil && !strings.Contains(err.Error(), "exit status 1") {
+				t.Fatal(err)
+			}
 		}
-		if _, err := c.Mdadm(ctx, n1, "--wait", "/dev/md0"); err != nil && !strings.Contains(err.Error(), "exit status 1") {
-			t.Fatal(err)
-		}
+		report(t, "kill -9 of a writing node -> survivors' view without it", departed)
+		report(t, "kill -9 -> fenced", fenced)
+		report(t, "kill -9 -> a survivor holds its slot and resyncs its dirty chunks", resyncing)
+		report(t, "kill -9 -> its dirty chunks resynced", resynced)
 	}
-	report(t, "kill -9 of a writing node -> survivors' view without it", departed)
-	report(t, "kill -9 -> fenced", fenced)
-	report(t, "kill -9 -> a survivor holds its slot and resyncs its dirty chunks", resyncing)
-	report(t, "kill -9 -> its dirty chunks resynced", resynced)
-
-	// Add spare, confirmed on every node, then removed again.
-	var add []time.Duration
-	for i := 0; i < n; i++ {
-		img, err := c.Image(fmt.Sprintf("spare%d.img", i), ImageSize)
-		if err != nil {
-			t.Fatal(err)
-		}
-		start := time.Now()
-		out, err := c.Mdadm(ctx, n1, "/dev/md0", "--add", img)
-		d := time.Since(start)
-		if err != nil {
-			t.Fatalf("repetition %d: %v", i, err)
-		}
-		if !strings.Contains(out, "added "+img) {
-			t.Fatalf("repetition %d: --add said %q", i, out)
-		}
-		add = append(add, d)
-		// Every node lists the spare.
-		for _, dn := range c.Nodes {
-			out, err := c.Mdadm(ctx, dn, "--detail", "/dev/md0")
-			if err != nil || !strings.Contains(out, "spare   "+img) {
-				t.Fatalf("repetition %d: node %d does not list %s as a spare: %v\n%s", i, dn.ID, img, err, out)
+	addPhase := func() {
+		// Add spare, confirmed on every node, then removed again.
+		var add []time.Duration
+		for i := 0; i < n; i++ {
+			img, err := c.Image(fmt.Sprintf("spare%d.img", i), ImageSize)
+			if err != nil {
+				t.Fatal(err)
+			}
+			start := time.Now()
+			out, err := c.Mdadm(ctx, n1, "/dev/md0", "--add", img)
+			d := time.Since(start)
+			if err != nil {
+				t.Fatalf("repetition %d: %v", i, err)
+			}
+			if !strings.Contains(out, "added "+img) {
+				t.Fatalf("repetition %d: --add said %q", i, out)
+			}
+			add = append(add, d)
+			// Every node lists the spare.
+			for _, dn := range c.Nodes {
+				out, err := c.Mdadm(ctx, dn, "--detail", "/dev/md0")
+				if err != nil || !strings.Contains(out, "spare   "+img) {
+					t.Fatalf("repetition %d: node %d does not list %s as a spare: %v\n%s", i, dn.ID, img, err, out)
+				}
+			}
+			if out, err := c.Mdadm(ctx, n1, "/dev/md0", "--remove", img); err != nil {
+				t.Fatalf("repetition %d: removing the spare: %v\n%s", i, err, out)
 			}
 		}
-		if out, err := c.Mdadm(ctx, n1, "/dev/md0", "--remove", img); err != nil {
-			t.Fatalf("repetition %d: removing the spare: %v\n%s", i, err, out)
-		}
+		report(t, "add spare: mdadm-go --add returns, confirmed by every node", add)
 	}
-	report(t, "add spare: mdadm-go --add returns, confirmed by every node", add)
+	addPhase()
+	killPhase()
 }
-
-// restartPause is how long the killed node stays down after its slot was
-// resynced.
-const restartPause = 2 * time.Second
 
 // The survivors' log lines at the start and end of a recovered slot's
 // resync (mdcluster/array).

@@ -166,9 +166,29 @@ func (l *Layer) scan(ctx context.Context) {
 	for _, sb := range l.probe() {
 		seen[sb.SetUUID] = true
 	}
+	l.mu.Lock()
+	dropCandidates(seen, func(u [16]byte) bool { _, ok := l.arrays[u]; return ok })
+	l.mu.Unlock()
 	for u := range seen {
 		if _, err := l.ensure(ctx, u); err != nil {
 			l.log.Debug("attach", "uuid", bitmap.FormatUUID(u), "err", err)
+		}
+	}
+}
+
+// dropCandidates removes from seen the UUIDs that are the candidate UUID
+// of an array attached here (attached reports that). A device being added
+// carries its array's candidate UUID until the add commits; attaching
+// that as an array would open a lockspace that only the nodes that
+// scanned at that moment have, and the lock manager's recovery of the
+// next view waits for every member to open it: forever, once a node has
+// restarted since. (A node that starts while an add is in flight sees
+// both for the first time in one scan and cannot tell them apart; that
+// window is an add's.)
+func dropCandidates(seen map[[16]byte]bool, attached func([16]byte) bool) {
+	for u := range seen {
+		if attached(array.CandidateUUID(u)) && !attached(u) {
+			delete(seen, u)
 		}
 	}
 }

@@ -89,3 +89,27 @@ func TestCommandErrors(t *testing.T) {
 		t.Fatalf("list with nothing running: %v %v", res, err)
 	}
 }
+
+// TestDropCandidates: a device being added (the array's candidate UUID)
+// is not attached as an array of its own; other arrays are, and so is a
+// candidate whose array is not attached here.
+func TestDropCandidates(t *testing.T) {
+	a := [16]byte{0x82, 1, 2, 3}
+	b := [16]byte{0x11, 9}
+	ca, cb := array.CandidateUUID(a), array.CandidateUUID(b)
+	if ca == a || array.CandidateUUID(ca) != a {
+		t.Fatalf("candidate of %x is %x", a, ca)
+	}
+	seen := map[[16]byte]bool{a: true, ca: true, b: true, cb: true}
+	attached := map[[16]byte]bool{a: true}
+	dropCandidates(seen, func(u [16]byte) bool { return attached[u] })
+	want := map[[16]byte]bool{a: true, b: true, cb: true}
+	if len(seen) != len(want) {
+		t.Fatalf("left %v, want %v", seen, want)
+	}
+	for u := range want {
+		if !seen[u] {
+			t.Errorf("%x dropped", u)
+		}
+	}
+}
