@@ -88,7 +88,7 @@ var cliScript = []cliStep{
 	detail("detail-failed", "/dev/md2"),
 
 	// Bad and edge invocations: the same message and exit status, and
-	// nothing changed (the details and the status view at the end).
+	// nothing changed (the details and the status view after them).
 	bad("add-missing-device", "/dev/md0 --add /dev/nonexistent"),
 	bad("fail-non-member", "/dev/md0 --fail {9}"),
 	bad("remove-non-member", "/dev/md0 --remove {9}"),
@@ -119,13 +119,17 @@ var cliScript = []cliStep{
 	detail("detail-removed", "/dev/md2"),
 	r10(capt("stop-r10", "--stop /dev/md1")),
 	r10(bad("detail-stopped", "--detail /dev/md1")),
+	{capture: &cliCapture{id: "status", args: "--status", status: true}},
+	capt("stop-r1", "--stop /dev/md0"),
+	bad("detail-stopped-r1", "--detail /dev/md0"),
+	bad("stop-stopped-r1", "--stop /dev/md0"),
 }
 
 // cliPlan returns the guest body and the captures. The body defines
 // `steps` (the script with $T as the tool and $TAG naming its outputs),
 // runs it with real mdadm, tears everything down, starts mdclusterd and
-// runs it again with mdadm-go. The status views are captured at the end
-// of each pass: /proc/mdstat for the kernel, `mdadm-go --status` for us.
+// runs it again with mdadm-go. The status view is /proc/mdstat for the
+// kernel and `mdadm-go --status` for us.
 func cliPlan() (body string, caps []cliCapture) {
 	var b strings.Builder
 	b.WriteString(`run mkdir -p /img /run/mdc /var/lib
@@ -168,6 +172,13 @@ steps() {
 			continue
 		}
 		c := *s.capture
+		if c.status {
+			// The kernel's status view is /proc/mdstat; ours is --status.
+			fmt.Fprintf(&b, "\tif [ $T = mdadm ]; then cp /proc/mdstat /out/%[1]s.mdadm.stdout; "+
+				": >/out/%[1]s.mdadm.stderr; echo 0 >/out/%[1]s.mdadm.exit; else capture %[1]s %[2]s; fi\n", c.id, c.args)
+			caps = append(caps, c)
+			continue
+		}
 		fmt.Fprintf(&b, "\tcapture %s %s\n", c.id, devs(c.args))
 		caps = append(caps, c)
 	}
@@ -179,8 +190,6 @@ echo '=== real mdadm'
 T=mdadm TAG=mdadm
 members
 steps
-cp /proc/mdstat /out/status.mdadm.stdout
-: >/out/status.mdadm.stderr; echo 0 >/out/status.mdadm.exit
 teardown
 
 echo '=== mdadm-go and mdclusterd'
@@ -219,12 +228,10 @@ i=0
 while [ ! -S /run/mdcluster/mdclusterd.sock ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
 run mdadm-go --cluster
 steps
-capture status --status
 kill -TERM $daemon
 wait $daemon
 echo "mdclusterd exited"
 `)
-	caps = append(caps, cliCapture{id: "status", args: "--status", status: true})
 	return b.String(), caps
 }
 
@@ -387,4 +394,31 @@ func buildStatic(t *testing.T, goTool, dir, name string) string {
 		t.Fatalf("building %s: %v\n%s", name, err, b)
 	}
 	return out
+}
+
+// TestCLIPlanNamesEveryCaptureOnce guards the script: ids are unique, so
+// no capture's output overwrites another's, and the checks that make the
+// comparison meaningful are there (some must succeed, some must fail).
+func TestCLIPlanNamesEveryCaptureOnce(t *testing.T) {
+	body, caps := cliPlan()
+	seen := map[string]bool{}
+	ok, bad := 0, 0
+	for _, c := range caps {
+		if seen[c.id] {
+			t.Errorf("capture id %s used twice", c.id)
+		}
+		seen[c.id] = true
+		if !strings.Contains(body, " "+c.id+" ") && !strings.Contains(body, "/out/"+c.id+".") {
+			t.Errorf("capture %s is not in the guest script", c.id)
+		}
+		if c.okExit {
+			ok++
+		}
+		if c.errExit {
+			bad++
+		}
+	}
+	if ok < 10 || bad < 20 || !seen["status"] {
+		t.Errorf("%d captures must succeed, %d must fail, status view captured %v", ok, bad, seen["status"])
+	}
 }
