@@ -123,6 +123,9 @@ var cliScript = []cliStep{
 	capt("stop-r1", "--stop /dev/md0"),
 	bad("detail-stopped-r1", "--detail /dev/md0"),
 	bad("stop-stopped-r1", "--stop /dev/md0"),
+	// -q: which messages it silences.
+	capt("create-quiet", "--create /dev/md3 -q --run --level=1 --raid-devices=2 {9} missing"),
+	capt("stop-quiet", "--stop -q /dev/md3"),
 }
 
 // cliPlan returns the guest body and the captures. The body defines
@@ -153,7 +156,7 @@ members() {
 }
 
 teardown() {
-	for md in /dev/md0 /dev/md1 /dev/md2 /dev/md5 /dev/md9; do
+	for md in /dev/md0 /dev/md1 /dev/md2 /dev/md3 /dev/md5 /dev/md9; do
 		[ -b $md ] && mdadm --stop $md >/dev/null 2>&1
 	done
 	i=0

@@ -228,8 +228,9 @@ func (s *session) create() int {
 	}
 	if o.level == 1 {
 		// mdadm says this for raid1 whenever --metadata is not given
-		// (mdadm-go has no --metadata: always 1.2, at the start).
-		s.e.errorf("Note: this array has metadata at the start and\n" +
+		// (mdadm-go has no --metadata: always 1.2, at the start); -q
+		// silences it.
+		s.info("Note: this array has metadata at the start and\n" +
 			"    may not be suitable as a boot device.  If you plan to\n" +
 			"    store '/boot' on this device please ensure that\n" +
 			"    your boot-loader understands md/v1.x metadata, or use\n" +
