@@ -6,6 +6,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/mdcluster/mdcluster/mdcluster/array"
@@ -39,6 +40,36 @@ type env struct {
 	// progress bar there); poll is --wait's polling interval.
 	isTerminal bool
 	poll       time.Duration
+	// stat looks a path up the way mdadm's stat() of a member or array
+	// does (nil: os.Stat); tests replace it, their devices being names.
+	stat func(string) (os.FileInfo, error)
+	// claim opens a create member the way mdadm's Create does, read-only
+	// and, for a block device, exclusively, and closes it again (nil:
+	// claimDevice).
+	claim func(string) error
+}
+
+// claimDevice checks that path can be opened and, for a block device,
+// is not held exclusively by anyone (md, a mount, device-mapper, the
+// daemon's own running arrays).
+func claimDevice(path string) error {
+	flag := os.O_RDONLY
+	if fi, err := os.Stat(path); err == nil && fi.Mode()&os.ModeDevice != 0 && fi.Mode()&os.ModeCharDevice == 0 {
+		flag |= syscall.O_EXCL
+	}
+	f, err := os.OpenFile(path, flag, 0)
+	if err != nil {
+		return err
+	}
+	return f.Close()
+}
+
+// statPath is e.stat, or os.Stat by default.
+func (e *env) statPath(p string) (os.FileInfo, error) {
+	if e.stat != nil {
+		return e.stat(p)
+	}
+	return os.Stat(p)
 }
 
 // errorf prints a diagnostic the way mdadm does: "prog: message".
@@ -597,12 +628,14 @@ func (p *parser) finish() {
 		if o.level == 0 {
 			p.fail(exitFail, "a RAID level is needed to create an array.\n")
 		}
+		// mdadm's Create checks these and returns 1, as the VM test
+		// shows (vmtest TestCLIMatchesRealMdadm).
 		members := len(o.devices) - 1
 		if members < o.raidDevices {
-			p.fail(exitUsage, "You haven't given enough devices (real or missing) to create this array\n")
+			p.fail(exitFail, "You haven't given enough devices (real or missing) to create this array\n")
 		}
 		if members > o.raidDevices {
-			p.fail(exitUsage, "You have listed more devices (%d) than are in the array(%d)!\n", members, o.raidDevices)
+			p.fail(exitFail, "You have listed more devices (%d) than are in the array(%d)!\n", members, o.raidDevices)
 		}
 	case modeManage:
 		if o.runstop > 0 {

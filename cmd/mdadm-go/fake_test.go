@@ -5,9 +5,13 @@ import (
 	"errors"
 	"io"
 	"net"
+	"os"
 	"path/filepath"
+	"strings"
 	"sync"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/mdcluster/mdcluster/mdcluster/ctl"
 )
@@ -98,9 +102,40 @@ func runWith(f *fakeDaemon, args ...string) (stdout, stderr string, exit int) {
 				return f.path
 			}
 			return ""
-		}, poll: pollForTests})
+		}, poll: pollForTests, stat: fakeStat, claim: fakeClaim})
 	return o.String(), e.String(), exit
 }
+
+// fakeStat stands for stat(2) in the tests, whose device names do not
+// exist here: a path with "nonexistent" in it does not exist, any other
+// is a plain file.
+func fakeStat(p string) (os.FileInfo, error) {
+	if strings.Contains(p, "nonexistent") {
+		return nil, &os.PathError{Op: "stat", Path: p, Err: syscall.ENOENT}
+	}
+	return fakeInfo(p), nil
+}
+
+// fakeClaim stands for Create's exclusive open: "nonexistent" paths do
+// not exist, "busy" ones are held by someone else.
+func fakeClaim(p string) error {
+	switch {
+	case strings.Contains(p, "nonexistent"):
+		return &os.PathError{Op: "open", Path: p, Err: syscall.ENOENT}
+	case strings.Contains(p, "busy"):
+		return &os.PathError{Op: "open", Path: p, Err: syscall.EBUSY}
+	}
+	return nil
+}
+
+type fakeInfo string
+
+func (f fakeInfo) Name() string       { return string(f) }
+func (f fakeInfo) Size() int64        { return 0 }
+func (f fakeInfo) Mode() os.FileMode  { return 0o600 }
+func (f fakeInfo) ModTime() time.Time { return time.Time{} }
+func (f fakeInfo) IsDir() bool        { return false }
+func (f fakeInfo) Sys() any           { return nil }
 
 // stringsBuilder is a strings.Builder safe for the --wait goroutine.
 type stringsBuilder struct {

@@ -5,10 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/mdcluster/mdcluster/mdcluster/ctl"
+	"golang.org/x/sys/unix"
 )
 
 // session holds the connection to mdclusterd, opened on first use.
@@ -64,6 +67,9 @@ func (s *session) failed(what string, err error) int {
 	if errors.As(err, &ce) {
 		switch ce.Code {
 		case ctl.CodeFailed:
+			if md, ok := strings.CutSuffix(ce.Message, notMdSuffix); ok {
+				return s.notArray(what, md)
+			}
 			s.e.errorf("%s\n", ce.Message)
 		case ctl.CodeNotImplemented:
 			s.e.errorf("%s: not implemented yet by mdclusterd (%s)\n", what, ce.Message)
@@ -74,6 +80,49 @@ func (s *session) failed(what string, err error) int {
 	}
 	s.e.errorf("%s: %s\n", what, strings.TrimPrefix(err.Error(), "ctl: "))
 	return exitFail
+}
+
+// notMdSuffix ends the daemon's answer for an array it does not run.
+const notMdSuffix = " does not appear to be an md device"
+
+// notArray reports an array the daemon does not run as mdadm reports an
+// md device it cannot use. mdadm opens the device node first, so a path
+// that does not exist gets the open's error (worded as the verb's code
+// path words it: Detail's "cannot open", Wait's "stat failed" with status
+// 2, open_mddev's "error opening" for the others); a path that exists is
+// "not an md device". The daemon's arrays have no device nodes, so an
+// array it runs never gets here.
+func (s *session) notArray(what, md string) int {
+	_, err := s.e.statPath(md)
+	if err == nil {
+		s.e.errorf("%s%s\n", md, notMdSuffix)
+		return exitFail
+	}
+	why := strerror(err)
+	switch {
+	case strings.HasPrefix(what, "--detail "):
+		s.e.errorf("cannot open %s: %s\n", md, why)
+	case strings.HasPrefix(what, "--wait "):
+		s.e.errorf("stat failed for %s: %s\n", md, why)
+		return exitUsage
+	default:
+		s.e.errorf("error opening %s: %s\n", md, why)
+	}
+	return exitFail
+}
+
+// strerror is C's strerror text for a system call's error: Go's errno
+// strings are glibc's with a lower-case first letter.
+func strerror(err error) string {
+	var errno syscall.Errno
+	if !errors.As(err, &errno) {
+		return err.Error()
+	}
+	m := errno.Error()
+	if m == "" {
+		return m
+	}
+	return strings.ToUpper(m[:1]) + m[1:]
 }
 
 // call sends one array command; ok is false (and status set) when it
@@ -156,9 +205,36 @@ func (s *session) create() int {
 		Nodes: o.nodes, HomeCluster: o.homeCluster, Name: o.name, Homehost: o.homehost,
 		AssumeClean: o.assumeClean, Run: o.runstop > 0, Force: o.force,
 	}
+	// mdadm opens every member (exclusively) before it writes anything
+	// and stops at the first it cannot open, with status 2. The daemon
+	// opens the same paths on this machine and would refuse too, but
+	// in its own words.
+	claim := s.e.claim
+	if claim == nil {
+		claim = claimDevice
+	}
+	for _, d := range args.Devices {
+		if d == "missing" {
+			continue
+		}
+		if err := claim(d); err != nil {
+			s.e.errorf("cannot open %s: %s\n", d, strerror(err))
+			return exitUsage
+		}
+	}
 	var r ctl.CreateResult
 	if st, ok := s.call("--create "+md, ctl.CmdArrayCreate, args, &r); !ok {
 		return st
+	}
+	if o.level == 1 {
+		// mdadm says this for raid1 whenever --metadata is not given
+		// (mdadm-go has no --metadata: always 1.2, at the start); -q
+		// silences it.
+		s.info("Note: this array has metadata at the start and\n" +
+			"    may not be suitable as a boot device.  If you plan to\n" +
+			"    store '/boot' on this device please ensure that\n" +
+			"    your boot-loader understands md/v1.x metadata, or use\n" +
+			"    --metadata=0.90\n")
 	}
 	s.info("Defaulting to version 1.2 metadata\n")
 	for _, w := range r.Warnings {
@@ -215,6 +291,13 @@ func (s *session) manage() int {
 	o := s.o
 	md := o.devices[0].name
 	devs := o.devices[1:]
+	if len(devs) == 0 && o.runstop >= 0 {
+		// Nothing to do, but mdadm opens the array first: an unknown
+		// one is an error even then.
+		var d ctl.Detail
+		st, _ := s.call("--manage "+md, ctl.CmdArrayDetail, ctl.ArrayArgs{Array: md}, &d)
+		return st
+	}
 	for len(devs) > 0 {
 		n := 1
 		for n < len(devs) && devs[n].act == devs[0].act {
@@ -245,7 +328,26 @@ func (s *session) manageRun(md, act string, devs []string) int {
 		if !ok {
 			return st
 		}
-		return s.outcomes(md, r)
+		return s.outcomes(md, act, r)
+	}
+	// mdadm stats each member device named by path when it comes to it
+	// (its stat_is_blkdev) and stops there: the devices before it are
+	// acted on, the rest are not. The keywords are not paths; a regular
+	// file passes (mdcluster takes image files as members, where mdadm
+	// would say "is not a block device").
+	for i, d := range devs {
+		if slices.Contains(manageKeywords, d) {
+			continue
+		}
+		if _, err := s.e.statPath(d); err != nil {
+			if i > 0 {
+				if st := s.manageRun(md, act, devs[:i]); st != exitOK {
+					return st
+				}
+			}
+			s.e.errorf("stat failed for %s: %s\n", d, strerror(err))
+			return exitFail
+		}
 	}
 	cmd := map[string]string{
 		"add": ctl.CmdArrayAdd, "add-spare": ctl.CmdArrayAddSpare, "remove": ctl.CmdArrayRemove,
@@ -255,16 +357,21 @@ func (s *session) manageRun(md, act string, devs []string) int {
 	if !ok {
 		return st
 	}
-	return s.outcomes(md, r)
+	return s.outcomes(md, act, r)
 }
 
+// manageKeywords are the member names mdadm's manage mode reads as
+// selectors rather than paths.
+var manageKeywords = []string{"failed", "faulty", "detached", "missing", "set-A", "set-B", "all"}
+
 // outcomes prints mdadm's per-device messages; the first failure ends the
-// command (1, or 2 for a busy --fail, as Manage_subdevs returns).
-func (s *session) outcomes(md string, r ctl.DevicesResult) int {
+// command: 1, or 2 for a busy --fail (Manage_subdevs returns 2 only when
+// setting a member faulty failed with EBUSY; a busy --remove is 1).
+func (s *session) outcomes(md, act string, r ctl.DevicesResult) int {
 	for _, d := range r.Devices {
 		if d.Error != "" {
 			s.e.errorf("%s\n", d.Error)
-			if d.Busy && d.Action == "" {
+			if d.Busy && d.Action == "" && act == "fail" {
 				return exitUsage
 			}
 			return exitFail
@@ -296,8 +403,29 @@ func (s *session) detail(md string) int {
 	if st, ok := s.call("--detail "+md, ctl.CmdArrayDetail, ctl.ArrayArgs{Array: md}, &d); !ok {
 		return st
 	}
+	s.deviceNumbers(&d)
 	writeDetail(s.e.stdout, &d, s.o.homehostFor(s.e), s.e.location)
 	return exitOK
+}
+
+// deviceNumbers fills in the major and minor numbers of members the
+// daemon left at 0:0 (it reports none for now) from the device nodes
+// here: mdadm-go runs on the daemon's machine, and mdadm prints the
+// numbers of the block devices. Image files keep 0:0.
+func (s *session) deviceNumbers(d *ctl.Detail) {
+	for i := range d.Devices {
+		r := &d.Devices[i]
+		if r.Major != 0 || r.Minor != 0 || r.Device == "" {
+			continue
+		}
+		fi, err := s.e.statPath(r.Device)
+		if err != nil || fi.Mode()&os.ModeDevice == 0 || fi.Mode()&os.ModeCharDevice != 0 {
+			continue
+		}
+		if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+			r.Major, r.Minor = int(unix.Major(st.Rdev)), int(unix.Minor(st.Rdev))
+		}
+	}
 }
 
 func (s *session) stop(md string) int {

@@ -62,8 +62,12 @@ func TestBadArguments(t *testing.T) {
 		{[]string{"-C", "/dev/md0", "-l10", "-pf2", "-n2", "--bitmap=clustered", "a", "b"}, 1, "mdadm-go: only near layout is supported with clustered raid10\n"},
 		{[]string{"-C", "/dev/md0", "-l1", "a", "b"}, 1, "mdadm-go: no raid-devices specified.\n"},
 		{[]string{"-C", "/dev/md0", "-n2", "a", "b"}, 1, "mdadm-go: a RAID level is needed to create an array.\n"},
-		{[]string{"-C", "/dev/md0", "-l1", "-n2", "a"}, 2, "mdadm-go: You haven't given enough devices (real or missing) to create this array\n"},
-		{[]string{"-C", "/dev/md0", "-l1", "-n2", "a", "b", "c"}, 2, "mdadm-go: You have listed more devices (3) than are in the array(2)!\n"},
+		{[]string{"-C", "/dev/md0", "-l1", "-n2", "a"}, 1, "mdadm-go: You haven't given enough devices (real or missing) to create this array\n"},
+		{[]string{"-C", "/dev/md0", "-l1", "-n2"}, 1, "mdadm-go: You haven't given enough devices (real or missing) to create this array\n"},
+		{[]string{"-C", "/dev/md0", "-l1", "-n2", "a", "b", "c"}, 1, "mdadm-go: You have listed more devices (3) than are in the array(2)!\n"},
+		// members mdadm cannot open (Create opens each exclusively first)
+		{[]string{"-C", "/dev/md0", "-l1", "-n2", "/dev/sdb", "/dev/busy"}, 2, "mdadm-go: cannot open /dev/busy: Device or resource busy\n"},
+		{[]string{"-C", "/dev/md0", "-l1", "-n2", "/dev/nonexistent", "missing"}, 2, "mdadm-go: cannot open /dev/nonexistent: No such file or directory\n"},
 		{[]string{"-C", "/dev/md0", "-R", "-S"}, 2, "mdadm-go: option -S not valid in create mode\n"},
 		// assemble
 		{[]string{"--assemble"}, 2, "mdadm-go: an md device must be given in this mode\n"},
@@ -77,8 +81,26 @@ func TestBadArguments(t *testing.T) {
 		{[]string{"/dev/md0", "--cluster-confirm", "x:/dev/sdb"}, 1, "mdadm-go: Could not get the devname of cluster\n"},
 		{[]string{"/dev/md0", "--cluster-confirm", "/dev/sdb"}, 1, "mdadm-go: Could not get the devname of cluster\n"},
 		{[]string{"/dev/md0", "-a", "/dev/sdb", "-l", "1"}, 2, "mdadm-go: option -l not valid in manage mode\n"},
+		{[]string{"--re-add"}, 2, "mdadm-go: an md device must be given in this mode\n"},
+		{[]string{"--add-spare"}, 2, "mdadm-go: an md device must be given in this mode\n"},
+		{[]string{"--fail"}, 2, "mdadm-go: an md device must be given in this mode\n"},
+		{[]string{"--remove"}, 2, "mdadm-go: an md device must be given in this mode\n"},
+		{[]string{"--cluster-confirm"}, 2, "mdadm-go: an md device must be given in this mode\n"},
+		{[]string{"/dev/md0", "--re-add=x", "/dev/sdb"}, 2, "mdadm-go: option '--re-add' doesn't allow an argument\n"},
+		// member devices that do not exist: mdadm's stat fails first (1)
+		{[]string{"/dev/md0", "--add", "/dev/nonexistent"}, 1, "mdadm-go: stat failed for /dev/nonexistent: No such file or directory\n"},
+		{[]string{"/dev/md0", "--re-add", "/dev/nonexistent"}, 1, "mdadm-go: stat failed for /dev/nonexistent: No such file or directory\n"},
+		{[]string{"/dev/md0", "--add-spare", "/dev/nonexistent"}, 1, "mdadm-go: stat failed for /dev/nonexistent: No such file or directory\n"},
+		{[]string{"/dev/md0", "--fail", "/dev/nonexistent"}, 1, "mdadm-go: stat failed for /dev/nonexistent: No such file or directory\n"},
+		{[]string{"/dev/md0", "--remove", "/dev/nonexistent", "--add", "/dev/sdb"}, 1, "mdadm-go: stat failed for /dev/nonexistent: No such file or directory\n"},
 		// misc
 		{[]string{"--detail"}, 2, "mdadm-go: No devices given.\n"},
+		{[]string{"--detail", "--brief", "/dev/md0"}, 2, "mdadm-go: unrecognized option '--brief'\n"},
+		{[]string{"--wait=x", "/dev/md0"}, 2, "mdadm-go: option '--wait' doesn't allow an argument\n"},
+		{[]string{"--stop", "--force", "/dev/md0"}, 2, "mdadm-go: :option --force not valid in misc mode\n"},
+		{[]string{"--readwrite", "-l1", "/dev/md0"}, 2, "mdadm-go: option -l not valid in misc mode\n"},
+		{[]string{"--status", "--add"}, 2, "mdadm-go: :option --add not valid in misc mode\n"},
+		{[]string{"--locks", "-x"}, 2, "mdadm-go: invalid option -- 'x'\n"},
 		{[]string{"-S"}, 2, "mdadm-go: No devices given.\n"},
 		{[]string{"-W"}, 2, "mdadm-go: No devices given.\n"},
 		{[]string{"--readwrite"}, 2, "mdadm-go: No devices given.\n"},
@@ -94,6 +116,11 @@ func TestBadArguments(t *testing.T) {
 		{[]string{"-G", "/dev/md0", "/dev/sdb"}, 2, "mdadm-go: Must give -a/--add for devices to add: /dev/sdb\n"},
 		{[]string{"-G", "/dev/md0", "-n", "3"}, 2, "mdadm-go: option -n not valid in grow mode\n"},
 		{[]string{"-G", "/dev/md0"}, 0, "mdadm-go: no changes to --grow\n"},
+		{[]string{"-G", "/dev/md0", "--bitmap-chunk=3K", "--bitmap=internal"}, 2, "mdadm-go: invalid bitmap chunksize: 3K\n"},
+		{[]string{"-G", "/dev/md0", "--nodes=1", "--bitmap=clustered"}, 2, "mdadm-go: clustered array needs two nodes at least: 1\n"},
+		// assemble, more
+		{[]string{"-A", "/dev/md0", "--level=1"}, 2, "mdadm-go: :option --level not valid in assemble mode\n"},
+		{[]string{"-A", "/dev/md0", "-u", "1234"}, 2, "mdadm-go: Bad uuid: 1234\n"},
 	}
 	f := newFakeDaemon(t, func(ctl.Request) (any, error) { return nil, nil })
 	for _, c := range cases {
@@ -127,6 +154,14 @@ func TestVersionAndHelp(t *testing.T) {
 	}
 }
 
+// raid1Note is what mdadm prints when it creates a raid1 without
+// --metadata.
+const raid1Note = "Note: this array has metadata at the start and\n" +
+	"    may not be suitable as a boot device.  If you plan to\n" +
+	"    store '/boot' on this device please ensure that\n" +
+	"    your boot-loader understands md/v1.x metadata, or use\n" +
+	"    --metadata=0.90\n"
+
 // call is one expected request and its canned answer.
 type call struct {
 	cmd    string
@@ -148,7 +183,11 @@ func TestVerbs(t *testing.T) {
 			[]call{{ctl.CmdArrayCreate, ctl.CreateArgs{Array: "/dev/md0", Level: 1, RaidDevices: 2, Devices: []string{"/dev/nbd0", "missing"},
 				Bitmap: "clustered", BitmapChunk: 64 << 20, Nodes: 4, HomeCluster: "alpha", Name: "data", AssumeClean: true, Run: true, Force: true},
 				ctl.CreateResult{Array: "/dev/md0", Started: true}, nil}},
-			0, "", "mdadm-go: Defaulting to version 1.2 metadata\nmdadm-go: array /dev/md0 started.\n"},
+			0, "", "mdadm-go: " + raid1Note + "mdadm-go: Defaulting to version 1.2 metadata\nmdadm-go: array /dev/md0 started.\n"},
+		{"create quiet", []string{"-C", "/dev/md0", "-q", "-l1", "-n2", "-R", "a", "missing"},
+			[]call{{ctl.CmdArrayCreate, ctl.CreateArgs{Array: "/dev/md0", Level: 1, RaidDevices: 2, Devices: []string{"a", "missing"}, Run: true},
+				ctl.CreateResult{Array: "/dev/md0", Started: true}, nil}},
+			0, "", ""},
 		{"create raid10", []string{"--create", "/dev/md1", "-l", "10", "-p", "n2", "-c", "512", "--raid-devices=4", "--nodes", "3", "--bitmap=clustered", "a", "b", "c", "d"},
 			[]call{{ctl.CmdArrayCreate, ctl.CreateArgs{Array: "/dev/md1", Level: 10, RaidDevices: 4, Devices: []string{"a", "b", "c", "d"}, Layout: "n2", ChunkSize: 512 << 10, Bitmap: "clustered", Nodes: 3},
 				ctl.CreateResult{Array: "/dev/md1", Started: true, Warnings: []string{"a is larger than b by 10%"}}, nil}},
@@ -182,7 +221,34 @@ func TestVerbs(t *testing.T) {
 		{"remove busy", []string{"/dev/md0", "-r", "/dev/sdb", "-a", "/dev/sdc"},
 			[]call{{ctl.CmdArrayRemove, ctl.DevicesArgs{Array: "/dev/md0", Devices: []string{"/dev/sdb"}},
 				ctl.DevicesResult{Devices: []ctl.DeviceOutcome{{Device: "/dev/sdb", Error: "hot remove failed for /dev/sdb: Device or resource busy", Busy: true}}}, nil}},
-			2, "", "mdadm-go: hot remove failed for /dev/sdb: Device or resource busy\n"},
+			1, "", "mdadm-go: hot remove failed for /dev/sdb: Device or resource busy\n"},
+		{"fail busy", []string{"/dev/md0", "-f", "/dev/sdb", "-a", "/dev/sdc"},
+			[]call{{ctl.CmdArrayFail, ctl.DevicesArgs{Array: "/dev/md0", Devices: []string{"/dev/sdb"}},
+				ctl.DevicesResult{Devices: []ctl.DeviceOutcome{{Device: "/dev/sdb", Error: "set device faulty failed for /dev/sdb:  Device or resource busy", Busy: true}}}, nil}},
+			2, "", "mdadm-go: set device faulty failed for /dev/sdb:  Device or resource busy\n"},
+		{"add until a missing device", []string{"/dev/md0", "--add", "/dev/sdc", "/dev/nonexistent", "/dev/sdd"},
+			[]call{{ctl.CmdArrayAdd, ctl.DevicesArgs{Array: "/dev/md0", Devices: []string{"/dev/sdc"}}, ctl.DevicesResult{Devices: []ctl.DeviceOutcome{{Device: "/dev/sdc", Action: "added"}}}, nil}},
+			1, "", "mdadm-go: added /dev/sdc\nmdadm-go: stat failed for /dev/nonexistent: No such file or directory\n"},
+		{"manage without devices", []string{"--manage", "/dev/md0"},
+			[]call{{ctl.CmdArrayDetail, ctl.ArrayArgs{Array: "/dev/md0"}, exampleDetail(), nil}}, 0, "", ""},
+		{"manage unknown array", []string{"/dev/md-nonexistent", "--fail"},
+			[]call{{ctl.CmdArrayDetail, ctl.ArrayArgs{Array: "/dev/md-nonexistent"}, nil, ctl.Errorf(ctl.CodeFailed, "/dev/md-nonexistent does not appear to be an md device")}},
+			1, "", "mdadm-go: error opening /dev/md-nonexistent: No such file or directory\n"},
+		{"add to unknown array", []string{"/dev/md-nonexistent", "--add", "/dev/sdb"},
+			[]call{{ctl.CmdArrayAdd, ctl.DevicesArgs{Array: "/dev/md-nonexistent", Devices: []string{"/dev/sdb"}}, nil, ctl.Errorf(ctl.CodeFailed, "/dev/md-nonexistent does not appear to be an md device")}},
+			1, "", "mdadm-go: error opening /dev/md-nonexistent: No such file or directory\n"},
+		{"add to a non-array", []string{"/dev/sdx", "--add", "/dev/sdb"},
+			[]call{{ctl.CmdArrayAdd, ctl.DevicesArgs{Array: "/dev/sdx", Devices: []string{"/dev/sdb"}}, nil, ctl.Errorf(ctl.CodeFailed, "/dev/sdx does not appear to be an md device")}},
+			1, "", "mdadm-go: /dev/sdx does not appear to be an md device\n"},
+		{"detail unknown array", []string{"--detail", "/dev/md-nonexistent"},
+			[]call{{ctl.CmdArrayDetail, ctl.ArrayArgs{Array: "/dev/md-nonexistent"}, nil, ctl.Errorf(ctl.CodeFailed, "/dev/md-nonexistent does not appear to be an md device")}},
+			1, "", "mdadm-go: cannot open /dev/md-nonexistent: No such file or directory\n"},
+		{"stop unknown array", []string{"--stop", "/dev/md-nonexistent"},
+			[]call{{ctl.CmdArrayStop, ctl.ArrayArgs{Array: "/dev/md-nonexistent"}, nil, ctl.Errorf(ctl.CodeFailed, "/dev/md-nonexistent does not appear to be an md device")}},
+			1, "", "mdadm-go: error opening /dev/md-nonexistent: No such file or directory\n"},
+		{"wait unknown array", []string{"--wait", "/dev/md-nonexistent"},
+			[]call{{ctl.CmdArrayWait, ctl.ArrayArgs{Array: "/dev/md-nonexistent"}, nil, ctl.Errorf(ctl.CodeFailed, "/dev/md-nonexistent does not appear to be an md device")}},
+			2, "", "mdadm-go: stat failed for /dev/md-nonexistent: No such file or directory\n"},
 		{"fail refused", []string{"/dev/md0", "--fail", "/dev/sdb"},
 			[]call{{ctl.CmdArrayFail, ctl.DevicesArgs{Array: "/dev/md0", Devices: []string{"/dev/sdb"}}, nil,
 				ctl.Errorf(ctl.CodeFailed, "Cannot remove /dev/sdb from /dev/md0, array will be failed.")}},

@@ -747,6 +747,13 @@ func planCreate(spec CreateSpec, members []Member) (*plan, error) {
 	if spec.AssumeClean {
 		shared.ResyncOffset = superblock.MaxSector
 	}
+	if level == superblock.LevelRAID1 && countPresent(members, spec.RaidDevices) == 1 {
+		// A raid1 with a single member has nothing to resync: md
+		// starts it clean (raid1_run), so --detail says "clean,
+		// degraded" at once and adding a member later recovers it
+		// without a resync after that.
+		shared.ResyncOffset = superblock.MaxSector
+	}
 	if bsb != nil {
 		shared.FeatureMap |= superblock.FeatureBitmapOffset
 		shared.BitmapOffset = bitmapOffset
@@ -888,4 +895,17 @@ func (p *plan) writeMember(i int) error {
 		return err
 	}
 	return nil
+}
+
+// countPresent counts the members given for the first n slots ("missing" is
+// nil).
+func countPresent[M comparable](members []M, n int) int {
+	var zero M
+	c := 0
+	for i, m := range members {
+		if i < n && m != zero {
+			c++
+		}
+	}
+	return c
 }

@@ -678,3 +678,41 @@ func FuzzParseRaid10Layout(f *testing.F) {
 		}
 	})
 }
+
+// TestCreateOneMemberRaid1IsClean: a raid1 created with a single member
+// (the others missing) has nothing to resync and is written clean, as md
+// starts it; with two members, or a raid10 with one missing, it is not.
+func TestCreateOneMemberRaid1IsClean(t *testing.T) {
+	for _, c := range []struct {
+		level, n int
+		members  []Member
+		clean    bool
+	}{
+		{1, 2, []Member{newMem("a", 64<<20), nil}, true},
+		{1, 3, []Member{nil, newMem("a", 64<<20), nil}, true},
+		{1, 3, []Member{newMem("a", 64<<20), newMem("b", 64<<20), nil}, false},
+		{10, 4, []Member{newMem("a", 64<<20), nil, newMem("c", 64<<20), newMem("d", 64<<20)}, false},
+	} {
+		_, err := Create(CreateSpec{Level: c.level, RaidDevices: c.n, Bitmap: BitmapInternal, Name: "x",
+			Rand: &counterRand{}, Now: fixedNow(1_800_000_000)}, c.members)
+		if err != nil {
+			t.Fatalf("level %d, %d devices: %v", c.level, c.n, err)
+		}
+		want := uint64(0)
+		if c.clean {
+			want = superblock.MaxSector
+		}
+		for _, m := range c.members {
+			if m == nil {
+				continue
+			}
+			sb, err := superblock.ReadAt(m, superblock.V12Offset)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if sb.ResyncOffset != want {
+				t.Errorf("level %d, %d of %d members: resync offset %#x, want %#x", c.level, countPresent(c.members, c.n), c.n, sb.ResyncOffset, want)
+			}
+		}
+	}
+}

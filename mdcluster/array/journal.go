@@ -119,6 +119,12 @@ func candidateUUID(array [16]byte) [16]byte {
 	return c
 }
 
+// CandidateUUID is the set UUID a device being added to the array carries
+// until the add commits (see candidateUUID). A daemon that scans its
+// devices for arrays must not take it for an array of its own: it exists
+// only for the length of an add, and on the nodes that happen to look.
+func CandidateUUID(array [16]byte) [16]byte { return candidateUUID(array) }
+
 // Outcome is what became of a journalled change found after a crash.
 type Outcome string
 

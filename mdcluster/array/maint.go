@@ -503,6 +503,7 @@ func (r slotResyncer) Resync(ctx context.Context, chunks []uint64) error {
 		return fmt.Errorf("slot resync: %w", err)
 	}
 	defer m.unlockResync(lk)
+	m.log.Info("resyncing the dirty chunks of a recovered bitmap slot", "chunks", len(chunks))
 	return m.resyncChunks(ctx, chunks)
 }
 

@@ -132,6 +132,9 @@ type Config struct {
 	// beforeStart is called during Assemble after the broadcast join and
 	// before the engine starts (tests of messages that arrive meanwhile).
 	beforeStart func()
+	// probe opens a device read-only, without claiming it, to read its
+	// superblock; nil (a caller-supplied Open) probes through Open.
+	probe func(path string) (Member, error)
 }
 
 func (c *Config) fill() error {
@@ -149,6 +152,7 @@ func (c *Config) fill() error {
 	}
 	if c.Open == nil {
 		c.Open = func(p string) (Member, error) { return OpenFile(p, true) }
+		c.probe = func(p string) (Member, error) { return OpenFile(p, false) }
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
@@ -428,9 +432,26 @@ func (m *Manager) deviceLocked(path string) (Member, error) {
 }
 
 // scanLocked reads the superblock of every configured device. mu held.
+// A device not yet open is probed read-only first and kept open
+// read-write (claimed exclusively, for block devices) only when it
+// carries this array's UUID or its candidate UUID: claiming every device
+// the search globs match would lock other arrays' members (and free
+// devices) away from everyone else on the node, so that a second array
+// could not be created or assembled. The others are returned with a nil
+// Member: only their superblocks are of use.
 func (m *Manager) scanLocked() []found {
 	var out []found
 	for _, p := range m.expand() {
+		if m.devs[p] == nil && m.cfg.probe != nil {
+			sb, ok := m.probeLocked(p)
+			if !ok {
+				continue
+			}
+			if m.uuid == ([16]byte{}) || (sb.SetUUID != m.uuid && sb.SetUUID != candidateUUID(m.uuid)) {
+				out = append(out, found{Path: p, Super: sb})
+				continue
+			}
+		}
 		d, err := m.deviceLocked(p)
 		if err != nil {
 			m.log.Debug("configured device not usable", "path", p, "err", err)
@@ -447,6 +468,30 @@ func (m *Manager) scanLocked() []found {
 		out = append(out, found{Path: p, Member: d, Super: sb})
 	}
 	return out
+}
+
+// probeLocked reads the superblock of path through a read-only open that
+// is closed again at once.
+func (m *Manager) probeLocked(p string) (*superblock.Superblock, bool) {
+	d, err := m.cfg.probe(p)
+	if err != nil {
+		m.log.Debug("configured device not usable", "path", p, "err", err)
+		return nil, false
+	}
+	defer func() {
+		if c, ok := d.(io.Closer); ok {
+			_ = c.Close()
+		}
+	}()
+	sectors, err := memberSectors(d)
+	if err != nil {
+		return nil, false
+	}
+	sb, err := superblock.Probe(d, sectors)
+	if err != nil {
+		return nil, false
+	}
+	return sb, true
 }
 
 // findDeviceLocked looks for the device with device UUID dev among the

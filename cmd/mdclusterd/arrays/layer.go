@@ -54,6 +54,7 @@ type Layer struct {
 	mu     sync.Mutex
 	arrays map[[16]byte]*arr
 	closed bool
+	seq    uint64 // arrays started so far (arr.startSeq)
 
 	stop chan struct{}
 	wg   sync.WaitGroup
@@ -67,9 +68,12 @@ type arr struct {
 	// md is the md device name ("/dev/md0") once it runs here.
 	md      string
 	running bool
-	srv     *nbd.Server
-	lns     []net.Listener
-	socket  string
+	// startSeq orders the running arrays by when they started here:
+	// the status view lists the newest first, as /proc/mdstat does.
+	startSeq uint64
+	srv      *nbd.Server
+	lns      []net.Listener
+	socket   string
 	// kdev is the export attached as /dev/nbdN (export.nbd_device).
 	kdev *kernel.Attachment
 }
@@ -165,9 +169,29 @@ func (l *Layer) scan(ctx context.Context) {
 	for _, sb := range l.probe() {
 		seen[sb.SetUUID] = true
 	}
+	l.mu.Lock()
+	dropCandidates(seen, func(u [16]byte) bool { _, ok := l.arrays[u]; return ok })
+	l.mu.Unlock()
 	for u := range seen {
 		if _, err := l.ensure(ctx, u); err != nil {
 			l.log.Debug("attach", "uuid", bitmap.FormatUUID(u), "err", err)
+		}
+	}
+}
+
+// dropCandidates removes from seen the UUIDs that are the candidate UUID
+// of an array attached here (attached reports that). A device being added
+// carries its array's candidate UUID until the add commits; attaching
+// that as an array would open a lockspace that only the nodes that
+// scanned at that moment have, and the lock manager's recovery of the
+// next view waits for every member to open it: forever, once a node has
+// restarted since. (A node that starts while an add is in flight sees
+// both for the first time in one scan and cannot tell them apart; that
+// window is an add's.)
+func dropCandidates(seen map[[16]byte]bool, attached func([16]byte) bool) {
+	for u := range seen {
+		if attached(array.CandidateUUID(u)) && !attached(u) {
+			delete(seen, u)
 		}
 	}
 }
@@ -349,6 +373,8 @@ func (l *Layer) started(a *arr, md string) error {
 	}
 	l.mu.Lock()
 	a.md, a.running, a.srv, a.lns, a.socket, a.kdev = md, true, srv, lns, sock, kdev
+	l.seq++
+	a.startSeq = l.seq
 	l.mu.Unlock()
 	l.log.Info("array running: exported over NBD", "array", md, "uuid", bitmap.FormatUUID(a.uuid), "socket", sock,
 		"size", be.size)
@@ -718,7 +744,13 @@ func (l *Layer) devices(ctx context.Context, command string, args ctl.DevicesArg
 		if d != "failed" && d != "faulty" {
 			m, ok := member(a, d)
 			if !ok {
-				res.Devices = append(res.Devices, ctl.DeviceOutcome{Device: d, Error: fmt.Sprintf("%s does not appear to be a member of %s", d, args.Array)})
+				// mdadm's words: the kernel answers ENODEV to setting a
+				// non-member faulty and ENXIO to removing it.
+				msg := fmt.Sprintf("hot remove failed for %s: No such device or address", d)
+				if command == ctl.CmdArrayFail {
+					msg = fmt.Sprintf("set device faulty failed for %s:  No such device", d)
+				}
+				res.Devices = append(res.Devices, ctl.DeviceOutcome{Device: d, Error: msg})
 				continue
 			}
 			targets = append(targets, m)
@@ -734,12 +766,19 @@ func (l *Layer) devices(ctx context.Context, command string, args ctl.DevicesArg
 				err = a.mgr.Remove(ctx, m.Dev)
 			}
 			if err != nil {
-				verb := "hot remove"
+				// mdadm 4.2's texts (two spaces after the colon for
+				// --fail); a refused change is the kernel's EBUSY, and
+				// the manager's reason goes to the log.
+				format := "hot remove failed for %s: %s"
 				if command == ctl.CmdArrayFail {
-					verb = "set faulty"
+					format = "set device faulty failed for %s:  %s"
 				}
-				o.Action, o.Error = "", fmt.Sprintf("%s failed for %s: %v", verb, m.Path, err)
-				o.Busy = errors.Is(err, array.ErrRefusedChange)
+				why := err.Error()
+				if o.Busy = errors.Is(err, array.ErrRefusedChange); o.Busy {
+					why = "Device or resource busy"
+					l.log.Info("member change refused", "array", args.Array, "device", m.Path, "command", command, "err", err)
+				}
+				o.Action, o.Error = "", fmt.Sprintf(format, m.Path, why)
 			}
 			res.Devices = append(res.Devices, o)
 		}
@@ -747,26 +786,38 @@ func (l *Layer) devices(ctx context.Context, command string, args ctl.DevicesArg
 	return res, nil
 }
 
-// syncing reports whether any resync or recovery runs or is owed.
-func syncing(st array.ArrayStatus) bool {
+// syncing reports whether any resync or recovery runs or is owed: a
+// spare waiting to be activated into an empty slot (raidDisks slots) is
+// a recovery owed, as md's is once --add returns.
+func syncing(st array.ArrayStatus, raidDisks int) bool {
 	if st.Sync.Running || st.Sync.Pending || st.Sync.Remote.Active() || !st.Clean {
 		return true
 	}
+	inSlot, spares := 0, 0
 	for _, m := range st.Members {
-		if m.State == array.MemberRecovering {
+		switch m.State {
+		case array.MemberRecovering:
 			return true
+		case array.MemberInSync:
+			inSlot++
+		case array.MemberSpare:
+			spares++
 		}
 	}
-	return false
+	return spares > 0 && inSlot < raidDisks
 }
 
 func (l *Layer) wait(ctx context.Context, a *arr) (any, error) {
-	if !syncing(a.mgr.Status()) {
+	raidDisks := 0
+	if ins, err := l.info(a); err == nil {
+		raidDisks = ins.Info.RaidDisks
+	}
+	if !syncing(a.mgr.Status(), raidDisks) {
 		return ctl.WaitResult{}, nil
 	}
 	t := time.NewTicker(100 * time.Millisecond)
 	defer t.Stop()
-	for syncing(a.mgr.Status()) {
+	for syncing(a.mgr.Status(), raidDisks) {
 		select {
 		case <-ctx.Done():
 			return nil, ctx.Err()
@@ -843,9 +894,11 @@ func (l *Layer) detail(a *arr) (any, error) {
 			d.Devices = append(d.Devices, ctl.DetailDevice{Number: -1, RaidDevice: i, Removed: true})
 			continue
 		}
-		dd := ctl.DetailDevice{Number: int(m.Dev), RaidDevice: i, Active: true, Device: m.Path}
+		// md counts only in-sync members active: a recovering one is
+		// a "spare rebuilding" in --detail.
+		dd := ctl.DetailDevice{Number: int(m.Dev), RaidDevice: i, Device: m.Path}
 		if m.State == array.MemberInSync {
-			dd.InSync = true
+			dd.Active, dd.InSync = true, true
 		} else {
 			d.Degraded = true
 		}
@@ -862,6 +915,35 @@ func (l *Layer) detail(a *arr) (any, error) {
 	return d, nil
 }
 
+// mdstatBitmap is the status view's bitmap line for a: md's in-memory
+// counter pages (2048 16-bit counters to a 4 KiB page) for the bitmap's
+// chunks, of which md holds only those with chunks in use; here, the
+// pages with a dirty chunk in the on-disk bitmap (md frees a page some
+// time after its last chunk is clean, so an idle array shows 0 pages in
+// both). nil without a bitmap.
+func (l *Layer) mdstatBitmap(a *arr) *ctl.MdstatBitmap {
+	ins, err := l.info(a)
+	if err != nil || ins.Freshest < 0 {
+		return nil
+	}
+	bs := ins.Members[ins.Freshest].Bitmap
+	if len(bs) == 0 || bs[0] == nil {
+		return nil
+	}
+	const perPage = 2048
+	sb := bs[0].Super
+	used := map[uint64]bool{}
+	for _, sl := range bs {
+		if sl == nil {
+			continue
+		}
+		for _, c := range sl.DirtyChunks() {
+			used[c/perPage] = true
+		}
+	}
+	return &ctl.MdstatBitmap{Pages: uint64(len(used)), TotalPages: (sb.Bits() + perPage - 1) / perPage, ChunkBytes: uint64(sb.ChunkSize)}
+}
+
 func (l *Layer) list() ctl.ArrayList {
 	l.mu.Lock()
 	var as []*arr
@@ -871,7 +953,10 @@ func (l *Layer) list() ctl.ArrayList {
 		}
 	}
 	l.mu.Unlock()
-	sort.Slice(as, func(i, j int) bool { return as[i].md < as[j].md })
+	// /proc/mdstat lists the newest array first, and an array's members
+	// newest first (the kernel adds to the head of both lists); device
+	// numbers are given out in the order members join.
+	sort.Slice(as, func(i, j int) bool { return as[i].startSeq > as[j].startSeq })
 	out := ctl.ArrayList{Arrays: []ctl.ArrayStatus{}}
 	for _, a := range as {
 		dv, err := l.detail(a)
@@ -892,6 +977,8 @@ func (l *Layer) list() ctl.ArrayList {
 			s.Members = append(s.Members, ctl.MdstatMember{Name: filepath.Base(dd.Device), Number: dd.Number,
 				Faulty: dd.Faulty, Spare: dd.RaidDevice < 0 && !dd.Faulty})
 		}
+		sort.SliceStable(s.Members, func(i, j int) bool { return s.Members[i].Number > s.Members[j].Number })
+		s.Bitmap = l.mdstatBitmap(a)
 		out.Arrays = append(out.Arrays, s)
 	}
 	return out

@@ -40,18 +40,28 @@ func TestShortName(t *testing.T) {
 
 func TestSyncing(t *testing.T) {
 	idle := array.ArrayStatus{Clean: true, Members: []array.MemberStatus{{State: array.MemberInSync}}}
-	if syncing(idle) || syncOf(idle, 100) != nil {
+	if syncing(idle, 1) || syncOf(idle, 100) != nil {
 		t.Fatal("an idle clean array reported as syncing")
 	}
 	rec := idle
 	rec.Members = []array.MemberStatus{{State: array.MemberInSync}, {State: array.MemberRecovering}}
-	if !syncing(rec) {
+	if !syncing(rec, 2) {
 		t.Fatal("a recovering member not reported")
 	}
 	remote := idle
 	remote.Sync.Remote = array.Window{Lo: 0, Hi: 8}
-	if s := syncOf(remote, 100); !syncing(remote) || s == nil || s.Special != "REMOTE" {
+	if s := syncOf(remote, 100); !syncing(remote, 1) || s == nil || s.Special != "REMOTE" {
 		t.Fatalf("a remote window: %+v", s)
+	}
+	// A spare that will be activated into the empty slot: a recovery
+	// owed (md's --wait waits for it once --add returned).
+	owed := idle
+	owed.Members = []array.MemberStatus{{State: array.MemberInSync}, {State: array.MemberSpare}}
+	if !syncing(owed, 2) {
+		t.Fatal("a spare for an empty slot not reported as recovery owed")
+	}
+	if syncing(owed, 1) {
+		t.Fatal("a spare of a complete array reported as syncing")
 	}
 	run := idle
 	run.Sync = array.SyncStatus{Running: true, Kind: array.SyncRecovery, Done: 20, Total: 200}
@@ -77,5 +87,29 @@ func TestCommandErrors(t *testing.T) {
 	res, err := l.Command(context.Background(), ctl.CmdArrayList, nil)
 	if err != nil || len(res.(ctl.ArrayList).Arrays) != 0 {
 		t.Fatalf("list with nothing running: %v %v", res, err)
+	}
+}
+
+// TestDropCandidates: a device being added (the array's candidate UUID)
+// is not attached as an array of its own; other arrays are, and so is a
+// candidate whose array is not attached here.
+func TestDropCandidates(t *testing.T) {
+	a := [16]byte{0x82, 1, 2, 3}
+	b := [16]byte{0x11, 9}
+	ca, cb := array.CandidateUUID(a), array.CandidateUUID(b)
+	if ca == a || array.CandidateUUID(ca) != a {
+		t.Fatalf("candidate of %x is %x", a, ca)
+	}
+	seen := map[[16]byte]bool{a: true, ca: true, b: true, cb: true}
+	attached := map[[16]byte]bool{a: true}
+	dropCandidates(seen, func(u [16]byte) bool { return attached[u] })
+	want := map[[16]byte]bool{a: true, b: true, cb: true}
+	if len(seen) != len(want) {
+		t.Fatalf("left %v, want %v", seen, want)
+	}
+	for u := range want {
+		if !seen[u] {
+			t.Errorf("%x dropped", u)
+		}
 	}
 }
