@@ -72,6 +72,13 @@ func (b *budget) idleSince() (busy bool, since time.Time) {
 	return b.n > 0, b.drained
 }
 
+// count returns the number of requests in flight.
+func (b *budget) count() int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.n
+}
+
 // busy reports whether any request is in flight.
 func (b *budget) busy() bool {
 	b.mu.Lock()

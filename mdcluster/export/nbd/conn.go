@@ -53,9 +53,21 @@ type conn struct {
 	werr     error        // first reply write error; later replies are dropped
 	wdl      time.Time    // write deadline in force
 	replyHdr [replyHdrLen]byte
+	iovArr   [2][]byte // header and data of a large read reply (wmu)
 }
 
 func newConn(s *Server, nc net.Conn) *conn {
+	if n := s.cfg.SocketBuffer; n > 0 {
+		// Larger kernel buffers mean fewer wake-ups per megabyte on both
+		// sides (the kernel caps them at net.core.[rw]mem_max).
+		if b, ok := nc.(interface {
+			SetReadBuffer(int) error
+			SetWriteBuffer(int) error
+		}); ok {
+			_ = b.SetReadBuffer(n)
+			_ = b.SetWriteBuffer(n)
+		}
+	}
 	return &conn{
 		s:      s,
 		nc:     nc,

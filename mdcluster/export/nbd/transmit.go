@@ -4,6 +4,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
+	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -211,6 +214,9 @@ func (c *conn) request(r request) error {
 	st.inFlight.Add(1)
 	st.inFlightBytes.Add(int64(size))
 	buf := getBuf(size)
+	if r.typ == cmdWrite && size >= 2*streamPiece && c.budget.count() == 1 {
+		return c.streamWrite(r, buf)
+	}
 	if r.typ == cmdWrite && size > 0 {
 		if _, err := io.ReadFull(c.br, buf); err != nil {
 			c.finish(size, buf)
@@ -220,6 +226,78 @@ func (c *conn) request(r request) error {
 	c.running.Add(1)
 	go c.run(r, buf)
 	return nil
+}
+
+// streamPiece is the unit in which a large write's data is handed to the
+// backend while the rest of it is still arriving. A power of two of at
+// least 64 KiB, so pieces keep any block size constraint a backend may
+// have. Writes of less than two pieces are read whole first.
+const streamPiece = 256 << 10
+
+// streamWrite reads a large write's data piece by piece and starts each
+// piece on the backend as soon as it has arrived, so receiving the data
+// and writing it overlap even with one request in flight (a client at
+// queue depth 1 otherwise waits for the transfer and the device one after
+// the other). It is used only for a write that is alone in flight on its
+// connection: with more, transfers already overlap other requests' device
+// time, and whole writes cost the backend fewer, larger operations. The reply goes out when every piece is done, with the first
+// error if any piece failed. NBD makes no promise about what a write that
+// was not acknowledged left behind, so a connection that fails half-way
+// through the data may leave the pieces already written; such a request
+// gets no reply (the stream is out of step and the connection closes).
+func (c *conn) streamWrite(r request, buf []byte) error {
+	j := &streamJob{c: c, r: r, buf: buf}
+	j.left.Store(1) // the reader's own reference, dropped when all is read
+	c.running.Add(1)
+	for lo := 0; lo < len(buf); lo += streamPiece {
+		hi := min(lo+streamPiece, len(buf))
+		if _, err := io.ReadFull(c.br, buf[lo:hi]); err != nil {
+			j.aborted.Store(true)
+			j.done()
+			return c.readErr("write data", err)
+		}
+		j.left.Add(1)
+		go j.write(lo, hi)
+	}
+	j.done()
+	return nil
+}
+
+// streamJob is one write being streamed to the backend in pieces.
+type streamJob struct {
+	c       *conn
+	r       request
+	buf     []byte
+	left    atomic.Int32 // pieces running, plus one while the reader reads
+	aborted atomic.Bool  // the data did not all arrive: no reply
+	errMu   sync.Mutex
+	err     error // the first piece's error
+}
+
+// write writes buf[lo:hi] and drops its reference.
+func (j *streamJob) write(lo, hi int) {
+	c := j.c
+	if err := c.exp.Backend.WriteAt(j.buf[lo:hi], int64(j.r.offset)+int64(lo), c.ioFlags(j.r)); err != nil {
+		j.errMu.Lock()
+		if j.err == nil {
+			j.err = err
+		}
+		j.errMu.Unlock()
+	}
+	j.done()
+}
+
+// done drops one reference; the last one completes the request.
+func (j *streamJob) done() {
+	if j.left.Add(-1) != 0 {
+		return
+	}
+	defer j.c.running.Done()
+	if j.aborted.Load() {
+		j.c.finish(len(j.buf), j.buf)
+		return
+	}
+	j.c.complete(j.r, j.err, j.buf)
 }
 
 // check validates a request against the export and returns the error to
@@ -289,13 +367,9 @@ func (c *conn) check(r request) uint32 {
 // run performs one request on the backend and replies.
 func (c *conn) run(r request, buf []byte) {
 	defer c.running.Done()
-	st := &c.s.stats
 	x := c.exp
 	off, n := int64(r.offset), int64(r.length)
-	var flags IOFlags
-	if r.flags&cmdFlagFUA != 0 && x.caps.Flush {
-		flags |= FUA
-	}
+	flags := c.ioFlags(r)
 	var err error
 	switch r.typ {
 	case cmdRead:
@@ -329,6 +403,23 @@ func (c *conn) run(r request, buf []byte) {
 			err = x.Backend.WriteZeroes(off, n, flags)
 		}
 	}
+	c.complete(r, err, buf)
+}
+
+// ioFlags are the backend flags a request's command flags ask for.
+func (c *conn) ioFlags(r request) IOFlags {
+	if r.flags&cmdFlagFUA != 0 && c.exp.caps.Flush {
+		return FUA
+	}
+	return 0
+}
+
+// complete accounts for a request the backend has finished (err is its
+// outcome), replies, and releases the request's buffer and budget.
+func (c *conn) complete(r request, err error, buf []byte) {
+	st := &c.s.stats
+	x := c.exp
+	n := int64(r.length)
 	var data []byte
 	switch {
 	case err == nil:
@@ -347,7 +438,7 @@ func (c *conn) run(r request, buf []byte) {
 	default:
 		st.backendErrors.Add(1)
 		c.s.plog.warn("nbd: backend error", "export", x.Name, "command", cmdName(r.typ),
-			"offset", off, "length", n, "err", err)
+			"offset", int64(r.offset), "length", n, "err", err)
 	}
 	c.reply(r.cookie, errnoOf(err), data)
 	c.finish(len(buf), buf)
@@ -360,6 +451,10 @@ func (c *conn) finish(size int, buf []byte) {
 	c.s.stats.inFlightBytes.Add(-int64(size))
 	c.budget.release(size)
 }
+
+// writevMin is the read size from which a reply's data is not copied into
+// the reply buffer but sent with the header in one writev.
+const writevMin = 16 << 10
 
 // reply sends a simple reply, with data for a successful read. Replies are
 // buffered; the last of the completions queued behind the lock flushes, so
@@ -383,12 +478,28 @@ func (c *conn) reply(cookie uint64, errno uint32, data []byte) {
 		c.wdl = now.Add(t)
 		c.nc.SetWriteDeadline(c.wdl)
 	}
-	_, err := c.bw.Write(appendReply(c.replyHdr[:0], errno, cookie))
-	if err == nil && len(data) > 0 {
-		_, err = c.bw.Write(data)
-	}
-	if err == nil && c.waiting.Load() == 0 {
-		err = c.bw.Flush()
+	hdr := appendReply(c.replyHdr[:0], errno, cookie)
+	var err error
+	if len(data) < writevMin {
+		_, err = c.bw.Write(hdr)
+		if err == nil && len(data) > 0 {
+			_, err = c.bw.Write(data)
+		}
+		if err == nil && c.waiting.Load() == 0 {
+			err = c.bw.Flush()
+		}
+	} else {
+		// A large read reply: header and data in one writev, past the
+		// buffer (which must be sent first, to keep earlier replies whole).
+		if c.bw.Buffered() > 0 {
+			err = c.bw.Flush()
+		}
+		if err == nil {
+			c.iovArr = [2][]byte{hdr, data}
+			iov := net.Buffers(c.iovArr[:])
+			_, err = iov.WriteTo(c.nc)
+			c.iovArr = [2][]byte{} // drop the reference to the buffer
+		}
 	}
 	if err != nil {
 		c.werr = fmt.Errorf("sending reply: %w", err)
