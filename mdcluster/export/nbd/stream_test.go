@@ -12,11 +12,17 @@ import (
 // the write at one offset, and can hold reads until released.
 type pieceBackend struct {
 	*MemBackend
-	failAt    int64 // WriteAt at this offset fails with EIO (-1: none)
-	holdReads chan struct{}
 
-	mu     sync.Mutex
-	writes []pieceCall
+	mu        sync.Mutex
+	failAt    int64         // WriteAt at this offset fails with EIO (-1: none)
+	holdReads chan struct{} // if set, reads wait until it is closed
+	writes    []pieceCall
+}
+
+func (b *pieceBackend) set(failAt int64, holdReads chan struct{}) {
+	b.mu.Lock()
+	b.failAt, b.holdReads = failAt, holdReads
+	b.mu.Unlock()
 }
 
 type pieceCall struct {
@@ -27,16 +33,20 @@ type pieceCall struct {
 func (b *pieceBackend) WriteAt(p []byte, off int64, f IOFlags) error {
 	b.mu.Lock()
 	b.writes = append(b.writes, pieceCall{off, int64(len(p)), f})
+	fail := off == b.failAt
 	b.mu.Unlock()
-	if off == b.failAt {
+	if fail {
 		return syscall.EIO
 	}
 	return b.MemBackend.WriteAt(p, off, f)
 }
 
 func (b *pieceBackend) ReadAt(p []byte, off int64) (int, error) {
-	if b.holdReads != nil {
-		<-b.holdReads
+	b.mu.Lock()
+	hold := b.holdReads
+	b.mu.Unlock()
+	if hold != nil {
+		<-hold
 	}
 	return b.MemBackend.ReadAt(p, off)
 }
@@ -93,29 +103,30 @@ func TestStreamedWrite(t *testing.T) {
 
 	// Not alone: a read held in the backend is in flight, so the write
 	// goes whole.
-	be.holdReads = make(chan struct{})
+	hold := make(chan struct{})
+	be.set(-1, hold)
 	_, readDone := c.send(cmdRead, 0, 0, 4096, nil, 4096)
 	waitFor(t, "the read in flight", func() bool { return s.Stats().InFlight == 1 })
 	if e := c.writeAt(data, 2<<20, 0); e != 0 {
 		t.Fatalf("write beside a read: errno %d", e)
 	}
 	want("write beside a read", be.calls(), pieceCall{2 << 20, int64(len(data)), 0})
-	close(be.holdReads)
+	close(hold)
 	if r := c.wait(readDone); r.err != nil || r.errno != 0 {
 		t.Fatalf("held read: %+v", r)
 	}
-	be.holdReads = nil
+	be.set(-1, nil)
 
 	// A failing piece fails the request with its error; the connection
 	// goes on.
-	be.failAt = 4<<20 + piece
+	be.set(4<<20+piece, nil)
 	if e := c.writeAt(data, 4<<20, 0); e != errnoIO {
 		t.Fatalf("write with a failing piece: errno %d, want EIO", e)
 	}
 	if n := len(be.calls()); n != 5 {
 		t.Fatalf("write with a failing piece: %d backend calls, want all 5 pieces tried", n)
 	}
-	be.failAt = -1
+	be.set(-1, nil)
 	if got, e := c.read(1<<20, uint32(len(data))); e != 0 || !bytes.Equal(got, data) {
 		t.Fatalf("connection after a failed piece: errno %d", e)
 	}

@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -183,12 +182,12 @@ func (c *conn) request(r request) error {
 			if _, err := io.CopyN(io.Discard, c.br, n); err != nil {
 				return c.readErr("write data", err)
 			}
-			c.reply(r.cookie, errno, nil)
+			c.reply(r.cookie, errno, nil, nil, false)
 			return nil
 		}
 	}
 	if errno != errnoOK {
-		c.reply(r.cookie, errno, nil)
+		c.reply(r.cookie, errno, nil, nil, false)
 		return nil
 	}
 	size := 0
@@ -208,7 +207,7 @@ func (c *conn) request(r request) error {
 				return c.readErr("write data", err)
 			}
 		}
-		c.reply(r.cookie, errnoShutdown, nil)
+		c.reply(r.cookie, errnoShutdown, nil, nil, false)
 		return nil
 	}
 	st.inFlight.Add(1)
@@ -415,7 +414,8 @@ func (c *conn) ioFlags(r request) IOFlags {
 }
 
 // complete accounts for a request the backend has finished (err is its
-// outcome), replies, and releases the request's buffer and budget.
+// outcome) and replies; the request's buffer and budget are released once
+// the reply is out.
 func (c *conn) complete(r request, err error, buf []byte) {
 	st := &c.s.stats
 	x := c.exp
@@ -440,8 +440,7 @@ func (c *conn) complete(r request, err error, buf []byte) {
 		c.s.plog.warn("nbd: backend error", "export", x.Name, "command", cmdName(r.typ),
 			"offset", int64(r.offset), "length", n, "err", err)
 	}
-	c.reply(r.cookie, errnoOf(err), data)
-	c.finish(len(buf), buf)
+	c.reply(r.cookie, errnoOf(err), data, buf, true)
 }
 
 // finish returns what request took from the budget.
@@ -452,25 +451,92 @@ func (c *conn) finish(size int, buf []byte) {
 	c.budget.release(size)
 }
 
-// writevMin is the read size from which a reply's data is not copied into
-// the reply buffer but sent with the header in one writev.
-const writevMin = 16 << 10
-
-// reply sends a simple reply, with data for a successful read. Replies are
-// buffered; the last of the completions queued behind the lock flushes, so
-// a burst of replies leaves in one write. After a write error every later
-// reply is dropped: the connection is being torn down.
-func (c *conn) reply(cookie uint64, errno uint32, data []byte) {
+// reply queues a simple reply, with data for a successful read, and
+// writes it unless another goroutine is writing replies already, in which
+// case that one sends it with the rest of its batch. So a completion never
+// waits for the socket behind another: the lock is held only to queue, and
+// a burst of replies leaves in one writev (headers and read data, no
+// copying). With release set, the request's buffer and budget (buf, the
+// request's whole buffer) are given back once the reply is written or
+// dropped. After a write error every later reply is dropped: the
+// connection is being torn down.
+func (c *conn) reply(cookie uint64, errno uint32, data, buf []byte, release bool) {
 	if errno != errnoOK {
 		c.s.stats.errorReplies.Add(1)
 	}
-	c.waiting.Add(1)
+	p := pendingReply{data: data, buf: buf, release: release}
+	appendReply(p.hdr[:0], errno, cookie)
 	c.wmu.Lock()
-	c.waiting.Add(-1)
-	defer c.wmu.Unlock()
 	if c.werr != nil {
+		c.wmu.Unlock()
+		c.released(p)
 		return
 	}
+	c.queue = append(c.queue, p)
+	if c.writing {
+		c.wmu.Unlock()
+		return
+	}
+	c.writing = true
+	for {
+		batch := c.queue
+		c.queue = c.spare[:0]
+		c.wmu.Unlock()
+		err := c.writeReplies(batch)
+		for i := range batch {
+			c.released(batch[i])
+			batch[i] = pendingReply{}
+		}
+		c.wmu.Lock()
+		c.spare = batch[:0]
+		if err != nil {
+			c.werr = fmt.Errorf("sending reply: %w", err)
+			if isTimeout(err) {
+				c.s.stats.timeouts.Add(1)
+				c.werr = fmt.Errorf("client did not read its replies within WriteTimeout (%v): %w", c.s.cfg.WriteTimeout, err)
+			}
+			if !c.closingFlag.Load() {
+				c.s.plog.warn("nbd: closing connection: cannot send replies", "remote", c.remote, "err", c.werr)
+			}
+			c.nc.Close() // wakes the reader
+			rest := c.queue
+			c.queue = nil
+			c.writing = false
+			c.wmu.Unlock()
+			for _, p := range rest {
+				c.released(p)
+			}
+			return
+		}
+		if len(c.queue) == 0 {
+			c.writing = false
+			c.wmu.Unlock()
+			return
+		}
+	}
+}
+
+// pendingReply is a reply queued for the writer.
+type pendingReply struct {
+	hdr     [replyHdrLen]byte
+	data    []byte // read data sent after the header
+	buf     []byte // the request's buffer, given back after sending
+	release bool   // give back buf and the request's budget
+}
+
+// released gives back what a reply's request held, once the reply is
+// written or dropped.
+func (c *conn) released(p pendingReply) {
+	if p.release {
+		c.finish(len(p.buf), p.buf)
+	}
+}
+
+// writeReplies writes a batch of replies with one writev (Go splits it at
+// the system's limit on buffers per call): consecutive headers are
+// gathered in one buffer, read data is sent from the request's own buffer.
+// Only the goroutine that set c.writing calls it.
+func (c *conn) writeReplies(batch []pendingReply) error {
 	// Like armRead: a deadline between 3/4 and all of WriteTimeout ahead,
 	// renewed every quarter of it rather than per reply.
 	now := time.Now()
@@ -478,40 +544,28 @@ func (c *conn) reply(cookie uint64, errno uint32, data []byte) {
 		c.wdl = now.Add(t)
 		c.nc.SetWriteDeadline(c.wdl)
 	}
-	hdr := appendReply(c.replyHdr[:0], errno, cookie)
-	var err error
-	if len(data) < writevMin {
-		_, err = c.bw.Write(hdr)
-		if err == nil && len(data) > 0 {
-			_, err = c.bw.Write(data)
-		}
-		if err == nil && c.waiting.Load() == 0 {
-			err = c.bw.Flush()
-		}
-	} else {
-		// A large read reply: header and data in one writev, past the
-		// buffer (which must be sent first, to keep earlier replies whole).
-		if c.bw.Buffered() > 0 {
-			err = c.bw.Flush()
-		}
-		if err == nil {
-			c.iovArr = [2][]byte{hdr, data}
-			iov := net.Buffers(c.iovArr[:])
-			_, err = iov.WriteTo(c.nc)
-			c.iovArr = [2][]byte{} // drop the reference to the buffer
+	if need := len(batch) * replyHdrLen; cap(c.hdrs) < need {
+		c.hdrs = make([]byte, 0, need)
+	}
+	hdrs := c.hdrs[:0]
+	iov := c.iov[:0]
+	start := 0
+	for i := range batch {
+		hdrs = append(hdrs, batch[i].hdr[:]...)
+		if len(batch[i].data) > 0 {
+			iov = append(iov, hdrs[start:], batch[i].data)
+			start = len(hdrs)
 		}
 	}
-	if err != nil {
-		c.werr = fmt.Errorf("sending reply: %w", err)
-		if isTimeout(err) {
-			c.s.stats.timeouts.Add(1)
-			c.werr = fmt.Errorf("client did not read its replies within WriteTimeout (%v): %w", c.s.cfg.WriteTimeout, err)
-		}
-		if !c.closingFlag.Load() {
-			c.s.plog.warn("nbd: closing connection: cannot send replies", "remote", c.remote, "err", c.werr)
-		}
-		c.nc.Close() // wakes the reader
+	if start < len(hdrs) {
+		iov = append(iov, hdrs[start:])
 	}
+	c.hdrs = hdrs
+	bufs := iov
+	_, err := bufs.WriteTo(c.nc)
+	clear(iov) // no references to request buffers stay behind
+	c.iov = iov[:0]
+	return err
 }
 
 // writeErr returns the reply write error, if any.
