@@ -93,6 +93,19 @@ func TestStreamedWrite(t *testing.T) {
 	if got, e := c.read(1<<20, uint32(len(data))); e != 0 || !bytes.Equal(got, data) {
 		t.Fatalf("read back after a streamed write: errno %d, equal %v", e, bytes.Equal(got, data))
 	}
+	// One after the other, each alone: every one streamed (the previous
+	// one's budget is given back before its reply goes out; a read's only
+	// once its data is sent, so wait for the read).
+	waitFor(t, "the read to be done", func() bool { return s.Stats().InFlight == 0 })
+	for i := 0; i < 20; i++ {
+		if e := c.writeAt(data, 1<<20, 0); e != 0 {
+			t.Fatalf("write %d: errno %d", i, e)
+		}
+	}
+	if n := s.Stats().StreamedWrites; n != 21 {
+		t.Fatalf("%d writes streamed, want 21", n)
+	}
+	be.calls()
 
 	// Below two pieces: one call.
 	small := pattern(int(2*piece-4096), 5)
@@ -116,6 +129,9 @@ func TestStreamedWrite(t *testing.T) {
 		t.Fatalf("held read: %+v", r)
 	}
 	be.set(-1, nil)
+	// A read's budget is given back once its data is sent, which may be
+	// just after the client has it.
+	waitFor(t, "the read to be done", func() bool { return s.Stats().InFlight == 0 })
 
 	// A failing piece fails the request with its error; the connection
 	// goes on.

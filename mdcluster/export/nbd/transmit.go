@@ -239,12 +239,14 @@ const streamPiece = 256 << 10
 // queue depth 1 otherwise waits for the transfer and the device one after
 // the other). It is used only for a write that is alone in flight on its
 // connection: with more, transfers already overlap other requests' device
-// time, and whole writes cost the backend fewer, larger operations. The reply goes out when every piece is done, with the first
-// error if any piece failed. NBD makes no promise about what a write that
-// was not acknowledged left behind, so a connection that fails half-way
-// through the data may leave the pieces already written; such a request
-// gets no reply (the stream is out of step and the connection closes).
+// time, and whole writes cost the backend fewer, larger operations. The
+// reply goes out when every piece is done, with the first error if any
+// piece failed. NBD makes no promise about what a write that was not
+// acknowledged left behind, so a connection that fails half-way through
+// the data may leave the pieces already written; such a request gets no
+// reply (the stream is out of step and the connection closes).
 func (c *conn) streamWrite(r request, buf []byte) error {
+	c.s.stats.streamed.Add(1)
 	j := &streamJob{c: c, r: r, buf: buf}
 	j.left.Store(1) // the reader's own reference, dropped when all is read
 	c.running.Add(1)
@@ -414,8 +416,8 @@ func (c *conn) ioFlags(r request) IOFlags {
 }
 
 // complete accounts for a request the backend has finished (err is its
-// outcome) and replies; the request's buffer and budget are released once
-// the reply is out.
+// outcome) and replies; the request's buffer and budget are released
+// before the reply, or for a read once its data is sent.
 func (c *conn) complete(r request, err error, buf []byte) {
 	st := &c.s.stats
 	x := c.exp
@@ -439,6 +441,14 @@ func (c *conn) complete(r request, err error, buf []byte) {
 		st.backendErrors.Add(1)
 		c.s.plog.warn("nbd: backend error", "export", x.Name, "command", cmdName(r.typ),
 			"offset", int64(r.offset), "length", n, "err", err)
+	}
+	if data == nil {
+		// Nothing to send from the buffer: give it and the budget back
+		// before replying, so a client that sends its next request as soon
+		// as the reply arrives finds this one gone.
+		c.finish(len(buf), buf)
+		c.reply(r.cookie, errnoOf(err), nil, nil, false)
+		return
 	}
 	c.reply(r.cookie, errnoOf(err), data, buf, true)
 }
