@@ -602,6 +602,7 @@ func TestBenchNBDvsEngine(t *testing.T) {
 			l.name, total[i].nbd/total[i].engine, rounds, r[len(r)/2], r[0], r[len(r)-1], target)
 	}
 	st := a.e.Stats()
-	t.Logf("engine: %d writes, %d bounced through an aligned buffer, %d range-lock waits", st.Writes, st.Bounced, st.RangeWaits)
+	t.Logf("engine: %d writes, %d bounced through an aligned buffer, %d range-lock waits; server: %d writes, %d of them streamed",
+		st.Writes, st.Bounced, st.RangeWaits, a.srv.Stats().Writes, a.srv.Stats().StreamedWrites)
 	a.checkMirrors(t, nil)
 }
