@@ -406,11 +406,13 @@ func TestNBDClients(t *testing.T) {
 // with an in-process load generator of the same shape calling the engine:
 // the same block size, offsets and number of writes in flight (fio's
 // iodepth; in process, that many goroutines each with one write
-// outstanding). Six rounds (NBD_RAID_BENCH_ROUNDS) alternate the two over
-// the same array and files, short phases so that both sides of a round see
-// the same load from the rest of the machine: 128 MiB of 1 MiB sequential
-// writes at queue depth 1 and 4, and 32 MiB of 4 KiB random writes at
-// depth 32. The array is a 2-mirror raid1 of 256 MiB over
+// outstanding). Twelve rounds (NBD_RAID_BENCH_ROUNDS) alternate the two
+// over the same array and files, in short phases so that both sides of a
+// round see the same load from the rest of the machine: 64 MiB of 1 MiB
+// sequential writes at queue depth 1 and 4, and 16 MiB of 4 KiB random
+// writes at depth 32. The ratio of the totals and the median of the
+// rounds' ratios are reported (the median resists a burst of other work
+// that lands on one side of one round). The array is a 2-mirror raid1 of 256 MiB over
 // O_DIRECT files (filled first, so neither side pays for block
 // allocation) with the bitmap on (64 MiB chunks, mdadm's default). fio
 // also writes to a memory export of the same server, which shows what NBD
@@ -459,9 +461,9 @@ func TestBenchNBDvsEngine(t *testing.T) {
 		if _, err := fmt.Sscan(f, &d); err != nil || d < 1 {
 			t.Fatalf("NBD_RAID_BENCH_SEQ_DEPTH %q: want depths like 1,4", depths)
 		}
-		loads = append(loads, load{name: fmt.Sprintf("seq 1 MiB qd%d", d), bs: 1 << 20, depth: d, total: arr / 2})
+		loads = append(loads, load{name: fmt.Sprintf("seq 1 MiB qd%d", d), bs: 1 << 20, depth: d, total: 64 << 20})
 	}
-	loads = append(loads, load{name: "rand 4 KiB qd32", bs: 4096, depth: 32, total: 32 << 20, random: true})
+	loads = append(loads, load{name: "rand 4 KiB qd32", bs: 4096, depth: 32, total: 16 << 20, random: true})
 	for i := range loads {
 		l := &loads[i]
 		rw := "write"
@@ -539,7 +541,7 @@ func TestBenchNBDvsEngine(t *testing.T) {
 		mib := p.rate * p.wall / (1 << 20)
 		return fmt.Sprintf("%.2f+%.2f", p.self*1e3/mib, p.fio*1e3/mib)
 	}
-	rounds := 6
+	rounds := 12
 	if s := os.Getenv("NBD_RAID_BENCH_ROUNDS"); s != "" {
 		if _, err := fmt.Sscan(s, &rounds); err != nil || rounds < 1 {
 			t.Fatalf("NBD_RAID_BENCH_ROUNDS %q: want a number of rounds", s)
