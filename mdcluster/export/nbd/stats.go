@@ -35,8 +35,9 @@ type Stats struct {
 	// implement or did not advertise (answered EINVAL).
 	OtherRequests uint64
 	// StreamedWrites counts writes handed to the backend in pieces as
-	// their data arrived (large writes alone in flight on their
-	// connection; see the package documentation's data path).
+	// their data arrived: writes of at least 512 KiB that were alone in
+	// flight on their connection, whose transfer then overlaps the
+	// backend's work instead of preceding it.
 	StreamedWrites uint64
 	// BytesRead and BytesWritten count payload bytes of successful reads
 	// and writes.
