@@ -28,6 +28,20 @@ var raidArrays = []struct {
 	{"r10-o3-4", 4, "--level=10 --layout=o3 --chunk=128 --raid-devices=4"},
 }
 
+// oursArrays are the arrays TestRAIDEngineMatchesKernelMD has our own
+// code create, with a clustered bitmap, write through our engine and
+// switch to an internal bitmap (raidcheck ours), for the kernel to
+// assemble and read: raid1, and raid10 (near copies only: md-cluster runs
+// no other raid10 layout) over an odd number of members.
+var oursArrays = []struct {
+	name    string
+	members int
+	shape   string // raidcheck ours LEVEL[:LAYOUT:CHUNK_KIB]
+}{
+	{"ours-r1-2", 2, "1"},
+	{"ours-r10-n2-3", 3, "10:n2:64"},
+}
+
 // raidMemberSize is each member image's size: small, because TCG is slow.
 const raidMemberSize = "12M"
 
@@ -75,6 +89,48 @@ func raidPlan() string {
 		fmt.Fprintf(&b, "run 'while [ \"$(cat /sys/block/%s/md/sync_action)\" != idle ]; do sleep 0.2; done'\n", mdname)
 		fmt.Fprintf(&b, "run 'cat /sys/block/%s/md/last_sync_action > %s.lastsync'\n", mdname, out)
 		fmt.Fprintf(&b, "run 'cat /sys/block/%s/md/mismatch_cnt > %s.mismatch'\n", mdname, out)
+		fmt.Fprintf(&b, "run 'cat /proc/mdstat'\n")
+		fmt.Fprintf(&b, "run mdadm --stop %s\n", md)
+		for _, d := range devs {
+			fmt.Fprintf(&b, "run losetup -d %s\n", d)
+		}
+		fmt.Fprintf(&b, "run 'rm -f /img/%s*'\n", a.name)
+		fmt.Fprintf(&b, "run 'echo ok > %s.done'\n", out)
+	}
+	// Arrays of ours: created with a clustered bitmap, written through the
+	// engine, switched to internal; the kernel assembles them, must read
+	// the pattern (same md5), resyncs the chunks the bitmap kept dirty,
+	// and its check must find every copy identical.
+	for j, a := range oursArrays {
+		md := fmt.Sprintf("/dev/md%d", len(raidArrays)+j)
+		mdname := filepath.Base(md)
+		var devs []string
+		fmt.Fprintf(&b, "\necho '=== %s'\n", a.name)
+		for m := 0; m < a.members; m++ {
+			img := fmt.Sprintf("/img/%s-%d.img", a.name, m)
+			dev := fmt.Sprintf("/dev/loop%d", loop)
+			loop++
+			fmt.Fprintf(&b, "run truncate -s %s %s\nrun losetup %s %s\n", raidMemberSize, img, dev, img)
+			devs = append(devs, dev)
+		}
+		all := strings.Join(devs, " ")
+		out := "/out/" + a.name
+		pat := "/img/" + a.name
+		fmt.Fprintf(&b, "run 'raidcheck ours %d %s.ours %s %s > %s.ours.txt 2>&1'\n", 2000+j, pat, a.shape, all, out)
+		fmt.Fprintf(&b, "run 'md5sum < %s.ours > %s.md5.ours'\n", pat, out)
+		fmt.Fprintf(&b, "run mdadm --assemble %s %s\n", md, all)
+		fmt.Fprintf(&b, "run 'mdadm --detail %s > %s.detail'\n", md, out)
+		fmt.Fprintf(&b, "run 'dd if=%s bs=1M 2>/dev/null | md5sum > %s.md5.kernel'\n", md, out)
+		fmt.Fprintf(&b, "run 'dd if=%s of=%s.back bs=1M 2>/dev/null'\n", md, pat)
+		fmt.Fprintf(&b, "run cmp %s.ours %s.back\n", pat, pat)
+		fmt.Fprintf(&b, "try mdadm --wait %s\n", md)
+		fmt.Fprintf(&b, "run 'while [ \"$(cat /sys/block/%s/md/sync_action)\" != idle ]; do sleep 0.2; done'\n", mdname)
+		fmt.Fprintf(&b, "run 'echo check > /sys/block/%s/md/sync_action'\n", mdname)
+		fmt.Fprintf(&b, "try mdadm --wait %s\n", md)
+		fmt.Fprintf(&b, "run 'while [ \"$(cat /sys/block/%s/md/sync_action)\" != idle ]; do sleep 0.2; done'\n", mdname)
+		fmt.Fprintf(&b, "run 'cat /sys/block/%s/md/last_sync_action > %s.lastsync'\n", mdname, out)
+		fmt.Fprintf(&b, "run 'cat /sys/block/%s/md/mismatch_cnt > %s.mismatch'\n", mdname, out)
+		fmt.Fprintf(&b, "run 'dd if=%s bs=1M 2>/dev/null | md5sum > %s.md5.after'\n", md, out)
 		fmt.Fprintf(&b, "run 'cat /proc/mdstat'\n")
 		fmt.Fprintf(&b, "run mdadm --stop %s\n", md)
 		for _, d := range devs {
@@ -143,14 +199,36 @@ func TestRAIDEngineMatchesKernelMD(t *testing.T) {
 			t.Errorf("%s: not finished; raidcheck said:\n%s%s", a.name, files[p+".read.txt"], files[p+".write.txt"])
 			continue
 		}
-		if a := strings.TrimSpace(string(files[p+".lastsync"])); a != "check" {
-			t.Errorf("%s: md's last sync action was %q, not the check", a, a)
+		if act := strings.TrimSpace(string(files[p+".lastsync"])); act != "check" {
+			t.Errorf("%s: md's last sync action was %q, not the check", p, act)
 		}
 		if m := strings.TrimSpace(string(files[p+".mismatch"])); m != "0" {
 			t.Errorf("%s: md's check found %s mismatched sectors among the copies we wrote", a.name, m)
 		}
 		t.Logf("%s (%s bytes): %s  %s", a.name, strings.TrimSpace(string(files[p+".size"])),
 			lastLine(files[p+".read.txt"]), lastLine(files[p+".write.txt"]))
+	}
+	for _, a := range oursArrays {
+		p := a.name
+		if _, ok := files[p+".done"]; !ok {
+			t.Errorf("%s: not finished; raidcheck said:\n%s", a.name, files[p+".ours.txt"])
+			continue
+		}
+		sum := func(f string) string { return strings.Fields(string(files[p+f]) + " -")[0] }
+		if want, got, after := sum(".md5.ours"), sum(".md5.kernel"), sum(".md5.after"); got != want || after != want {
+			t.Errorf("%s: the kernel reads md5 %s (after its resync and check %s), our engine wrote %s", a.name, got, after, want)
+		}
+		detail := string(files[p+".detail"])
+		if !strings.Contains(detail, "Intent Bitmap : Internal") || strings.Contains(detail, "Cluster Name") {
+			t.Errorf("%s: mdadm --detail does not show a plain internal bitmap:\n%s", a.name, detail)
+		}
+		if act := strings.TrimSpace(string(files[p+".lastsync"])); act != "check" {
+			t.Errorf("%s: md's last sync action was %q, not the check", p, act)
+		}
+		if m := strings.TrimSpace(string(files[p+".mismatch"])); m != "0" {
+			t.Errorf("%s: md's check found %s mismatched sectors among the copies we wrote", a.name, m)
+		}
+		t.Logf("%s: %s; kernel md5 %s", a.name, lastLine(files[p+".ours.txt"]), sum(".md5.kernel"))
 	}
 	if verdict != "ok" {
 		t.Fatalf("guest verdict %q; its log:\n%s", verdict, files["guest.log"])

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
+	"time"
 
 	"github.com/mdcluster/mdcluster/bitmap"
 	"github.com/mdcluster/mdcluster/bitmap/ownership"
@@ -182,6 +184,65 @@ func (m *Manager) applyBitmap(e journalEntry, chunk int64) error {
 	if insp.Freshest < 0 {
 		return errors.New("no superblock of the array")
 	}
+	return rewriteBitmap(insp, m.uuid, BitmapSpec{Mode: e.Bitmap, Nodes: e.Nodes, ClusterName: e.Path, Chunk: chunk}, m.cfg.Now(), m.log)
+}
+
+// ConvertBitmap changes the bitmap of a stopped array on its members, the
+// rewrite SetBitmap does (and mdadm --grow --bitmap= asks for), without a
+// manager: the dirty chunks of every slot are kept (merged into the one
+// slot of an internal bitmap, carried into slot 0 of a new clustered one;
+// removing a bitmap that marks dirty chunks schedules a full resync), the
+// bitmap area is reformatted and every member's superblock rewritten with
+// the events bumped. spec.Nodes 0 keeps a clustered bitmap's slot count
+// (mdadm's 4 when switching to clustered); spec.ClusterName is needed when
+// switching to clustered.
+//
+// Nothing is locked and nothing is journalled: the caller must know that
+// no node (and no kernel) has the array running, e.g. a tool working on
+// member images, or a test. A running array changes its bitmap with
+// Manager.SetBitmap, which takes every slot's lock first and survives a
+// crash half-way.
+func ConvertBitmap(members []Member, spec BitmapSpec, now time.Time, log *slog.Logger) error {
+	if log == nil {
+		log = slog.Default()
+	}
+	insp, err := Inspect(members, InspectOptions{})
+	if err != nil {
+		return fmt.Errorf("convert bitmap: %w", err)
+	}
+	if insp.Info == nil || insp.Freshest < 0 {
+		return errors.New("convert bitmap: no member holds a superblock of the array")
+	}
+	switch spec.Mode {
+	case BitmapNone, BitmapInternal:
+		if spec.Nodes != 0 {
+			return fmt.Errorf("convert bitmap: %w: --nodes is only meaningful with a clustered bitmap", ErrRefusedChange)
+		}
+	case BitmapClustered:
+		if spec.Nodes == 0 {
+			spec.Nodes = DefaultNodes
+			if insp.Info.Bitmap == BitmapClustered {
+				spec.Nodes = insp.Info.Nodes
+			}
+		}
+		if spec.Nodes < 2 || spec.Nodes > MaxNodes {
+			return fmt.Errorf("convert bitmap: %w: %d nodes: a clustered bitmap has 2 to %d slots", ErrRefusedChange, spec.Nodes, MaxNodes)
+		}
+		if spec.ClusterName == "" && insp.Info.Bitmap != BitmapClustered {
+			return fmt.Errorf("convert bitmap: %w: a clustered bitmap needs the cluster name", ErrRefusedChange)
+		}
+	default:
+		return fmt.Errorf("convert bitmap: %w: unknown mode %q", ErrRefusedChange, spec.Mode)
+	}
+	if err := rewriteBitmap(insp, insp.Info.UUID, spec, now, log); err != nil {
+		return fmt.Errorf("convert bitmap: %w", err)
+	}
+	return nil
+}
+
+// rewriteBitmap rewrites the bitmap and superblocks of the array insp
+// describes to spec's mode (see applyBitmap and ConvertBitmap).
+func rewriteBitmap(insp *Inspection, uuid [16]byte, spec BitmapSpec, now time.Time, log *slog.Logger) error {
 	fresh := insp.Members[insp.Freshest].Super
 	var devs []Device
 	for _, r := range insp.Members {
@@ -202,7 +263,7 @@ func (m *Manager) applyBitmap(e journalEntry, chunk int64) error {
 			continue
 		}
 		bsb, err := bitmap.ParseSuperblock(buf)
-		if err != nil || bsb.UUID != m.uuid {
+		if err != nil || bsb.UUID != uuid {
 			continue
 		}
 		if old == nil {
@@ -224,19 +285,19 @@ func (m *Manager) applyBitmap(e journalEntry, chunk int64) error {
 	}
 	next := clone(fresh)
 	next.FeatureMap &^= superblock.FeatureClustered
-	if e.Bitmap == BitmapNone {
+	if spec.Mode == BitmapNone {
 		if len(dirty) > 0 {
 			// No bitmap will remember them: resync the whole array once.
 			next.ResyncOffset = 0
-			m.log.Info("removing a bitmap that marks dirty chunks: the array resyncs fully when it starts", "dirty", len(dirty))
+			log.Info("removing a bitmap that marks dirty chunks: the array resyncs fully when it starts", "dirty", len(dirty))
 		}
 		next.FeatureMap &^= superblock.FeatureBitmapOffset
 		next.BitmapOffset = 0
-		next = BumpEvents(next, m.cfg.Now())
+		next = BumpEvents(next, now)
 		if _, err := WriteAll(next, devs); err != nil {
 			return err
 		}
-		m.log.Info("bitmap removed")
+		log.Info("bitmap removed")
 		return nil
 	}
 	// A new or changed bitmap.
@@ -245,19 +306,19 @@ func (m *Manager) applyBitmap(e journalEntry, chunk int64) error {
 		bsb = *old
 	} else {
 		sync := fresh.Size
-		c, err := bitmapChunk(fresh.Size, sync, chunk)
+		c, err := bitmapChunk(fresh.Size, sync, spec.Chunk)
 		if err != nil {
 			return err
 		}
-		bsb = bitmap.Superblock{Magic: bitmap.Magic, UUID: m.uuid, SyncSize: sync, ChunkSize: c, DaemonSleep: bitmap.DefaultDaemonSleep}
+		bsb = bitmap.Superblock{Magic: bitmap.Magic, UUID: uuid, SyncSize: sync, ChunkSize: c, DaemonSleep: bitmap.DefaultDaemonSleep}
 	}
 	bsb.State, bsb.EventsCleared = 0, 0
 	next.FeatureMap |= superblock.FeatureBitmapOffset
 	next.BitmapOffset = bitmapOffset
-	if e.Bitmap == BitmapClustered {
-		bsb.Version, bsb.Nodes = bitmap.VersionClustered, uint32(e.Nodes)
-		if e.Path != "" {
-			if err := bsb.SetName(e.Path); err != nil {
+	if spec.Mode == BitmapClustered {
+		bsb.Version, bsb.Nodes = bitmap.VersionClustered, uint32(spec.Nodes)
+		if spec.ClusterName != "" {
+			if err := bsb.SetName(spec.ClusterName); err != nil {
 				return err
 			}
 		}
@@ -266,7 +327,7 @@ func (m *Manager) applyBitmap(e journalEntry, chunk int64) error {
 		bsb.Version, bsb.Nodes = bitmap.VersionLE, 0
 		bsb.ClusterName = [bitmap.ClusterNameLen]byte{}
 	}
-	next = BumpEvents(next, m.cfg.Now())
+	next = BumpEvents(next, now)
 	bsb.Events = next.Events
 	start := int64(next.SuperOffset+bitmapOffset) * superblock.SectorSize
 	l, err := bitmap.NewLayout(&bsb, start, bitmap.SlotAlign)
@@ -297,7 +358,7 @@ func (m *Manager) applyBitmap(e journalEntry, chunk int64) error {
 	if _, err := WriteAll(next, devs); err != nil {
 		return err
 	}
-	m.log.Info("bitmap rewritten", "mode", e.Bitmap, "nodes", bsb.Nodes, "chunk", bsb.ChunkSize, "dirty_kept", len(dirty))
+	log.Info("bitmap rewritten", "mode", spec.Mode, "nodes", bsb.Nodes, "chunk", bsb.ChunkSize, "dirty_kept", len(dirty))
 	return nil
 }
 

@@ -13,8 +13,10 @@ import (
 	mrand "math/rand/v2"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -55,8 +57,11 @@ func runFio(t testing.TB, uri string, args ...string) fioJob {
 }
 
 type fioJob struct {
-	Error int `json:"error"`
-	Read  struct {
+	Error   int     `json:"error"`
+	UsrCPU  float64 `json:"usr_cpu"` // percent of the job's run time
+	SysCPU  float64 `json:"sys_cpu"`
+	Runtime int64   `json:"job_runtime"` // ms
+	Read    struct {
 		IOBytes int64   `json:"io_bytes"`
 		BW      float64 `json:"bw_bytes"`
 		IOPS    float64 `json:"iops"`
@@ -279,8 +284,9 @@ func nbdGeometries(t testing.TB) []struct {
 
 // TestNBDClients serves each array shape over NBD and runs nbdinfo,
 // nbdcopy (in and out) and fio (4 KiB random writes at depth 32, 1 MiB
-// sequential writes, both verified by fio) against it, checking after each
-// run that every copy of every block agrees across the member files.
+// sequential writes at depth 4 and at depth 1, all verified by fio)
+// against it, checking after each run that every copy of every block
+// agrees across the member files.
 func TestNBDClients(t *testing.T) {
 	nbdinfo := tooltest.Need(t, "nbdinfo", "libnbd-bin")
 	nbdcopy := tooltest.Need(t, "nbdcopy", "libnbd-bin")
@@ -364,6 +370,22 @@ func TestNBDClients(t *testing.T) {
 				t.Fatalf("fio seqwrite wrote %d and verified %d bytes, want %d each", j.Write.IOBytes, j.Read.IOBytes, size)
 			}
 			a.quiesce(t)
+			a.checkMirrors(t, nil)
+
+			// fio: 1 MiB sequential writes one at a time, verified:
+			// each is alone in flight, so the server hands it to the
+			// engine piece by piece as its data arrives.
+			before := a.srv.Stats()
+			j = runFio(t, uri, "--name=seqwrite1", "--rw=write", "--bs=1m", "--iodepth=1", fmt.Sprintf("--size=%d", size),
+				"--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--randseed=4242") // not the data of the run before
+			if j.Write.IOBytes != size || j.Read.IOBytes != size {
+				t.Fatalf("fio seqwrite qd1 wrote %d and verified %d bytes, want %d each", j.Write.IOBytes, j.Read.IOBytes, size)
+			}
+			if after := a.srv.Stats(); after.BytesWritten-before.BytesWritten != uint64(size) || after.StreamedWrites-before.StreamedWrites != uint64(size>>20) {
+				t.Fatalf("fio at depth 1: server counted %d bytes written and %d writes streamed, want %d and %d",
+					after.BytesWritten-before.BytesWritten, after.StreamedWrites-before.StreamedWrites, size, size>>20)
+			}
+			a.quiesce(t)
 			arr := a.checkMirrors(t, nil)
 			// The engine reads what the members hold.
 			viaEngine := make([]byte, size)
@@ -381,18 +403,31 @@ func TestNBDClients(t *testing.T) {
 }
 
 // TestBenchNBDvsEngine compares fio through the NBD server (unix socket)
-// with an in-process load generator of the same shape calling the engine,
-// alternating the two three times over the same array and files: 1 MiB
-// sequential writes (one in flight) and 4 KiB random writes with 32 in
-// flight. The array is a 2-mirror raid1 of 256 MiB over O_DIRECT files
-// (filled first, so neither side pays for block allocation) with the
-// bitmap on (64 MiB chunks, mdadm's default). It only runs with
-// NBD_RAID_BENCH=1:
+// with an in-process load generator of the same shape calling the engine:
+// the same block size, offsets and number of writes in flight (fio's
+// iodepth; in process, that many goroutines each with one write
+// outstanding). Twelve rounds (NBD_RAID_BENCH_ROUNDS) alternate the two
+// over the same array and files, in short phases so that both sides of a
+// round see the same load from the rest of the machine: 64 MiB of 1 MiB
+// sequential writes at queue depth 1 and 4, and 16 MiB of 4 KiB random
+// writes at depth 32. The ratio of the totals and the median of the
+// rounds' ratios are reported (the median resists a burst of other work
+// that lands on one side of one round). The array is a 2-mirror raid1 of 256 MiB over
+// O_DIRECT files (filled first, so neither side pays for block
+// allocation) with the bitmap on (64 MiB chunks, mdadm's default). fio
+// also writes to a memory export of the same server, which shows what NBD
+// itself (socket, server, fio's engine) costs. Each phase logs the CPU it
+// took in this process (the server, or the load generator) and in fio. It
+// only runs with NBD_RAID_BENCH=1:
 //
 //	NBD_RAID_BENCH=1 go test -count=1 -run TestBenchNBDvsEngine -v ./mdcluster/raid/
 //
 // Targets: NBD / engine ≥ 0.7 for sequential, ≥ 0.5 for random writes.
-// NBD_RAID_BENCH_SEQ_DEPTH sets the sequential writes' depth (default 1).
+// NBD_RAID_BENCH_SEQ_DEPTH lists the sequential depths (default "1,4");
+// NBD_RAID_BENCH_FIO_ARGS adds fio options to every job;
+// NBD_RAID_BENCH_ONLY=nbd (or engine) runs one side alone, so that
+// -cpuprofile, -blockprofile and -mutexprofile show just the server (or
+// just the engine).
 func TestBenchNBDvsEngine(t *testing.T) {
 	if os.Getenv("NBD_RAID_BENCH") == "" {
 		t.Skip("a benchmark: set NBD_RAID_BENCH=1 to run it")
@@ -403,48 +438,67 @@ func TestBenchNBDvsEngine(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// The same server also serves a memory export: fio against it
-	// measures what NBD itself costs (socket, server, fio's engine).
 	a := newFileArray(t, g, 64<<20, true, nbd.Export{Name: "mem", Backend: nbd.NewMemBackend(arr)})
 	memURI := "nbd+unix:///mem?socket=" + a.sock
-	seqDepth := 1
-	if s := os.Getenv("NBD_RAID_BENCH_SEQ_DEPTH"); s != "" {
-		fmt.Sscan(s, &seqDepth)
-	}
-	const randDepth, randBytes = 32, 32 << 20
+	only := os.Getenv("NBD_RAID_BENCH_ONLY")
+	extra := strings.Fields(os.Getenv("NBD_RAID_BENCH_FIO_ARGS"))
 
-	seqArgs := []string{"--name=seq", "--rw=write", "--bs=1m", fmt.Sprintf("--iodepth=%d", seqDepth), fmt.Sprintf("--size=%d", arr)}
-	randArgs := []string{"--name=rand", "--rw=randwrite", "--bs=4k", fmt.Sprintf("--iodepth=%d", randDepth),
-		fmt.Sprintf("--size=%d", arr), fmt.Sprintf("--io_size=%d", randBytes), "--norandommap", "--randrepeat=0"}
-	// NBD_RAID_BENCH_FIO_ARGS adds fio options to both jobs (e.g.
-	// --gtod_reduce=1 to see what fio's own time keeping costs).
-	if extra := strings.Fields(os.Getenv("NBD_RAID_BENCH_FIO_ARGS")); len(extra) > 0 {
-		seqArgs = append(seqArgs, extra...)
-		randArgs = append(randArgs, extra...)
+	type load struct {
+		name   string
+		bs     int
+		depth  int
+		total  int64 // bytes per phase
+		random bool
+		args   []string
 	}
-	t.Logf("fio command: fio --output-format=json --ioengine=nbd --uri=%s --verify_state_save=0 %s", a.uri(), strings.Join(seqArgs, " "))
-	t.Logf("fio command: fio --output-format=json --ioengine=nbd --uri=%s --verify_state_save=0 %s", a.uri(), strings.Join(randArgs, " "))
+	var loads []load
+	depths := os.Getenv("NBD_RAID_BENCH_SEQ_DEPTH")
+	if depths == "" {
+		depths = "1,4"
+	}
+	for _, f := range strings.Split(depths, ",") {
+		var d int
+		if _, err := fmt.Sscan(f, &d); err != nil || d < 1 {
+			t.Fatalf("NBD_RAID_BENCH_SEQ_DEPTH %q: want depths like 1,4", depths)
+		}
+		loads = append(loads, load{name: fmt.Sprintf("seq 1 MiB qd%d", d), bs: 1 << 20, depth: d, total: 64 << 20})
+	}
+	loads = append(loads, load{name: "rand 4 KiB qd32", bs: 4096, depth: 32, total: 16 << 20, random: true})
+	for i := range loads {
+		l := &loads[i]
+		rw := "write"
+		if l.random {
+			rw = "randwrite"
+		}
+		l.args = []string{"--name=" + strings.Fields(l.name)[0], "--rw=" + rw, fmt.Sprintf("--bs=%d", l.bs),
+			fmt.Sprintf("--iodepth=%d", l.depth), fmt.Sprintf("--size=%d", arr), fmt.Sprintf("--io_size=%d", l.total)}
+		if l.random {
+			l.args = append(l.args, "--norandommap", "--randrepeat=0")
+		}
+		l.args = append(l.args, extra...)
+		t.Logf("fio command: fio --output-format=json --ioengine=nbd --uri=%s --verify_state_save=0 %s", a.uri(), strings.Join(l.args, " "))
+	}
 
-	// The in-process side: the same I/O shape, depth goroutines each
-	// with one write in flight.
-	engineLoad := func(bs int, depth int, total int64, random bool, seed uint64) float64 {
+	// The in-process side: depth goroutines, each with one write of the
+	// same size at the same kind of offsets in flight.
+	engineLoad := func(l load, seed uint64) float64 {
 		var next atomic.Int64
-		done := make(chan error, depth)
+		done := make(chan error, l.depth)
 		t0 := time.Now()
-		for w := 0; w < depth; w++ {
+		for w := 0; w < l.depth; w++ {
 			go func(w int) {
 				rng := mrand.New(mrand.NewPCG(seed, uint64(w)))
-				buf := alignedBuf(bs)
+				buf := alignedBuf(l.bs)
 				rand.Read(buf)
 				for {
 					i := next.Add(1) - 1
-					if i >= total/int64(bs) {
+					if i >= l.total/int64(l.bs) {
 						done <- nil
 						return
 					}
-					off := i * int64(bs) % arr
-					if random {
-						off = rng.Int64N(arr/int64(bs)) * int64(bs)
+					off := i * int64(l.bs) % arr
+					if l.random {
+						off = rng.Int64N(arr/int64(l.bs)) * int64(l.bs)
 					}
 					if err := a.e.WriteAt(buf, off, 0); err != nil {
 						done <- err
@@ -453,47 +507,104 @@ func TestBenchNBDvsEngine(t *testing.T) {
 				}
 			}(w)
 		}
-		for range depth {
+		for range l.depth {
 			if err := <-done; err != nil {
 				t.Fatal(err)
 			}
 		}
-		return float64(total) / time.Since(t0).Seconds()
+		return float64(l.total) / time.Since(t0).Seconds()
 	}
 
-	type side struct{ nbd, engine, mem []float64 }
-	var seq, rnd side
-	for round := 0; round < 3; round++ {
-		fioSeq := func() { seq.nbd = append(seq.nbd, runFio(t, a.uri(), seqArgs...).Write.BW) }
-		engSeq := func() { seq.engine = append(seq.engine, engineLoad(1<<20, seqDepth, arr, false, 0)) }
-		fioRand := func() { rnd.nbd = append(rnd.nbd, runFio(t, a.uri(), randArgs...).Write.BW) }
-		engRand := func() { rnd.engine = append(rnd.engine, engineLoad(4096, randDepth, randBytes, true, uint64(round))) }
-		seq.mem = append(seq.mem, runFio(t, memURI, seqArgs...).Write.BW)
-		rnd.mem = append(rnd.mem, runFio(t, memURI, randArgs...).Write.BW)
-		// Alternate which side goes first.
-		if round%2 == 0 {
-			fioSeq()
-			engSeq()
-			fioRand()
-			engRand()
-		} else {
-			engSeq()
-			fioSeq()
-			engRand()
-			fioRand()
-		}
-		a.quiesce(t)
-		t.Logf("round %d: seq 1 MiB qd%d: nbd %.0f MB/s, engine %.0f MB/s, ratio %.2f (nbd to memory %.0f MB/s); rand 4 KiB qd%d: nbd %.0f IOPS, engine %.0f IOPS, ratio %.2f (nbd to memory %.0f IOPS)",
-			round, seqDepth, seq.nbd[round]/1e6, seq.engine[round]/1e6, seq.nbd[round]/seq.engine[round], seq.mem[round]/1e6,
-			randDepth, rnd.nbd[round]/4096, rnd.engine[round]/4096, rnd.nbd[round]/rnd.engine[round], rnd.mem[round]/4096)
+	// Each phase records its rate and the CPU time it cost: this
+	// process's (the server, or the in-process load) and fio's.
+	type phase struct {
+		rate, wall, self, fio float64 // bytes/s; s; CPU s
 	}
-	sum := func(v []float64) (s float64) {
-		for _, x := range v {
-			s += x
-		}
-		return s
+	cpuNow := func() float64 {
+		var ru syscall.Rusage
+		syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+		return float64(ru.Utime.Nano()+ru.Stime.Nano()) / 1e9
 	}
-	t.Logf("total: seq ratio %.2f (target ≥ 0.7), rand ratio %.2f (target ≥ 0.5)",
-		sum(seq.nbd)/sum(seq.engine), sum(rnd.nbd)/sum(rnd.engine))
+	measure := func(fn func() (rate, fioCPU float64)) phase {
+		c0, t0 := cpuNow(), time.Now()
+		rate, fc := fn()
+		return phase{rate: rate, wall: time.Since(t0).Seconds(), self: cpuNow() - c0, fio: fc}
+	}
+	viaFio := func(uri string, l load) phase {
+		return measure(func() (float64, float64) {
+			j := runFio(t, uri, l.args...)
+			return j.Write.BW, (j.UsrCPU + j.SysCPU) / 100 * float64(j.Runtime) / 1000
+		})
+	}
+	// CPU per MiB written, in ms: this process + fio.
+	cpu := func(p phase) string {
+		mib := p.rate * p.wall / (1 << 20)
+		return fmt.Sprintf("%.2f+%.2f", p.self*1e3/mib, p.fio*1e3/mib)
+	}
+	rounds := 12
+	if s := os.Getenv("NBD_RAID_BENCH_ROUNDS"); s != "" {
+		if _, err := fmt.Sscan(s, &rounds); err != nil || rounds < 1 {
+			t.Fatalf("NBD_RAID_BENCH_ROUNDS %q: want a number of rounds", s)
+		}
+	}
+	type sums struct {
+		nbd, engine float64
+		ratios      []float64
+	}
+	total := make([]sums, len(loads))
+	for round := 0; round < rounds; round++ {
+		for i, l := range loads {
+			var nb, en, mem phase
+			fioSide := func() {
+				if only != "engine" {
+					nb = viaFio(a.uri(), l)
+				}
+			}
+			engSide := func() {
+				if only != "nbd" {
+					en = measure(func() (float64, float64) { return engineLoad(l, uint64(round)), 0 })
+				}
+			}
+			if only == "" {
+				mem = viaFio(memURI, l)
+			}
+			// Alternate which side goes first.
+			if round%2 == 0 {
+				fioSide()
+				engSide()
+			} else {
+				engSide()
+				fioSide()
+			}
+			a.quiesce(t)
+			if only != "" {
+				continue
+			}
+			total[i].nbd += nb.rate
+			total[i].engine += en.rate
+			total[i].ratios = append(total[i].ratios, nb.rate/en.rate)
+			unit, div := "MB/s", 1e6
+			if l.random {
+				unit, div = "IOPS", float64(l.bs)
+			}
+			t.Logf("round %d, %s: nbd %.0f %s, engine %.0f %s, ratio %.2f (nbd to memory %.0f %s); CPU ms/MiB here+fio: nbd %s, engine %s, memory %s",
+				round, l.name, nb.rate/div, unit, en.rate/div, unit, nb.rate/en.rate, mem.rate/div, unit, cpu(nb), cpu(en), cpu(mem))
+		}
+	}
+	if only != "" {
+		return
+	}
+	for i, l := range loads {
+		target := 0.7
+		if l.random {
+			target = 0.5
+		}
+		r := slices.Sorted(slices.Values(total[i].ratios))
+		t.Logf("total, %s: NBD / engine %.2f over the %d rounds, median round %.2f, rounds %.2f–%.2f (target ≥ %.1f)",
+			l.name, total[i].nbd/total[i].engine, rounds, r[len(r)/2], r[0], r[len(r)-1], target)
+	}
+	st := a.e.Stats()
+	t.Logf("engine: %d writes, %d bounced through an aligned buffer, %d range-lock waits; server: %d writes, %d of them streamed",
+		st.Writes, st.Bounced, st.RangeWaits, a.srv.Stats().Writes, a.srv.Stats().StreamedWrites)
 	a.checkMirrors(t, nil)
 }

@@ -16,19 +16,36 @@
 // and saves it to OUT, so the test can have the kernel assemble the array
 // and read it back (and run md's own "check" over every copy).
 //
+//	raidcheck ours SEED OUT LEVEL[:LAYOUT:CHUNK_KIB] DEV...
+//
+// creates an array of our own on the devices, as mdadm-go --create
+// does (the array package's Create), with a clustered bitmap (4 slots),
+// writes a pseudo-random pattern over it through the engine with the
+// write-intent bitmap in slot 0 (the bits it sets stay set, as after a
+// node that stopped without clearing them), switches the bitmap to
+// internal with the rewrite mdadm-go --grow --bitmap=internal uses
+// (array.ConvertBitmap), and saves the pattern to OUT, for the kernel to
+// assemble the array and read back.
+//
 // Members may be given in any order; their roles come from the
 // superblocks. It prints what it did and exits 1 on any mismatch.
 package main
 
 import (
 	"bytes"
+	"crypto/md5"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"math/rand/v2"
 	"os"
 	"strconv"
+	"strings"
+	"time"
 
+	"github.com/mdcluster/mdcluster/bitmap"
+	"github.com/mdcluster/mdcluster/bitmap/intent"
+	"github.com/mdcluster/mdcluster/mdcluster/array"
 	"github.com/mdcluster/mdcluster/mdcluster/raid"
 	"github.com/mdcluster/mdcluster/mdcluster/superblock"
 )
@@ -44,6 +61,12 @@ func run(args []string) error {
 	switch {
 	case len(args) >= 3 && args[0] == "read":
 		return check(args[1], args[2:])
+	case len(args) >= 5 && args[0] == "ours":
+		seed, err := strconv.ParseUint(args[1], 10, 64)
+		if err != nil {
+			return fmt.Errorf("seed: %w", err)
+		}
+		return ours(seed, args[2], args[3], args[4:])
 	case len(args) >= 4 && args[0] == "write":
 		seed, err := strconv.ParseUint(args[1], 10, 64)
 		if err != nil {
@@ -51,18 +74,18 @@ func run(args []string) error {
 		}
 		return write(seed, args[2], args[3:])
 	}
-	return errors.New("usage: raidcheck read EXPECTED DEV... | raidcheck write SEED OUT DEV...")
+	return errors.New("usage: raidcheck read EXPECTED DEV... | raidcheck write SEED OUT DEV... | raidcheck ours SEED OUT LEVEL[:LAYOUT:CHUNK_KIB] DEV...")
 }
 
 // array opens the members and builds an engine over them.
-type array struct {
+type engArray struct {
 	e    *raid.Engine
 	devs []*raid.DirectFile // by role
 	offs []int64            // data offsets by role
 }
 
-func open(paths []string) (*array, error) {
-	var a array
+func open(paths []string) (*engArray, error) {
+	var a engArray
 	var g raid.Geometry
 	for _, p := range paths {
 		d, err := raid.OpenDirect(p)
@@ -165,11 +188,7 @@ func write(seed uint64, out string, paths []string) error {
 		return err
 	}
 	g := a.e.Geometry()
-	data := make([]byte, g.Size())
-	rng := rand.New(rand.NewPCG(seed, seed))
-	for i := 0; i+8 <= len(data); i += 8 {
-		binary.LittleEndian.PutUint64(data[i:], rng.Uint64())
-	}
+	data := pattern(seed, g.Size())
 	w := a.e.WriterAt(false)
 	for off := int64(0); off < g.Size(); off += 1 << 20 {
 		if _, err := w.WriteAt(data[off:min(off+1<<20, g.Size())], off); err != nil {
@@ -183,5 +202,126 @@ func write(seed uint64, out string, paths []string) error {
 		return err
 	}
 	fmt.Printf("OK: wrote %d bytes through the engine\n", len(data))
+	return nil
+}
+
+// pattern returns n pseudo-random bytes from seed.
+func pattern(seed uint64, n int64) []byte {
+	data := make([]byte, n)
+	rng := rand.New(rand.NewPCG(seed, seed))
+	for i := 0; i+8 <= len(data); i += 8 {
+		binary.LittleEndian.PutUint64(data[i:], rng.Uint64())
+	}
+	return data
+}
+
+// ours creates a clustered array of our own, writes it through the engine
+// with the clustered bitmap in use, and switches the bitmap to internal.
+func ours(seed uint64, out, shape string, paths []string) error {
+	spec := array.CreateSpec{RaidDevices: len(paths), Bitmap: array.BitmapClustered, BitmapChunk: 64 << 10,
+		Nodes: 4, ClusterName: "vmtest", Name: "ours", AssumeClean: true}
+	f := strings.Split(shape, ":")
+	switch {
+	case len(f) == 1 && f[0] == "1":
+		spec.Level = 1
+	case len(f) == 3 && f[0] == "10":
+		kib, err := strconv.ParseInt(f[2], 10, 64)
+		if err != nil {
+			return fmt.Errorf("chunk: %w", err)
+		}
+		spec.Level, spec.Layout, spec.ChunkSize = 10, f[1], kib<<10
+	default:
+		return fmt.Errorf("shape %q: want 1 or 10:LAYOUT:CHUNK_KIB", shape)
+	}
+	members := func() ([]array.Member, func(), error) {
+		var ms []array.Member
+		closeAll := func() {
+			for _, m := range ms {
+				m.(*array.FileMember).Close()
+			}
+		}
+		for _, p := range paths {
+			m, err := array.OpenFile(p, true)
+			if err != nil {
+				closeAll()
+				return nil, nil, err
+			}
+			ms = append(ms, m)
+		}
+		return ms, closeAll, nil
+	}
+	ms, closeAll, err := members()
+	if err != nil {
+		return err
+	}
+	c, err := array.Create(spec, ms)
+	closeAll()
+	if err != nil {
+		return fmt.Errorf("create: %w", err)
+	}
+	fmt.Printf("created %s: level %d, layout %#x, %d sectors, clustered bitmap of %d slots, %d-byte chunks\n",
+		c.Info.Name, c.Info.Level, c.Info.Layout, c.Info.ArraySectors, c.Info.Nodes, c.Info.BitmapChunk)
+
+	// Write it through the engine, bitmap in slot 0 as node 1 would.
+	a, err := open(paths)
+	if err != nil {
+		return err
+	}
+	g := a.e.Geometry()
+	a.e.Close()
+	members2 := make([]raid.Member, len(a.devs))
+	for i, d := range a.devs {
+		members2[i] = raid.Member{Device: d, DataOffset: a.offs[i]}
+	}
+	e, err := raid.New(raid.Config{Geometry: g, Members: members2, BitmapChunkSize: int64(c.Info.BitmapChunk), RequireIntent: true})
+	if err != nil {
+		return err
+	}
+	slot, err := bitmap.ReadSlot(a.devs[0], c.BitmapLayout, 0)
+	if err != nil {
+		return err
+	}
+	for _, ch := range slot.DirtyChunks() { // Create leaves every bit set
+		slot.Clear(ch)
+	}
+	in, err := intent.New(intent.Config{Layout: c.BitmapLayout, Slot: slot, Mirrors: e.BitmapMirrors(), Owner: intent.Static(0)})
+	if err != nil {
+		return err
+	}
+	e.SetIntent(in)
+	data := pattern(seed, g.Size())
+	w := e.WriterAt(false)
+	for off := int64(0); off < g.Size(); off += 1 << 20 {
+		if _, err := w.WriteAt(data[off:min(off+1<<20, g.Size())], off); err != nil {
+			return fmt.Errorf("writing through the engine: %w", err)
+		}
+	}
+	if err := e.Flush(); err != nil {
+		return err
+	}
+	st := in.Stats()
+	e.Close()
+	for _, d := range a.devs {
+		d.Close()
+	}
+	if st.BitsSet == 0 {
+		return errors.New("the engine's writes set no bit in the clustered bitmap")
+	}
+	fmt.Printf("wrote %d bytes through the engine; %d bits set in slot 0 of the clustered bitmap\n", len(data), st.BitsSet)
+
+	// Switch to internal, as mdadm-go --grow --bitmap=internal does.
+	ms, closeAll, err = members()
+	if err != nil {
+		return err
+	}
+	err = array.ConvertBitmap(ms, array.BitmapSpec{Mode: array.BitmapInternal}, time.Now(), nil)
+	closeAll()
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(out, data, 0o644); err != nil {
+		return err
+	}
+	fmt.Printf("OK: bitmap switched to internal; md5 %x\n", md5.Sum(data))
 	return nil
 }

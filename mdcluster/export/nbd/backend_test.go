@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"syscall"
 	"testing"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -272,6 +273,9 @@ func TestBufPool(t *testing.T) {
 		b := getBuf(n)
 		if len(b) != n || cap(b)&(cap(b)-1) != 0 || cap(b) < 4096 {
 			t.Fatalf("getBuf(%d): len %d cap %d", n, len(b), cap(b))
+		}
+		if a := uintptr(unsafe.Pointer(&b[0])) % bufAlign; a != 0 {
+			t.Fatalf("getBuf(%d): buffer at %d past a %d-byte boundary", n, a, bufAlign)
 		}
 		putBuf(b)
 	}

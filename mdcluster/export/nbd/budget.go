@@ -5,6 +5,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unsafe"
 )
 
 // budget bounds what one connection holds in flight: a number of requests
@@ -72,6 +73,13 @@ func (b *budget) idleSince() (busy bool, since time.Time) {
 	return b.n > 0, b.drained
 }
 
+// count returns the number of requests in flight.
+func (b *budget) count() int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.n
+}
+
 // busy reports whether any request is in flight.
 func (b *budget) busy() bool {
 	b.mu.Lock()
@@ -88,9 +96,10 @@ func (b *budget) close() {
 	b.cond.Broadcast()
 }
 
-// Payload buffers come from per-size-class pools (powers of two from 4 KiB),
-// so a busy connection reuses its buffers instead of allocating one per
-// request; the budget, not the pools, bounds how many exist at once.
+// Payload buffers come from per-size-class pools (powers of two from 4 KiB,
+// aligned to bufAlign), so a busy connection reuses its buffers instead of
+// allocating one per request; the budget, not the pools, bounds how many
+// exist at once.
 const (
 	minBufShift = 12
 	maxBufShift = 31
@@ -107,8 +116,22 @@ func getBuf(n int) []byte {
 	if p, _ := bufPools[c].Get().(*[]byte); p != nil {
 		return (*p)[:n]
 	}
-	return make([]byte, n, 1<<(c+minBufShift))
+	size := 1 << (c + minBufShift)
+	b := make([]byte, size)
+	if uintptr(unsafe.Pointer(&b[0]))%bufAlign != 0 {
+		// Go places power-of-two blocks of 4 KiB and more at least 4
+		// KiB-aligned, but does not promise it: pad if it ever differs.
+		p := make([]byte, size+bufAlign)
+		skip := (bufAlign - int(uintptr(unsafe.Pointer(&p[0]))%bufAlign)) % bufAlign
+		b = p[skip : skip+size : skip+size]
+	}
+	return b[:n]
 }
+
+// bufAlign is the alignment of payload buffers: what O_DIRECT needs on
+// any device (the RAID engine writes a write's buffer to its members as
+// it is when it is aligned, and copies it otherwise).
+const bufAlign = 4096
 
 // putBuf returns a buffer obtained from getBuf.
 func putBuf(b []byte) {

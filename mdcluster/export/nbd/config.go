@@ -67,6 +67,13 @@ type Config struct {
 	// treat such sizes as abuse), and closes the connection otherwise.
 	// Trims and zeroing carry no data and may be larger.
 	MaxPayload int
+	// SocketBuffer is the kernel send and receive buffer size asked for
+	// on each connection's socket (SO_SNDBUF, SO_RCVBUF; the kernel caps
+	// it at net.core.wmem_max and rmem_max). Larger buffers let a large
+	// read reply or write request cross in fewer wake-ups of each side.
+	// Kernel memory per connection is at most about twice this. Negative
+	// leaves the system's defaults.
+	SocketBuffer int
 	// MaxOptions bounds the options one client may send before it enters
 	// transmission; a client still haggling after that many is dropped.
 	MaxOptions int
@@ -110,6 +117,7 @@ func DefaultConfig() Config {
 		MaxInFlight:      128,
 		MaxInFlightBytes: 64 << 20,
 		MaxPayload:       defaultMaxBody,
+		SocketBuffer:     2 << 20,
 		MaxOptions:       32,
 		MaxOptionLength:  16 << 10,
 		HandshakeTimeout: 10 * time.Second,
@@ -139,6 +147,9 @@ func (c Config) withDefaults() (Config, error) {
 		c.MaxInFlightBytes = d.MaxInFlightBytes
 	}
 	c.MaxInFlightBytes = max(c.MaxInFlightBytes, c.MaxPayload)
+	if c.SocketBuffer == 0 {
+		c.SocketBuffer = d.SocketBuffer
+	}
 	if c.MaxOptions <= 0 {
 		c.MaxOptions = d.MaxOptions
 	}

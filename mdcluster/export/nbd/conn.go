@@ -22,9 +22,10 @@ const (
 //
 // One goroutine (serve) reads the socket: options, then request headers and
 // write data. Each request that reaches the backend runs in a goroutine of
-// its own and writes its reply when done, so replies go out in completion
-// order. Replies share a buffered writer; the last of a burst of
-// completions flushes it, so a queue of small replies costs one write.
+// its own and queues its reply when done, so replies go out in completion
+// order; whichever completion finds no writer at work writes the queue out
+// with one writev per batch (see reply), so completions never wait for
+// each other's socket writes.
 type conn struct {
 	s      *Server
 	nc     net.Conn
@@ -47,15 +48,32 @@ type conn struct {
 	rdl     time.Time      // read deadline in force (reader only)
 	lastReq time.Time      // when the last request began (reader only)
 
-	wmu      sync.Mutex
-	bw       *bufio.Writer
-	waiting  atomic.Int32 // completions waiting for wmu
-	werr     error        // first reply write error; later replies are dropped
-	wdl      time.Time    // write deadline in force
-	replyHdr [replyHdrLen]byte
+	// Replies (see reply): wmu guards the queue, the writing flag and
+	// werr; the goroutine that set writing owns the rest.
+	wmu     sync.Mutex
+	queue   []pendingReply // replies waiting for the writer
+	spare   []pendingReply // the other queue, reused
+	writing bool           // a goroutine is writing the queue out
+	werr    error          // first reply write error; later replies are dropped
+	wdl     time.Time      // write deadline in force
+	hdrs    []byte         // a batch's reply headers
+	iov     net.Buffers    // a batch's writev
+
+	bw *bufio.Writer // negotiation replies
 }
 
 func newConn(s *Server, nc net.Conn) *conn {
+	if n := s.cfg.SocketBuffer; n > 0 {
+		// Larger kernel buffers mean fewer wake-ups per megabyte on both
+		// sides (the kernel caps them at net.core.[rw]mem_max).
+		if b, ok := nc.(interface {
+			SetReadBuffer(int) error
+			SetWriteBuffer(int) error
+		}); ok {
+			_ = b.SetReadBuffer(n)
+			_ = b.SetWriteBuffer(n)
+		}
+	}
 	return &conn{
 		s:      s,
 		nc:     nc,

@@ -22,7 +22,11 @@
 // WRITE_ZEROES (NO_HOLE, FAST_ZERO) and DISC, with FUA. CACHE and
 // BLOCK_STATUS are not advertised and are answered EINVAL, like unknown
 // commands and flags. Requests run concurrently, up to Config.MaxInFlight
-// per connection, and replies go out as they complete, in any order.
+// per connection, and replies go out as they complete, in any order,
+// batched into one writev when several are ready. A large write that is
+// alone in flight on its connection is handed to the backend in pieces as
+// its data arrives, so that a client at queue depth 1 does not wait for the
+// transfer and then for the device (Stats.StreamedWrites).
 //
 // # Errors
 //

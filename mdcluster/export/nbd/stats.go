@@ -34,6 +34,11 @@ type Stats struct {
 	// OtherRequests counts requests with commands the server does not
 	// implement or did not advertise (answered EINVAL).
 	OtherRequests uint64
+	// StreamedWrites counts writes handed to the backend in pieces as
+	// their data arrived: writes of at least 512 KiB that were alone in
+	// flight on their connection, whose transfer then overlaps the
+	// backend's work instead of preceding it.
+	StreamedWrites uint64
 	// BytesRead and BytesWritten count payload bytes of successful reads
 	// and writes.
 	BytesRead, BytesWritten uint64
@@ -66,7 +71,7 @@ type counters struct {
 	handshakes, handshakeFailures, timeouts      atomic.Uint64
 	optionsRefused                               atomic.Uint64
 	reads, writes, flushes, trims, zeroes, discs atomic.Uint64
-	other                                        atomic.Uint64
+	other, streamed                              atomic.Uint64
 	bytesRead, bytesWritten                      atomic.Uint64
 	errorReplies, oversized, protocolErrors      atomic.Uint64
 	inFlight, inFlightBytes                      atomic.Int64
@@ -90,6 +95,7 @@ func (c *counters) snapshot() Stats {
 		WriteZeroes:         c.zeroes.Load(),
 		Disconnects:         c.discs.Load(),
 		OtherRequests:       c.other.Load(),
+		StreamedWrites:      c.streamed.Load(),
 		BytesRead:           c.bytesRead.Load(),
 		BytesWritten:        c.bytesWritten.Load(),
 		ErrorReplies:        c.errorReplies.Load(),

@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -180,12 +182,12 @@ func (c *conn) request(r request) error {
 			if _, err := io.CopyN(io.Discard, c.br, n); err != nil {
 				return c.readErr("write data", err)
 			}
-			c.reply(r.cookie, errno, nil)
+			c.reply(r.cookie, errno, nil, nil, false)
 			return nil
 		}
 	}
 	if errno != errnoOK {
-		c.reply(r.cookie, errno, nil)
+		c.reply(r.cookie, errno, nil, nil, false)
 		return nil
 	}
 	size := 0
@@ -205,12 +207,15 @@ func (c *conn) request(r request) error {
 				return c.readErr("write data", err)
 			}
 		}
-		c.reply(r.cookie, errnoShutdown, nil)
+		c.reply(r.cookie, errnoShutdown, nil, nil, false)
 		return nil
 	}
 	st.inFlight.Add(1)
 	st.inFlightBytes.Add(int64(size))
 	buf := getBuf(size)
+	if r.typ == cmdWrite && size >= 2*streamPiece && c.budget.count() == 1 {
+		return c.streamWrite(r, buf)
+	}
 	if r.typ == cmdWrite && size > 0 {
 		if _, err := io.ReadFull(c.br, buf); err != nil {
 			c.finish(size, buf)
@@ -220,6 +225,80 @@ func (c *conn) request(r request) error {
 	c.running.Add(1)
 	go c.run(r, buf)
 	return nil
+}
+
+// streamPiece is the unit in which a large write's data is handed to the
+// backend while the rest of it is still arriving. A power of two of at
+// least 64 KiB, so pieces keep any block size constraint a backend may
+// have. Writes of less than two pieces are read whole first.
+const streamPiece = 256 << 10
+
+// streamWrite reads a large write's data piece by piece and starts each
+// piece on the backend as soon as it has arrived, so receiving the data
+// and writing it overlap even with one request in flight (a client at
+// queue depth 1 otherwise waits for the transfer and the device one after
+// the other). It is used only for a write that is alone in flight on its
+// connection: with more, transfers already overlap other requests' device
+// time, and whole writes cost the backend fewer, larger operations. The
+// reply goes out when every piece is done, with the first error if any
+// piece failed. NBD makes no promise about what a write that was not
+// acknowledged left behind, so a connection that fails half-way through
+// the data may leave the pieces already written; such a request gets no
+// reply (the stream is out of step and the connection closes).
+func (c *conn) streamWrite(r request, buf []byte) error {
+	c.s.stats.streamed.Add(1)
+	j := &streamJob{c: c, r: r, buf: buf}
+	j.left.Store(1) // the reader's own reference, dropped when all is read
+	c.running.Add(1)
+	for lo := 0; lo < len(buf); lo += streamPiece {
+		hi := min(lo+streamPiece, len(buf))
+		if _, err := io.ReadFull(c.br, buf[lo:hi]); err != nil {
+			j.aborted.Store(true)
+			j.done()
+			return c.readErr("write data", err)
+		}
+		j.left.Add(1)
+		go j.write(lo, hi)
+	}
+	j.done()
+	return nil
+}
+
+// streamJob is one write being streamed to the backend in pieces.
+type streamJob struct {
+	c       *conn
+	r       request
+	buf     []byte
+	left    atomic.Int32 // pieces running, plus one while the reader reads
+	aborted atomic.Bool  // the data did not all arrive: no reply
+	errMu   sync.Mutex
+	err     error // the first piece's error
+}
+
+// write writes buf[lo:hi] and drops its reference.
+func (j *streamJob) write(lo, hi int) {
+	c := j.c
+	if err := c.exp.Backend.WriteAt(j.buf[lo:hi], int64(j.r.offset)+int64(lo), c.ioFlags(j.r)); err != nil {
+		j.errMu.Lock()
+		if j.err == nil {
+			j.err = err
+		}
+		j.errMu.Unlock()
+	}
+	j.done()
+}
+
+// done drops one reference; the last one completes the request.
+func (j *streamJob) done() {
+	if j.left.Add(-1) != 0 {
+		return
+	}
+	defer j.c.running.Done()
+	if j.aborted.Load() {
+		j.c.finish(len(j.buf), j.buf)
+		return
+	}
+	j.c.complete(j.r, j.err, j.buf)
 }
 
 // check validates a request against the export and returns the error to
@@ -289,13 +368,9 @@ func (c *conn) check(r request) uint32 {
 // run performs one request on the backend and replies.
 func (c *conn) run(r request, buf []byte) {
 	defer c.running.Done()
-	st := &c.s.stats
 	x := c.exp
 	off, n := int64(r.offset), int64(r.length)
-	var flags IOFlags
-	if r.flags&cmdFlagFUA != 0 && x.caps.Flush {
-		flags |= FUA
-	}
+	flags := c.ioFlags(r)
 	var err error
 	switch r.typ {
 	case cmdRead:
@@ -329,6 +404,24 @@ func (c *conn) run(r request, buf []byte) {
 			err = x.Backend.WriteZeroes(off, n, flags)
 		}
 	}
+	c.complete(r, err, buf)
+}
+
+// ioFlags are the backend flags a request's command flags ask for.
+func (c *conn) ioFlags(r request) IOFlags {
+	if r.flags&cmdFlagFUA != 0 && c.exp.caps.Flush {
+		return FUA
+	}
+	return 0
+}
+
+// complete accounts for a request the backend has finished (err is its
+// outcome) and replies; the request's buffer and budget are released
+// before the reply, or for a read once its data is sent.
+func (c *conn) complete(r request, err error, buf []byte) {
+	st := &c.s.stats
+	x := c.exp
+	n := int64(r.length)
 	var data []byte
 	switch {
 	case err == nil:
@@ -347,10 +440,17 @@ func (c *conn) run(r request, buf []byte) {
 	default:
 		st.backendErrors.Add(1)
 		c.s.plog.warn("nbd: backend error", "export", x.Name, "command", cmdName(r.typ),
-			"offset", off, "length", n, "err", err)
+			"offset", int64(r.offset), "length", n, "err", err)
 	}
-	c.reply(r.cookie, errnoOf(err), data)
-	c.finish(len(buf), buf)
+	if data == nil {
+		// Nothing to send from the buffer: give it and the budget back
+		// before replying, so a client that sends its next request as soon
+		// as the reply arrives finds this one gone.
+		c.finish(len(buf), buf)
+		c.reply(r.cookie, errnoOf(err), nil, nil, false)
+		return
+	}
+	c.reply(r.cookie, errnoOf(err), data, buf, true)
 }
 
 // finish returns what request took from the budget.
@@ -361,21 +461,92 @@ func (c *conn) finish(size int, buf []byte) {
 	c.budget.release(size)
 }
 
-// reply sends a simple reply, with data for a successful read. Replies are
-// buffered; the last of the completions queued behind the lock flushes, so
-// a burst of replies leaves in one write. After a write error every later
-// reply is dropped: the connection is being torn down.
-func (c *conn) reply(cookie uint64, errno uint32, data []byte) {
+// reply queues a simple reply, with data for a successful read, and
+// writes it unless another goroutine is writing replies already, in which
+// case that one sends it with the rest of its batch. So a completion never
+// waits for the socket behind another: the lock is held only to queue, and
+// a burst of replies leaves in one writev (headers and read data, no
+// copying). With release set, the request's buffer and budget (buf, the
+// request's whole buffer) are given back once the reply is written or
+// dropped. After a write error every later reply is dropped: the
+// connection is being torn down.
+func (c *conn) reply(cookie uint64, errno uint32, data, buf []byte, release bool) {
 	if errno != errnoOK {
 		c.s.stats.errorReplies.Add(1)
 	}
-	c.waiting.Add(1)
+	p := pendingReply{data: data, buf: buf, release: release}
+	appendReply(p.hdr[:0], errno, cookie)
 	c.wmu.Lock()
-	c.waiting.Add(-1)
-	defer c.wmu.Unlock()
 	if c.werr != nil {
+		c.wmu.Unlock()
+		c.released(p)
 		return
 	}
+	c.queue = append(c.queue, p)
+	if c.writing {
+		c.wmu.Unlock()
+		return
+	}
+	c.writing = true
+	for {
+		batch := c.queue
+		c.queue = c.spare[:0]
+		c.wmu.Unlock()
+		err := c.writeReplies(batch)
+		for i := range batch {
+			c.released(batch[i])
+			batch[i] = pendingReply{}
+		}
+		c.wmu.Lock()
+		c.spare = batch[:0]
+		if err != nil {
+			c.werr = fmt.Errorf("sending reply: %w", err)
+			if isTimeout(err) {
+				c.s.stats.timeouts.Add(1)
+				c.werr = fmt.Errorf("client did not read its replies within WriteTimeout (%v): %w", c.s.cfg.WriteTimeout, err)
+			}
+			if !c.closingFlag.Load() {
+				c.s.plog.warn("nbd: closing connection: cannot send replies", "remote", c.remote, "err", c.werr)
+			}
+			c.nc.Close() // wakes the reader
+			rest := c.queue
+			c.queue = nil
+			c.writing = false
+			c.wmu.Unlock()
+			for _, p := range rest {
+				c.released(p)
+			}
+			return
+		}
+		if len(c.queue) == 0 {
+			c.writing = false
+			c.wmu.Unlock()
+			return
+		}
+	}
+}
+
+// pendingReply is a reply queued for the writer.
+type pendingReply struct {
+	hdr     [replyHdrLen]byte
+	data    []byte // read data sent after the header
+	buf     []byte // the request's buffer, given back after sending
+	release bool   // give back buf and the request's budget
+}
+
+// released gives back what a reply's request held, once the reply is
+// written or dropped.
+func (c *conn) released(p pendingReply) {
+	if p.release {
+		c.finish(len(p.buf), p.buf)
+	}
+}
+
+// writeReplies writes a batch of replies with one writev (Go splits it at
+// the system's limit on buffers per call): consecutive headers are
+// gathered in one buffer, read data is sent from the request's own buffer.
+// Only the goroutine that set c.writing calls it.
+func (c *conn) writeReplies(batch []pendingReply) error {
 	// Like armRead: a deadline between 3/4 and all of WriteTimeout ahead,
 	// renewed every quarter of it rather than per reply.
 	now := time.Now()
@@ -383,24 +554,28 @@ func (c *conn) reply(cookie uint64, errno uint32, data []byte) {
 		c.wdl = now.Add(t)
 		c.nc.SetWriteDeadline(c.wdl)
 	}
-	_, err := c.bw.Write(appendReply(c.replyHdr[:0], errno, cookie))
-	if err == nil && len(data) > 0 {
-		_, err = c.bw.Write(data)
+	if need := len(batch) * replyHdrLen; cap(c.hdrs) < need {
+		c.hdrs = make([]byte, 0, need)
 	}
-	if err == nil && c.waiting.Load() == 0 {
-		err = c.bw.Flush()
-	}
-	if err != nil {
-		c.werr = fmt.Errorf("sending reply: %w", err)
-		if isTimeout(err) {
-			c.s.stats.timeouts.Add(1)
-			c.werr = fmt.Errorf("client did not read its replies within WriteTimeout (%v): %w", c.s.cfg.WriteTimeout, err)
+	hdrs := c.hdrs[:0]
+	iov := c.iov[:0]
+	start := 0
+	for i := range batch {
+		hdrs = append(hdrs, batch[i].hdr[:]...)
+		if len(batch[i].data) > 0 {
+			iov = append(iov, hdrs[start:], batch[i].data)
+			start = len(hdrs)
 		}
-		if !c.closingFlag.Load() {
-			c.s.plog.warn("nbd: closing connection: cannot send replies", "remote", c.remote, "err", c.werr)
-		}
-		c.nc.Close() // wakes the reader
 	}
+	if start < len(hdrs) {
+		iov = append(iov, hdrs[start:])
+	}
+	c.hdrs = hdrs
+	bufs := iov
+	_, err := bufs.WriteTo(c.nc)
+	clear(iov) // no references to request buffers stay behind
+	c.iov = iov[:0]
+	return err
 }
 
 // writeErr returns the reply write error, if any.
