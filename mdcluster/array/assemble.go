@@ -356,8 +356,8 @@ func (m *Manager) startEngine(ctx context.Context, in WriteIntent) error {
 	setup := EngineSetup{Level: st.Shared.Level, Layout: st.Shared.Layout, ChunkSectors: st.Shared.ChunkSize,
 		RaidDisks: int(st.Shared.RaidDisks), DevSectors: st.Shared.Size, Members: ems,
 		OnMemberError: m.memberError, Now: m.cfg.Now}
-	if st.HasBitmap {
-		setup.Intent = in
+	if st.HasBitmap && in != nil {
+		setup.Intent, setup.BitmapChunkBytes = in, st.Layout.ChunkSize
 	}
 	if err := m.cfg.Engine.Start(ctx, setup); err != nil {
 		return fmt.Errorf("assemble: start the engine: %w", err)

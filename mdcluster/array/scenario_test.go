@@ -66,7 +66,7 @@ func countState(ms []MemberStatus, s MemberState) int {
 func (c *tcluster) writeSome(id node.NodeID, seed byte, offs ...int64) {
 	c.t.Helper()
 	for i, off := range offs {
-		if err := c.nodes[id].eng.Write(c.ctx(), off, pattern(seed+byte(i), 64<<10)); err != nil {
+		if err := c.nodes[id].eng.WriteAt(pattern(seed+byte(i), 64<<10), off, 0); err != nil {
 			c.t.Fatalf("node %d: write at %d: %v", id, off, err)
 		}
 	}

@@ -29,7 +29,11 @@ func (c *tcluster) startCreate(clean bool, raidDevices int, images ...string) {
 	}
 	created := make(chan error, 1)
 	go func() {
-		_, err := c.nodes[1].m.Create(c.ctx(), spec(clean, raidDevices), paths)
+		sp := spec(clean, raidDevices)
+		if c.tweakSpec != nil {
+			c.tweakSpec(&sp)
+		}
+		_, err := c.nodes[1].m.Create(c.ctx(), sp, paths)
 		created <- err
 	}()
 	// The others attach to the new array's lockspace as soon as they find

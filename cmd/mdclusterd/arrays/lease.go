@@ -1,0 +1,215 @@
+package arrays
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/mdcluster/mdcluster/bitmap"
+	"github.com/mdcluster/mdcluster/mdcluster/array"
+	"github.com/mdcluster/mdcluster/mdcluster/lease"
+	"github.com/mdcluster/mdcluster/mdcluster/raid"
+)
+
+// Storage fencing in the array layer (docs/quorum-and-fencing.md):
+//
+//   - every array's RAID engine has a lease.Guard as its Gate: I/O stops
+//     when the node is not quorate, when the generation stamp on the
+//     members is newer than the node's view, or when no stamp read has
+//     succeeded for a lease;
+//   - the guard re-reads the stamp when the engine starts and then every
+//     half lease (Guard.Run) while the array runs;
+//   - the daemon reports view and quorum changes through SetView, which
+//     reaches every guard;
+//   - Stamp (fence.GenerationStamper) is what the configured stamp
+//     fencing level calls: it stamps the new generation on every array
+//     this node knows;
+//   - an optional watchdog is pinged only while every running array's
+//     stamp reads complete.
+
+// leaseState is the view as the daemon last reported it.
+type leaseState struct {
+	gen     uint64
+	quorate bool
+}
+
+// SetView implements daemon.ViewObserver: the node's view generation and
+// quorum. The generation never goes down here (a view change's ballot may
+// be reported before the view is installed). It does not block.
+func (l *Layer) SetView(gen uint64, quorate bool) {
+	l.mu.Lock()
+	l.view.gen = max(l.view.gen, gen)
+	l.view.quorate = quorate
+	v := l.view
+	var gs []*lease.Guard
+	for _, a := range l.arrays {
+		if a.guard != nil {
+			gs = append(gs, a.guard)
+		}
+	}
+	l.mu.Unlock()
+	for _, g := range gs {
+		g.SetView(v.gen, v.quorate)
+	}
+}
+
+// newGuard builds array a's lease guard over the engine's devices.
+func (l *Layer) newGuard(a *arr) (*lease.Guard, error) {
+	lc := l.env.Config.Lease
+	a.stamper = &lease.Stamper{Array: a.uuid, Node: uint32(l.nodeID()), Members: func() []lease.Device {
+		return leaseDevices(a.eng.Devices())
+	}}
+	g, err := lease.New(lease.Config{Duration: lc.Duration, StopWait: lc.StopWait, Read: a.stamper.Highest,
+		Logger: l.log.With("uuid", bitmap.FormatUUID(a.uuid))})
+	if err != nil {
+		return nil, fmt.Errorf("storage lease of %s: %w", bitmap.FormatUUID(a.uuid), err)
+	}
+	l.mu.Lock()
+	v := l.view
+	l.mu.Unlock()
+	g.SetView(v.gen, v.quorate)
+	return g, nil
+}
+
+func leaseDevices(ds []raid.Device) []lease.Device {
+	out := make([]lease.Device, len(ds))
+	for i, d := range ds {
+		out[i] = d
+	}
+	return out
+}
+
+// startLease runs a's guard while the array runs here.
+func (l *Layer) startLease(a *arr) {
+	if a.guard == nil {
+		return
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	l.mu.Lock()
+	if a.leaseStop != nil {
+		a.leaseStop()
+	}
+	a.leaseStop = cancel
+	l.mu.Unlock()
+	go a.guard.Run(ctx)
+}
+
+// stopLease stops a's guard's renewals.
+func (l *Layer) stopLease(a *arr) {
+	l.mu.Lock()
+	stop := a.leaseStop
+	a.leaseStop = nil
+	l.mu.Unlock()
+	if stop != nil {
+		stop()
+	}
+}
+
+// Stamp implements fence.GenerationStamper for the stamp fencing level:
+// it writes generation gen on the in-use members of every array this node
+// knows (through the running engine's devices, or opened for the stamp
+// if the array does not run here) and returns once every one holds it.
+// This node fences on behalf of view gen, so its own guards take gen as
+// their view first (they would otherwise stop at their next read, seeing
+// gen above the view installed so far). With no array known there is
+// nothing of ours on the shared storage to fence.
+func (l *Layer) Stamp(ctx context.Context, gen uint64) error {
+	l.SetView(gen, l.quorate())
+	l.mu.Lock()
+	as := make([]*arr, 0, len(l.arrays))
+	for _, a := range l.arrays {
+		as = append(as, a)
+	}
+	l.mu.Unlock()
+	if len(as) == 0 {
+		l.log.Warn("storage fence: no array known here, nothing to stamp", "generation", gen)
+	}
+	var errs []error
+	for _, a := range as {
+		if err := l.stampArray(ctx, a, gen); err != nil {
+			errs = append(errs, fmt.Errorf("array %s: %w", bitmap.FormatUUID(a.uuid), err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (l *Layer) quorate() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.view.quorate
+}
+
+// stampArray stamps one array's in-use members.
+func (l *Layer) stampArray(ctx context.Context, a *arr, gen uint64) error {
+	devs := leaseDevices(a.eng.Devices())
+	if len(devs) == 0 {
+		for _, s := range a.mgr.Members() {
+			if s.State != array.MemberInSync && s.State != array.MemberRecovering {
+				continue
+			}
+			var d lease.Device
+			var c io.Closer
+			if df, err := raid.OpenDirect(s.Path); err == nil {
+				d, c = df, df
+			} else if fm, ferr := array.OpenFile(s.Path, true); ferr == nil {
+				d, c = fm, fm // no direct I/O here (tmpfs): buffered, then synced
+			} else {
+				return fmt.Errorf("open member %s to stamp it: %w", s.Path, errors.Join(err, ferr))
+			}
+			defer c.Close()
+			devs = append(devs, d)
+		}
+	}
+	if len(devs) == 0 {
+		return nil // no member in use: nothing anyone can write
+	}
+	st := lease.Stamper{Array: a.uuid, Node: uint32(l.nodeID()), Members: func() []lease.Device { return devs }}
+	if err := st.Stamp(ctx, gen); err != nil {
+		return err
+	}
+	l.log.Info("storage fence: generation stamped on the array's members", "uuid", bitmap.FormatUUID(a.uuid),
+		"generation", gen, "members", len(devs))
+	return nil
+}
+
+func (l *Layer) nodeID() uint32 {
+	if l.env.Node == nil {
+		return l.testNodeID
+	}
+	return uint32(l.env.Node.ID())
+}
+
+// feedWatchdog pings the watchdog every half renewal interval while
+// every running array's guard has completed a stamp read within its lease
+// (with no array running, while the process runs). It stops with l.stop
+// and disarms the watchdog.
+func (l *Layer) feedWatchdog(wd lease.Watchdog, every time.Duration) {
+	defer l.wg.Done()
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-l.stop:
+			if err := wd.Close(); err != nil {
+				l.log.Warn("watchdog: disarming", "err", err)
+			}
+			return
+		case <-t.C:
+		}
+		alive := true
+		l.mu.Lock()
+		for _, a := range l.arrays {
+			if a.guard != nil && a.running && !a.guard.Alive() {
+				alive = false
+			}
+		}
+		l.mu.Unlock()
+		if alive {
+			if err := wd.Ping(); err != nil {
+				l.log.Error("watchdog ping failed", "err", err)
+			}
+		}
+	}
+}

@@ -1,0 +1,146 @@
+package arrays
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/mdcluster/mdcluster/cmd/mdclusterd/config"
+	"github.com/mdcluster/mdcluster/cmd/mdclusterd/daemon"
+	"github.com/mdcluster/mdcluster/mdcluster/array"
+	"github.com/mdcluster/mdcluster/mdcluster/lease"
+	"github.com/mdcluster/mdcluster/mdcluster/raid"
+	"github.com/mdcluster/mdcluster/mdcluster/superblock"
+)
+
+// leaseLayer is a layer with no node: its view comes from SetView.
+func leaseLayer(t *testing.T, id uint32, d time.Duration) *Layer {
+	l := New()
+	cfg := &config.Config{RAID: config.RAID{SpeedLimitMin: 1000, SpeedLimitMax: 200000},
+		Lease: config.Lease{Enabled: true, Duration: d, Margin: d / 2}}
+	l.env = daemon.ArrayEnv{Config: cfg, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}
+	l.log, l.testNodeID = l.env.Logger, id
+	t.Cleanup(func() {
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		for _, a := range l.arrays {
+			if a.leaseStop != nil {
+				a.leaseStop()
+			}
+			a.eng.Stop()
+		}
+	})
+	return l
+}
+
+// runRAID1 starts array u's engine in l over the member files, as the
+// manager would after an assemble, and registers it as running.
+func runRAID1(t *testing.T, l *Layer, u [16]byte, paths []string) *arr {
+	t.Helper()
+	a, err := l.newEngine(u)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ems []array.EngineMember
+	for i, p := range paths {
+		m, err := array.OpenFile(p, true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { m.Close() })
+		ems = append(ems, array.EngineMember{Dev: uint32(i), Slot: i, State: array.MemberInSync, Member: m, DataOffset: 2048})
+	}
+	if err := a.eng.Start(context.Background(), array.EngineSetup{Level: superblock.LevelRAID1, RaidDisks: len(paths),
+		DevSectors: 8192, Members: ems}); err != nil {
+		t.Fatal(err)
+	}
+	l.mu.Lock()
+	l.arrays[u] = a
+	a.running = true
+	l.mu.Unlock()
+	l.startLease(a)
+	return a
+}
+
+// TestLeaseStopsArrayIO: the layer's lease gates its array's engine. A
+// node that loses quorum stops its array I/O at once (and resumes with
+// quorum); when another node's stamp fence writes a newer generation, the
+// node stops at its next periodic stamp read with the lease's reason, and
+// no member is failed; the fencing node goes on writing; a view at least
+// as new lets the stopped node resume.
+func TestLeaseStopsArrayIO(t *testing.T) {
+	dir := t.TempDir()
+	var paths []string
+	for _, n := range []string{"a.img", "b.img"} {
+		p := filepath.Join(dir, n)
+		if err := os.WriteFile(p, make([]byte, 5<<20), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		paths = append(paths, p)
+	}
+	u := [16]byte{1, 2, 3}
+	const d = 600 * time.Millisecond
+	la, lb := leaseLayer(t, 1, d), leaseLayer(t, 2, d)
+	la.SetView(3, true)
+	lb.SetView(3, true)
+	a := runRAID1(t, la, u, paths)
+	b := runRAID1(t, lb, u, paths)
+	data := bytes.Repeat([]byte{0xab}, 4096)
+	for name, x := range map[string]*arr{"A": a, "B": b} {
+		if err := x.eng.WriteAt(data, 0, 0); err != nil {
+			t.Fatalf("node %s with a lease: %v", name, err)
+		}
+	}
+
+	la.SetView(3, false)
+	err := a.eng.WriteAt(data, 4096, 0)
+	if !errors.Is(err, raid.ErrIOStopped) || !errors.Is(err, lease.ErrNoQuorum) {
+		t.Fatalf("write without quorum: %v, want the lease's no-quorum stop", err)
+	}
+	la.SetView(3, true)
+	if err := a.eng.WriteAt(data, 4096, 0); err != nil {
+		t.Fatalf("write with quorum back: %v", err)
+	}
+
+	// Node B fences A for view 4: B's guard takes view 4 first.
+	if err := lb.Stamp(context.Background(), 4); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * d)
+	for {
+		err = a.eng.WriteAt(data, 8192, 0)
+		if err != nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("node A still writes %v after the stamp of a newer generation", 10*d)
+		}
+		time.Sleep(d / 10)
+	}
+	if !errors.Is(err, raid.ErrIOStopped) || !errors.Is(err, lease.ErrFenced) {
+		t.Fatalf("node A's write after the fence: %v, want the lease's fenced stop", err)
+	}
+	if err := b.eng.WriteAt(data, 8192, 0); err != nil {
+		t.Fatalf("the fencing node's write: %v", err)
+	}
+	for _, x := range []*arr{a, b} {
+		if len(x.eng.Devices()) != 2 {
+			t.Fatalf("a refused I/O failed a member: %d devices in use", len(x.eng.Devices()))
+		}
+	}
+	// A joins view 4: after its next read it writes again.
+	la.SetView(4, true)
+	deadline = time.Now().Add(10 * d)
+	for a.eng.WriteAt(data, 8192, 0) != nil {
+		if time.Now().After(deadline) {
+			t.Fatal("node A did not resume in the new view")
+		}
+		time.Sleep(d / 10)
+	}
+}
