@@ -16,7 +16,7 @@ import (
 // node must read back what was written.
 func TestClusterRAID10(t *testing.T) {
 	c := newTCluster(t, 3)
-	c.tweakSpec = func(s *CreateSpec) { s.Level, s.Layout, s.ChunkSize = 10, "n2", 64 << 10 }
+	c.tweakSpec = func(s *CreateSpec) { s.Level, s.Layout, s.ChunkSize = 10, "n2", 64<<10 }
 	c.fill("a.img", 1)
 	c.fill("b.img", 2)
 	c.createAndAssemble(false, 4, "a.img", "b.img", "c.img", "d.img")
