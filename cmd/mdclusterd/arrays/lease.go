@@ -21,8 +21,8 @@ import (
 //     succeeded for a lease;
 //   - the guard re-reads the stamp when the engine starts and then every
 //     half lease (Guard.Run) while the array runs;
-//   - the daemon reports view and quorum changes through SetView, which
-//     reaches every guard;
+//   - the daemon reports view installs and quorum changes through
+//     SetView, which reaches every guard;
 //   - Stamp (fence.GenerationStamper) is what the configured stamp
 //     fencing level calls: it stamps the new generation on every array
 //     this node knows;
@@ -36,22 +36,34 @@ type leaseState struct {
 }
 
 // SetView implements daemon.ViewObserver: the node's view generation and
-// quorum. The generation never goes down here (a view change's ballot may
-// be reported before the view is installed). It does not block.
+// quorum, passed to every guard. When the view moved on or quorum came
+// back, the running arrays re-read their stamp at once (in the
+// background: SetView must not block), so that a node stopped by the
+// stamp of the view it now has resumes without waiting for the next
+// periodic read.
 func (l *Layer) SetView(gen uint64, quorate bool) {
 	l.mu.Lock()
+	renew := gen > l.view.gen || (quorate && !l.view.quorate)
 	l.view.gen = max(l.view.gen, gen)
 	l.view.quorate = quorate
 	v := l.view
-	var gs []*lease.Guard
+	var gs, running []*lease.Guard
 	for _, a := range l.arrays {
 		if a.guard != nil {
 			gs = append(gs, a.guard)
+			if a.running {
+				running = append(running, a.guard)
+			}
 		}
 	}
 	l.mu.Unlock()
 	for _, g := range gs {
 		g.SetView(v.gen, v.quorate)
+	}
+	if renew {
+		for _, g := range running {
+			go g.Renew()
+		}
 	}
 }
 
@@ -111,12 +123,12 @@ func (l *Layer) stopLease(a *arr) {
 // it writes generation gen on the in-use members of every array this node
 // knows (through the running engine's devices, or opened for the stamp
 // if the array does not run here) and returns once every one holds it.
-// This node fences on behalf of view gen, so its own guards take gen as
-// their view first (they would otherwise stop at their next read, seeing
-// gen above the view installed so far). With no array known there is
-// nothing of ours on the shared storage to fence.
+// Every node still in an older view, this one included, stops its array
+// I/O at its next stamp read until it installs view gen (the fence runs
+// before the install); the stamp fencing level then waits out the lease.
+// With no array known there is nothing of ours on the shared storage to
+// fence.
 func (l *Layer) Stamp(ctx context.Context, gen uint64) error {
-	l.SetView(gen, l.quorate())
 	l.mu.Lock()
 	as := make([]*arr, 0, len(l.arrays))
 	for _, a := range l.arrays {
@@ -133,12 +145,6 @@ func (l *Layer) Stamp(ctx context.Context, gen uint64) error {
 		}
 	}
 	return errors.Join(errs...)
-}
-
-func (l *Layer) quorate() bool {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.view.quorate
 }
 
 // stampArray stamps one array's in-use members.

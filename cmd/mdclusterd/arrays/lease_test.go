@@ -70,10 +70,10 @@ func runRAID1(t *testing.T, l *Layer, u [16]byte, paths []string) *arr {
 
 // TestLeaseStopsArrayIO: the layer's lease gates its array's engine. A
 // node that loses quorum stops its array I/O at once (and resumes with
-// quorum); when another node's stamp fence writes a newer generation, the
-// node stops at its next periodic stamp read with the lease's reason, and
-// no member is failed; the fencing node goes on writing; a view at least
-// as new lets the stopped node resume.
+// quorum); when another node's stamp fence writes a newer generation,
+// every node still in the older view stops at its next periodic stamp read
+// with the lease's reason (no member is failed), and each resumes at once
+// when it installs a view at least that new.
 func TestLeaseStopsArrayIO(t *testing.T) {
 	dir := t.TempDir()
 	var paths []string
@@ -108,39 +108,52 @@ func TestLeaseStopsArrayIO(t *testing.T) {
 		t.Fatalf("write with quorum back: %v", err)
 	}
 
-	// Node B fences A for view 4: B's guard takes view 4 first.
+	// Node B fences A for view 4 (before view 4 is installed anywhere).
 	if err := lb.Stamp(context.Background(), 4); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(10 * d)
-	for {
-		err = a.eng.WriteAt(data, 8192, 0)
-		if err != nil {
-			break
+	stopped := func(x *arr, name string) error {
+		deadline := time.Now().Add(10 * d)
+		for {
+			err := x.eng.WriteAt(data, 8192, 0)
+			if err != nil {
+				return err
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("node %s still writes %v after the stamp of a newer generation", name, 10*d)
+			}
+			time.Sleep(d / 10)
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("node A still writes %v after the stamp of a newer generation", 10*d)
-		}
-		time.Sleep(d / 10)
 	}
+	err = stopped(a, "A")
 	if !errors.Is(err, raid.ErrIOStopped) || !errors.Is(err, lease.ErrFenced) {
 		t.Fatalf("node A's write after the fence: %v, want the lease's fenced stop", err)
 	}
-	if err := b.eng.WriteAt(data, 8192, 0); err != nil {
-		t.Fatalf("the fencing node's write: %v", err)
+	// B, in view 3 too until it installs view 4, stops as well; with
+	// view 4 it resumes at once (SetView re-reads), A does not.
+	if err := stopped(b, "B"); !errors.Is(err, lease.ErrFenced) {
+		t.Fatalf("node B before installing view 4: %v", err)
+	}
+	lb.SetView(4, true)
+	resumed := func(x *arr, name string) {
+		deadline := time.Now().Add(d / 2)
+		for x.eng.WriteAt(data, 8192, 0) != nil {
+			if time.Now().After(deadline) {
+				t.Fatalf("node %s did not resume within half a lease of installing the new view", name)
+			}
+			time.Sleep(d / 20)
+		}
+	}
+	resumed(b, "B")
+	if err := a.eng.WriteAt(data, 8192, 0); !errors.Is(err, lease.ErrFenced) {
+		t.Fatalf("node A (view 3) after B installed view 4: %v", err)
 	}
 	for _, x := range []*arr{a, b} {
 		if len(x.eng.Devices()) != 2 {
 			t.Fatalf("a refused I/O failed a member: %d devices in use", len(x.eng.Devices()))
 		}
 	}
-	// A joins view 4: after its next read it writes again.
+	// A joins view 4 (readmitted): it writes again.
 	la.SetView(4, true)
-	deadline = time.Now().Add(10 * d)
-	for a.eng.WriteAt(data, 8192, 0) != nil {
-		if time.Now().After(deadline) {
-			t.Fatal("node A did not resume in the new view")
-		}
-		time.Sleep(d / 10)
-	}
+	resumed(a, "A")
 }

@@ -234,10 +234,10 @@ func (d *Daemon) onEvent(e node.Event) {
 }
 
 // tellView passes the view and quorum to an array layer that watches
-// them (the storage lease): on an install, a quorum change, and at the
-// start of a view change this node is to be a member of (its ballot, so
-// that a survivor does not stop on the stamp its own view's fencing
-// writes before the view is installed).
+// them (the storage lease), on an install and on a quorum change. It does
+// not pass a view change's ballot early: the view finally chosen may carry
+// a lower generation that leaves this node out, and a lease raised to the
+// ballot would then ignore that view's fence.
 func (d *Daemon) tellView(e node.Event) {
 	obs, ok := d.arrays.(ViewObserver)
 	if !ok || d.node == nil {
@@ -249,12 +249,6 @@ func (d *Daemon) tellView(e node.Event) {
 		obs.SetView(st.View.Gen, st.Quorate)
 	case node.EventQuorum:
 		obs.SetView(st.View.Gen, e.Quorate)
-	case node.EventStop:
-		if slices.Contains(e.Nodes, d.node.ID()) {
-			obs.SetView(max(st.View.Gen, e.Gen), st.Quorate)
-		} else {
-			obs.SetView(st.View.Gen, st.Quorate)
-		}
 	}
 }
 
