@@ -11,6 +11,7 @@ import (
 	"github.com/mdcluster/mdcluster/mdcluster/array"
 	"github.com/mdcluster/mdcluster/mdcluster/lease"
 	"github.com/mdcluster/mdcluster/mdcluster/raid"
+	"github.com/mdcluster/mdcluster/mdcluster/superblock"
 )
 
 // Storage fencing in the array layer (docs/quorum-and-fencing.md):
@@ -151,18 +152,15 @@ func (l *Layer) Stamp(ctx context.Context, gen uint64) error {
 func (l *Layer) stampArray(ctx context.Context, a *arr, gen uint64) error {
 	devs := leaseDevices(a.eng.Devices())
 	if len(devs) == 0 {
-		for _, s := range a.mgr.Members() {
-			if s.State != array.MemberInSync && s.State != array.MemberRecovering {
-				continue
-			}
+		for _, path := range l.inUsePaths(a) {
 			var d lease.Device
 			var c io.Closer
-			if df, err := raid.OpenDirect(s.Path); err == nil {
+			if df, err := raid.OpenDirect(path); err == nil {
 				d, c = df, df
-			} else if fm, ferr := array.OpenFile(s.Path, true); ferr == nil {
+			} else if fm, ferr := array.OpenFile(path, true); ferr == nil {
 				d, c = fm, fm // no direct I/O here (tmpfs): buffered, then synced
 			} else {
-				return fmt.Errorf("open member %s to stamp it: %w", s.Path, errors.Join(err, ferr))
+				return fmt.Errorf("open member %s to stamp it: %w", path, errors.Join(err, ferr))
 			}
 			defer c.Close()
 			devs = append(devs, d)
@@ -178,6 +176,46 @@ func (l *Layer) stampArray(ctx context.Context, a *arr, gen uint64) error {
 	l.log.Info("storage fence: generation stamped on the array's members", "uuid", bitmap.FormatUUID(a.uuid),
 		"generation", gen, "members", len(devs))
 	return nil
+}
+
+// inUsePaths are the paths of array a's in-use members (in sync or
+// recovering) as this node finds them, for an array that does not run
+// here: the manager's members if it has read them, else the devices under
+// [devices] search whose superblock carries the array's UUID and an active
+// role in the role table of the newest superblock among them (a member
+// failed since keeps an old superblock of its own, so its own table is not
+// trusted).
+func (l *Layer) inUsePaths(a *arr) []string {
+	var out []string
+	if a.mgr != nil {
+		for _, s := range a.mgr.Members() {
+			if s.State == array.MemberInSync || s.State == array.MemberRecovering {
+				out = append(out, s.Path)
+			}
+		}
+		if len(out) > 0 {
+			return out
+		}
+	}
+	sbs := l.probe()
+	var newest *superblock.Superblock
+	for _, sb := range sbs {
+		if sb.SetUUID == a.uuid && (newest == nil || sb.Events > newest.Events) {
+			newest = sb
+		}
+	}
+	if newest == nil {
+		return nil
+	}
+	for p, sb := range sbs {
+		if sb.SetUUID != a.uuid || int(sb.DevNumber) >= len(newest.DevRoles) {
+			continue
+		}
+		if r := newest.DevRoles[sb.DevNumber]; r <= superblock.RoleMax {
+			out = append(out, p)
+		}
+	}
+	return out
 }
 
 func (l *Layer) nodeID() uint32 {
