@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"sync"
 	"testing"
 	"time"
 
@@ -156,4 +157,103 @@ func TestLeaseStopsArrayIO(t *testing.T) {
 	// A joins view 4 (readmitted): it writes again.
 	la.SetView(4, true)
 	resumed(a, "A")
+}
+
+// TestStampArrayNotRunningHere: the stamp fence also stamps an array this
+// node only knows from its devices (its manager has no members): the
+// members whose superblock carries the array's UUID get the generation,
+// a device of another array does not.
+func TestStampArrayNotRunningHere(t *testing.T) {
+	dir := t.TempDir()
+	mk := func(name string) array.Member {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, make([]byte, 8<<20), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		m, err := array.OpenFile(p, true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { m.Close() })
+		return m
+	}
+	a, b, other := mk("a.img"), mk("b.img"), mk("z.img")
+	u := [16]byte{9, 9, 9}
+	if _, err := array.Create(array.CreateSpec{Level: 1, RaidDevices: 2, UUID: u, AssumeClean: true, Name: "md0"}, []array.Member{a, b}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := array.Create(array.CreateSpec{Level: 1, RaidDevices: 1, UUID: [16]byte{7}, AssumeClean: true, Name: "md1", Force: true}, []array.Member{other}); err != nil {
+		t.Fatal(err)
+	}
+	l := leaseLayer(t, 2, time.Second)
+	l.env.Config.Devices.Search = []string{filepath.Join(dir, "*.img")}
+	x, err := l.newEngine(u)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.arrays[u] = x
+	if err := l.Stamp(context.Background(), 7); err != nil {
+		t.Fatal(err)
+	}
+	st := lease.Stamper{Array: u}
+	for name, m := range map[string]array.Member{"a.img": a, "b.img": b} {
+		rec, err := st.ReadMember(m)
+		if err != nil || rec.Generation != 7 || rec.Node != 2 {
+			t.Fatalf("%s: stamp %+v, %v; want generation 7 by node 2", name, rec, err)
+		}
+	}
+	if rec, err := (&lease.Stamper{Array: [16]byte{7}}).ReadMember(other); err != nil || rec.Generation != 0 {
+		t.Fatalf("another array's member was stamped: %+v, %v", rec, err)
+	}
+}
+
+// fakeWatchdog counts pings.
+type fakeWatchdog struct {
+	mu     sync.Mutex
+	pings  int
+	closed bool
+}
+
+func (w *fakeWatchdog) Ping() error  { w.mu.Lock(); w.pings++; w.mu.Unlock(); return nil }
+func (w *fakeWatchdog) Close() error { w.mu.Lock(); w.closed = true; w.mu.Unlock(); return nil }
+func (w *fakeWatchdog) count() int   { w.mu.Lock(); defer w.mu.Unlock(); return w.pings }
+
+// TestWatchdogFedOnlyWhileReadsComplete: the watchdog is not pinged while
+// a running array's guard has no stamp read completed within its lease
+// (reads hang), is pinged once reads complete, stops being pinged when
+// they hang again for a lease, and is disarmed when the layer stops.
+func TestWatchdogFedOnlyWhileReadsComplete(t *testing.T) {
+	l := leaseLayer(t, 1, time.Second)
+	const L = 300 * time.Millisecond
+	g, err := lease.New(lease.Config{Duration: L, Read: func() (lease.Record, error) { return lease.Record{}, nil },
+		Logger: l.log})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.arrays[[16]byte{1}] = &arr{guard: g, running: true, eng: array.NewRAIDEngine(array.RAIDEngineConfig{})}
+	wd := &fakeWatchdog{}
+	l.wg.Add(1)
+	go l.feedWatchdog(wd, 20*time.Millisecond)
+	time.Sleep(150 * time.Millisecond)
+	if n := wd.count(); n != 0 {
+		t.Fatalf("%d pings before any stamp read completed", n)
+	}
+	g.Renew()
+	time.Sleep(100 * time.Millisecond)
+	if wd.count() == 0 {
+		t.Fatal("no ping while the stamp reads complete")
+	}
+	time.Sleep(L + 50*time.Millisecond) // no read for a lease: as if reads hang
+	n := wd.count()
+	time.Sleep(150 * time.Millisecond)
+	if wd.count() != n {
+		t.Fatal("pinged although no stamp read completed within the lease")
+	}
+	close(l.stop)
+	l.wg.Wait()
+	wd.mu.Lock()
+	defer wd.mu.Unlock()
+	if !wd.closed {
+		t.Fatal("watchdog not disarmed when the layer stopped")
+	}
 }
