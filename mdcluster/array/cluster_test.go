@@ -20,6 +20,7 @@ import (
 	"github.com/mdcluster/mdcluster/dlm/transport"
 	"github.com/mdcluster/mdcluster/mdcluster/fence"
 	"github.com/mdcluster/mdcluster/mdcluster/node"
+	"github.com/mdcluster/mdcluster/mdcluster/raid"
 	"github.com/mdcluster/mdcluster/mdcluster/store"
 	"github.com/mdcluster/mdcluster/mdcluster/superblock"
 )
@@ -81,6 +82,8 @@ type tnode struct {
 	hideMu   sync.Mutex
 	hidden   map[string]bool // paths this node cannot open
 	openFail func(path string) error
+	// openDevice, if set, opens the engine's member devices.
+	openDevice func(EngineMember) (raid.Device, error)
 }
 
 type tcluster struct {
@@ -186,7 +189,7 @@ func (c *tcluster) manager(id node.NodeID, tweak func(*Config)) *Manager {
 	tn := c.nodes[id]
 	tn.tweak = tweak
 	tn.eng = NewRAIDEngine(RAIDEngineConfig{TickInterval: 50 * time.Millisecond, ResyncIOSize: copyStep,
-		FailRecordWait: 10 * time.Second, Logger: c.log.With("test_node", id)})
+		FailRecordWait: 10 * time.Second, Logger: c.log.With("test_node", id), OpenDevice: tn.openDevice})
 	cfg := Config{Cluster: NodeCluster(tn.n), Devices: []string{filepath.Join(c.dir, "*.img")}, Engine: tn.eng,
 		Logger: c.log.With("test_node", id), LockTimeout: 10 * time.Second, ReceiveTimeout: 8 * time.Second,
 		SendTimeout: 25 * time.Second, ResyncLockWait: 300 * time.Millisecond, ResyncRetry: 100 * time.Millisecond,

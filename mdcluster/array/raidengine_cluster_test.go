@@ -2,9 +2,12 @@ package array
 
 import (
 	"bytes"
+	"path/filepath"
+	"sync"
 	"testing"
 
 	"github.com/mdcluster/mdcluster/mdcluster/node"
+	"github.com/mdcluster/mdcluster/mdcluster/raid"
 )
 
 // TestClusterRAID10 runs the manager over the RAID engine with a clustered
@@ -70,6 +73,65 @@ func TestClusterRAID10(t *testing.T) {
 		}
 		if !bytes.Equal(got, model) {
 			t.Fatalf("node %d does not read back what was written", id)
+		}
+	}
+}
+
+// TestClusterMemberIOErrorFailsClusterWide: a write error the RAID engine
+// of node 1 finds on member b.img goes through node 1's manager as a
+// cluster-wide fail: every node's member list and engine end with b.img
+// faulty, the write that hit the error succeeds (on a.img) and returns
+// only after node 1 applied the fail, and b.img gets no more writes.
+func TestClusterMemberIOErrorFailsClusterWide(t *testing.T) {
+	c := newTCluster(t, 3)
+	var mu sync.Mutex
+	var fd *raid.FaultDevice
+	c.nodes[1].openDevice = func(m EngineMember) (raid.Device, error) {
+		fm := m.Member.(*FileMember)
+		d, err := raid.OpenDirect(fm.path)
+		if err != nil {
+			return nil, err
+		}
+		if filepath.Base(fm.path) != "b.img" {
+			return d, nil
+		}
+		f := raid.NewFaultDevice(d)
+		mu.Lock()
+		fd = f
+		mu.Unlock()
+		return f, nil
+	}
+	c.createAndAssemble(true, 2, "a.img", "b.img")
+	c.writeSome(1, 1, 0)
+	mu.Lock()
+	fd.Inject(raid.Fault{Ops: raid.OpWrite})
+	mu.Unlock()
+	c.writeSome(1, 2, 1<<20)
+	var faulty uint32 = 1 << 31
+	for _, s := range c.nodes[1].m.Members() {
+		if s.State == MemberFaulty {
+			faulty = s.Dev
+		}
+	}
+	if faulty == 1<<31 {
+		t.Fatalf("the write returned before node 1 recorded the failure: %v", c.nodes[1].m.Members())
+	}
+	c.agree("")
+	for _, id := range c.ids {
+		if ms := c.nodes[id].m.Members(); countState(ms, MemberFaulty) != 1 || countState(ms, MemberInSync) != 1 {
+			t.Fatalf("node %d: %v, want b.img faulty", id, ms)
+		}
+	}
+	// Later writes from every node reach a.img only; the data is there.
+	c.writeSome(2, 3, 2<<20)
+	c.writeSome(3, 4, 3<<20)
+	a := c.dataOf("a.img")
+	for i, w := range []struct {
+		seed byte
+		off  int64
+	}{{2, 1 << 20}, {3, 2 << 20}, {4, 3 << 20}} {
+		if !bytes.Equal(a[w.off:w.off+64<<10], pattern(w.seed, 64<<10)) {
+			t.Fatalf("write %d not on a.img", i)
 		}
 	}
 }
