@@ -329,9 +329,10 @@ func (m *Manager) Assemble(ctx context.Context) (err error) {
 	m.readRemoteWindows(ctx)
 	m.mu.Lock()
 	m.phase = PhaseRunning
+	events := m.st.Events() // under mu: the loops started next replace m.st
 	m.mu.Unlock()
 	m.startLoops()
-	m.log.Info("array running", "members", m.Members(), "events", m.st.Events())
+	m.log.Info("array running", "members", m.Members(), "events", events)
 	return nil
 }
 
