@@ -248,7 +248,7 @@ func (m *Manager) Assemble(ctx context.Context) (err error) {
 		mirrors[i] = slotDevice{m: m, slot: i}
 	}
 	own, err := ownership.New(ownership.Config{Lockspace: serialLocker{ls}, Node: m.self, Layout: st.Layout, Mirrors: mirrors,
-		Array: slotResyncer{m}, DaemonSleep: m.cfg.DaemonSleep, Logger: m.log,
+		Array: slotResyncer{m}, DaemonSleep: m.cfg.DaemonSleep, Logger: m.log, WrapOwner: m.cfg.WrapBitmapOwner,
 		OnRecovered: func(gen uint64, departed []dlm.NodeID, err error) {
 			if err != nil {
 				m.mu.Lock()
@@ -409,7 +409,11 @@ func (m *Manager) assembleStandalone(ctx context.Context, st *arrayState) error 
 		if d := slot.DirtyChunks(); len(d) > 0 {
 			m.log.Info("bitmap marks chunks dirty from an earlier run: they are resynced", "chunks", len(d))
 		}
-		iv, err := intent.New(intent.Config{Layout: st.Layout, Slot: slot, Mirrors: mirrors, Owner: intent.Static(0), DaemonSleep: m.cfg.DaemonSleep})
+		var owner intent.Ownership = intent.Static(0)
+		if m.cfg.WrapBitmapOwner != nil {
+			owner = m.cfg.WrapBitmapOwner(owner)
+		}
+		iv, err := intent.New(intent.Config{Layout: st.Layout, Slot: slot, Mirrors: mirrors, Owner: owner, DaemonSleep: m.cfg.DaemonSleep})
 		if err != nil {
 			return fmt.Errorf("assemble: %w", err)
 		}

@@ -2,10 +2,13 @@ package array
 
 import (
 	"bytes"
+	"errors"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"testing"
 
+	"github.com/mdcluster/mdcluster/bitmap/intent"
 	"github.com/mdcluster/mdcluster/mdcluster/node"
 	"github.com/mdcluster/mdcluster/mdcluster/raid"
 )
@@ -134,4 +137,51 @@ func TestClusterMemberIOErrorFailsClusterWide(t *testing.T) {
 			t.Fatalf("write %d not on a.img", i)
 		}
 	}
+}
+
+// refusingOwner wraps a bitmap ownership like the daemon's lease.Owner:
+// every check is counted and may be refused.
+type refusingOwner struct {
+	intent.Ownership
+	checks *atomic.Int64
+	refuse *atomic.Bool
+}
+
+func (o refusingOwner) Check() error {
+	o.checks.Add(1)
+	if o.refuse.Load() {
+		return errors.New("test: lease does not hold")
+	}
+	return o.Ownership.Check()
+}
+
+// TestClusterBitmapOwnerWrapped: Config.WrapBitmapOwner is what the write
+// intent checks before each bitmap flush (the daemon puts its lease
+// there): node 2's writes check it, and once it refuses, node 2's writes
+// to clean chunks fail while node 1's go on.
+func TestClusterBitmapOwnerWrapped(t *testing.T) {
+	c := newTCluster(t, 3)
+	var checks atomic.Int64
+	var refuse atomic.Bool
+	for _, id := range c.ids {
+		if id == 2 {
+			c.manager(id, func(cfg *Config) {
+				cfg.WrapBitmapOwner = func(o intent.Ownership) intent.Ownership {
+					return refusingOwner{Ownership: o, checks: &checks, refuse: &refuse}
+				}
+			})
+		} else {
+			c.manager(id, nil)
+		}
+	}
+	c.createAndAssemble(true, 2, "a.img", "b.img")
+	c.writeSome(2, 1, 0)
+	if checks.Load() == 0 {
+		t.Fatal("node 2's bitmap flush did not check the wrapped ownership")
+	}
+	refuse.Store(true)
+	if err := c.nodes[2].eng.WriteAt(pattern(2, 4096), 5<<20, 0); err == nil {
+		t.Fatal("node 2 wrote to a clean chunk although its bitmap owner refuses")
+	}
+	c.writeSome(1, 3, 5<<20)
 }

@@ -27,6 +27,7 @@ import (
 	"time"
 
 	"github.com/mdcluster/mdcluster/bitmap"
+	"github.com/mdcluster/mdcluster/bitmap/intent"
 	"github.com/mdcluster/mdcluster/cmd/mdclusterd/config"
 	"github.com/mdcluster/mdcluster/cmd/mdclusterd/daemon"
 	"github.com/mdcluster/mdcluster/mdcluster/array"
@@ -233,6 +234,10 @@ func (l *Layer) newArr(u [16]byte) (*arr, error) {
 	cfg := array.Config{Cluster: array.NodeCluster(l.env.Node), Devices: l.env.Config.Devices.Search, Engine: a.eng,
 		UUID: u, Logger: l.log, ResyncWindow: 4 << 20,
 		ResyncLockWait: time.Second, ResyncRetry: 300 * time.Millisecond, DaemonSleep: time.Second}
+	if g := a.guard; g != nil {
+		// Every bitmap flush re-reads the stamp first (leaseOwner).
+		cfg.WrapBitmapOwner = func(o intent.Ownership) intent.Ownership { return leaseOwner{Ownership: o, guard: g} }
+	}
 	m, err := array.New(cfg)
 	if err != nil {
 		return nil, err

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/mdcluster/mdcluster/bitmap"
+	"github.com/mdcluster/mdcluster/bitmap/intent"
 	"github.com/mdcluster/mdcluster/mdcluster/array"
 	"github.com/mdcluster/mdcluster/mdcluster/lease"
 	"github.com/mdcluster/mdcluster/mdcluster/raid"
@@ -20,8 +21,9 @@ import (
 //     when the node is not quorate, when the generation stamp on the
 //     members is newer than the node's view, or when no stamp read has
 //     succeeded for a lease;
-//   - the guard re-reads the stamp when the engine starts and then every
-//     half lease (Guard.Run) while the array runs;
+//   - the guard re-reads the stamp when the engine starts, before every
+//     bitmap flush (leaseOwner), and every half lease (Guard.Run) while
+//     the array runs;
 //   - the daemon reports view installs and quorum changes through
 //     SetView, which reaches every guard;
 //   - Stamp (fence.GenerationStamper) is what the configured stamp
@@ -29,6 +31,31 @@ import (
 //     this node knows;
 //   - an optional watchdog is pinged only while every running array's
 //     stamp reads complete.
+
+// leaseOwner is the bitmap slot's ownership as the write intent checks it
+// before every flush: the slot must still be owned, and the stamp is
+// re-read first (a renewal, as lease.Owner does). Unlike lease.Owner it
+// refuses the flush only when the stamp shows this node fenced: a refused
+// flush stops the write intent for good (the array must be assembled
+// again), which a fenced node needs, while a node that merely lost quorum
+// or could not read the stamp must resume when that passes; its data I/O
+// is stopped by the gate meanwhile, and a bitmap write alone changes no
+// data.
+type leaseOwner struct {
+	intent.Ownership
+	guard *lease.Guard
+}
+
+// Check implements intent.Ownership.
+func (o leaseOwner) Check() error {
+	if err := o.Ownership.Check(); err != nil {
+		return err
+	}
+	if err := o.guard.Renew(); errors.Is(err, lease.ErrFenced) {
+		return err
+	}
+	return nil
+}
 
 // leaseState is the view as the daemon last reported it.
 type leaseState struct {

@@ -9,9 +9,11 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/mdcluster/mdcluster/bitmap/intent"
 	"github.com/mdcluster/mdcluster/cmd/mdclusterd/config"
 	"github.com/mdcluster/mdcluster/cmd/mdclusterd/daemon"
 	"github.com/mdcluster/mdcluster/mdcluster/array"
@@ -255,5 +257,35 @@ func TestWatchdogFedOnlyWhileReadsComplete(t *testing.T) {
 	defer wd.mu.Unlock()
 	if !wd.closed {
 		t.Fatal("watchdog not disarmed when the layer stopped")
+	}
+}
+
+// TestLeaseOwnerRefusesOnlyWhenFenced: before each bitmap flush the stamp
+// is re-read; the flush is refused when the stamp shows the node fenced,
+// not when it merely lost quorum (the data gate stops I/O then, and a
+// refused flush would stop the write intent for good).
+func TestLeaseOwnerRefusesOnlyWhenFenced(t *testing.T) {
+	var gen atomic.Uint64
+	reads := 0
+	g, err := lease.New(lease.Config{Duration: time.Minute, Read: func() (lease.Record, error) {
+		reads++
+		return lease.Record{Generation: gen.Load()}, nil
+	}, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := leaseOwner{Ownership: intent.Static(1), guard: g}
+	g.SetView(3, true)
+	if err := o.Check(); err != nil || reads != 1 {
+		t.Fatalf("lease holds: %v, %d reads", err, reads)
+	}
+	g.SetView(3, false)
+	if err := o.Check(); err != nil {
+		t.Fatalf("without quorum the flush was refused: %v", err)
+	}
+	g.SetView(3, true)
+	gen.Store(4)
+	if err := o.Check(); !errors.Is(err, lease.ErrFenced) || reads != 3 {
+		t.Fatalf("fenced: %v after %d reads, want ErrFenced after a fresh read", err, reads)
 	}
 }
