@@ -483,7 +483,11 @@ func Test03SwitchResyncStop(t *testing.T) {
 	reached := make(chan node.NodeID, 1)
 	c.holdSync(1, SyncResync, 4*testWindow/512, reached)
 	c.createAndAssemble(false, 2, "a.img", "b.img")
-	<-reached
+	select {
+	case <-reached:
+	case <-time.After(guard):
+		t.Fatal("node 1 never reached the held sync step (another node may have taken the sync)")
+	}
 	if err := c.nodes[1].m.Stop(c.ctx()); err != nil {
 		t.Fatal(err)
 	}

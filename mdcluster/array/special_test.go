@@ -475,7 +475,11 @@ func TestMdBugMakeResyncLockInterruptible(t *testing.T) {
 	c.fill("a.img", 1)
 	c.fill("b.img", 2)
 	c.createAndAssemble(false, 2, "a.img", "b.img")
-	<-reached
+	select {
+	case <-reached:
+	case <-time.After(guard):
+		t.Fatal("node 1 never reached the held sync step (another node may have taken the sync)")
+	}
 	eventually(t, guard, func() bool { return c.nodes[2].m.Status().Sync.Pending }, "node 2 to wait for the resync lock")
 	start := time.Now()
 	if err := c.nodes[2].m.Stop(c.ctx()); err != nil {
