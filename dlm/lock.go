@@ -145,11 +145,8 @@ func (lk *Lock) usable(op string) error {
 // a lock with an operation pending fails with ErrBusy.
 func (lk *Lock) Convert(ctx context.Context, mode Mode, flags Flags) error {
 	wait, err := lk.startConvert(ctx, mode, flags, nil)
-	if err != nil {
-		return err
-	}
-	if !wait {
-		return lk.result
+	if err != nil || !wait {
+		return err // done already: its outcome, read under the lockspace's mutex
 	}
 	return lk.awaitDone(ctx)
 }
@@ -169,8 +166,8 @@ func (lk *Lock) ConvertAsync(ctx context.Context, mode Mode, flags Flags, done f
 }
 
 // startConvert starts a conversion; for a synchronous one (done == nil) it
-// also readies the wait, and wait says whether there is one (else the
-// outcome is in lk.result already).
+// also readies the wait, and wait says whether there is one (else err is
+// the outcome, read under the lockspace's mutex).
 func (lk *Lock) startConvert(ctx context.Context, mode Mode, flags Flags, done func(*Lock, error)) (wait bool, err error) {
 	if !lk.valid() {
 		return false, fmt.Errorf("convert: %w", errNoLock)
@@ -206,7 +203,12 @@ func (lk *Lock) startConvert(ctx context.Context, mode Mode, flags Flags, done f
 		lk.ls.track(ctx, lk)
 	}
 	if done == nil {
-		return lk.prepareWait(), nil
+		if lk.prepareWait() {
+			return true, nil
+		}
+		// Completed at once: hand back its outcome now, while mu is held
+		// (recovery may write lk.result again as soon as it is released).
+		return false, lk.result
 	}
 	return false, nil
 }

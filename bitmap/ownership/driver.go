@@ -55,6 +55,10 @@ type Config struct {
 	// OnRecovered, if set, is called with the outcome of each slot
 	// recovery a RecoverDone event started (for logs, metrics and tests).
 	OnRecovered func(gen uint64, departed []dlm.NodeID, err error)
+	// WrapOwner, if set, wraps the ownership the write-intent bitmap checks
+	// before each flush: the daemon adds its storage lease there
+	// (mdcluster/lease.Owner re-reads the generation stamp first).
+	WrapOwner func(intent.Ownership) intent.Ownership
 	// Mutation, when not zero, makes the driver deliberately wrong in one
 	// way, so tests (the simulator's invariants) can prove they catch it.
 	// Never set it outside tests.
@@ -206,7 +210,11 @@ func (d *Driver) Join(ctx context.Context) error {
 		return fmt.Errorf("join slot %d: %w", d.slot, err)
 	}
 	dirty := slot.DirtyChunks()
-	in, err := intent.New(intent.Config{Layout: d.cfg.Layout, Slot: slot, Mirrors: d.cfg.Mirrors, Owner: d, DaemonSleep: d.cfg.DaemonSleep})
+	var owner intent.Ownership = d
+	if d.cfg.WrapOwner != nil {
+		owner = d.cfg.WrapOwner(d)
+	}
+	in, err := intent.New(intent.Config{Layout: d.cfg.Layout, Slot: slot, Mirrors: d.cfg.Mirrors, Owner: owner, DaemonSleep: d.cfg.DaemonSleep})
 	if err != nil {
 		_ = lk.Unlock(context.WithoutCancel(ctx), 0)
 		return fmt.Errorf("join slot %d: %w", d.slot, err)

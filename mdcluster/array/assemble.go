@@ -248,7 +248,7 @@ func (m *Manager) Assemble(ctx context.Context) (err error) {
 		mirrors[i] = slotDevice{m: m, slot: i}
 	}
 	own, err := ownership.New(ownership.Config{Lockspace: serialLocker{ls}, Node: m.self, Layout: st.Layout, Mirrors: mirrors,
-		Array: slotResyncer{m}, DaemonSleep: m.cfg.DaemonSleep, Logger: m.log,
+		Array: slotResyncer{m}, DaemonSleep: m.cfg.DaemonSleep, Logger: m.log, WrapOwner: m.cfg.WrapBitmapOwner,
 		OnRecovered: func(gen uint64, departed []dlm.NodeID, err error) {
 			if err != nil {
 				m.mu.Lock()
@@ -329,9 +329,10 @@ func (m *Manager) Assemble(ctx context.Context) (err error) {
 	m.readRemoteWindows(ctx)
 	m.mu.Lock()
 	m.phase = PhaseRunning
+	events := m.st.Events() // under mu: the loops started next replace m.st
 	m.mu.Unlock()
 	m.startLoops()
-	m.log.Info("array running", "members", m.Members(), "events", m.st.Events())
+	m.log.Info("array running", "members", m.Members(), "events", events)
 	return nil
 }
 
@@ -356,8 +357,8 @@ func (m *Manager) startEngine(ctx context.Context, in WriteIntent) error {
 	setup := EngineSetup{Level: st.Shared.Level, Layout: st.Shared.Layout, ChunkSectors: st.Shared.ChunkSize,
 		RaidDisks: int(st.Shared.RaidDisks), DevSectors: st.Shared.Size, Members: ems,
 		OnMemberError: m.memberError, Now: m.cfg.Now}
-	if st.HasBitmap {
-		setup.Intent = in
+	if st.HasBitmap && in != nil {
+		setup.Intent, setup.BitmapChunkBytes = in, st.Layout.ChunkSize
 	}
 	if err := m.cfg.Engine.Start(ctx, setup); err != nil {
 		return fmt.Errorf("assemble: start the engine: %w", err)
@@ -408,7 +409,11 @@ func (m *Manager) assembleStandalone(ctx context.Context, st *arrayState) error 
 		if d := slot.DirtyChunks(); len(d) > 0 {
 			m.log.Info("bitmap marks chunks dirty from an earlier run: they are resynced", "chunks", len(d))
 		}
-		iv, err := intent.New(intent.Config{Layout: st.Layout, Slot: slot, Mirrors: mirrors, Owner: intent.Static(0), DaemonSleep: m.cfg.DaemonSleep})
+		var owner intent.Ownership = intent.Static(0)
+		if m.cfg.WrapBitmapOwner != nil {
+			owner = m.cfg.WrapBitmapOwner(owner)
+		}
+		iv, err := intent.New(intent.Config{Layout: st.Layout, Slot: slot, Mirrors: mirrors, Owner: owner, DaemonSleep: m.cfg.DaemonSleep})
 		if err != nil {
 			return fmt.Errorf("assemble: %w", err)
 		}

@@ -20,13 +20,14 @@ import (
 	"github.com/mdcluster/mdcluster/dlm/transport"
 	"github.com/mdcluster/mdcluster/mdcluster/fence"
 	"github.com/mdcluster/mdcluster/mdcluster/node"
+	"github.com/mdcluster/mdcluster/mdcluster/raid"
 	"github.com/mdcluster/mdcluster/mdcluster/store"
 	"github.com/mdcluster/mdcluster/mdcluster/superblock"
 )
 
 // The control plane's cluster tests run real nodes (mdcluster/node: gossip,
 // view agreement, fencing, the DLM over loopback TCP) in one process, each
-// with its own state store, CopyEngine and manager, over image files in
+// with its own state store, RAIDEngine and manager, over image files in
 // one directory that every node finds through the same glob.
 
 var clusterKey = []byte("array manager test cluster key!!")
@@ -38,6 +39,7 @@ const (
 	imgSize         = 8 << 20  // 8 MiB members: 1 MiB metadata, 7 MiB data
 	testBitmapChunk = 64 << 10 // 112 bitmap chunks
 	testWindow      = 512 << 10
+	copyStep        = 64 << 10 // the engines' sync I/O (and resync barrier) unit in the tests
 )
 
 // logWriter sends log lines to the test until it ends.
@@ -74,12 +76,14 @@ type tnode struct {
 	dlmAddr  string
 	gossip   int
 	m        *Manager
-	eng      *CopyEngine
+	eng      *RAIDEngine
 	tweak    func(*Config)
 	crashed  bool
 	hideMu   sync.Mutex
 	hidden   map[string]bool // paths this node cannot open
 	openFail func(path string) error
+	// openDevice, if set, opens the engine's member devices.
+	openDevice func(EngineMember) (raid.Device, error)
 }
 
 type tcluster struct {
@@ -90,6 +94,8 @@ type tcluster struct {
 	log    *slog.Logger
 	nodes  map[node.NodeID]*tnode
 	ids    []node.NodeID
+	// tweakSpec, if set, changes the create spec (level, layout).
+	tweakSpec func(*CreateSpec)
 }
 
 // newTCluster starts n nodes and waits until they agree on a view.
@@ -182,8 +188,8 @@ func (c *tcluster) manager(id node.NodeID, tweak func(*Config)) *Manager {
 	c.t.Helper()
 	tn := c.nodes[id]
 	tn.tweak = tweak
-	tn.eng = NewCopyEngine()
-	tn.eng.TickInterval = 50 * time.Millisecond
+	tn.eng = NewRAIDEngine(RAIDEngineConfig{TickInterval: 50 * time.Millisecond, ResyncIOSize: copyStep,
+		FailRecordWait: 10 * time.Second, Logger: c.log.With("test_node", id), OpenDevice: tn.openDevice})
 	cfg := Config{Cluster: NodeCluster(tn.n), Devices: []string{filepath.Join(c.dir, "*.img")}, Engine: tn.eng,
 		Logger: c.log.With("test_node", id), LockTimeout: 10 * time.Second, ReceiveTimeout: 8 * time.Second,
 		SendTimeout: 25 * time.Second, ResyncLockWait: 300 * time.Millisecond, ResyncRetry: 100 * time.Millisecond,
@@ -364,7 +370,7 @@ func (c *tcluster) agree(want string) string {
 }
 
 // engineStatuses renders an engine's members like MemberStatus.
-func engineStatuses(e *CopyEngine) []MemberStatus {
+func engineStatuses(e *RAIDEngine) []MemberStatus {
 	var out []MemberStatus
 	for _, m := range e.Members() {
 		sb := readSuperOf(m.Member)

@@ -9,8 +9,8 @@ import (
 
 // Engine is the data path of one array on one node, as the manager (the
 // control plane) drives it. The RAID engine (package mdcluster/raid)
-// implements it for real I/O; CopyEngine implements it over Members for the
-// control plane's own tests and for tools that only need data copied.
+// implements it for real I/O through RAIDEngine, which is also what the
+// daemon exports over NBD.
 //
 // The manager decides, the engine carries out: which members exist and in
 // which state, which window another node is resyncing (writes into it wait,
@@ -51,8 +51,8 @@ type Engine interface {
 	// member until SuspendReadBalancing(false): during lock recovery a dead
 	// node's dirty chunks may still differ between mirrors.
 	SuspendReadBalancing(on bool)
-	// Sync makes [Lo, Hi) (sectors of each member's data area) identical
-	// on the targets by copying it from an in-sync member, keeping this
+	// Sync makes [Lo, Hi) (array sectors; for raid1 also the sectors of
+	// each member's data area) identical on the targets by copying it from an in-sync member, keeping this
 	// node's own writes out of the range while it copies (md's resync
 	// barrier), and makes the copies durable before it returns. With
 	// Chunks set only those bitmap chunks inside [Lo, Hi) are copied.
@@ -118,6 +118,9 @@ type EngineSetup struct {
 	DevSectors uint64
 	// Members are the bound members.
 	Members []EngineMember
+	// BitmapChunkBytes is the bitmap's chunk (bytes of the array per bit),
+	// with Intent.
+	BitmapChunkBytes uint32
 	// Intent is the write-intent bitmap of this node's slot: StartWrite
 	// before a write reaches any member, EndWrite after it completed on
 	// every member. Nil when the array has no bitmap.
@@ -181,7 +184,7 @@ func (k SyncKind) String() string {
 type SyncRequest struct {
 	// Kind says why (for progress and logs; the copy is the same).
 	Kind SyncKind
-	// Lo and Hi bound the sectors (of each member's data area) to copy.
+	// Lo and Hi bound the array sectors to copy.
 	Lo, Hi uint64
 	// Targets are the device numbers to write. For a resync, every in-sync
 	// member other than the source; for a recovery, the recovering member.

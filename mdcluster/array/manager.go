@@ -124,6 +124,11 @@ type Config struct {
 	Rand io.Reader
 	// Now is the clock for superblock times (nil: time.Now).
 	Now func() time.Time
+	// WrapBitmapOwner, if set, wraps the bitmap slot's ownership that the
+	// write intent checks before every bitmap flush (the daemon's storage
+	// lease: lease.Owner re-reads the generation stamp there, so a fenced
+	// node writes no bitmap either).
+	WrapBitmapOwner func(intent.Ownership) intent.Ownership
 
 	// crashAt, when set, is asked at every named step of a change; true
 	// makes the manager stop dead there, as if its process was killed

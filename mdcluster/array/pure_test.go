@@ -1,9 +1,6 @@
 package array
 
 import (
-	"bytes"
-	"context"
-	"errors"
 	"strings"
 	"testing"
 	"time"
@@ -144,69 +141,5 @@ func TestNamesAndCandidate(t *testing.T) {
 	}
 	if c := candidateUUID(u); c == u || candidateUUID(c) != u {
 		t.Fatal("candidate UUID must differ from the array's and map back")
-	}
-}
-
-func TestCopyEngineWindowsAndSync(t *testing.T) {
-	a, b := newMem("a", 2<<20), newMem("b", 2<<20)
-	e := NewCopyEngine()
-	e.WriteWait = 200 * time.Millisecond
-	ctx := context.Background()
-	if err := e.Start(ctx, EngineSetup{Level: superblock.LevelRAID1, RaidDisks: 2, DevSectors: 2048, Members: []EngineMember{
-		{Dev: 0, Slot: 0, State: MemberInSync, Member: a, DataOffset: 2048},
-		{Dev: 1, Slot: 1, State: MemberInSync, Member: b, DataOffset: 2048},
-	}}); err != nil {
-		t.Fatal(err)
-	}
-	defer e.Stop()
-	// Different data on b, then a resync makes them equal.
-	if _, err := b.WriteAt(bytes.Repeat([]byte{7}, 1<<20), 1<<20); err != nil {
-		t.Fatal(err)
-	}
-	if err := e.Sync(ctx, SyncRequest{Kind: SyncResync, Lo: 0, Hi: 2048, Targets: []uint32{1}}); err != nil {
-		t.Fatal(err)
-	}
-	if !bytes.Equal(a.snapshot()[1<<20:], b.snapshot()[1<<20:]) {
-		t.Fatal("members differ after a resync")
-	}
-	// A remote window holds writes into it, not writes elsewhere.
-	if err := e.SetRemoteWindow(ctx, Window{Lo: 0, Hi: 128}); err != nil {
-		t.Fatal(err)
-	}
-	if err := e.Write(ctx, 0, make([]byte, 4096)); err == nil {
-		t.Fatal("a write into the remote window went through")
-	}
-	if err := e.Write(ctx, 128*512, bytes.Repeat([]byte{1}, 4096)); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- e.Write(ctx, 512, bytes.Repeat([]byte{2}, 512)) }()
-	time.Sleep(20 * time.Millisecond)
-	if err := e.SetRemoteWindow(ctx, Window{}); err != nil {
-		t.Fatal(err)
-	}
-	if err := <-done; err != nil {
-		t.Fatalf("a write waiting for the window to move: %v", err)
-	}
-	// A failed member gets no more writes.
-	if err := e.FailMember(1); err != nil {
-		t.Fatal(err)
-	}
-	before := b.snapshot()
-	if err := e.Write(ctx, 0, bytes.Repeat([]byte{3}, 4096)); err != nil {
-		t.Fatal(err)
-	}
-	if !bytes.Equal(before, b.snapshot()) {
-		t.Fatal("a write reached a failed member")
-	}
-	buf := make([]byte, 4096)
-	if err := e.Read(ctx, 0, buf); err != nil || buf[0] != 3 {
-		t.Fatalf("read %v, %d", err, buf[0])
-	}
-	if err := e.Stop(); err != nil {
-		t.Fatal(err)
-	}
-	if err := e.Write(ctx, 0, buf); !errors.Is(err, ErrEngineStopped) {
-		t.Fatalf("write after stop: %v", err)
 	}
 }

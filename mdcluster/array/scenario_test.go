@@ -66,7 +66,7 @@ func countState(ms []MemberStatus, s MemberState) int {
 func (c *tcluster) writeSome(id node.NodeID, seed byte, offs ...int64) {
 	c.t.Helper()
 	for i, off := range offs {
-		if err := c.nodes[id].eng.Write(c.ctx(), off, pattern(seed+byte(i), 64<<10)); err != nil {
+		if err := c.nodes[id].eng.WriteAt(pattern(seed+byte(i), 64<<10), off, 0); err != nil {
 			c.t.Fatalf("node %d: write at %d: %v", id, off, err)
 		}
 	}
@@ -483,7 +483,11 @@ func Test03SwitchResyncStop(t *testing.T) {
 	reached := make(chan node.NodeID, 1)
 	c.holdSync(1, SyncResync, 4*testWindow/512, reached)
 	c.createAndAssemble(false, 2, "a.img", "b.img")
-	<-reached
+	select {
+	case <-reached:
+	case <-time.After(guard):
+		t.Fatal("node 1 never reached the held sync step (another node may have taken the sync)")
+	}
 	if err := c.nodes[1].m.Stop(c.ctx()); err != nil {
 		t.Fatal(err)
 	}

@@ -29,7 +29,11 @@ func (c *tcluster) startCreate(clean bool, raidDevices int, images ...string) {
 	}
 	created := make(chan error, 1)
 	go func() {
-		_, err := c.nodes[1].m.Create(c.ctx(), spec(clean, raidDevices), paths)
+		sp := spec(clean, raidDevices)
+		if c.tweakSpec != nil {
+			c.tweakSpec(&sp)
+		}
+		_, err := c.nodes[1].m.Create(c.ctx(), sp, paths)
 		created <- err
 	}()
 	// The others attach to the new array's lockspace as soon as they find
@@ -471,7 +475,11 @@ func TestMdBugMakeResyncLockInterruptible(t *testing.T) {
 	c.fill("a.img", 1)
 	c.fill("b.img", 2)
 	c.createAndAssemble(false, 2, "a.img", "b.img")
-	<-reached
+	select {
+	case <-reached:
+	case <-time.After(guard):
+		t.Fatal("node 1 never reached the held sync step (another node may have taken the sync)")
+	}
 	eventually(t, guard, func() bool { return c.nodes[2].m.Status().Sync.Pending }, "node 2 to wait for the resync lock")
 	start := time.Now()
 	if err := c.nodes[2].m.Stop(c.ctx()); err != nil {

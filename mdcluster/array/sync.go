@@ -36,6 +36,7 @@ func nextSyncWork(st *arrayState, hints map[string]uint64) (syncWork, bool) {
 		return syncWork{}, false
 	}
 	sh := st.Shared
+	size := syncSectors(sh)
 	inSync := 0
 	for _, s := range st.statuses() {
 		if s.State == MemberInSync {
@@ -51,10 +52,10 @@ func nextSyncWork(st *arrayState, hints map[string]uint64) (syncWork, bool) {
 		}
 		r := st.Members[s.Dev]
 		from := max(s.RecoveryOffset, hints[workKey(SyncRecovery, s.Dev)])
-		if from >= sh.Size {
+		if from >= size {
 			from = 0 // a hint from a finished pass: only the in-sync mark is missing
-			if s.RecoveryOffset >= sh.Size {
-				from = sh.Size
+			if s.RecoveryOffset >= size {
+				from = size
 			}
 		}
 		return syncWork{Kind: SyncRecovery, Dev: s.Dev, Slot: s.Slot, From: from,
@@ -72,8 +73,8 @@ func nextSyncWork(st *arrayState, hints map[string]uint64) (syncWork, bool) {
 	}
 	if !sh.Clean() && inSync >= 2 {
 		from := max(sh.ResyncOffset, hints[workKey(SyncResync, 0)])
-		if from > sh.Size {
-			from = sh.Size
+		if from > size {
+			from = size
 		}
 		return syncWork{Kind: SyncResync, From: from}, true
 	}
@@ -220,6 +221,21 @@ func (m *Manager) announceWindow(ctx context.Context, w Window) error {
 	return m.send(ctx, broadcast.Message{Type: broadcast.Resyncing, Low: w.Lo, High: w.Hi})
 }
 
+// syncSectors is the extent, in sectors, of resync and recovery and of
+// the windows announced for them: the array's sectors, which for raid1 are
+// also each member's data-area sectors. Writes, the bitmap and md-cluster's
+// RESYNCING window are all in array sectors, so for raid10 the sync runs
+// over the array too. md's recovery_offset is a device offset: for raid10
+// the manager's recovery offsets and hints are array offsets instead, and
+// a raid10 recovery the kernel left half done is restarted from 0 by the
+// engine's reads (it reads a recovering raid10 member only once in sync).
+func syncSectors(sh *superblock.Superblock) uint64 {
+	if n := arraySectors(sh.Level, sh.Layout, sh.ChunkSize, sh.RaidDisks, sh.Size); n > 0 {
+		return n
+	}
+	return sh.Size // a level the engine refuses anyway
+}
+
 // runWork runs one sync (the resync lock is held).
 func (m *Manager) runWork(ctx context.Context, w syncWork) error {
 	if w.Activate {
@@ -230,7 +246,7 @@ func (m *Manager) runWork(ctx context.Context, w syncWork) error {
 	}
 	m.mu.Lock()
 	st := m.st
-	size := st.Shared.Size
+	size := syncSectors(st.Shared)
 	m.mu.Unlock()
 	var targets []uint32
 	if w.Kind == SyncRecovery {
@@ -404,7 +420,7 @@ func (m *Manager) resyncChunks(ctx context.Context, chunks []uint64) error {
 		return nil
 	}
 	m.mu.Lock()
-	m.local = localSync{Running: true, Kind: SyncResync, Target: noTarget, Total: st.Shared.Size}
+	m.local = localSync{Running: true, Kind: SyncResync, Target: noTarget, Total: syncSectors(st.Shared)}
 	m.mu.Unlock()
 	defer func() {
 		m.mu.Lock()
@@ -423,7 +439,7 @@ func (m *Manager) resyncChunks(ctx context.Context, chunks []uint64) error {
 		if j == i {
 			j = i + 1
 		}
-		hi := min((chunks[j-1]+1)*per, st.Shared.Size)
+		hi := min((chunks[j-1]+1)*per, syncSectors(st.Shared))
 		if err := m.announceWindow(ctx, Window{Lo: lo, Hi: hi}); err != nil {
 			return err
 		}

@@ -179,6 +179,22 @@ func (e *Engine) chunkSpans(chunks []uint64) ([]span, error) {
 // has one sync thread per array). It returns whether some copy could not
 // be written.
 func (e *Engine) runSync(ctx context.Context, op string, target int, spans []span, announce bool) (degraded bool, err error) {
+	return e.runSyncOpts(ctx, syncOpts{op: op, target: target, spans: spans, announce: announce, track: op == "recovery"})
+}
+
+// syncOpts says what runSyncOpts copies and how.
+type syncOpts struct {
+	op       string
+	target   int
+	spans    []span
+	announce bool // through OnSyncWindow
+	track    bool // advance the target's recovered point window by window
+	before   func(ctx context.Context, off int64) error
+}
+
+// runSyncOpts is runSync with every option.
+func (e *Engine) runSyncOpts(ctx context.Context, o syncOpts) (degraded bool, err error) {
+	op, target, spans, announce := o.op, o.target, o.spans, o.announce
 	if len(spans) == 0 {
 		return false, ctx.Err()
 	}
@@ -240,6 +256,11 @@ func (e *Engine) runSync(ctx context.Context, op string, target int, spans []spa
 					return degraded, fmt.Errorf("announcing the sync window at %d: %w", pos, err)
 				}
 			}
+			if o.before != nil {
+				if err := o.before(ctx, pos); err != nil {
+					return degraded, err
+				}
+			}
 			if err := e.throttle.wait(ctx); err != nil {
 				return degraded, err
 			}
@@ -252,7 +273,7 @@ func (e *Engine) runSync(ctx context.Context, op string, target int, spans []spa
 			e.throttle.done(copied, start, e.userIO.Load())
 			if target < 0 {
 				e.needSync.remove(pos, wend)
-			} else if op == "recovery" {
+			} else if o.track {
 				e.members[target].recovered.Store(wend)
 			}
 			e.progress.add(wend-pos, copied, e.clock.Now())
@@ -473,8 +494,12 @@ func (e *Engine) AddMember(member int, dev Device, dataOffset int64) error {
 }
 
 // FailMember fails member on the operator's request (mdadm --fail): it is
-// used no more, and OnMemberFailed is called as for an I/O error. It is
-// refused for a member holding the last in-sync copy of some data.
+// used no more, and OnMemberFailed is called as for an I/O error. It
+// returns once OnMemberFailed has returned and the requests that were
+// running have finished, so no write reaches the member after it (md gives
+// a faulty member no more I/O). It must therefore not be called from
+// inside the engine's I/O (OnMemberFailed, Gate). It is refused for a
+// member holding the last in-sync copy of some data.
 func (e *Engine) FailMember(member int, reason error) error {
 	if member < 0 || member >= len(e.members) {
 		return fmt.Errorf("raid: fail member %d: no such role", member)
@@ -487,6 +512,9 @@ func (e *Engine) FailMember(member int, reason error) error {
 		return fmt.Errorf("raid: fail member %d: it is %s, or holds the last in-sync copy of some data", member, e.members[member].st())
 	}
 	<-ch
+	// Drain the requests that chose their targets before the failure.
+	e.ioMu.Lock()
+	e.ioMu.Unlock() //nolint:staticcheck // an empty critical section is the drain
 	return nil
 }
 

@@ -1,7 +1,8 @@
 // Package arrays is mdclusterd's array layer (daemon.ArrayLayer): one
-// array.Manager per array found among the configured devices, the
-// manager's CopyEngine as the data path, and an NBD export per running
-// array on a unix socket.
+// array.Manager per array found among the configured devices, the RAID
+// engine (array.RAIDEngine over mdcluster/raid) as the data path, gated by
+// the storage lease (mdcluster/lease), and an NBD export per running array
+// on a unix socket.
 //
 // Every array found among [devices] search is attached (its lockspace
 // joined) whether or not it runs here: the lock manager grants locks in a
@@ -26,12 +27,14 @@ import (
 	"time"
 
 	"github.com/mdcluster/mdcluster/bitmap"
+	"github.com/mdcluster/mdcluster/bitmap/intent"
 	"github.com/mdcluster/mdcluster/cmd/mdclusterd/config"
 	"github.com/mdcluster/mdcluster/cmd/mdclusterd/daemon"
 	"github.com/mdcluster/mdcluster/mdcluster/array"
 	"github.com/mdcluster/mdcluster/mdcluster/ctl"
 	"github.com/mdcluster/mdcluster/mdcluster/export/nbd"
 	"github.com/mdcluster/mdcluster/mdcluster/export/nbd/kernel"
+	"github.com/mdcluster/mdcluster/mdcluster/lease"
 	"github.com/mdcluster/mdcluster/mdcluster/superblock"
 )
 
@@ -54,7 +57,10 @@ type Layer struct {
 	mu     sync.Mutex
 	arrays map[[16]byte]*arr
 	closed bool
-	seq    uint64 // arrays started so far (arr.startSeq)
+	seq    uint64     // arrays started so far (arr.startSeq)
+	view   leaseState // the node's view, for the leases
+	// testNodeID is the node ID when there is no node (tests).
+	testNodeID uint32
 
 	stop chan struct{}
 	wg   sync.WaitGroup
@@ -64,7 +70,12 @@ type Layer struct {
 type arr struct {
 	uuid [16]byte
 	mgr  *array.Manager
-	eng  *array.CopyEngine
+	eng  *array.RAIDEngine
+	// guard is the storage lease (nil when [lease] is disabled), stamper
+	// its reader over the engine's devices; leaseStop ends its renewals.
+	guard     *lease.Guard
+	stamper   *lease.Stamper
+	leaseStop context.CancelFunc
 	// md is the md device name ("/dev/md0") once it runs here.
 	md      string
 	running bool
@@ -88,6 +99,26 @@ var _ daemon.ArrayLayer = (*Layer)(nil)
 // error: it may be created later).
 func (l *Layer) Start(ctx context.Context, env daemon.ArrayEnv) error {
 	l.env, l.log = env, env.Logger.With("layer", "array")
+	if env.Node != nil {
+		st := env.Node.Status()
+		l.SetView(st.View.Gen, st.Quorate)
+	}
+	if env.SetStamper != nil {
+		env.SetStamper(l)
+	}
+	if lc := env.Config.Lease; lc.Enabled && lc.Watchdog != "" {
+		wd, got, err := lease.OpenWatchdog(lc.Watchdog, lc.WatchdogTimeout)
+		if err != nil {
+			return fmt.Errorf("storage lease: %w", err)
+		}
+		if got > lc.WatchdogTimeout {
+			wd.Close()
+			return fmt.Errorf("storage lease: watchdog %s set its timeout to %v, above lease.watchdog_timeout %v", lc.Watchdog, got, lc.WatchdogTimeout)
+		}
+		l.log.Info("watchdog armed: fed while every running array's stamp reads complete", "device", lc.Watchdog, "timeout", got)
+		l.wg.Add(1)
+		go l.feedWatchdog(wd, lc.Duration/4)
+	}
 	l.scan(ctx)
 	l.wg.Add(1)
 	go l.scanner()
@@ -223,16 +254,47 @@ func (l *Layer) ensure(ctx context.Context, u [16]byte) (*arr, error) {
 }
 
 func (l *Layer) newArr(u [16]byte) (*arr, error) {
-	eng := array.NewCopyEngine()
-	eng.TickInterval = 500 * time.Millisecond
-	cfg := array.Config{Cluster: array.NodeCluster(l.env.Node), Devices: l.env.Config.Devices.Search, Engine: eng,
+	a, err := l.newEngine(u)
+	if err != nil {
+		return nil, err
+	}
+	cfg := array.Config{Cluster: array.NodeCluster(l.env.Node), Devices: l.env.Config.Devices.Search, Engine: a.eng,
 		UUID: u, Logger: l.log, ResyncWindow: 4 << 20,
 		ResyncLockWait: time.Second, ResyncRetry: 300 * time.Millisecond, DaemonSleep: time.Second}
+	if g := a.guard; g != nil {
+		// Every bitmap flush re-reads the stamp first (leaseOwner).
+		cfg.WrapBitmapOwner = func(o intent.Ownership) intent.Ownership { return leaseOwner{Ownership: o, guard: g} }
+	}
 	m, err := array.New(cfg)
 	if err != nil {
 		return nil, err
 	}
-	return &arr{uuid: u, mgr: m, eng: eng}, nil
+	a.mgr = m
+	return a, nil
+}
+
+// newEngine builds array u's data path: the RAID engine with the
+// configured speed limits and, with the lease enabled, its guard as the
+// gate, renewed whenever the engine starts (before any I/O).
+func (l *Layer) newEngine(u [16]byte) (*arr, error) {
+	a := &arr{uuid: u}
+	rc := l.env.Config.RAID
+	ec := array.RAIDEngineConfig{SpeedLimitMin: rc.SpeedLimitMin, SpeedLimitMax: rc.SpeedLimitMax,
+		TickInterval: 500 * time.Millisecond, Logger: l.log.With("uuid", bitmap.FormatUUID(u))}
+	if l.env.Config.Lease.Enabled {
+		g, err := l.newGuard(a)
+		if err != nil {
+			return nil, err
+		}
+		a.guard, ec.Gate = g, g
+		ec.OnStart = func() {
+			if err := g.Renew(); err != nil {
+				l.log.Warn("storage lease: array I/O stopped at start", "uuid", bitmap.FormatUUID(u), "err", err)
+			}
+		}
+	}
+	a.eng = array.NewRAIDEngine(ec)
+	return a, nil
 }
 
 func parseUUID(s string) ([16]byte, error) {
@@ -342,7 +404,11 @@ func (l *Layer) started(a *arr, md string) error {
 		return err
 	}
 	sock, tcp := l.exportFor(a.uuid, md)
-	be := &backend{eng: a.eng, size: int64(info.Info.ArraySectors) * superblock.SectorSize}
+	if got, want := a.eng.Size(), int64(info.Info.ArraySectors)*superblock.SectorSize; got != want {
+		return fmt.Errorf("export %s: the engine has %d bytes, the superblock says %d", md, got, want)
+	}
+	l.startLease(a)
+	be := a.eng
 	name := filepath.Base(md)
 	srv, err := nbd.NewServer(nbd.Config{Exports: []nbd.Export{{Name: name, Description: "mdcluster array " + md, Backend: be}},
 		DefaultExport: name, Logger: l.log.With("export", name)})
@@ -377,7 +443,7 @@ func (l *Layer) started(a *arr, md string) error {
 	a.startSeq = l.seq
 	l.mu.Unlock()
 	l.log.Info("array running: exported over NBD", "array", md, "uuid", bitmap.FormatUUID(a.uuid), "socket", sock,
-		"size", be.size)
+		"size", be.Size(), "lease", a.guard != nil)
 	return nil
 }
 
@@ -400,6 +466,7 @@ func (l *Layer) stopArr(ctx context.Context, a *arr) error {
 	} else {
 		errs = append(errs, a.mgr.Detach())
 	}
+	l.stopLease(a)
 	l.mu.Lock()
 	delete(l.arrays, a.uuid)
 	l.mu.Unlock()
@@ -490,6 +557,7 @@ func (l *Layer) Close() error {
 			srv.Close()
 		}
 		a.eng.Stop()
+		l.stopLease(a)
 	}
 	return nil
 }

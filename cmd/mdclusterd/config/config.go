@@ -49,6 +49,8 @@ type Config struct {
 	Quorum   ddraid.Config
 	Fencing  Fencing
 	Devices  Devices
+	RAID     RAID
+	Lease    Lease
 	Arrays   []Array
 	Log      Log
 	Metrics  Metrics
@@ -128,6 +130,44 @@ type Devices struct {
 	Search []string
 }
 
+// RAID configures the RAID engine of every array (md's sysctls).
+type RAID struct {
+	// SpeedLimitMin and SpeedLimitMax are md's speed_limit_min/max in
+	// KiB/s: a resync or recovery runs at up to SpeedLimitMax while the
+	// array has no other I/O, and yields down to SpeedLimitMin while it
+	// has.
+	SpeedLimitMin, SpeedLimitMax int64
+}
+
+// Lease configures storage fencing's I/O lease (mdcluster/lease): each
+// running array re-reads the generation stamp on its members at least
+// every Duration/2 and stops its I/O when it cannot, when the stamp is
+// newer than the node's view, or when the node loses quorum.
+type Lease struct {
+	// Enabled turns the lease on (the default). Off, nothing stops array
+	// I/O on a node that lost quorum or was fenced through the stamp, so
+	// the stamp fencing level is refused.
+	Enabled bool
+	// Duration is how long one good stamp read allows I/O for.
+	Duration time.Duration
+	// Margin is added to Duration by the stamp fencing level before its
+	// fence counts as done (see docs/quorum-and-fencing.md); with a
+	// watchdog it must cover the watchdog's timeout plus Duration/2.
+	Margin time.Duration
+	// StopWait is how long a new request waits for a stopped lease to
+	// come back before it fails.
+	StopWait time.Duration
+	// Watchdog is the watchdog device to arm (e.g. /dev/watchdog, softdog);
+	// empty: none. It is pinged only while every running array's stamp
+	// reads complete, so a node whose disk path hangs is reset.
+	Watchdog string
+	// WatchdogTimeout is the watchdog's timeout.
+	WatchdogTimeout time.Duration
+}
+
+// FenceWait is how long the stamp fencing level waits after stamping.
+func (l Lease) FenceWait() time.Duration { return l.Duration + l.Margin }
+
 // Array is an array to assemble at start and where to export it.
 type Array struct {
 	// Name or UUID identifies the array (exactly one is set). UUID is
@@ -196,6 +236,12 @@ const (
 	DefaultIdleTimeout        = 30 * time.Second
 	DefaultRefusedLogInterval = time.Minute
 	DefaultLeaveTimeout       = 30 * time.Second
+	DefaultSpeedLimitMin      = 1000   // KiB/s, md's
+	DefaultSpeedLimitMax      = 200000 // KiB/s, md's
+	DefaultLeaseDuration      = 10 * time.Second
+	DefaultLeaseMargin        = 5 * time.Second
+	DefaultLeaseStopWait      = 5 * time.Second
+	DefaultWatchdogTimeout    = 10 * time.Second
 	// MaxFileBytes bounds the configuration file.
 	MaxFileBytes = 1 << 20
 )

@@ -110,6 +110,9 @@ socket = "/run/mdcluster/mdclusterd.sock"     # 36
 
 const file = "/etc/mdcluster/mdclusterd.toml"
 
+// ctlSock is line 36 of base, for cases that append sections after it.
+const ctlSock = `socket = "/run/mdcluster/mdclusterd.sock"`
+
 // replaceLine swaps line n (1-based) of base for s ("" deletes its text).
 func replaceLine(n int, s string) string {
 	lines := strings.Split(base, "\n")
@@ -121,6 +124,10 @@ func TestParseValid(t *testing.T) {
 	cfg, err := Parse(file, []byte(base), testFS())
 	if err != nil {
 		t.Fatal(err)
+	}
+	if cfg.RAID != (RAID{SpeedLimitMin: 1000, SpeedLimitMax: 200000}) || !cfg.Lease.Enabled || cfg.Lease.Duration != 10*time.Second ||
+		cfg.Lease.FenceWait() != 15*time.Second || cfg.Lease.Watchdog != "" {
+		t.Fatalf("raid and lease defaults: %+v %+v", cfg.RAID, cfg.Lease)
 	}
 	if cfg.NodeID != 1 || cfg.Profile != ProfileStorageLAN || cfg.DataDir != "/var/lib/mdcluster" {
 		t.Errorf("identity: %+v", cfg)
@@ -253,6 +260,12 @@ func TestParseErrors(t *testing.T) {
 		{34, `listen = "9466"`, `34: metrics.listen: "9466" is not host:port (missing port in address)`},
 		{36, `socket = "/mdclusterd.sock"`, `36: control.socket: "/mdclusterd.sock": the socket needs a directory of its own (e.g. /run/mdcluster/), made root-only`},
 		{36, `max_request_bytes = 100`, "36: control.max_request_bytes: 100 is out of range (1024 to 16777216)"},
+		{36, ctlSock + "\n[raid]\nspeed_limit_min = 5000\nspeed_limit_max = 100", "38: raid.speed_limit_min: 5000 KiB/s is above speed_limit_max (100 KiB/s)"},
+		{36, ctlSock + "\n[raid]\nspeed_limit_max = 0", "38: raid.speed_limit_max: 0 is out of range (1 to 1073741824)"},
+		{36, ctlSock + "\n[lease]\nenabled = false", "16: fencing.level: the stamp level needs the I/O lease ([lease] enabled = true): without it a fenced node never stops writing"},
+		{36, ctlSock + "\n[lease]\nwatchdog = \"/dev/watchdog\"\nmargin = \"5s\"", "39: lease.margin: 5s is less than the watchdog timeout plus half the lease (15s): a hung node could still write after its fence returned"},
+		{36, ctlSock + "\n[lease]\nduration = \"10ms\"", "38: lease.duration: 10ms is too short: the lease must outlast a stamp read (at least 100ms)"},
+		{36, ctlSock + "\n[lease]\nwatchdog = \"dev/watchdog\"", `38: lease.watchdog: "dev/watchdog" is not an absolute path`},
 		{7, `port = 7946 7947`, "7: TOML: expected newline but got U+0037 '7'"},
 		{9, `[gossip]`, "9: gossip: TOML: table gossip already exists"},
 	}

@@ -61,6 +61,8 @@ func (d *decoder) decode(doc map[string]any) *Config {
 	cfg.Devices = d.devices(d.subtable(root, "devices"))
 	search, _ := d.subtableMap(root, "devices")["search"].([]any)
 	cfg.Arrays = d.arrays(root, len(search) > 0)
+	cfg.RAID = d.raid(d.subtable(root, "raid"))
+	cfg.Lease = d.lease(d.subtable(root, "lease"))
 	cfg.Log = d.log(d.subtable(root, "log"))
 	cfg.Metrics = d.metrics(d.subtable(root, "metrics"))
 	cfg.Control = d.control(d.subtable(root, "control"))
@@ -591,8 +593,55 @@ func (d *decoder) control(t *table) Control {
 	return c
 }
 
+func (d *decoder) raid(t *table) RAID {
+	r := RAID{SpeedLimitMin: d.intRange(t, "speed_limit_min", DefaultSpeedLimitMin, 1, 1<<30),
+		SpeedLimitMax: d.intRange(t, "speed_limit_max", DefaultSpeedLimitMax, 1, 1<<30)}
+	if r.SpeedLimitMin > r.SpeedLimitMax {
+		d.errorf(t.key("speed_limit_min"), "%d KiB/s is above speed_limit_max (%d KiB/s)", r.SpeedLimitMin, r.SpeedLimitMax)
+	}
+	d.done(t)
+	return r
+}
+
+func (d *decoder) lease(t *table) Lease {
+	l := Lease{Enabled: true}
+	if b, ok := d.boolean(t, "enabled"); ok {
+		l.Enabled = b
+	}
+	l.Duration = d.duration(t, "duration", DefaultLeaseDuration, time.Hour)
+	l.Margin = d.duration(t, "margin", DefaultLeaseMargin, time.Hour)
+	l.StopWait = d.duration(t, "stop_wait", DefaultLeaseStopWait, time.Hour)
+	if l.Duration < 100*time.Millisecond {
+		d.errorf(t.key("duration"), "%v is too short: the lease must outlast a stamp read (at least 100ms)", l.Duration)
+	}
+	if s, ok := d.str(t, "watchdog"); ok && s != "" {
+		if d.absPath(t.key("watchdog"), s) {
+			l.Watchdog = filepath.Clean(s)
+		}
+	}
+	l.WatchdogTimeout = d.duration(t, "watchdog_timeout", DefaultWatchdogTimeout, time.Hour)
+	if l.Watchdog != "" {
+		if l.WatchdogTimeout < time.Second {
+			d.errorf(t.key("watchdog_timeout"), "%v: watchdogs count whole seconds", l.WatchdogTimeout)
+		}
+		if need := l.WatchdogTimeout + l.Duration/2; l.Margin < need {
+			d.errorf(t.key("margin"), "%v is less than the watchdog timeout plus half the lease (%v): a hung node could still write after its fence returned", l.Margin, need)
+		}
+		if !l.Enabled {
+			d.errorf(t.key("watchdog"), "the watchdog is fed by the lease, which is disabled")
+		}
+	}
+	d.done(t)
+	return l
+}
+
 // crossChecks looks at fields together.
 func (d *decoder) crossChecks(cfg *Config) {
+	for _, lv := range cfg.Fencing.Levels {
+		if lv.Stamp && !cfg.Lease.Enabled {
+			d.errorf("fencing.level", "the stamp level needs the I/O lease ([lease] enabled = true): without it a fenced node never stops writing")
+		}
+	}
 	if cfg.Metrics.Listen != "" && cfg.Metrics.Listen == cfg.DLM.ListenAddr {
 		d.errorf("metrics.listen", "%s is also dlm.listen_addr", cfg.Metrics.Listen)
 	}

@@ -73,6 +73,14 @@ type ArrayEnv struct {
 	SetStamper func(fence.GenerationStamper)
 }
 
+// ViewObserver is implemented by an array layer that follows the node's
+// view generation and quorum (the storage lease stops array I/O without
+// quorum or when the members carry a newer generation). SetView is called
+// on the agreement's goroutine: it must not block.
+type ViewObserver interface {
+	SetView(gen uint64, quorate bool)
+}
+
 // NoArrays is the array layer of a daemon built before the array manager
 // exists: it assembles nothing and answers every array command with code
 // "not_implemented", so clients get a clear answer instead of a hang or

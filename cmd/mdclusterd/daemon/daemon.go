@@ -128,7 +128,7 @@ func Start(ctx context.Context, opts Options) (d *Daemon, err error) {
 		return nil, fmt.Errorf("data directory: %w", err)
 	}
 
-	d.fencer = &recordingFencer{f: buildFencer(cfg.Fencing.Levels, d.stamper), m: d.metrics}
+	d.fencer = &recordingFencer{f: buildFencer(cfg.Fencing.Levels, d.stamper, cfg.Lease.FenceWait()), m: d.metrics}
 	for i, lv := range cfg.Fencing.Levels {
 		if lv.Stamp {
 			d.log.Warn("fencing level uses the storage generation stamp; it fails until the array layer provides member devices to stamp",
@@ -205,6 +205,7 @@ func (d *Daemon) MetricsAddr() string {
 // line current. It runs on the agreement's goroutine: it only counts and
 // sends one datagram.
 func (d *Daemon) onEvent(e node.Event) {
+	d.tellView(e)
 	switch e.Kind {
 	case node.EventInstall:
 		if e.Err == nil {
@@ -230,6 +231,25 @@ func (d *Daemon) onEvent(e node.Event) {
 		q = "not quorate"
 	}
 	_, _ = d.notify(sdnotify.Status(fmt.Sprintf("view %d with %d members, %s", st.View.Gen, len(st.View.Members), q)))
+}
+
+// tellView passes the view and quorum to an array layer that watches
+// them (the storage lease), on an install and on a quorum change. It does
+// not pass a view change's ballot early: the view finally chosen may carry
+// a lower generation that leaves this node out, and a lease raised to the
+// ballot would then ignore that view's fence.
+func (d *Daemon) tellView(e node.Event) {
+	obs, ok := d.arrays.(ViewObserver)
+	if !ok || d.node == nil {
+		return
+	}
+	st := d.node.Status()
+	switch e.Kind {
+	case node.EventInstall, node.EventRecovered:
+		obs.SetView(st.View.Gen, st.Quorate)
+	case node.EventQuorum:
+		obs.SetView(st.View.Gen, e.Quorate)
+	}
 }
 
 // Run waits for SIGTERM or SIGINT on sigs, or a `leave` request, and stops

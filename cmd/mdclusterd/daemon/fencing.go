@@ -16,12 +16,13 @@ import (
 // buildFencer turns the configured levels into a fence.Levels: a level of
 // agents becomes allOf (every agent must succeed, Pacemaker's rule for the
 // devices of one level), the stamp level a fence.StampFencer over the
-// array layer's stamper.
-func buildFencer(levels []config.FenceLevel, stamper fence.GenerationStamper) fence.Levels {
+// array layer's stamper that returns only once the victim's I/O lease has
+// run out (wait: the lease plus its margin).
+func buildFencer(levels []config.FenceLevel, stamper fence.GenerationStamper, wait time.Duration) fence.Levels {
 	out := make(fence.Levels, 0, len(levels))
 	for _, lv := range levels {
 		if lv.Stamp {
-			out = append(out, fence.StampFencer{Stamper: stamper})
+			out = append(out, fence.StampFencer{Stamper: stamper, Wait: wait})
 			continue
 		}
 		var all allOf
