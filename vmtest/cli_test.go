@@ -38,8 +38,6 @@ type cliCapture struct {
 	okExit bool
 	// errExit: real mdadm must fail (the bad-input cases).
 	errExit bool
-	// raid10: the step needs the raid10 array (md1).
-	raid10 bool
 	// status: the status view, normalised by normStatus.
 	status bool
 }
@@ -60,7 +58,6 @@ func detail(id, md string) cliStep {
 func bad(id, args string) cliStep {
 	return cliStep{capture: &cliCapture{id: id, args: args, errExit: true}}
 }
-func r10(s cliStep) cliStep  { s.capture.raid10 = true; return s }
 func wait(md string) cliStep { return cliStep{plain: "--wait " + md} }
 
 // cliScript is what both tools run, in order: the arrays (raid1 with an
@@ -72,9 +69,9 @@ var cliScript = []cliStep{
 	wait("/dev/md0"),
 	detail("detail-r1", "/dev/md0"),
 
-	r10(capt("create-r10", "--create /dev/md1 --run --level=10 --layout=n2 --chunk=64 --raid-devices=4 --bitmap=internal {2} {3} {4} {5}")),
+	capt("create-r10", "--create /dev/md1 --run --level=10 --layout=n2 --chunk=64 --raid-devices=4 --bitmap=internal {2} {3} {4} {5}"),
 	wait("/dev/md1"),
-	r10(detail("detail-r10", "/dev/md1")),
+	detail("detail-r10", "/dev/md1"),
 
 	capt("create-degraded", "--create /dev/md2 --run --level=1 --raid-devices=2 --bitmap=internal {6} missing"),
 	detail("detail-degraded", "/dev/md2"),
@@ -117,8 +114,8 @@ var cliScript = []cliStep{
 	detail("detail-failed-after", "/dev/md2"),
 	capt("remove-failed", "/dev/md2 --remove {6}"),
 	detail("detail-removed", "/dev/md2"),
-	r10(capt("stop-r10", "--stop /dev/md1")),
-	r10(bad("detail-stopped", "--detail /dev/md1")),
+	capt("stop-r10", "--stop /dev/md1"),
+	bad("detail-stopped", "--detail /dev/md1"),
 	{capture: &cliCapture{id: "status", args: "--status", status: true}},
 	capt("stop-r1", "--stop /dev/md0"),
 	bad("detail-stopped-r1", "--detail /dev/md0"),
@@ -297,21 +294,8 @@ func TestCLIMatchesRealMdadm(t *testing.T) {
 	if verdict != "ok" {
 		t.Fatalf("guest verdict %q; its log:\n%s\ndaemon log:\n%s", verdict, files["guest.log"], files["mdclusterd.log"])
 	}
-	// The daemon's data path (array.CopyEngine) runs raid1 only until
-	// mdcluster/raid becomes its engine; until then it refuses to start a
-	// raid10 array with this message, and the raid10 steps are reported,
-	// not compared. Any other failure to create it is compared (and
-	// fails).
-	noRaid10 := ""
-	if r, err := result(files, "create-r10.mdadm-go"); err == nil && strings.Contains(r.stderr, "only raid1 is supported") {
-		noRaid10 = strings.TrimSpace(r.stderr)
-	}
 	failed, compared := false, 0
 	for _, c := range caps {
-		if c.raid10 && noRaid10 != "" {
-			t.Logf("%s: NOT COMPARED: mdclusterd cannot run raid10 yet (%s)", c.id, noRaid10)
-			continue
-		}
 		want, err1 := result(files, c.id+".mdadm")
 		got, err2 := result(files, c.id+".mdadm-go")
 		if err1 != nil || err2 != nil {
