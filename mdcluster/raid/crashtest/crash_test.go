@@ -1,0 +1,773 @@
+package crashtest
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/mdcluster/mdcluster/bitmap"
+	"github.com/mdcluster/mdcluster/mdcluster/raid"
+)
+
+// Environment of the parent test.
+const (
+	seedEnv = "RAID_CRASH_SEED" // replay a run
+	soakEnv = "RAID_CRASH_SOAK" // kill points per array (default: the short run)
+)
+
+// killClasses are the device operations the victim is stopped at (see
+// probe): before its write-intent bit is durable (set-write, set-sync),
+// after (the data writes), during the data write with one copy written and
+// the other not (data-c0/c1, fua-c0/c1: the other copy still goes through),
+// at a flush, during the bitmap daemon's clearing (clear-sync is the
+// preflush, clear-write the cleared page), and at whatever operation comes
+// next (any). Kill points of class "time" kill at a seeded random moment
+// instead.
+var killClasses = []string{"set-write", "set-sync", "data-c0", "data-c1", "fua-c0", "fua-c1", "flush-sync", "clear-sync", "clear-write", "any"}
+
+// TestCrash is the engine's crash test on real processes: three nodes
+// (mdcluster/node over TCP on 127.0.0.1, each its own process), one array
+// over member files opened with O_DIRECT, each node's path to them a
+// volatile write-back cache that dies with the process. All three write
+// their own chunks with versioned blocks; one node at a time is stopped
+// at a chosen device operation and killed with SIGKILL. Before the
+// survivors may recover its slot, the parent reads the dead slot's bits
+// from the members and checks that every chunk of the dead node's whose
+// copies differ on disk is marked. Then exactly one survivor must resync
+// exactly those chunks (its bytes copied and written are counted), after
+// which the dead slot is clean, every copy of every block is identical,
+// every block holds what some write put there, and every acknowledged
+// write that was FUA or followed by an acknowledged flush is there (or a
+// later one). The victim restarts, rejoins, writes again, and the next
+// kill point follows, rotating the victim through all three nodes.
+//
+// RAID_CRASH_SEED=S replays a run's choices (process scheduling still
+// varies); RAID_CRASH_SOAK=N runs N kill points per array instead of the
+// short run.
+func TestCrash(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts node processes")
+	}
+	seed := uint64(time.Now().UnixNano())
+	if s := os.Getenv(seedEnv); s != "" {
+		v, err := strconv.ParseUint(s, 10, 64)
+		if err != nil {
+			t.Fatalf("%s=%q: %v", seedEnv, s, err)
+		}
+		seed = v
+	}
+	t.Logf("%s=%d", seedEnv, seed)
+	short := map[string]int{"raid1": 22, "raid10": 6}
+	soak := 0
+	if s := os.Getenv(soakEnv); s != "" {
+		v, err := strconv.Atoi(s)
+		if err != nil || v < 1 {
+			t.Fatalf("%s=%q: want a number of kill points", soakEnv, s)
+		}
+		soak = v
+	}
+	for _, sp := range []spec{
+		{Level: "raid1", Disks: 2, DevSectors: 6 << 11},
+		{Level: "raid10", Disks: 4, Layout: 0x102, ChunkSectors: 128, DevSectors: 4 << 11},
+	} {
+		t.Run(sp.Level, func(t *testing.T) {
+			n := short[sp.Level]
+			if soak > 0 {
+				n = soak
+			}
+			t.Cleanup(func() {
+				if t.Failed() {
+					t.Logf("replay: %s=%d go test -race -count=1 -run 'TestCrash/%s$' ./mdcluster/raid/crashtest/", seedEnv, seed, sp.Level)
+				}
+			})
+			runCrash(t, sp, seed, n)
+		})
+	}
+}
+
+// killPoint is where one victim dies.
+type killPoint struct {
+	victim int
+	class  string        // a killClasses entry, or "time"
+	after  int64         // device operations to let pass first
+	delay  time.Duration // for "time"
+}
+
+func (k killPoint) String() string {
+	if k.class == "time" {
+		return fmt.Sprintf("node %d at %v", k.victim, k.delay)
+	}
+	return fmt.Sprintf("node %d at the first %s after %d ops", k.victim, k.class, k.after)
+}
+
+func plan(rng *rand.Rand, n int) []killPoint {
+	var ks []killPoint
+	for i := range n {
+		k := killPoint{class: "time"}
+		// Every class twice, the rest at random moments; the order is
+		// shuffled below.
+		if i < 2*len(killClasses) && i < n-n/8 {
+			k.class = killClasses[i%len(killClasses)]
+			k.after = int64(rng.IntN(200))
+		} else {
+			k.delay = time.Duration(50+rng.IntN(750)) * time.Millisecond
+		}
+		ks = append(ks, k)
+	}
+	rng.Shuffle(len(ks), func(i, j int) { ks[i], ks[j] = ks[j], ks[i] })
+	victims := []int{3, 1, 2} // node 1 is the view's coordinator
+	for i := range ks {
+		ks[i].victim = victims[i%len(victims)]
+	}
+	return ks
+}
+
+// ---- the parent's side of a node process ----
+
+type child struct {
+	t     *testing.T
+	c     *cluster
+	id    int
+	epoch uint64
+	cmd   *exec.Cmd
+	stdin io.WriteCloser
+	lines chan string
+	eof   chan struct{}
+	log   string // its stderr
+	dlm   string
+	gsp   string
+}
+
+func (ch *child) send(format string, a ...any) {
+	ch.t.Helper()
+	if _, err := fmt.Fprintf(ch.stdin, format+"\n", a...); err != nil {
+		ch.t.Fatalf("node %d: writing to the child: %v", ch.id, err)
+	}
+}
+
+// expect returns the next line starting with prefix; an "error:" line, an
+// exit or the guard fails the test.
+func (ch *child) expect(prefix string, limit time.Duration) string {
+	ch.t.Helper()
+	timer := time.NewTimer(limit)
+	defer timer.Stop()
+	for {
+		select {
+		case l, ok := <-ch.lines:
+			if !ok {
+				ch.t.Fatalf("node %d exited while waiting for %q", ch.id, prefix)
+			}
+			if strings.HasPrefix(l, "error:") {
+				ch.t.Fatalf("node %d: %s", ch.id, l)
+			}
+			if strings.HasPrefix(l, prefix) {
+				return l
+			}
+			ch.t.Logf("node %d: unexpected line %q while waiting for %q", ch.id, l, prefix)
+		case <-timer.C:
+			ch.t.Fatalf("node %d: no %q within %v", ch.id, prefix, limit)
+		}
+	}
+}
+
+// kill sends SIGKILL, lets the reader drain what the process printed, and
+// reaps it (a zombie would still answer the fencer's probe).
+func (ch *child) kill() {
+	_ = ch.cmd.Process.Signal(syscall.SIGKILL)
+	<-ch.eof
+	_ = ch.cmd.Wait()
+	for l := range ch.lines {
+		if strings.HasPrefix(l, "error:") {
+			ch.t.Fatalf("node %d before it was killed: %s", ch.id, l)
+		}
+	}
+}
+
+// ---- the cluster ----
+
+// blockExp is what a block must hold: at least durable (the last version
+// acknowledged as FUA or followed by an acknowledged flush), and exactly
+// acked (the last acknowledged) once its node is quiesced.
+type blockExp struct{ durable, acked uint64 }
+
+type ackRec struct{ blk, n, ver uint64 }
+
+type cluster struct {
+	t      *testing.T
+	sp     spec
+	geo    raid.Geometry
+	layout bitmap.Layout
+	dir    string
+	seed   uint64
+	kids   map[int]*child
+	dirs   map[int]string
+	ports  map[int]string // gossip ports, kept across restarts
+	epochs map[int]uint64
+
+	mu      sync.Mutex
+	blocks  []blockExp
+	pend    map[[2]int][]ackRec // (node, writer): acknowledged, not yet durable
+	acks    int
+	sibling int
+}
+
+func newCluster(t *testing.T, sp spec, seed uint64) *cluster {
+	dir := t.TempDir()
+	sp.DataOff, sp.BitmapStart, sp.Slots, sp.BitmapChunk, sp.DaemonSleep = 1<<20, 8192, 4, 64<<10, 40
+	g, err := sp.geometry()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sb, l, err := sp.bitmap(g)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range sp.Disks {
+		p := filepath.Join(dir, fmt.Sprintf("member%d.img", i))
+		f, err := os.Create(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := f.Truncate(sp.DataOff + g.DevSize()); err != nil {
+			t.Fatal(err)
+		}
+		if err := bitmap.Format(f, sb, l, false); err != nil {
+			t.Fatal(err)
+		}
+		if err := f.Close(); err != nil {
+			t.Fatal(err)
+		}
+		sp.Files = append(sp.Files, p)
+	}
+	c := &cluster{t: t, sp: sp, geo: g, layout: l, dir: dir, seed: seed,
+		kids: map[int]*child{}, dirs: map[int]string{}, ports: map[int]string{}, epochs: map[int]uint64{},
+		blocks: make([]blockExp, g.Size()/pageSize), pend: map[[2]int][]ackRec{}}
+	return c
+}
+
+// spawn starts node id's process (a new epoch of its writers) and returns
+// once it printed its DLM address.
+func (c *cluster) spawn(id int) *child {
+	t := c.t
+	if c.dirs[id] == "" {
+		c.dirs[id] = filepath.Join(c.dir, fmt.Sprintf("node%d", id))
+		c.ports[id] = "0"
+	}
+	c.epochs[id]++
+	ch := &child{t: t, c: c, id: id, epoch: c.epochs[id], lines: make(chan string, 1024), eof: make(chan struct{}),
+		log: filepath.Join(c.dir, fmt.Sprintf("node%d.%d.log", id, c.epochs[id]))}
+	cmd := exec.Command(os.Args[0], "-test.run=^TestCrashChild$", "-test.count=1")
+	cmd.Env = append(os.Environ(), childEnv+"="+strconv.Itoa(id), childDirEnv+"="+c.dirs[id], childSpecEnv+"="+c.sp.String(),
+		childSeedEnv+"="+strconv.FormatUint(c.seed^uint64(id)<<48^ch.epoch<<32, 10),
+		childEpoch+"="+strconv.FormatUint(ch.epoch, 10), childGossip+"="+c.ports[id])
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	logf, err := os.Create(ch.log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Stderr = logf
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	logf.Close()
+	ch.cmd, ch.stdin = cmd, stdin
+	go c.read(ch, stdout)
+	c.kids[id] = ch
+	t.Cleanup(func() {
+		if ch.cmd.ProcessState == nil {
+			_ = ch.cmd.Process.Signal(syscall.SIGKILL)
+			<-ch.eof
+			_ = ch.cmd.Wait()
+		}
+	})
+	ch.dlm = strings.TrimPrefix(ch.expect("dlm ", 30*time.Second), "dlm ")
+	return ch
+}
+
+// read turns a child's stdout into lines, recording acknowledgements as
+// they arrive (in order, so a "flushed" covers exactly the acks before it).
+func (c *cluster) read(ch *child, r io.Reader) {
+	defer close(ch.lines)
+	defer close(ch.eof)
+	sc := bufio.NewScanner(r)
+	for sc.Scan() {
+		l := sc.Text()
+		f := strings.Fields(l)
+		switch {
+		case len(f) == 6 && f[0] == "ack":
+			var v [5]uint64
+			for i := range v {
+				v[i], _ = strconv.ParseUint(f[i+1], 10, 64)
+			}
+			w, blk, n, ver, fua := int(v[0]), v[1], v[2], v[3], v[4] == 1
+			c.mu.Lock()
+			c.acks++
+			for b := blk; b < blk+n; b++ {
+				c.blocks[b].acked = ver
+				if fua {
+					c.blocks[b].durable = ver
+				}
+			}
+			if !fua {
+				k := [2]int{ch.id, w}
+				c.pend[k] = append(c.pend[k], ackRec{blk, n, ver})
+			}
+			c.mu.Unlock()
+		case len(f) == 2 && f[0] == "flushed":
+			w, _ := strconv.Atoi(f[1])
+			c.mu.Lock()
+			c.durable(ch.id, w)
+			c.mu.Unlock()
+		case len(f) > 0 && f[0] == "sibling":
+			c.mu.Lock()
+			c.sibling++
+			c.mu.Unlock()
+		default:
+			ch.lines <- l
+		}
+	}
+}
+
+// durable marks node id's writer w's acknowledged writes durable (mu held).
+func (c *cluster) durable(id, w int) {
+	k := [2]int{id, w}
+	for _, a := range c.pend[k] {
+		for b := a.blk; b < a.blk+a.n; b++ {
+			c.blocks[b].durable = max(c.blocks[b].durable, a.ver)
+		}
+	}
+	c.pend[k] = nil
+}
+
+func (c *cluster) pids() string {
+	var s []string
+	for _, id := range slices.Sorted(mapKeys(c.kids)) {
+		s = append(s, fmt.Sprintf("%d=%d", id, c.kids[id].cmd.Process.Pid))
+	}
+	return strings.Join(s, ",")
+}
+
+func mapKeys[V any](m map[int]V) func(func(int) bool) {
+	return func(yield func(int) bool) {
+		for k := range m {
+			if !yield(k) {
+				return
+			}
+		}
+	}
+}
+
+// peers lists the DLM addresses of the running nodes other than id.
+func (c *cluster) peers(id int) string {
+	var s []string
+	for _, k := range slices.Sorted(mapKeys(c.kids)) {
+		if k != id {
+			s = append(s, fmt.Sprintf("%d=%s", k, c.kids[k].dlm))
+		}
+	}
+	if len(s) == 0 {
+		return "-"
+	}
+	return strings.Join(s, ",")
+}
+
+// boot starts (or restarts) node id with the others already running: it
+// gets their addresses and processes, joins gossip through one of them,
+// waits for the view of all three, opens the array (the ownership driver's
+// Join) and starts writing.
+func (c *cluster) boot(id int) {
+	ch := c.spawn(id)
+	ch.send("peers %s pids %s", c.peers(id), c.pids())
+	ch.gsp = strings.TrimPrefix(ch.expect("gossip ", 30*time.Second), "gossip ")
+	_, port, _ := strings.Cut(ch.gsp, ":")
+	c.ports[id] = port
+	for k, o := range c.kids {
+		if k != id {
+			o.send("pid %d %d", id, ch.cmd.Process.Pid)
+			o.expect("pid ok", 10*time.Second)
+		}
+	}
+	for k, o := range c.kids {
+		if k != id {
+			ch.send("join %s", o.gsp)
+			break
+		}
+	}
+	ch.send("waitview 1,2,3")
+	ch.expect("view ", 40*time.Second)
+	ch.send("array")
+	ch.expect("joined ", 40*time.Second)
+	ch.send("write")
+	ch.expect("writing", 10*time.Second)
+}
+
+// start forms the first view of three fresh nodes and starts them writing.
+func (c *cluster) start() {
+	for id := 1; id <= nodes; id++ {
+		c.spawn(id)
+	}
+	for id := 1; id <= nodes; id++ {
+		ch := c.kids[id]
+		ch.send("peers %s pids %s", c.peers(id), c.pids())
+	}
+	for id := 1; id <= nodes; id++ {
+		ch := c.kids[id]
+		ch.gsp = strings.TrimPrefix(ch.expect("gossip ", 30*time.Second), "gossip ")
+		_, c.ports[id], _ = strings.Cut(ch.gsp, ":")
+	}
+	for id := 2; id <= nodes; id++ {
+		c.kids[id].send("join %s", c.kids[1].gsp)
+	}
+	for id := 1; id <= nodes; id++ {
+		c.kids[id].send("waitview 1,2,3")
+	}
+	for id := 1; id <= nodes; id++ {
+		c.kids[id].expect("view ", 40*time.Second)
+	}
+	for id := 1; id <= nodes; id++ {
+		c.kids[id].send("array")
+	}
+	for id := 1; id <= nodes; id++ {
+		c.kids[id].expect("joined ", 40*time.Second)
+	}
+	for id := 1; id <= nodes; id++ {
+		c.kids[id].send("write")
+		c.kids[id].expect("writing", 10*time.Second)
+	}
+}
+
+// ---- what is on the disk ----
+
+// image is the members' data areas and the union of each slot's bits
+// over the members, read from the files with O_DIRECT.
+type image struct {
+	data  [][]byte
+	slots []map[uint64]bool
+}
+
+func (c *cluster) readImage() image {
+	t := c.t
+	var im image
+	for s := 0; s < c.layout.Slots; s++ {
+		im.slots = append(im.slots, map[uint64]bool{})
+	}
+	for _, p := range c.sp.Files {
+		f, err := raid.OpenDirect(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b := alignedBuf(int(c.geo.DevSize()))
+		if _, err := f.ReadAt(b, c.sp.DataOff); err != nil {
+			t.Fatal(err)
+		}
+		im.data = append(im.data, b)
+		for s := 0; s < c.layout.Slots; s++ {
+			sl, err := bitmap.ReadSlot(f, c.layout, s)
+			if err != nil {
+				t.Fatalf("%s: slot %d: %v", p, s, err)
+			}
+			for _, ch := range sl.DirtyChunks() {
+				im.slots[s][ch] = true
+			}
+		}
+		f.Close()
+	}
+	return im
+}
+
+// copies returns every copy of the 4 KiB array block blk.
+func (c *cluster) copies(im image, blk uint64) [][]byte {
+	locs, _ := c.geo.Locate(int64(blk)*pageSize, nil)
+	out := make([][]byte, len(locs))
+	for i, l := range locs {
+		out[i] = im.data[l.Member][l.Off : l.Off+pageSize]
+	}
+	return out
+}
+
+// differing returns the chunks of node id whose copies differ somewhere.
+func (c *cluster) differing(im image, id int) []uint64 {
+	per := uint64(c.sp.BitmapChunk / pageSize)
+	var out []uint64
+	for ch := uint64(0); ch < uint64(len(c.blocks))/per; ch++ {
+		if nd, _ := chunkOwner(ch); nd != id {
+			continue
+		}
+		for b := ch * per; b < (ch+1)*per; b++ {
+			cs := c.copies(im, b)
+			if !allEqual(cs) {
+				out = append(out, ch)
+				break
+			}
+		}
+	}
+	return out
+}
+
+func allEqual(cs [][]byte) bool {
+	for _, x := range cs[1:] {
+		if !bytes.Equal(cs[0], x) {
+			return false
+		}
+	}
+	return true
+}
+
+func sortedKeys(m map[uint64]bool) []uint64 {
+	var out []uint64
+	for k := range m {
+		out = append(out, k)
+	}
+	slices.Sort(out)
+	return out
+}
+
+// verify checks, with every live node quiesced, that every copy of every
+// block is identical, that each block holds a whole version some write
+// put there, at least its last durable one, and exactly its last
+// acknowledged one on a live node. The dead node's blocks then take what
+// is on disk as their new baseline.
+func (c *cluster) verify(im image, dead int, at string) {
+	t := c.t
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	per := uint64(c.sp.BitmapChunk / pageSize)
+	bad := 0
+	for b := range uint64(len(c.blocks)) {
+		nd, _ := chunkOwner(b / per)
+		cs := c.copies(im, b)
+		if !allEqual(cs) {
+			t.Errorf("%s: chunk %d (node %d) block %d: the copies differ after recovery", at, b/per, nd, b)
+			bad++
+		}
+		v, err := decodeBlock(cs[0], b)
+		exp := &c.blocks[b]
+		switch {
+		case err != nil:
+			t.Errorf("%s: chunk %d (node %d): %v", at, b/per, nd, err)
+			bad++
+		case v < exp.durable:
+			t.Errorf("%s: chunk %d (node %d) block %d holds version %s, older than the durable acknowledged %s: an acknowledged write was lost",
+				at, b/per, nd, b, verString(v), verString(exp.durable))
+			bad++
+		case nd != dead && v != exp.acked:
+			t.Errorf("%s: chunk %d (node %d, live and flushed) block %d holds version %s, its last acknowledged write is %s",
+				at, b/per, nd, b, verString(v), verString(exp.acked))
+			bad++
+		case nd == dead:
+			exp.durable, exp.acked = v, v
+		}
+		if bad > 10 {
+			t.Fatalf("%s: too many bad blocks", at)
+		}
+	}
+	if bad > 0 {
+		t.FailNow()
+	}
+}
+
+// ---- the run ----
+
+// outcome is one kill point's figures.
+type outcome struct {
+	kp       killPoint
+	paused   string // the operation the victim stopped at
+	dirty    int    // chunks the dead slot marked on disk
+	torn     int    // of the victim's chunks, those whose copies differed on disk
+	resynced int64  // array bytes the survivors' resync copied
+	detect   time.Duration
+	recover  time.Duration
+}
+
+func runCrash(t *testing.T, sp spec, seed uint64, n int) {
+	c := newCluster(t, sp, seed)
+	t.Cleanup(func() {
+		if t.Failed() {
+			for id, ch := range c.kids {
+				b, _ := os.ReadFile(ch.log)
+				lines := strings.Split(string(b), "\n")
+				t.Logf("---- node %d (epoch %d) log, last lines ----\n%s", id, ch.epoch, strings.Join(lines[max(0, len(lines)-60):], "\n"))
+			}
+		}
+	})
+	rng := rand.New(rand.NewPCG(seed, 0x5eed))
+	kps := plan(rng, n)
+	start := time.Now()
+	c.start()
+	t.Logf("%s over %d members (%v), 3 nodes formed and writing in %v", sp.Level, sp.Disks, c.geo, time.Since(start).Round(time.Millisecond))
+	var outs []outcome
+	for i, kp := range kps {
+		o := c.killAndRecover(i, kp)
+		outs = append(outs, o)
+		c.boot(kp.victim)
+	}
+	// Coverage: the run must have met the states it claims to test.
+	dirty, torn := 0, 0
+	var bytes int64
+	for _, o := range outs {
+		if o.dirty > 0 {
+			dirty++
+		}
+		if o.torn > 0 {
+			torn++
+		}
+		bytes += o.resynced
+	}
+	elapsed := time.Since(start)
+	c.mu.Lock()
+	acks, sib := c.acks, c.sibling
+	c.mu.Unlock()
+	t.Logf("%d kill points in %v: %d with dirty chunks on disk, %d with copies differing on disk, %d chunks (%d KiB) resynced in all; %d writes acknowledged, %d other-copy writes let through at a pause",
+		len(outs), elapsed.Round(time.Millisecond), dirty, torn, bytes/c.sp.BitmapChunk, bytes>>10, acks, sib)
+	if dirty == 0 || torn == 0 {
+		t.Errorf("no kill point found dirty chunks (%d) or differing copies (%d) on disk: the test did not exercise recovery", dirty, torn)
+	}
+}
+
+// killAndRecover runs one kill point: stop the victim where kp says, kill
+// it, check the disk against its slot, let the survivors recover, check
+// what they resynced and the whole array.
+func (c *cluster) killAndRecover(i int, kp killPoint) outcome {
+	t := c.t
+	o := outcome{kp: kp}
+	at := fmt.Sprintf("kill point %d (%s)", i, kp)
+	victim := c.kids[kp.victim]
+	var survivors []*child
+	for _, id := range slices.Sorted(mapKeys(c.kids)) {
+		if id != kp.victim {
+			survivors = append(survivors, c.kids[id])
+		}
+	}
+	held := map[int]int64{}
+	for _, s := range survivors {
+		s.send("hold")
+		f := strings.Fields(s.expect("held ", 10*time.Second))
+		held[s.id], _ = strconv.ParseInt(f[1], 10, 64)
+	}
+	if kp.class == "time" {
+		time.Sleep(kp.delay)
+		o.paused = "random time"
+	} else {
+		victim.send("arm %s %d", kp.class, kp.after)
+		victim.expect("armed", 10*time.Second)
+		o.paused = strings.TrimPrefix(victim.expect("paused ", 60*time.Second), "paused ")
+		time.Sleep(20 * time.Millisecond) // the other copies of a paused data write
+	}
+	t0 := time.Now()
+	victim.kill()
+	c.mu.Lock()
+	for w := range writersPerNode {
+		c.pend[[2]int{kp.victim, w}] = nil // acknowledged, never flushed: may be lost
+	}
+	c.mu.Unlock()
+	delete(c.kids, kp.victim)
+
+	// The survivors' lock managers recover without the victim; their slot
+	// recoveries wait (held) while the disk is read.
+	for _, s := range survivors {
+		s.expect("pending ", 30*time.Second)
+	}
+	o.detect = time.Since(t0)
+	im := c.readImage()
+	slot := kp.victim - 1
+	dirty := sortedKeys(im.slots[slot])
+	torn := c.differing(im, kp.victim)
+	o.dirty, o.torn = len(dirty), len(torn)
+	for _, ch := range torn {
+		if !im.slots[slot][ch] {
+			t.Fatalf("%s: chunk %d's copies differ on disk but the dead node's slot does not mark it (slot marks %v)", at, ch, dirty)
+		}
+	}
+
+	// Recover: exactly one survivor must resync exactly those chunks.
+	t1 := time.Now()
+	for _, s := range survivors {
+		s.send("recover")
+		s.expect("released ", 10*time.Second)
+	}
+	winners := 0
+	for _, s := range survivors {
+		f := strings.Fields(s.expect("recovered ", 60*time.Second))
+		slots := f[2]
+		copied, _ := strconv.ParseInt(f[3], 10, 64)
+		written, _ := strconv.ParseInt(f[4], 10, 64)
+		o.resynced += copied
+		if slots == "-" {
+			if copied != 0 || written != 0 {
+				t.Fatalf("%s: node %d recovered no slot but its resync copied %d bytes and wrote %d", at, s.id, copied, written)
+			}
+			continue
+		}
+		for _, rec := range strings.Split(slots, ";") {
+			sl, list, _ := strings.Cut(rec, ":")
+			if sl != strconv.Itoa(slot) {
+				t.Fatalf("%s: node %d recovered slot %s, only slot %d's node died", at, s.id, sl, slot)
+			}
+			var got []uint64
+			for _, x := range strings.Split(list, ",") {
+				if x != "" {
+					v, _ := strconv.ParseUint(x, 10, 64)
+					got = append(got, v)
+				}
+			}
+			if !slices.Equal(got, dirty) {
+				t.Fatalf("%s: node %d resynced chunks %v, the dead slot marked %v on disk", at, s.id, got, dirty)
+			}
+		}
+		winners++
+		want := int64(len(dirty)) * c.sp.BitmapChunk
+		if copied != want || written != want*int64(c.geo.Copies()-1) {
+			t.Fatalf("%s: node %d's resync copied %d bytes and wrote %d; the dead slot's %d chunks need exactly %d and %d",
+				at, s.id, copied, written, len(dirty), want, want*int64(c.geo.Copies()-1))
+		}
+	}
+	if len(dirty) > 0 && winners != 1 {
+		t.Fatalf("%s: %d survivors recovered the dead slot, want exactly one", at, winners)
+	}
+	o.recover = time.Since(t1)
+
+	// Quiesce the survivors (every acknowledged write is then durable)
+	// and check the whole array.
+	for _, s := range survivors {
+		s.send("quiesce")
+	}
+	for _, s := range survivors {
+		s.expect("quiesced", 30*time.Second)
+		c.mu.Lock()
+		for w := range writersPerNode {
+			c.durable(s.id, w)
+		}
+		c.mu.Unlock()
+	}
+	im = c.readImage()
+	if d := sortedKeys(im.slots[slot]); len(d) > 0 {
+		t.Fatalf("%s: the dead node's slot still marks %v after recovery", at, d)
+	}
+	c.verify(im, kp.victim, at)
+	for _, s := range survivors {
+		s.send("resume")
+		s.expect("writing", 10*time.Second)
+	}
+	t.Logf("%-48s stopped at %-32s dirty %2d, copies differing %2d, resynced %4d KiB; recovery pending after %v, done in %v",
+		kp.String(), o.paused, o.dirty, o.torn, o.resynced>>10, o.detect.Round(time.Millisecond), o.recover.Round(time.Millisecond))
+	return o
+}
