@@ -81,9 +81,14 @@ func (o *out) printf(format string, a ...any) {
 	fmt.Fprintf(o.w, format+"\n", a...)
 }
 
-// pidFencer confirms a fence once the victim's process is gone; the parent
-// kills and reaps it. The table changes as nodes restart.
+// pidFencer is the nodes' power fence: it kills the node's process with
+// SIGKILL (after checking that the process is that node of this test, so
+// a stale entry can never hit anything else) and confirms once the parent
+// has reaped it. A real agent powers the node off; a node that was only
+// suspected (a busy host) is killed too, as it would be in production, and
+// the parent sees the "fencing" line.
 type pidFencer struct {
+	o    *out
 	mu   sync.Mutex
 	pids map[node.NodeID]int
 }
@@ -94,6 +99,20 @@ func (f *pidFencer) set(id node.NodeID, pid int) {
 	f.pids[id] = pid
 }
 
+// ours reports whether pid is node id's process of this test.
+func ours(pid int, id node.NodeID) bool {
+	env, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", pid))
+	if err != nil {
+		return false
+	}
+	for _, kv := range strings.Split(string(env), "\x00") {
+		if kv == childEnv+"="+id.String() {
+			return true
+		}
+	}
+	return false
+}
+
 func (f *pidFencer) Fence(ctx context.Context, req fence.Request) (fence.Result, error) {
 	f.mu.Lock()
 	pid, ok := f.pids[req.Node]
@@ -101,9 +120,13 @@ func (f *pidFencer) Fence(ctx context.Context, req fence.Request) (fence.Result,
 	if !ok {
 		return fence.Result{}, fmt.Errorf("pid fencer: no process known for node %s: %w", req.Node, fence.ErrFailed)
 	}
+	if ours(pid, req.Node) {
+		f.o.printf("fencing %s %d", req.Node, pid)
+		_ = syscall.Kill(pid, syscall.SIGKILL)
+	}
 	for {
 		if err := syscall.Kill(pid, 0); errors.Is(err, syscall.ESRCH) {
-			return fence.Result{Node: req.Node, Method: "pid-gone", FencedAt: time.Now(), Verified: true}, nil
+			return fence.Result{Node: req.Node, Method: "pid-killed", FencedAt: time.Now(), Verified: true}, nil
 		}
 		select {
 		case <-ctx.Done():
@@ -246,7 +269,7 @@ func runChild(idStr string) error {
 	if err != nil {
 		return err
 	}
-	fencer := &pidFencer{pids: map[node.NodeID]int{}}
+	fencer := &pidFencer{o: o, pids: map[node.NodeID]int{}}
 	for k, v := range pidStr {
 		pid, _ := strconv.Atoi(v)
 		fencer.set(k, pid)
