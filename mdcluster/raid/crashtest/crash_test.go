@@ -156,7 +156,7 @@ type child struct {
 func (ch *child) send(format string, a ...any) {
 	ch.t.Helper()
 	if _, err := fmt.Fprintf(ch.stdin, format+"\n", a...); err != nil {
-		ch.t.Fatalf("node %d: writing to the child: %v", ch.id, err)
+		ch.c.fatalf("node %d: writing to the child: %v", ch.id, err)
 	}
 }
 
