@@ -419,7 +419,7 @@ func openArray(o *out, ls *dlm.Lockspace, fwd *forward, id int, sp spec, gate *r
 	}
 	a.e.SetIntent(a.drv.Intent())
 	go func() {
-		for range time.Tick(10 * time.Millisecond) {
+		for range time.Tick(3 * time.Millisecond) {
 			if _, err := a.drv.Intent().Tick(a.e.Clock().Now()); err != nil {
 				o.printf("error: bitmap daemon: %v", err)
 				return
@@ -496,8 +496,8 @@ func (a *array) quiesce() error {
 
 // writer writes its own chunks: a few hot chunks at a time (the others go
 // idle, so the bitmap daemon clears their bits), one to four blocks per
-// write, a third of them FUA, a flush after about every fourth, and reads
-// some back through the engine.
+// write, a third of them FUA, a flush after about every twelfth, and
+// reads some back through the engine.
 type writer struct {
 	a      *array
 	idx    int
@@ -544,7 +544,7 @@ func (w *writer) run(stop <-chan struct{}) {
 			f = 1
 		}
 		a.o.printf("ack %d %d %d %d %d", w.idx, blk, nb, ver, f)
-		if w.rng.IntN(4) == 0 {
+		if w.rng.IntN(12) == 0 {
 			if err := a.e.Flush(); err != nil {
 				a.o.printf("error: flush: %v", err)
 				return

@@ -34,10 +34,12 @@ const (
 // after (the data writes), during the data write with one copy written and
 // the other not (data-c0/c1, fua-c0/c1: the other copy still goes through),
 // at a flush, during the bitmap daemon's clearing (clear-sync is the
-// preflush, clear-write the cleared page), and at whatever operation comes
-// next (any). Kill points of class "time" kill at a seeded random moment
-// instead.
-var killClasses = []string{"set-write", "set-sync", "data-c0", "data-c1", "fua-c0", "fua-c1", "flush-sync", "clear-sync", "clear-write", "any"}
+// preflush or the sync after a cleared page, clear-write the cleared page;
+// "@m1" picks the second member's, when the first already has the cleared
+// page), and at whatever operation comes next (any). Kill points of class
+// "time" kill at a seeded random moment instead.
+var killClasses = []string{"set-write", "set-sync", "data-c0", "data-c1", "fua-c0", "fua-c1", "flush-sync",
+	"clear-sync", "clear-write", "clear-sync@m1", "clear-write@m1", "any"}
 
 // TestCrash is the engine's crash test on real processes: three nodes
 // (mdcluster/node over TCP on 127.0.0.1, each its own process), one array
@@ -71,7 +73,7 @@ func TestCrash(t *testing.T) {
 		seed = v
 	}
 	t.Logf("%s=%d", seedEnv, seed)
-	short := map[string]int{"raid1": 22, "raid10": 10}
+	short := map[string]int{"raid1": 27, "raid10": 10}
 	soak := 0
 	if s := os.Getenv(soakEnv); s != "" {
 		v, err := strconv.Atoi(s)
@@ -116,12 +118,14 @@ func (k killPoint) String() string {
 
 func plan(rng *rand.Rand, n int) []killPoint {
 	var ks []killPoint
+	classes := slices.Clone(killClasses)
+	rng.Shuffle(len(classes), func(i, j int) { classes[i], classes[j] = classes[j], classes[i] })
 	for i := range n {
 		k := killPoint{class: "time"}
 		// Every class twice, the rest at random moments; the order is
 		// shuffled below.
 		if i < 2*len(killClasses) && i < n-n/8 {
-			k.class = killClasses[i%len(killClasses)]
+			k.class = classes[i%len(classes)]
 			k.after = int64(rng.IntN(200))
 		} else {
 			k.delay = time.Duration(50+rng.IntN(750)) * time.Millisecond
@@ -238,7 +242,7 @@ type cluster struct {
 
 func newCluster(t *testing.T, sp spec, seed uint64) (c *cluster) {
 	dir := t.TempDir()
-	sp.DataOff, sp.BitmapStart, sp.Slots, sp.BitmapChunk, sp.DaemonSleep = 1<<20, 8192, 4, 64<<10, 40
+	sp.DataOff, sp.BitmapStart, sp.Slots, sp.BitmapChunk, sp.DaemonSleep = 1<<20, 8192, 4, 64<<10, 10
 	g, err := sp.geometry()
 	if err != nil {
 		t.Fatal(err)

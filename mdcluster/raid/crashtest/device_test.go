@@ -245,7 +245,7 @@ func (p *probe) before(kind string, member int, off int64, n int) (through bool)
 		p.mu.Unlock()
 		select {}
 	}
-	if !p.armed || no < p.after || !(p.pattern == "any" || p.pattern == class) {
+	if !p.armed || no < p.after || !matches(p.pattern, class, member) {
 		p.mu.Unlock()
 		return false
 	}
@@ -258,6 +258,16 @@ func (p *probe) before(kind string, member int, off int64, n int) (through bool)
 	p.mu.Unlock()
 	p.report("paused %d %s m%d %d+%d", no, class, member, off, n)
 	select {}
+}
+
+// matches reports whether an operation of class on member matches a kill
+// pattern: "any", a class, or "class@mN" for that class on member N only.
+func matches(pattern, class string, member int) bool {
+	if pattern == "any" || pattern == class {
+		return true
+	}
+	c, m, ok := strings.Cut(pattern, "@m")
+	return ok && c == class && m == fmt.Sprint(member)
 }
 
 // arm pauses the process at the first operation of class (or any, for
