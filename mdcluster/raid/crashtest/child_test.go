@@ -358,8 +358,7 @@ func runChild(idStr string) error {
 			gate.mu.Lock()
 			gate.hold = true
 			gate.mu.Unlock()
-			st := arr.e.Stats()
-			o.printf("held %d", st.ResyncBytes)
+			o.printf("held")
 		case "recover":
 			gate.mu.Lock()
 			gate.hold = false
