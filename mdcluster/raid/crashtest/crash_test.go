@@ -168,6 +168,12 @@ func (ch *child) send(format string, a ...any) {
 // exit or the guard fails the test.
 func (ch *child) expect(prefix string, limit time.Duration) string {
 	ch.t.Helper()
+	return ch.expectOr(prefix, limit, "")
+}
+
+// expectOr is expect with what a timeout means.
+func (ch *child) expectOr(prefix string, limit time.Duration, why string) string {
+	ch.t.Helper()
 	timer := time.NewTimer(limit)
 	defer timer.Stop()
 	for {
@@ -188,7 +194,7 @@ func (ch *child) expect(prefix string, limit time.Duration) string {
 			}
 			ch.t.Logf("node %d: unexpected line %q while waiting for %q", ch.id, l, prefix)
 		case <-timer.C:
-			ch.c.fatalf("node %d: no %q within %v", ch.id, prefix, limit)
+			ch.c.fatalf("node %d: no %q within %v%s", ch.id, prefix, limit, why)
 		}
 	}
 }
@@ -779,7 +785,8 @@ func (c *cluster) killAndRecover(i int, kp killPoint) outcome {
 	} else {
 		victim.send("arm %s %d", kp.class, kp.after)
 		victim.expect("armed", 10*time.Second)
-		o.paused = strings.TrimPrefix(victim.expect("paused ", 60*time.Second), "paused ")
+		o.paused = strings.TrimPrefix(victim.expectOr("paused ", 30*time.Second,
+			fmt.Sprintf(": %s: the victim issued no %s operation", at, kp.class)), "paused ")
 		time.Sleep(20 * time.Millisecond) // the other copies of a paused data write
 	}
 	t0 := time.Now()
