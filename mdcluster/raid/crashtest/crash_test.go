@@ -116,17 +116,21 @@ func (k killPoint) String() string {
 	return fmt.Sprintf("node %d at the first %s after %d ops", k.victim, k.class, k.after)
 }
 
+// plan chooses n kill points from the seed.
 func plan(rng *rand.Rand, n int) []killPoint {
 	var ks []killPoint
 	classes := slices.Clone(killClasses)
 	rng.Shuffle(len(classes), func(i, j int) { classes[i], classes[j] = classes[j], classes[i] })
+	classed := 0
 	for i := range n {
 		k := killPoint{class: "time"}
-		// Every class twice, the rest at random moments; the order is
-		// shuffled below.
-		if i < 2*len(killClasses) && i < n-n/8 {
-			k.class = classes[i%len(classes)]
+		// Every eighth at a random moment, the others at the classes in
+		// turn (27 kill points: each class twice); the order is shuffled
+		// below.
+		if i%8 != 7 {
+			k.class = classes[classed%len(classes)]
 			k.after = int64(rng.IntN(200))
+			classed++
 		} else {
 			k.delay = time.Duration(50+rng.IntN(750)) * time.Millisecond
 		}
