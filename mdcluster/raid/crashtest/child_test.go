@@ -45,7 +45,9 @@ import (
 //
 // and prints, as they happen, "ack <writer> <block> <blocks> <version>
 // <fua>" for every acknowledged write, "flushed <writer>" for every
-// acknowledged flush, and "error: ..." when something is wrong.
+// acknowledged flush, "install <gen> <members>" for every view it
+// installs, "fencing <node> <pid>" before its fencer kills a node, and
+// "error: ..." when something is wrong.
 const (
 	childEnv     = "RAID_CRASH_CHILD"
 	childDirEnv  = "RAID_CRASH_DIR"
@@ -281,6 +283,11 @@ func runChild(idStr string) error {
 	cfg.Fencer = fencer
 	cfg.FenceTimeout = 5 * time.Second
 	cfg.Logger = logger
+	cfg.OnEvent = func(e node.Event) {
+		if e.Kind == node.EventInstall {
+			o.printf("install %d %s", e.Gen, idList(e.Nodes))
+		}
+	}
 	cfg.Peers = map[node.NodeID]string{}
 	for k, v := range addrs {
 		if k != id {
@@ -563,8 +570,8 @@ func (w *writer) run(stop <-chan struct{}) {
 				}
 			}
 		}
-		if d := w.rng.IntN(4); d > 0 {
-			time.Sleep(time.Duration(d) * time.Millisecond)
-		}
+		// A pause between writes keeps three processes (under -race too)
+		// from starving each other's failure detectors on a small host.
+		time.Sleep(time.Duration(1+w.rng.IntN(6)) * time.Millisecond)
 	}
 }

@@ -129,10 +129,10 @@ func plan(rng *rand.Rand, n int) []killPoint {
 		// below.
 		if i%8 != 7 {
 			k.class = classes[classed%len(classes)]
-			k.after = int64(rng.IntN(200))
+			k.after = int64(rng.IntN(100))
 			classed++
 		} else {
-			k.delay = time.Duration(50+rng.IntN(750)) * time.Millisecond
+			k.delay = time.Duration(50+rng.IntN(450)) * time.Millisecond
 		}
 		ks = append(ks, k)
 	}
@@ -238,6 +238,9 @@ type cluster struct {
 	epochs map[int]uint64
 
 	victim atomic.Int32 // the node being killed now (its fence is expected)
+	// inView[id] is set once node id's current process is in the view of
+	// all three; a view without it is then a disturbance.
+	inView [nodes + 1]atomic.Bool
 	// distCh is closed when something other than the test killed a node:
 	// a node's fencer killed a live node it suspected (a stalled host).
 	distCh  chan struct{}
@@ -389,6 +392,13 @@ func (c *cluster) read(ch *child, r io.Reader) {
 			c.mu.Lock()
 			c.durable(ch.id, w)
 			c.mu.Unlock()
+		case len(f) == 3 && f[0] == "install":
+			members := "," + f[2] + ","
+			for id := 1; id <= nodes; id++ {
+				if c.inView[id].Load() && int32(id) != c.victim.Load() && !strings.Contains(members, ","+strconv.Itoa(id)+",") {
+					c.disturb(fmt.Sprintf("node %d installed view %s without node %d, which the test did not kill (a false suspicion: the host stalled)", ch.id, f[1], id))
+				}
+			}
 		case len(f) == 3 && f[0] == "fencing":
 			if v, _ := strconv.Atoi(f[1]); int32(v) != c.victim.Load() {
 				c.disturb(fmt.Sprintf("node %d fenced node %s, which the test did not kill (a false suspicion: the host stalled)", ch.id, f[1]))
@@ -504,6 +514,7 @@ func (c *cluster) boot(id int) {
 	}
 	ch.send("waitview 1,2,3")
 	ch.expect("view ", 40*time.Second)
+	c.inView[id].Store(true)
 	ch.send("array")
 	ch.expect("joined ", 40*time.Second)
 	ch.send("write")
@@ -532,6 +543,7 @@ func (c *cluster) start() {
 	}
 	for id := 1; id <= nodes; id++ {
 		c.kids[id].expect("view ", 40*time.Second)
+		c.inView[id].Store(true)
 	}
 	for id := 1; id <= nodes; id++ {
 		c.kids[id].send("array")
@@ -725,7 +737,7 @@ func runCrash(t *testing.T, sp spec, seed uint64, n int) {
 	var outs []outcome
 	var disturbances []string
 	for len(outs) < len(kps) {
-		if len(disturbances) > 3 {
+		if len(disturbances) > 6 {
 			t.Fatalf("the clusters were disturbed %d times (%s): the host is too loaded for the fast failure detector", len(disturbances), strings.Join(disturbances, "; "))
 		}
 		c := newCluster(t, sp, seed+uint64(len(disturbances)))
@@ -773,6 +785,7 @@ func (c *cluster) killAndRecover(i int, kp killPoint) outcome {
 	at := fmt.Sprintf("kill point %d (%s)", i, kp)
 	victim := c.kids[kp.victim]
 	c.victim.Store(int32(kp.victim))
+	c.inView[kp.victim].Store(false)
 	var survivors []*child
 	for _, id := range slices.Sorted(mapKeys(c.kids)) {
 		if id != kp.victim {
