@@ -245,6 +245,7 @@ type cluster struct {
 	// a node's fencer killed a live node it suspected (a stalled host).
 	distCh  chan struct{}
 	distMsg atomic.Pointer[string]
+	failed  atomic.Pointer[string] // a failure a reader saw (a node crashed)
 
 	mu     sync.Mutex
 	blocks []blockExp
@@ -359,9 +360,17 @@ func (c *cluster) read(ch *child, r io.Reader) {
 	defer func() {
 		// Reap at once: the fencers wait for the process to be gone.
 		_ = ch.cmd.Wait()
-		if !ch.ours.Load() {
-			c.disturb(fmt.Sprintf("node %d (epoch %d) died, and the test did not kill it", ch.id, ch.epoch))
+		if ch.ours.Load() {
+			return
 		}
+		if ws, ok := ch.cmd.ProcessState.Sys().(syscall.WaitStatus); ok && ws.Signaled() && ws.Signal() == syscall.SIGKILL {
+			c.disturb(fmt.Sprintf("node %d (epoch %d) was killed, not by the test (a fence)", ch.id, ch.epoch))
+			return
+		}
+		// A node that exits by itself crashed: that fails the test.
+		b, _ := os.ReadFile(ch.log)
+		tail := string(b[max(0, len(b)-4000):])
+		c.fail(fmt.Sprintf("node %d (epoch %d) exited by itself (%v); the end of its log:\n%s", ch.id, ch.epoch, ch.cmd.ProcessState, tail))
 	}()
 	sc := bufio.NewScanner(r)
 	for sc.Scan() {
@@ -428,8 +437,20 @@ func (c *cluster) disturb(msg string) {
 	}
 }
 
-// checkDisturbed panics with disturbed if the run was disturbed.
+// fail records a failure seen by a reader goroutine; the test goroutine
+// fails with it at its next wait.
+func (c *cluster) fail(msg string) {
+	c.failed.Store(&msg)
+	c.disturb(msg)
+}
+
+// checkDisturbed fails the test with what a reader saw, or panics with
+// disturbed if the run was disturbed.
 func (c *cluster) checkDisturbed() {
+	c.t.Helper()
+	if m := c.failed.Load(); m != nil {
+		c.t.Fatal(*m)
+	}
 	if m := c.distMsg.Load(); m != nil {
 		panic(disturbed{*m})
 	}
