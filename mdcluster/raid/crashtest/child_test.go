@@ -36,12 +36,12 @@ import (
 //	→ gossip <addr>              its node is running
 //	← join <addr> | waitview <ids> (→ view <gen>)
 //	← array                      engine + ownership driver, Join (→ joined ...)
-//	← write | quiesce | resume   the writers (→ writing | quiesced | resumed)
+//	← write | quiesce | resume   the writers (→ writing | quiesced | writing)
 //	← arm <class> <n>            pause the device I/O at the first operation
 //	                             of class after n more (→ armed; later paused ...)
 //	← hold | recover             hold slot recoveries until recover
 //	                             (→ held; pending ...; released; recovered ...)
-//	← pid <id> <pid>             the fencer's process table
+//	← pid <id> <pid>             the fencer's process table (→ pid ok)
 //
 // and prints, as they happen, "ack <writer> <block> <blocks> <version>
 // <fua>" for every acknowledged write, "flushed <writer>" for every
@@ -331,7 +331,7 @@ func runChild(idStr string) error {
 					break
 				}
 				if time.Now().After(deadline) {
-					o.printf("error: no view %s within 30 s: %+v", f[1], st)
+					o.printf("noview %s within 30 s: %+v", f[1], st)
 					break
 				}
 				time.Sleep(5 * time.Millisecond)
