@@ -86,7 +86,7 @@ func (o *out) printf(format string, a ...any) {
 // pidFencer is the nodes' power fence: it kills the node's process with
 // SIGKILL (after checking that the process is that node of this test, so
 // a stale entry can never hit anything else) and confirms once the parent
-// has reaped it. A real agent powers the node off; a node that was only
+// has reaped it. A real fence agent powers the node off; a node that was only
 // suspected (a busy host) is killed too, as it would be in production, and
 // the parent sees the "fencing" line.
 type pidFencer struct {
