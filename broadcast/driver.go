@@ -1073,7 +1073,7 @@ func (b *Broadcaster) releaseHeld(ctx context.Context) error {
 }
 
 // newest returns, of base (a message lock value) and the broadcasts in
-// the copy locks of every member and joined node, the one with the highest
+// the copy locks of the nodes the token lists as joined, the one with the highest
 // sequence number: a broadcast that reached a receiver only through its
 // mailbox is in that receiver's copy lock, and survives there the death of
 // its sender and of the message lock's master. Copy locks that cannot be
@@ -1083,7 +1083,7 @@ func (b *Broadcaster) newest(ctx context.Context, base []byte) []byte {
 		return base // no mailboxes: every receiver reads the message lock
 	}
 	b.mu.Lock()
-	nodes := b.m.Receivers()
+	nodes := b.m.CopyHolders()
 	b.mu.Unlock()
 	vals := make([][]byte, len(nodes))
 	// One after the other: this runs only at a join, a catch-up or a

@@ -930,6 +930,17 @@ func (m *Machine) MailboxReleased() {
 // listener was released: the receive is over.
 func (m *Machine) MailboxReplied() { m.busy = false }
 
+// CopyHolders returns the nodes whose copy locks a catch-up, a finish or a
+// join reads: the other nodes the token lists as joined (as of this node's
+// last look at it). Only a joined node has a copy lock, and reading one
+// that does not exist would make the reader its master, so that its node's
+// writes into it, when it joins, would each cost a round trip.
+func (m *Machine) CopyHolders() []dlm.NodeID {
+	set := m.token.joined
+	set.del(m.self)
+	return set.list()
+}
+
 // MailboxReceiver reports whether a sender should ask n through its
 // mailbox: n is listed as joined in the token and believed alive, so it
 // keeps a listener queued. The others (and any whose mailbox answer is not
