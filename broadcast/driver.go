@@ -214,6 +214,11 @@ type Stats struct {
 	Replies uint64
 	// Finishes counts unfinished broadcasts re-published by this node.
 	Finishes uint64
+	// Held counts this node's mailbox listeners granted with nothing to
+	// answer and kept until a request blocked behind them (see
+	// Machine.MailboxIncoming); Fallbacks the receivers this node, sending,
+	// asked through their ack locks after their mailbox gave no reply.
+	Held, Fallbacks uint64
 	// Gaps counts the broadcasts received whose sequence number was not
 	// the one after the last this node had seen: it missed broadcasts
 	// (its senders reported it unanswered) or numbers were lost to a
@@ -1179,6 +1184,7 @@ func (b *Broadcaster) receiveMailbox(ctx context.Context, job Job) error {
 	if !ok {
 		b.granted = b.granted[1:]
 		b.held = l
+		b.stats.Held++
 		b.m.Hold(l.blocked)
 		b.mu.Unlock()
 		return nil
@@ -1739,6 +1745,9 @@ func (b *Broadcaster) askMailbox(ctx context.Context, e Envelope, val []byte, r 
 	if !invalid(h) && Matches(e.Seq, r, lvb) {
 		return Answer{Node: r, Tried: 1, LVB: [2][]byte{lvb}}
 	}
+	b.mu.Lock()
+	b.stats.Fallbacks++
+	b.mu.Unlock()
 	return b.ask(ctx, e, r, n)
 }
 

@@ -54,7 +54,7 @@ func TestClusterMailboxFrames(t *testing.T) {
 				seqs = append(seqs, send().Seq)
 			}
 			per := float64(c.framesSent()-f0) / n
-			t.Logf("%.2f frames per broadcast", per)
+			t.Logf("%.2f frames per broadcast; stats %+v", per, c.nodes[0].b.Stats())
 			if per < tc.min || per > tc.max {
 				t.Fatalf("%.2f frames per broadcast, want %.1f..%.1f", per, tc.min, tc.max)
 			}
@@ -96,6 +96,16 @@ func TestClusterMailboxEarlyDownConversion(t *testing.T) {
 		}
 		expectActed(t, res, want...)
 		seqs = append(seqs, res.Seq)
+	}
+	var held, fallbacks uint64
+	for _, nd := range c.nodes {
+		st := nd.b.Stats()
+		held += st.Held
+		fallbacks += st.Fallbacks
+	}
+	t.Logf("%d listeners held, %d fallbacks to the ack locks", held, fallbacks)
+	if held == 0 {
+		t.Fatal("no listener was granted ahead of its sender's conversion: the test did not test that")
 	}
 	for _, nd := range c.nodes {
 		var mine []uint64
