@@ -271,6 +271,9 @@ type Broadcaster struct {
 	// sequence number last written into it.
 	copyLk  dlm.LockHandle
 	copySeq uint64
+	// anchor is this node's NL lock on its own mailbox, taken at Join
+	// before any listener so that this node masters the mailbox.
+	anchor dlm.LockHandle
 	// idle is signalled whenever a receive ends, for Leave to wait on.
 	idle      chan struct{}
 	stats     Stats
@@ -547,7 +550,7 @@ func (b *Broadcaster) lost(err error) {
 	b.m.Lost()
 	b.token, b.ack, b.recvMsg, b.sendMsg = nil, [2]dlm.LockHandle{}, nil, nil
 	b.lis, b.granted, b.held = nil, nil, nil
-	b.copyLk = nil
+	b.copyLk, b.anchor = nil, nil
 	clear(b.boxes)
 	b.mu.Unlock()
 	b.pulseIdle()
@@ -628,8 +631,17 @@ func (b *Broadcaster) Join(ctx context.Context) (err error) {
 	held = append(held, rm)
 	lvb, inval := rm.LVB(), invalid(rm)
 	lvb = b.newest(ctx, lvb)
-	var cp dlm.LockHandle
-	if b.async != nil { // only broadcasts taken from the mailbox need a copy
+	var cp, anchor dlm.LockHandle
+	if b.async != nil {
+		// Look the mailbox up first (no sender asks a node that is not
+		// joined, and none sends while the joiner holds the token), so that
+		// this node masters it: its listeners' grants and releases are
+		// then local. The NL lock is kept until Leave.
+		if anchor, err = b.cfg.Locker.Request(lctx, dlm.LockSpec{Resource: MailboxLock(self), Mode: dlm.NL}); err != nil {
+			return fmt.Errorf("broadcast: node %d: join: %s in NL: %w", self, MailboxLock(self), err)
+		}
+		held = append(held, anchor)
+		// Only broadcasts taken from the mailbox need a copy.
 		if cp, err = b.cfg.Locker.Request(lctx, dlm.LockSpec{Resource: CopyLock(self), Mode: dlm.PW, Flags: dlm.ValBlk}); err != nil {
 			return fmt.Errorf("broadcast: node %d: join: take %s in PW: %w", self, CopyLock(self), err)
 		}
@@ -658,7 +670,7 @@ func (b *Broadcaster) Join(ctx context.Context) (err error) {
 	b.m.Joined(lvb, inval)
 	b.m.TokenReleased()
 	b.token, b.ack, b.recvMsg, b.sendMsg = tok, ack, rm, sm
-	b.copyLk, b.copySeq = cp, 0
+	b.copyLk, b.copySeq, b.anchor = cp, 0, anchor
 	seen := b.m.Seen()
 	b.mu.Unlock()
 	held = nil
@@ -803,12 +815,14 @@ func (b *Broadcaster) dropMailboxes(ctx context.Context) []error {
 	b.mu.Unlock()
 	var errs []error
 	b.mu.Lock()
-	cp := b.copyLk
-	b.copyLk = nil
+	own := []dlm.LockHandle{b.copyLk, b.anchor}
+	b.copyLk, b.anchor = nil, nil
 	b.mu.Unlock()
-	if cp != nil && cp.Mode() != dlm.ModeIV {
-		if err := b.unlock(ctx, cp, 0); err != nil && !gone(err) {
-			errs = append(errs, err)
+	for _, h := range own {
+		if h != nil && h.Mode() != dlm.ModeIV {
+			if err := b.unlock(ctx, h, 0); err != nil && !gone(err) {
+				errs = append(errs, err)
+			}
 		}
 	}
 	for _, l := range ls {
@@ -1044,9 +1058,11 @@ func (b *Broadcaster) listen() error {
 	return nil
 }
 
-// releaseHeld queues the next listener, then releases the kept one without
-// writing its value: the request blocked behind it (a sender's conversion,
-// or a new token holder taking the mailbox) is granted first.
+// releaseHeld queues the next listener, then releases the kept one
+// without writing its value: the request blocked behind the kept one (a
+// sender's conversion, or a new token holder taking the mailbox) is
+// granted first, since a conversion is served before new requests and a
+// new request queued earlier stays ahead of ours.
 func (b *Broadcaster) releaseHeld(ctx context.Context) error {
 	b.mu.Lock()
 	l := b.held
@@ -1138,9 +1154,11 @@ func (b *Broadcaster) keepCopy(ctx context.Context, lvb []byte, seq uint64) erro
 	if err := b.down(ctx, cp, dlm.NL, dlm.ValBlk); err != nil {
 		return err
 	}
-	lctx, cancel := b.lockCtx(ctx)
-	defer cancel()
-	if err := cp.Convert(lctx, dlm.PW, dlm.ValBlk); err != nil {
+	// Granted at once (readers hold CR, compatible with PW): the lazy bound
+	// starts no timer unless it waits.
+	cctx := b.quickCtx(ctx)
+	defer cctx.cancel()
+	if err := cp.Convert(cctx, dlm.PW, dlm.ValBlk); err != nil {
 		return fmt.Errorf("convert %s to PW: %w", CopyLock(b.cfg.Self), err)
 	}
 	b.mu.Lock()
@@ -1200,6 +1218,14 @@ func (b *Broadcaster) receiveMailbox(ctx context.Context, job Job) error {
 			return fmt.Errorf("broadcast: node %d: keep broadcast %d in %s: %w", self, e.Seq, CopyLock(self), err)
 		}
 	}
+	// Queue the next listener before answering: it waits behind the
+	// sender's conversion (queued already, in the frame that granted this
+	// listener), and the unlock below then grants the conversion and
+	// causes the blocking callback for the new listener in one step, so
+	// both reach the sender in one frame. This relies on this node
+	// mastering its mailbox (Join takes it first); where another node does,
+	// the unlock is held back by the lock manager until its next message
+	// there or its deferral timer.
 	if err := b.listen(); err != nil {
 		// The decision is remembered (an act is answered from memory).
 		b.retry(job)
