@@ -122,3 +122,62 @@ func TestClusterMailboxEarlyDownConversion(t *testing.T) {
 		}
 	}
 }
+
+// TestClusterMailboxMasteredElsewhere: node 1 looks node 2's mailbox up
+// before node 2 joins (and keeps a lock on it), so node 1, not node 2,
+// masters it: node 2's listeners are remote and its releases are held back
+// by the lock manager until its next message to node 1 or the deferral
+// timer. Slower, but every broadcast, from node 1 (which then masters the
+// mailbox it writes into) and from node 3, still reaches node 2 through its
+// mailbox, once, in order.
+func TestClusterMailboxMasteredElsewhere(t *testing.T) {
+	c := startCluster(t, 3, nil)
+	ctx := withGuard(t)
+	if err := c.nodes[0].b.Join(ctx); err != nil {
+		t.Fatal(err)
+	}
+	squat, err := c.nodes[0].ls.Acquire(ctx, dlm.LockRequest{Resource: MailboxLock(2), Mode: dlm.NL})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = squat.Unlock(ctx, 0) }()
+	for _, nd := range c.nodes[1:] {
+		if err := nd.b.Join(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	master := dlm.NodeID(0)
+	for _, ri := range c.nodes[1].ls.Dump() {
+		if ri.Name == MailboxLock(2) {
+			master = ri.Master
+		}
+	}
+	if master != 1 {
+		t.Fatalf("node 2's mailbox is mastered by node %d, want node 1 (the test's premise)", master)
+	}
+	var seqs []uint64
+	for i := range 30 {
+		from := c.nodes[0]
+		if i%2 == 1 {
+			from = c.nodes[2]
+		}
+		res, err := from.b.Send(ctx, Message{Type: MetadataUpdated, RaidSlot: uint32(i)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !slices.Contains(res.Acted, 2) || len(res.Failed)+len(res.Unanswered)+len(res.Departed) != 0 {
+			t.Fatalf("broadcast %d: %+v", i, res)
+		}
+		seqs = append(seqs, res.Seq)
+	}
+	if got := c.nodes[1].rec.seqs(); !slices.Equal(got, seqs) {
+		t.Fatalf("node 2 acted on %v, want %v", got, seqs)
+	}
+	var fallbacks uint64
+	for _, nd := range c.nodes {
+		fallbacks += nd.b.Stats().Fallbacks
+	}
+	if fallbacks > 2 {
+		t.Fatalf("%d fallbacks to the ack locks: the mailbox path was not used", fallbacks)
+	}
+}
