@@ -826,6 +826,9 @@ func (b *Broadcaster) dropMailboxes(ctx context.Context) []error {
 		}
 	}
 	for _, l := range ls {
+		if l.h == nil {
+			continue // its request call failed
+		}
 		// Granted or still queued: ForceUnlock ends either.
 		if err := b.unlock(ctx, l.h, dlm.ForceUnlock); err != nil && !gone(err) {
 			errs = append(errs, err)
