@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
+	"slices"
 	"sync"
 	"time"
 
@@ -91,6 +93,14 @@ type Config struct {
 	// its own coroutines, or one after the other (Sequential), which is
 	// correct but makes a broadcast wait for receivers one at a time.
 	Parallel func(n int, task func(i int))
+	// NoMailbox turns the mailboxes off: receivers queue no listener and
+	// senders ask every receiver through its ack locks (two round trips
+	// per broadcast instead of one; see docs/broadcast.md, "The mailbox").
+	// The mailboxes are also off when the Locker cannot request without
+	// waiting (it is neither an AsyncLocker nor a *dlm.Lockspace), and on
+	// the sending side with ReleaseToken (a sender gives its mailboxes up
+	// with the token).
+	NoMailbox bool
 	// Now reads the clock for Stats' latencies only (nil: time.Now); no
 	// protocol decision depends on it.
 	Now func() time.Time
@@ -126,6 +136,50 @@ const (
 	mutJoinWithoutToken
 )
 
+// AsyncLocker is a dlm.Locker that can also start a request without
+// waiting for it: a receiver keeps one queued on its mailbox between
+// broadcasts (its listener), which no blocking call can do without a
+// goroutine parked on it. *dlm.Lockspace has it (LockAsync); the
+// simulator's adapter implements it.
+type AsyncLocker interface {
+	// RequestAsync starts a request and returns its handle at once; done
+	// is called once with its outcome (nil: granted), not on the caller's
+	// goroutine, and must not wait. Unlock with ForceUnlock ends a request
+	// still pending (done then gets an error).
+	RequestAsync(spec dlm.LockSpec, done func(error)) (dlm.LockHandle, error)
+}
+
+// lockspaceAsync is AsyncLocker over the real lockspace.
+type lockspaceAsync struct{ ls *dlm.Lockspace }
+
+func (a lockspaceAsync) RequestAsync(spec dlm.LockSpec, done func(error)) (dlm.LockHandle, error) {
+	req := dlm.LockRequest{Resource: spec.Resource, Mode: spec.Mode, Flags: spec.Flags, LVB: spec.LVB}
+	if f := spec.OnBlock; f != nil {
+		req.OnBlock = func(_ *dlm.Lock, m dlm.Mode) { f(m) }
+	}
+	lk, err := a.ls.LockAsync(context.Background(), req, func(_ *dlm.Lock, err error) { done(err) })
+	if err != nil {
+		return nil, err
+	}
+	return lk, nil
+}
+
+func asyncOf(l dlm.Locker) AsyncLocker {
+	switch a := l.(type) {
+	case AsyncLocker:
+		return a
+	case *dlm.Lockspace:
+		return lockspaceAsync{a}
+	}
+	return nil
+}
+
+// listener is one request queued on this node's mailbox.
+type listener struct {
+	h       dlm.LockHandle
+	blocked bool // a request waits behind it (it was granted)
+}
+
 // Sequential is a Config.Parallel that runs the tasks one after the other.
 func Sequential(n int, task func(i int)) {
 	for i := range n {
@@ -160,6 +214,11 @@ type Stats struct {
 	Replies uint64
 	// Finishes counts unfinished broadcasts re-published by this node.
 	Finishes uint64
+	// Held counts this node's mailbox listeners granted with nothing to
+	// answer and kept until a request blocked behind them (see
+	// Machine.MailboxIncoming); Fallbacks the receivers this node, sending,
+	// asked through their ack locks after their mailbox gave no reply.
+	Held, Fallbacks uint64
 	// Gaps counts the broadcasts received whose sequence number was not
 	// the one after the last this node had seen: it missed broadcasts
 	// (its senders reported it unanswered) or numbers were lost to a
@@ -199,6 +258,22 @@ type Broadcaster struct {
 	// (receiving) and sendMsg (sending) are NL while idle.
 	token, recvMsg, sendMsg dlm.LockHandle
 	ack                     [2]dlm.LockHandle
+	// async starts listeners (nil: no mailbox). lis is the listener
+	// queued, granted the ones granted and not yet handled (in order),
+	// held one kept with nothing to answer. boxes are the other nodes'
+	// mailboxes this node holds as the token holder (EX between sends).
+	async   AsyncLocker
+	lis     *listener
+	granted []*listener
+	held    *listener
+	boxes   map[dlm.NodeID]dlm.LockHandle
+	// copyLk is this node's copy lock (PW while joined); copySeq the
+	// sequence number last written into it.
+	copyLk  dlm.LockHandle
+	copySeq uint64
+	// anchor is this node's NL lock on its own mailbox, taken at Join
+	// before any listener so that this node masters the mailbox.
+	anchor dlm.LockHandle
 	// idle is signalled whenever a receive ends, for Leave to wait on.
 	idle      chan struct{}
 	stats     Stats
@@ -248,8 +323,15 @@ func New(cfg Config) (*Broadcaster, error) {
 	if lg == nil {
 		lg = slog.Default()
 	}
-	return &Broadcaster{cfg: cfg, log: lg.With("node", cfg.Self), now: now, m: m,
-		sem: make(chan struct{}, 1), sig: make(chan struct{}, 1), idle: make(chan struct{}, 1)}, nil
+	b := &Broadcaster{cfg: cfg, log: lg.With("node", cfg.Self), now: now, m: m,
+		sem: make(chan struct{}, 1), sig: make(chan struct{}, 1), idle: make(chan struct{}, 1),
+		boxes: map[dlm.NodeID]dlm.LockHandle{}}
+	if !cfg.NoMailbox {
+		if b.async = asyncOf(cfg.Locker); b.async != nil {
+			m.EnableMailbox()
+		}
+	}
+	return b, nil
 }
 
 // Phase returns where this node is (joined or not).
@@ -467,6 +549,9 @@ func (b *Broadcaster) lost(err error) {
 	was := b.m.Phase()
 	b.m.Lost()
 	b.token, b.ack, b.recvMsg, b.sendMsg = nil, [2]dlm.LockHandle{}, nil, nil
+	b.lis, b.granted, b.held = nil, nil, nil
+	b.copyLk, b.anchor = nil, nil
+	clear(b.boxes)
 	b.mu.Unlock()
 	b.pulseIdle()
 	if was == Joined {
@@ -545,6 +630,23 @@ func (b *Broadcaster) Join(ctx context.Context) (err error) {
 	}
 	held = append(held, rm)
 	lvb, inval := rm.LVB(), invalid(rm)
+	lvb = b.newest(ctx, lvb)
+	var cp, anchor dlm.LockHandle
+	if b.async != nil {
+		// Look the mailbox up first (no sender asks a node that is not
+		// joined, and none sends while the joiner holds the token), so that
+		// this node masters it: its listeners' grants and releases are
+		// then local. The NL lock is kept until Leave.
+		if anchor, err = b.cfg.Locker.Request(lctx, dlm.LockSpec{Resource: MailboxLock(self), Mode: dlm.NL}); err != nil {
+			return fmt.Errorf("broadcast: node %d: join: %s in NL: %w", self, MailboxLock(self), err)
+		}
+		held = append(held, anchor)
+		// Only broadcasts taken from the mailbox need a copy.
+		if cp, err = b.cfg.Locker.Request(lctx, dlm.LockSpec{Resource: CopyLock(self), Mode: dlm.PW, Flags: dlm.ValBlk}); err != nil {
+			return fmt.Errorf("broadcast: node %d: join: take %s in PW: %w", self, CopyLock(self), err)
+		}
+		held = append(held, cp)
+	}
 	if err := rm.Convert(lctx, dlm.NL, 0); err != nil {
 		return fmt.Errorf("broadcast: node %d: join: release %s to NL: %w", self, MessageLock, err)
 	}
@@ -568,6 +670,7 @@ func (b *Broadcaster) Join(ctx context.Context) (err error) {
 	b.m.Joined(lvb, inval)
 	b.m.TokenReleased()
 	b.token, b.ack, b.recvMsg, b.sendMsg = tok, ack, rm, sm
+	b.copyLk, b.copySeq, b.anchor = cp, 0, anchor
 	seen := b.m.Seen()
 	b.mu.Unlock()
 	held = nil
@@ -614,6 +717,7 @@ func (b *Broadcaster) Leave(ctx context.Context) error {
 	b.mu.Unlock()
 	n := b.cfg.Locker.LVBLen()
 	var errs []error
+	errs = append(errs, b.dropMailboxes(ctx)...)
 	for _, h := range ack {
 		// An armed lock (EX) gets the reply written on unlock; an answered
 		// one (NL) keeps its last answer, which no sender takes for a reply
@@ -690,6 +794,72 @@ func (b *Broadcaster) dropHandles(ctx context.Context) {
 			_ = b.unlock(ctx, h, 0)
 		}
 	}
+	b.dropMailboxes(ctx)
+}
+
+// dropMailboxes ends this node's listeners (the queued one, granted ones,
+// the kept one) and releases the other nodes' mailboxes it holds, none of
+// them with a value written. Called when this node is no longer joined.
+func (b *Broadcaster) dropMailboxes(ctx context.Context) []error {
+	b.mu.Lock()
+	var ls []*listener
+	if b.lis != nil {
+		ls = append(ls, b.lis)
+	}
+	ls = append(ls, b.granted...)
+	if b.held != nil {
+		ls = append(ls, b.held)
+	}
+	b.lis, b.granted, b.held = nil, nil, nil
+	b.m.ListenerFailed()
+	b.mu.Unlock()
+	var errs []error
+	b.mu.Lock()
+	own := []dlm.LockHandle{b.copyLk, b.anchor}
+	b.copyLk, b.anchor = nil, nil
+	b.mu.Unlock()
+	for _, h := range own {
+		if h != nil && h.Mode() != dlm.ModeIV {
+			if err := b.unlock(ctx, h, 0); err != nil && !gone(err) {
+				errs = append(errs, err)
+			}
+		}
+	}
+	for _, l := range ls {
+		if l.h == nil {
+			continue // its request call failed
+		}
+		// Granted or still queued: ForceUnlock ends either.
+		if err := b.unlock(ctx, l.h, dlm.ForceUnlock); err != nil && !gone(err) {
+			errs = append(errs, err)
+		}
+	}
+	errs = append(errs, b.releaseBoxes(ctx)...)
+	return errs
+}
+
+// releaseBoxes releases the other nodes' mailboxes this node holds as the
+// token holder: the next holder takes them (their listeners, granted on
+// the way, are kept until its requests block behind them).
+func (b *Broadcaster) releaseBoxes(ctx context.Context) []error {
+	b.mu.Lock()
+	var hs []dlm.LockHandle
+	// In node order: a simulator must see the same calls in every replay.
+	for _, n := range slices.Sorted(maps.Keys(b.boxes)) {
+		hs = append(hs, b.boxes[n])
+	}
+	clear(b.boxes)
+	b.mu.Unlock()
+	var errs []error
+	for _, h := range hs {
+		if h.Mode() == dlm.ModeIV {
+			continue
+		}
+		if err := b.unlock(ctx, h, 0); err != nil && !gone(err) {
+			errs = append(errs, err)
+		}
+	}
+	return errs
 }
 
 // --- callbacks and recovery events: they only record and signal ---
@@ -700,6 +870,40 @@ func (b *Broadcaster) notified(lock uint8) {
 	b.tr("recv: blocking callback", b.cfg.Self)
 	b.mu.Lock()
 	b.m.Notify(lock)
+	b.mu.Unlock()
+	b.signal()
+}
+
+// listenerDone is the completion of listener l's request.
+func (b *Broadcaster) listenerDone(l *listener, err error) {
+	b.mu.Lock()
+	if b.lis != l {
+		b.mu.Unlock()
+		return // dropped (left, lost) meanwhile
+	}
+	b.lis = nil
+	if err != nil {
+		b.m.ListenerFailed()
+	} else {
+		b.granted = append(b.granted, l)
+		b.m.ListenerGranted()
+	}
+	b.mu.Unlock()
+	if err != nil && !gone(err) {
+		b.log.Warn("broadcast: mailbox listener ended without a grant; queueing another", "err", err)
+	}
+	b.tr("recv: listener granted", b.cfg.Self)
+	b.signal()
+}
+
+// listenerBlocked is a granted listener's blocking callback: a sender's
+// request waits behind it.
+func (b *Broadcaster) listenerBlocked(l *listener) {
+	b.mu.Lock()
+	l.blocked = true
+	if b.held == l {
+		b.m.HeldBlocked()
+	}
 	b.mu.Unlock()
 	b.signal()
 }
@@ -809,11 +1013,261 @@ func (b *Broadcaster) Step(ctx context.Context) (bool, error) {
 		defer b.release()
 		return true, b.releaseToken(ctx)
 	case WorkReceive:
-		err := b.receive(ctx, job)
+		var err error
+		if job.Mailbox {
+			err = b.receiveMailbox(ctx, job)
+		} else {
+			err = b.receive(ctx, job)
+		}
+		b.pulseIdle()
+		return true, err
+	case WorkListen:
+		err := b.listen()
+		b.mu.Lock()
+		b.m.Done()
+		b.mu.Unlock()
+		b.pulseIdle()
+		return true, err
+	case WorkReleaseMailbox:
+		err := b.releaseHeld(ctx)
 		b.pulseIdle()
 		return true, err
 	}
 	return false, nil
+}
+
+// listen queues a listener on this node's mailbox: a new EX request that
+// waits behind the sender holding the mailbox (or is granted at once if
+// nobody does; it is then kept until a request blocks behind it).
+func (b *Broadcaster) listen() error {
+	l := &listener{}
+	b.mu.Lock()
+	b.lis = l
+	b.m.Listening()
+	b.mu.Unlock()
+	self := b.cfg.Self
+	h, err := b.async.RequestAsync(dlm.LockSpec{Resource: MailboxLock(self), Mode: dlm.EX, Flags: dlm.ValBlk,
+		OnBlock: func(dlm.Mode) { b.listenerBlocked(l) }}, func(err error) { b.listenerDone(l, err) })
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if err != nil {
+		if b.lis == l {
+			b.lis = nil
+			b.m.ListenerFailed()
+		}
+		return fmt.Errorf("broadcast: node %d: queue a listener on %s: %w", self, MailboxLock(self), err)
+	}
+	l.h = h
+	return nil
+}
+
+// releaseHeld queues the next listener, then releases the kept one
+// without writing its value: the request blocked behind the kept one (a
+// sender's conversion, or a new token holder taking the mailbox) is
+// granted first, since a conversion is served before new requests and a
+// new request queued earlier stays ahead of ours.
+func (b *Broadcaster) releaseHeld(ctx context.Context) error {
+	b.mu.Lock()
+	l := b.held
+	b.mu.Unlock()
+	var err error
+	if l != nil {
+		err = b.listen()
+		if err == nil {
+			b.mu.Lock()
+			b.held = nil
+			b.mu.Unlock()
+			if uerr := b.unlock(ctx, l.h, 0); uerr != nil && !gone(uerr) {
+				err = uerr
+			}
+		}
+	}
+	b.mu.Lock()
+	if err == nil || l == nil {
+		b.m.MailboxReleased()
+	} else {
+		b.m.Done() // kept; retried when signalled again
+	}
+	b.mu.Unlock()
+	if err != nil {
+		b.signal()
+		return fmt.Errorf("broadcast: node %d: release the mailbox: %w", b.cfg.Self, err)
+	}
+	return nil
+}
+
+// newest returns, of base (a message lock value) and the broadcasts in
+// the copy locks of the nodes the token lists as joined, the one with the highest
+// sequence number: a broadcast that reached a receiver only through its
+// mailbox is in that receiver's copy lock, and survives there the death of
+// its sender and of the message lock's master. Copy locks that cannot be
+// read are skipped (their node is gone, or had none).
+func (b *Broadcaster) newest(ctx context.Context, base []byte) []byte {
+	if b.async == nil {
+		return base // no mailboxes: every receiver reads the message lock
+	}
+	b.mu.Lock()
+	nodes := b.m.CopyHolders()
+	b.mu.Unlock()
+	vals := make([][]byte, len(nodes))
+	// One after the other: this runs only at a join, a catch-up or a
+	// finish, and Config.Parallel is the send path's.
+	Sequential(len(nodes), func(i int) {
+		lctx, cancel := b.lockCtx(ctx)
+		defer cancel()
+		h, err := b.cfg.Locker.Request(lctx, dlm.LockSpec{Resource: CopyLock(nodes[i]), Mode: dlm.CR, Flags: dlm.ValBlk})
+		if err != nil {
+			return
+		}
+		if !invalid(h) {
+			vals[i] = h.LVB()
+		}
+		_ = b.unlock(ctx, h, 0)
+	})
+	b.mu.Lock()
+	if b.copyLk != nil && b.copySeq > 0 {
+		vals = append(vals, b.copyLk.LVB()) // this node's own, as last written
+	}
+	b.mu.Unlock()
+	best, _ := rawSeq(base)
+	for _, v := range vals {
+		e, err := DecodeEnvelope(v)
+		if err == nil && e.Seq > best {
+			best, base = e.Seq, v
+		}
+	}
+	return base
+}
+
+// keepCopy writes broadcast lvb (sequence number seq, just taken from the
+// mailbox) into this node's copy lock: PW -> NL with VALBLK, then back to
+// PW. Both are local when this node masters its copy lock (it took it
+// first, at Join), so no frame is sent.
+func (b *Broadcaster) keepCopy(ctx context.Context, lvb []byte, seq uint64) error {
+	b.mu.Lock()
+	cp := b.copyLk
+	done := seq <= b.copySeq
+	b.mu.Unlock()
+	if cp == nil || done {
+		return nil
+	}
+	if err := cp.SetLVB(lvb); err != nil {
+		return err
+	}
+	if err := b.down(ctx, cp, dlm.NL, dlm.ValBlk); err != nil {
+		return err
+	}
+	// Granted at once (readers hold CR, compatible with PW): the lazy bound
+	// starts no timer unless it waits.
+	cctx := b.quickCtx(ctx)
+	defer cctx.cancel()
+	if err := cp.Convert(cctx, dlm.PW, dlm.ValBlk); err != nil {
+		return fmt.Errorf("convert %s to PW: %w", CopyLock(b.cfg.Self), err)
+	}
+	b.mu.Lock()
+	b.copySeq = seq
+	b.mu.Unlock()
+	return nil
+}
+
+// receiveMailbox carries out a receive from the mailbox: the granted
+// listener's value is the broadcast (else the listener is kept, see
+// Machine.MailboxIncoming). Queue the next listener first (it waits behind
+// the sender's conversion, which the reply grants), act, then release the
+// granted listener with the reply as its value.
+func (b *Broadcaster) receiveMailbox(ctx context.Context, job Job) error {
+	if b.cfg.mutation == mutRecvTakesSendLock {
+		if err := b.acquire(ctx, "receive"); err != nil {
+			b.retry(job)
+			return err
+		}
+		defer b.release()
+	}
+	self := b.cfg.Self
+	b.mu.Lock()
+	if len(b.granted) == 0 {
+		b.m.Done()
+		b.mu.Unlock()
+		return nil
+	}
+	l := b.granted[0]
+	if l.h == nil { // its request call has not returned yet
+		b.m.Retry(job)
+		b.mu.Unlock()
+		b.signal()
+		return nil
+	}
+	b.mu.Unlock()
+	b.tr("recv: loop started", self)
+	lvb, inval := l.h.LVB(), invalid(l.h)
+	b.mu.Lock()
+	d, ok := b.m.MailboxIncoming(lvb, inval)
+	if !ok {
+		b.granted = b.granted[1:]
+		b.held = l
+		b.stats.Held++
+		b.m.Hold(l.blocked)
+		b.mu.Unlock()
+		return nil
+	}
+	b.mu.Unlock()
+	b.tr("recv: message read", self)
+	if e, err := DecodeEnvelope(lvb); err == nil {
+		if err := b.keepCopy(ctx, lvb, e.Seq); err != nil {
+			b.retry(job)
+			if gone(err) {
+				b.lost(err)
+			}
+			return fmt.Errorf("broadcast: node %d: keep broadcast %d in %s: %w", self, e.Seq, CopyLock(self), err)
+		}
+	}
+	// Queue the next listener before answering: it waits behind the
+	// sender's conversion (queued already, in the frame that granted this
+	// listener), and the unlock below then grants the conversion and
+	// causes the blocking callback for the new listener in one step, so
+	// both reach the sender in one frame. This relies on this node
+	// mastering its mailbox (Join takes it first); where another node does,
+	// the unlock is held back by the lock manager until its next message
+	// there or its deferral timer.
+	if err := b.listen(); err != nil {
+		// The decision is remembered (an act is answered from memory).
+		b.retry(job)
+		return err
+	}
+	b.mu.Lock()
+	b.granted = b.granted[1:]
+	b.mu.Unlock()
+	reply := d.Reply
+	if d.Act {
+		reply = b.act(ctx, d.Env)
+	}
+	b.tr("recv: acted", self)
+	if b.skipReply(reply) {
+		// md-like: the sender's request stays blocked behind the listener.
+		b.mu.Lock()
+		b.held = l
+		b.m.Hold(false)
+		b.mu.Unlock()
+		return nil
+	}
+	err := l.h.SetLVB(reply.Encode(b.cfg.Locker.LVBLen()))
+	if err == nil {
+		err = b.unlock(ctx, l.h, dlm.ValBlk)
+	}
+	b.mu.Lock()
+	b.m.MailboxReplied()
+	if err == nil {
+		b.stats.Replies++
+	}
+	b.mu.Unlock()
+	if err != nil {
+		if gone(err) {
+			b.lost(err)
+		}
+		return fmt.Errorf("broadcast: node %d: reply to broadcast %d through %s: %w", self, reply.Seq, MailboxLock(self), err)
+	}
+	b.tr("recv: replied", self)
+	return nil
 }
 
 // receive carries out one receive job: read the message lock in CR (and
@@ -850,6 +1304,9 @@ func (b *Broadcaster) receive(ctx context.Context, job Job) (err error) {
 		return fmt.Errorf("broadcast: node %d: read %s in CR: %w", self, MessageLock, err)
 	}
 	lvb := rm.LVB()
+	if !job.Notified {
+		lvb = b.newest(ctx, lvb)
+	}
 	if err := b.down(ctx, rm, dlm.NL, 0); err != nil {
 		b.retry(job)
 		if gone(err) {
@@ -1030,6 +1487,10 @@ func (b *Broadcaster) releaseToken(ctx context.Context) error {
 	val := b.m.TokenValue(b.cfg.Locker.LVBLen())
 	tok := b.token
 	b.mu.Unlock()
+	// The mailboxes go with the token: the next holder takes them.
+	for _, err := range b.releaseBoxes(ctx) {
+		b.log.Warn("broadcast: releasing a mailbox with the token", "err", err)
+	}
 	err := tok.SetLVB(val)
 	if err == nil {
 		err = b.down(ctx, tok, dlm.NL, dlm.ValBlk)
@@ -1161,8 +1622,9 @@ func (b *Broadcaster) send(ctx context.Context, msg Message) (Result, error) {
 	}
 	b.tr("send: message in EX", b.cfg.Self)
 	if finish {
+		val := b.newest(ctx, sm.LVB())
 		b.mu.Lock()
-		e, act, ok := b.m.Finish(sm.LVB())
+		e, act, ok := b.m.Finish(val)
 		b.mu.Unlock()
 		if ok {
 			if err := b.finish(ctx, sm, e, act); err != nil {
@@ -1254,6 +1716,70 @@ func (b *Broadcaster) ask(ctx context.Context, e Envelope, r dlm.NodeID, n int) 
 	return a
 }
 
+// askMailbox asks receiver r through its mailbox: take the mailbox in EX
+// unless this node holds it already, write val into it as it goes EX -> NL
+// (which grants r's listener: r is notified and has the broadcast), and
+// convert back to EX, which waits behind the listener until r releases it
+// with its reply. Any outcome but r's reply to e (r was not listening: it
+// is not joined, departed, or its listener was held up) falls back to ask,
+// which tells them apart; a lock error is the answer, as in ask.
+func (b *Broadcaster) askMailbox(ctx context.Context, e Envelope, val []byte, r dlm.NodeID, n int) Answer {
+	b.tr("send: ask", r)
+	b.mu.Lock()
+	h := b.boxes[r]
+	b.mu.Unlock()
+	switch {
+	case h == nil:
+		nh, err := b.cfg.Locker.Request(ctx, dlm.LockSpec{Resource: MailboxLock(r), Mode: dlm.EX, Flags: dlm.ValBlk})
+		if err != nil {
+			return Answer{Node: r, Err: err}
+		}
+		h = nh
+		b.mu.Lock()
+		b.boxes[r] = h
+		b.mu.Unlock()
+	case h.Mode() != dlm.EX:
+		// A send that stopped waiting left it in NL.
+		if err := h.Convert(ctx, dlm.EX, dlm.ValBlk); err != nil {
+			if gone(err) {
+				b.mu.Lock()
+				delete(b.boxes, r)
+				b.mu.Unlock()
+			}
+			return Answer{Node: r, Err: err}
+		}
+	}
+	err := h.SetLVB(val)
+	if err == nil {
+		// Deferred by the lock manager, it travels with the conversion
+		// below, in one frame.
+		err = b.down(ctx, h, dlm.NL, dlm.ValBlk)
+	}
+	if err == nil {
+		err = h.Convert(ctx, dlm.EX, dlm.ValBlk)
+	}
+	if err != nil {
+		if gone(err) {
+			b.mu.Lock()
+			delete(b.boxes, r)
+			b.mu.Unlock()
+		}
+		return Answer{Node: r, Err: err}
+	}
+	b.tr("send: ack granted", r)
+	lvb := h.LVB()
+	if len(lvb) != n {
+		lvb = make([]byte, n)
+	}
+	if !invalid(h) && Matches(e.Seq, r, lvb) {
+		return Answer{Node: r, Tried: 1, LVB: [2][]byte{lvb}}
+	}
+	b.mu.Lock()
+	b.stats.Fallbacks++
+	b.mu.Unlock()
+	return b.ask(ctx, e, r, n)
+}
+
 // publish writes e into the message lock (EX to CW publishes it), asks
 // every receiver for its answer at once (ask), releases the message lock and
 // returns the Result. Holds the message lock in EX on entry, NL on return.
@@ -1274,11 +1800,24 @@ func (b *Broadcaster) publish(ctx context.Context, sm dlm.LockHandle, e Envelope
 	b.tr("send: published", self)
 	b.mu.Lock()
 	recv := b.m.Receivers()
+	viaBox := make([]bool, len(recv))
+	if b.async != nil && !b.cfg.ReleaseToken {
+		for i, r := range recv {
+			viaBox[i] = b.m.MailboxReceiver(r)
+		}
+	}
 	b.stats.Sends++
 	b.mu.Unlock()
 	answers := make([]Answer, len(recv))
 	n := b.cfg.Locker.LVBLen()
-	b.cfg.Parallel(len(recv), func(i int) { answers[i] = b.ask(ctx, e, recv[i], n) })
+	val := e.Encode(n)
+	b.cfg.Parallel(len(recv), func(i int) {
+		if viaBox[i] {
+			answers[i] = b.askMailbox(ctx, e, val, recv[i], n)
+		} else {
+			answers[i] = b.ask(ctx, e, recv[i], n)
+		}
+	})
 	if err := b.down(ctx, sm, dlm.NL, 0); err != nil {
 		if gone(err) {
 			b.lost(err)

@@ -130,6 +130,13 @@ type tcluster struct {
 // startCluster starts n nodes; tweak adjusts each broadcaster's config.
 func startCluster(tb testing.TB, n int, tweak func(*Config)) *tcluster {
 	tb.Helper()
+	return startClusterDLM(tb, n, tweak, nil)
+}
+
+// startClusterDLM is startCluster with dlmTweak adjusting each lock
+// manager node's config too.
+func startClusterDLM(tb testing.TB, n int, tweak func(*Config), dlmTweak func(*dlm.Config)) *tcluster {
+	tb.Helper()
 	addrs := map[dlm.NodeID]string{}
 	lns := map[dlm.NodeID]net.Listener{}
 	for i := 1; i <= n; i++ {
@@ -150,7 +157,11 @@ func startCluster(tb testing.TB, n int, tweak func(*Config)) *tcluster {
 				peers[p] = a
 			}
 		}
-		dn, err := dlm.NewNode(dlm.Config{ID: id, Peers: peers, Listener: lns[id], ClusterKey: testKey, Logger: lg})
+		dcfg := dlm.Config{ID: id, Peers: peers, Listener: lns[id], ClusterKey: testKey, Logger: lg}
+		if dlmTweak != nil {
+			dlmTweak(&dcfg)
+		}
+		dn, err := dlm.NewNode(dcfg)
 		if err != nil {
 			tb.Fatal(err)
 		}

@@ -12,8 +12,17 @@
 // receiver reads the message, makes sure its other ack lock is in EX (the
 // one the next broadcast asks), acts, writes its reply into the asked
 // lock's value block and drops it to NL, which grants the sender's request
-// and hands it the reply. docs/broadcast.md has the protocol, the lock
-// modes of every step and why each ordering is safe.
+// and hands it the reply.
+//
+// That is the fallback. The fast path is each node's mailbox lock
+// ("mbox%04d"): the token holder keeps it in EX while the node keeps an EX
+// request queued behind it; a send writes the message into it as it
+// converts EX -> NL, which grants the receiver's request (notification and
+// message in one grant), and converts back to EX, which the receiver's
+// reply grants: one round trip instead of two. A copy lock per node
+// ("seen%04d") keeps what came through the mailbox recoverable when its
+// sender dies. docs/broadcast.md has the protocol, the lock modes of every
+// step and why each ordering is safe.
 //
 // The decisions (sequence numbers, what a value block or reply means, who
 // must be asked, what a recovery changes) live in Machine, a pure state
@@ -71,10 +80,17 @@ const (
 	// recovery happened and a broadcast whose sender departed may not have
 	// reached this node (catch-up).
 	WorkReceive
+	// WorkListen: queue a listener (a new EX request) on this node's
+	// mailbox, behind the sender that holds it.
+	WorkListen
+	// WorkReleaseMailbox: a listener granted with nothing to answer is kept
+	// until a request blocks behind it; one does now. Queue the next
+	// listener, then release the kept one without touching its value.
+	WorkReleaseMailbox
 )
 
 func (w Work) String() string {
-	return [...]string{"none", "release token", "receive"}[w]
+	return [...]string{"none", "release token", "receive", "listen", "release mailbox"}[w]
 }
 
 // Job is one piece of receive-side work.
@@ -84,6 +100,9 @@ type Job struct {
 	// Otherwise a WorkReceive is a catch-up and answers nobody.
 	Notified bool
 	Lock     uint8
+	// Mailbox: the sender waits on this node's mailbox, whose granted
+	// listener holds the broadcast (Notified is set, Lock unused).
+	Mailbox bool
 }
 
 // Machine makes the broadcast's decisions for one node of one array. It
@@ -118,6 +137,7 @@ type Machine struct {
 	notified [2]bool
 	catchUp  bool // a recovery happened since the last read
 	busy     bool
+	box      mailbox
 
 	// The token's value as of the last grant, kept up to date while this
 	// node holds the token. tokenHeld: granted in EX (maybe cached).
@@ -128,6 +148,19 @@ type Machine struct {
 	// found it so and did not finish), so the broadcast in the message
 	// lock may have reached only some receivers. The next send finishes it.
 	unfinished bool
+}
+
+// mailbox is the receive side's state of this node's mailbox lock.
+type mailbox struct {
+	// on: the driver can queue a listener without waiting (an asynchronous
+	// request); otherwise this node has no mailbox and senders fall back to
+	// its ack locks.
+	on bool
+	// listening: a listener is queued; owed: listeners granted and not yet
+	// handled; held: one was granted with nothing to answer and is kept
+	// (its value untouched) until a request blocks behind it (heldBlocked).
+	listening, held, heldBlocked bool
+	owed                         int
 }
 
 // NewMachine returns the machine of node self.
@@ -283,6 +316,7 @@ func (m *Machine) Joined(lvb []byte, invalid bool) {
 	}
 	m.phase = Joined
 	m.armed, m.notified, m.catchUp, m.busy = [2]bool{true, true}, [2]bool{}, false, false
+	m.box = mailbox{on: m.box.on}
 	m.memo = Reply{Seq: m.seen, Node: m.self, Status: StatusActed}
 	m.token.joined.add(m.self)
 	m.departed.del(m.self)
@@ -337,12 +371,14 @@ func (m *Machine) Left() {
 	m.phase = Unjoined
 	m.token.joined.del(m.self)
 	m.armed, m.notified, m.catchUp, m.busy = [2]bool{}, [2]bool{}, false, false
+	m.box = mailbox{on: m.box.on}
 }
 
 // Lost: this node's locks are gone without a Leave.
 func (m *Machine) Lost() {
 	m.phase = Lost
 	m.armed, m.notified, m.catchUp, m.busy = [2]bool{}, [2]bool{}, false, false
+	m.box = mailbox{on: m.box.on}
 	m.tokenHeld, m.tokenWanted = false, false
 }
 
@@ -621,7 +657,9 @@ func (m *Machine) Pending(tokenFree bool) bool {
 	if m.phase != Joined || m.busy {
 		return false
 	}
-	return (m.notified[0] && m.armed[0]) || (m.notified[1] && m.armed[1]) || m.catchUp
+	b := m.box
+	return (m.notified[0] && m.armed[0]) || (m.notified[1] && m.armed[1]) || m.catchUp ||
+		(b.held && b.heldBlocked) || (b.owed > 0 && !b.held) || (b.on && !b.listening && b.owed == 0 && !b.held)
 }
 
 // Work returns the next thing the receive side must do and marks it
@@ -638,6 +676,15 @@ func (m *Machine) Work(tokenFree bool) Job {
 	if m.busy {
 		return Job{}
 	}
+	if m.box.held && m.box.heldBlocked {
+		m.busy = true
+		return Job{Work: WorkReleaseMailbox}
+	}
+	if m.box.owed > 0 && !m.box.held {
+		m.box.owed--
+		m.busy = true
+		return Job{Work: WorkReceive, Notified: true, Mailbox: true}
+	}
 	for i := range uint8(2) {
 		if !m.notified[i] {
 			continue
@@ -652,6 +699,10 @@ func (m *Machine) Work(tokenFree bool) Job {
 	if m.catchUp {
 		m.busy, m.catchUp = true, false
 		return Job{Work: WorkReceive}
+	}
+	if m.box.on && !m.box.listening && m.box.owed == 0 && !m.box.held {
+		m.busy = true
+		return Job{Work: WorkListen}
 	}
 	return Job{}
 }
@@ -784,6 +835,10 @@ func (m *Machine) Replied(lock uint8) {
 // (answered from memory if it was acted on).
 func (m *Machine) Retry(job Job) {
 	m.busy = false
+	if job.Mailbox {
+		m.box.owed++ // the driver keeps the granted listener first in line
+		return
+	}
 	if job.Notified {
 		m.notified[job.Lock&1] = true
 	} else {
@@ -796,3 +851,100 @@ func (m *Machine) Done() { m.busy = false }
 
 // Busy reports whether a receive is under way.
 func (m *Machine) Busy() bool { return m.busy }
+
+// --- the mailbox ---
+//
+// Each node has a mailbox lock (MailboxLock), which the node that holds the
+// token keeps in EX between broadcasts while the node itself keeps a new EX
+// request, its listener, queued behind it. A send writes the envelope into
+// the mailbox as it converts EX -> NL (which grants the listener: the
+// receiver is notified and has the message, with no request of its own)
+// and converts back to EX at once, which waits behind the listener; the
+// receiver queues its next listener, acts, and releases the granted one
+// with its reply as the value, which grants the sender's conversion and
+// hands it the reply. See docs/broadcast.md, "The mailbox".
+
+// EnableMailbox says the driver can queue listeners (it has asynchronous
+// requests): this node keeps a listener queued on its mailbox while it is
+// joined.
+func (m *Machine) EnableMailbox() { m.box.on = true }
+
+// Listening: a listener request is queued (or about to be).
+func (m *Machine) Listening() { m.box.listening = true }
+
+// ListenerGranted: the queued listener was granted; handling it is owed.
+func (m *Machine) ListenerGranted() {
+	m.box.listening = false
+	if m.phase == Joined {
+		m.box.owed++
+	}
+}
+
+// ListenerFailed: the queued listener ended without a grant (cancelled,
+// or the lock is gone); WorkListen queues another while joined.
+func (m *Machine) ListenerFailed() { m.box.listening = false }
+
+// MailboxIncoming decides what a granted listener means. Its value is a
+// broadcast when it decodes as one and was not flagged VALNOTVALID: it is
+// then answered like a notification on an ack lock (Incoming), including
+// a repeat (from memory) or a stale one. Anything else (the receiver's own
+// last reply, a value never written, one its last EX holder died with)
+// means the listener was granted because its holder let go without sending:
+// the sender's down-conversion reached the master before the conversion
+// that should follow it, a sender released the mailbox with the token, or
+// it died. ok is false then: the driver keeps the listener (Hold) until a
+// request blocks behind it.
+func (m *Machine) MailboxIncoming(lvb []byte, invalid bool) (d Decision, ok bool) {
+	if invalid {
+		return Decision{}, false
+	}
+	if _, err := DecodeEnvelope(lvb); err != nil {
+		return Decision{}, false
+	}
+	return m.Incoming(lvb, true), true
+}
+
+// Hold: the listener of the current mailbox job is kept, with nothing to
+// answer; the receive is over. blocked says a request already waits behind
+// it.
+func (m *Machine) Hold(blocked bool) {
+	m.box.held, m.box.heldBlocked = true, blocked
+	m.busy = false
+}
+
+// HeldBlocked: a request waits behind the kept listener.
+func (m *Machine) HeldBlocked() {
+	if m.box.held {
+		m.box.heldBlocked = true
+	}
+}
+
+// MailboxReleased: the kept listener was released (after the next one was
+// queued).
+func (m *Machine) MailboxReleased() {
+	m.box.held, m.box.heldBlocked = false, false
+	m.busy = false
+}
+
+// MailboxReplied: the reply was written into the mailbox as the granted
+// listener was released: the receive is over.
+func (m *Machine) MailboxReplied() { m.busy = false }
+
+// CopyHolders returns the nodes whose copy locks a catch-up, a finish or a
+// join reads: the other nodes the token lists as joined (as of this node's
+// last look at it). Only a joined node has a copy lock, and reading one
+// that does not exist would make the reader its master, so that its node's
+// writes into it, when it joins, would each cost a round trip.
+func (m *Machine) CopyHolders() []dlm.NodeID {
+	set := m.token.joined
+	set.del(m.self)
+	return set.list()
+}
+
+// MailboxReceiver reports whether a sender should ask n through its
+// mailbox: n is listed as joined in the token and believed alive, so it
+// keeps a listener queued. The others (and any whose mailbox answer is not
+// a reply to the broadcast) are asked through their ack locks.
+func (m *Machine) MailboxReceiver(n dlm.NodeID) bool {
+	return m.token.joined.has(n) && m.alive(n)
+}

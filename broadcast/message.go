@@ -484,6 +484,33 @@ func ackLockName(id dlm.NodeID, toggle uint8) string {
 	return fmt.Sprintf("ack%04d.%d", uint32(id)-1, toggle&1)
 }
 
+// MailboxLock returns the name of node id's mailbox lock, "mbox%04d" of its
+// 0-based slot. The token holder keeps it in EX between broadcasts and
+// writes each broadcast into it; node id keeps a listener (an EX request)
+// queued behind, and replies through it (see Machine.MailboxIncoming).
+func MailboxLock(id dlm.NodeID) string {
+	if id >= 1 && id <= MaxNode {
+		return mailboxNames[id-1]
+	}
+	return fmt.Sprintf("mbox%04d", uint32(id)-1)
+}
+
+// CopyLock returns the name of node id's copy lock, "seen%04d" of its
+// 0-based slot: node id holds it in PW while joined and writes into it
+// each broadcast it takes from its mailbox, so that the broadcast survives
+// its sender's death (the message lock's value may not: only its sender
+// and its master may have held it). A catch-up, a finish and a join read
+// every member's copy lock in CR (compatible with PW: nobody waits) along
+// with the message lock, and take the newest broadcast.
+func CopyLock(id dlm.NodeID) string { return fmt.Sprintf("seen%04d", uint32(id)-1) }
+
+var mailboxNames = func() (t [MaxNode]string) {
+	for i := range t {
+		t[i] = fmt.Sprintf("mbox%04d", i)
+	}
+	return t
+}()
+
 // ackLockNames holds AckLock's names of nodes 1..MaxNode.
 var ackLockNames = func() (t [MaxNode][2]string) {
 	for i := range t {

@@ -120,7 +120,7 @@ func TestTraceWarmBroadcast(t *testing.T) {
 	for _, e := range evs {
 		count[key{e.node, e.step}]++
 	}
-	for _, step := range []string{"send: ask", "send: ack granted", "recv: blocking callback", "recv: message read", "recv: replied"} {
+	for _, step := range []string{"send: ask", "send: ack granted", "recv: listener granted", "recv: message read", "recv: replied"} {
 		for _, node := range []dlm.NodeID{2, 3} {
 			if got := count[key{node, step}]; got < n {
 				t.Errorf("node %d, step %q: %d of %d broadcasts", node, step, got, n)

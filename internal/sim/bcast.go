@@ -308,8 +308,7 @@ func (bs *bcSim) resume(n *Node) bool {
 	if bn.stepOp() {
 		return true
 	}
-	stalled := bs.cfg.Mutation == BcastStall && n.ID == 2 && bn.joined
-	if bn.recv == nil && !stalled && bs.s.now >= bn.recvHold && bn.b.Pending() {
+	if bn.recv == nil && !bs.stalled(bn) && bs.s.now >= bn.recvHold && bn.b.Pending() {
 		bn.recv = newCoro("receive", func() {
 			if _, err := bn.b.Step(bcCtx); err != nil && !bn.dead {
 				bs.stats.StepErrors++
@@ -762,11 +761,19 @@ func (bs *bcSim) quiet() bool {
 		if bn == nil || bn.dead {
 			continue
 		}
-		if bn.cur != nil || bn.recv != nil || len(bn.ops) > 0 || len(bn.side) > 0 || bn.recovering || bn.b.Pending() {
+		if bn.cur != nil || bn.recv != nil || len(bn.ops) > 0 || len(bn.side) > 0 || bn.recovering || (bn.b.Pending() && !bs.stalled(bn)) {
 			return false
 		}
 	}
 	return true
+}
+
+// stalled reports whether bn's receive loop is never stepped
+// (BcastStall). Its pending work does not keep the run from settling: a
+// joined receiver always has some (its mailbox listener to queue), and
+// what must show is the senders waiting for it.
+func (bs *bcSim) stalled(bn *bcNode) bool {
+	return bs.cfg.Mutation == BcastStall && bn.n.ID == 2 && bn.joined
 }
 
 // close stops every coroutine still parked.

@@ -93,6 +93,37 @@ func (l *spaceLocker) Request(ctx context.Context, spec dlm.LockSpec) (dlm.LockH
 	return h, nil
 }
 
+// RequestAsync implements broadcast.AsyncLocker: the request is issued as
+// Request issues it (waiting, like it, for a stopped Space to run), and
+// done is called with its outcome from the simulation's delivery of the
+// completion, outside any coroutine.
+func (l *spaceLocker) RequestAsync(spec dlm.LockSpec, done func(error)) (dlm.LockHandle, error) {
+	on := l.on
+	n := l.LVBLen()
+	if spec.LVB != nil && len(spec.LVB) != n {
+		return nil, fmt.Errorf("lock %q: %w: LVB is %d bytes, lockspace uses %d", spec.Resource, dlm.ErrInvalid, len(spec.LVB), n)
+	}
+	if err := on.awaitRunning(); err != nil {
+		return nil, fmt.Errorf("lock %q: %w", spec.Resource, err)
+	}
+	h := &simLock{on: on, res: spec.Resource, mode: dlm.ModeIV, onBlock: spec.OnBlock, op: "lock"}
+	switch {
+	case spec.LVB != nil:
+		h.lvb = bytes.Clone(spec.LVB)
+	case spec.Flags&dlm.ValBlk != 0:
+		h.lvb = make([]byte, n)
+	}
+	if err := on.n.Sp.Lock(&h.p, dlm.Request{Resource: spec.Resource, Mode: spec.Mode, Flags: spec.Flags, LVB: h.lvb,
+		Owner: on.owner, Blocking: spec.OnBlock != nil, Tag: h}); err != nil {
+		return nil, fmt.Errorf("lock %q: %w", spec.Resource, err)
+	}
+	h.pending = true
+	h.done = done
+	on.handles = append(on.handles, h)
+	on.s.tracef("%s %s: lock async %q %v %v", on.tag, on.n.ID, spec.Resource, spec.Mode, spec.Flags)
+	return h, nil
+}
+
 // simLock is one lock taken through a spaceLocker; it implements
 // dlm.LockHandle. p is the Space's record of the lock, which the
 // simulation's invariants read to learn what the DLM granted.
@@ -110,6 +141,8 @@ type simLock struct {
 	unlocking bool
 	gone      bool
 	result    error
+	// done, for a request made with RequestAsync, gets its outcome.
+	done func(error)
 }
 
 // await parks the calling coroutine until the pending operation completes
@@ -134,6 +167,10 @@ func (h *simLock) complete(cb dlm.Callback) {
 	if cb.Mode == dlm.ModeIV {
 		h.gone = true
 		h.on.handles = slices.DeleteFunc(h.on.handles, func(o *simLock) bool { return o == h })
+	}
+	if f := h.done; f != nil {
+		h.done = nil
+		f(h.result)
 	}
 }
 
