@@ -529,7 +529,12 @@ func Test03SwitchRecoveryStop(t *testing.T) {
 	if err := c.nodes[1].m.Fail(c.ctx(), 0); err != nil {
 		t.Fatal(err)
 	}
-	victim := <-reached
+	var victim node.NodeID
+	select {
+	case victim = <-reached:
+	case <-time.After(guard):
+		t.Fatal("no node reached the held recovery step")
+	}
 	for _, id := range c.ids {
 		if id != victim {
 			c.nodes[id].eng.setBeforeCopy(nil)
