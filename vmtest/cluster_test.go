@@ -53,6 +53,8 @@ timeout = "10s"
 path = "/etc/mdc/fence"
 [devices]
 search = ["/dev/loop[0-2]"]
+# Three nodes under one kernel share these loop devices: O_EXCL is system-wide.
+shared_kernel = true
 [[array]]
 name = "md0"
 [array.export]
@@ -158,8 +160,7 @@ run 'grep -q "^--- PASS: TestAttachRealKernel" /out/kernel.ns1.txt'
 echo ok > /out/s0.ok
 for n in 1 2 3; do
 	# One kernel for three nodes: their writable opens of the shared
-	# loop devices must not be exclusive (see array.SharedKernelEnv).
-	MDCLUSTER_SHARED_KERNEL=1 nsenter -F -t $(cat /tmp/ns$n) -n mdclusterd -c /etc/mdc/n$n.toml </dev/null >/out/n$n.log 2>&1 &
+	nsenter -F -t $(cat /tmp/ns$n) -n mdclusterd -c /etc/mdc/n$n.toml </dev/null >/out/n$n.log 2>&1 &
 	echo $! > /tmp/d$n
 done
 # A guard against a hang: past it the daemons are killed, so that any

@@ -129,6 +129,11 @@ type Config struct {
 	// lease: lease.Owner re-reads the generation stamp there, so a fenced
 	// node writes no bitmap either).
 	WrapBitmapOwner func(intent.Ownership) intent.Ownership
+	// SharedDevices opens block devices without O_EXCL (OpenShared) when
+	// Open is nil: for several nodes under one kernel, never on a real
+	// node, where O_EXCL keeps a local md array or file system off the
+	// members.
+	SharedDevices bool
 
 	// crashAt, when set, is asked at every named step of a change; true
 	// makes the manager stop dead there, as if its process was killed
@@ -156,8 +161,12 @@ func (c *Config) fill() error {
 		return errors.New("array manager: no store for the journal (Config.Store or Config.Cluster)")
 	}
 	if c.Open == nil {
-		c.Open = func(p string) (Member, error) { return OpenFile(p, true) }
-		c.probe = func(p string) (Member, error) { return OpenFile(p, false) }
+		open := OpenFile
+		if c.SharedDevices {
+			open = OpenShared
+		}
+		c.Open = func(p string) (Member, error) { return open(p, true) }
+		c.probe = func(p string) (Member, error) { return open(p, false) }
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()

@@ -42,14 +42,6 @@ type FileMember struct {
 	block bool
 }
 
-// SharedKernelEnv, when set in the environment, drops O_EXCL from
-// OpenFile's writable opens of block devices. O_EXCL keeps a local md
-// array or file system off a member, but it is system-wide: several nodes
-// run under one kernel (the VM cluster tests, whose nodes share loop
-// devices and so their page cache) would lock each other out. Never set
-// it on a real node.
-const SharedKernelEnv = "MDCLUSTER_SHARED_KERNEL"
-
 // OpenFile opens path as a member device. With writable, the device is
 // opened read-write and, for block devices, exclusively (O_EXCL), the way
 // mdadm claims members: a block device that is mounted, or already held by
@@ -57,6 +49,17 @@ const SharedKernelEnv = "MDCLUSTER_SHARED_KERNEL"
 // being written underneath its user. Other file types (directories,
 // character devices, sockets) are refused: they cannot be md members.
 func OpenFile(path string, writable bool) (*FileMember, error) {
+	return openFile(path, writable, true)
+}
+
+// OpenShared is OpenFile without O_EXCL: for several nodes under one
+// kernel (Config.SharedDevices), which would otherwise lock each other
+// out of the devices they share, since O_EXCL is system-wide.
+func OpenShared(path string, writable bool) (*FileMember, error) {
+	return openFile(path, writable, false)
+}
+
+func openFile(path string, writable, exclusive bool) (*FileMember, error) {
 	st, err := os.Stat(path)
 	if err != nil {
 		return nil, fmt.Errorf("member %s: %w", path, err)
@@ -69,7 +72,7 @@ func OpenFile(path string, writable bool) (*FileMember, error) {
 	flag := os.O_RDONLY
 	if writable {
 		flag = os.O_RDWR
-		if block && os.Getenv(SharedKernelEnv) == "" {
+		if block && exclusive {
 			flag |= unix.O_EXCL
 		}
 	}

@@ -260,7 +260,8 @@ func (l *Layer) newArr(u [16]byte) (*arr, error) {
 	}
 	cfg := array.Config{Cluster: array.NodeCluster(l.env.Node), Devices: l.env.Config.Devices.Search, Engine: a.eng,
 		UUID: u, Logger: l.log, ResyncWindow: 4 << 20,
-		ResyncLockWait: time.Second, ResyncRetry: 300 * time.Millisecond, DaemonSleep: time.Second}
+		ResyncLockWait: time.Second, ResyncRetry: 300 * time.Millisecond, DaemonSleep: time.Second,
+		SharedDevices: l.env.Config.Devices.Shared}
 	if g := a.guard; g != nil {
 		// Every bitmap flush re-reads the stamp first (leaseOwner).
 		cfg.WrapBitmapOwner = func(o intent.Ownership) intent.Ownership { return leaseOwner{Ownership: o, guard: g} }

@@ -128,6 +128,12 @@ type FenceAgent struct {
 type Devices struct {
 	// Search are glob patterns (filepath.Match syntax) of device paths.
 	Search []string
+	// Shared (devices.shared_kernel) leaves O_EXCL out of member opens.
+	// O_EXCL keeps a local md array or file system off a member, but it
+	// is system-wide: several nodes under one kernel (a test cluster of
+	// daemons in network namespaces over the same loop devices) would
+	// lock each other out. Never set it on a real node.
+	Shared bool
 }
 
 // RAID configures the RAID engine of every array (md's sysctls).

@@ -427,6 +427,9 @@ func (d *decoder) devices(t *table) Devices {
 			dv.Search = append(dv.Search, g)
 		}
 	}
+	if b, ok := d.boolean(t, "shared_kernel"); ok {
+		dv.Shared = b
+	}
 	d.done(t)
 	return dv
 }
