@@ -160,10 +160,10 @@ type Node struct {
 	// Controller.Recover (not the static start of an unmanaged node): a
 	// lockspace created now joins that generation's recovery.
 	viewRecovered bool
-	closed             bool
-	stop               chan struct{}
-	stopped            chan struct{}
-	ctl                Controller
+	closed        bool
+	stop          chan struct{}
+	stopped       chan struct{}
+	ctl           Controller
 	// deferDelay bounds how long a message nobody waits for is held for a
 	// later message to the same node to carry it.
 	deferDelay time.Duration
