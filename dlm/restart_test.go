@@ -1,9 +1,11 @@
 package dlm_test
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net"
+	"slices"
 	"testing"
 	"time"
 
@@ -185,7 +187,8 @@ func TestClusterLateOpenAfterRestart(t *testing.T) {
 	default:
 	}
 
-	ls3, err := n3.Open("md0", dlm.OpenOptions{})
+	rec3 := &recorder{}
+	ls3, err := n3.Open("md0", dlm.OpenOptions{Recovery: rec3})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -193,6 +196,17 @@ func TestClusterLateOpenAfterRestart(t *testing.T) {
 		waitRecoveredWithin(t, ch, 2, 10*time.Second)
 	}
 	waitRecoveredWithin(t, recovered3, 2, 10*time.Second)
+	// The late handle sees a whole sequence or nothing: the lockspace was
+	// in no view before (as a managed node's first view), then recovers
+	// into generation 2, maybe before Open returns.
+	barrier(t, ls3, rec3)
+	eventually(t, "node 3's barrier", func() bool { return slices.Contains(rec3.events(), "barrier") })
+	if got := rec3.events(); !slices.Equal(got, []string{"barrier"}) &&
+		!slices.Equal(got, []string{"prepare 0", "done 2 [1 2 3] 3", "barrier"}) {
+		t.Fatalf("node 3's recovery events %q", got)
+	} else {
+		t.Logf("node 3's recovery events %q", got)
+	}
 	if st := n3.Stats(); st.EarlyHeld != 0 {
 		t.Fatalf("node 3 still holds %d early messages", st.EarlyHeld)
 	}
@@ -237,4 +251,55 @@ func waitRecoveredWithin(t *testing.T, ch <-chan uint64, gen uint64, d time.Dura
 			t.Fatalf("no recovery into generation %d reported within %v", gen, d)
 		}
 	}
+}
+
+// TestClusterLateOpenWhileStopped: node 3 opens the lockspace after it
+// recovered into view 1 but while it is stopped again for the next change.
+// The lockspace still does its part of view 1's recovery, so that the
+// others' ends, but grants nothing until view 2 is recovered.
+func TestClusterLateOpenWhileStopped(t *testing.T) {
+	c := startClusterWith(t, 3, nil, func(cfg *dlm.Config) { cfg.Managed = true })
+	var ls []*dlm.Lockspace
+	for _, n := range c.nodes[:2] {
+		l, err := n.Open("md0", dlm.OpenOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ls = append(ls, l)
+	}
+	recovered := make(chan uint64, 16)
+	c.nodes[0].Controller().OnRecovered(func(_ string, gen uint64) { recovered <- gen })
+	all := []dlm.NodeID{1, 2, 3}
+	for _, n := range c.nodes {
+		if err := n.Controller().Recover(1, all, nil, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c.nodes[2].Controller().Stop()
+	ls3, err := c.nodes[2].Open("md0", dlm.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitRecoveredWithin(t, recovered, 1, 10*time.Second)
+	ctx := withGuard(t)
+	if _, err := ls[0].Lock(ctx, "r", dlm.EX, 0); err != nil {
+		t.Fatal(err)
+	}
+	short, cancel := context.WithTimeout(ctx, 20*time.Millisecond)
+	defer cancel()
+	if _, err := ls3.Lock(short, "s", dlm.EX, 0); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("node 3 locking while stopped: %v, want a deadline", err)
+	}
+	for _, n := range c.nodes {
+		n.Controller().Stop()
+	}
+	for _, n := range c.nodes {
+		if err := n.Controller().Recover(2, all, nil, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := ls3.Lock(ctx, "r", dlm.EX, dlm.NoQueue); !errors.Is(err, dlm.ErrAgain) {
+		t.Fatalf("node 3 does not see node 1's lock: %v", err)
+	}
+	exclusiveBothWays(t, ls[1], ls3, "stopped")
 }
