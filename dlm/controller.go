@@ -172,7 +172,7 @@ func (c *Controller) Recover(gen uint64, members []NodeID, departed []NodeID, re
 		n.mu.Unlock()
 		return fmt.Errorf("recover node %d: %w: generation %d is not newer than %d", n.id, ErrInvalid, gen, n.gen)
 	}
-	n.gen, n.members, n.halted = gen, ms, false
+	n.gen, n.members, n.halted, n.viewRecovered = gen, ms, false, true
 	spaces := slices.Collect(maps.Values(n.spaces))
 	n.mu.Unlock()
 	// Every member becomes a transport peer, even one whose address is not

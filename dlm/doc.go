@@ -16,8 +16,12 @@
 // A lockspace is a named set of resources shared by the nodes. Node.Open
 // returns a Lockspace handle to it, creating it on first use; each handle
 // is an owner of locks, like a process that opened a Linux lockspace, and
-// Lockspace.Release drops the locks it owns. Every member must open a
-// lockspace before locks in it are used.
+// Lockspace.Release drops the locks it owns. Every member of the view is a
+// member of every lockspace, so every member must open a lockspace before
+// locks in it are used: messages for a lockspace wait at a node until it
+// opens it, and a lockspace's recovery into a view ends only when every
+// member has opened it. A node that opens a lockspace after it recovered
+// into the current view joins that view's recovery of it.
 //
 // A Lock is a handle to one lock on one resource (a name of up to 64 bytes)
 // in a Mode: NL, CR, CW, PR, PW or EX, compatible as in Linux (NL with

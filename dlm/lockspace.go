@@ -129,8 +129,11 @@ func DefaultConfig() Config {
 // membership layer changes them through the node's Controller, which is
 // kept apart from Node so that code that only takes locks cannot stop the
 // cluster by accident (mdcluster/node drives it from the agreed views).
-// Every member must open a lockspace before it is used; messages for a
-// lockspace not yet opened here wait until it is.
+// Every member of the view is a member of every lockspace: messages for a
+// lockspace not yet opened here wait until it is, and a lockspace's
+// recovery into a view ends only once every member has opened it. A
+// lockspace opened after this node recovered into the current view joins
+// that view's recovery (the others are waiting for its part).
 type Node struct {
 	cfg Config
 	log *slog.Logger
@@ -153,10 +156,14 @@ type Node struct {
 	members            []NodeID
 	gen                uint64 // generation of members
 	halted             bool   // Stop was called and no Recover yet
-	closed             bool
-	stop               chan struct{}
-	stopped            chan struct{}
-	ctl                Controller
+	// viewRecovered says the current generation was installed by
+	// Controller.Recover (not the static start of an unmanaged node): a
+	// lockspace created now joins that generation's recovery.
+	viewRecovered bool
+	closed        bool
+	stop          chan struct{}
+	stopped       chan struct{}
+	ctl           Controller
 	// deferDelay bounds how long a message nobody waits for is held for a
 	// later message to the same node to carry it.
 	deferDelay time.Duration
@@ -369,21 +376,48 @@ func (n *Node) Open(name string, opts OpenOptions) (*Lockspace, error) {
 			return nil, fmt.Errorf("open lockspace %q: %w", name, err)
 		}
 		gen := n.gen
-		if err := s.SetMembers(gen, n.members); err != nil {
-			return nil, fmt.Errorf("open lockspace %q: %w", name, err)
-		}
 		sp = &space{name: name, id: id, node: n, sp: s, log: n.log.With("lockspace", name)}
-		if n.halted {
-			s.Stop()
-			sp.resume = make(chan struct{})
-			sp.recPhase, sp.prepGen = recStopped, gen
-		}
 		if n.tr != nil {
 			n.tr.SetGeneration(id, gen)
 		}
+		joined := false
+		if n.viewRecovered {
+			// The current view was installed by a recovery, in which every
+			// member that had this lockspace open counts this node as a
+			// member of it and waits for its part (directory names, locks
+			// done). Opened only now, the lockspace joins that recovery as
+			// a member holding nothing; the messages the others sent it
+			// meanwhile were kept as early ones and are replayed below.
+			if err := s.Recover(gen, n.members, nil, false); err != nil {
+				return nil, fmt.Errorf("open lockspace %q: join the recovery of generation %d: %w", name, gen, err)
+			}
+			joined = true
+			sp.resume = make(chan struct{})
+			sp.recPhase = recRecovering // prepGen 0: it was in no view before
+			if n.halted {
+				// Stopped for the next change meanwhile: this recovery
+				// does its part but grants nothing; the next Recover
+				// takes the lockspace along.
+				s.Stop()
+				sp.recPhase, sp.prepGen = recStopped, gen
+			}
+			sp.mu.Lock()
+			sp.flush()
+			sp.mu.Unlock()
+		} else {
+			if err := s.SetMembers(gen, n.members); err != nil {
+				return nil, fmt.Errorf("open lockspace %q: %w", name, err)
+			}
+			if n.halted {
+				s.Stop()
+				sp.resume = make(chan struct{})
+				sp.recPhase, sp.prepGen = recStopped, gen
+			}
+		}
 		n.spaces[name] = sp
 		n.byID[id] = sp
-		sp.log.Debug("lockspace created", "lvb_len", lvbLen, "members", n.members, "generation", gen, "stopped", n.halted)
+		sp.log.Debug("lockspace created", "lvb_len", lvbLen, "members", n.members, "generation", gen,
+			"stopped", n.halted, "joined_recovery", joined)
 		if early := n.early[id]; len(early) > 0 {
 			delete(n.early, id)
 			for _, m := range early {

@@ -47,6 +47,20 @@ type snode struct {
 	// rejoining: back from a cut, its old locks end (ErrReleased) as it
 	// recovers clean.
 	rejoining bool
+	// unopened: restarted, and readmitted to the view, before it opened
+	// the lockspace again (as a daemon that attaches an array late). Its
+	// node recovers into each view without the lockspace; messages for the
+	// lockspace wait in early, as the node keeps them, until it opens it
+	// and joins the current view's recovery (as Node.Open does).
+	unopened bool
+	early    []earlyNet
+}
+
+// earlyNet is a message held for a lockspace not opened yet.
+type earlyNet struct {
+	from    NodeID
+	gen     uint64
+	payload []byte
 }
 
 type slock struct {
@@ -85,16 +99,25 @@ type smodel struct {
 	names int
 	step  int
 	gen   uint64 // the cluster's current generation
+	view  []NodeID
 	toss  int
 	// membership turns on crashes, partitions and rejoins.
 	membership bool
-	watch      map[NodeID]string
+	// churn makes membership changes frequent and most restarted nodes
+	// open the lockspace late (TestSpaceModelLateOpen).
+	churn bool
+	// lateOpens counts the late opens, for the test's log.
+	lateOpens int
+	watch     map[NodeID]string
 }
 
 func (m *smodel) fail(format string, args ...any) {
 	m.t.Helper()
-	m.t.Fatalf("seed %d step %d: %s\nreplay: DLM_SPACE_SEED=%d go test -run TestSpaceModelRandom ./dlm/",
-		m.seed, m.step, fmt.Sprintf(format, args...), m.seed)
+	replay := fmt.Sprintf("DLM_SPACE_SEED=%d go test -run TestSpaceModelRandom ./dlm/", m.seed)
+	if m.churn {
+		replay = fmt.Sprintf("DLM_LATE_SEED=%d go test -run TestSpaceModelLateOpen ./dlm/", m.seed)
+	}
+	m.t.Fatalf("seed %d step %d: %s\nreplay: %s", m.seed, m.step, fmt.Sprintf(format, args...), replay)
 }
 
 func (m *smodel) nodeIndex(id NodeID) int { return int(id) - 1 }
@@ -237,6 +260,14 @@ func (m *smodel) live() []*slock {
 }
 
 func (m *smodel) run() {
+	if m.churn && m.rng.IntN(30) == 0 {
+		m.changeMembership()
+	}
+	for i, n := range m.nodes {
+		if n.state == up && n.unopened && m.rng.IntN(40) == 0 {
+			m.open(i)
+		}
+	}
 	k := m.rng.IntN(100)
 	live := m.live()
 	switch {
@@ -256,7 +287,7 @@ func (m *smodel) run() {
 		m.collect(l.node)
 	case k < 99:
 		i := m.rng.IntN(len(m.nodes))
-		if m.nodes[i].state != down {
+		if m.nodes[i].state != down && !m.nodes[i].unopened {
 			m.nodes[i].sp.Tick()
 			m.collect(i)
 		}
@@ -315,8 +346,9 @@ func (m *smodel) changeMembership() {
 				m.t.Fatal(err)
 			}
 			m.nodes[i].sp = sp
+			m.nodes[i].unopened, m.nodes[i].early = m.rng.IntN(4) < map[bool]int{false: 2, true: 3}[m.churn], nil
 		}
-		m.trace("node %d rejoins (reset %v)", i+1, reset)
+		m.trace("node %d rejoins (reset %v, lockspace not open %v)", i+1, reset, m.nodes[i].unopened)
 		m.nodes[i].state, m.nodes[i].rejoining = up, reset
 		upNodes = append(upNodes, i)
 		slices.Sort(upNodes)
@@ -365,12 +397,18 @@ func (m *smodel) recover(members []int, departed []NodeID, reset map[int]bool) {
 	for _, i := range members {
 		ids = append(ids, m.nodes[i].id)
 	}
+	m.view = ids
 	for _, i := range members {
-		m.nodes[i].sp.Stop()
+		if !m.nodes[i].unopened {
+			m.nodes[i].sp.Stop()
+		}
 	}
 	order := slices.Clone(members)
 	m.rng.Shuffle(len(order), func(a, b int) { order[a], order[b] = order[b], order[a] })
 	for _, i := range order {
+		if m.nodes[i].unopened {
+			continue // its node recovers with no lockspace to take along
+		}
 		if err := m.nodes[i].sp.Recover(m.gen, ids, departed, reset[i]); err != nil {
 			m.fail("node %d recover: %v", i+1, err)
 		}
@@ -413,15 +451,41 @@ func (m *smodel) deliver() {
 			fmt.Printf("step %d: deliver %d->%d gen %d %v %s master %d names %q\n", m.step, k[0]+1, k[1]+1, msg.gen, dm.typ, dm.nameb, dm.master, dm.namesb)
 		}
 	}
+	if to := m.nodes[k[1]]; to.unopened {
+		to.early = append(to.early, earlyNet{m.nodes[k[0]].id, msg.gen, msg.payload})
+		return
+	}
 	if err := m.nodes[k[1]].sp.Step(m.nodes[k[0]].id, msg.gen, msg.payload); err != nil {
 		m.fail("node %d refused a message from %d: %v", k[1]+1, k[0]+1, err)
 	}
 	m.collect(k[1])
 }
 
+// open has node i open the lockspace late: its Space joins the recovery of
+// the current view as a member holding nothing, then applies the messages
+// held for it meanwhile (those of older views are dropped as stale).
+func (m *smodel) open(i int) {
+	n := m.nodes[i]
+	m.trace("node %d opens the lockspace late (generation %d, %d messages held)", i+1, m.gen, len(n.early))
+	n.unopened = false
+	m.lateOpens++
+	if err := n.sp.Recover(m.gen, m.view, nil, false); err != nil {
+		m.fail("node %d late open: %v", i+1, err)
+	}
+	m.collect(i)
+	early := n.early
+	n.early = nil
+	for _, e := range early {
+		if err := n.sp.Step(e.from, e.gen, e.payload); err != nil {
+			m.fail("node %d refused a held message from %d: %v", i+1, e.from, err)
+		}
+		m.collect(i)
+	}
+}
+
 func (m *smodel) newLock() {
 	i := m.rng.IntN(len(m.nodes))
-	if m.nodes[i].state == down {
+	if m.nodes[i].state == down || m.nodes[i].unopened {
 		return
 	}
 	l := &slock{name: m.names, node: i, p: new(Proc), res: fmt.Sprintf("r%d", m.rng.IntN(6)), gr: ModeIV,
@@ -632,6 +696,13 @@ func (m *smodel) finish() {
 			m.nodes[i].rejoining = false
 		}
 	}
+	// Until every member has opened the lockspace, the others' recovery
+	// waits for it.
+	for i, n := range m.nodes {
+		if n.state == up && n.unopened {
+			m.open(i)
+		}
+	}
 	m.quiesce()
 	for i, n := range m.nodes {
 		if n.state == up && n.sp.Stopped() {
@@ -706,10 +777,17 @@ func (m *smodel) finish() {
 }
 
 func runSpaceModel(t *testing.T, seed uint64, steps int) {
+	runSpaceModelWith(t, seed, steps, false)
+}
+
+// runSpaceModelWith runs one seed; churn as in smodel. It returns the
+// number of late opens.
+func runSpaceModelWith(t *testing.T, seed uint64, steps int, churn bool) int {
 	rng := rand.New(rand.NewPCG(seed, 0x5eed))
 	n := 3 + rng.IntN(3)
 	m := &smodel{t: t, seed: seed, rng: rng, net: map[[2]int][]netMsg{}, locks: map[*Proc]*slock{}, res: map[string]*sres{},
-		gen: 1, toss: 1 + int(seed%3), membership: os.Getenv("DLM_SPACE_STATIC") == "", watch: map[NodeID]string{}}
+		gen: 1, toss: 1 + int(seed%3), membership: os.Getenv("DLM_SPACE_STATIC") == "", watch: map[NodeID]string{},
+		churn: churn}
 	var ids []NodeID
 	for i := range n {
 		ids = append(ids, NodeID(i+1))
@@ -726,12 +804,37 @@ func runSpaceModel(t *testing.T, seed uint64, steps int) {
 		}
 		m.nodes = append(m.nodes, &snode{id: id, sp: sp})
 	}
+	m.view = ids
 	for m.step = 0; m.step < steps; m.step++ {
 		m.run()
 	}
 	m.finish()
+	return m.lateOpens
 }
 
 func TestSpaceModelRandom(t *testing.T) {
 	forSeeds(t, "DLM_SPACE_SEED", "DLM_SPACE_SEEDS", 300, func(seed uint64) { runSpaceModel(t, seed, 600) })
+}
+
+// TestSpaceModelLateOpen is the cross-node model with frequent membership
+// changes in which most restarted nodes are readmitted before they open
+// the lockspace, and open it at a random later step (joining the current
+// view's recovery, with the messages held for it meanwhile), maybe after
+// further view changes, or crash or get cut off first. The checks are
+// TestSpaceModelRandom's; the others' recovery must also end once every
+// member has opened the lockspace. DLM_LATE_SEEDS sets the number of
+// seeds (default 300), DLM_LATE_SEED replays one (DLM_SPACE_TRACE=1
+// prints it).
+func TestSpaceModelLateOpen(t *testing.T) {
+	if os.Getenv("DLM_SPACE_STATIC") != "" {
+		t.Skip("DLM_SPACE_STATIC keeps the membership fixed")
+	}
+	opens := 0
+	forSeeds(t, "DLM_LATE_SEED", "DLM_LATE_SEEDS", 300, func(seed uint64) {
+		opens += runSpaceModelWith(t, seed, 400, true)
+	})
+	t.Logf("%d late opens", opens)
+	if opens == 0 && os.Getenv("DLM_LATE_SEED") == "" {
+		t.Fatal("no node opened the lockspace late: the test exercises nothing")
+	}
 }

@@ -70,6 +70,14 @@ type Faults struct {
 	// generation waits until the receiver recovers into it. (The random
 	// test turns it on; it found two lockspace bugs, since fixed.)
 	Early bool
+	// LateOpen, when positive, is the probability that a restarted node
+	// opens its lockspace only after it is up, as the daemon attaches an
+	// array: its lock manager installs views with no lockspace open (the
+	// applier waits for none), DLM frames for the lockspace wait, and at
+	// each chaos step, with probability LateOpen, it opens the lockspace,
+	// which joins the recovery of the view installed last (dlm.Node.Open).
+	// Settle opens every lockspace still closed. (TestLateOpenRandom.)
+	LateOpen float64
 }
 
 // Config describes one simulated cluster and run.
@@ -158,6 +166,12 @@ type Node struct {
 	// has started since (the driver's side of Agreement.LockManagerStopped).
 	lmStopped bool
 	ownerSeq  int
+	// unopened: this incarnation has not opened the lockspace yet (see
+	// Faults.LateOpen); Sp is a stopped placeholder meanwhile. viewGen and
+	// viewMembers are the view this incarnation installed last (0: none).
+	unopened    bool
+	viewGen     uint64
+	viewMembers []NodeID
 }
 
 // Sim is one simulated cluster.
@@ -197,6 +211,10 @@ type Stats struct {
 	// (fresh lockspace), with nodes to purge, and stops re-applied after
 	// an install.
 	Resets, ResetsSuppressed, Purges, StopsAfterInstall int
+	// LateOpens counts lockspaces opened after their node was up
+	// (Faults.LateOpen), and LateJoins those of them that joined the
+	// recovery of an installed view.
+	LateOpens, LateJoins int
 }
 
 // New builds a cluster whose nodes are all started (no view installed yet).
@@ -306,13 +324,17 @@ func (s *Sim) Start(id NodeID) {
 	}
 	sp.Stop()
 	n.Ag, n.Sp, n.Up, n.quorate, n.fenced, n.hold, n.lmStopped = ag, sp, true, false, false, true, true
+	n.viewGen, n.viewMembers = 0, nil
+	n.unopened = n.inc > 0 && s.cfg.Faults.LateOpen > 0 && s.rng.Float64() < s.cfg.Faults.LateOpen
 	n.inc++
 	ap, err := apply.New(apply.Config{Self: id, Effects: effects{s: s, n: n, inc: n.inc}})
 	if err != nil {
 		s.fail("node %s: apply.New: %v", id, err)
 		return
 	}
-	ap.LockspaceOpened(Lockspace, 0) // created stopped: it recovers with the first view
+	if !n.unopened {
+		ap.LockspaceOpened(Lockspace, 0) // created stopped: it recovers with the first view
+	}
 	n.ap = ap
 	n.alive = []NodeID{id}
 	if n.inc > 1 {
@@ -549,8 +571,18 @@ func (s *Sim) install(n *Node, rc apply.Recovery) error {
 		s.stats.Purges++
 	}
 	n.lastGen = rc.Gen
-	n.resetting = rc.Reset
+	n.viewGen, n.viewMembers = rc.Gen, slices.Clone(rc.Members)
 	n.hold = false
+	if n.unopened {
+		// The lock manager recovers with no lockspace to take along.
+		n.lmStopped = false
+		if in.Reset && n.fenced {
+			n.fenced = false
+			s.m.unfenced(n)
+		}
+		return nil
+	}
+	n.resetting = rc.Reset
 	if err := n.Sp.Recover(rc.Gen, toDLM(rc.Members), toDLM(rc.Purge), rc.Reset); err != nil {
 		s.fail("node %s: Recover(gen %d): %v", n.ID, rc.Gen, err)
 		return err
@@ -718,6 +750,9 @@ func (s *Sim) deliverable() [][2]NodeID {
 		if to := s.nodes[k[1]]; !s.cfg.Faults.Early && (to.hold || q[0].gen > to.Sp.Generation()) {
 			continue
 		}
+		if s.nodes[k[1]].unopened {
+			continue // kept until the lockspace is opened
+		}
 		out = append(out, k)
 	}
 	return out
@@ -815,6 +850,13 @@ func (s *Sim) chaos() {
 			down = append(down, id)
 		}
 	}
+	if f.LateOpen > 0 {
+		for _, id := range up {
+			if n := s.nodes[id]; n.unopened && s.rng.Float64() < f.LateOpen {
+				s.openLate(n)
+			}
+		}
+	}
 	p := s.rng.Float64()
 	switch {
 	case p < f.Crash && len(up) > 0:
@@ -834,6 +876,29 @@ func (s *Sim) chaos() {
 	case p < f.Crash+f.Restart+f.Partition+f.Heal && len(s.group) > 0 && (f.AnyPartition || s.minorityGone()):
 		s.Heal()
 	}
+}
+
+// openLate opens node n's lockspace after the node is up, as dlm.Node.Open
+// does: with a view installed, the lockspace joins that view's recovery as
+// a member holding nothing (stopped again at once if the lock manager is
+// stopped); without one, it stays stopped for the first view. The frames
+// kept for it are delivered from now on (older generations dropped).
+func (s *Sim) openLate(n *Node) {
+	n.unopened = false
+	s.stats.LateOpens++
+	n.ap.LockspaceOpened(Lockspace, 0)
+	s.tracef("%s opens %s late (view gen %d %v, lock manager stopped %v)", n.ID, Lockspace, n.viewGen, n.viewMembers, n.lmStopped)
+	if n.viewGen > 0 {
+		s.stats.LateJoins++
+		if err := n.Sp.Recover(n.viewGen, toDLM(n.viewMembers), nil, false); err != nil {
+			s.fail("node %s: late open: Recover(gen %d): %v", n.ID, n.viewGen, err)
+			return
+		}
+		if n.lmStopped {
+			n.Sp.Stop()
+		}
+	}
+	s.pump(n)
 }
 
 // partitionMinority cuts off a random minority whose complement is quorate.
@@ -907,8 +972,12 @@ func (s *Sim) Settle(limit int) {
 		s.Check()
 	}
 	s.Heal()
+	s.cfg.Faults.LateOpen = 0
 	for _, id := range s.ids {
 		s.Start(id)
+		if n := s.nodes[id]; n.Up && n.unopened {
+			s.openLate(n)
+		}
 	}
 	for range limit {
 		if s.failed != "" || s.Converged() {

@@ -288,16 +288,14 @@ func (n *Node) Open(name string, opts dlm.OpenOptions) (*dlm.Lockspace, error) {
 	if err != nil {
 		return nil, fmt.Errorf("node %s: %w", n.cfg.ID, err)
 	}
-	// n.mu is held, so no Recover runs between the DLM's Open and this:
-	// a lockspace created after the last Recover starts at the current
-	// generation with nothing to recover; one created while stopped is
-	// taken along by the next Recover. (Only a lockspace's first Open
-	// counts; the applier ignores the others.)
-	var gen uint64
-	if !n.dlmStopped {
-		gen = n.ctl.Generation()
-	}
-	n.run.LockspaceOpened(name, gen)
+	// A new lockspace has recovered into no view yet: created after the
+	// last Recover, it joins that view's recovery (the other members wait
+	// for its part, see dlm.Node.Open) and reports the generation through
+	// OnRecovered when it ends; created while stopped, it is taken along
+	// by the next Recover. Either way it counts as recovered into nothing
+	// until it reports. (Only a lockspace's first Open counts; the applier
+	// ignores the others, and a report that comes first is kept.)
+	n.run.LockspaceOpened(name, 0)
 	return ls, nil
 }
 

@@ -364,6 +364,83 @@ func TestRestartRejoinsClean(t *testing.T) {
 	}
 }
 
+// TestRestartOpensLockspaceLate: a restarted node is readmitted before it
+// opens the lockspace again (as the daemon attaches an array only once the
+// node is up). The others' recovery of the lockspace waits for it; once it
+// opens the lockspace, that lockspace joins the view's recovery and every
+// node reports the view recovered, the restarted node included (its
+// lockspace counts only once it has recovered).
+func TestRestartOpensLockspaceLate(t *testing.T) {
+	if testing.Short() {
+		t.Skip("real sockets and timers")
+	}
+	c := newCluster(t, 1, 2, 3)
+	gen := c.waitView(20*time.Second, []NodeID{1, 2, 3})
+	spaces := map[NodeID]*dlm.Lockspace{}
+	for _, id := range []NodeID{1, 2, 3} {
+		ls, err := c.nodes[id].Open("md0", dlm.OpenOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		spaces[id] = ls
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if _, err := spaces[1].Lock(ctx, "held-by-1", dlm.EX, 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := spaces[2].Lock(ctx, "held-by-2", dlm.EX, 0); err != nil {
+		t.Fatal(err)
+	}
+	addr := c.nodes[2].DLMAddr().String()
+	_, port, _ := net.SplitHostPort(c.nodes[2].GossipAddr())
+	gossipPort, _ := strconv.Atoi(port)
+	c.nodes[2].Close()
+	var ln net.Listener
+	var err error
+	eventually(t, 5*time.Second, func() bool {
+		ln, err = net.Listen("tcp", addr)
+		return err == nil
+	}, "the old DLM address to be free again")
+	c.start(2, ln, c.nodes[1].GossipAddr(), gossipPort)
+	// Node 2 is readmitted and, with no lockspace, recovered at once; the
+	// others wait for its part of md0's recovery.
+	var gen2 uint64
+	eventually(t, 20*time.Second, func() bool {
+		st := c.nodes[2].Status()
+		gen2 = st.View.Gen
+		return gen2 > gen && len(st.View.Members) == 3 && st.Recovered == gen2 && !st.Stopped
+	}, "node 2 to be readmitted")
+	if st := c.nodes[1].Status(); st.View.Gen == gen2 && st.Recovered == gen2 {
+		t.Fatalf("node 1 recovered view %d without node 2's part of md0: %+v", gen2, st)
+	}
+	ls2, err := c.nodes[2].Open("md0", dlm.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := c.waitView(20*time.Second, []NodeID{1, 2, 3}); got < gen2 {
+		t.Fatalf("view %d after the late open, node 2 was readmitted in %d", got, gen2)
+	}
+	if _, err := ls2.Lock(ctx, "held-by-1", dlm.EX, dlm.NoQueue); !errors.Is(err, dlm.ErrAgain) {
+		t.Fatalf("node 2 does not see node 1's lock: %v", err)
+	}
+	// The old incarnation's lock is gone (released as it closed, or
+	// purged); the new incarnation locks and conflicts.
+	lk, err := spaces[3].Lock(ctx, "held-by-2", dlm.EX, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ls2.Lock(ctx, "held-by-2", dlm.EX, dlm.NoQueue); !errors.Is(err, dlm.ErrAgain) {
+		t.Fatalf("node 2 does not see node 3's lock: %v", err)
+	}
+	if err := lk.Unlock(ctx, 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ls2.Lock(ctx, "held-by-2", dlm.EX, 0); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // TestBriefQuorumLossResumesGranting: node 3's failure detector briefly
 // reports it alone (injected into the node's detector callback; nodes 1 and
 // 2 keep seeing everyone, so nobody is fenced). Node 3 loses quorum and

@@ -183,8 +183,8 @@ func (g *recoveryGate) Go(f func()) {
 	go f()
 }
 
-// forward hands the lockspace's recovery events to the driver (set after
-// Join's lockspace is open) and suspends read balancing during recovery,
+// forward hands the lockspace's recovery events to the driver (once it is
+// set, by the "array" command) and suspends read balancing during recovery,
 // as md-cluster does between recover_prep and recover_done.
 type forward struct {
 	drv atomic.Pointer[ownership.Driver]
@@ -299,15 +299,7 @@ func runChild(idStr string) error {
 		return err
 	}
 	defer n.Close()
-	// The array's lockspace is opened now, before this node is in a view:
-	// opened only after a restarted node was readmitted, the others'
-	// recovery of it waits for this node's part forever (see
-	// docs/raid.md, "Crash test").
 	fwd := &forward{}
-	ls, err := n.Open("md0", dlm.OpenOptions{LVBLen: ownership.LVBSize, Recovery: fwd})
-	if err != nil {
-		return err
-	}
 	o.printf("gossip %s", n.GossipAddr())
 
 	gate := &recoveryGate{o: o}
@@ -342,6 +334,15 @@ func runChild(idStr string) error {
 			fencer.set(node.NodeID(k), pid)
 			o.printf("pid ok")
 		case "array":
+			// The array's lockspace is opened only now, once the node is in
+			// a view, as the daemon does when it assembles an array: after
+			// a restart this lockspace joins the recovery the others
+			// started when the view readmitted this node.
+			ls, err := n.Open("md0", dlm.OpenOptions{LVBLen: ownership.LVBSize, Recovery: fwd})
+			if err != nil {
+				o.printf("error: array: open lockspace: %v", err)
+				continue
+			}
 			a, err := openArray(o, ls, fwd, int(id), sp, gate, seed, epoch, logger)
 			if err != nil {
 				o.printf("error: array: %v", err)
