@@ -227,6 +227,11 @@ type Stats struct {
 	// LastSend and AvgSend are the latency of Send / Txn.Send as callers
 	// saw it (successful calls).
 	LastSend, AvgSend time.Duration
+	// SendOK counts the successful Send / Txn.Send calls and SendTime is
+	// their latencies' sum: a metrics exporter turns the pair into a
+	// summary without the send path recording anything more.
+	SendOK   uint64
+	SendTime time.Duration
 }
 
 // Broadcaster is one node's end of an array's broadcast: it sends (Send,
@@ -354,6 +359,7 @@ func (b *Broadcaster) Stats() Stats {
 	defer b.mu.Unlock()
 	s := b.stats
 	s.Gaps = b.m.Gaps()
+	s.SendOK, s.SendTime = b.sendOK, b.sendTotal
 	if b.sendOK > 0 {
 		s.AvgSend = b.sendTotal / time.Duration(b.sendOK)
 	}

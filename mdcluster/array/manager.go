@@ -719,6 +719,19 @@ func (m *Manager) Status() ArrayStatus {
 	return s
 }
 
+// BroadcastStats returns the counters of the array's broadcast on this
+// node; false when the manager has no broadcast (not assembled here, or
+// stopped). The counters start again at zero with every assemble.
+func (m *Manager) BroadcastStats() (broadcast.Stats, bool) {
+	m.mu.Lock()
+	bus := m.bus
+	m.mu.Unlock()
+	if bus == nil {
+		return broadcast.Stats{}, false
+	}
+	return bus.Stats(), true
+}
+
 // Members returns the members this node has bound, by device number.
 func (m *Manager) Members() []MemberStatus {
 	m.mu.Lock()

@@ -726,6 +726,36 @@ func (e *RAIDEngine) Sync(ctx context.Context, r SyncRequest) error {
 	return nil
 }
 
+// EngineStats is a snapshot of the data path's counters, for metrics read
+// at scrape time (nothing is added to the I/O path for them).
+type EngineStats struct {
+	// Running: the RAID engine is started; the rest is zero otherwise.
+	Running bool
+	// Degraded: some raid slot has no in-sync member.
+	Degraded bool
+	// Stats are the RAID engine's counters; they start again at zero
+	// with every Start.
+	Stats raid.Stats
+	// SyncSpeed is the running sync's copy rate (bytes per second, over
+	// the last few seconds); 0 when none runs.
+	SyncSpeed float64
+}
+
+// Stats returns the data path's counters (see EngineStats).
+func (e *RAIDEngine) Stats() EngineStats {
+	e.mu.Lock()
+	eng := e.eng
+	e.mu.Unlock()
+	if eng == nil {
+		return EngineStats{}
+	}
+	s := EngineStats{Running: true, Degraded: eng.Degraded(), Stats: eng.Stats()}
+	if p := eng.Progress(); p.Running {
+		s.SyncSpeed = p.Speed
+	}
+	return s
+}
+
 // Progress reports the running Sync (sectors of the current request).
 func (e *RAIDEngine) Progress() SyncProgress {
 	e.mu.Lock()

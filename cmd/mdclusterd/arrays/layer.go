@@ -99,6 +99,11 @@ var _ daemon.ArrayLayer = (*Layer)(nil)
 // error: it may be created later).
 func (l *Layer) Start(ctx context.Context, env daemon.ArrayEnv) error {
 	l.env, l.log = env, env.Logger.With("layer", "array")
+	if env.Metrics != nil {
+		if err := env.Metrics.Register(newArrayCollector(l)); err != nil {
+			return fmt.Errorf("array metrics: %w", err)
+		}
+	}
 	if env.Node != nil {
 		st := env.Node.Status()
 		l.SetView(st.View.Gen, st.Quorate)
