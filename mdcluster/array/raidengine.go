@@ -739,17 +739,32 @@ type EngineStats struct {
 	// SyncSpeed is the running sync's copy rate (bytes per second, over
 	// the last few seconds); 0 when none runs.
 	SyncSpeed float64
+	// MemberErrors counts I/O errors by device number, for the members
+	// holding a raid slot (a member's count starts at zero when it takes
+	// its slot and goes with it when it is failed).
+	MemberErrors map[uint32]uint64
 }
 
 // Stats returns the data path's counters (see EngineStats).
 func (e *RAIDEngine) Stats() EngineStats {
 	e.mu.Lock()
 	eng := e.eng
+	roles := map[int]uint32{}
+	for _, rm := range e.members {
+		if rm.role >= 0 {
+			roles[rm.role] = rm.Dev
+		}
+	}
 	e.mu.Unlock()
 	if eng == nil {
 		return EngineStats{}
 	}
-	s := EngineStats{Running: true, Degraded: eng.Degraded(), Stats: eng.Stats()}
+	s := EngineStats{Running: true, Degraded: eng.Degraded(), Stats: eng.Stats(), MemberErrors: map[uint32]uint64{}}
+	for role, mi := range eng.Members() {
+		if dev, ok := roles[role]; ok {
+			s.MemberErrors[dev] = mi.Errors
+		}
+	}
 	if p := eng.Progress(); p.Running {
 		s.SyncSpeed = p.Speed
 	}

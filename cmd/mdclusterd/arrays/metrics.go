@@ -24,7 +24,7 @@ type arrayCollector struct {
 	syncDone, syncTotal, syncSpeed, resyncBytes         *prometheus.Desc
 	reads, writes, flushes, trims, readBytes, wrBytes   *prometheus.Desc
 	inFlight, readErrors, degradedWrites, failures      *prometheus.Desc
-	failuresRefused                                     *prometheus.Desc
+	failuresRefused, memberErrors                       *prometheus.Desc
 	bcSends, bcSendErrors, bcSendDur, bcRecv, bcRecvErr *prometheus.Desc
 	bcHandlerErr, bcGaps                                *prometheus.Desc
 }
@@ -61,6 +61,8 @@ func newArrayCollector(l *Layer) *arrayCollector {
 		failures:       d("mdcluster_array_member_failures_total", "Members the data path failed after I/O errors (or as asked) since the array started here."),
 		failuresRefused: d("mdcluster_array_member_failures_refused_total",
 			"Member errors that did not fail the member because it holds the last copy of some data."),
+		memberErrors: d("mdcluster_array_member_io_errors_total",
+			"I/O errors on each member holding a raid slot, by md device number (counted from when it took its slot).", "dev"),
 		bcSends:      d("mdcluster_broadcast_sends_total", "Broadcasts this node published for the array since it assembled it."),
 		bcSendErrors: d("mdcluster_broadcast_send_errors_total", "Broadcast sends that returned an error."),
 		bcSendDur:    d("mdcluster_broadcast_send_duration_seconds", "Latency of the successful broadcast sends as their callers saw it (count and sum)."),
@@ -75,7 +77,7 @@ func newArrayCollector(l *Layer) *arrayCollector {
 func (c *arrayCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.running, c.degraded, c.members, c.memberState, c.syncRunning, c.syncPending,
 		c.syncRemote, c.syncDone, c.syncTotal, c.syncSpeed, c.resyncBytes, c.reads, c.writes, c.flushes, c.trims,
-		c.readBytes, c.wrBytes, c.inFlight, c.readErrors, c.degradedWrites, c.failures, c.failuresRefused, c.bcSends,
+		c.readBytes, c.wrBytes, c.inFlight, c.readErrors, c.degradedWrites, c.failures, c.failuresRefused, c.memberErrors, c.bcSends,
 		c.bcSendErrors, c.bcSendDur, c.bcRecv, c.bcRecvErr, c.bcHandlerErr, c.bcGaps} {
 		ch <- d
 	}
@@ -185,6 +187,9 @@ func (c *arrayCollector) collect(ch chan<- prometheus.Metric, s scraped) {
 	ctr(c.degradedWrites, st.DegradedWrites)
 	ctr(c.failures, st.MemberFailures)
 	ctr(c.failuresRefused, st.FailuresRefused)
+	for dev, n := range es.MemberErrors {
+		ctr(c.memberErrors, n, strconv.FormatUint(uint64(dev), 10))
+	}
 
 	if s.mgr == nil {
 		return

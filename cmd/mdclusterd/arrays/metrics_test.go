@@ -127,6 +127,8 @@ func TestArrayMetricsIOAndFailure(t *testing.T) {
 	expect(t, reg, "idle", "mdcluster_array_members", 2, "state", "in_sync")
 	expect(t, reg, "idle", "mdcluster_array_members", 0, "state", "faulty")
 	expect(t, reg, "idle", "mdcluster_array_member_state", 1, "dev", "1", "state", "in_sync")
+	expect(t, reg, "idle", "mdcluster_array_member_io_errors_total", 0, "dev", "0")
+	expect(t, reg, "idle", "mdcluster_array_member_io_errors_total", 0, "dev", "1")
 
 	data := bytes.Repeat([]byte{0x5a}, 4096)
 	for i := range 3 {
@@ -160,6 +162,10 @@ func TestArrayMetricsIOAndFailure(t *testing.T) {
 		t.Fatal("after fail: device 1 still has an in_sync series")
 	}
 	expect(t, reg, "after fail", "mdcluster_array_member_failures_total", 1)
+	expect(t, reg, "after fail", "mdcluster_array_member_io_errors_total", 0, "dev", "0")
+	if _, ok := metricValue(t, reg, "mdcluster_array_member_io_errors_total", map[string]string{"dev": "1"}); ok {
+		t.Fatal("after fail: device 1, out of its slot, still has an error series")
+	}
 	if err := a.eng.WriteAt(data, 0, 0); err != nil {
 		t.Fatal(err)
 	}
