@@ -73,3 +73,82 @@ func TestBoundCtx(t *testing.T) {
 		}
 	}
 }
+
+// quickLockCtx behaves as context.WithTimeout(parent, LockTimeout): the
+// parent's end and its earlier deadline count, whether or not anyone asks
+// for Done first.
+func TestQuickLockCtx(t *testing.T) {
+	b := &Broadcaster{cfg: Config{LockTimeout: time.Hour}}
+	for _, askDone := range []bool{false, true} {
+		parent, cancelParent := context.WithCancel(context.WithValue(context.Background(), ctxKey{}, "v"))
+		c := b.quickLockCtx(parent)
+		if c.Value(ctxKey{}) != "v" {
+			t.Fatal("value not passed through")
+		}
+		var done <-chan struct{}
+		if askDone {
+			done = c.Done()
+		}
+		if c.Err() != nil {
+			t.Fatal("ended before its parent:", c.Err())
+		}
+		cancelParent()
+		if !askDone {
+			done = c.Done()
+		}
+		select {
+		case <-done:
+		case <-time.After(guard):
+			t.Fatal("Done not closed after the parent was cancelled", askDone)
+		}
+		if !errors.Is(c.Err(), context.Canceled) {
+			t.Fatal(askDone, c.Err())
+		}
+		c.cancel()
+	}
+
+	// The parent's deadline, earlier than the bound, is the deadline.
+	for _, askDone := range []bool{false, true} {
+		parent, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+		c := b.quickLockCtx(parent)
+		if dl, ok := c.Deadline(); !ok || time.Until(dl) > 20*time.Millisecond {
+			t.Fatal("deadline", dl, ok)
+		}
+		if askDone {
+			select {
+			case <-c.Done():
+			case <-time.After(guard):
+				t.Fatal("Done not closed by the parent's deadline")
+			}
+		} else {
+			time.Sleep(25 * time.Millisecond)
+		}
+		if !errors.Is(c.Err(), context.DeadlineExceeded) {
+			t.Fatal(askDone, c.Err())
+		}
+		c.cancel()
+		cancel()
+	}
+
+	// Its own bound, earlier than the parent's, ends it; cancel stops it
+	// following the parent.
+	b.cfg.LockTimeout = 20 * time.Millisecond
+	parent, cancelParent := context.WithCancel(context.Background())
+	defer cancelParent()
+	c := b.quickLockCtx(parent)
+	select {
+	case <-c.Done():
+	case <-time.After(guard):
+		t.Fatal("Done not closed by the bound")
+	}
+	if !errors.Is(c.Err(), context.DeadlineExceeded) {
+		t.Fatal(c.Err())
+	}
+	c = b.quickLockCtx(parent)
+	_ = c.Done()
+	c.cancel()
+	cancelParent()
+	if !errors.Is(c.Err(), context.Canceled) {
+		t.Fatal("after cancel:", c.Err())
+	}
+}

@@ -434,11 +434,30 @@ func (b *Broadcaster) quickCtx(ctx context.Context) *boundCtx {
 	return &boundCtx{parent: ctx, deadline: time.Now().Add(b.cfg.LockTimeout)}
 }
 
-// boundCtx is context.WithTimeout(context.WithoutCancel(parent), d) with
-// the timer started lazily, by the first call to Done. Err reads the clock
-// when no timer runs, so the deadline holds either way.
+// quickLockCtx is lockCtx for a lock call that normally completes without
+// waiting (taking the message lock, which only a receiver still reading
+// the previous broadcast holds): context.WithTimeout(ctx, LockTimeout),
+// with the timer and the link to ctx made only if the call waits on Done.
+// Only for synchronous lock calls: they use Err and Done, nothing else.
+func (b *Broadcaster) quickLockCtx(ctx context.Context) *boundCtx {
+	dl := time.Now().Add(b.cfg.LockTimeout)
+	if pdl, ok := ctx.Deadline(); ok && pdl.Before(dl) {
+		dl = pdl
+	}
+	return &boundCtx{parent: ctx, inherit: true, deadline: dl}
+}
+
+// boundCtx is context.WithTimeout(context.WithoutCancel(parent), d) (or,
+// with inherit, context.WithTimeout(parent, d)) with the timer, and the
+// link to the parent, made lazily by the first call to Done. Err reads the
+// clock (and the parent) when no timer runs, so the deadline holds either
+// way.
 type boundCtx struct {
-	parent   context.Context // values only; its cancellation is not inherited
+	parent context.Context // values; with inherit, its cancellation too
+	// inherit: the parent's end ends it too (deadline then is the earlier
+	// of the parent's and the bound).
+	inherit  bool
+	stop     func() bool // undoes the context.AfterFunc on parent
 	deadline time.Time
 	mu       sync.Mutex
 	done     chan struct{}
@@ -455,6 +474,11 @@ func (c *boundCtx) Done() <-chan struct{} {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.done == nil {
+		if c.err == nil && c.inherit {
+			if perr := c.parent.Err(); perr != nil {
+				c.end(perr)
+			}
+		}
 		c.done = make(chan struct{})
 		if c.err != nil {
 			close(c.done)
@@ -466,6 +490,13 @@ func (c *boundCtx) Done() <-chan struct{} {
 				c.end(context.DeadlineExceeded)
 				c.mu.Unlock()
 			})
+			if c.inherit {
+				c.stop = context.AfterFunc(c.parent, func() {
+					c.mu.Lock()
+					c.end(c.parent.Err())
+					c.mu.Unlock()
+				})
+			}
 		}
 	}
 	return c.done
@@ -474,6 +505,11 @@ func (c *boundCtx) Done() <-chan struct{} {
 func (c *boundCtx) Err() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if c.err == nil && c.inherit {
+		if perr := c.parent.Err(); perr != nil {
+			c.end(perr)
+		}
+	}
 	if c.err == nil && c.timer == nil && !time.Now().Before(c.deadline) {
 		c.end(context.DeadlineExceeded)
 	}
@@ -487,6 +523,9 @@ func (c *boundCtx) cancel() {
 	defer c.mu.Unlock()
 	if c.timer != nil {
 		c.timer.Stop()
+	}
+	if c.stop != nil {
+		c.stop()
 	}
 	c.end(context.Canceled)
 }
@@ -1546,6 +1585,15 @@ func (t *Txn) Send(ctx context.Context, m Message) (Result, error) {
 	}
 	sctx, cancel := context.WithTimeout(ctx, b.cfg.SendTimeout)
 	defer cancel()
+	return t.sendBounded(ctx, sctx, m)
+}
+
+// sendBounded is Txn.Send once its bound is set: sctx is ctx bounded by
+// SendTimeout. Broadcaster.Send passes its own bounded context as both
+// (its bound, from the same SendTimeout, ends first), which saves a second
+// timer per broadcast.
+func (t *Txn) sendBounded(ctx, sctx context.Context, m Message) (Result, error) {
+	b := t.b
 	start := b.now()
 	res, err := b.send(sctx, m)
 	b.mu.Lock()
@@ -1622,7 +1670,8 @@ func (b *Broadcaster) Send(ctx context.Context, m Message) (Result, error) {
 		b.mu.Unlock()
 		return Result{}, fmt.Errorf("broadcast: send %s: %w", m.Type, err)
 	}
-	res, err := t.Send(sctx, m)
+	// Txn.Send's checks hold here: t is new, and ctx is not a handler's.
+	res, err := t.sendBounded(sctx, sctx, m)
 	if err != nil {
 		return res, err
 	}
@@ -1668,8 +1717,8 @@ func (b *Broadcaster) send(ctx context.Context, msg Message) (Result, error) {
 // (they let go as soon as they have copied it); the error names the
 // previous broadcast's laggards when there were any.
 func (b *Broadcaster) takeMessage(ctx context.Context, sm dlm.LockHandle) error {
-	lctx, cancel := b.lockCtx(ctx)
-	defer cancel()
+	lctx := b.quickLockCtx(ctx)
+	defer lctx.cancel()
 	err := sm.Convert(lctx, dlm.EX, dlm.ValBlk)
 	if err == nil {
 		return nil
