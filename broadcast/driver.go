@@ -391,6 +391,103 @@ type handlerInfo struct {
 	seq uint64
 }
 
+// handlerCtx is the context a Receiver's handler gets: what
+// context.WithValue(context.WithTimeout(parent, ReceiveTimeout),
+// handlerKey{}, info) would be, but the timer and the link to the parent
+// are made (by materializing exactly that WithDeadline) only when the
+// handler asks for Done or for a value other than the handler's own: most
+// handlers do neither, and each receive paid for a timer it never used.
+// Until then Err reads the parent and the clock, so the bound holds either
+// way.
+type handlerCtx struct {
+	parent   context.Context
+	deadline time.Time // the earlier of the parent's and the bound
+	info     handlerInfo
+	mu       sync.Mutex
+	real     context.Context // materialized, or nil
+	cancelFn context.CancelFunc
+	ended    error // Err when cancel was called, if not materialized
+}
+
+var _ context.Context = (*handlerCtx)(nil)
+
+func newHandlerCtx(parent context.Context, d time.Duration, info handlerInfo) *handlerCtx {
+	dl := time.Now().Add(d)
+	if pdl, ok := parent.Deadline(); ok && pdl.Before(dl) {
+		dl = pdl
+	}
+	return &handlerCtx{parent: parent, deadline: dl, info: info}
+}
+
+// materialize returns the real context, making it if needed. Called with
+// mu held.
+func (c *handlerCtx) materialize() context.Context {
+	if c.real == nil {
+		c.real, c.cancelFn = context.WithDeadline(c.parent, c.deadline)
+		if c.ended != nil {
+			c.cancelFn()
+		}
+	}
+	return c.real
+}
+
+func (c *handlerCtx) Deadline() (time.Time, bool) { return c.deadline, true }
+
+func (c *handlerCtx) Done() <-chan struct{} {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.materialize().Done()
+}
+
+func (c *handlerCtx) Err() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.real != nil {
+		return c.real.Err()
+	}
+	return c.errNow()
+}
+
+// errNow is Err while not materialized. Called with mu held.
+func (c *handlerCtx) errNow() error {
+	if c.ended != nil {
+		return c.ended
+	}
+	if err := c.parent.Err(); err != nil {
+		return err
+	}
+	if !time.Now().Before(c.deadline) {
+		return context.DeadlineExceeded
+	}
+	return nil
+}
+
+// Value answers the handler key itself; any other key (context.Cause's
+// and context.WithCancel's lookups included) goes to the materialized
+// context, so that they see exactly what context.WithTimeout would give.
+func (c *handlerCtx) Value(key any) any {
+	if _, ok := key.(handlerKey); ok {
+		return &c.info
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.materialize().Value(key)
+}
+
+// cancel ends the context, as the CancelFunc of context.WithTimeout does.
+func (c *handlerCtx) cancel() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.cancelFn != nil {
+		c.cancelFn()
+	} else if c.ended == nil {
+		c.ended = c.errNow()
+		if c.ended == nil {
+			c.ended = context.Canceled
+		}
+	}
+}
+
 // SequenceOf returns the sequence number of the broadcast a Receiver's
 // handler is acting on, from the context it was given (for a journal, or
 // logs that must line up across nodes).
@@ -1452,9 +1549,8 @@ func (b *Broadcaster) skipReply(r Reply) bool {
 // reply. A panicking handler is an error, not a crash that would leave
 // every sender waiting.
 func (b *Broadcaster) act(ctx context.Context, e Envelope) Reply {
-	hctx, cancel := context.WithTimeout(ctx, b.cfg.ReceiveTimeout)
-	defer cancel()
-	hctx = context.WithValue(hctx, handlerKey{}, &handlerInfo{b: b, seq: e.Seq})
+	hctx := newHandlerCtx(ctx, b.cfg.ReceiveTimeout, handlerInfo{b: b, seq: e.Seq})
+	defer hctx.cancel()
 	err := func() (err error) {
 		defer func() {
 			if p := recover(); p != nil {
