@@ -1952,7 +1952,11 @@ func (b *Broadcaster) askMailbox(ctx context.Context, e Envelope, val []byte, r 
 // returns the Result. Holds the message lock in EX on entry, NL on return.
 func (b *Broadcaster) publish(ctx context.Context, sm dlm.LockHandle, e Envelope) (Result, error) {
 	self := b.cfg.Self
-	if err := sm.SetLVB(e.Encode(b.cfg.Locker.LVBLen())); err != nil {
+	n := b.cfg.Locker.LVBLen()
+	// Encoded once: the message lock and every mailbox get the same
+	// value (SetLVB copies it).
+	val := e.Encode(n)
+	if err := sm.SetLVB(val); err != nil {
 		_ = b.down(ctx, sm, dlm.NL, 0)
 		return Result{Seq: e.Seq}, fmt.Errorf("broadcast: node %d: broadcast %d: %w", self, e.Seq, err)
 	}
@@ -1976,8 +1980,6 @@ func (b *Broadcaster) publish(ctx context.Context, sm dlm.LockHandle, e Envelope
 	b.stats.Sends++
 	b.mu.Unlock()
 	answers := make([]Answer, len(recv))
-	n := b.cfg.Locker.LVBLen()
-	val := e.Encode(n)
 	b.cfg.Parallel(len(recv), func(i int) {
 		if viaBox[i] {
 			answers[i] = b.askMailbox(ctx, e, val, recv[i], n)
