@@ -1298,9 +1298,9 @@ func (b *Broadcaster) newest(ctx context.Context, base []byte) []byte {
 }
 
 // keepCopy writes broadcast lvb (sequence number seq, just taken from the
-// mailbox) into this node's copy lock: PW -> NL with VALBLK, then back to
-// PW. Both are local when this node masters its copy lock (it took it
-// first, at Join), so no frame is sent.
+// mailbox) into this node's copy lock: PW -> PW with VALBLK. That is local
+// when this node masters its copy lock (it took it first, at Join), so no
+// frame is sent.
 func (b *Broadcaster) keepCopy(ctx context.Context, lvb []byte, seq uint64) error {
 	b.mu.Lock()
 	cp := b.copyLk
@@ -1312,15 +1312,14 @@ func (b *Broadcaster) keepCopy(ctx context.Context, lvb []byte, seq uint64) erro
 	if err := cp.SetLVB(lvb); err != nil {
 		return err
 	}
-	if err := b.down(ctx, cp, dlm.NL, dlm.ValBlk); err != nil {
-		return err
-	}
-	// Granted at once (readers hold CR, compatible with PW): the lazy bound
-	// starts no timer unless it waits.
+	// PW -> PW with VALBLK writes the value in one conversion (a lock
+	// manager writes the value on any conversion from PW or EX), where
+	// PW -> NL -> PW took two. Granted at once (readers hold CR, compatible
+	// with PW): the lazy bound starts no timer unless it waits.
 	cctx := b.quickCtx(ctx)
 	defer cctx.cancel()
 	if err := cp.Convert(cctx, dlm.PW, dlm.ValBlk); err != nil {
-		return fmt.Errorf("convert %s to PW: %w", CopyLock(b.cfg.Self), err)
+		return fmt.Errorf("write %s (PW to PW): %w", CopyLock(b.cfg.Self), err)
 	}
 	b.mu.Lock()
 	b.copySeq = seq
