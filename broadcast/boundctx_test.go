@@ -73,3 +73,160 @@ func TestBoundCtx(t *testing.T) {
 		}
 	}
 }
+
+// quickLockCtx behaves as context.WithTimeout(parent, LockTimeout): the
+// parent's end and its earlier deadline count, whether or not anyone asks
+// for Done first.
+func TestQuickLockCtx(t *testing.T) {
+	b := &Broadcaster{cfg: Config{LockTimeout: time.Hour}}
+	for _, askDone := range []bool{false, true} {
+		parent, cancelParent := context.WithCancel(context.WithValue(context.Background(), ctxKey{}, "v"))
+		c := b.quickLockCtx(parent)
+		if c.Value(ctxKey{}) != "v" {
+			t.Fatal("value not passed through")
+		}
+		var done <-chan struct{}
+		if askDone {
+			done = c.Done()
+		}
+		if c.Err() != nil {
+			t.Fatal("ended before its parent:", c.Err())
+		}
+		cancelParent()
+		if !askDone {
+			done = c.Done()
+		}
+		select {
+		case <-done:
+		case <-time.After(guard):
+			t.Fatal("Done not closed after the parent was cancelled", askDone)
+		}
+		if !errors.Is(c.Err(), context.Canceled) {
+			t.Fatal(askDone, c.Err())
+		}
+		c.cancel()
+	}
+
+	// The parent's deadline, earlier than the bound, is the deadline.
+	for _, askDone := range []bool{false, true} {
+		parent, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+		c := b.quickLockCtx(parent)
+		if dl, ok := c.Deadline(); !ok || time.Until(dl) > 20*time.Millisecond {
+			t.Fatal("deadline", dl, ok)
+		}
+		if askDone {
+			select {
+			case <-c.Done():
+			case <-time.After(guard):
+				t.Fatal("Done not closed by the parent's deadline")
+			}
+		} else {
+			time.Sleep(25 * time.Millisecond)
+		}
+		if !errors.Is(c.Err(), context.DeadlineExceeded) {
+			t.Fatal(askDone, c.Err())
+		}
+		c.cancel()
+		cancel()
+	}
+
+	// Its own bound, earlier than the parent's, ends it; cancel stops it
+	// following the parent.
+	b.cfg.LockTimeout = 20 * time.Millisecond
+	parent, cancelParent := context.WithCancel(context.Background())
+	defer cancelParent()
+	c := b.quickLockCtx(parent)
+	select {
+	case <-c.Done():
+	case <-time.After(guard):
+		t.Fatal("Done not closed by the bound")
+	}
+	if !errors.Is(c.Err(), context.DeadlineExceeded) {
+		t.Fatal(c.Err())
+	}
+	c = b.quickLockCtx(parent)
+	_ = c.Done()
+	c.cancel()
+	cancelParent()
+	if !errors.Is(c.Err(), context.Canceled) {
+		t.Fatal("after cancel:", c.Err())
+	}
+}
+
+// handlerCtx behaves as context.WithValue(context.WithTimeout(parent, d),
+// handlerKey{}, info), whether the handler asks for Done, for a value, or
+// for nothing.
+func TestHandlerCtx(t *testing.T) {
+	b := &Broadcaster{}
+	info := handlerInfo{b: b, seq: 7}
+	// asks: 0 nothing, 1 Done, 2 a value (materializes too)
+	for asks := range 3 {
+		ask := func(c *handlerCtx) {
+			switch asks {
+			case 1:
+				_ = c.Done()
+			case 2:
+				if c.Value(ctxKey{}) != "v" {
+					t.Fatal("value not passed through")
+				}
+			}
+		}
+		parent, cancelParent := context.WithCancel(context.WithValue(context.Background(), ctxKey{}, "v"))
+		c := newHandlerCtx(parent, time.Hour, info)
+		ask(c)
+		if seq, ok := SequenceOf(c); !ok || seq != 7 || !b.inHandler(c) {
+			t.Fatal("handler info", seq, ok)
+		}
+		if c.Err() != nil {
+			t.Fatal(asks, "ended early:", c.Err())
+		}
+		cancelParent()
+		if !errors.Is(c.Err(), context.Canceled) {
+			t.Fatal(asks, "parent cancelled:", c.Err())
+		}
+		select {
+		case <-c.Done():
+		case <-time.After(guard):
+			t.Fatal(asks, "Done not closed after the parent's cancel")
+		}
+		c.cancel()
+
+		// The bound: Err reports it whether or not Done was asked for,
+		// and context.Cause agrees.
+		vals := context.WithValue(context.Background(), ctxKey{}, "v")
+		c = newHandlerCtx(vals, 20*time.Millisecond, info)
+		ask(c)
+		if dl, ok := c.Deadline(); !ok || time.Until(dl) > 20*time.Millisecond {
+			t.Fatal("deadline", dl, ok)
+		}
+		time.Sleep(25 * time.Millisecond)
+		if !errors.Is(c.Err(), context.DeadlineExceeded) || !errors.Is(context.Cause(c), context.DeadlineExceeded) {
+			t.Fatal(asks, "after the bound:", c.Err(), context.Cause(c))
+		}
+		select {
+		case <-c.Done():
+		case <-time.After(guard):
+			t.Fatal(asks, "Done not closed after the bound")
+		}
+		c.cancel()
+		if !errors.Is(c.Err(), context.DeadlineExceeded) {
+			t.Fatal(asks, "cancel after the bound changed the error:", c.Err())
+		}
+
+		// Cancelled (the handler returned): Canceled, and a child
+		// context made from it ends with it.
+		c = newHandlerCtx(vals, time.Hour, info)
+		ask(c)
+		child, stop := context.WithCancel(c)
+		c.cancel()
+		if !errors.Is(c.Err(), context.Canceled) {
+			t.Fatal(asks, "after cancel:", c.Err())
+		}
+		select {
+		case <-child.Done():
+		case <-time.After(guard):
+			t.Fatal(asks, "child not ended by cancel")
+		}
+		stop()
+	}
+}

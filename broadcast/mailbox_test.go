@@ -181,3 +181,44 @@ func TestClusterMailboxMasteredElsewhere(t *testing.T) {
 		t.Fatalf("%d fallbacks to the ack locks: the mailbox path was not used", fallbacks)
 	}
 }
+
+// Each receiver keeps the broadcast it took from its mailbox in its copy
+// lock (what lets it survive its sender's and the message lock master's
+// deaths): after every broadcast that went through the mailboxes, another
+// node reading a receiver's copy lock finds that broadcast there. (The
+// first broadcasts after the joins may find a listener not queued yet and
+// go through the ack locks, which write no copy: those are skipped.)
+func TestClusterMailboxCopyLock(t *testing.T) {
+	c := startCluster(t, 3, nil)
+	c.joinAll()
+	ctx := withGuard(t)
+	checked := 0
+	for i := range 10 {
+		fb := c.nodes[0].b.Stats().Fallbacks
+		res, err := c.nodes[0].b.Send(ctx, Message{Type: MetadataUpdated, RaidSlot: uint32(i)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if c.nodes[0].b.Stats().Fallbacks != fb {
+			continue
+		}
+		checked++
+		for _, r := range []int{1, 2} {
+			reader := c.nodes[3-r] // the other receiver
+			h, err := reader.ls.Acquire(ctx, dlm.LockRequest{Resource: CopyLock(c.nodes[r].id), Mode: dlm.CR, Flags: dlm.ValBlk})
+			if err != nil {
+				t.Fatal(err)
+			}
+			e, err := DecodeEnvelope(h.LVB())
+			if err != nil || e.Seq != res.Seq || e.Msg.RaidSlot != uint32(i) {
+				t.Fatalf("broadcast %d: copy lock of node %d holds %+v (%v), want sequence %d", i, c.nodes[r].id, e, err, res.Seq)
+			}
+			if err := h.Unlock(ctx, 0); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if checked < 5 {
+		t.Fatalf("only %d of 10 broadcasts went through the mailboxes", checked)
+	}
+}
