@@ -1,0 +1,101 @@
+package array
+
+import (
+	"bytes"
+	"testing"
+	"time"
+
+	"github.com/mdcluster/mdcluster/mdcluster/node"
+)
+
+// isolate makes the failure detectors of id and of the other nodes lose
+// sight of each other (a false suspicion under load: nobody restarts), or
+// shows everyone again (on == false).
+func (c *tcluster) isolate(id node.NodeID, on bool) {
+	c.t.Helper()
+	var others []node.NodeID
+	for _, o := range c.ids {
+		if o != id {
+			others = append(others, o)
+		}
+	}
+	for _, o := range c.ids {
+		switch {
+		case !on:
+			c.nodes[o].n.HideNodes(nil)
+		case o == id:
+			c.nodes[o].n.HideNodes(others)
+		default:
+			c.nodes[o].n.HideNodes([]node.NodeID{id})
+		}
+	}
+}
+
+// TestClusterRejoinAfterExclusion: node 2 stays alive but the cluster
+// leaves it out of a view (and fences it, and recovers its slot), then
+// readmits it clean: its lock manager purged the array's locks, its slot
+// lock among them. The manager must notice, stop its I/O, and re-join the
+// array by itself: re-take its slot, re-read the members (a member failed
+// by the others meanwhile must be out on node 2 too), re-join the
+// broadcast, and serve writes again, consistent on every mirror. Before,
+// node 2 ended failed ("stop and assemble the array again").
+func TestClusterRejoinAfterExclusion(t *testing.T) {
+	c := newTCluster(t, 3)
+	c.createAndAssemble(true, 3, "a.img", "b.img", "c.img")
+	c.writeSome(2, 10, 0, 4<<20)
+	c.writeSome(1, 20, 2<<20)
+	ctx := c.ctx()
+
+	c.isolate(2, true)
+	c.waitDeparted(2)
+	t.Log("node 2 left out of the view (still running)")
+	// Meanwhile the survivors fail a member and write.
+	if err := c.nodes[1].m.Fail(ctx, 2); err != nil {
+		t.Fatalf("fail dev 2 while node 2 is out: %v", err)
+	}
+	c.writeSome(3, 30, 1<<20)
+
+	c.isolate(2, false)
+	c.waitView(c.ids)
+	t.Log("node 2 readmitted")
+	m2 := c.nodes[2].m
+	start := time.Now()
+	eventually(t, guard, func() bool {
+		st := m2.Status()
+		if st.Phase == PhaseFailed {
+			t.Fatalf("node 2 failed instead of re-joining: %s", st.FailReason)
+		}
+		return st.Phase == PhaseRunning && st.Rejoins == 1 && !st.Rejoining
+	}, "node 2 to re-join the array")
+	t.Logf("node 2 re-joined %v after the readmitting view", time.Since(start).Round(time.Millisecond))
+
+	// The member failed while node 2 was out is out on node 2 too.
+	c.agree("")
+	if ms := m2.Members(); countState(ms, MemberFaulty) != 1 {
+		t.Fatalf("node 2 members after re-join: %v, want dev 2 faulty", ms)
+	}
+	// Node 2 sees the write made while it was out, and writes again.
+	got := make([]byte, 64<<10)
+	if _, err := c.nodes[2].eng.ReadAt(got, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, pattern(30, len(got))) {
+		t.Fatal("node 2 does not read the data node 3 wrote while node 2 was out")
+	}
+	c.writeSome(2, 40, 0, 3<<20)
+	c.writeSome(1, 50, 5<<20)
+	for _, id := range c.ids {
+		if _, err := c.nodes[id].eng.ReadAt(got, 3<<20); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, pattern(41, len(got))) { // writeSome: seed+1 for the second offset
+			t.Fatalf("node %d does not read node 2's write after the re-join", id)
+		}
+	}
+	// Its slot is its own again: a second exclusion would be noticed too,
+	// and its writes are on both in-sync mirrors.
+	if err := m2.own.Check(); err != nil {
+		t.Fatalf("node 2 does not own its slot after the re-join: %v", err)
+	}
+	c.sameData("a.img", "b.img")
+}
