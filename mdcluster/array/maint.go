@@ -158,7 +158,11 @@ func (m *Manager) rejoin(ctx context.Context, cancel context.CancelFunc, why err
 			m.rejoining, m.rejoinCancel = false, nil
 			if m.phase == PhaseStopped {
 				m.phase = PhaseFailed
-				m.failReason = fmt.Sprintf("this node's locks were lost (%v) and re-joining the array did not succeed within %s: %v; stop and assemble the array again", why, m.cfg.RejoinLimit, err)
+				if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+					m.failReason = fmt.Sprintf("this node's locks were lost (%v) and re-joining the array did not succeed within %s: %v; stop and assemble the array again", why, m.cfg.RejoinLimit, err)
+				} else {
+					m.failReason = fmt.Sprintf("this node's locks were lost (%v) and re-joining the array was cancelled (stop): %v", why, err)
+				}
 			}
 			reason := m.failReason
 			m.mu.Unlock()

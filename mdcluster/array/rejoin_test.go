@@ -2,6 +2,8 @@ package array
 
 import (
 	"bytes"
+	"errors"
+	"strings"
 	"testing"
 	"time"
 
@@ -97,5 +99,62 @@ func TestClusterRejoinAfterExclusion(t *testing.T) {
 	if err := m2.own.Check(); err != nil {
 		t.Fatalf("node 2 does not own its slot after the re-join: %v", err)
 	}
+	c.sameData("a.img", "b.img")
+}
+
+// TestClusterRejoinBounded: a node that lost its locks retries its re-join
+// (here its devices cannot be opened) for at most RejoinLimit, then fails
+// the array here with the reason; once it can open them again, Stop and
+// Assemble by hand bring it back.
+func TestClusterRejoinBounded(t *testing.T) {
+	c := newTCluster(t, 3)
+	c.manager(2, func(cfg *Config) { cfg.RejoinLimit = 2 * time.Second })
+	c.createAndAssemble(true, 2, "a.img", "b.img")
+	c.writeSome(2, 10, 0)
+	ctx := c.ctx()
+
+	c.isolate(2, true)
+	c.waitDeparted(2)
+	tn := c.nodes[2]
+	tn.hideMu.Lock()
+	tn.openFail = func(p string) error { return errors.New("injected: device unavailable") }
+	tn.hideMu.Unlock()
+	c.isolate(2, false)
+	c.waitView(c.ids)
+	m2 := tn.m
+	start := time.Now()
+	sawRejoining := false
+	eventually(t, guard, func() bool {
+		st := m2.Status()
+		sawRejoining = sawRejoining || st.Rejoining
+		return st.Phase == PhaseFailed
+	}, "node 2 to give up re-joining")
+	took := time.Since(start)
+	st := m2.Status()
+	t.Logf("node 2 gave up after %v: %s", took.Round(time.Millisecond), st.FailReason)
+	if !strings.Contains(st.FailReason, "did not succeed within 2s") || !strings.Contains(st.FailReason, "no device") {
+		t.Fatalf("fail reason %q does not say why", st.FailReason)
+	}
+	if !sawRejoining && took < time.Second {
+		t.Fatalf("node 2 failed after %v without retrying its re-join", took)
+	}
+	if st.Rejoining || st.Rejoins != 0 {
+		t.Fatalf("status after giving up: rejoining %v, rejoins %d", st.Rejoining, st.Rejoins)
+	}
+	if err := tn.eng.WriteAt(pattern(1, 4096), 0, 0); !errors.Is(err, ErrEngineStopped) {
+		t.Fatalf("write on the failed node: %v, want ErrEngineStopped", err)
+	}
+
+	tn.hideMu.Lock()
+	tn.openFail = nil
+	tn.hideMu.Unlock()
+	if err := m2.Stop(ctx); err != nil {
+		t.Fatalf("stop after giving up: %v", err)
+	}
+	if err := m2.Assemble(ctx); err != nil {
+		t.Fatalf("assemble by hand: %v", err)
+	}
+	c.writeSome(2, 20, 1<<20)
+	c.agree("")
 	c.sameData("a.img", "b.img")
 }
