@@ -111,10 +111,27 @@ func (m *Manager) startRejoin(why error) {
 	m.rejoining, m.rejoinCancel, m.engineOn = true, cancel, false
 	m.rejoinWG.Add(1)
 	m.mu.Unlock()
+	if h, ok := m.cfg.Engine.(ioHolder); ok {
+		h.HoldIO()
+	}
 	_ = m.cfg.Engine.Stop()
 	m.log.Warn("this node's locks were lost (the cluster excluded it and readmitted it clean): array I/O stopped here; re-joining the array",
 		"reason", why, "limit", m.cfg.RejoinLimit)
 	go m.rejoin(ctx, cancel, why)
+}
+
+// ioHolder is an Engine that can hold new requests while the manager
+// re-joins the array (RAIDEngine): they wait rather than fail.
+type ioHolder interface {
+	HoldIO()
+	ReleaseIO()
+}
+
+// releaseIO lets requests held by startRejoin go on.
+func (m *Manager) releaseIO() {
+	if h, ok := m.cfg.Engine.(ioHolder); ok {
+		h.ReleaseIO()
+	}
 }
 
 // rejoin assembles the array again after lost locks: it drops what is
@@ -126,11 +143,13 @@ func (m *Manager) startRejoin(why error) {
 // the engine starts), re-joins the broadcast and no-new-dev, and re-takes
 // its own bitmap slot, probing it first: if a survivor recovered the slot
 // meanwhile, its bits were merged and cleared, and this node starts clean;
-// if not, the join recovers it itself. I/O (ErrEngineStopped until then)
-// resumes only when all of that is done.
+// if not, the join recovers it itself. I/O resumes only when all of that
+// is done: requests held meanwhile (HoldIO) go on then, or fail with
+// ErrEngineStopped if the re-join gives up.
 func (m *Manager) rejoin(ctx context.Context, cancel context.CancelFunc, why error) {
 	defer m.rejoinWG.Done()
 	defer cancel()
+	defer m.releaseIO()
 	start := time.Now()
 	m.mu.Lock()
 	m.phase = PhaseStopping

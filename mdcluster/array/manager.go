@@ -794,6 +794,7 @@ func (m *Manager) kill() {
 		cancel()
 	}
 	_ = m.cfg.Engine.Stop()
+	m.releaseIO()
 	if own != nil {
 		own.Close()
 	}

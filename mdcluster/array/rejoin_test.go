@@ -2,12 +2,15 @@ package array
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/mdcluster/mdcluster/mdcluster/export/nbd"
 	"github.com/mdcluster/mdcluster/mdcluster/node"
+	"github.com/mdcluster/mdcluster/mdcluster/superblock"
 )
 
 // isolate makes the failure detectors of id and of the other nodes lose
@@ -157,4 +160,65 @@ func TestClusterRejoinBounded(t *testing.T) {
 	c.writeSome(2, 20, 1<<20)
 	c.agree("")
 	c.sameData("a.img", "b.img")
+}
+
+// TestRAIDEngineHoldIO: while the manager holds I/O (re-joining the array),
+// requests wait, even once the engine has started again, until it releases
+// them, and then succeed; a hold never released fails them after HoldWait
+// with ErrEngineStopped; a stop without a hold fails them at once.
+func TestRAIDEngineHoldIO(t *testing.T) {
+	mems, ems := engineMembers(2, 2048)
+	e := NewRAIDEngine(RAIDEngineConfig{ResyncIOSize: 64 << 10, HoldWait: 300 * time.Millisecond})
+	ctx := context.Background()
+	setup := EngineSetup{Level: superblock.LevelRAID1, RaidDisks: 2, DevSectors: 2048, Members: ems}
+	if err := e.Start(ctx, setup); err != nil {
+		t.Fatal(err)
+	}
+	defer e.Stop()
+	e.HoldIO()
+	if err := e.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- e.WriteAt(bytes.Repeat([]byte{9}, 4096), 0, 0) }()
+	if err := e.Start(ctx, setup); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-done:
+		t.Fatalf("a held write went on before ReleaseIO: %v", err)
+	case <-time.After(50 * time.Millisecond):
+	}
+	e.ReleaseIO()
+	if err := <-done; err != nil {
+		t.Fatalf("held write after release: %v", err)
+	}
+	for i, m := range mems {
+		if dataOf(m)[0] != 9 {
+			t.Fatalf("member %d lacks the held write", i)
+		}
+	}
+	if w, to := e.HoldStats(); w != 1 || to != 0 {
+		t.Fatalf("HoldStats = %d waited, %d timed out; want 1, 0", w, to)
+	}
+
+	// Held and never released: fails after HoldWait.
+	e.HoldIO()
+	if err := e.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	err := e.WriteAt(make([]byte, 4096), 0, 0)
+	if !errors.Is(err, ErrEngineStopped) || !errors.Is(err, nbd.ErrShutdown) || time.Since(start) < 250*time.Millisecond {
+		t.Fatalf("held write never released: %v after %v, want ErrEngineStopped after HoldWait", err, time.Since(start))
+	}
+	if _, to := e.HoldStats(); to != 1 {
+		t.Fatalf("timed out count %d, want 1", to)
+	}
+	// Released while stopped: fails at once.
+	e.ReleaseIO()
+	start = time.Now()
+	if err := e.WriteAt(make([]byte, 4096), 0, 0); !errors.Is(err, ErrEngineStopped) || time.Since(start) > 100*time.Millisecond {
+		t.Fatalf("write on a stopped engine without a hold: %v after %v", err, time.Since(start))
+	}
 }
