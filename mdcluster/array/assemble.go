@@ -511,7 +511,11 @@ func (m *Manager) Stop(ctx context.Context) error {
 	m.phase = PhaseStopping
 	m.mu.Unlock()
 	m.log.Info("stopping the array")
-	return m.shutdown(ctx, true, false)
+	err := m.shutdown(ctx, true, false)
+	// A hold taken for a re-join that never started (or was cancelled
+	// above) must not outlive the array.
+	m.releaseIO()
+	return err
 }
 
 // shutdownLost tears the old join down after this node lost its locks:

@@ -49,6 +49,16 @@ func (m *Manager) recoverDeparted(gen uint64, nodes []dlm.NodeID) {
 // may have left a change half done (see maintDeparted).
 func (m *Manager) recoverDone(gen uint64, members []dlm.NodeID, _ dlm.NodeID) {
 	m.mu.Lock()
+	own, running, rejoining := m.own, m.phase == PhaseRunning, m.rejoining
+	m.mu.Unlock()
+	if running && !rejoining && own != nil && own.Check() != nil {
+		// This node's slot lock did not survive the recovery (the
+		// ownership driver, an earlier handler, has just found it lost).
+		// Hold new requests now, not only once the maintenance loop's
+		// checkLocks starts the re-join: the engine still runs.
+		m.holdIO()
+	}
+	m.mu.Lock()
 	departed := m.departed
 	m.departed = nil
 	m.view = slices.Clone(members)
@@ -84,6 +94,7 @@ func (m *Manager) checkLocks() {
 	own, bus, ph := m.own, m.bus, m.phase
 	m.mu.Unlock()
 	if ph != PhaseRunning || own == nil || bus == nil {
+		m.releaseUnlessRejoining()
 		return
 	}
 	var why error
@@ -93,9 +104,21 @@ func (m *Manager) checkLocks() {
 		why = fmt.Errorf("the broadcast says this node is %s", p)
 	}
 	if why == nil {
+		m.releaseUnlessRejoining()
 		return
 	}
 	m.startRejoin(why)
+}
+
+// releaseUnlessRejoining drops a hold recoverDone took when no re-join
+// follows (the array was stopped meanwhile); a re-join releases its own.
+func (m *Manager) releaseUnlessRejoining() {
+	m.mu.Lock()
+	rejoining := m.rejoining
+	m.mu.Unlock()
+	if !rejoining {
+		m.releaseIO()
+	}
 }
 
 // startRejoin stops the engine at once (no write may go out without the
@@ -104,16 +127,18 @@ func (m *Manager) checkLocks() {
 func (m *Manager) startRejoin(why error) {
 	m.mu.Lock()
 	if m.phase != PhaseRunning || m.rejoining || m.dead {
+		rejoining := m.rejoining
 		m.mu.Unlock()
+		if !rejoining {
+			m.releaseIO()
+		}
 		return
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), m.cfg.RejoinLimit)
 	m.rejoining, m.rejoinCancel, m.engineOn = true, cancel, false
 	m.rejoinWG.Add(1)
 	m.mu.Unlock()
-	if h, ok := m.cfg.Engine.(ioHolder); ok {
-		h.HoldIO()
-	}
+	m.holdIO()
 	_ = m.cfg.Engine.Stop()
 	m.log.Warn("this node's locks were lost (the cluster excluded it and readmitted it clean): array I/O stopped here; re-joining the array",
 		"reason", why, "limit", m.cfg.RejoinLimit)
@@ -125,6 +150,13 @@ func (m *Manager) startRejoin(why error) {
 type ioHolder interface {
 	HoldIO()
 	ReleaseIO()
+}
+
+// holdIO makes new requests wait (see RAIDEngine.HoldIO).
+func (m *Manager) holdIO() {
+	if h, ok := m.cfg.Engine.(ioHolder); ok {
+		h.HoldIO()
+	}
 }
 
 // releaseIO lets requests held by startRejoin go on.

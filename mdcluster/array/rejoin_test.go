@@ -63,6 +63,25 @@ func TestClusterRejoinAfterExclusion(t *testing.T) {
 	c.isolate(2, false)
 	c.waitView(c.ids)
 	t.Log("node 2 readmitted")
+	// Writes through node 2 from the readmitting view on wait for the
+	// re-join (held), none fails.
+	stopW, wdone := make(chan struct{}), make(chan error, 1)
+	var nw int
+	go func() {
+		for {
+			select {
+			case <-stopW:
+				wdone <- nil
+				return
+			default:
+			}
+			if err := c.nodes[2].eng.WriteAt(pattern(60, 64<<10), 6<<20, 0); err != nil {
+				wdone <- err
+				return
+			}
+			nw++
+		}
+	}()
 	m2 := c.nodes[2].m
 	start := time.Now()
 	eventually(t, guard, func() bool {
@@ -73,6 +92,13 @@ func TestClusterRejoinAfterExclusion(t *testing.T) {
 		return st.Phase == PhaseRunning && st.Rejoins == 1 && !st.Rejoining
 	}, "node 2 to re-join the array")
 	t.Logf("node 2 re-joined %v after the readmitting view", time.Since(start).Round(time.Millisecond))
+	time.Sleep(50 * time.Millisecond)
+	close(stopW)
+	if err := <-wdone; err != nil {
+		t.Fatalf("a write through node 2 failed during its re-join (after %d good ones): %v", nw, err)
+	}
+	waited, _ := c.nodes[2].eng.HoldStats()
+	t.Logf("node 2: %d writes during and after the re-join, %d of them held", nw, waited)
 
 	// The member failed while node 2 was out is out on node 2 too.
 	c.agree("")
