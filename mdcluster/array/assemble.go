@@ -450,7 +450,7 @@ func (m *Manager) abortAssemble() {
 	m.log.Warn("assemble failed: releasing what it took")
 	ctx, cancel := context.WithTimeout(context.Background(), m.cfg.LockTimeout)
 	defer cancel()
-	m.shutdown(ctx, false)
+	m.shutdown(ctx, false, false)
 }
 
 // readRemoteWindows reads, for every slot a live node owns, the resync
@@ -496,6 +496,13 @@ func (m *Manager) readRemoteWindows(ctx context.Context) {
 // no-new-dev and the broadcast are released.
 func (m *Manager) Stop(ctx context.Context) error {
 	m.mu.Lock()
+	if rc := m.rejoinCancel; rc != nil {
+		// A re-join after lost locks is under way: end it first.
+		m.mu.Unlock()
+		rc()
+		m.rejoinWG.Wait()
+		m.mu.Lock()
+	}
 	if m.phase != PhaseRunning && m.phase != PhaseFailed {
 		ph := m.phase
 		m.mu.Unlock()
@@ -504,12 +511,25 @@ func (m *Manager) Stop(ctx context.Context) error {
 	m.phase = PhaseStopping
 	m.mu.Unlock()
 	m.log.Info("stopping the array")
-	return m.shutdown(ctx, true)
+	err := m.shutdown(ctx, true, false)
+	// A hold taken for a re-join that never started (or was cancelled
+	// above) must not outlive the array.
+	m.releaseIO()
+	return err
+}
+
+// shutdownLost tears the old join down after this node lost its locks:
+// the slot lock, no-new-dev and the broadcast's locks were purged by the
+// lock manager, so nothing is released or sent; the loops end, the
+// lockspace handle is released and the devices closed, ready for a new
+// Assemble.
+func (m *Manager) shutdownLost(ctx context.Context) error {
+	return m.shutdown(ctx, false, true)
 }
 
 // shutdown releases everything. graceful sends BITMAP_NEEDS_SYNC when work
 // is left behind.
-func (m *Manager) shutdown(ctx context.Context, graceful bool) error {
+func (m *Manager) shutdown(ctx context.Context, graceful, lost bool) error {
 	m.mu.Lock()
 	cancel, bus, own, ls, nnd := m.cancel, m.bus, m.own, m.ls, m.noNewDev
 	runEnd := m.runEnd
@@ -540,18 +560,18 @@ func (m *Manager) shutdown(ctx context.Context, graceful bool) error {
 		}
 	}
 	if own != nil {
-		if m.isDead() {
+		if m.isDead() || lost {
 			own.Close()
 		} else if err := own.Leave(ctx); err != nil {
 			errs = append(errs, err)
 		}
 	}
-	if nnd != nil && !m.isDead() {
+	if nnd != nil && !m.isDead() && !lost {
 		if err := nnd.Unlock(context.WithoutCancel(ctx), 0); err != nil && !errors.Is(err, dlm.ErrReleased) {
 			errs = append(errs, fmt.Errorf("release %s: %w", NoNewDevLock, err))
 		}
 	}
-	if bus != nil && !m.isDead() {
+	if bus != nil && !m.isDead() && !lost {
 		// Leave refuses while a receive is still under way (a handler that
 		// outlived its sender); it is retried for at most LockTimeout.
 		deadline := time.Now().Add(m.cfg.LockTimeout)

@@ -49,6 +49,16 @@ func (m *Manager) recoverDeparted(gen uint64, nodes []dlm.NodeID) {
 // may have left a change half done (see maintDeparted).
 func (m *Manager) recoverDone(gen uint64, members []dlm.NodeID, _ dlm.NodeID) {
 	m.mu.Lock()
+	own, running, rejoining := m.own, m.phase == PhaseRunning, m.rejoining
+	m.mu.Unlock()
+	if running && !rejoining && own != nil && own.Check() != nil {
+		// This node's slot lock did not survive the recovery (the
+		// ownership driver, an earlier handler, has just found it lost).
+		// Hold new requests now, not only once the maintenance loop's
+		// checkLocks starts the re-join: the engine still runs.
+		m.holdIO()
+	}
+	m.mu.Lock()
 	departed := m.departed
 	m.departed = nil
 	m.view = slices.Clone(members)
@@ -72,16 +82,19 @@ func (m *Manager) recoverDone(gen uint64, members []dlm.NodeID, _ dlm.NodeID) {
 	m.wake(m.kick)
 }
 
-// checkLocks stops the array here if this node's locks did not survive
-// the view change (it was excluded and rejoined clean): it no longer owns
-// its bitmap slot, so it may not write, and no longer receives changes, so
-// its member set may fall behind. Running on would serve data the other
-// nodes do not coordinate with.
+// checkLocks re-joins the array if this node's locks did not survive the
+// view change (the cluster excluded it, possibly on a false suspicion, and
+// readmitted it clean: its lock manager purged everything it held). It no
+// longer owns its bitmap slot, so it may not write, and no longer receives
+// changes, so its member set may be behind. Running on would serve data the
+// other nodes do not coordinate with, so its I/O stops at once and the
+// array is assembled again here (see rejoin).
 func (m *Manager) checkLocks() {
 	m.mu.Lock()
 	own, bus, ph := m.own, m.bus, m.phase
 	m.mu.Unlock()
 	if ph != PhaseRunning || own == nil || bus == nil {
+		m.releaseUnlessRejoining()
 		return
 	}
 	var why error
@@ -91,9 +104,129 @@ func (m *Manager) checkLocks() {
 		why = fmt.Errorf("the broadcast says this node is %s", p)
 	}
 	if why == nil {
+		m.releaseUnlessRejoining()
 		return
 	}
-	m.failLocal(fmt.Sprintf("this node's locks were lost (the cluster excluded it and it rejoined clean): %v; stop and assemble the array again", why))
+	m.startRejoin(why)
+}
+
+// releaseUnlessRejoining drops a hold recoverDone took when no re-join
+// follows (the array was stopped meanwhile); a re-join releases its own.
+func (m *Manager) releaseUnlessRejoining() {
+	m.mu.Lock()
+	rejoining := m.rejoining
+	m.mu.Unlock()
+	if !rejoining {
+		m.releaseIO()
+	}
+}
+
+// startRejoin stops the engine at once (no write may go out without the
+// slot lock) and starts rejoin in its own goroutine: rejoin stops the
+// maintenance loop, which is the caller.
+func (m *Manager) startRejoin(why error) {
+	m.mu.Lock()
+	if m.phase != PhaseRunning || m.rejoining || m.dead {
+		rejoining := m.rejoining
+		m.mu.Unlock()
+		if !rejoining {
+			m.releaseIO()
+		}
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), m.cfg.RejoinLimit)
+	m.rejoining, m.rejoinCancel, m.engineOn = true, cancel, false
+	m.rejoinWG.Add(1)
+	m.mu.Unlock()
+	m.holdIO()
+	_ = m.cfg.Engine.Stop()
+	m.log.Warn("this node's locks were lost (the cluster excluded it and readmitted it clean): array I/O stopped here; re-joining the array",
+		"reason", why, "limit", m.cfg.RejoinLimit)
+	go m.rejoin(ctx, cancel, why)
+}
+
+// ioHolder is an Engine that can hold new requests while the manager
+// re-joins the array (RAIDEngine): they wait rather than fail.
+type ioHolder interface {
+	HoldIO()
+	ReleaseIO()
+}
+
+// holdIO makes new requests wait (see RAIDEngine.HoldIO).
+func (m *Manager) holdIO() {
+	if h, ok := m.cfg.Engine.(ioHolder); ok {
+		h.HoldIO()
+	}
+}
+
+// releaseIO lets requests held by startRejoin go on.
+func (m *Manager) releaseIO() {
+	if h, ok := m.cfg.Engine.(ioHolder); ok {
+		h.ReleaseIO()
+	}
+}
+
+// rejoin assembles the array again after lost locks: it drops what is
+// left of the old join (the slot lock, no-new-dev and the broadcast's
+// locks are gone already, so nothing is released to the others), then
+// runs Assemble until it succeeds or RejoinLimit passes. Assemble does
+// everything a rejoining node needs: it re-reads the superblocks (changes
+// the others made meanwhile, e.g. a member they failed, are applied before
+// the engine starts), re-joins the broadcast and no-new-dev, and re-takes
+// its own bitmap slot, probing it first: if a survivor recovered the slot
+// meanwhile, its bits were merged and cleared, and this node starts clean;
+// if not, the join recovers it itself. I/O resumes only when all of that
+// is done: requests held meanwhile (HoldIO) go on then, or fail with
+// ErrEngineStopped if the re-join gives up.
+func (m *Manager) rejoin(ctx context.Context, cancel context.CancelFunc, why error) {
+	defer m.rejoinWG.Done()
+	defer cancel()
+	defer m.releaseIO()
+	start := time.Now()
+	m.mu.Lock()
+	m.phase = PhaseStopping
+	m.mu.Unlock()
+	if err := m.shutdownLost(ctx); err != nil {
+		m.log.Info("re-join: leftovers of the old join not released cleanly (expected: its locks are gone)", "err", err)
+	}
+	backoff := m.cfg.ResyncRetry
+	for attempt := 1; ; attempt++ {
+		err := m.Assemble(ctx)
+		if err == nil {
+			m.mu.Lock()
+			m.rejoining, m.rejoinCancel = false, nil
+			m.rejoins++
+			m.mu.Unlock()
+			m.log.Warn("re-joined the array after this node's locks were lost: I/O resumed",
+				"attempts", attempt, "took", time.Since(start).Round(time.Millisecond), "reason", why)
+			return
+		}
+		if m.isDead() || errors.Is(err, errCrashed) {
+			return
+		}
+		if ctx.Err() != nil {
+			m.mu.Lock()
+			m.rejoining, m.rejoinCancel = false, nil
+			if m.phase == PhaseStopped {
+				m.phase = PhaseFailed
+				if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+					m.failReason = fmt.Sprintf("this node's locks were lost (%v) and re-joining the array did not succeed within %s: %v; stop and assemble the array again", why, m.cfg.RejoinLimit, err)
+				} else {
+					m.failReason = fmt.Sprintf("this node's locks were lost (%v) and re-joining the array was cancelled (stop): %v", why, err)
+				}
+			}
+			reason := m.failReason
+			m.mu.Unlock()
+			m.log.Error("array stopped on this node: it could not re-join the array", "reason", reason)
+			return
+		}
+		m.log.Warn("re-join: assembling again failed; retrying", "attempt", attempt, "err", err, "retry_in", backoff)
+		select {
+		case <-ctx.Done():
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 5*time.Second)
+	}
 }
 
 // failLocal stops the engine and marks the array failed on this node.

@@ -59,6 +59,8 @@ func (c nodeCluster) Members() []dlm.NodeID {
 // Defaults of Config's bounds.
 const (
 	DefaultAssembleTimeout = 2 * time.Minute
+	// DefaultRejoinLimit is Config.RejoinLimit's default.
+	DefaultRejoinLimit     = 5 * time.Minute
 	DefaultResyncLockWait  = 5 * time.Second
 	DefaultResyncRetry     = time.Second
 	DefaultResyncWindow    = 32 << 20 // md's CLUSTER_RESYNC_WINDOW for raid1
@@ -95,6 +97,11 @@ type Config struct {
 	LockTimeout, ReceiveTimeout, SendTimeout time.Duration
 	// AssembleTimeout bounds Assemble and Create (0: 2 minutes).
 	AssembleTimeout time.Duration
+	// RejoinLimit bounds how long a node that lost its locks (the cluster
+	// excluded it and readmitted it clean) keeps trying to re-join the
+	// array before it gives up and marks the array failed here (0: 5
+	// minutes). Each attempt is an Assemble, bounded by AssembleTimeout.
+	RejoinLimit time.Duration
 	// ResyncLockWait bounds one attempt to take the cluster's resync lock
 	// (0: 5 s); while another node resyncs, this node's sync work is
 	// PENDING and retried every ResyncRetry (0: 1 s).
@@ -179,6 +186,9 @@ func (c *Config) fill() error {
 	}
 	if c.SendTimeout == 0 {
 		c.SendTimeout = 3*c.LockTimeout + c.ReceiveTimeout
+	}
+	if c.RejoinLimit == 0 {
+		c.RejoinLimit = DefaultRejoinLimit
 	}
 	if c.AssembleTimeout == 0 {
 		c.AssembleTimeout = DefaultAssembleTimeout
@@ -307,6 +317,13 @@ type Manager struct {
 	ownedRetry bool // an ownership slot resync failed: Reprobe later
 	failReason string
 	dead       bool
+	// rejoining is set while a re-join after lost locks is under way
+	// (see rejoin); rejoinCancel ends it, rejoinWG waits for it.
+	rejoining    bool
+	rejoinCancel context.CancelFunc
+	rejoinWG     sync.WaitGroup
+	// rejoins counts completed re-joins after lost locks.
+	rejoins    int
 	standalone bool
 
 	attached *dlm.Lockspace // held while attached (see Attach)
@@ -669,6 +686,12 @@ type ArrayStatus struct {
 	// FailReason says why the node stopped following the array
 	// (PhaseFailed).
 	FailReason string
+	// Rejoining: this node lost its locks (the cluster excluded it and
+	// readmitted it clean) and is re-joining the array; its array I/O
+	// fails with ErrEngineStopped until it runs again.
+	Rejoining bool
+	// Rejoins counts the re-joins after lost locks this manager completed.
+	Rejoins int
 }
 
 // SyncStatus is the sync part of ArrayStatus.
@@ -698,7 +721,7 @@ type SyncStatus struct {
 func (m *Manager) Status() ArrayStatus {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	s := ArrayStatus{Phase: m.phase, UUID: m.uuid, FailReason: m.failReason}
+	s := ArrayStatus{Phase: m.phase, UUID: m.uuid, FailReason: m.failReason, Rejoining: m.rejoining, Rejoins: m.rejoins}
 	if m.st != nil {
 		s.Events, s.Members, s.NotUsed = m.st.Events(), m.st.statuses(), slices.Clone(m.st.Rejected)
 		s.Clean = m.st.Shared.Clean()
@@ -784,11 +807,16 @@ func (m *Manager) kill() {
 	m.dead = true
 	cancel := m.cancel
 	own := m.own
+	rcancel := m.rejoinCancel
 	m.mu.Unlock()
+	if rcancel != nil {
+		rcancel()
+	}
 	if cancel != nil {
 		cancel()
 	}
 	_ = m.cfg.Engine.Stop()
+	m.releaseIO()
 	if own != nil {
 		own.Close()
 	}
@@ -797,9 +825,13 @@ func (m *Manager) kill() {
 // waitDead waits for the goroutines of a killed manager and closes its
 // devices.
 func (m *Manager) waitDead() {
+	m.rejoinWG.Wait()
 	m.wg.Wait()
-	if m.runEnd != nil {
-		<-m.runEnd
+	m.mu.Lock()
+	runEnd := m.runEnd
+	m.mu.Unlock()
+	if runEnd != nil {
+		<-runEnd
 	}
 	m.closeDevices()
 }

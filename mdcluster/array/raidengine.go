@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/mdcluster/mdcluster/bitmap/ownership"
@@ -40,7 +41,11 @@ import (
 //
 // Start creates a new RAID engine each time (an array stopped and
 // assembled again starts afresh); requests between Stop and the next Start
-// fail with an error wrapping ErrEngineStopped and nbd.ErrShutdown.
+// fail with an error wrapping ErrEngineStopped and nbd.ErrShutdown, except
+// while the manager holds I/O (HoldIO: it is re-joining the array after
+// this node lost its locks): then they wait until it releases them
+// (ReleaseIO, once the engine runs again with the slot re-taken), for at
+// most RAIDEngineConfig.HoldWait.
 type RAIDEngine struct {
 	cfg RAIDEngineConfig
 	log *slog.Logger
@@ -58,6 +63,9 @@ type RAIDEngine struct {
 	size     int64
 	tickEnd  chan struct{}
 	tickWG   sync.WaitGroup
+	hold     chan struct{} // non-nil while HoldIO; closed by Start or ReleaseIO
+
+	holdWaits, holdTimeouts atomic.Uint64
 
 	// Test hooks (same package only).
 	hookMu        sync.Mutex
@@ -102,6 +110,11 @@ type RAIDEngineConfig struct {
 	// FailRecordWait bounds how long writes that failed a member wait for
 	// the manager to apply the cluster-wide fail (default 30 s).
 	FailRecordWait time.Duration
+	// HoldWait bounds how long a request waits while the manager holds
+	// I/O to re-join the array (HoldIO) before it fails with
+	// ErrEngineStopped (default 30 s). The requests waiting are the NBD
+	// server's in-flight ones, which it bounds.
+	HoldWait time.Duration
 	// Logger receives the engine's log; nil means slog.Default().
 	Logger *slog.Logger
 	// OnStart, if set, is called at the end of every successful Start,
@@ -114,6 +127,7 @@ type RAIDEngineConfig struct {
 var (
 	_ Engine      = (*RAIDEngine)(nil)
 	_ nbd.Backend = (*RAIDEngine)(nil)
+	_ ioHolder    = (*RAIDEngine)(nil)
 )
 
 // NewRAIDEngine returns an engine that is not started.
@@ -123,6 +137,9 @@ func NewRAIDEngine(cfg RAIDEngineConfig) *RAIDEngine {
 	}
 	if cfg.FailRecordWait <= 0 {
 		cfg.FailRecordWait = 30 * time.Second
+	}
+	if cfg.HoldWait <= 0 {
+		cfg.HoldWait = 30 * time.Second
 	}
 	lg := cfg.Logger
 	if lg == nil {
@@ -815,11 +832,54 @@ func (e *RAIDEngine) RAID() *raid.Engine {
 // that comes while it is stopped (an NBD client then disconnects).
 func (e *RAIDEngine) current() (*raid.Engine, error) {
 	e.mu.Lock()
+	if hold := e.hold; hold != nil {
+		e.mu.Unlock()
+		e.holdWaits.Add(1)
+		t := time.NewTimer(e.cfg.HoldWait)
+		select {
+		case <-hold:
+			t.Stop()
+		case <-t.C:
+			e.holdTimeouts.Add(1)
+			return nil, fmt.Errorf("%w: %w (waited %s while the node re-joins the array)", ErrEngineStopped, nbd.ErrShutdown, e.cfg.HoldWait)
+		}
+		e.mu.Lock()
+	}
 	defer e.mu.Unlock()
 	if e.eng == nil {
 		return nil, fmt.Errorf("%w: %w", ErrEngineStopped, nbd.ErrShutdown)
 	}
 	return e.eng, nil
+}
+
+// HoldIO makes new requests wait until ReleaseIO (for at most HoldWait)
+// instead of failing at once while the engine is stopped. The manager
+// holds I/O while it re-joins the array after this node lost its locks:
+// the engine is stopped (no write may go out without the slot lock),
+// started again, and I/O released once the node has its slot back.
+func (e *RAIDEngine) HoldIO() {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.hold == nil {
+		e.hold = make(chan struct{})
+	}
+}
+
+// ReleaseIO ends HoldIO: waiting requests go on (and fail if the engine
+// is still stopped: the re-join gave up or the manager stopped).
+func (e *RAIDEngine) ReleaseIO() {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.hold != nil {
+		close(e.hold)
+		e.hold = nil
+	}
+}
+
+// HoldStats reports how many requests waited for a held engine to start,
+// and how many of them gave up after HoldWait.
+func (e *RAIDEngine) HoldStats() (waited, timedOut uint64) {
+	return e.holdWaits.Load(), e.holdTimeouts.Load()
 }
 
 // ReadAt implements nbd.Backend (and io.ReaderAt).

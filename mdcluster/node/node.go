@@ -64,6 +64,7 @@ type Node struct {
 	dlmStopped  bool   // Stop called and no Recover since
 	deadAt      map[NodeID]time.Time
 	lastAlive   []NodeID
+	hidden      []NodeID // HideNodes: nodes this node treats as dead
 	runErr      error
 	exitedShut  bool
 	recoverFrom map[uint64]time.Time // view gen → when its recovery started
@@ -224,6 +225,9 @@ func (n *Node) emit(e Event) {
 func (n *Node) aliveChanged(alive []NodeID) {
 	now := time.Now()
 	n.mu.Lock()
+	if len(n.hidden) > 0 {
+		alive = slices.DeleteFunc(slices.Clone(alive), func(id NodeID) bool { return slices.Contains(n.hidden, id) })
+	}
 	for _, id := range n.lastAlive {
 		if !slices.Contains(alive, id) {
 			n.deadAt[id] = now
@@ -319,6 +323,19 @@ func (n *Node) Join(addrs []string) error {
 		return fmt.Errorf("node %s: %w", n.cfg.ID, err)
 	}
 	return nil
+}
+
+// HideNodes makes this node treat the given nodes as dead from now on,
+// whatever its failure detector says; HideNodes(nil) shows them again. It
+// is fault injection for tests: a false suspicion under load, where a live
+// node is left out of a view and readmitted without restarting (hide it on
+// the others and them on it, for a while). Gossip and lock traffic still
+// flow; only the alive set the agreement sees changes.
+func (n *Node) HideNodes(ids []NodeID) {
+	n.mu.Lock()
+	n.hidden = slices.Clone(ids)
+	n.mu.Unlock()
+	n.aliveChanged(n.det.Alive())
 }
 
 // Alive returns the failure detector's current alive set.

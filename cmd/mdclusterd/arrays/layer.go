@@ -466,8 +466,10 @@ func (l *Layer) stopArr(ctx context.Context, a *arr) error {
 	if srv != nil {
 		errs = append(errs, srv.Close())
 	}
-	st := a.mgr.Status().Phase
-	if st == array.PhaseRunning || st == array.PhaseFailed {
+	// A manager re-joining after lost locks (Rejoining) is stopped too:
+	// Stop ends the re-join first.
+	ms := a.mgr.Status()
+	if st := ms.Phase; st == array.PhaseRunning || st == array.PhaseFailed || ms.Rejoining {
 		errs = append(errs, a.mgr.Stop(ctx))
 	} else {
 		errs = append(errs, a.mgr.Detach())
