@@ -11,9 +11,11 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -39,6 +41,7 @@ type Daemon struct {
 	Export  string // md0's NBD socket
 	Log     string
 	Gossip  int
+	Metrics int // the /metrics port on 127.0.0.1
 	cmd     *exec.Cmd
 	done    chan error
 	exitErr error
@@ -80,7 +83,7 @@ func Setup(dir, bin string, out io.Writer) (*Cluster, error) {
 	if err := os.WriteFile(agent, []byte(script), 0o700); err != nil {
 		return nil, err
 	}
-	ports := make([]int, 3)
+	ports := make([]int, 6) // gossip 1..3, then metrics 1..3
 	for i := range ports {
 		p, err := freePort()
 		if err != nil {
@@ -89,7 +92,7 @@ func Setup(dir, bin string, out io.Writer) (*Cluster, error) {
 		ports[i] = p
 	}
 	for i := 1; i <= 3; i++ {
-		d := &Daemon{ID: i, Gossip: ports[i-1],
+		d := &Daemon{ID: i, Gossip: ports[i-1], Metrics: ports[i+2],
 			Config: filepath.Join(dir, fmt.Sprintf("node%d.toml", i)),
 			Socket: filepath.Join(dir, fmt.Sprintf("run%d", i), "mdclusterd.sock"),
 			Export: filepath.Join(dir, fmt.Sprintf("run%d", i), "md0.nbd"),
@@ -126,10 +129,12 @@ name = "md0"
 socket = %q
 [control]
 socket = %q
+[metrics]
+listen = "127.0.0.1:%d"
 [shutdown]
 leave_timeout = "2s"
 `, i, filepath.Join(dir, fmt.Sprintf("data%d", i)), key, ports[i-1], strings.Join(seeds, ", "), agent,
-			filepath.Join(c.Disks, "*.img"), d.Export, d.Socket)
+			filepath.Join(c.Disks, "*.img"), d.Export, d.Socket, d.Metrics)
 		if err := os.WriteFile(d.Config, []byte(cfg), 0o600); err != nil {
 			return nil, err
 		}
@@ -195,6 +200,37 @@ func (d *Daemon) Term(timeout time.Duration) error {
 		d.Kill()
 		return fmt.Errorf("node %d did not stop within %v: killed", d.ID, timeout)
 	}
+}
+
+// Metric scrapes daemon d's /metrics and returns the value of one series,
+// written as in the exposition format (e.g.
+// `mdcluster_array_running{array="md0"}`); false if the series is absent.
+func (c *Cluster) Metric(ctx context.Context, d *Daemon, series string) (float64, bool, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, fmt.Sprintf("http://127.0.0.1:%d/metrics", d.Metrics), nil)
+	if err != nil {
+		return 0, false, err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return 0, false, fmt.Errorf("node %d metrics: %w", d.ID, err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 4<<20))
+	if err != nil {
+		return 0, false, fmt.Errorf("node %d metrics: %w", d.ID, err)
+	}
+	for _, line := range strings.Split(string(body), "\n") {
+		v, ok := strings.CutPrefix(line, series+" ")
+		if !ok {
+			continue
+		}
+		f, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
+		if err != nil {
+			return 0, false, fmt.Errorf("node %d metrics: %q: %w", d.ID, line, err)
+		}
+		return f, true, nil
+	}
+	return 0, false, nil
 }
 
 // Running reports whether the process runs.

@@ -179,6 +179,28 @@ func Core(ctx context.Context, c *Cluster, r *Result) error {
 	}
 	c.Say("node 3: nbdcopy %s -> readback3.bin: first %d MiB identical to the data set (%v)", c.Nodes[2].URI(), DataSize>>20, r.ReadBack.Round(time.Millisecond))
 	r.check("data set written through node 1's export reads back identical through node 3's")
+	// The daemons' own account of it, from a live scrape of /metrics.
+	for _, m := range []struct {
+		d      *Daemon
+		series string
+		min    float64
+	}{
+		{c.Nodes[0], `mdcluster_array_running{array="/dev/md0"}`, 1},
+		{c.Nodes[0], `mdcluster_array_members{array="/dev/md0",state="in_sync"}`, 2},
+		{c.Nodes[0], `mdcluster_array_io_written_bytes_total{array="/dev/md0"}`, DataSize},
+		{c.Nodes[2], `mdcluster_array_io_read_bytes_total{array="/dev/md0"}`, DataSize},
+		{c.Nodes[0], `mdcluster_broadcast_sends_total{array="/dev/md0"}`, 0},
+	} {
+		v, ok, err := c.Metric(ctx, m.d, m.series)
+		if err != nil {
+			return err
+		}
+		if !ok || v < m.min {
+			return fmt.Errorf("node %d /metrics: %s = %v (present %v), want at least %v", m.d.ID, m.series, v, ok, m.min)
+		}
+	}
+	c.Say("node 1 and node 3 /metrics: array running, 2 members in sync, the data set counted as written on node 1 and read on node 3")
+	r.check("the daemons' /metrics count the array's members and the data set's bytes")
 	return nil
 }
 

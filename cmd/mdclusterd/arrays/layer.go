@@ -266,7 +266,7 @@ func (l *Layer) newArr(u [16]byte) (*arr, error) {
 	cfg := array.Config{Cluster: array.NodeCluster(l.env.Node), Devices: l.env.Config.Devices.Search, Engine: a.eng,
 		UUID: u, Logger: l.log, ResyncWindow: 4 << 20,
 		ResyncLockWait: time.Second, ResyncRetry: 300 * time.Millisecond, DaemonSleep: time.Second,
-		SharedDevices: l.env.Config.Devices.Shared}
+		SharedDevices: l.env.Config.Devices.Shared, RejoinLimit: l.env.Config.RAID.RejoinLimit}
 	if g := a.guard; g != nil {
 		// Every bitmap flush re-reads the stamp first (leaseOwner).
 		cfg.WrapBitmapOwner = func(o intent.Ownership) intent.Ownership { return leaseOwner{Ownership: o, guard: g} }
@@ -285,7 +285,7 @@ func (l *Layer) newArr(u [16]byte) (*arr, error) {
 func (l *Layer) newEngine(u [16]byte) (*arr, error) {
 	a := &arr{uuid: u}
 	rc := l.env.Config.RAID
-	ec := array.RAIDEngineConfig{SpeedLimitMin: rc.SpeedLimitMin, SpeedLimitMax: rc.SpeedLimitMax,
+	ec := array.RAIDEngineConfig{SpeedLimitMin: rc.SpeedLimitMin, SpeedLimitMax: rc.SpeedLimitMax, HoldWait: rc.HoldWait,
 		TickInterval: 500 * time.Millisecond, Logger: l.log.With("uuid", bitmap.FormatUUID(u))}
 	if l.env.Config.Lease.Enabled {
 		g, err := l.newGuard(a)

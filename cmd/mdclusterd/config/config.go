@@ -143,6 +143,15 @@ type RAID struct {
 	// array has no other I/O, and yields down to SpeedLimitMin while it
 	// has.
 	SpeedLimitMin, SpeedLimitMax int64
+	// HoldWait bounds how long a client's request waits while its array
+	// re-joins the cluster after this node was excluded and readmitted
+	// (the manager holds I/O meanwhile) before it fails with an I/O
+	// error. Clients of a block device retry or fail their own way; a
+	// short hold turns a brief re-join into a delay instead of an error.
+	HoldWait time.Duration
+	// RejoinLimit is how long a readmitted node keeps trying to re-join
+	// an array before it gives up and marks the array failed on this node.
+	RejoinLimit time.Duration
 }
 
 // Lease configures storage fencing's I/O lease (mdcluster/lease): each
@@ -244,6 +253,8 @@ const (
 	DefaultLeaveTimeout       = 30 * time.Second
 	DefaultSpeedLimitMin      = 1000   // KiB/s, md's
 	DefaultSpeedLimitMax      = 200000 // KiB/s, md's
+	DefaultHoldWait           = 30 * time.Second
+	DefaultRejoinLimit        = 5 * time.Minute
 	DefaultLeaseDuration      = 10 * time.Second
 	DefaultLeaseMargin        = 5 * time.Second
 	DefaultLeaseStopWait      = 5 * time.Second

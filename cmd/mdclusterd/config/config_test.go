@@ -125,7 +125,7 @@ func TestParseValid(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if cfg.RAID != (RAID{SpeedLimitMin: 1000, SpeedLimitMax: 200000}) || !cfg.Lease.Enabled || cfg.Lease.Duration != 10*time.Second ||
+	if cfg.RAID != (RAID{SpeedLimitMin: 1000, SpeedLimitMax: 200000, HoldWait: 30 * time.Second, RejoinLimit: 5 * time.Minute}) || !cfg.Lease.Enabled || cfg.Lease.Duration != 10*time.Second ||
 		cfg.Lease.FenceWait() != 15*time.Second || cfg.Lease.Watchdog != "" {
 		t.Fatalf("raid and lease defaults: %+v %+v", cfg.RAID, cfg.Lease)
 	}
@@ -262,6 +262,8 @@ func TestParseErrors(t *testing.T) {
 		{36, `max_request_bytes = 100`, "36: control.max_request_bytes: 100 is out of range (1024 to 16777216)"},
 		{36, ctlSock + "\n[raid]\nspeed_limit_min = 5000\nspeed_limit_max = 100", "38: raid.speed_limit_min: 5000 KiB/s is above speed_limit_max (100 KiB/s)"},
 		{36, ctlSock + "\n[raid]\nspeed_limit_max = 0", "38: raid.speed_limit_max: 0 is out of range (1 to 1073741824)"},
+		{36, ctlSock + "\n[raid]\nrejoin_limit = \"100ms\"", "38: raid.rejoin_limit: 100ms is too short: one re-join attempt takes at least a lockspace join (at least 1s)"},
+		{36, ctlSock + "\n[raid]\nhold_wait = \"2h\"", `38: raid.hold_wait: "2h" is more than the limit of 1h0m0s`},
 		{36, ctlSock + "\n[lease]\nenabled = false", "16: fencing.level: the stamp level needs the I/O lease ([lease] enabled = true): without it a fenced node never stops writing"},
 		{36, ctlSock + "\n[lease]\nwatchdog = \"/dev/watchdog\"\nmargin = \"5s\"", "39: lease.margin: 5s is less than the watchdog timeout plus half the lease (15s): a hung node could still write after its fence returned"},
 		{36, ctlSock + "\n[lease]\nduration = \"10ms\"", "38: lease.duration: 10ms is too short: the lease must outlast a stamp read (at least 100ms)"},
@@ -407,5 +409,18 @@ func TestExampleFileParses(t *testing.T) {
 	}
 	if cfg.Quorum.Validate() != nil || cfg.Quorum.String() != (ddraid.Config{DataNodes: []ddraid.NodeID{1, 2, 3}, Quorum: 2}).String() {
 		t.Errorf("%v", cfg.Quorum)
+	}
+}
+
+// TestRAIDHoldAndRejoin: the re-join bounds reach the configuration as
+// written (the array layer hands them to the engine and the manager).
+func TestRAIDHoldAndRejoin(t *testing.T) {
+	doc := replaceLine(36, ctlSock+"\n[raid]\nhold_wait = \"2s\"\nrejoin_limit = \"90s\"")
+	cfg, err := Parse(file, []byte(doc), testFS())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.RAID.HoldWait != 2*time.Second || cfg.RAID.RejoinLimit != 90*time.Second {
+		t.Fatalf("raid: %+v, want hold_wait 2s and rejoin_limit 90s", cfg.RAID)
 	}
 }

@@ -602,6 +602,11 @@ func (d *decoder) raid(t *table) RAID {
 	if r.SpeedLimitMin > r.SpeedLimitMax {
 		d.errorf(t.key("speed_limit_min"), "%d KiB/s is above speed_limit_max (%d KiB/s)", r.SpeedLimitMin, r.SpeedLimitMax)
 	}
+	r.HoldWait = d.duration(t, "hold_wait", DefaultHoldWait, time.Hour)
+	r.RejoinLimit = d.duration(t, "rejoin_limit", DefaultRejoinLimit, 24*time.Hour)
+	if r.RejoinLimit > 0 && r.RejoinLimit < time.Second {
+		d.errorf(t.key("rejoin_limit"), "%v is too short: one re-join attempt takes at least a lockspace join (at least 1s)", r.RejoinLimit)
+	}
 	d.done(t)
 	return r
 }
