@@ -61,6 +61,7 @@ type fioJob struct {
 	UsrCPU  float64 `json:"usr_cpu"` // percent of the job's run time
 	SysCPU  float64 `json:"sys_cpu"`
 	Runtime int64   `json:"job_runtime"` // ms
+	Ctx     int64   `json:"ctx"`         // context switches
 	Read    struct {
 		IOBytes int64   `json:"io_bytes"`
 		BW      float64 `json:"bw_bytes"`
@@ -515,31 +516,38 @@ func TestBenchNBDvsEngine(t *testing.T) {
 		return float64(l.total) / time.Since(t0).Seconds()
 	}
 
-	// Each phase records its rate and the CPU time it cost: this
-	// process's (the server, or the in-process load) and fio's.
+	// Each phase records its rate, the CPU time it cost and the context
+	// switches it took: this process's (the server, or the in-process
+	// load) and fio's. Context switches count the times a thread went to
+	// sleep and had to be woken (each a wait for a CPU on a loaded
+	// machine), so they say what CPU time and rates cannot on a noisy one.
 	type phase struct {
-		rate, wall, self, fio float64 // bytes/s; s; CPU s
+		rate, self, fio float64 // bytes/s; CPU s
+		selfCS, fioCS   float64 // context switches
 	}
-	cpuNow := func() float64 {
+	usage := func() (cpu, cs float64) {
 		var ru syscall.Rusage
 		syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
-		return float64(ru.Utime.Nano()+ru.Stime.Nano()) / 1e9
+		return float64(ru.Utime.Nano()+ru.Stime.Nano()) / 1e9, float64(ru.Nvcsw + ru.Nivcsw)
 	}
-	measure := func(fn func() (rate, fioCPU float64)) phase {
-		c0, t0 := cpuNow(), time.Now()
-		rate, fc := fn()
-		return phase{rate: rate, wall: time.Since(t0).Seconds(), self: cpuNow() - c0, fio: fc}
+	measure := func(fn func() (rate, fioCPU, fioCS float64)) phase {
+		c0, s0 := usage()
+		rate, fc, fcs := fn()
+		c1, s1 := usage()
+		return phase{rate: rate, self: c1 - c0, fio: fc, selfCS: s1 - s0, fioCS: fcs}
 	}
 	viaFio := func(uri string, l load) phase {
-		return measure(func() (float64, float64) {
+		return measure(func() (float64, float64, float64) {
 			j := runFio(t, uri, l.args...)
-			return j.Write.BW, (j.UsrCPU + j.SysCPU) / 100 * float64(j.Runtime) / 1000
+			return j.Write.BW, (j.UsrCPU + j.SysCPU) / 100 * float64(j.Runtime) / 1000, float64(j.Ctx)
 		})
 	}
-	// CPU per MiB written, in ms: this process + fio.
-	cpu := func(p phase) string {
-		mib := p.rate * p.wall / (1 << 20)
-		return fmt.Sprintf("%.2f+%.2f", p.self*1e3/mib, p.fio*1e3/mib)
+	// Per MiB written (a phase writes total bytes; its wall time includes
+	// fio's start, which its rate leaves out): CPU ms and context
+	// switches, this process + fio.
+	cpu := func(p phase, total int64) string {
+		mib := float64(total) / (1 << 20)
+		return fmt.Sprintf("%.2f+%.2f ms, %.1f+%.1f cs", p.self*1e3/mib, p.fio*1e3/mib, p.selfCS/mib, p.fioCS/mib)
 	}
 	rounds := 12
 	if s := os.Getenv("NBD_RAID_BENCH_ROUNDS"); s != "" {
@@ -562,7 +570,7 @@ func TestBenchNBDvsEngine(t *testing.T) {
 			}
 			engSide := func() {
 				if only != "nbd" {
-					en = measure(func() (float64, float64) { return engineLoad(l, uint64(round)), 0 })
+					en = measure(func() (float64, float64, float64) { return engineLoad(l, uint64(round)), 0, 0 })
 				}
 			}
 			if only == "" {
@@ -587,8 +595,8 @@ func TestBenchNBDvsEngine(t *testing.T) {
 			if l.random {
 				unit, div = "IOPS", float64(l.bs)
 			}
-			t.Logf("round %d, %s: nbd %.0f %s, engine %.0f %s, ratio %.2f (nbd to memory %.0f %s); CPU ms/MiB here+fio: nbd %s, engine %s, memory %s",
-				round, l.name, nb.rate/div, unit, en.rate/div, unit, nb.rate/en.rate, mem.rate/div, unit, cpu(nb), cpu(en), cpu(mem))
+			t.Logf("round %d, %s: nbd %.0f %s, engine %.0f %s, ratio %.2f (nbd to memory %.0f %s); per MiB here+fio: nbd %s, engine %s, memory %s",
+				round, l.name, nb.rate/div, unit, en.rate/div, unit, nb.rate/en.rate, mem.rate/div, unit, cpu(nb, l.total), cpu(en, l.total), cpu(mem, l.total))
 		}
 	}
 	if only != "" {

@@ -107,6 +107,59 @@ func TestStreamedWrite(t *testing.T) {
 	}
 	be.calls()
 
+	// In one burst behind a streamed write, a small write and a read: the
+	// streamed write takes exactly its own data (first what the reader
+	// buffered with its header, then straight from the socket), so the
+	// requests behind it stay in step and land where they were sent.
+	small8 := pattern(8192, 9)
+	type burstReq struct {
+		typ  uint16
+		off  uint64
+		n    uint32
+		data []byte
+	}
+	reqs := []burstReq{{cmdWrite, 3 << 20, uint32(len(data)), data}, {cmdWrite, 7 << 20, 8192, small8}, {cmdRead, 1 << 20, 4096, nil}}
+	var burst []byte
+	chs := make([]chan result, len(reqs))
+	c.mu.Lock()
+	for i, q := range reqs {
+		c.next++
+		chs[i] = make(chan result, 1)
+		readLen := 0
+		if q.typ == cmdRead {
+			readLen = int(q.n)
+		}
+		c.pending[c.next] = &pending{readLen: readLen, ch: chs[i]}
+		burst = encodeRequest(burst, request{typ: q.typ, cookie: c.next, offset: q.off, length: q.n})
+		burst = append(burst, q.data...)
+	}
+	c.mu.Unlock()
+	streamed := s.Stats().StreamedWrites
+	c.wmu.Lock()
+	_, err := c.nc.Write(burst)
+	c.wmu.Unlock()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range reqs {
+		if r := c.wait(chs[i]); r.err != nil || r.errno != 0 {
+			t.Fatalf("request %d of the burst: %+v", i, r)
+		} else if reqs[i].typ == cmdRead && !bytes.Equal(r.data, data[:4096]) {
+			t.Fatalf("read in the burst: wrong data")
+		}
+	}
+	if n := s.Stats().StreamedWrites - streamed; n != 1 {
+		t.Fatalf("burst: %d writes streamed, want 1", n)
+	}
+	if got, e := c.read(3<<20, uint32(len(data))); e != 0 || !bytes.Equal(got, data) {
+		t.Fatalf("read back the burst's streamed write: errno %d, equal %v", e, bytes.Equal(got, data))
+	}
+	if got, e := c.read(7<<20, 8192); e != 0 || !bytes.Equal(got, small8) {
+		t.Fatalf("read back the burst's small write: errno %d, equal %v", e, bytes.Equal(got, small8))
+	}
+	waitFor(t, "the reads to be done", func() bool { return s.Stats().InFlight == 0 })
+	be.calls()
+
 	// Below two pieces: one call.
 	small := pattern(int(2*piece-4096), 5)
 	if e := c.writeAt(small, 0, 0); e != 0 {
@@ -158,7 +211,7 @@ func TestStreamedWrite(t *testing.T) {
 	c2.wmu.Lock()
 	c2.bw.Write(hdr)
 	c2.bw.Write(make([]byte, piece+piece/2))
-	err := c2.bw.Flush()
+	err = c2.bw.Flush()
 	c2.wmu.Unlock()
 	if err != nil {
 		t.Fatal(err)
