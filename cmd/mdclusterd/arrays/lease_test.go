@@ -323,8 +323,11 @@ func TestWatchdogFedOnlyWhileReadsComplete(t *testing.T) {
 func TestLeaseOwnerRefusesOnlyWhenFenced(t *testing.T) {
 	var gen atomic.Uint64
 	reads := 0
-	g, err := lease.New(lease.Config{Duration: time.Minute, Read: func() (lease.Record, error) {
+	var readsMu sync.Mutex
+	g, err := lease.New(lease.Config{Duration: time.Minute, StopWait: 300 * time.Millisecond, Read: func() (lease.Record, error) {
+		readsMu.Lock()
 		reads++
+		readsMu.Unlock()
 		return lease.Record{Generation: gen.Load()}, nil
 	}, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err != nil {
@@ -341,7 +344,27 @@ func TestLeaseOwnerRefusesOnlyWhenFenced(t *testing.T) {
 	}
 	g.SetView(3, true)
 	gen.Store(4)
-	if err := o.Check(); !errors.Is(err, lease.ErrFenced) || reads != 3 {
-		t.Fatalf("fenced: %v after %d reads, want ErrFenced after a fresh read", err, reads)
+	start := time.Now()
+	if err := o.Check(); !errors.Is(err, lease.ErrFenced) || reads != 4 {
+		t.Fatalf("fenced: %v after %d reads, want ErrFenced after a fresh read and one more after the wait", err, reads)
+	}
+	if w := time.Since(start); w < 300*time.Millisecond {
+		t.Fatalf("fenced after %v: the flush must wait StopWait for a newer view first", w)
+	}
+	// A survivor: the fencer stamped generation 5 before this node
+	// installed view 5; the flush waits for the install and goes on
+	// (found by the three-VM power-cut test: a survivor's write intent
+	// stopped for good).
+	g.SetView(4, true)
+	if err := o.Check(); err != nil {
+		t.Fatalf("view 4, stamp 4: %v", err)
+	}
+	gen.Store(5)
+	go func() {
+		time.Sleep(100 * time.Millisecond)
+		g.SetView(5, true)
+	}()
+	if err := o.Check(); err != nil {
+		t.Fatalf("a survivor installing view 5 after the stamp: the flush was refused: %v", err)
 	}
 }
