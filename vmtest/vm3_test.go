@@ -32,6 +32,15 @@ const VM3Env = "MDCLUSTER_VM3"
 // VM3CutsEnv sets how many power cuts the test makes (default 10).
 const VM3CutsEnv = "MDCLUSTER_VM3_CUTS"
 
+// VM3ProfileEnv sets the daemons' profile ("lan", the default, or
+// "storage-lan").
+const VM3ProfileEnv = "MDCLUSTER_VM3_PROFILE"
+
+// VM3LeaseEnv sets the I/O lease as "DURATION,WATCHDOG_TIMEOUT,MARGIN"
+// (default "2s,2s,3s"; the margin must be at least the watchdog timeout
+// plus half the duration).
+const VM3LeaseEnv = "MDCLUSTER_VM3_LEASE"
+
 // VM3SpareEnv sets how many spare additions are timed (default 5).
 const VM3SpareEnv = "MDCLUSTER_VM3_SPARES"
 
@@ -66,8 +75,12 @@ func vm3Config(n int) string {
 		}
 	}
 	profile := "lan"
-	if p := os.Getenv("MDCLUSTER_VM3_PROFILE"); p != "" {
+	if p := os.Getenv(VM3ProfileEnv); p != "" {
 		profile = p
+	}
+	lease := [3]string{"2s", "2s", "3s"}
+	if l := strings.Split(os.Getenv(VM3LeaseEnv), ","); len(l) == 3 {
+		copy(lease[:], l)
 	}
 	return fmt.Sprintf(`node_id = %d
 profile = %q
@@ -87,10 +100,10 @@ timeout = "60s"
 [[fencing.level]]
 stamp = true
 [lease]
-duration = "2s"
-margin = "3s"
+duration = %q
+watchdog_timeout = %q
+margin = %q
 watchdog = "/dev/watchdog"
-watchdog_timeout = "2s"
 # Longer than a fence's pause (duration + margin, while the survivors
 # wait for the new view): a survivor's requests wait, they do not fail.
 stop_wait = "30s"
@@ -110,7 +123,7 @@ nbd_device = "/dev/nbd1"
 socket = "/run/mdcluster/mdclusterd.sock"
 [shutdown]
 leave_timeout = "10s"
-`, n, profile, n, strings.Join(seeds, ", "), n)
+`, n, profile, n, strings.Join(seeds, ", "), n, lease[0], lease[1], lease[2])
 }
 
 // vm3Init is every guest's /init: the node number comes from the kernel
@@ -206,14 +219,15 @@ type vm3VM struct {
 
 // vm3Cluster is the harness.
 type vm3Cluster struct {
-	t      *testing.T
-	work   string // kept on failure
-	kernel *Kernel
-	initrd string
-	images []string
-	hub    *vm3Hub
-	vms    [3]*vm3VM
-	clocks []string // every clock measurement, for the report
+	t        *testing.T
+	work     string // kept on failure
+	kernel   *Kernel
+	initrd   string
+	images   []string
+	hub      *vm3Hub
+	vms      [3]*vm3VM
+	clocks   []string           // every clock measurement, for the report
+	clockLog [][2]time.Duration // offset, error bound of each
 }
 
 func (c *vm3Cluster) logf(format string, args ...any) {
@@ -362,6 +376,7 @@ func (c *vm3Cluster) measureClock(v *vm3VM) {
 	}
 	msg := fmt.Sprintf("node %d boot %d: clock offset %v ± %v", v.n, v.boot, v.offset.Round(time.Microsecond), v.offErr.Round(time.Microsecond))
 	c.clocks = append(c.clocks, msg)
+	c.clockLog = append(c.clockLog, [2]time.Duration{v.offset, v.offErr})
 	c.logf("%s", msg)
 }
 
@@ -844,7 +859,11 @@ func TestCluster3VM(t *testing.T) {
 	c.logf("FIGURE power cut of node 2 -> a survivor holds its slot, fenced and recovered: median %v of %d: %v", median(held).Round(time.Millisecond), len(held), held)
 	c.logf("FIGURE power cut of node 2 -> its dirty chunks resynced: median %v of %d: %v", median(resynced).Round(time.Millisecond), len(resynced), resynced)
 	c.logf("power cuts: %d, acknowledged writes lost: %d, divergent extents: %d", cuts, lostTotal, divergentTotal)
-	c.logf("clock offsets measured: %s", strings.Join(c.clocks, "; "))
+	var worst, worstErr time.Duration
+	for _, v := range c.clockLog {
+		worst, worstErr = max(worst, v[0], -v[0]), max(worstErr, v[1])
+	}
+	c.logf("clock offsets (guest - host): %d measurements, largest |offset| %v, largest error bound %v", len(c.clockLog), worst.Round(time.Microsecond), worstErr.Round(time.Microsecond))
 
 	c.interop()
 	ok = true
@@ -901,6 +920,10 @@ func (c *vm3Cluster) powerCut(epoch int, md, uuid, dev string, devs []int, diver
 		}
 		return true
 	})
+	// Fresh clock offsets of the survivors: their log times are converted
+	// with them.
+	c.measureClock(c.vms[0])
+	c.measureClock(c.vms[2])
 	cut := c.kill(2)
 	acked2 := c.lastAck(2, epoch)
 	c.logf("cut %d (%s): node 2's power cut after %d acknowledged writes", epoch, md, acked2)
