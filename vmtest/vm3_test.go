@@ -137,7 +137,8 @@ export PATH=/sbin:/bin:/usr/sbin:/usr/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-echo 1 > /proc/sys/kernel/printk
+# Errors and worse reach the console (a softdog reset says so there).
+echo 3 > /proc/sys/kernel/printk
 n=$(sed -n 's/.*mdcnode=\([0-9]*\).*/\1/p' /proc/cmdline)
 hostname n$n
 echo $n > /etc/node
@@ -437,6 +438,7 @@ func (c *vm3Cluster) waitFor(n int, timeout time.Duration, what, cmd string) {
 	deadline := time.Now().Add(timeout)
 	start := time.Now()
 	for {
+		c.alive()
 		r, err := c.try(c.vms[n-1], timeout, cmd)
 		if err == nil && r.code == 0 {
 			c.logf("node %d: %s (after %v)", n, what, time.Since(start).Round(time.Millisecond))
@@ -446,6 +448,22 @@ func (c *vm3Cluster) waitFor(n int, timeout time.Duration, what, cmd string) {
 			c.fatalf("node %d: timed out after %v waiting for: %s\nlast: %v %q", n, timeout, what, err, r.out)
 		}
 		time.Sleep(500 * time.Millisecond)
+	}
+}
+
+// alive fails the test at once if a VM that should run has exited: a
+// guest that resets (softdog, a panic) ends its QEMU (-no-reboot).
+func (c *vm3Cluster) alive() {
+	c.t.Helper()
+	for _, v := range c.vms {
+		if v == nil || v.conn == nil {
+			continue // not started, or its power was cut on purpose
+		}
+		select {
+		case <-v.exited:
+			c.fatalf("node %d's QEMU exited: the guest reset or powered off (a watchdog reset shows as \"softdog\" in %s)", v.n, filepath.Join(v.dir, "console.log"))
+		default:
+		}
 	}
 }
 
@@ -893,6 +911,7 @@ func (c *vm3Cluster) waitLogf(timeout time.Duration, what func() string, cond fu
 	c.t.Helper()
 	deadline := time.Now().Add(timeout)
 	for !cond() {
+		c.alive()
 		if time.Now().After(deadline) {
 			c.fatalf("timed out after %v waiting for: %s", timeout, what())
 		}
