@@ -36,10 +36,20 @@ type Member interface {
 
 // FileMember is a Member backed by a regular file (an image) or a block
 // device (a disk, a partition, a loop or NBD device).
+//
+// A block device is read and written with O_DIRECT (through aligned
+// bounce buffers, see directIO): its superblocks and bitmaps are shared
+// with other nodes, each with a page cache of its own, and a buffered
+// read would return what this kernel cached before another node wrote
+// (a node then "does not see" a superblock another node just wrote), and
+// a buffered partial-page write would put those stale neighbouring bytes
+// back on the disk. Regular files stay buffered: nodes sharing an image
+// file share one kernel (tests, the demo) and tmpfs refuses O_DIRECT.
 type FileMember struct {
-	f     *os.File
-	path  string
-	block bool
+	f      *os.File
+	path   string
+	block  bool
+	direct *directIO // block devices: the O_DIRECT descriptor
 }
 
 // OpenFile opens path as a member device. With writable, the device is
@@ -80,14 +90,125 @@ func openFile(path string, writable, exclusive bool) (*FileMember, error) {
 	if err != nil {
 		return nil, fmt.Errorf("member %s: %w", path, err)
 	}
-	return &FileMember{f: f, path: path, block: block}, nil
+	m := &FileMember{f: f, path: path, block: block}
+	if block {
+		// A second descriptor with O_DIRECT (same access mode; the first
+		// one keeps the O_EXCL claim, the size and fsync).
+		df, err := os.OpenFile(path, (flag&^unix.O_EXCL)|unix.O_DIRECT|unix.O_CLOEXEC, 0)
+		if err != nil {
+			f.Close()
+			return nil, fmt.Errorf("member %s: open with O_DIRECT: %w", path, err)
+		}
+		bs, err := unix.IoctlGetInt(int(df.Fd()), unix.BLKSSZGET)
+		if err != nil || bs < 512 || bs&(bs-1) != 0 {
+			bs = 4096 // the largest logical block size in use: always aligned
+		}
+		m.direct = &directIO{f: df, bs: int64(bs)}
+	}
+	return m, nil
 }
 
 // ReadAt implements io.ReaderAt.
-func (m *FileMember) ReadAt(p []byte, off int64) (int, error) { return m.f.ReadAt(p, off) }
+func (m *FileMember) ReadAt(p []byte, off int64) (int, error) {
+	if m.direct != nil {
+		return m.direct.ReadAt(p, off)
+	}
+	return m.f.ReadAt(p, off)
+}
 
 // WriteAt implements io.WriterAt.
-func (m *FileMember) WriteAt(p []byte, off int64) (int, error) { return m.f.WriteAt(p, off) }
+func (m *FileMember) WriteAt(p []byte, off int64) (int, error) {
+	if m.direct != nil {
+		return m.direct.WriteAt(p, off)
+	}
+	return m.f.WriteAt(p, off)
+}
+
+// directIO does reads and writes of any offset and length on a descriptor
+// opened with O_DIRECT, which takes only whole logical blocks from aligned
+// memory: each call goes through an aligned bounce buffer covering the
+// blocks it touches, and a write that covers a block only in part reads
+// that block first (from the disk, never from a cache).
+type directIO struct {
+	f  *os.File
+	bs int64 // logical block size: the alignment O_DIRECT needs
+}
+
+// alignedBlocks returns n bytes (a multiple of bs) aligned to bs.
+func (d *directIO) alignedBlocks(n int64) []byte {
+	b := make([]byte, n+d.bs)
+	a := int64(uintptr(unsafe.Pointer(&b[0]))) & (d.bs - 1)
+	if a != 0 {
+		a = d.bs - a
+	}
+	return b[a : a+n]
+}
+
+// span returns the block-aligned range covering [off, off+n).
+func (d *directIO) span(off int64, n int) (lo, hi int64) {
+	lo = off &^ (d.bs - 1)
+	hi = (off + int64(n) + d.bs - 1) &^ (d.bs - 1)
+	return lo, hi
+}
+
+// readFull reads b at off (aligned), short only at the end of the device.
+func (d *directIO) readFull(b []byte, off int64) (int, error) {
+	n := 0
+	for n < len(b) {
+		k, err := d.f.ReadAt(b[n:], off+int64(n))
+		n += k
+		if err != nil {
+			return n, err
+		}
+		if k == 0 {
+			return n, io.EOF
+		}
+	}
+	return n, nil
+}
+
+func (d *directIO) ReadAt(p []byte, off int64) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
+	lo, hi := d.span(off, len(p))
+	buf := d.alignedBlocks(hi - lo)
+	n, err := d.readFull(buf, lo)
+	got := max(0, min(int64(n)-(off-lo), int64(len(p))))
+	copy(p, buf[off-lo:off-lo+got])
+	if got < int64(len(p)) {
+		if err == nil {
+			err = io.EOF
+		}
+		return int(got), err
+	}
+	return len(p), nil
+}
+
+func (d *directIO) WriteAt(p []byte, off int64) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
+	lo, hi := d.span(off, len(p))
+	buf := d.alignedBlocks(hi - lo)
+	// The partly covered first and last blocks keep what the disk has.
+	if off != lo {
+		if _, err := d.readFull(buf[:d.bs], lo); err != nil {
+			return 0, fmt.Errorf("read-modify-write at %d: %w", lo, err)
+		}
+	}
+	if end := off + int64(len(p)); end != hi && (hi-lo > d.bs || off == lo) {
+		if _, err := d.readFull(buf[hi-lo-d.bs:], hi-d.bs); err != nil {
+			return 0, fmt.Errorf("read-modify-write at %d: %w", hi-d.bs, err)
+		}
+	}
+	copy(buf[off-lo:], p)
+	n, err := d.f.WriteAt(buf, lo)
+	if n < int(hi-lo) {
+		return max(0, min(len(p), n-int(off-lo))), err
+	}
+	return len(p), nil
+}
 
 // Size returns the file size, or for a block device the size the kernel
 // reports (BLKGETSIZE64): a block device's inode has size 0.
@@ -145,7 +266,12 @@ func (m *FileMember) Name() string { return m.path }
 func (m *FileMember) BlockDevice() bool { return m.block }
 
 // Close closes the underlying file.
-func (m *FileMember) Close() error { return m.f.Close() }
+func (m *FileMember) Close() error {
+	if m.direct != nil {
+		m.direct.f.Close()
+	}
+	return m.f.Close()
+}
 
 // memberSectors returns a member's size in whole 512-byte sectors.
 func memberSectors(m Member) (uint64, error) {

@@ -138,9 +138,11 @@ type Config struct {
 	// Gate, if set, may stop all of this node's array I/O (the storage
 	// fencing lease, mdcluster/lease): new requests call Wait before
 	// they are admitted, and every member read, write and flush calls
-	// Check just before it reaches the device. An error from either fails
-	// the request with an error wrapping ErrIOStopped; it never fails a
-	// member, since the members are fine and this node is what stopped.
+	// Check just before it reaches the device (and, if that fails, Wait
+	// and Check again: an admitted request waits out a stop as a new one
+	// would). An error fails the request with an error wrapping
+	// ErrIOStopped; it never fails a member, since the members are fine
+	// and this node is what stopped.
 	Gate IOGate
 }
 
@@ -158,13 +160,24 @@ type IOGate interface {
 // it was fenced, or it lost quorum). The gate's own error is wrapped too.
 var ErrIOStopped = errors.New("array I/O stopped on this node")
 
-// gateCheck is the per-device-operation check of Config.Gate.
+// gateCheck is the per-device-operation check of Config.Gate. A gate
+// that closed after the request was admitted is waited for (Wait, as a
+// new request would), and the operation goes to the device only if Check
+// then passes: a stop that passes within the gate's wait (a survivor
+// waiting for the view its fencer stamped) costs the request time, not an
+// I/O error, and no device operation is ever issued while the gate is
+// closed.
 func (e *Engine) gateCheck() error {
 	if e.cfg.Gate == nil {
 		return nil
 	}
 	if err := e.cfg.Gate.Check(); err != nil {
-		return fmt.Errorf("%w: %w", ErrIOStopped, err)
+		if werr := e.cfg.Gate.Wait(); werr != nil {
+			return fmt.Errorf("%w: %w", ErrIOStopped, werr)
+		}
+		if err := e.cfg.Gate.Check(); err != nil {
+			return fmt.Errorf("%w: %w", ErrIOStopped, err)
+		}
 	}
 	return nil
 }

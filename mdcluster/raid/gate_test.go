@@ -1,9 +1,11 @@
 package raid
 
 import (
+	"bytes"
 	"errors"
 	"sync/atomic"
 	"testing"
+	"time"
 )
 
 // switchGate is an IOGate a test opens and closes.
@@ -71,6 +73,50 @@ func TestGateRefusesInFlight(t *testing.T) {
 	err := r.e.WriteAt(make([]byte, 4096), 0, 0)
 	if !admitted.Load() || !errors.Is(err, ErrIOStopped) {
 		t.Fatalf("in-flight write after the gate closed: %v", err)
+	}
+	if f := r.failures(); len(f) != 0 {
+		t.Fatalf("members failed: %v", f)
+	}
+}
+
+// TestGateInFlightWaitsOutAStop: a write admitted while the gate was open
+// meets it closed at the device, and the gate reopens within its wait (a
+// survivor between its fencer's stamp and its own install of the new
+// view): the write waits and succeeds, and no device operation ran while
+// the gate was closed. (Found by the three-VM power-cut test: survivors'
+// writers got EIO.)
+func TestGateInFlightWaitsOutAStop(t *testing.T) {
+	var open atomic.Bool
+	open.Store(true)
+	var closedChecks, waits atomic.Int32
+	var admitted atomic.Bool
+	r := newRig(t, mustRAID1(t, 2), rigOpts{})
+	r.e.cfg.Gate = gateFunc{
+		wait: func() error {
+			if !admitted.Load() {
+				// Admission: the gate closes right after it.
+				admitted.Store(true)
+				open.Store(false)
+				return nil
+			}
+			waits.Add(1)
+			time.Sleep(50 * time.Millisecond)
+			open.Store(true)
+			return nil
+		},
+		check: func() error {
+			if !open.Load() {
+				closedChecks.Add(1)
+				return errors.New("closed")
+			}
+			return nil
+		},
+	}
+	if err := r.e.WriteAt(bytes.Repeat([]byte{7}, 4096), 0, 0); err != nil {
+		t.Fatalf("in-flight write across a stop that passed within the wait: %v", err)
+	}
+	if closedChecks.Load() == 0 || waits.Load() == 0 {
+		t.Fatalf("the gate was never met closed (%d checks) or never waited for (%d waits)", closedChecks.Load(), waits.Load())
 	}
 	if f := r.failures(); len(f) != 0 {
 		t.Fatalf("members failed: %v", f)

@@ -279,6 +279,19 @@ func (l *Layer) newArr(u [16]byte) (*arr, error) {
 	return a, nil
 }
 
+// setUUID gives an array created here its UUID, which did not exist when
+// its engine and lease guard were built: the guard's stamp reads must
+// compare against it, or the first stamp fence (which writes the array's
+// UUID with the generation) would read as "another array's" stamp here
+// and stop this node's I/O on the array for good. Called before the
+// array runs (no stamp read happens concurrently).
+func (a *arr) setUUID(u [16]byte) {
+	a.uuid = u
+	if a.stamper != nil {
+		a.stamper.Array = u
+	}
+}
+
 // newEngine builds array u's data path: the RAID engine with the
 // configured speed limits and, with the lease enabled, its guard as the
 // gate, renewed whenever the engine starts (before any I/O).
@@ -701,7 +714,7 @@ func (l *Layer) create(ctx context.Context, args ctl.CreateArgs) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	a.uuid = c.Info.UUID
+	a.setUUID(c.Info.UUID)
 	l.mu.Lock()
 	l.arrays[a.uuid] = a
 	l.mu.Unlock()

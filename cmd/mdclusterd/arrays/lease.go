@@ -40,7 +40,8 @@ import (
 // again), which a fenced node needs, while a node that merely lost quorum
 // or could not read the stamp must resume when that passes; its data I/O
 // is stopped by the gate meanwhile, and a bitmap write alone changes no
-// data.
+// data. A fenced verdict is final only after the lease's StopWait without
+// a view as new as the stamp (see Check).
 type leaseOwner struct {
 	intent.Ownership
 	guard *lease.Guard
@@ -50,6 +51,19 @@ type leaseOwner struct {
 func (o leaseOwner) Check() error {
 	if err := o.Ownership.Check(); err != nil {
 		return err
+	}
+	if err := o.guard.Renew(); !errors.Is(err, lease.ErrFenced) {
+		return nil
+	}
+	// A stamp newer than this node's view is what a fenced node reads,
+	// but also what every survivor reads between the fencer's stamp and
+	// its own install of the new view (the fence runs before any node
+	// installs it). Refusing at once would stop a survivor's write intent
+	// for good; so wait, as the data path's requests do (the gate's
+	// StopWait), for a view at least as new, and refuse only if none
+	// comes: then this node is the one fenced.
+	if o.guard.Wait() == nil {
+		return nil
 	}
 	if err := o.guard.Renew(); errors.Is(err, lease.ErrFenced) {
 		return err

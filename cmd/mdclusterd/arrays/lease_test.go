@@ -46,7 +46,14 @@ func leaseLayer(t *testing.T, id uint32, d time.Duration) *Layer {
 // manager would after an assemble, and registers it as running.
 func runRAID1(t *testing.T, l *Layer, u [16]byte, paths []string) *arr {
 	t.Helper()
-	a, err := l.newEngine(u)
+	return runRAID1As(t, l, u, u, paths)
+}
+
+// runRAID1As is runRAID1 for an engine built for array built (the zero
+// UUID: an array being created here) that runs as array u.
+func runRAID1As(t *testing.T, l *Layer, built, u [16]byte, paths []string) *arr {
+	t.Helper()
+	a, err := l.newEngine(built)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -62,6 +69,9 @@ func runRAID1(t *testing.T, l *Layer, u [16]byte, paths []string) *arr {
 	if err := a.eng.Start(context.Background(), array.EngineSetup{Level: superblock.LevelRAID1, RaidDisks: len(paths),
 		DevSectors: 8192, Members: ems}); err != nil {
 		t.Fatal(err)
+	}
+	if built != u {
+		a.setUUID(u)
 	}
 	l.mu.Lock()
 	l.arrays[u] = a
@@ -159,6 +169,52 @@ func TestLeaseStopsArrayIO(t *testing.T) {
 	// A joins view 4 (readmitted): it writes again.
 	la.SetView(4, true)
 	resumed(a, "A")
+}
+
+// TestLeaseOfCreatedArray: the node that created an array built its
+// engine and lease guard before the array had a UUID; after another
+// node's stamp fence (which writes the array's UUID with the generation)
+// and the new view, its I/O must resume like everyone else's, not stop
+// for good on "the stamp of another array" (found by the three-VM test).
+func TestLeaseOfCreatedArray(t *testing.T) {
+	dir := t.TempDir()
+	var paths []string
+	for _, n := range []string{"a.img", "b.img"} {
+		p := filepath.Join(dir, n)
+		if err := os.WriteFile(p, make([]byte, 5<<20), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		paths = append(paths, p)
+	}
+	u := [16]byte{7, 8, 9}
+	const d = 600 * time.Millisecond
+	la, lb := leaseLayer(t, 1, d), leaseLayer(t, 2, d)
+	la.SetView(3, true)
+	lb.SetView(3, true)
+	a := runRAID1As(t, la, [16]byte{}, u, paths)
+	runRAID1(t, lb, u, paths)
+	data := bytes.Repeat([]byte{0xcd}, 4096)
+	if err := a.eng.WriteAt(data, 0, 0); err != nil {
+		t.Fatalf("creator's write before any fence: %v", err)
+	}
+	if err := lb.Stamp(context.Background(), 4); err != nil {
+		t.Fatal(err)
+	}
+	la.SetView(4, true)
+	// Past two leases every write depends on stamp reads made after the
+	// fence.
+	time.Sleep(2 * d)
+	deadline := time.Now().Add(d)
+	for {
+		err := a.eng.WriteAt(data, 4096, 0)
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the creator's array I/O did not resume in view 4 after the stamp fence: %v", err)
+		}
+		time.Sleep(d / 10)
+	}
 }
 
 // TestStampArrayNotRunningHere: the stamp fence also stamps an array this
@@ -267,8 +323,11 @@ func TestWatchdogFedOnlyWhileReadsComplete(t *testing.T) {
 func TestLeaseOwnerRefusesOnlyWhenFenced(t *testing.T) {
 	var gen atomic.Uint64
 	reads := 0
-	g, err := lease.New(lease.Config{Duration: time.Minute, Read: func() (lease.Record, error) {
+	var readsMu sync.Mutex
+	g, err := lease.New(lease.Config{Duration: time.Minute, StopWait: 300 * time.Millisecond, Read: func() (lease.Record, error) {
+		readsMu.Lock()
 		reads++
+		readsMu.Unlock()
 		return lease.Record{Generation: gen.Load()}, nil
 	}, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err != nil {
@@ -285,7 +344,27 @@ func TestLeaseOwnerRefusesOnlyWhenFenced(t *testing.T) {
 	}
 	g.SetView(3, true)
 	gen.Store(4)
-	if err := o.Check(); !errors.Is(err, lease.ErrFenced) || reads != 3 {
-		t.Fatalf("fenced: %v after %d reads, want ErrFenced after a fresh read", err, reads)
+	start := time.Now()
+	if err := o.Check(); !errors.Is(err, lease.ErrFenced) || reads != 4 {
+		t.Fatalf("fenced: %v after %d reads, want ErrFenced after a fresh read and one more after the wait", err, reads)
+	}
+	if w := time.Since(start); w < 300*time.Millisecond {
+		t.Fatalf("fenced after %v: the flush must wait StopWait for a newer view first", w)
+	}
+	// A survivor: the fencer stamped generation 5 before this node
+	// installed view 5; the flush waits for the install and goes on
+	// (found by the three-VM power-cut test: a survivor's write intent
+	// stopped for good).
+	g.SetView(4, true)
+	if err := o.Check(); err != nil {
+		t.Fatalf("view 4, stamp 4: %v", err)
+	}
+	gen.Store(5)
+	go func() {
+		time.Sleep(100 * time.Millisecond)
+		g.SetView(5, true)
+	}()
+	if err := o.Check(); err != nil {
+		t.Fatalf("a survivor installing view 5 after the stamp: the flush was refused: %v", err)
 	}
 }
