@@ -170,7 +170,10 @@ type Lease struct {
 	// watchdog it must cover the watchdog's timeout plus Duration/2.
 	Margin time.Duration
 	// StopWait is how long a new request waits for a stopped lease to
-	// come back before it fails.
+	// come back before it fails. A stamp fence stops every survivor's I/O
+	// for FenceWait (until the new view is installed), so with the stamp
+	// level StopWait must be at least that; the default is the larger of
+	// DefaultLeaseStopWait and FenceWait + Duration.
 	StopWait time.Duration
 	// Watchdog is the watchdog device to arm (e.g. /dev/watchdog, softdog);
 	// empty: none. It is pinged only while every running array's stamp

@@ -126,7 +126,7 @@ func TestParseValid(t *testing.T) {
 		t.Fatal(err)
 	}
 	if cfg.RAID != (RAID{SpeedLimitMin: 1000, SpeedLimitMax: 200000, HoldWait: 30 * time.Second, RejoinLimit: 5 * time.Minute}) || !cfg.Lease.Enabled || cfg.Lease.Duration != 10*time.Second ||
-		cfg.Lease.FenceWait() != 15*time.Second || cfg.Lease.Watchdog != "" {
+		cfg.Lease.FenceWait() != 15*time.Second || cfg.Lease.StopWait != 25*time.Second || cfg.Lease.Watchdog != "" {
 		t.Fatalf("raid and lease defaults: %+v %+v", cfg.RAID, cfg.Lease)
 	}
 	if cfg.NodeID != 1 || cfg.Profile != ProfileStorageLAN || cfg.DataDir != "/var/lib/mdcluster" {
@@ -266,6 +266,7 @@ func TestParseErrors(t *testing.T) {
 		{36, ctlSock + "\n[raid]\nhold_wait = \"2h\"", `38: raid.hold_wait: "2h" is more than the limit of 1h0m0s`},
 		{36, ctlSock + "\n[lease]\nenabled = false", "16: fencing.level: the stamp level needs the I/O lease ([lease] enabled = true): without it a fenced node never stops writing"},
 		{36, ctlSock + "\n[lease]\nwatchdog = \"/dev/watchdog\"\nmargin = \"5s\"", "39: lease.margin: 5s is less than the watchdog timeout plus half the lease (15s): a hung node could still write after its fence returned"},
+		{36, ctlSock + "\n[lease]\nstop_wait = \"5s\"", "38: lease.stop_wait: 5s is shorter than the stamp fence's wait (duration + margin = 15s): every survivor's requests would fail during each fence; raise it above 15s"},
 		{36, ctlSock + "\n[lease]\nduration = \"10ms\"", "38: lease.duration: 10ms is too short: the lease must outlast a stamp read (at least 100ms)"},
 		{36, ctlSock + "\n[lease]\nwatchdog = \"dev/watchdog\"", `38: lease.watchdog: "dev/watchdog" is not an absolute path`},
 		{7, `port = 7946 7947`, "7: TOML: expected newline but got U+0037 '7'"},

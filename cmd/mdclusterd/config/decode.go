@@ -618,7 +618,13 @@ func (d *decoder) lease(t *table) Lease {
 	}
 	l.Duration = d.duration(t, "duration", DefaultLeaseDuration, time.Hour)
 	l.Margin = d.duration(t, "margin", DefaultLeaseMargin, time.Hour)
-	l.StopWait = d.duration(t, "stop_wait", DefaultLeaseStopWait, time.Hour)
+	l.StopWait = d.duration(t, "stop_wait", 0, time.Hour)
+	if l.StopWait == 0 {
+		// A stamp fence holds every survivor's I/O from its stamp until the
+		// new view is installed, duration + margin later: the default lets
+		// their requests wait that out (plus a lease) instead of failing.
+		l.StopWait = max(DefaultLeaseStopWait, l.FenceWait()+l.Duration)
+	}
 	if l.Duration < 100*time.Millisecond {
 		d.errorf(t.key("duration"), "%v is too short: the lease must outlast a stamp read (at least 100ms)", l.Duration)
 	}
@@ -646,6 +652,10 @@ func (d *decoder) lease(t *table) Lease {
 // crossChecks looks at fields together.
 func (d *decoder) crossChecks(cfg *Config) {
 	for _, lv := range cfg.Fencing.Levels {
+		if lv.Stamp && cfg.Lease.Enabled && cfg.Lease.StopWait < cfg.Lease.FenceWait() {
+			d.errorf("lease.stop_wait", "%v is shorter than the stamp fence's wait (duration + margin = %v): every survivor's requests would fail during each fence; raise it above %v",
+				cfg.Lease.StopWait, cfg.Lease.FenceWait(), cfg.Lease.FenceWait())
+		}
 		if lv.Stamp && !cfg.Lease.Enabled {
 			d.errorf("fencing.level", "the stamp level needs the I/O lease ([lease] enabled = true): without it a fenced node never stops writing")
 		}
