@@ -67,7 +67,7 @@ func randomConfig(seed uint64) Config {
 	// everything else, for the same reason).
 	if cfg.Broadcast != nil {
 		cfg.Broadcast.Manager = &ManagerConfig{ChangeProb: []float64{0.3, 0.6}[r.IntN(2)],
-			CrashProb: []float64{0.05, 0.15}[r.IntN(2)], Invisible: []float64{0, 0.1}[r.IntN(2)], CrashRound: r.IntN(2) == 0}
+			CrashProb: []float64{0.05, 0.15}[r.IntN(2)], Invisible: []float64{0, 0.1}[r.IntN(2)], CrashRound: r.IntN(4) == 0}
 	}
 	return cfg
 }
