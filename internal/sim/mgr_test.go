@@ -53,6 +53,9 @@ func mgrSeeds(n int) []uint64 {
 // back changes from the disk, survivors reconciled members, and some adds
 // were abandoned because a node did not see the device.
 func TestManagerExercised(t *testing.T) {
+	if raceBuild {
+		t.Skip("a coverage test (16 s under -race); TestRandom runs the manager under the race detector")
+	}
 	var tot MgrStats
 	seeds := mgrSeeds(60)
 	for _, seed := range seeds {
