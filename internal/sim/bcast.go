@@ -57,6 +57,9 @@ type BroadcastConfig struct {
 	ReleaseToken bool
 	// Mutation plants a bug, so tests can show the invariants catch it.
 	Mutation BcastMutation
+	// Manager, if set, runs the array manager's change protocol over the
+	// broadcast (mgr.go).
+	Manager *ManagerConfig
 }
 
 // BcastMutation is a deliberate bug in the simulation's receiver.
@@ -127,6 +130,7 @@ type bcSim struct {
 	// calmSince is the tick since which the cluster is calm (-1: not).
 	calmSince int64
 	stats     BcastStats
+	mg        *mgrSim // the manager workload, nil when off
 }
 
 // bcNode is one incarnation of the broadcaster on a node.
@@ -140,6 +144,10 @@ type bcNode struct {
 	sending  bool
 	recv     *coro
 	recvHold int64 // no receive step before this tick (after a failed one)
+	// crashReq: the manager workload crashed this node's process (it
+	// stops at once; the simulation crashes it at its next check);
+	// crashInSend: it is to die while its announcement is on its way.
+	crashReq, crashInSend bool
 }
 
 // bcCtx is the context of every broadcaster call. It is cancelled: the
@@ -168,8 +176,12 @@ func newBcSim(s *Sim) *bcSim {
 	if s.cfg.LVBLen < broadcast.LVBSize {
 		s.fail("broadcast: needs %d-byte value blocks, the lockspace has %d", broadcast.LVBSize, s.cfg.LVBLen)
 	}
-	return &bcSim{s: s, cfg: cfg, nodes: map[NodeID]*bcNode{}, journal: map[NodeID][]bcRecord{},
+	bs := &bcSim{s: s, cfg: cfg, nodes: map[NodeID]*bcNode{}, journal: map[NodeID][]bcRecord{},
 		seqs: map[bcKey]bcRecord{}, ids: map[uint64]bcKey{}, calmSince: -1}
+	if cfg.Manager != nil {
+		bs.mg = newMgrSim(bs, *cfg.Manager)
+	}
+	return bs
 }
 
 // BcastStats returns the broadcast layer's counters (zero when it is off).
@@ -210,6 +222,7 @@ func (bs *bcSim) newIncarnation(n *Node) *bcNode {
 	}
 	bn.b = b
 	bs.nodes[n.ID] = bn
+	bs.mg.started(bn)
 	bs.s.tracef("bc %s.%d: broadcaster started", n.ID, bn.epoch)
 	return bn
 }
@@ -265,6 +278,9 @@ func (bs *bcSim) installing(n *Node, in membership.Install) {
 		return
 	}
 	bn.install(bn.b, in)
+	if !in.Reset {
+		bs.mg.departed(bn, append(slices.Clone(in.Departed), in.Rejoined...))
+	}
 }
 
 // --- running the coroutines ---
@@ -295,7 +311,7 @@ func (bs *bcSim) resume(n *Node) bool {
 		return false
 	}
 	bn := bs.nodes[n.ID]
-	if bn == nil || bn.dead || !n.Up {
+	if bn == nil || bn.dead || !n.Up || bn.crashReq {
 		return false
 	}
 	bn.recover(bn.b)
@@ -336,9 +352,15 @@ func (bn *bcNode) Receive(ctx context.Context, from dlm.NodeID, m broadcast.Mess
 	if !ok {
 		bs.fail("(b): node %s: handler called without a sequence number", bn.n.ID)
 	}
+	if bs.mg != nil && isMgr(m) {
+		err := bs.mg.receive(bn, from, m)
+		bs.updateEra()
+		bs.record(bn, bcRecord{seq: seq, from: from, id: msgID(m), typ: m.Type, failed: err != nil, epoch: bn.epoch, era: bs.era})
+		return err
+	}
 	fail := bs.s.rng.Float64() < bs.cfg.FailProb
 	bs.updateEra()
-	rec := bcRecord{seq: seq, from: from, id: m.Low, typ: m.Type, failed: fail, epoch: bn.epoch, era: bs.era}
+	rec := bcRecord{seq: seq, from: from, id: msgID(m), typ: m.Type, failed: fail, epoch: bn.epoch, era: bs.era}
 	two := bn.n.ID == 2
 	switch {
 	case two && bs.cfg.Mutation == BcastDropAction && !fail:
@@ -420,7 +442,13 @@ func (bs *bcSim) updateEra() {
 // randomOp (hook: model.randomOp) queues a broadcast operation on a random
 // node a quarter of the time, and reports whether it did.
 func (bs *bcSim) randomOp() bool {
-	if bs == nil || bs.s.intn(4) != 0 {
+	if bs == nil {
+		return false
+	}
+	if bs.mg.randomOp() {
+		return true
+	}
+	if bs.s.intn(4) != 0 {
 		return false
 	}
 	s := bs.s
@@ -463,6 +491,7 @@ func (bs *bcSim) queueJoin(bn *bcNode) {
 		bs.opSeq++
 		bn.joined, bn.joinedAt = true, bs.opSeq
 		bs.stats.Joins++
+		bs.mg.joined(bn)
 	}})
 }
 
@@ -533,7 +562,7 @@ func (bs *bcSim) sent(bn *bcNode, msg broadcast.Message, joined map[NodeID]bcJoi
 		if errors.Is(err, broadcast.ErrNotJoined) && !bn.joined {
 			return
 		}
-		bs.fail("node %s.%d: send of message %d: %v", bn.n.ID, bn.epoch, msg.Low, err)
+		bs.fail("node %s.%d: send of message %d: %v", bn.n.ID, bn.epoch, msgID(msg), err)
 		return
 	}
 	bs.stats.SendOK++
@@ -551,13 +580,13 @@ func (bs *bcSim) sent(bn *bcNode, msg broadcast.Message, joined map[NodeID]bcJoi
 	check := func(id NodeID, what string, want func(r bcRecord, ok bool) string) {
 		seen[id] = true
 		r, ok := bs.recordOf(id, res.Seq)
-		if ok && (r.id != msg.Low || r.from != dlm.NodeID(bn.n.ID)) {
+		if ok && (r.id != msgID(msg) || r.from != dlm.NodeID(bn.n.ID)) {
 			bs.fail("(d): broadcast %d (message %d from %s) reported node %s %s, whose journal has message %d from %d under that number",
-				res.Seq, msg.Low, bn.n.ID, id, what, r.id, r.from)
+				res.Seq, msgID(msg), bn.n.ID, id, what, r.id, r.from)
 			return
 		}
 		if why := want(r, ok); why != "" {
-			bs.fail("(d): broadcast %d (message %d, %v, from %s) reported node %s %s, but %s", res.Seq, msg.Low, msg.Type, bn.n.ID, id, what, why)
+			bs.fail("(d): broadcast %d (message %d, %v, from %s) reported node %s %s, but %s", res.Seq, msgID(msg), msg.Type, bn.n.ID, id, what, why)
 		}
 	}
 	for _, a := range res.Acted {
@@ -626,7 +655,7 @@ func (bs *bcSim) sent(bn *bcNode, msg broadcast.Message, joined map[NodeID]bcJoi
 	for _, id := range bs.s.ids {
 		if id != bn.n.ID && stayed(id) && !seen[id] {
 			bs.fail("(a): broadcast %d (message %d from %s) returned success, but node %s, joined and alive throughout, is not in its result",
-				res.Seq, msg.Low, bn.n.ID, id)
+				res.Seq, msgID(msg), bn.n.ID, id)
 			return
 		}
 	}
@@ -659,6 +688,11 @@ func (bs *bcSim) check() {
 		return
 	}
 	s := bs.s
+	bs.mg.crashes()
+	bs.mg.checkDisks()
+	if s.failed != "" {
+		return
+	}
 	bs.updateEra()
 	if !bs.calm() {
 		bs.calmSince = -1
@@ -696,14 +730,34 @@ func (bs *bcSim) finish() {
 	if !bs.runQuiet(5000) {
 		return
 	}
-	for _, id := range s.ids {
-		if bn := bs.nodes[id]; bn != nil && !bn.dead && !bn.joined {
-			bs.queueJoin(bn)
-			s.pump(bn.n)
-		}
-	}
-	if !bs.runQuiet(5000) {
+	if !bs.joinAll() {
 		return
+	}
+	if bs.mg != nil {
+		// A round of changes on the healed cluster in which senders die
+		// between steps; the dead come back, join and recover.
+		if bs.mg.cfg.CrashRound {
+			bs.mg.crashOK = true
+			bs.mg.burst()
+			ok := bs.runQuiet(5000)
+			bs.mg.crashOK = false
+			if !ok {
+				return
+			}
+			bs.mg.crashes()
+			s.Settle(3000)
+			if s.failed != "" || !bs.joinAll() {
+				return
+			}
+		}
+		bs.mg.burst()
+		if !bs.runQuiet(5000) {
+			return
+		}
+		bs.mg.finish()
+		if s.failed != "" {
+			return
+		}
 	}
 	// Every node sends one broadcast, all at once: they contend for the
 	// token, and each must succeed.
@@ -744,6 +798,19 @@ func (bs *bcSim) finish() {
 		}
 	}
 	bs.close()
+}
+
+// joinAll makes every live node join and waits until the operations are
+// over (a node with an unfinished change recovers it once joined).
+func (bs *bcSim) joinAll() bool {
+	s := bs.s
+	for _, id := range s.ids {
+		if bn := bs.nodes[id]; bn != nil && !bn.dead && !bn.joined {
+			bs.queueJoin(bn)
+			s.pump(bn.n)
+		}
+	}
+	return bs.runQuiet(5000)
 }
 
 func (bs *bcSim) runQuiet(limit int) bool {

@@ -93,6 +93,9 @@ type ownSim struct {
 	names  []string            // the slots' lock names
 	nodes  map[NodeID]*ownNode // current array incarnation per running node
 	epochs int
+	// over: finish ran; nodes that restart later (the manager's crash
+	// rounds, bcast.go) start no array.
+	over bool
 	// pending lists, per chunk, the writes that reached the first mirror
 	// and neither reached the second nor were resynced.
 	pending [][]*dataWrite
@@ -189,7 +192,7 @@ func (o *ownSim) fail(format string, args ...any) { o.s.fail("ownership "+format
 // started (hook: Sim.Start) starts the array on a booted node: a new
 // driver whose Join waits until the node's Space first runs.
 func (o *ownSim) started(n *Node) {
-	if o == nil {
+	if o == nil || o.over {
 		return
 	}
 	o.newIncarnation(n)
@@ -683,6 +686,7 @@ func (o *ownSim) finish() {
 	}
 	o.runQuiet(5000)
 	o.close()
+	o.over = true
 }
 
 // runQuiet runs the simulation (deliveries and ticks) until every running

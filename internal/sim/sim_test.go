@@ -63,6 +63,12 @@ func randomConfig(seed uint64) Config {
 	// Drawn last, so the draws above (and so every seed's cluster shape
 	// and faults) are what they were before it existed.
 	cfg.StartupFenceAfter = []int{0, 0, 12, 36}[r.IntN(4)]
+	// The array manager's change protocol over the broadcast (drawn after
+	// everything else, for the same reason).
+	if cfg.Broadcast != nil {
+		cfg.Broadcast.Manager = &ManagerConfig{ChangeProb: []float64{0.3, 0.6}[r.IntN(2)],
+			CrashProb: []float64{0.05, 0.15}[r.IntN(2)], Invisible: []float64{0, 0.1}[r.IntN(2)], CrashRound: r.IntN(4) == 0}
+	}
 	return cfg
 }
 
@@ -109,7 +115,7 @@ func TestRandom(t *testing.T) {
 		}
 		s, msg := runRandom(seed, randomSteps, traceWriter())
 		if s != nil {
-			t.Logf("seed %d: %+v %+v %+v", seed, s.Stats(), s.OwnStats(), s.BcastStats())
+			t.Logf("seed %d: %+v %+v %+v %+v", seed, s.Stats(), s.OwnStats(), s.BcastStats(), s.ManagerStats())
 		}
 		if msg != "" {
 			t.Fatalf("seed %d step %d: %s\nreplay: %s", seed, stepOf(s), msg, replay("TestRandom", seed))
@@ -131,6 +137,7 @@ func TestRandom(t *testing.T) {
 	var total Stats
 	var own OwnStats
 	var bc BcastStats
+	var mgr MgrStats
 	var failures []string
 	for seed := uint64(1); seed <= uint64(seeds); seed++ {
 		s, msg := runRandom(seed, randomSteps, nil)
@@ -144,13 +151,17 @@ func TestRandom(t *testing.T) {
 		add(&total, s.Stats())
 		addOwn(&own, s.OwnStats())
 		addBcast(&bc, s.BcastStats())
+		addMgr(&mgr, s.ManagerStats())
 	}
-	t.Logf("%d seeds in %v: %+v\nownership: %+v\nbroadcast: %+v", seeds, time.Since(start).Round(time.Millisecond), total, own, bc)
+	t.Logf("%d seeds in %v: %+v\nownership: %+v\nbroadcast: %+v\nmanager: %+v", seeds, time.Since(start).Round(time.Millisecond), total, own, bc, mgr)
 	if len(failures) > 0 {
 		t.Fatalf("%d failing seeds (first ones):\n%s", len(failures), strings.Join(failures, "\n"))
 	}
 	// The daemon's applier rules run here too; a run this long takes each
 	// of their branches (200 seeds take each a few hundred times).
+	if seeds >= 100 && (mgr.OK == 0 || mgr.Recoveries == 0) {
+		t.Fatalf("%d seeds: the manager workload made no change (%d) or no recovery (%d)", seeds, mgr.OK, mgr.Recoveries)
+	}
 	if seeds >= 100 && (total.Resets == 0 || total.ResetsSuppressed == 0 || total.Purges == 0 || total.StopsAfterInstall == 0) {
 		t.Fatalf("%d seeds never took some applier rule: resets %d, suppressed resets %d, installs with a purge %d, stops after install %d",
 			seeds, total.Resets, total.ResetsSuppressed, total.Purges, total.StopsAfterInstall)

@@ -129,7 +129,7 @@ func (m *Manager) SetBitmap(ctx context.Context, spec BitmapSpec) error {
 		}
 		held = append(held, h)
 	}
-	e := journalEntry{Kind: ChangeBitmap, State: StatePrepared, BaseEvents: st.Events(), Bitmap: spec.Mode, Nodes: nodes, Slot: -1}
+	e := JournalEntry{Kind: ChangeBitmap, State: StatePrepared, BaseEvents: st.Events(), Bitmap: spec.Mode, Nodes: nodes, Slot: -1}
 	if spec.Mode == BitmapClustered && cur != BitmapClustered {
 		e.Path = spec.ClusterName
 	}
@@ -147,7 +147,7 @@ func (m *Manager) SetBitmap(ctx context.Context, spec BitmapSpec) error {
 
 // rewriteBitmap carries out a journalled bitmap change on the stopped
 // array: journal, rewrite, done.
-func (m *Manager) rewriteBitmap(e journalEntry, chunk int64) error {
+func (m *Manager) rewriteBitmap(e JournalEntry, chunk int64) error {
 	b, err := e.encode()
 	if err != nil {
 		return err
@@ -174,7 +174,7 @@ func (m *Manager) rewriteBitmap(e journalEntry, chunk int64) error {
 // applyBitmap rewrites the members for e. It is idempotent: after a crash
 // it runs again from whatever the last run left (the dirty bits are read
 // from every slot of both the old and the new layout).
-func (m *Manager) applyBitmap(e journalEntry, chunk int64) error {
+func (m *Manager) applyBitmap(e JournalEntry, chunk int64) error {
 	m.mu.Lock()
 	insp, err := m.inspectLocked()
 	m.mu.Unlock()
@@ -409,7 +409,7 @@ func (m *Manager) redoBitmapChange(ctx context.Context) error {
 		if insp.Freshest >= 0 {
 			sh = insp.Members[insp.Freshest].Super
 		}
-		d := decideRecovery(e, diskFacts{Shared: sh})
+		d := DecideRecovery(e, DiskFacts{Shared: sh})
 		outcome := d.Outcome
 		if outcome != OutcomeCompleted || (insp.Info != nil && e.Bitmap == BitmapClustered && insp.Info.Nodes != e.Nodes) {
 			held, busy, err := m.lockAllSlots(ctx, sh)

@@ -22,7 +22,7 @@ type changeTxn struct {
 	what  string
 	bt    *broadcast.Txn // nil when the array runs without a cluster
 	seq   uint64         // journal sequence number, 0 before journal
-	entry journalEntry
+	entry JournalEntry
 	ended bool
 }
 
@@ -87,7 +87,7 @@ func (t *changeTxn) end(ctx context.Context) {
 }
 
 // journal appends the change's entry (durable before the change goes on).
-func (t *changeTxn) journal(e journalEntry) error {
+func (t *changeTxn) journal(e JournalEntry) error {
 	e.Array, e.Node, e.Started = t.m.uuid, uint32(t.m.self), t.m.cfg.Now()
 	b, err := e.encode()
 	if err != nil {
@@ -213,14 +213,9 @@ func (t *changeTxn) reload(minEvents uint64) error {
 // md's REMOVE / RE_ADD) and returns the receivers that did not act.
 func (t *changeTxn) announce(ctx context.Context, typ broadcast.Type, dev uint32) ([]dlm.NodeID, error) {
 	t.m.mu.Lock()
-	events := t.m.st.Events()
-	good := t.m.goodDeviceLocked()
+	msg := announcement(typ, dev, t.m.st)
 	t.m.mu.Unlock()
-	raid := good
-	if typ == broadcast.Remove || typ == broadcast.ReAdd {
-		raid = dev
-	}
-	res, err := t.send(ctx, broadcast.Message{Type: typ, RaidSlot: raid, Low: events})
+	res, err := t.send(ctx, msg)
 	if err != nil {
 		return nil, err
 	}
@@ -228,7 +223,7 @@ func (t *changeTxn) announce(ctx context.Context, typ broadcast.Type, dev uint32
 		t.m.log.Warn("not every node applied the change", "change", t.what, "msg", typ, "err", p)
 		return failedNodes(res), nil
 	}
-	t.m.log.Info("change applied on every node", "change", t.what, "msg", typ, "events", events, "acted", res.Acted, "not_joined", res.NotJoined)
+	t.m.log.Info("change applied on every node", "change", t.what, "msg", typ, "events", msg.Low, "acted", res.Acted, "not_joined", res.NotJoined)
 	return nil, nil
 }
 
@@ -254,30 +249,6 @@ func (t *changeTxn) apply(ctx context.Context, next *superblock.Superblock, devs
 	return err
 }
 
-// applyAt is apply with the test crash points step+":written" (after the
-// write) and step+":announced" (after the announcement); it returns the
-// receivers that did not act.
-func (t *changeTxn) applyAt(ctx context.Context, step string, next *superblock.Superblock, devs []Device, typ broadcast.Type, dev uint32) ([]dlm.NodeID, error) {
-	m := t.m
-	if err := t.writeSupers(next, devs); err != nil {
-		return nil, err
-	}
-	if err := m.point(step + ":written"); err != nil {
-		return nil, err
-	}
-	if err := t.reload(next.Events); err != nil {
-		return nil, err
-	}
-	bad, err := t.announce(ctx, typ, dev)
-	if err != nil {
-		return nil, err
-	}
-	if err := m.point(step + ":announced"); err != nil {
-		return nil, err
-	}
-	return bad, nil
-}
-
 // state returns the current array state (m.st, read under the lock).
 func (m *Manager) state() *arrayState {
 	m.mu.Lock()
@@ -285,18 +256,126 @@ func (m *Manager) state() *arrayState {
 	return m.st
 }
 
-// goodDeviceLocked is md's good_device_nr: the first in-sync member, from
-// which receivers may reload the superblock.
-func (m *Manager) goodDeviceLocked() uint32 {
-	for _, s := range m.st.statuses() {
-		if s.State == MemberInSync {
-			return s.Dev
+// --- the changes ---
+
+// run carries out plan p under the transaction, step by step in the order
+// p.Steps lists (the order the simulator runs the same plans in), with the
+// test crash points name+":journalled", ":candidate", ":newdisk",
+// ":confirmed", ":committing", ":written" and ":announced". It returns the
+// receivers that did not act on the announcement (for fail and remove: an
+// add or re-add is undone everywhere instead, and returns an error).
+func (t *changeTxn) run(ctx context.Context, name string, p *ChangePlan, st *arrayState) ([]dlm.NodeID, error) {
+	m := t.m
+	for _, step := range p.Steps() {
+		switch step {
+		case StepJournal:
+			if err := t.journal(p.Entry); err != nil {
+				return nil, err
+			}
+			if err := m.point(name + ":journalled"); err != nil {
+				return nil, err
+			}
+		case StepCandidate:
+			d := p.Candidate.Member
+			if st.HasBitmap {
+				var src Member
+				for _, s := range st.statuses() {
+					if s.State == MemberInSync {
+						src = st.Members[s.Dev].Member
+						break
+					}
+				}
+				if err := CopyBitmap(st.Shared, src, d); err != nil {
+					return nil, fmt.Errorf("%s: %w", t.what, err)
+				}
+			}
+			if err := writeOwnSuper(d, p.Candidate.Super); err != nil {
+				return nil, fmt.Errorf("%s: write the candidate superblock: %w", t.what, err)
+			}
+			if err := t.setState(StateCandidate); err != nil {
+				return nil, err
+			}
+			if err := m.point(name + ":candidate"); err != nil {
+				return nil, err
+			}
+		case StepConfirm:
+			c := p.Confirm
+			missing, err := t.confirm(ctx, c.UUID, c.RaidSlot, c.Low)
+			if err != nil {
+				return nil, err
+			}
+			if p.Entry.Kind == ChangeAdd {
+				if err := m.point(name + ":newdisk"); err != nil {
+					return nil, err
+				}
+				if missing != nil {
+					return nil, t.abandonAdd(ctx, p.Candidate.Member, missing)
+				}
+				continue
+			}
+			if missing != nil {
+				m.log.Warn("re-add abandoned: not every node sees the device", "why", missing)
+				if bad, err := t.announce(ctx, broadcast.MetadataUpdated, p.Entry.Dev); err != nil || len(bad) > 0 {
+					m.log.Warn("telling the nodes to forget the candidate", "err", err, "nodes", bad)
+				}
+				return nil, fmt.Errorf("%s: %w: %v", t.what, ErrDeviceNotSeen, missing)
+			}
+			if err := m.point(name + ":confirmed"); err != nil {
+				return nil, err
+			}
+		case StepConfirmed:
+			if err := t.setState(StateConfirmed); err != nil {
+				return nil, err
+			}
+			if err := m.point(name + ":confirmed"); err != nil {
+				return nil, err
+			}
+		case StepCommit:
+			if err := t.commit(name); err != nil {
+				return nil, err
+			}
+		case StepMark:
+			if m.isDead() {
+				return nil, errCrashed
+			}
+			if err := writeOwnSuper(p.Mark.Member, p.Mark.Super); err != nil {
+				return nil, fmt.Errorf("%s: mark its superblock removed: %w", t.what, err)
+			}
+		case StepWrite:
+			if err := t.writeSupers(p.Next, p.Writes); err != nil {
+				return nil, err
+			}
+			if err := m.point(name + ":written"); err != nil {
+				return nil, err
+			}
+		case StepReload:
+			if err := t.reload(p.Next.Events); err != nil {
+				if p.Entry.Kind == ChangeAdd {
+					return nil, t.undoAdd(ctx, p.Real.Member, p.Real.Super, fmt.Errorf("this node: %w", err))
+				}
+				return nil, err
+			}
+		case StepAnnounce:
+			bad, err := t.announce(ctx, p.Announce, p.Entry.Dev)
+			if err != nil {
+				return nil, err
+			}
+			if err := m.point(name + ":announced"); err != nil {
+				return nil, err
+			}
+			if len(bad) > 0 {
+				switch p.Entry.Kind {
+				case ChangeAdd:
+					return nil, t.undoAdd(ctx, p.Real.Member, p.Real.Super, fmt.Errorf("nodes %v could not bind the device", bad))
+				case ChangeReAdd:
+					return nil, t.undoReAdd(ctx, p.Entry.Dev, bad)
+				}
+			}
+			return bad, nil
 		}
 	}
-	return 0
+	return nil, nil
 }
-
-// --- the changes ---
 
 // Fail marks member dev faulty on every node (mdadm --fail): the new
 // superblock is written to the other members, then METADATA_UPDATED makes
@@ -310,45 +389,18 @@ func (m *Manager) Fail(ctx context.Context, dev uint32) error {
 	}
 	defer t.end(ctx)
 	st := m.state()
-	rec := st.Members[dev]
-	if rec == nil {
-		return fmt.Errorf("fail device %d: %w: no such member", dev, ErrRefusedChange)
-	}
-	if rec.State == MemberFaulty {
-		return fmt.Errorf("fail device %d: %w: already faulty", dev, ErrRefusedChange)
-	}
-	if rec.State == MemberInSync {
-		sh := st.Shared
-		if !Enough(sh.Level, sh.Layout, int(sh.RaidDisks), func(slot int) bool {
-			h := st.slotHolder(slot)
-			return h != nil && h.State == MemberInSync && h.Dev != dev
-		}) {
-			return fmt.Errorf("fail device %d: %w: it holds the last in-sync copy of some data", dev, ErrRefusedChange)
-		}
-	}
-	if err := t.journal(journalEntry{Kind: ChangeFail, State: StatePrepared, BaseEvents: st.Events(), Dev: dev,
-		DeviceUUID: rec.DeviceUUID, Path: rec.Path, Slot: rec.Slot}); err != nil {
-		return err
-	}
-	if err := m.point("fail:journalled"); err != nil {
-		return err
-	}
-	next, err := Fail(st.Shared, dev)
+	p, err := planFail(st, dev, m.cfg.Now())
 	if err != nil {
-		return fmt.Errorf("fail device %d: %w", dev, err)
-	}
-	next = BumpEvents(next, m.cfg.Now())
-	if err := t.commit("fail"); err != nil {
 		return err
 	}
-	bad, err := t.applyAt(ctx, "fail", next, st.devices(), broadcast.MetadataUpdated, dev)
+	bad, err := t.run(ctx, "fail", p, st)
 	if err != nil {
 		return err
 	}
 	if len(bad) > 0 {
 		m.log.Warn("a failure must complete everywhere: nodes that could not apply it retry and stop their array if they cannot", "dev", dev, "nodes", bad)
 	}
-	m.log.Info("member failed cluster-wide", "dev", dev, "path", rec.Path)
+	m.log.Info("member failed cluster-wide", "dev", dev, "path", p.Entry.Path)
 	m.wake(m.kick)
 	return nil
 }
@@ -365,45 +417,14 @@ func (m *Manager) Remove(ctx context.Context, dev uint32) error {
 	}
 	defer t.end(ctx)
 	st := m.state()
-	rec := st.Members[dev]
-	if rec == nil {
-		return fmt.Errorf("remove device %d: %w: no such member", dev, ErrRefusedChange)
-	}
-	if rec.State != MemberFaulty && rec.State != MemberSpare {
-		return fmt.Errorf("remove device %d: %w: it is %s: hot remove failed: Device or resource busy (fail it first)", dev, ErrRefusedChange, rec.State)
-	}
-	if err := t.journal(journalEntry{Kind: ChangeRemove, State: StatePrepared, BaseEvents: st.Events(), Dev: dev,
-		DeviceUUID: rec.DeviceUUID, Path: rec.Path, Slot: rec.Slot}); err != nil {
+	p, err := planRemove(st, dev, m.cfg.Now())
+	if err != nil {
 		return err
 	}
-	if err := m.point("remove:journalled"); err != nil {
+	if _, err := t.run(ctx, "remove", p, st); err != nil {
 		return err
 	}
-	next := st.Shared
-	if rec.State == MemberFaulty {
-		if next, err = Remove(st.Shared, dev); err != nil {
-			return fmt.Errorf("remove device %d: %w", dev, err)
-		}
-	}
-	next = BumpEvents(next, m.cfg.Now())
-	devs := st.devicesExcept(dev)
-	if err := t.commit("remove"); err != nil {
-		return err
-	}
-	if rec.State == MemberSpare {
-		mark := clone(rec.Super)
-		if dev < uint32(len(mark.DevRoles)) {
-			mark.DevRoles[dev] = superblock.RoleFaulty
-		}
-		mark.UpdateChecksum()
-		if err := writeOwnSuper(rec.Member, mark); err != nil {
-			return fmt.Errorf("remove device %d: mark its superblock removed: %w", dev, err)
-		}
-	}
-	if _, err := t.applyAt(ctx, "remove", next, devs, broadcast.Remove, dev); err != nil {
-		return err
-	}
-	m.log.Info("member removed cluster-wide", "dev", dev, "path", rec.Path)
+	m.log.Info("member removed cluster-wide", "dev", dev, "path", p.Entry.Path)
 	return nil
 }
 
@@ -427,6 +448,14 @@ func zeroSuper(d Member) error {
 	return d.Sync()
 }
 
+// ZeroSuper wipes a device's v1.2 superblock, as the recovery of an add
+// that never committed does to the candidate superblock it left.
+func ZeroSuper(d Member) error { return zeroSuper(d) }
+
+// WriteOwnSuper writes one device's own superblock (a candidate, a
+// removal mark) and syncs it.
+func WriteOwnSuper(d Member, sb *superblock.Superblock) error { return writeOwnSuper(d, sb) }
+
 // AddSpare adds the device at path to the array on every node (mdadm
 // --add), md's add-new-disk protocol without udev:
 //
@@ -448,6 +477,8 @@ func zeroSuper(d Member) error {
 //  5. if some node could not bind it, the add is undone the same way;
 //  6. the sync loop of some node (under the resync lock) puts the spare
 //     into an empty slot and rebuilds it if the array is degraded.
+//
+// The steps are PlanAdd's plan, run in ChangePlan.Steps order.
 func (m *Manager) AddSpare(ctx context.Context, path string) (MemberStatus, error) {
 	what := "add " + path
 	t, err := m.begin(ctx, what, false)
@@ -460,7 +491,6 @@ func (m *Manager) AddSpare(ctx context.Context, path string) (MemberStatus, erro
 	d, err := m.deviceLocked(path)
 	var inUse []uint32
 	if err == nil {
-		inUse = st.inUse()
 		for _, f := range m.scanLocked() {
 			if f.Super.SetUUID == m.uuid || f.Super.SetUUID == candidateUUID(m.uuid) {
 				inUse = append(inUse, f.Super.DevNumber)
@@ -474,138 +504,23 @@ func (m *Manager) AddSpare(ctx context.Context, path string) (MemberStatus, erro
 	if err != nil {
 		return MemberStatus{}, fmt.Errorf("%s: %w", what, err)
 	}
-	if err := m.checkNewDevice(d, st); err != nil {
-		return MemberStatus{}, fmt.Errorf("%s: %w", what, err)
-	}
-	shared, devNo, err := AddSpare(st.Shared, inUse)
+	p, err := planAdd(st, d, path, inUse, m.cfg.Rand, m.cfg.Now())
 	if err != nil {
 		return MemberStatus{}, fmt.Errorf("%s: %w", what, err)
 	}
-	var like *superblock.Superblock
-	for _, s := range st.statuses() {
-		if s.State == MemberInSync {
-			like = st.Members[s.Dev].Super
-			break
-		}
-	}
-	if like == nil {
-		return MemberStatus{}, fmt.Errorf("%s: no in-sync member to model the new superblock on", what)
-	}
-	real, err := NewDevice(shared, like, devNo, d, m.cfg.Rand)
-	if err != nil {
-		return MemberStatus{}, fmt.Errorf("%s: %w: %v", what, ErrRefusedChange, err)
-	}
-	base := st.Events()
-	if err := t.journal(journalEntry{Kind: ChangeAdd, State: StatePrepared, BaseEvents: base, Dev: devNo,
-		DeviceUUID: real.DeviceUUID, Path: path, Slot: -1}); err != nil {
+	if _, err := t.run(ctx, "add", p, st); err != nil {
 		return MemberStatus{}, err
 	}
-	if err := m.point("add:journalled"); err != nil {
-		return MemberStatus{}, err
-	}
-	// 1. The candidate: bitmap copy, then the superblock under the
-	// candidate UUID.
-	if st.HasBitmap {
-		var src Member
-		for _, s := range st.statuses() {
-			if s.State == MemberInSync {
-				src = st.Members[s.Dev].Member
-				break
-			}
-		}
-		if err := CopyBitmap(st.Shared, src, d); err != nil {
-			return MemberStatus{}, fmt.Errorf("%s: %w", what, err)
-		}
-	}
-	cand := clone(real)
-	cand.SetUUID = candidateUUID(m.uuid)
-	cand.UpdateChecksum()
-	if err := writeOwnSuper(d, cand); err != nil {
-		return MemberStatus{}, fmt.Errorf("%s: write the candidate superblock: %w", what, err)
-	}
-	if err := t.setState(StateCandidate); err != nil {
-		return MemberStatus{}, err
-	}
-	if err := m.point("add:candidate"); err != nil {
-		return MemberStatus{}, err
-	}
-	// 2, 3. Confirmation.
-	missing, err := t.confirm(ctx, real.DeviceUUID, devNo, base)
-	if err != nil {
-		return MemberStatus{}, err
-	}
-	if err := m.point("add:newdisk"); err != nil {
-		return MemberStatus{}, err
-	}
-	if missing != nil {
-		return MemberStatus{}, t.abandonAdd(ctx, d, missing)
-	}
-	if err := t.setState(StateConfirmed); err != nil {
-		return MemberStatus{}, err
-	}
-	if err := m.point("add:confirmed"); err != nil {
-		return MemberStatus{}, err
-	}
-	// 4. Commit: the new device first.
-	next := BumpEvents(shared, m.cfg.Now())
-	if err := t.commit("add"); err != nil {
-		return MemberStatus{}, err
-	}
-	devs := append([]Device{{Member: d, Super: real}}, st.devices()...)
-	if err := t.writeSupers(next, devs); err != nil {
-		return MemberStatus{}, err
-	}
-	if err := m.point("add:written"); err != nil {
-		return MemberStatus{}, err
-	}
-	if err := t.reload(next.Events); err != nil {
-		return MemberStatus{}, t.undoAdd(ctx, d, real, fmt.Errorf("this node: %w", err))
-	}
-	bad, err := t.announce(ctx, broadcast.MetadataUpdated, devNo)
-	if err != nil {
-		return MemberStatus{}, err
-	}
-	if err := m.point("add:announced"); err != nil {
-		return MemberStatus{}, err
-	}
-	if len(bad) > 0 {
-		return MemberStatus{}, t.undoAdd(ctx, d, real, fmt.Errorf("nodes %v could not bind the device", bad))
-	}
+	devNo := p.Entry.Dev
 	m.mu.Lock()
 	var out MemberStatus
 	if r := m.st.Members[devNo]; r != nil {
 		out = r.MemberStatus
 	}
 	m.mu.Unlock()
-	m.log.Info("device added on every node", "dev", devNo, "path", path, "device_uuid", bitmap.FormatUUID(real.DeviceUUID))
+	m.log.Info("device added on every node", "dev", devNo, "path", path, "device_uuid", bitmap.FormatUUID(p.Entry.DeviceUUID))
 	m.wake(m.kick)
 	return out, nil
-}
-
-// checkNewDevice refuses a device that is already a member or carries
-// another array's superblock.
-func (m *Manager) checkNewDevice(d Member, st *arrayState) error {
-	sectors, err := memberSectors(d)
-	if err != nil {
-		return err
-	}
-	sb, err := superblock.Probe(d, sectors)
-	if err != nil {
-		return nil // no superblock: a fresh device
-	}
-	switch sb.SetUUID {
-	case m.uuid:
-		if r := st.Members[sb.DevNumber]; r != nil && r.DeviceUUID == sb.DeviceUUID {
-			return fmt.Errorf("%w: it is already member %d (%s)", ErrRefusedChange, r.Dev, r.State)
-		}
-		if own := sb.Role(); own < superblock.RoleMax {
-			return fmt.Errorf("%w: it held slot %d of this array: re-add it", ErrRefusedChange, own)
-		}
-		return nil // a removed spare
-	case candidateUUID(m.uuid):
-		return nil // an abandoned candidate
-	}
-	return fmt.Errorf("%w: it carries a superblock of array %s: zero it first (mdadm --zero-superblock)", ErrRefusedChange, bitmap.FormatUUID(sb.SetUUID))
 }
 
 // noNewDevRetry bounds the retries of the no-new-dev EX (see confirm).
@@ -755,92 +670,53 @@ func (m *Manager) ReAdd(ctx context.Context, path string) (MemberStatus, error) 
 	if dsb.SetUUID != m.uuid {
 		return MemberStatus{}, fmt.Errorf("%s: %w: it belongs to array %s", what, ErrRefusedChange, bitmap.FormatUUID(dsb.SetUUID))
 	}
-	dev, slot := dsb.DevNumber, int(dsb.Role())
-	if dsb.Role() >= superblock.RoleMax || slot >= int(st.Shared.RaidDisks) {
-		return MemberStatus{}, fmt.Errorf("%s: %w: it held no slot (role %#x): add it as a spare", what, ErrRefusedChange, dsb.Role())
-	}
-	if r := st.Members[dev]; r != nil && r.State != MemberFaulty {
-		return MemberStatus{}, fmt.Errorf("%s: %w: device %d is %s", what, ErrRefusedChange, dev, r.State)
-	}
-	if h := st.slotHolder(slot); h != nil {
-		return MemberStatus{}, fmt.Errorf("%s: %w: slot %d is held by device %d now: add it as a spare", what, ErrRefusedChange, slot, h.Dev)
-	}
-	base := st.Events()
-	if err := t.journal(journalEntry{Kind: ChangeReAdd, State: StatePrepared, BaseEvents: base, Dev: dev,
-		DeviceUUID: dsb.DeviceUUID, Path: path, Slot: slot}); err != nil {
-		return MemberStatus{}, err
-	}
-	if err := m.point("re-add:journalled"); err != nil {
-		return MemberStatus{}, err
-	}
-	missing, err := t.confirm(ctx, dsb.DeviceUUID, dev, base)
+	p, err := planReAdd(st, d, dsb, path, m.cfg.Now())
 	if err != nil {
+		return MemberStatus{}, fmt.Errorf("%s: %w", what, err)
+	}
+	if _, err := t.run(ctx, "re-add", p, st); err != nil {
 		return MemberStatus{}, err
 	}
-	if missing != nil {
-		m.log.Warn("re-add abandoned: not every node sees the device", "why", missing)
-		if bad, err := t.announce(ctx, broadcast.MetadataUpdated, dev); err != nil || len(bad) > 0 {
-			m.log.Warn("telling the nodes to forget the candidate", "err", err, "nodes", bad)
-		}
-		return MemberStatus{}, fmt.Errorf("%s: %w: %v", what, ErrDeviceNotSeen, missing)
-	}
-	if err := m.point("re-add:confirmed"); err != nil {
-		return MemberStatus{}, err
-	}
-	next := st.Shared
-	if dev < uint32(len(next.DevRoles)) && next.DevRoles[dev] == superblock.RoleFaulty {
-		next = clone(next)
-		next.DevRoles[dev] = superblock.RoleSpare
-	}
-	if next, err = ReAdd(next, dsb); err != nil {
-		return MemberStatus{}, fmt.Errorf("%s: %w: %v", what, ErrRefusedChange, err)
-	}
-	next = BumpEvents(next, m.cfg.Now())
-	own := Recovering(dsb, 0, st.HasBitmap)
-	if err := t.commit("re-add"); err != nil {
-		return MemberStatus{}, err
-	}
-	devs := append(st.devices(), Device{Member: d, Super: own})
-	bad, err := t.applyAt(ctx, "re-add", next, devs, broadcast.ReAdd, dev)
-	if err != nil {
-		return MemberStatus{}, err
-	}
-	if len(bad) > 0 {
-		// Undo: the member goes back out (removed).
-		m.log.Warn("re-add undone everywhere: not every node could bind the device", "nodes", bad)
-		if err := t.setState(StateUndoing); err != nil {
-			return MemberStatus{}, err
-		}
-		m.mu.Lock()
-		cur := m.st
-		m.mu.Unlock()
-		undo := clone(cur.Shared)
-		undo.DevRoles[dev] = superblock.RoleSpare
-		undo = BumpEvents(undo, m.cfg.Now())
-		var keep []Device
-		for _, x := range cur.devices() {
-			if x.Super.DevNumber != dev {
-				keep = append(keep, x)
-			}
-		}
-		if err := t.writeSupers(undo, keep); err != nil {
-			return MemberStatus{}, err
-		}
-		if err := t.reload(undo.Events); err != nil {
-			return MemberStatus{}, err
-		}
-		if b2, err := t.announce(ctx, broadcast.MetadataUpdated, dev); err != nil || len(b2) > 0 {
-			m.log.Error("undo of the re-add not applied everywhere", "err", err, "nodes", b2)
-		}
-		return MemberStatus{}, fmt.Errorf("%s: undone on every node: nodes %v could not bind it", what, bad)
-	}
+	dev := p.Entry.Dev
 	m.mu.Lock()
 	var out MemberStatus
 	if r := m.st.Members[dev]; r != nil {
 		out = r.MemberStatus
 	}
 	m.mu.Unlock()
-	m.log.Info("member re-added on every node; it recovers from the union of the bitmaps", "dev", dev, "slot", slot, "path", path)
+	m.log.Info("member re-added on every node; it recovers from the union of the bitmaps", "dev", dev, "slot", p.Entry.Slot, "path", path)
 	m.wake(m.kick)
 	return out, nil
+}
+
+// undoReAdd takes a committed re-add back because nodes bad could not
+// bind the member: it goes back out (removed) everywhere.
+func (t *changeTxn) undoReAdd(ctx context.Context, dev uint32, bad []dlm.NodeID) error {
+	m := t.m
+	m.log.Warn("re-add undone everywhere: not every node could bind the device", "nodes", bad)
+	if err := t.setState(StateUndoing); err != nil {
+		return err
+	}
+	m.mu.Lock()
+	cur := m.st
+	m.mu.Unlock()
+	undo := clone(cur.Shared)
+	undo.DevRoles[dev] = superblock.RoleSpare
+	undo = BumpEvents(undo, m.cfg.Now())
+	var keep []Device
+	for _, x := range cur.devices() {
+		if x.Super.DevNumber != dev {
+			keep = append(keep, x)
+		}
+	}
+	if err := t.writeSupers(undo, keep); err != nil {
+		return err
+	}
+	if err := t.reload(undo.Events); err != nil {
+		return err
+	}
+	if b2, err := t.announce(ctx, broadcast.MetadataUpdated, dev); err != nil || len(b2) > 0 {
+		m.log.Error("undo of the re-add not applied everywhere", "err", err, "nodes", b2)
+	}
+	return fmt.Errorf("%s: undone on every node: nodes %v could not bind it", t.what, bad)
 }

@@ -13,9 +13,9 @@ import (
 )
 
 // journalPending returns the manager's pending journal entries.
-func (m *Manager) journalPending(t *testing.T) []journalEntry {
+func (m *Manager) journalPending(t *testing.T) []JournalEntry {
 	t.Helper()
-	var out []journalEntry
+	var out []JournalEntry
 	err := m.cfg.Store.View(func(tx store.Txn) error {
 		pend, err := m.jr.Pending(tx)
 		for _, p := range pend {
@@ -246,31 +246,31 @@ func TestDecideRecovery(t *testing.T) {
 	clean.ResyncOffset = superblock.MaxSector
 	cases := []struct {
 		name string
-		e    journalEntry
-		f    diskFacts
+		e    JournalEntry
+		f    DiskFacts
 		want Outcome
 		zero bool
 	}{
-		{"add, nothing written", journalEntry{Kind: ChangeAdd, Array: arr, Dev: 2}, diskFacts{Shared: shared}, OutcomeRolledBack, false},
-		{"add, candidate", journalEntry{Kind: ChangeAdd, Array: arr, Dev: 2}, diskFacts{Shared: shared, Device: dev(candidateUUID(arr), 2, superblock.RoleSpare, 0)}, OutcomeRolledBack, true},
-		{"add, committed", journalEntry{Kind: ChangeAdd, Array: arr, Dev: 2}, diskFacts{Shared: shared, Device: dev(arr, 2, superblock.RoleSpare, 0)}, OutcomeCompleted, false},
-		{"add, then failed", journalEntry{Kind: ChangeAdd, Array: arr, Dev: 1}, diskFacts{Shared: shared, Device: dev(arr, 1, superblock.RoleSpare, 0)}, OutcomeRolledBack, false},
-		{"fail, written", journalEntry{Kind: ChangeFail, Dev: 1}, diskFacts{Shared: shared}, OutcomeCompleted, false},
-		{"fail, not written", journalEntry{Kind: ChangeFail, Dev: 0}, diskFacts{Shared: shared}, OutcomeRolledBack, false},
-		{"re-add, written", journalEntry{Kind: ChangeReAdd, Dev: 3, Slot: 1}, diskFacts{Shared: shared}, OutcomeCompleted, false},
-		{"re-add, not written", journalEntry{Kind: ChangeReAdd, Dev: 2, Slot: 1}, diskFacts{Shared: shared}, OutcomeRolledBack, false},
-		{"remove faulty, written", journalEntry{Kind: ChangeRemove, Array: arr, Dev: 2}, diskFacts{Shared: shared, Device: dev(arr, 2, 1, 0)}, OutcomeCompleted, false},
-		{"remove faulty, not written", journalEntry{Kind: ChangeRemove, Array: arr, Dev: 1}, diskFacts{Shared: shared, Device: dev(arr, 1, 1, 0)}, OutcomeRolledBack, false},
-		{"remove spare, marked", journalEntry{Kind: ChangeRemove, Array: arr, Dev: 2}, diskFacts{Shared: shared, Device: dev(arr, 2, superblock.RoleFaulty, 0)}, OutcomeCompleted, false},
-		{"remove spare, not marked", journalEntry{Kind: ChangeRemove, Array: arr, Dev: 2}, diskFacts{Shared: shared, Device: dev(arr, 2, superblock.RoleSpare, 0)}, OutcomeRolledBack, false},
-		{"in-sync, written", journalEntry{Kind: ChangeInSync, Array: arr, Dev: 3}, diskFacts{Shared: shared, Device: dev(arr, 3, 1, 0)}, OutcomeCompleted, false},
-		{"in-sync, not written", journalEntry{Kind: ChangeInSync, Array: arr, Dev: 3}, diskFacts{Shared: shared, Device: dev(arr, 3, 1, superblock.FeatureRecoveryOffset)}, OutcomeRolledBack, false},
-		{"resynced, written", journalEntry{Kind: ChangeResynced}, diskFacts{Shared: &clean}, OutcomeCompleted, false},
-		{"resynced, not written", journalEntry{Kind: ChangeResynced}, diskFacts{Shared: shared}, OutcomeRolledBack, false},
-		{"bitmap none, written", journalEntry{Kind: ChangeBitmap, Bitmap: BitmapInternal}, diskFacts{Shared: shared}, OutcomeCompleted, false},
+		{"add, nothing written", JournalEntry{Kind: ChangeAdd, Array: arr, Dev: 2}, DiskFacts{Shared: shared}, OutcomeRolledBack, false},
+		{"add, candidate", JournalEntry{Kind: ChangeAdd, Array: arr, Dev: 2}, DiskFacts{Shared: shared, Device: dev(candidateUUID(arr), 2, superblock.RoleSpare, 0)}, OutcomeRolledBack, true},
+		{"add, committed", JournalEntry{Kind: ChangeAdd, Array: arr, Dev: 2}, DiskFacts{Shared: shared, Device: dev(arr, 2, superblock.RoleSpare, 0)}, OutcomeCompleted, false},
+		{"add, then failed", JournalEntry{Kind: ChangeAdd, Array: arr, Dev: 1}, DiskFacts{Shared: shared, Device: dev(arr, 1, superblock.RoleSpare, 0)}, OutcomeRolledBack, false},
+		{"fail, written", JournalEntry{Kind: ChangeFail, Dev: 1}, DiskFacts{Shared: shared}, OutcomeCompleted, false},
+		{"fail, not written", JournalEntry{Kind: ChangeFail, Dev: 0}, DiskFacts{Shared: shared}, OutcomeRolledBack, false},
+		{"re-add, written", JournalEntry{Kind: ChangeReAdd, Dev: 3, Slot: 1}, DiskFacts{Shared: shared}, OutcomeCompleted, false},
+		{"re-add, not written", JournalEntry{Kind: ChangeReAdd, Dev: 2, Slot: 1}, DiskFacts{Shared: shared}, OutcomeRolledBack, false},
+		{"remove faulty, written", JournalEntry{Kind: ChangeRemove, Array: arr, Dev: 2}, DiskFacts{Shared: shared, Device: dev(arr, 2, 1, 0)}, OutcomeCompleted, false},
+		{"remove faulty, not written", JournalEntry{Kind: ChangeRemove, Array: arr, Dev: 1}, DiskFacts{Shared: shared, Device: dev(arr, 1, 1, 0)}, OutcomeRolledBack, false},
+		{"remove spare, marked", JournalEntry{Kind: ChangeRemove, Array: arr, Dev: 2}, DiskFacts{Shared: shared, Device: dev(arr, 2, superblock.RoleFaulty, 0)}, OutcomeCompleted, false},
+		{"remove spare, not marked", JournalEntry{Kind: ChangeRemove, Array: arr, Dev: 2}, DiskFacts{Shared: shared, Device: dev(arr, 2, superblock.RoleSpare, 0)}, OutcomeRolledBack, false},
+		{"in-sync, written", JournalEntry{Kind: ChangeInSync, Array: arr, Dev: 3}, DiskFacts{Shared: shared, Device: dev(arr, 3, 1, 0)}, OutcomeCompleted, false},
+		{"in-sync, not written", JournalEntry{Kind: ChangeInSync, Array: arr, Dev: 3}, DiskFacts{Shared: shared, Device: dev(arr, 3, 1, superblock.FeatureRecoveryOffset)}, OutcomeRolledBack, false},
+		{"resynced, written", JournalEntry{Kind: ChangeResynced}, DiskFacts{Shared: &clean}, OutcomeCompleted, false},
+		{"resynced, not written", JournalEntry{Kind: ChangeResynced}, DiskFacts{Shared: shared}, OutcomeRolledBack, false},
+		{"bitmap none, written", JournalEntry{Kind: ChangeBitmap, Bitmap: BitmapInternal}, DiskFacts{Shared: shared}, OutcomeCompleted, false},
 	}
 	for _, tc := range cases {
-		d := decideRecovery(tc.e, tc.f)
+		d := DecideRecovery(tc.e, tc.f)
 		if d.Outcome != tc.want || d.ZeroCandidate != tc.zero {
 			t.Errorf("%s: %+v, want %s (zero %v)", tc.name, d, tc.want, tc.zero)
 		}

@@ -61,9 +61,9 @@ const (
 	StateUndoing JournalState = "undoing"
 )
 
-// journalEntry is one journalled change, stored as JSON (small, readable
+// JournalEntry is one journalled change, stored as JSON (small, readable
 // in a store dump, and tolerant of fields added later).
-type journalEntry struct {
+type JournalEntry struct {
 	Kind  ChangeKind   `json:"kind"`
 	State JournalState `json:"state"`
 	// Array is the array's UUID.
@@ -86,10 +86,10 @@ type journalEntry struct {
 	Started time.Time `json:"started"`
 }
 
-func (e journalEntry) encode() ([]byte, error) { return json.Marshal(e) }
+func (e JournalEntry) encode() ([]byte, error) { return json.Marshal(e) }
 
-func decodeEntry(b []byte) (journalEntry, error) {
-	var e journalEntry
+func decodeEntry(b []byte) (JournalEntry, error) {
+	var e JournalEntry
 	if err := json.Unmarshal(b, &e); err != nil {
 		return e, fmt.Errorf("%w: journal entry: %v", store.ErrCorrupt, err)
 	}
@@ -137,9 +137,9 @@ const (
 	OutcomeRolledBack Outcome = "rolled back"
 )
 
-// diskFacts is what the recovery decision needs to know about the
+// DiskFacts is what the recovery decision needs to know about the
 // members, read under the token after a crash.
-type diskFacts struct {
+type DiskFacts struct {
 	// Shared is the freshest superblock of the array (nil if none).
 	Shared *superblock.Superblock
 	// Device is the superblock found on the entry's device (looked up by
@@ -147,8 +147,8 @@ type diskFacts struct {
 	Device *superblock.Superblock
 }
 
-// decision is what to do about one journalled change.
-type decision struct {
+// RecoveryDecision is what to do about one journalled change.
+type RecoveryDecision struct {
 	Outcome Outcome
 	// ZeroCandidate: the device still carries its candidate superblock;
 	// wipe it.
@@ -156,14 +156,14 @@ type decision struct {
 	Reason        string
 }
 
-// decideRecovery decides, from the disk alone, what became of a change
+// DecideRecovery decides, from the disk alone, what became of a change
 // whose sender crashed: the commit point of every change is the first
 // member written with the new superblock, so the disk says whether the
 // change happened. Any node that decides (the restarted sender, or a
 // survivor that saw the sender die) reaches the same answer, and acting on
 // it is idempotent, so deciders can follow one another. The journal state
 // only explains the decision in the log.
-func decideRecovery(e journalEntry, f diskFacts) decision {
+func DecideRecovery(e JournalEntry, f DiskFacts) RecoveryDecision {
 	sh, dv := f.Shared, f.Device
 	role := func(dev uint32) (uint16, bool) {
 		if sh == nil || dev >= uint32(len(sh.DevRoles)) {
@@ -175,54 +175,54 @@ func decideRecovery(e journalEntry, f diskFacts) decision {
 	case ChangeAdd:
 		switch {
 		case dv == nil:
-			return decision{Outcome: OutcomeRolledBack, Reason: "the new device carries no superblock of the array"}
+			return RecoveryDecision{Outcome: OutcomeRolledBack, Reason: "the new device carries no superblock of the array"}
 		case dv.SetUUID == candidateUUID(e.Array):
-			return decision{Outcome: OutcomeRolledBack, ZeroCandidate: true,
+			return RecoveryDecision{Outcome: OutcomeRolledBack, ZeroCandidate: true,
 				Reason: "the new device still carries its candidate superblock: the add never committed"}
 		case dv.SetUUID == e.Array && dv.DevNumber == e.Dev:
 			if r, ok := role(e.Dev); ok && r == superblock.RoleFaulty {
-				return decision{Outcome: OutcomeRolledBack, Reason: "the device was added, then failed"}
+				return RecoveryDecision{Outcome: OutcomeRolledBack, Reason: "the device was added, then failed"}
 			}
-			return decision{Outcome: OutcomeCompleted, Reason: "the new device carries the array's superblock"}
+			return RecoveryDecision{Outcome: OutcomeCompleted, Reason: "the new device carries the array's superblock"}
 		}
-		return decision{Outcome: OutcomeRolledBack, Reason: "the device carries some other superblock"}
+		return RecoveryDecision{Outcome: OutcomeRolledBack, Reason: "the device carries some other superblock"}
 	case ChangeReAdd, ChangeActivate:
 		if r, ok := role(e.Dev); ok && int(r) == e.Slot && r < superblock.RoleMax {
-			return decision{Outcome: OutcomeCompleted, Reason: fmt.Sprintf("the freshest superblock puts device %d in slot %d", e.Dev, e.Slot)}
+			return RecoveryDecision{Outcome: OutcomeCompleted, Reason: fmt.Sprintf("the freshest superblock puts device %d in slot %d", e.Dev, e.Slot)}
 		}
-		return decision{Outcome: OutcomeRolledBack, Reason: fmt.Sprintf("the freshest superblock does not put device %d in slot %d", e.Dev, e.Slot)}
+		return RecoveryDecision{Outcome: OutcomeRolledBack, Reason: fmt.Sprintf("the freshest superblock does not put device %d in slot %d", e.Dev, e.Slot)}
 	case ChangeFail:
 		if r, ok := role(e.Dev); ok && r == superblock.RoleFaulty {
-			return decision{Outcome: OutcomeCompleted, Reason: fmt.Sprintf("device %d is faulty in the freshest superblock", e.Dev)}
+			return RecoveryDecision{Outcome: OutcomeCompleted, Reason: fmt.Sprintf("device %d is faulty in the freshest superblock", e.Dev)}
 		}
-		return decision{Outcome: OutcomeRolledBack, Reason: fmt.Sprintf("device %d is not faulty in the freshest superblock", e.Dev)}
+		return RecoveryDecision{Outcome: OutcomeRolledBack, Reason: fmt.Sprintf("device %d is not faulty in the freshest superblock", e.Dev)}
 	case ChangeRemove:
 		if dv != nil && dv.SetUUID == e.Array && dv.DevNumber == e.Dev && dv.Role() == superblock.RoleFaulty {
-			return decision{Outcome: OutcomeCompleted, Reason: "the removed spare's superblock marks it removed"}
+			return RecoveryDecision{Outcome: OutcomeCompleted, Reason: "the removed spare's superblock marks it removed"}
 		}
 		if r, ok := role(e.Dev); ok && r == superblock.RoleSpare && (dv == nil || dv.Role() != superblock.RoleSpare) {
-			return decision{Outcome: OutcomeCompleted, Reason: fmt.Sprintf("device %d is no longer in the freshest superblock", e.Dev)}
+			return RecoveryDecision{Outcome: OutcomeCompleted, Reason: fmt.Sprintf("device %d is no longer in the freshest superblock", e.Dev)}
 		}
-		return decision{Outcome: OutcomeRolledBack, Reason: fmt.Sprintf("device %d is still a member", e.Dev)}
+		return RecoveryDecision{Outcome: OutcomeRolledBack, Reason: fmt.Sprintf("device %d is still a member", e.Dev)}
 	case ChangeInSync:
 		if dv != nil && dv.SetUUID == e.Array && dv.FeatureMap&superblock.FeatureRecoveryOffset == 0 {
-			return decision{Outcome: OutcomeCompleted, Reason: "the member's superblock has no recovery offset"}
+			return RecoveryDecision{Outcome: OutcomeCompleted, Reason: "the member's superblock has no recovery offset"}
 		}
-		return decision{Outcome: OutcomeRolledBack, Reason: "the member is still recovering; the rebuild resumes"}
+		return RecoveryDecision{Outcome: OutcomeRolledBack, Reason: "the member is still recovering; the rebuild resumes"}
 	case ChangeResynced:
 		if sh != nil && sh.ResyncOffset == superblock.MaxSector {
-			return decision{Outcome: OutcomeCompleted, Reason: "the superblock says the array is clean"}
+			return RecoveryDecision{Outcome: OutcomeCompleted, Reason: "the superblock says the array is clean"}
 		}
-		return decision{Outcome: OutcomeRolledBack, Reason: "the resync is still owed; it resumes"}
+		return RecoveryDecision{Outcome: OutcomeRolledBack, Reason: "the resync is still owed; it resumes"}
 	case ChangeBitmap:
 		if sh == nil {
-			return decision{Outcome: OutcomeRolledBack, Reason: "no superblock"}
+			return RecoveryDecision{Outcome: OutcomeRolledBack, Reason: "no superblock"}
 		}
 		clustered := sh.FeatureMap&superblock.FeatureClustered != 0
 		if (e.Bitmap == BitmapClustered) == clustered {
-			return decision{Outcome: OutcomeCompleted, Reason: fmt.Sprintf("the superblock's bitmap is %s", e.Bitmap)}
+			return RecoveryDecision{Outcome: OutcomeCompleted, Reason: fmt.Sprintf("the superblock's bitmap is %s", e.Bitmap)}
 		}
-		return decision{Outcome: OutcomeRolledBack, Reason: fmt.Sprintf("the superblock's bitmap is not %s", e.Bitmap)}
+		return RecoveryDecision{Outcome: OutcomeRolledBack, Reason: fmt.Sprintf("the superblock's bitmap is not %s", e.Bitmap)}
 	}
-	return decision{Outcome: OutcomeRolledBack, Reason: fmt.Sprintf("unknown change kind %q", e.Kind)}
+	return RecoveryDecision{Outcome: OutcomeRolledBack, Reason: fmt.Sprintf("unknown change kind %q", e.Kind)}
 }

@@ -472,7 +472,7 @@ func (m *Manager) afterDeparture(ctx context.Context, nodes []dlm.NodeID) error 
 	}
 	m.mu.Unlock()
 	for _, c := range cands {
-		e := journalEntry{Kind: ChangeAdd, Array: m.uuid, Node: uint32(c.From), BaseEvents: c.BaseEvents, Dev: c.Dev, DeviceUUID: c.UUID}
+		e := JournalEntry{Kind: ChangeAdd, Array: m.uuid, Node: uint32(c.From), BaseEvents: c.BaseEvents, Dev: c.Dev, DeviceUUID: c.UUID}
 		did, err := m.resolve(e)
 		if err != nil {
 			return err
@@ -499,9 +499,9 @@ func (m *Manager) afterDeparture(ctx context.Context, nodes []dlm.NodeID) error 
 // resolve decides one change found half done (after a crash, or left by a
 // departed node) from the disk and carries out the decision. It reports
 // whether it wrote anything.
-func (m *Manager) resolve(e journalEntry) (bool, error) {
+func (m *Manager) resolve(e JournalEntry) (bool, error) {
 	m.mu.Lock()
-	facts := diskFacts{Shared: m.st.Shared}
+	facts := DiskFacts{Shared: m.st.Shared}
 	var dev Member
 	if e.DeviceUUID != ([16]byte{}) {
 		if f, ok := m.findDeviceLocked(e.DeviceUUID); ok {
@@ -509,7 +509,7 @@ func (m *Manager) resolve(e journalEntry) (bool, error) {
 		}
 	}
 	m.mu.Unlock()
-	d := decideRecovery(e, facts)
+	d := DecideRecovery(e, facts)
 	m.log.Info("unfinished change resolved from the disk", "change", e.Kind, "journal_state", e.State, "by_node", e.Node,
 		"dev", e.Dev, "device_uuid", bitmap.FormatUUID(e.DeviceUUID), "outcome", d.Outcome, "reason", d.Reason)
 	if !d.ZeroCandidate || dev == nil {
@@ -535,20 +535,13 @@ func (m *Manager) reconcile(t *changeTxn) (bool, error) {
 	if err != nil {
 		return false, err
 	}
-	var behind []uint32
-	for _, s := range st.statuses() {
-		r := st.Members[s.Dev]
-		if r.State != MemberFaulty && r.Super.Events != st.Events() {
-			behind = append(behind, s.Dev)
-		}
-	}
+	behind, next, devs := planReconcile(st, m.cfg.Now())
 	if len(behind) == 0 {
 		return false, nil
 	}
 	m.log.Info("members' superblocks disagree (a change reached some of them only): rewriting them all from the freshest",
 		"events", st.Events(), "behind", behind)
-	next := BumpEvents(st.Shared, m.cfg.Now())
-	if err := t.writeSupers(next, st.devices()); err != nil {
+	if err := t.writeSupers(next, devs); err != nil {
 		return false, err
 	}
 	if err := t.reload(next.Events); err != nil {
@@ -559,7 +552,7 @@ func (m *Manager) reconcile(t *changeTxn) (bool, error) {
 
 // recoverJournal finishes, at start-up, the changes this node's journal
 // holds: this node crashed while making them. Each is decided from the
-// disk (decideRecovery) under the token; the members' superblocks are made
+// disk (DecideRecovery) under the token; the members' superblocks are made
 // to agree; METADATA_UPDATED makes every node re-read them.
 func (m *Manager) recoverJournal(ctx context.Context) error {
 	var pend []store.Entry

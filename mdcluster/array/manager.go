@@ -528,9 +528,8 @@ func (m *Manager) probeLocked(p string) (*superblock.Superblock, bool) {
 // findDeviceLocked looks for the device with device UUID dev among the
 // configured paths, carrying the array's UUID or its candidate UUID.
 func (m *Manager) findDeviceLocked(dev [16]byte) (found, bool) {
-	cand := candidateUUID(m.uuid)
 	for _, f := range m.scanLocked() {
-		if f.Super.DeviceUUID == dev && (f.Super.SetUUID == m.uuid || f.Super.SetUUID == cand) {
+		if MatchesNewDisk(f.Super, m.uuid, dev) {
 			return f, true
 		}
 	}
@@ -549,11 +548,7 @@ func (m *Manager) readStateLocked() (*arrayState, error) {
 	if len(ms) == 0 {
 		return nil, fmt.Errorf("no device among %v carries array %s", m.cfg.Devices, bitmap.FormatUUID(m.uuid))
 	}
-	insp, err := Inspect(ms, InspectOptions{UUID: m.uuid})
-	if err != nil {
-		return nil, err
-	}
-	return stateFromInspection(insp, m.paths)
+	return readState(ms, m.uuid, m.paths)
 }
 
 // reloadLocked re-reads the members and brings this node's state, and its
@@ -565,8 +560,8 @@ func (m *Manager) reloadLocked(minEvents uint64, why string) error {
 	if err != nil {
 		return fmt.Errorf("reload superblocks (%s): %w", why, err)
 	}
-	if next.Events() < minEvents {
-		return fmt.Errorf("reload superblocks (%s): the freshest superblock found has events %d, the sender wrote %d: this node does not see the members the sender wrote", why, next.Events(), minEvents)
+	if err := checkApplied(broadcast.Message{Type: broadcast.MetadataUpdated, Low: minEvents}, next); err != nil {
+		return fmt.Errorf("reload superblocks (%s): %w", why, err)
 	}
 	if m.engineOn {
 		if err := m.applyEngineLocked(next); err != nil {

@@ -79,15 +79,8 @@ func (m *Manager) recvMetadata(ctx context.Context, from dlm.NodeID, msg broadca
 		m.needCR = true
 	}
 	if err == nil {
-		switch msg.Type {
-		case broadcast.Remove:
-			if r := m.st.Members[msg.RaidSlot]; r != nil {
-				err = fmt.Errorf("%s: device %d is still a member (%s) in the superblocks this node reads", why, msg.RaidSlot, r.State)
-			}
-		case broadcast.ReAdd:
-			if r := m.st.Members[msg.RaidSlot]; r == nil || r.State != MemberRecovering {
-				err = fmt.Errorf("%s: device %d is not recovering in the superblocks this node reads", why, msg.RaidSlot)
-			}
+		if cerr := checkApplied(msg, m.st); cerr != nil {
+			err = fmt.Errorf("%s: %w", why, cerr)
 		}
 	}
 	if err != nil && m.diverged.IsZero() {
@@ -215,10 +208,10 @@ func (m *Manager) recvNewDisk(ctx context.Context, from dlm.NodeID, msg broadcas
 	if !ok {
 		m.log.Warn("device being added is not visible here: answering missing", "device_uuid", bitmap.FormatUUID(msg.UUID),
 			"dev", msg.RaidSlot, "from", from, "paths", m.cfg.Devices)
-		return fmt.Errorf("%w: device %s (device number %d) is not among %v", ErrDeviceNotFound, bitmap.FormatUUID(msg.UUID), msg.RaidSlot, m.cfg.Devices)
+		return NewDiskAnswer(msg, nil, fmt.Sprint(m.cfg.Devices))
 	}
-	if f.Super.DevNumber != msg.RaidSlot {
-		return fmt.Errorf("device %s at %s carries device number %d, the sender adds it as %d", bitmap.FormatUUID(msg.UUID), f.Path, f.Super.DevNumber, msg.RaidSlot)
+	if err := NewDiskAnswer(msg, f.Super, f.Path); err != nil {
+		return err
 	}
 	m.mu.Lock()
 	m.candidates[msg.UUID] = &candidate{From: from, Dev: msg.RaidSlot, UUID: msg.UUID, Path: f.Path, BaseEvents: msg.Low, At: time.Now()}

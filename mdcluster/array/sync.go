@@ -468,7 +468,7 @@ func (m *Manager) activate(ctx context.Context, dev uint32, slot int) error {
 	if r == nil || r.State != MemberSpare || st.slotHolder(slot) != nil {
 		return fmt.Errorf("activate spare %d into slot %d: no longer possible (the array changed)", dev, slot)
 	}
-	if err := t.journal(journalEntry{Kind: ChangeActivate, State: StatePrepared, BaseEvents: st.Events(), Dev: dev,
+	if err := t.journal(JournalEntry{Kind: ChangeActivate, State: StatePrepared, BaseEvents: st.Events(), Dev: dev,
 		DeviceUUID: r.DeviceUUID, Path: r.Path, Slot: slot}); err != nil {
 		return err
 	}
@@ -500,7 +500,7 @@ func (m *Manager) markInSync(ctx context.Context, dev uint32) error {
 	if r == nil || r.State != MemberRecovering {
 		return fmt.Errorf("mark device %d in sync: it is no longer recovering", dev)
 	}
-	if err := t.journal(journalEntry{Kind: ChangeInSync, State: StatePrepared, BaseEvents: st.Events(), Dev: dev,
+	if err := t.journal(JournalEntry{Kind: ChangeInSync, State: StatePrepared, BaseEvents: st.Events(), Dev: dev,
 		DeviceUUID: r.DeviceUUID, Path: r.Path, Slot: r.Slot}); err != nil {
 		return err
 	}
@@ -530,7 +530,7 @@ func (m *Manager) markResynced(ctx context.Context) error {
 	if st.Shared.Clean() {
 		return nil
 	}
-	if err := t.journal(journalEntry{Kind: ChangeResynced, State: StatePrepared, BaseEvents: st.Events(), Slot: -1}); err != nil {
+	if err := t.journal(JournalEntry{Kind: ChangeResynced, State: StatePrepared, BaseEvents: st.Events(), Slot: -1}); err != nil {
 		return err
 	}
 	next := BumpEvents(st.Shared, m.cfg.Now())
