@@ -457,7 +457,7 @@ func (m *Manager) AddSpare(ctx context.Context, path string) (MemberStatus, erro
 	defer t.end(ctx)
 	m.mu.Lock()
 	st := m.st
-	d, err := m.deviceLocked(path)
+	d, err := m.claimLocked(path)
 	var inUse []uint32
 	if err == nil {
 		inUse = st.inUse()
@@ -474,6 +474,7 @@ func (m *Manager) AddSpare(ctx context.Context, path string) (MemberStatus, erro
 	if err != nil {
 		return MemberStatus{}, fmt.Errorf("%s: %w", what, err)
 	}
+	defer m.unclaim(path)
 	if err := m.checkNewDevice(d, st); err != nil {
 		return MemberStatus{}, fmt.Errorf("%s: %w", what, err)
 	}
@@ -739,11 +740,12 @@ func (m *Manager) ReAdd(ctx context.Context, path string) (MemberStatus, error) 
 	defer t.end(ctx)
 	m.mu.Lock()
 	st := m.st
-	d, err := m.deviceLocked(path)
+	d, err := m.claimLocked(path)
 	m.mu.Unlock()
 	if err != nil {
 		return MemberStatus{}, fmt.Errorf("%s: %w", what, err)
 	}
+	defer m.unclaim(path)
 	sectors, err := memberSectors(d)
 	if err != nil {
 		return MemberStatus{}, fmt.Errorf("%s: %w", what, err)
