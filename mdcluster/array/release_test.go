@@ -1,12 +1,14 @@
 package array
 
 import (
+	"errors"
 	"fmt"
 	"path/filepath"
 	"sync"
 	"testing"
 
 	"github.com/mdcluster/mdcluster/mdcluster/node"
+	"golang.org/x/sys/unix"
 )
 
 // openTracker counts, per node and device name, the handles a manager
@@ -170,4 +172,88 @@ func TestClusterRemovedDeviceReleased(t *testing.T) {
 	c.waitOpen(tr, "c.img", 0)
 	c.waitOpen(tr, "a.img", 1)
 	c.waitOpen(tr, "b.img", 1)
+}
+
+// exclFree reports whether path can be opened with O_EXCL now (no one
+// claims it), closing it again at once.
+func exclFree(t *testing.T, path string) bool {
+	t.Helper()
+	fd, err := unix.Open(path, unix.O_RDWR|unix.O_EXCL|unix.O_CLOEXEC, 0)
+	if err == nil {
+		unix.Close(fd)
+		return true
+	}
+	if !errors.Is(err, unix.EBUSY) {
+		t.Fatalf("open %s O_EXCL: %v", path, err)
+	}
+	return false
+}
+
+// TestRemovedBlockDeviceUnclaimed is TestClusterRemovedDeviceReleased's
+// claim on real block devices (loop devices, one node: O_EXCL is
+// system-wide): a member holds its O_EXCL claim while bound (faulty
+// included), loses it once removed, so that another exclusive opener
+// (mdadm --zero-superblock, mkfs) gets the device, and re-add and add
+// claim it again.
+func TestRemovedBlockDeviceUnclaimed(t *testing.T) {
+	c := newTCluster(t, 1)
+	la, lb := attachLoop(t, c.image("a.img"), true), attachLoop(t, c.image("b.img"), true)
+	m := c.manager(1, func(cfg *Config) { cfg.Devices = []string{la, lb} })
+	ctx := c.ctx()
+	if _, err := m.Create(ctx, spec(true, 2), []string{la, lb}); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		if err := m.Stop(ctx); err != nil {
+			t.Error(err)
+		}
+	}()
+	if exclFree(t, la) || exclFree(t, lb) {
+		t.Fatal("a member of the running array is not claimed")
+	}
+	dev := c.devOf(1, filepath.Base(lb))
+	failRemove := func() {
+		t.Helper()
+		if err := m.Fail(ctx, dev); err != nil {
+			t.Fatal(err)
+		}
+		if exclFree(t, lb) {
+			t.Fatal("a faulty member (not removed yet) is not claimed")
+		}
+		if err := m.Remove(ctx, dev); err != nil {
+			t.Fatal(err)
+		}
+		if !exclFree(t, lb) {
+			t.Fatal("the removed member is still claimed")
+		}
+	}
+	failRemove()
+	c.writeSome(1, 3, 0, 1<<20)
+	if _, err := m.ReAdd(ctx, lb); err != nil {
+		t.Fatal(err)
+	}
+	if exclFree(t, lb) {
+		t.Fatal("the re-added member is not claimed")
+	}
+	c.waitSynced()
+	failRemove()
+	// Zeroed by an exclusive opener, then added as a new disk.
+	z, err := OpenFile(lb, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := zeroSuper(z); err != nil {
+		t.Fatal(err)
+	}
+	z.Close()
+	if _, err := m.AddSpare(ctx, lb); err != nil {
+		t.Fatal(err)
+	}
+	if exclFree(t, lb) {
+		t.Fatal("the added disk is not claimed")
+	}
+	c.waitSynced()
+	if n := countState(m.Members(), MemberInSync); n != 2 {
+		t.Fatalf("members %v, want both in sync", m.Members())
+	}
 }
