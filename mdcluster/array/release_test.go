@@ -257,3 +257,34 @@ func TestRemovedBlockDeviceUnclaimed(t *testing.T) {
 		t.Fatalf("members %v, want both in sync", m.Members())
 	}
 }
+
+// TestCreateRefusedReleasesDevices: a refused Create does not leave the
+// devices it was given open (claimed) on the stopped manager.
+func TestCreateRefusedReleasesDevices(t *testing.T) {
+	c := newTCluster(t, 1)
+	tr := &openTracker{open: map[node.NodeID]map[string]int{1: {}}}
+	m := c.manager(1, tr.wrap(1))
+	sp := spec(true, 2)
+	sp.Level = 5
+	if _, err := m.Create(c.ctx(), sp, []string{c.image("a.img"), c.image("b.img")}); err == nil {
+		t.Fatal("create of a raid5 succeeded, want refused")
+	}
+	for _, name := range []string{"a.img", "b.img"} {
+		if n := tr.count(1, name); n != 0 {
+			t.Fatalf("%s: %d handles still open after the refused create", name, n)
+		}
+	}
+	// The devices are usable: the right create succeeds.
+	if _, err := m.Create(c.ctx(), spec(true, 2), []string{c.image("a.img"), c.image("b.img")}); err != nil {
+		t.Fatal(err)
+	}
+	if tr.count(1, "a.img") != 1 || tr.count(1, "b.img") != 1 {
+		t.Fatalf("after create: a.img %d, b.img %d handles, want 1 each", tr.count(1, "a.img"), tr.count(1, "b.img"))
+	}
+	if err := m.Stop(c.ctx()); err != nil {
+		t.Fatal(err)
+	}
+	if tr.count(1, "a.img") != 0 || tr.count(1, "b.img") != 0 {
+		t.Fatal("devices still open after Stop")
+	}
+}
