@@ -35,12 +35,20 @@ const (
 // the bits, and here the same resync is coordinated through the resync
 // lock and its windows, so that another node takes it over when the
 // resyncing node dies.
-func (m *Manager) Create(ctx context.Context, spec CreateSpec, paths []string) (*Created, error) {
+func (m *Manager) Create(ctx context.Context, spec CreateSpec, paths []string) (created *Created, err error) {
 	m.mu.Lock()
 	if m.phase != PhaseStopped || m.dead {
 		m.mu.Unlock()
 		return nil, fmt.Errorf("create: the manager is %s", m.phase)
 	}
+	defer func() {
+		if created == nil && err != nil {
+			// Nothing runs: the devices given are not kept claimed.
+			m.mu.Lock()
+			m.releaseUnusedLocked()
+			m.mu.Unlock()
+		}
+	}()
 	ms := make([]Member, len(paths))
 	for i, p := range paths {
 		if p == "" || p == "missing" {

@@ -362,18 +362,19 @@ func rewriteBitmap(insp *Inspection, uuid [16]byte, spec BitmapSpec, now time.Ti
 	return nil
 }
 
-// inspectLocked scans and inspects the array's members. mu held.
+// inspectLocked scans and inspects the array's members, claiming the
+// ones the array uses (a bitmap rewrite writes to them). mu held.
 func (m *Manager) inspectLocked() (*Inspection, error) {
-	var ms []Member
-	for _, f := range m.scanLocked() {
-		if f.Super.SetUUID == m.uuid {
-			ms = append(ms, f.Member)
+	insp, _, err := m.inspectArrayLocked(func(insp *Inspection, _ map[Member]string) []Member {
+		var out []Member
+		for _, r := range insp.Members {
+			if r.Super != nil && r.Status.Used() {
+				out = append(out, r.Member)
+			}
 		}
-	}
-	if len(ms) == 0 {
-		return nil, fmt.Errorf("no device among %v carries array %s", m.cfg.Devices, bitmap.FormatUUID(m.uuid))
-	}
-	return Inspect(ms, InspectOptions{UUID: m.uuid})
+		return out
+	})
+	return insp, err
 }
 
 // redoBitmapChange finishes a bitmap change this node's journal holds

@@ -488,7 +488,7 @@ func (m *Manager) AddSpare(ctx context.Context, path string) (MemberStatus, erro
 	defer t.end(ctx)
 	m.mu.Lock()
 	st := m.st
-	d, err := m.deviceLocked(path)
+	d, err := m.claimLocked(path)
 	var inUse []uint32
 	if err == nil {
 		for _, f := range m.scanLocked() {
@@ -504,6 +504,7 @@ func (m *Manager) AddSpare(ctx context.Context, path string) (MemberStatus, erro
 	if err != nil {
 		return MemberStatus{}, fmt.Errorf("%s: %w", what, err)
 	}
+	defer m.unclaim(path)
 	p, err := planAdd(st, d, path, inUse, m.cfg.Rand, m.cfg.Now())
 	if err != nil {
 		return MemberStatus{}, fmt.Errorf("%s: %w", what, err)
@@ -654,11 +655,12 @@ func (m *Manager) ReAdd(ctx context.Context, path string) (MemberStatus, error) 
 	defer t.end(ctx)
 	m.mu.Lock()
 	st := m.st
-	d, err := m.deviceLocked(path)
+	d, err := m.claimLocked(path)
 	m.mu.Unlock()
 	if err != nil {
 		return MemberStatus{}, fmt.Errorf("%s: %w", what, err)
 	}
+	defer m.unclaim(path)
 	sectors, err := memberSectors(d)
 	if err != nil {
 		return MemberStatus{}, fmt.Errorf("%s: %w", what, err)

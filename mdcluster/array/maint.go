@@ -506,6 +506,9 @@ func (m *Manager) resolve(e JournalEntry) (bool, error) {
 	if e.DeviceUUID != ([16]byte{}) {
 		if f, ok := m.findDeviceLocked(e.DeviceUUID); ok {
 			facts.Device, dev = f.Super, f.Member
+			// Held open while it is wiped; closed after unless bound.
+			m.pinned[f.Path]++
+			defer m.unclaim(f.Path)
 		}
 	}
 	m.mu.Unlock()

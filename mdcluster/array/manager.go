@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"path/filepath"
 	"slices"
 	"sort"
@@ -306,6 +307,7 @@ type Manager struct {
 	engineOn   bool
 	devs       map[string]Member // opened devices by path
 	paths      map[Member]string
+	pinned     map[string]int          // paths a local add or re-add holds open (claimLocked)
 	candidates map[[16]byte]*candidate // NEWDISK devices awaiting METADATA_UPDATED, by device UUID
 	confirmW   *confirmWait            // a NEWDISK waiting for ClusterConfirm
 	remote     remoteSync
@@ -401,7 +403,7 @@ func New(cfg Config) (*Manager, error) {
 		self = cfg.Cluster.Self()
 	}
 	return &Manager{cfg: cfg, log: cfg.Logger.With("node", self), self: self, devs: map[string]Member{},
-		paths: map[Member]string{}, candidates: map[[16]byte]*candidate{}, remote: remoteSync{Hints: map[string]uint64{}},
+		paths: map[Member]string{}, pinned: map[string]int{}, candidates: map[[16]byte]*candidate{}, remote: remoteSync{Hints: map[string]uint64{}},
 		kick: make(chan struct{}, 1), maint: make(chan struct{}, 1)}, nil
 }
 
@@ -449,7 +451,10 @@ func hasMeta(p string) bool {
 	return false
 }
 
-// device returns the open Member for path, opening it once. mu held.
+// deviceLocked returns the open (claimed) Member for path, opening it
+// once. mu held. A device stays open while this node's state binds it,
+// while it is a candidate of an add, or while a local add or re-add holds
+// it (claimLocked); releaseUnusedLocked closes the rest.
 func (m *Manager) deviceLocked(path string) (Member, error) {
 	if d := m.devs[path]; d != nil {
 		return d, nil
@@ -462,30 +467,85 @@ func (m *Manager) deviceLocked(path string) (Member, error) {
 	return d, nil
 }
 
+// claimLocked opens path like deviceLocked and holds it open until the
+// matching unclaim, whatever the reloads meanwhile find on it: an add or
+// re-add writes to the device before any node's state binds it. mu held.
+func (m *Manager) claimLocked(path string) (Member, error) {
+	d, err := m.deviceLocked(path)
+	if err != nil {
+		return nil, err
+	}
+	m.pinned[path]++
+	return d, nil
+}
+
+// unclaim ends a claimLocked; the device is closed unless the state now
+// binds it (or a candidate or another claim still needs it).
+func (m *Manager) unclaim(path string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.pinned[path]--; m.pinned[path] <= 0 {
+		delete(m.pinned, path)
+	}
+	m.releaseUnusedLocked()
+}
+
+// releaseUnusedLocked closes every open device this node has no use for:
+// not bound by the current state, not a candidate of another node's add,
+// not held by a local add or re-add. A member removed cluster-wide (or a
+// stale or removed device the scan came across) is thus let go of on
+// every node as soon as it re-reads the members, so that it can be zeroed,
+// re-added or used elsewhere on the node: for block devices the exclusive
+// claim (O_EXCL) goes with the descriptor. Its superblock may still carry
+// the array's UUID; scans only probe such devices read-only (see
+// scanLocked), so the next reload does not claim it back. mu held.
+func (m *Manager) releaseUnusedLocked() {
+	keep := map[Member]bool{}
+	if m.st != nil {
+		for _, r := range m.st.Members {
+			keep[r.Member] = true
+		}
+	}
+	for _, c := range m.candidates {
+		if d := m.devs[c.Path]; d != nil {
+			keep[d] = true
+		}
+	}
+	for p, d := range m.devs {
+		if keep[d] || m.pinned[p] > 0 {
+			continue
+		}
+		if c, ok := d.(io.Closer); ok {
+			if err := c.Close(); err != nil {
+				m.log.Warn("closing a device no longer used", "path", p, "err", err)
+			}
+		}
+		delete(m.devs, p)
+		delete(m.paths, d)
+		m.log.Info("device released: not a member here any more", "path", p)
+	}
+}
+
 // scanLocked reads the superblock of every configured device. mu held.
-// A device not yet open is probed read-only first and kept open
-// read-write (claimed exclusively, for block devices) only when it
-// carries this array's UUID or its candidate UUID: claiming every device
-// the search globs match would lock other arrays' members (and free
-// devices) away from everyone else on the node, so that a second array
-// could not be created or assembled. The others are returned with a nil
-// Member: only their superblocks are of use.
+// A device this node has open (a bound member, a candidate, a device an
+// add or re-add holds) is read through that handle; any other is probed
+// through a read-only open that is closed again at once, and returned
+// with a nil Member: only its superblock is of use. Nothing is claimed
+// here: claiming every device the search globs match would lock other
+// arrays' members (and free devices) away from everyone else on the
+// node, and claiming every device that carries the array's UUID would
+// keep a removed member (whose superblock still names the array) claimed
+// until the array stops. What the state binds is claimed by
+// readStateLocked; a device another node adds, by findDeviceLocked.
 func (m *Manager) scanLocked() []found {
 	var out []found
 	for _, p := range m.expand() {
-		if m.devs[p] == nil && m.cfg.probe != nil {
+		d := m.devs[p]
+		if d == nil {
 			sb, ok := m.probeLocked(p)
-			if !ok {
-				continue
-			}
-			if m.uuid == ([16]byte{}) || (sb.SetUUID != m.uuid && sb.SetUUID != candidateUUID(m.uuid)) {
+			if ok {
 				out = append(out, found{Path: p, Super: sb})
-				continue
 			}
-		}
-		d, err := m.deviceLocked(p)
-		if err != nil {
-			m.log.Debug("configured device not usable", "path", p, "err", err)
 			continue
 		}
 		sectors, err := memberSectors(d)
@@ -501,19 +561,30 @@ func (m *Manager) scanLocked() []found {
 	return out
 }
 
+// openProbe opens path for reading without claiming it (Config.probe, or
+// Open when the caller supplied Open); the caller closes it.
+func (m *Manager) openProbe(p string) (Member, error) {
+	if m.cfg.probe != nil {
+		return m.cfg.probe(p)
+	}
+	return m.cfg.Open(p)
+}
+
+func closeMember(d Member) {
+	if c, ok := d.(io.Closer); ok {
+		_ = c.Close()
+	}
+}
+
 // probeLocked reads the superblock of path through a read-only open that
 // is closed again at once.
 func (m *Manager) probeLocked(p string) (*superblock.Superblock, bool) {
-	d, err := m.cfg.probe(p)
+	d, err := m.openProbe(p)
 	if err != nil {
 		m.log.Debug("configured device not usable", "path", p, "err", err)
 		return nil, false
 	}
-	defer func() {
-		if c, ok := d.(io.Closer); ok {
-			_ = c.Close()
-		}
-	}()
+	defer closeMember(d)
 	sectors, err := memberSectors(d)
 	if err != nil {
 		return nil, false
@@ -526,29 +597,116 @@ func (m *Manager) probeLocked(p string) (*superblock.Superblock, bool) {
 }
 
 // findDeviceLocked looks for the device with device UUID dev among the
-// configured paths, carrying the array's UUID or its candidate UUID.
+// configured paths, carrying the array's UUID or its candidate UUID, and
+// claims it (another node adds or re-adds it: this node binds it once the
+// add commits).
 func (m *Manager) findDeviceLocked(dev [16]byte) (found, bool) {
 	for _, f := range m.scanLocked() {
-		if MatchesNewDisk(f.Super, m.uuid, dev) {
-			return f, true
+		if !MatchesNewDisk(f.Super, m.uuid, dev) {
+			continue
 		}
+		if f.Member == nil {
+			d, err := m.deviceLocked(f.Path)
+			if err != nil {
+				m.log.Warn("device being added found but not usable here", "path", f.Path, "err", err)
+				continue
+			}
+			f.Member = d
+		}
+		return f, true
 	}
 	return found{}, false
 }
 
-// readStateLocked scans the configured devices and inspects those that
-// carry the array's UUID.
-func (m *Manager) readStateLocked() (*arrayState, error) {
-	var ms []Member
-	for _, f := range m.scanLocked() {
-		if f.Super.SetUUID == m.uuid {
-			ms = append(ms, f.Member)
+// inspectArrayLocked inspects every configured device that carries the
+// array's UUID: the open ones through their handles (first, so that they
+// win over another path to the same device), the others through
+// read-only handles that are closed before it returns. claim says which
+// of those the result uses (and so must be claimed): they are opened
+// for good and the inspection is done again. A device that cannot be
+// claimed (another exclusive opener holds it) is left out, as a device
+// that cannot be opened. mu held.
+func (m *Manager) inspectArrayLocked(claim func(insp *Inspection, paths map[Member]string) []Member) (*Inspection, map[Member]string, error) {
+	skip := map[string]bool{}
+	for attempt := 0; ; attempt++ {
+		var ms, temps []Member
+		paths := maps.Clone(m.paths)
+		isTemp := map[Member]bool{}
+		var later []found
+		for _, f := range m.scanLocked() {
+			if f.Super.SetUUID != m.uuid || skip[f.Path] {
+				continue
+			}
+			if f.Member != nil {
+				ms = append(ms, f.Member)
+				continue
+			}
+			later = append(later, f)
+		}
+		for _, f := range later {
+			d, err := m.openProbe(f.Path)
+			if err != nil {
+				continue
+			}
+			temps = append(temps, d)
+			isTemp[d], paths[d] = true, f.Path
+			ms = append(ms, d)
+		}
+		release := func() {
+			for _, d := range temps {
+				closeMember(d)
+			}
+		}
+		if len(ms) == 0 {
+			return nil, nil, fmt.Errorf("no device among %v carries array %s", m.cfg.Devices, bitmap.FormatUUID(m.uuid))
+		}
+		insp, err := Inspect(ms, InspectOptions{UUID: m.uuid})
+		if err != nil {
+			release()
+			return nil, nil, err
+		}
+		var need []string
+		for _, d := range claim(insp, paths) {
+			if isTemp[d] {
+				need = append(need, paths[d])
+			}
+		}
+		release()
+		if len(need) == 0 {
+			return insp, paths, nil
+		}
+		if attempt > 8 {
+			return nil, nil, fmt.Errorf("the array's devices keep changing while they are read (%v)", need)
+		}
+		for _, p := range need {
+			if _, err := m.deviceLocked(p); err != nil {
+				m.log.Warn("a device of the array cannot be claimed: left out", "path", p, "err", err)
+				skip[p] = true
+			}
 		}
 	}
-	if len(ms) == 0 {
-		return nil, fmt.Errorf("no device among %v carries array %s", m.cfg.Devices, bitmap.FormatUUID(m.uuid))
+}
+
+// readStateLocked inspects the devices that carry the array's UUID and
+// claims the ones the resulting state binds.
+func (m *Manager) readStateLocked() (*arrayState, error) {
+	var st *arrayState
+	var stErr error
+	_, _, err := m.inspectArrayLocked(func(insp *Inspection, paths map[Member]string) []Member {
+		st, stErr = stateFromInspection(insp, paths)
+		if stErr != nil {
+			return nil
+		}
+		var out []Member
+		for _, r := range st.Members {
+			out = append(out, r.Member)
+		}
+		return out
+	})
+	if err != nil {
+		return nil, err
 	}
-	return readState(ms, m.uuid, m.paths)
+	return st, stErr
 }
 
 // reloadLocked re-reads the members and brings this node's state, and its
@@ -578,6 +736,7 @@ func (m *Manager) reloadLocked(minEvents uint64, why string) error {
 	}
 	m.logChanges(old, next, why)
 	m.diverged = time.Time{}
+	m.releaseUnusedLocked()
 	return nil
 }
 

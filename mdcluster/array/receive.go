@@ -77,6 +77,7 @@ func (m *Manager) recvMetadata(ctx context.Context, from dlm.NodeID, msg broadca
 	}
 	if hadCand {
 		m.needCR = true
+		m.releaseUnusedLocked()
 	}
 	if err == nil {
 		if cerr := checkApplied(msg, m.st); cerr != nil {
@@ -253,12 +254,14 @@ func (m *Manager) ClusterConfirm(raidSlot uint32, path string) error {
 		w.done <- ""
 		return nil
 	}
+	// Read-only: recvNewDisk claims the device once it finds it here.
 	m.mu.Lock()
-	d, err := m.deviceLocked(path)
+	d, err := m.openProbe(path)
 	m.mu.Unlock()
 	if err != nil {
 		return fmt.Errorf("cluster confirm %d:%s: %w", raidSlot, path, err)
 	}
+	defer closeMember(d)
 	sectors, err := memberSectors(d)
 	if err != nil {
 		return err
