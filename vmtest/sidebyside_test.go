@@ -156,6 +156,20 @@ ours_down() {
 	must waitfor 30 "nbd0 detached" "[ ! -f /sys/block/nbd0/pid ]"
 	daemon_stop
 }
+# The NBD path alone: a memory export of our server through the kernel
+# client (vmtest/nbdmem), with the daemon's GOMAXPROCS.
+mem_up() {
+	GOMAXPROCS=4 nbdmem /dev/nbd1 200 </dev/null >>/out/nbdmem.log 2>&1 &
+	DAEMON=$!
+	must waitfor 30 "nbd1 attached" "[ -f /sys/block/nbd1/pid ]"
+	DEV=/dev/nbd1
+}
+mem_down() {
+	kill -TERM $DAEMON
+	wait $DAEMON
+	DAEMON=
+	must waitfor 30 "nbd1 detached" "[ ! -f /sys/block/nbd1/pid ]"
+}
 queue() {
 	for f in max_sectors_kb max_hw_sectors_kb nr_requests scheduler logical_block_size; do
 		echo "$1 $f $(cat /sys/block/$1/queue/$f 2>/dev/null)"
@@ -191,7 +205,7 @@ run mdadm --stop /dev/md0
 mkdir -p /run/mdcluster /var/lib/mdcluster
 `, benchDiskSize/512)
 	fmt.Fprintf(&b, "for r in $(seq 1 %d); do\n", rounds)
-	b.WriteString(`	if [ $((r % 2)) = 1 ]; then order="md ours"; else order="ours md"; fi
+	b.WriteString(`	if [ $((r % 2)) = 1 ]; then order="md ours mem"; else order="mem ours md"; fi
 	for s in $order; do
 		echo "=== round $r: $s"
 		${s}_up
@@ -388,6 +402,15 @@ func TestSideBySideKernelMD(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	nm := filepath.Join(work, "nbdmem")
+	cmd := exec.Command(tools["go"], "build", "-o", nm, "github.com/mdcluster/mdcluster/vmtest/nbdmem")
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("building nbdmem: %v\n%s", err, b)
+	}
+	if err := g.AddHostFile("bin/nbdmem", nm, 0o755); err != nil {
+		t.Fatal(err)
+	}
 	for _, b := range []struct{ name, src string }{{"sbin/mdadm", tools["mdadm"]}, {"usr/bin/fio", fio}} {
 		if err := g.AddBinary(b.name, b.src); err != nil {
 			t.Fatal(err)
@@ -456,12 +479,12 @@ cat /proc/mdstat > /out/mdstat.txt 2>&1`
 		t.Error("the data written through /dev/nbd0 was not checked through md")
 	}
 	var rep strings.Builder
-	fmt.Fprintf(&rep, "side by side, %d rounds, %d s per run (median; ratio = ours / md)\n", rounds, runtime)
-	fmt.Fprintf(&rep, "%-12s %10s %10s %6s | %8s %8s | %9s %9s | %5s %5s %6s | %7s %7s | %5s %5s\n",
-		"job", "md", "ours", "ratio", "md µs", "ours µs", "md KiB/w", "ours KiB/w", "mdCPU", "oCPU", "daemon", "md w/io", "our w/io", "min", "max")
+	fmt.Fprintf(&rep, "side by side, %d rounds, %d s per run; medians; ratio = median of the rounds' ours ÷ md (min–max); mem = a memory export through the same kernel NBD client and server\n", rounds, runtime)
+	fmt.Fprintf(&rep, "%-11s %13s %9s %16s | %9s %6s | %7s %7s %7s | %6s %6s | %5s %5s %5s %5s | %5s %5s\n",
+		"job", "md", "ours", "ours÷md", "mem", "mem÷md", "md µs", "ours µs", "mem µs", "md KiB", "our KiB", "mdCPU", "oCPU", "dmn", "memCPU", "md w", "our w")
 	for _, j := range benchJobs {
-		var md, ours []benchRun
-		var ratios []float64
+		var md, ours, mem []benchRun
+		var ratios, memRatios []float64
 		for r := 1; r <= rounds; r++ {
 			a, err := loadRun(files, fmt.Sprintf("r%d.md.%s", r, j.id))
 			if err != nil {
@@ -475,8 +498,14 @@ cat /proc/mdstat > /out/mdstat.txt 2>&1`
 			}
 			md, ours = append(md, a), append(ours, o)
 			ratios = append(ratios, o.bw/a.bw)
+			if m, err := loadRun(files, fmt.Sprintf("r%d.mem.%s", r, j.id)); err != nil {
+				t.Error(err)
+			} else {
+				mem = append(mem, m)
+				memRatios = append(memRatios, m.bw/a.bw)
+			}
 		}
-		if len(ratios) == 0 {
+		if len(ratios) == 0 || len(memRatios) == 0 {
 			continue
 		}
 		pick := func(rs []benchRun, f func(benchRun) float64) float64 {
@@ -486,20 +515,23 @@ cat /proc/mdstat > /out/mdstat.txt 2>&1`
 			}
 			return median(v)
 		}
+		bw := func(r benchRun) float64 { return r.bw }
+		lat := func(r benchRun) float64 { return r.latUs }
 		unit, scale := "MiB/s", float64(1<<20)
 		if j.bs == "4k" {
 			unit, scale = "IOPS", 4096
 		}
-		fmt.Fprintf(&rep, "%-12s %10s %10s %6.2f | %8.0f %8.0f | %9.0f %9.0f | %5.2f %5.2f %6.2f | %7.2f %7.2f | %5.2f %5.2f\n",
-			j.id, fmt.Sprintf("%.1f %s", pick(md, func(r benchRun) float64 { return r.bw })/scale, unit),
-			fmt.Sprintf("%.1f", pick(ours, func(r benchRun) float64 { return r.bw })/scale), median(ratios),
-			pick(md, func(r benchRun) float64 { return r.latUs }), pick(ours, func(r benchRun) float64 { return r.latUs }),
+		fmt.Fprintf(&rep, "%-11s %13s %9.1f %16s | %9.1f %6.2f | %7.0f %7.0f %7.0f | %6.0f %6.0f | %5.2f %5.2f %5.2f %5.2f | %5.2f %5.2f\n",
+			j.id, fmt.Sprintf("%.1f %s", pick(md, bw)/scale, unit), pick(ours, bw)/scale,
+			fmt.Sprintf("%.3f (%.3f–%.3f)", median(ratios), minOf(ratios), maxOf(ratios)),
+			pick(mem, bw)/scale, median(memRatios),
+			pick(md, lat), pick(ours, lat), pick(mem, lat),
 			pick(md, func(r benchRun) float64 { return r.avgWriteKiB }), pick(ours, func(r benchRun) float64 { return r.avgWriteKiB }),
 			pick(md, func(r benchRun) float64 { return r.cpuBusy }), pick(ours, func(r benchRun) float64 { return r.cpuBusy }),
-			pick(ours, func(r benchRun) float64 { return r.daemonCPU }),
-			pick(md, func(r benchRun) float64 { return r.memberWrites }), pick(ours, func(r benchRun) float64 { return r.memberWrites }),
-			minOf(ratios), maxOf(ratios))
+			pick(ours, func(r benchRun) float64 { return r.daemonCPU }), pick(mem, func(r benchRun) float64 { return r.daemonCPU }),
+			pick(md, func(r benchRun) float64 { return r.memberWrites }), pick(ours, func(r benchRun) float64 { return r.memberWrites }))
 	}
+	rep.WriteString("columns: µs = fio's mean completion latency; KiB = average write reaching a member disk; CPU = guest CPU busy; dmn = the daemon's share of it, memCPU = nbdmem's; w = member writes per fio write (ramp included)\n")
 	// The idle phase: the daemon's own cost with the array running and
 	// no I/O, as a share of the guest's CPU.
 	var idle []float64
