@@ -95,7 +95,7 @@ leave_timeout = "2s"
 // odd ones (so that a drift over the boot hits both alike). For every run
 // it saves fio's JSON and, before and after, the guest's CPU counters,
 // the daemon's CPU time and both member disks' I/O counters.
-func benchBody(rounds, runtime int) string {
+func benchBody(rounds, runtime int, systems []string) string {
 	var b strings.Builder
 	b.WriteString(`
 # waitfor SECONDS WHAT CMD: retry CMD every 0.2 s until it succeeds.
@@ -125,7 +125,7 @@ md_down() {
 	run mdadm --stop /dev/md0
 }
 daemon_start() {
-	mdclusterd -c /etc/mdc/mdclusterd.toml </dev/null >>/out/mdclusterd.log 2>&1 &
+	env $DENV mdclusterd -c /etc/mdc/mdclusterd.toml </dev/null >>/out/mdclusterd.log 2>&1 &
 	DAEMON=$!
 	echo $DAEMON > /tmp/daemon
 	must waitfor 60 "control socket" "[ -S /run/mdcluster/mdclusterd.sock ]"
@@ -156,6 +156,10 @@ ours_down() {
 	must waitfor 30 "nbd0 detached" "[ ! -f /sys/block/nbd0/pid ]"
 	daemon_stop
 }
+# ours1: ours with the daemon on one P (GOMAXPROCS=1), what it ran with
+# on a one-CPU machine before it asked for more.
+ours1_up() { DENV=GOMAXPROCS=1; ours_up; DENV=; }
+ours1_down() { ours_down; }
 # The NBD path alone: a memory export of our server through the kernel
 # client (vmtest/nbdmem), with the daemon's GOMAXPROCS.
 mem_up() {
@@ -205,7 +209,12 @@ run mdadm --stop /dev/md0
 mkdir -p /run/mdcluster /var/lib/mdcluster
 `, benchDiskSize/512)
 	fmt.Fprintf(&b, "for r in $(seq 1 %d); do\n", rounds)
-	b.WriteString(`	if [ $((r % 2)) = 1 ]; then order="md ours mem"; else order="mem ours md"; fi
+	rev := make([]string, len(systems))
+	for i, x := range systems {
+		rev[len(systems)-1-i] = x
+	}
+	fmt.Fprintf(&b, "\tif [ $((r %% 2)) = 1 ]; then order=\"md %s\"; else order=\"%s md\"; fi\n", strings.Join(systems, " "), strings.Join(rev, " "))
+	b.WriteString(`
 	for s in $order; do
 		echo "=== round $r: $s"
 		${s}_up
@@ -378,6 +387,21 @@ func TestSideBySideKernelMD(t *testing.T) {
 	}
 	rounds := envInt(t, BenchEnv+"_ROUNDS", 5, 1, 50)
 	runtime := envInt(t, BenchEnv+"_SECONDS", 6, 2, 120)
+	// What runs beside md: ours (the daemon's /dev/nbd0) always; mem (the
+	// NBD path alone) and ours1 (the daemon on one P) as asked.
+	systems := []string{"ours", "mem"}
+	if v := os.Getenv(BenchEnv + "_SYSTEMS"); v != "" {
+		systems = strings.Fields(v)
+		known := map[string]bool{"ours": true, "mem": true, "ours1": true}
+		for _, x := range systems {
+			if !known[x] {
+				t.Fatalf("%s_SYSTEMS=%q: %q is not one of ours, mem, ours1", BenchEnv, v, x)
+			}
+		}
+		if systems[0] != "ours" {
+			t.Fatalf("%s_SYSTEMS=%q: must start with ours", BenchEnv, v)
+		}
+	}
 	tools := needTools(t)
 	fio, err := exec.LookPath("fio")
 	if err != nil {
@@ -444,7 +468,7 @@ cat /proc/mdstat > /out/mdstat.txt 2>&1`
 		disks = append(disks, p)
 	}
 	initrd := filepath.Join(work, "initrd.cpio")
-	if err := g.Write(initrd, benchBody(rounds, runtime)); err != nil {
+	if err := g.Write(initrd, benchBody(rounds, runtime, systems)); err != nil {
 		t.Fatal(err)
 	}
 	start := time.Now()
@@ -479,33 +503,31 @@ cat /proc/mdstat > /out/mdstat.txt 2>&1`
 		t.Error("the data written through /dev/nbd0 was not checked through md")
 	}
 	var rep strings.Builder
-	fmt.Fprintf(&rep, "side by side, %d rounds, %d s per run; medians; ratio = median of the rounds' ours ÷ md (min–max); mem = a memory export through the same kernel NBD client and server\n", rounds, runtime)
-	fmt.Fprintf(&rep, "%-11s %13s %9s %16s | %9s %6s | %7s %7s %7s | %6s %6s | %5s %5s %5s %5s | %5s %5s\n",
-		"job", "md", "ours", "ours÷md", "mem", "mem÷md", "md µs", "ours µs", "mem µs", "md KiB", "our KiB", "mdCPU", "oCPU", "dmn", "memCPU", "md w", "our w")
+	fmt.Fprintf(&rep, "side by side, %d rounds, %d s per run; medians; ours÷md = median of the rounds' ratios (min–max)\n", rounds, runtime)
+	fmt.Fprintf(&rep, "%-11s %13s %9s %19s | %7s %7s | %6s %6s | %5s %5s %5s | %5s %5s\n",
+		"job", "md", "ours", "ours÷md", "md µs", "ours µs", "md KiB", "our KiB", "mdCPU", "oCPU", "dmn", "md w", "our w")
+	var extra strings.Builder
 	for _, j := range benchJobs {
-		var md, ours, mem []benchRun
-		var ratios, memRatios []float64
+		runs := map[string][]benchRun{}
+		ratios := map[string][]float64{}
 		for r := 1; r <= rounds; r++ {
 			a, err := loadRun(files, fmt.Sprintf("r%d.md.%s", r, j.id))
 			if err != nil {
 				t.Error(err)
 				continue
 			}
-			o, err := loadRun(files, fmt.Sprintf("r%d.ours.%s", r, j.id))
-			if err != nil {
-				t.Error(err)
-				continue
-			}
-			md, ours = append(md, a), append(ours, o)
-			ratios = append(ratios, o.bw/a.bw)
-			if m, err := loadRun(files, fmt.Sprintf("r%d.mem.%s", r, j.id)); err != nil {
-				t.Error(err)
-			} else {
-				mem = append(mem, m)
-				memRatios = append(memRatios, m.bw/a.bw)
+			runs["md"] = append(runs["md"], a)
+			for _, sys := range systems {
+				o, err := loadRun(files, fmt.Sprintf("r%d.%s.%s", r, sys, j.id))
+				if err != nil {
+					t.Error(err)
+					continue
+				}
+				runs[sys] = append(runs[sys], o)
+				ratios[sys] = append(ratios[sys], o.bw/a.bw)
 			}
 		}
-		if len(ratios) == 0 || len(memRatios) == 0 {
+		if len(ratios["ours"]) == 0 {
 			continue
 		}
 		pick := func(rs []benchRun, f func(benchRun) float64) float64 {
@@ -517,21 +539,35 @@ cat /proc/mdstat > /out/mdstat.txt 2>&1`
 		}
 		bw := func(r benchRun) float64 { return r.bw }
 		lat := func(r benchRun) float64 { return r.latUs }
+		cpu := func(r benchRun) float64 { return r.cpuBusy }
+		dmn := func(r benchRun) float64 { return r.daemonCPU }
 		unit, scale := "MiB/s", float64(1<<20)
 		if j.bs == "4k" {
 			unit, scale = "IOPS", 4096
 		}
-		fmt.Fprintf(&rep, "%-11s %13s %9.1f %16s | %9.1f %6.2f | %7.0f %7.0f %7.0f | %6.0f %6.0f | %5.2f %5.2f %5.2f %5.2f | %5.2f %5.2f\n",
+		md, ours, or := runs["md"], runs["ours"], ratios["ours"]
+		fmt.Fprintf(&rep, "%-11s %13s %9.1f %19s | %7.0f %7.0f | %6.0f %6.0f | %5.2f %5.2f %5.2f | %5.2f %5.2f\n",
 			j.id, fmt.Sprintf("%.1f %s", pick(md, bw)/scale, unit), pick(ours, bw)/scale,
-			fmt.Sprintf("%.3f (%.3f–%.3f)", median(ratios), minOf(ratios), maxOf(ratios)),
-			pick(mem, bw)/scale, median(memRatios),
-			pick(md, lat), pick(ours, lat), pick(mem, lat),
+			fmt.Sprintf("%.3f (%.3f–%.3f)", median(or), minOf(or), maxOf(or)),
+			pick(md, lat), pick(ours, lat),
 			pick(md, func(r benchRun) float64 { return r.avgWriteKiB }), pick(ours, func(r benchRun) float64 { return r.avgWriteKiB }),
-			pick(md, func(r benchRun) float64 { return r.cpuBusy }), pick(ours, func(r benchRun) float64 { return r.cpuBusy }),
-			pick(ours, func(r benchRun) float64 { return r.daemonCPU }), pick(mem, func(r benchRun) float64 { return r.daemonCPU }),
+			pick(md, cpu), pick(ours, cpu), pick(ours, dmn),
 			pick(md, func(r benchRun) float64 { return r.memberWrites }), pick(ours, func(r benchRun) float64 { return r.memberWrites }))
+		for _, sys := range systems[1:] {
+			rs, xr := runs[sys], ratios[sys]
+			if len(xr) == 0 {
+				continue
+			}
+			fmt.Fprintf(&extra, "%-6s %-11s %9.1f %-5s %19s | %7.0f µs | CPU %5.2f, process %5.2f\n",
+				sys, j.id, pick(rs, bw)/scale, unit, fmt.Sprintf("%.3f (%.3f–%.3f)", median(xr), minOf(xr), maxOf(xr)),
+				pick(rs, lat), pick(rs, cpu), pick(rs, dmn))
+		}
 	}
-	rep.WriteString("columns: µs = fio's mean completion latency; KiB = average write reaching a member disk; CPU = guest CPU busy; dmn = the daemon's share of it, memCPU = nbdmem's; w = member writes per fio write (ramp included)\n")
+	rep.WriteString("columns: µs = fio's mean completion latency; KiB = average write reaching a member disk; CPU = guest CPU busy; dmn = the daemon's share of it; w = member writes per fio write (ramp included)\n")
+	if extra.Len() > 0 {
+		rep.WriteString("other systems (÷md as above; process = the daemon's or nbdmem's share of the CPU); mem = a memory export through the same kernel NBD client and server, ours1 = the daemon on one P\n")
+		rep.WriteString(extra.String())
+	}
 	// The idle phase: the daemon's own cost with the array running and
 	// no I/O, as a share of the guest's CPU.
 	var idle []float64
@@ -565,4 +601,47 @@ func maxOf(v []float64) float64 {
 		m = max(m, x)
 	}
 	return m
+}
+
+// TestSideBySideParsing checks the benchmark's bookkeeping without a VM:
+// a run's figures come from fio's JSON (notes before it allowed) and the
+// snaps around it, and a failed fio run is an error, not a zero.
+func TestSideBySideParsing(t *testing.T) {
+	snap := func(user, sys, idle, dmnU, dmnS, w, sect int) []byte {
+		return []byte(fmt.Sprintf("cpu  %d 0 %d %d 0 0 0 0 0 0\n%d %d\n"+
+			" 1 0 2 0 %d 0 %d 0 0 0 0 0 0 0 0 0 0\n 1 0 2 0 %d 0 %d 0 0 0 0 0 0 0 0 0 0\n", user, sys, idle, dmnU, dmnS, w, sect, w, sect))
+	}
+	files := map[string][]byte{
+		"r1.ours.x.json":   []byte(`note: a warning first` + "\n" + `{"jobs":[{"error":0,"write":{"bw_bytes":1048576,"iops":256,"total_ios":100,"clat_ns":{"mean":2000000}}}]}`),
+		"r1.ours.x.before": snap(100, 100, 800, 10, 10, 0, 0),
+		"r1.ours.x.after":  snap(150, 150, 900, 40, 20, 200, 1600),
+		"r1.md.x.json":     []byte(`{"jobs":[{"error":5,"write":{"bw_bytes":0}}]}`),
+	}
+	r, err := loadRun(files, "r1.ours.x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.bw != 1048576 || r.latUs != 2000 {
+		t.Errorf("bw %v, latency %v µs", r.bw, r.latUs)
+	}
+	// 200 ticks elapsed, 100 busy, the daemon 40 of them.
+	if r.cpuBusy != 0.5 || r.daemonCPU != 0.2 {
+		t.Errorf("cpu busy %v, daemon %v", r.cpuBusy, r.daemonCPU)
+	}
+	// Two members, 200 writes and 1600 sectors each: 400 writes of 4 KiB.
+	if r.avgWriteKiB != 4 || r.memberWrites != 4 {
+		t.Errorf("member writes %v KiB each, %v per fio write", r.avgWriteKiB, r.memberWrites)
+	}
+	if _, err := loadRun(files, "r1.md.x"); err == nil {
+		t.Error("a fio run with error 5 and no bytes was accepted")
+	}
+	if _, err := loadRun(files, "r1.mem.x"); err == nil {
+		t.Error("a missing run was accepted")
+	}
+	body := benchBody(2, 3, []string{"ours", "mem"})
+	for _, want := range []string{`order="md ours mem"`, `order="mem ours md"`, "--rw=randwrite --bs=4k --iodepth=32", "--direct=1", "--runtime=3"} {
+		if !strings.Contains(body, want) {
+			t.Errorf("the guest script lacks %q", want)
+		}
+	}
 }
