@@ -174,6 +174,24 @@ mem_down() {
 	DAEMON=
 	must waitfor 30 "nbd1 detached" "[ ! -f /sys/block/nbd1/pid ]"
 }
+# qnbd: QEMU's NBD server (C) over a file in the guest's memory, through
+# the same kernel client with the same queue settings: the NBD path with
+# a server that is not ours.
+qnbd_up() {
+	run truncate -s 200M /tmp/qnbd.img
+	run qemu-nbd --connect=/dev/nbd1 --format=raw --cache=writeback /tmp/qnbd.img
+	must waitfor 30 "nbd1 attached" "[ -f /sys/block/nbd1/pid ]"
+	DAEMON=$(cat /sys/block/nbd1/pid)
+	echo 4096 > /sys/block/nbd1/queue/max_sectors_kb
+	echo none > /sys/block/nbd1/queue/scheduler
+	DEV=/dev/nbd1
+}
+qnbd_down() {
+	run qemu-nbd --disconnect /dev/nbd1
+	must waitfor 30 "nbd1 detached" "[ ! -f /sys/block/nbd1/pid ]"
+	DAEMON=
+	rm -f /tmp/qnbd.img
+}
 queue() {
 	for f in max_sectors_kb max_hw_sectors_kb nr_requests scheduler logical_block_size; do
 		echo "$1 $f $(cat /sys/block/$1/queue/$f 2>/dev/null)"
@@ -388,14 +406,15 @@ func TestSideBySideKernelMD(t *testing.T) {
 	rounds := envInt(t, BenchEnv+"_ROUNDS", 5, 1, 50)
 	runtime := envInt(t, BenchEnv+"_SECONDS", 6, 2, 120)
 	// What runs beside md: ours (the daemon's /dev/nbd0) always; mem (the
-	// NBD path alone) and ours1 (the daemon on one P) as asked.
+	// NBD path alone), ours1 (the daemon on one P) and qnbd (QEMU's NBD
+	// server through the same kernel client) as asked.
 	systems := []string{"ours", "mem"}
 	if v := os.Getenv(BenchEnv + "_SYSTEMS"); v != "" {
 		systems = strings.Fields(v)
-		known := map[string]bool{"ours": true, "mem": true, "ours1": true}
+		known := map[string]bool{"ours": true, "mem": true, "ours1": true, "qnbd": true}
 		for _, x := range systems {
 			if !known[x] {
-				t.Fatalf("%s_SYSTEMS=%q: %q is not one of ours, mem, ours1", BenchEnv, v, x)
+				t.Fatalf("%s_SYSTEMS=%q: %q is not one of ours, mem, ours1, qnbd", BenchEnv, v, x)
 			}
 		}
 		if systems[0] != "ours" {
@@ -435,7 +454,15 @@ func TestSideBySideKernelMD(t *testing.T) {
 	if err := g.AddHostFile("bin/nbdmem", nm, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	for _, b := range []struct{ name, src string }{{"sbin/mdadm", tools["mdadm"]}, {"usr/bin/fio", fio}} {
+	bins := []struct{ name, src string }{{"sbin/mdadm", tools["mdadm"]}, {"usr/bin/fio", fio}}
+	if strings.Contains(" "+strings.Join(systems, " ")+" ", " qnbd ") {
+		q, err := exec.LookPath("qemu-nbd")
+		if err != nil {
+			t.Fatalf("qnbd asked for: %v (Debian qemu-utils)", err)
+		}
+		bins = append(bins, struct{ name, src string }{"usr/bin/qemu-nbd", q})
+	}
+	for _, b := range bins {
 		if err := g.AddBinary(b.name, b.src); err != nil {
 			t.Fatal(err)
 		}
@@ -565,7 +592,7 @@ cat /proc/mdstat > /out/mdstat.txt 2>&1`
 	}
 	rep.WriteString("columns: µs = fio's mean completion latency; KiB = average write reaching a member disk; CPU = guest CPU busy; dmn = the daemon's share of it; w = member writes per fio write (ramp included)\n")
 	if extra.Len() > 0 {
-		rep.WriteString("other systems (÷md as above; process = the daemon's or nbdmem's share of the CPU); mem = a memory export through the same kernel NBD client and server, ours1 = the daemon on one P\n")
+		rep.WriteString("other systems (÷md as above; process = the daemon's or nbdmem's share of the CPU); mem = a memory export through the same kernel NBD client and server, ours1 = the daemon on one P, qnbd = QEMU's NBD server over guest memory through the same kernel client\n")
 		rep.WriteString(extra.String())
 	}
 	// The idle phase: the daemon's own cost with the array running and
