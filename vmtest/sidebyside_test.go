@@ -178,6 +178,7 @@ mem_down() {
 # the same kernel client with the same queue settings: the NBD path with
 # a server that is not ours.
 qnbd_up() {
+	mkdir -p /var/lock
 	run truncate -s 200M /tmp/qnbd.img
 	run qemu-nbd --connect=/dev/nbd1 --format=raw --cache=writeback /tmp/qnbd.img
 	must waitfor 30 "nbd1 attached" "[ -f /sys/block/nbd1/pid ]"
