@@ -505,7 +505,7 @@ cat /proc/mdstat > /out/mdstat.txt 2>&1`
 		ConsoleLog: filepath.Join(work, "console.log"),
 		// A guard against a hung guest, not a speed check: every run is
 		// time-based, about runtime+1 s, plus assembling and stopping.
-		Timeout: time.Duration(rounds*2*len(benchJobs)*(runtime+8)+180) * time.Second,
+		Timeout: time.Duration(rounds*(1+len(systems))*(len(benchJobs)*(runtime+10)+40)+300) * time.Second,
 		Verbose: testing.Verbose(),
 	})
 	t.Logf("VM run (%s) took %v", k.Package, time.Since(start).Round(time.Millisecond))
