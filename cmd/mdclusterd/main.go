@@ -51,9 +51,10 @@ func main() {
 // goroutine each. With a single P (a one-CPU machine) the goroutine
 // blocked in the first pwrite keeps the P until the runtime's monitor
 // takes it back, 20 µs to 10 ms later, so the second mirror's write waits
-// behind the first instead of beside it; measured in a one-vCPU VM
-// (docs/vmtest.md, the side-by-side benchmark) that about doubled the
-// time of a 4 KiB write. More Ps cost nothing while they have no work.
+// behind the first instead of beside it. In a one-vCPU VM (docs/vmtest.md,
+// the side-by-side benchmark, BENCHMARKS.md) one P lost up to 60 % of the
+// 4 KiB depth-1 writes in some rounds and nothing measurable in others.
+// More Ps cost nothing while they have no work.
 const minGOMAXPROCS = 4
 
 // run is the whole program; it returns the exit status.
