@@ -33,11 +33,10 @@ const (
 
 // benchJob is one fio job of every round.
 type benchJob struct {
-	id   string // file name part and table row
-	rw   string // fio --rw
-	bs   string // fio --bs
-	qd   int    // fio --iodepth
-	what string // the row's description
+	id string // file name part and table row
+	rw string // fio --rw
+	bs string // fio --bs
+	qd int    // fio --iodepth
 }
 
 // benchJobs: 1 MiB sequential writes at depth 1 (one writer waiting for
@@ -46,10 +45,10 @@ type benchJob struct {
 // and 32 (a loaded device: what the data path sustains when requests
 // overlap). Every job is O_DIRECT through libaio.
 var benchJobs = []benchJob{
-	{"seq1m-qd1", "write", "1M", 1, "1 MiB sequential write, iodepth 1"},
-	{"seq1m-qd8", "write", "1M", 8, "1 MiB sequential write, iodepth 8"},
-	{"rand4k-qd1", "randwrite", "4k", 1, "4 KiB random write, iodepth 1"},
-	{"rand4k-qd32", "randwrite", "4k", 32, "4 KiB random write, iodepth 32"},
+	{"seq1m-qd1", "write", "1M", 1},
+	{"seq1m-qd8", "write", "1M", 8},
+	{"rand4k-qd1", "randwrite", "4k", 1},
+	{"rand4k-qd32", "randwrite", "4k", 32},
 }
 
 // fioArgs is the fio command line of job j on dev for runtime seconds.
@@ -91,8 +90,8 @@ leave_timeout = "2s"
 `
 
 // benchBody is the guest's script: rounds rounds, each running every job
-// once on md and once on ours, md first in even rounds and ours first in
-// odd ones (so that a drift over the boot hits both alike). For every run
+// once on md and once on each of systems, md first in odd rounds and
+// last in even ones (so that a drift over the boot hits all alike). For every run
 // it saves fio's JSON and, before and after, the guest's CPU counters,
 // the daemon's CPU time and both member disks' I/O counters.
 func benchBody(rounds, runtime int, systems []string) string {
