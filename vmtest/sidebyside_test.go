@@ -142,9 +142,24 @@ daemon_stop() {
 # Ours: the daemon runs only while it is measured, so that its idle work
 # (heartbeats, lease reads) costs md nothing.
 ours_up() {
-	daemon_start
-	run mdadm-go --assemble /dev/md0 /dev/vdb /dev/vdc
-	must waitfor 30 "nbd0 attached" "[ -f /sys/block/nbd0/pid ]"
+	# A daemon (re)started can leave the array's storage lease stopped
+	# for good ("no quorum") although the node is quorate and alive: a
+	# daemon bug, seen in about one start of ten here. The device then
+	# fails every request after lease.stop_wait; such a start is logged,
+	# undone and tried again, at most three times.
+	tries=0
+	while :; do
+		daemon_start
+		run mdadm-go --assemble /dev/md0 /dev/vdb /dev/vdc
+		must waitfor 30 "nbd0 attached" "[ -f /sys/block/nbd0/pid ]"
+		dd if=/dev/nbd0 of=/dev/null bs=4096 count=1 iflag=direct 2>/dev/null && break
+		tries=$((tries+1))
+		echo "LEASE-STUCK: /dev/nbd0 fails I/O after start $tries; restarting the daemon" | tee -a /out/lease-stuck.log
+		[ $tries -ge 3 ] && { echo "FAILED: the lease stayed stopped over $tries starts"; exit 1; }
+		mdadm-go --stop /dev/md0
+		waitfor 30 "nbd0 detached" "[ ! -f /sys/block/nbd0/pid ]"
+		daemon_stop
+	done
 	# A resync left by the other side's stop must not run under fio.
 	must waitfor 600 "no resync" "! mdadm-go --detail /dev/md0 | grep -q 'Resync Status'"
 	run 'mdadm-go --detail /dev/md0 > /out/ours.detail'
@@ -525,6 +540,9 @@ cat /proc/mdstat > /out/mdstat.txt 2>&1`
 	}
 	if verdict != "ok" {
 		t.Fatalf("guest verdict %q; the end of its log:\n%s", verdict, tail(string(files["guest.log"]), 60))
+	}
+	if b, ok := files["lease-stuck.log"]; ok {
+		t.Logf("daemon starts whose storage lease stayed stopped (retried; a daemon bug, not a benchmark figure):\n%s", b)
 	}
 	if _, ok := files["check.ok"]; !ok {
 		t.Error("the data written through /dev/nbd0 was not checked through md")
