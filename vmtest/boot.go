@@ -37,6 +37,12 @@ type BootOptions struct {
 	// serial port (ttyS1), where a Guest with ConsoleCopy copies its log
 	// as it goes: the console of a guest that hangs before saving /out.
 	ConsoleLog string
+	// Disks are raw image files attached after the output disk, in order,
+	// as virtio-blk devices with the host's page cache bypassed
+	// (cache=none, aio=threads): the guest sees /dev/vdb, /dev/vdc, …
+	// behaving like real disks rather than like host memory. The files
+	// must live on a file system that allows O_DIRECT (not tmpfs).
+	Disks []string
 }
 
 // Boot starts the VM under TCG with an empty raw output disk as the first
@@ -71,6 +77,14 @@ func Boot(o BootOptions) (verdict string, files map[string][]byte, err error) {
 		"-m", fmt.Sprint(o.MemoryMiB),
 		"-smp", fmt.Sprint(o.CPUs),
 		"-drive", "file=" + strings.ReplaceAll(out, ",", ",,") + ",if=virtio,format=raw",
+	}
+	for i, d := range o.Disks {
+		id := fmt.Sprintf("disk%d", i)
+		params = append(params,
+			"-drive", "file="+strings.ReplaceAll(d, ",", ",,")+",if=none,id="+id+",format=raw,cache=none,aio=threads",
+			// Slots far above the ones QEMU gives out on its own, so
+			// that the output disk is probed first and stays /dev/vda.
+			"-device", fmt.Sprintf("virtio-blk-pci,drive=%s,addr=0x%x", id, 0x10+i))
 	}
 	if o.ConsoleLog != "" {
 		params = append(params, "-serial", "file:"+o.ConsoleLog)

@@ -22,6 +22,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"runtime"
 	"strings"
 	"syscall"
 
@@ -37,7 +38,24 @@ const DefaultConfigPath = "/etc/mdcluster/mdclusterd.toml"
 // (cmd/mdclusterd/arrays). The tests may set their own.
 var arrayLayer daemon.ArrayLayer = arrays.New()
 
-func main() { os.Exit(run(os.Args[1:], os.Stdout, os.Stderr)) }
+func main() {
+	if os.Getenv("GOMAXPROCS") == "" && runtime.GOMAXPROCS(0) < minGOMAXPROCS {
+		runtime.GOMAXPROCS(minGOMAXPROCS)
+	}
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+// minGOMAXPROCS is the fewest Ps the daemon runs with, whatever the CPU
+// count (an explicit GOMAXPROCS in the environment wins). Its data path
+// blocks in system calls: an O_DIRECT pwrite to each mirror, one
+// goroutine each. With a single P (a one-CPU machine) the goroutine
+// blocked in the first pwrite keeps the P until the runtime's monitor
+// takes it back, 20 µs to 10 ms later, so the second mirror's write waits
+// behind the first instead of beside it. In a one-vCPU VM (docs/vmtest.md,
+// the side-by-side benchmark, BENCHMARKS.md) one P lost up to 60 % of the
+// 4 KiB depth-1 writes in some rounds and nothing measurable in others.
+// More Ps cost nothing while they have no work.
+const minGOMAXPROCS = 4
 
 // run is the whole program; it returns the exit status.
 func run(args []string, stdout, stderr io.Writer) int {

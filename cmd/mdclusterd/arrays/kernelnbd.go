@@ -48,6 +48,9 @@ func (l *Layer) attachKernel(a *arr, srv *nbd.Server, export, md string) (*kerne
 	if err != nil {
 		return nil, fmt.Errorf("export %s as %s: %w", md, dev, err)
 	}
+	if at.QueueErr != nil {
+		l.log.Warn("kernel NBD device attached with the driver's queue settings: it works, but large writes are split", "array", md, "device", at.Device, "err", at.QueueErr)
+	}
 	l.log.Info("array attached to the kernel NBD client", "array", md, "device", at.Device)
 	return at, nil
 }

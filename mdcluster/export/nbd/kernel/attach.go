@@ -19,6 +19,10 @@ type Attachment struct {
 	Index int
 	// Device is "/dev/nbdN".
 	Device string
+	// QueueErr is why the queue settings (Options.MaxRequestKiB, the
+	// scheduler) could not all be applied, e.g. a read-only /sys; the
+	// device works without them, only slower, so Attach does not fail.
+	QueueErr error
 
 	srvEnd net.Conn
 	served chan error
@@ -34,7 +38,8 @@ const detachWait = 10 * time.Second
 // Attach serves export name of srv to the kernel: it makes a socket pair,
 // serves one end with srv.ServeTransmission (the kernel's client skips the
 // handshake, so o's Size and ServerFlags are taken from srv.ExportInfo)
-// and hands the other end to the kernel with Connect. o.Size and
+// and hands the other end to the kernel with Connect, then applies the
+// queue settings (o.MaxRequestKiB, scheduler "none"; see QueueErr). o.Size and
 // o.ServerFlags are ignored; the rest of o applies. The connection counts
 // against the server's MaxConnections like any other.
 func Attach(srv *nbd.Server, name string, o Options) (*Attachment, error) {
@@ -76,6 +81,7 @@ func Attach(srv *nbd.Server, name string, o Options) (*Attachment, error) {
 		return nil, err
 	}
 	a.Index, a.Device = idx, Device(idx)
+	a.QueueErr = tuneQueue(idx, o)
 	return a, nil
 }
 

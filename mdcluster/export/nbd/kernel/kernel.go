@@ -97,6 +97,15 @@ type Options struct {
 	BackendID string
 	// DestroyOnDisconnect deletes the device node when it is disconnected.
 	DestroyOnDisconnect bool
+
+	// MaxRequestKiB (Attach only) is the largest request the block layer
+	// sends to the server, written to /sys/block/nbdN/queue/max_sectors_kb
+	// and capped by the driver's max_hw_sectors_kb. 0 means
+	// DefaultMaxRequestKiB; the driver's own default is 128 KiB.
+	MaxRequestKiB int
+	// KeepQueue (Attach only) leaves the device's queue settings as the
+	// driver made them: no MaxRequestKiB, no scheduler change.
+	KeepQueue bool
 }
 
 var devRE = regexp.MustCompile(`^/dev/nbd([0-9]+)$`)
@@ -136,6 +145,9 @@ func (o *Options) validate() error {
 	}
 	if o.Timeout < 0 || o.DeadConnTimeout < 0 {
 		return errors.New("nbd timeouts must not be negative")
+	}
+	if o.MaxRequestKiB < 0 {
+		return fmt.Errorf("nbd max request size %d KiB: must not be negative", o.MaxRequestKiB)
 	}
 	if len(o.BackendID) > 256 {
 		return fmt.Errorf("nbd backend identifier: %d bytes, at most 256", len(o.BackendID))

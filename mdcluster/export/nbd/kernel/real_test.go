@@ -5,6 +5,7 @@ import (
 	"errors"
 	"math/rand/v2"
 	"os"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -53,6 +54,24 @@ func TestAttachRealKernel(t *testing.T) {
 	name := strings.TrimPrefix(at.Device, "/dev/")
 	if b, err := os.ReadFile("/sys/block/" + name + "/backend"); err != nil || strings.TrimSpace(string(b)) != "kernel test" {
 		t.Errorf("/sys/block/%s/backend: %q, %v", name, b, err)
+	}
+	// The queue settings: whole requests up to DefaultMaxRequestKiB (or
+	// the driver's maximum), no I/O scheduler.
+	if at.QueueErr != nil {
+		t.Errorf("queue settings: %v", at.QueueErr)
+	}
+	q := "/sys/block/" + name + "/queue/"
+	maxKiB := DefaultMaxRequestKiB
+	if b, err := os.ReadFile(q + "max_hw_sectors_kb"); err == nil {
+		if hw, _ := strconv.Atoi(strings.TrimSpace(string(b))); hw > 0 && hw < maxKiB {
+			maxKiB = hw
+		}
+	}
+	if b, err := os.ReadFile(q + "max_sectors_kb"); err != nil || strings.TrimSpace(string(b)) != strconv.Itoa(maxKiB) {
+		t.Errorf("%smax_sectors_kb: %q, %v; want %d", q, b, err, maxKiB)
+	}
+	if b, err := os.ReadFile(q + "scheduler"); err != nil || !strings.Contains(string(b), "[none]") {
+		t.Errorf("%sscheduler: %q, %v; want none chosen", q, b, err)
 	}
 
 	// A second attach on the same device must be refused, not steal it.
