@@ -251,9 +251,7 @@ func (l *Layer) ensure(ctx context.Context, u [16]byte) (*arr, error) {
 	if err := a.mgr.Attach(ctx); err != nil {
 		return nil, fmt.Errorf("attach %s: %w", bitmap.FormatUUID(u), err)
 	}
-	l.mu.Lock()
-	l.arrays[u] = a
-	l.mu.Unlock()
+	l.register(u, a)
 	l.log.Info("array found among the devices: attached to its lockspace", "uuid", bitmap.FormatUUID(u))
 	return a, nil
 }
@@ -715,9 +713,7 @@ func (l *Layer) create(ctx context.Context, args ctl.CreateArgs) (any, error) {
 		return nil, err
 	}
 	a.setUUID(c.Info.UUID)
-	l.mu.Lock()
-	l.arrays[a.uuid] = a
-	l.mu.Unlock()
+	l.register(a.uuid, a)
 	if err := l.started(a, args.Array); err != nil {
 		return nil, err
 	}

@@ -88,24 +88,43 @@ func (l *Layer) SetView(gen uint64, quorate bool) {
 	renew := gen > l.view.gen || (quorate && !l.view.quorate)
 	l.view.gen = max(l.view.gen, gen)
 	l.view.quorate = quorate
-	v := l.view
-	var gs, running []*lease.Guard
+	var running []*lease.Guard
 	for _, a := range l.arrays {
 		if a.guard != nil {
-			gs = append(gs, a.guard)
+			// Under l.mu, so that the guards see the views in the order
+			// the layer does: two callers applying their copies outside
+			// it could leave a guard with the older one (quorate false
+			// for good on a quorate node).
+			l.syncViewLocked(a)
 			if a.running {
 				running = append(running, a.guard)
 			}
 		}
 	}
 	l.mu.Unlock()
-	for _, g := range gs {
-		g.SetView(v.gen, v.quorate)
-	}
 	if renew {
 		for _, g := range running {
 			go g.Renew()
 		}
+	}
+}
+
+// register adds array a to the layer as array u and gives its guard the
+// current view.
+func (l *Layer) register(u [16]byte, a *arr) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.arrays[u] = a
+	l.syncViewLocked(a)
+}
+
+// syncViewLocked gives array a's guard the layer's current view. It runs
+// whenever the view changes and when an array is registered in l.arrays: a
+// view that arrived between the guard's creation and its registration
+// would otherwise never reach it. l.mu held.
+func (l *Layer) syncViewLocked(a *arr) {
+	if a.guard != nil {
+		a.guard.SetView(l.view.gen, l.view.quorate)
 	}
 }
 

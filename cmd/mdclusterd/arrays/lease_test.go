@@ -368,3 +368,40 @@ func TestLeaseOwnerRefusesOnlyWhenFenced(t *testing.T) {
 		t.Fatalf("a survivor installing view 5 after the stamp: the flush was refused: %v", err)
 	}
 }
+
+// TestLeaseViewBeforeRegistration: a view (quorum) that arrives after an
+// array's guard was built but before the array is registered in the layer
+// reaches the guard when it is registered. Before, the guard kept the view
+// it was built with (not quorate) and the array's I/O stayed stopped for
+// good on a quorate node (about one daemon start in ten).
+func TestLeaseViewBeforeRegistration(t *testing.T) {
+	dir := t.TempDir()
+	var ems []array.EngineMember
+	for i, n := range []string{"a.img", "b.img"} {
+		p := filepath.Join(dir, n)
+		if err := os.WriteFile(p, make([]byte, 5<<20), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		m, err := array.OpenFile(p, true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { m.Close() })
+		ems = append(ems, array.EngineMember{Dev: uint32(i), Slot: i, State: array.MemberInSync, Member: m, DataOffset: 2048})
+	}
+	l := leaseLayer(t, 1, time.Minute)
+	u := [16]byte{7}
+	a, err := l.newEngine(u) // the guard starts with the layer's view: none, not quorate
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.eng.Start(context.Background(), array.EngineSetup{Level: superblock.LevelRAID1, RaidDisks: 2,
+		DevSectors: 8192, Members: ems}); err != nil {
+		t.Fatal(err)
+	}
+	l.SetView(3, true) // the node becomes quorate meanwhile
+	l.register(u, a)
+	if err := a.guard.Renew(); err != nil {
+		t.Fatalf("guard of an array registered after the node became quorate: %v", err)
+	}
+}

@@ -82,6 +82,10 @@ type Daemon struct {
 	leaveTook time.Duration
 
 	closeOnce sync.Once
+	// viewMu orders tellView's calls: events come from more than one
+	// goroutine, and each call reads the node's status afresh under it, so
+	// the last call the array layer sees carries the newest quorum.
+	viewMu sync.Mutex
 }
 
 // Start brings the daemon up: control socket, metrics endpoint, data
@@ -243,12 +247,12 @@ func (d *Daemon) tellView(e node.Event) {
 	if !ok || d.node == nil {
 		return
 	}
-	st := d.node.Status()
 	switch e.Kind {
-	case node.EventInstall, node.EventRecovered:
+	case node.EventInstall, node.EventRecovered, node.EventQuorum:
+		d.viewMu.Lock()
+		defer d.viewMu.Unlock()
+		st := d.node.Status()
 		obs.SetView(st.View.Gen, st.Quorate)
-	case node.EventQuorum:
-		obs.SetView(st.View.Gen, e.Quorate)
 	}
 }
 
