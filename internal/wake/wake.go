@@ -105,7 +105,8 @@ func Get() *Waiter {
 }
 
 // Put gives back a Waiter whose wait is over: its Wake has happened and
-// Wait returned true. The Waiter must not be used after.
+// Wait returned true, or nobody can call its Wake any more. The Waiter must
+// not be used after.
 func Put(w *Waiter) {
 	w.woken.Store(false)
 	if w.fd == nil {
