@@ -104,6 +104,13 @@ func Get() *Waiter {
 	return chPool.Get().(*Waiter)
 }
 
+// UseChannels makes every later Get return a channel-backed Waiter, as on
+// systems without eventfd; eventfd-backed Waiters already handed out keep
+// working. For measuring one design against the other in the same binary
+// (the test binaries of dlm and broadcast call it when the environment
+// variable MDCLUSTER_WAKE_CHANNELS is set).
+func UseChannels() { noFD.Store(true) }
+
 // Put gives back a Waiter whose wait is over: its Wake has happened and
 // Wait returned true, or nobody can call its Wake any more. The Waiter must
 // not be used after.
