@@ -742,7 +742,7 @@ func (b *Broadcaster) awaitSignal(ctx context.Context) bool {
 		b.sigMu.Unlock()
 		return true
 	}
-	w := wake.Get()
+	w := wake.GetForLoop()
 	b.runW = w
 	b.sigMu.Unlock()
 	ok := w.Wait(ctx)

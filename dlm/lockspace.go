@@ -623,7 +623,7 @@ func (sp *space) dispatch(prev chan struct{}, d *dispatcher, done chan struct{})
 				sp.mu.Unlock()
 				return
 			}
-			w := wake.Get()
+			w := wake.GetForLoop()
 			d.w = w
 			sp.mu.Unlock()
 			w.Wait(context.Background())
