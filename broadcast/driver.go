@@ -11,7 +11,6 @@ import (
 	"time"
 
 	"github.com/mdcluster/mdcluster/dlm"
-	"github.com/mdcluster/mdcluster/internal/wake"
 )
 
 // Receiver acts on the broadcasts this node receives. Receive is called on
@@ -276,16 +275,8 @@ type Broadcaster struct {
 	// and by the receive loop only to release the cached token (without
 	// waiting for it).
 	sem chan struct{}
-	// sig receives a value (without blocking the sender) whenever a
-	// blocking callback or recovery event left work: Signal hands it out.
+	// sig wakes Run: a blocking callback or recovery event left work.
 	sig chan struct{}
-	// Run itself waits on runW, a wake.Waiter rather than sig: signal is
-	// usually called on the lock manager's callback goroutine, and a
-	// channel send would wake an idle thread for Run (see internal/wake).
-	// sigSet records a signal that came while Run was not waiting.
-	sigMu  sync.Mutex
-	sigSet bool
-	runW   *wake.Waiter
 
 	mu sync.Mutex // guards the fields below; never held across a lock call or the handler
 	m  *Machine
@@ -721,44 +712,6 @@ func (b *Broadcaster) signal() {
 	case b.sig <- struct{}{}:
 	default:
 	}
-	b.sigMu.Lock()
-	w := b.runW
-	b.runW = nil
-	if w == nil {
-		b.sigSet = true
-	}
-	b.sigMu.Unlock()
-	if w != nil {
-		w.Wake()
-	}
-}
-
-// awaitSignal blocks Run until signal is called (or was, since Run last
-// looked) and reports true, or until ctx ends and reports false.
-func (b *Broadcaster) awaitSignal(ctx context.Context) bool {
-	b.sigMu.Lock()
-	if b.sigSet {
-		b.sigSet = false
-		b.sigMu.Unlock()
-		return true
-	}
-	w := wake.GetForLoop()
-	b.runW = w
-	b.sigMu.Unlock()
-	ok := w.Wait(ctx)
-	if !ok {
-		b.sigMu.Lock()
-		mine := b.runW == w
-		if mine {
-			b.runW = nil // nobody can wake it any more
-		}
-		b.sigMu.Unlock()
-		if !mine {
-			w.Wait(context.Background()) // a signal took it; its Wake is coming
-		}
-	}
-	wake.Put(w)
-	return ok
 }
 
 func (b *Broadcaster) acquire(ctx context.Context, what string) error {
@@ -1224,7 +1177,9 @@ func (b *Broadcaster) Run(ctx context.Context) error {
 				break
 			}
 		}
-		if !b.awaitSignal(ctx) {
+		select {
+		case <-b.sig:
+		case <-ctx.Done():
 			return ctx.Err()
 		}
 	}
@@ -1239,10 +1194,8 @@ func (b *Broadcaster) Pending() bool {
 	return b.m.Pending(free && !b.cfg.ReleaseToken)
 }
 
-// Signal returns a channel that receives a value when a blocking callback
-// or a recovery event left something for Step (a buffer of one: signals
-// while it is full are merged). Run does not use it; it waits on a
-// wake.Waiter that the same events wake.
+// Signal returns the channel Run waits on: it receives a value when a
+// blocking callback or a recovery event left something for Step.
 func (b *Broadcaster) Signal() <-chan struct{} { return b.sig }
 
 // Step does the next piece of receive-side work, if any, and reports

@@ -516,7 +516,8 @@ type space struct {
 	// Callbacks for user code (async completions, blocking handlers) run on
 	// one dispatcher goroutine, in the order the core produced them.
 	dq     []event
-	dqCur  *dispatcher // the latest dispatcher started
+	dqBell chan struct{}
+	dqStop chan struct{}
 	dqDone chan struct{}
 
 	// resume is closed when recovery ends; nil while running.
@@ -570,87 +571,68 @@ type event struct {
 	rec  *recoveryEvent // for kind recoveryCallback
 }
 
-// dispatcher is one run of the callback goroutine. Guarded by the space's
-// mu.
-type dispatcher struct {
-	// w is what the dispatcher waits on while it has nothing to deliver
-	// (nil otherwise); whoever queues an event or stops it wakes it and
-	// clears w. A wake.Waiter rather than a channel: the event usually comes
-	// from the transport's reader goroutine handling a message, and a
-	// channel send would wake an idle thread for the dispatcher (see
-	// internal/wake).
-	w    *wake.Waiter
-	stop bool // deliver what is queued, then exit
-}
-
-// wake wakes d if it waits. Called with mu held.
-func (d *dispatcher) wake() {
-	if d != nil && d.w != nil {
-		d.w.Wake()
-		d.w = nil
-	}
-}
-
 // startDispatcher starts the callback goroutine; called with mu held when
 // the first handle opens. A previous dispatcher still draining is waited for,
 // so callbacks never run on two goroutines at once.
 func (sp *space) startDispatcher() {
 	prev := sp.dqDone
-	d := &dispatcher{}
-	sp.dqCur = d
+	sp.dqBell = make(chan struct{}, 1)
+	sp.dqStop = make(chan struct{})
 	sp.dqDone = make(chan struct{})
-	go sp.dispatch(prev, d, sp.dqDone)
+	go sp.dispatch(prev, sp.dqBell, sp.dqStop, sp.dqDone)
 }
 
 // stopDispatcher lets the dispatcher deliver what is queued and exit; called
 // with mu held when the last handle is released.
-func (sp *space) stopDispatcher() {
-	sp.dqCur.stop = true
-	sp.dqCur.wake()
-}
+func (sp *space) stopDispatcher() { close(sp.dqStop) }
 
-func (sp *space) dispatch(prev chan struct{}, d *dispatcher, done chan struct{}) {
+func (sp *space) dispatch(prev, bell, stop, done chan struct{}) {
 	defer close(done)
 	if prev != nil {
 		<-prev
 	}
 	var batch []event
 	for {
-		sp.mu.Lock()
-		batch, sp.dq = sp.dq, batch[:0]
-		if len(batch) == 0 {
-			if d.stop {
-				sp.mu.Unlock()
-				return
-			}
-			w := wake.GetForLoop()
-			d.w = w
-			sp.mu.Unlock()
-			w.Wait(context.Background())
-			wake.Put(w)
-			continue
+		stopping := false
+		select {
+		case <-bell:
+		case <-stop:
+			stopping = true
 		}
-		sp.mu.Unlock()
-		for i := range batch {
-			ev := &batch[i]
-			switch ev.kind {
-			case Completion:
-				ev.done(ev.lk, ev.err)
-			case Blocking:
-				if h := ev.lk.onBlock; h != nil {
-					h(ev.lk, ev.mode)
-				}
-			case recoveryCallback:
-				ev.rec.deliver()
+		for {
+			sp.mu.Lock()
+			batch, sp.dq = sp.dq, batch[:0]
+			sp.mu.Unlock()
+			if len(batch) == 0 {
+				break
 			}
-			*ev = event{}
+			for i := range batch {
+				ev := &batch[i]
+				switch ev.kind {
+				case Completion:
+					ev.done(ev.lk, ev.err)
+				case Blocking:
+					if h := ev.lk.onBlock; h != nil {
+						h(ev.lk, ev.mode)
+					}
+				case recoveryCallback:
+					ev.rec.deliver()
+				}
+				*ev = event{}
+			}
+		}
+		if stopping {
+			return
 		}
 	}
 }
 
 func (sp *space) enqueue(ev event) {
 	sp.dq = append(sp.dq, ev)
-	sp.dqCur.wake()
+	select {
+	case sp.dqBell <- struct{}{}:
+	default:
+	}
 }
 
 // step applies a received message; called with mu held.
