@@ -981,7 +981,7 @@ func (ls *Lockspace) start(ctx context.Context, req LockRequest, done func(*Lock
 		ls.track(ctx, lk)
 	}
 	if done == nil {
-		wait = lk.prepareWait()
+		wait = lk.prepareWait(ctx)
 	}
 	sp.mu.Unlock()
 	return lk, wait, nil
@@ -1021,12 +1021,12 @@ func (ls *Lockspace) untrack(lk *Lock) {
 // operation, in the same critical section that started it; it reports false
 // (and returns the waiter, giving up its claim) if the operation is already
 // over. Called with mu held.
-func (lk *Lock) prepareWait() bool {
+func (lk *Lock) prepareWait(ctx context.Context) bool {
 	if !lk.pending {
 		lk.putWaiter()
 		return false
 	}
-	lk.getWaiter()
+	lk.getWaiter(ctx.Done() != nil)
 	lk.waiter = true
 	return true
 }
@@ -1051,11 +1051,18 @@ func (lk *Lock) awaitDone(ctx context.Context) error {
 	return err
 }
 
-// getWaiter returns the lock's waiter, taking an idle one if it has none.
-// Called with mu held.
-func (lk *Lock) getWaiter() *wake.Waiter {
+// getWaiter returns the lock's waiter, taking an idle one if it has none:
+// for a wait whose context can end, a channel-backed one (the wait selects
+// on the context; an eventfd-backed one would need context.AfterFunc, which
+// measured dearer than the thread wake-up it saves, BENCHMARKS.md), else one
+// from wake.Get. Called with mu held.
+func (lk *Lock) getWaiter(cancellable bool) *wake.Waiter {
 	if lk.waitW == nil {
-		lk.waitW = wake.Get()
+		if cancellable {
+			lk.waitW = wake.GetChannel()
+		} else {
+			lk.waitW = wake.Get()
+		}
 	}
 	return lk.waitW
 }

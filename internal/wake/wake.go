@@ -83,6 +83,16 @@ var (
 // pair and about 1 µs more CPU).
 func Get() *Waiter { return get(true) }
 
+// GetChannel returns an idle channel-backed Waiter, for a wait that will
+// select on a context anyway: Wait with a context that can end registers
+// context.AfterFunc on an eventfd-backed Waiter (allocations, and work in
+// the context), which in the broadcast benchmarks cost more than the thread
+// wake-up it saves.
+func GetChannel() *Waiter {
+	stats.fallbacks.Add(1)
+	return chPool.Get().(*Waiter)
+}
+
 // GetForLoop returns an idle Waiter for a goroutine that waits for work in
 // a loop (a callback dispatcher, a receive loop). Such a goroutine waits
 // most of its life, so it does not count against the GOMAXPROCS bound of
