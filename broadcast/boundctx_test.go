@@ -3,6 +3,7 @@ package broadcast
 import (
 	"context"
 	"errors"
+	"runtime"
 	"testing"
 	"time"
 )
@@ -228,5 +229,38 @@ func TestHandlerCtx(t *testing.T) {
 			t.Fatal(asks, "child not ended by cancel")
 		}
 		stop()
+	}
+}
+
+// context.AfterFunc on a boundCtx runs its function when the bound ends and
+// not after stop, and starts no watcher goroutine (boundCtx.AfterFunc).
+func TestBoundCtxAfterFunc(t *testing.T) {
+	b := &Broadcaster{cfg: Config{LockTimeout: 20 * time.Millisecond}}
+	c := b.quickLockCtx(context.Background())
+	before := runtime.NumGoroutine()
+	ran := make(chan struct{})
+	context.AfterFunc(c, func() { close(ran) })
+	stopped := b.quickLockCtx(context.Background())
+	stop := context.AfterFunc(stopped, func() { t.Error("stopped AfterFunc ran") })
+	if n := runtime.NumGoroutine(); n >= before+2 { // a watcher goroutine per call would make two
+		t.Errorf("goroutines %d -> %d after two AfterFuncs: a watcher per call", before, n)
+	}
+	if !stop() {
+		t.Fatal("stop before the end reported false")
+	}
+	select {
+	case <-ran:
+	case <-time.After(guard):
+		t.Fatal("AfterFunc did not run at the deadline")
+	}
+	time.Sleep(30 * time.Millisecond) // past stopped's deadline too
+
+	// Registered after the end: runs at once.
+	again := make(chan struct{})
+	context.AfterFunc(c, func() { close(again) })
+	select {
+	case <-again:
+	case <-time.After(guard):
+		t.Fatal("AfterFunc on an ended context did not run")
 	}
 }

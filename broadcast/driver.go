@@ -566,9 +566,43 @@ type boundCtx struct {
 	done     chan struct{}
 	timer    *time.Timer
 	err      error
+	afters   []*boundAfter // registered by AfterFunc, run by end
+}
+
+// boundAfter is one function registered with boundCtx.AfterFunc.
+type boundAfter struct {
+	f    func()
+	over bool // started or stopped
 }
 
 var _ context.Context = (*boundCtx)(nil)
+
+// AfterFunc arranges for f to run on its own goroutine once c ends and
+// returns a function that prevents it if it has not started, as
+// context.AfterFunc does; context.AfterFunc calls this method when it finds
+// it. Without it, context.AfterFunc on a boundCtx (which a lock call waiting
+// with it does, see internal/wake) would start a goroutine per call just to
+// watch Done.
+func (c *boundCtx) AfterFunc(f func()) (stop func() bool) {
+	c.Done() // the timer and the link to the parent
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.err != nil {
+		go f()
+		return func() bool { return false }
+	}
+	a := &boundAfter{f: f}
+	c.afters = append(c.afters, a)
+	return func() bool {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		if a.over {
+			return false
+		}
+		a.over = true
+		return true
+	}
+}
 
 func (c *boundCtx) Deadline() (time.Time, bool) { return c.deadline, true }
 func (c *boundCtx) Value(key any) any           { return c.parent.Value(key) }
@@ -643,6 +677,13 @@ func (c *boundCtx) end(err error) {
 	if c.done != nil {
 		close(c.done)
 	}
+	for _, a := range c.afters {
+		if !a.over {
+			a.over = true
+			go a.f()
+		}
+	}
+	c.afters = nil
 }
 
 // down converts h down to mode within a fresh cleanup bound (a

@@ -203,7 +203,7 @@ func (lk *Lock) startConvert(ctx context.Context, mode Mode, flags Flags, done f
 		lk.ls.track(ctx, lk)
 	}
 	if done == nil {
-		if lk.prepareWait() {
+		if lk.prepareWait(ctx) {
 			return true, nil
 		}
 		// Completed at once: hand back its outcome now, while mu is held
@@ -288,7 +288,7 @@ func (lk *Lock) startUnlock(ctx context.Context, flags Flags, done func(*Lock, e
 		sp.mu.Unlock()
 		return nil
 	}
-	if !lk.prepareWait() {
+	if !lk.prepareWait(ctx) {
 		err := lk.result
 		sp.mu.Unlock()
 		return err

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/mdcluster/mdcluster/dlm/transport"
+	"github.com/mdcluster/mdcluster/internal/wake"
 )
 
 // Config configures a Node.
@@ -511,7 +512,6 @@ type space struct {
 	nextOwner OwnerID
 	handles   int
 	open      map[*Lockspace]struct{}
-	idle      sync.Pool // of *waiter, for synchronous calls to wait on
 
 	// Callbacks for user code (async completions, blocking handlers) run on
 	// one dispatcher goroutine, in the order the core produced them.
@@ -843,9 +843,9 @@ type Lock struct {
 	inflight  bool // on the handle's pending list
 	done      func(*Lock, error)
 	stopAfter func() bool
-	waiter    bool    // a synchronous caller waits on waitW
-	byContext bool    // a context's end cancelled the pending operation (see failure)
-	waitW     *waiter // taken from the space's idle pool for a synchronous call
+	waiter    bool         // a synchronous caller waits on waitW
+	byContext bool         // a context's end cancelled the pending operation (see failure)
+	waitW     *wake.Waiter // taken from internal/wake's pool for a synchronous call
 	// The handle's list of locks with an operation pending (inflight).
 	prevPending, nextPending *Lock
 	result                   error  // outcome of the latest completed operation
@@ -981,7 +981,7 @@ func (ls *Lockspace) start(ctx context.Context, req LockRequest, done func(*Lock
 		ls.track(ctx, lk)
 	}
 	if done == nil {
-		wait = lk.prepareWait()
+		wait = lk.prepareWait(ctx)
 	}
 	sp.mu.Unlock()
 	return lk, wait, nil
@@ -1021,12 +1021,12 @@ func (ls *Lockspace) untrack(lk *Lock) {
 // operation, in the same critical section that started it; it reports false
 // (and returns the waiter, giving up its claim) if the operation is already
 // over. Called with mu held.
-func (lk *Lock) prepareWait() bool {
+func (lk *Lock) prepareWait(ctx context.Context) bool {
 	if !lk.pending {
 		lk.putWaiter()
 		return false
 	}
-	lk.getWaiter()
+	lk.getWaiter(ctx.Done() != nil)
 	lk.waiter = true
 	return true
 }
@@ -1034,38 +1034,34 @@ func (lk *Lock) prepareWait() bool {
 // awaitDone blocks, without mu, until the operation prepareWait readied the
 // lock for completes, and returns its outcome. Whoever completes it (the
 // transport's reader goroutine handling the reply, a local completion, a
-// cancellation) wakes the waiter.
+// cancellation) wakes the waiter; see internal/wake for why that is not a
+// channel.
 func (lk *Lock) awaitDone(ctx context.Context) error {
-	sp := lk.ls.sp
 	w := lk.waitW
-	var woken bool
-	select {
-	case <-w.C():
-		woken = true
-	case <-ctx.Done():
-	}
-	if !woken {
+	if !w.Wait(ctx) {
 		lk.cancelWith(lk.opNow(), ctx.Err())
-		<-w.C()
+		w.Wait(context.Background())
 	}
-	// The wake-up was sent after the outcome was recorded (under mu, by
-	// apply): receiving it orders these reads after those writes.
+	// Wake was called after the outcome was recorded (under mu, by apply),
+	// and the wait saw it through an atomic: these reads come after those
+	// writes.
 	err := lk.result
-	w.Reset()
 	lk.waitW = nil
-	sp.idle.Put(w)
+	wake.Put(w)
 	return err
 }
 
 // getWaiter returns the lock's waiter, taking an idle one if it has none:
-// a lock handle usually waits once, and a waiter is an allocation. Called
-// with mu held.
-func (lk *Lock) getWaiter() *waiter {
+// for a wait whose context can end, a channel-backed one (the wait selects
+// on the context; an eventfd-backed one would need context.AfterFunc, which
+// measured dearer than the thread wake-up it saves, BENCHMARKS.md), else one
+// from wake.Get. Called with mu held.
+func (lk *Lock) getWaiter(cancellable bool) *wake.Waiter {
 	if lk.waitW == nil {
-		if w, ok := lk.ls.sp.idle.Get().(*waiter); ok {
-			lk.waitW = w
+		if cancellable {
+			lk.waitW = wake.GetChannel()
 		} else {
-			lk.waitW = newWaiter()
+			lk.waitW = wake.Get()
 		}
 	}
 	return lk.waitW
@@ -1079,7 +1075,7 @@ func (lk *Lock) putWaiter() {
 		return
 	}
 	lk.waitW = nil
-	lk.ls.sp.idle.Put(w)
+	wake.Put(w)
 }
 
 func (lk *Lock) opNow() uint64 {
