@@ -511,14 +511,20 @@ func TestCoalescing(t *testing.T) {
 	a.Send(2, 1, 1, message(0, 8))
 	waitFor(t, "connection", func() bool { return b.in.count(1) == 1 })
 	p := peerOf(a, 2)
-	// Pretend a write is in progress: Sends must queue behind it.
-	p.mu.Lock()
-	c := p.cur
-	if c.writing {
-		t.Fatal("connection busy")
-	}
-	c.writing = true
-	p.mu.Unlock()
+	// Pretend a write is in progress: Sends must queue behind it. A real
+	// write (an acknowledgement, say) may be under way: wait for it to end
+	// (never t.Fatal with p.mu held: the cleanup's Close would hang on it).
+	var c *conn
+	waitFor(t, "the connection's writer idle", func() bool {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		if p.cur == nil || p.cur.writing {
+			return false
+		}
+		c = p.cur
+		c.writing = true
+		return true
+	})
 	before := a.Stats()
 	const n = 500
 	for i := range uint64(n) {
