@@ -49,9 +49,24 @@ func runRAID1(t *testing.T, l *Layer, u [16]byte, paths []string) *arr {
 	return runRAID1As(t, l, u, u, paths)
 }
 
-// runRAID1As is runRAID1 for an engine built for array built (the zero
-// UUID: an array being created here) that runs as array u.
-func runRAID1As(t *testing.T, l *Layer, built, u [16]byte, paths []string) *arr {
+// memberImages makes two zeroed 5 MiB member files.
+func memberImages(t *testing.T) []string {
+	t.Helper()
+	dir := t.TempDir()
+	var paths []string
+	for _, n := range []string{"a.img", "b.img"} {
+		p := filepath.Join(dir, n)
+		if err := os.WriteFile(p, make([]byte, 5<<20), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		paths = append(paths, p)
+	}
+	return paths
+}
+
+// startRAID1 builds l's engine for array built and starts it over the
+// member files, without registering the array in l.
+func startRAID1(t *testing.T, l *Layer, built [16]byte, paths []string) *arr {
 	t.Helper()
 	a, err := l.newEngine(built)
 	if err != nil {
@@ -70,6 +85,14 @@ func runRAID1As(t *testing.T, l *Layer, built, u [16]byte, paths []string) *arr 
 		DevSectors: 8192, Members: ems}); err != nil {
 		t.Fatal(err)
 	}
+	return a
+}
+
+// runRAID1As is runRAID1 for an engine built for array built (the zero
+// UUID: an array being created here) that runs as array u.
+func runRAID1As(t *testing.T, l *Layer, built, u [16]byte, paths []string) *arr {
+	t.Helper()
+	a := startRAID1(t, l, built, paths)
 	if built != u {
 		a.setUUID(u)
 	}
@@ -88,15 +111,7 @@ func runRAID1As(t *testing.T, l *Layer, built, u [16]byte, paths []string) *arr 
 // with the lease's reason (no member is failed), and each resumes at once
 // when it installs a view at least that new.
 func TestLeaseStopsArrayIO(t *testing.T) {
-	dir := t.TempDir()
-	var paths []string
-	for _, n := range []string{"a.img", "b.img"} {
-		p := filepath.Join(dir, n)
-		if err := os.WriteFile(p, make([]byte, 5<<20), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		paths = append(paths, p)
-	}
+	paths := memberImages(t)
 	u := [16]byte{1, 2, 3}
 	const d = 600 * time.Millisecond
 	la, lb := leaseLayer(t, 1, d), leaseLayer(t, 2, d)
@@ -177,15 +192,7 @@ func TestLeaseStopsArrayIO(t *testing.T) {
 // and the new view, its I/O must resume like everyone else's, not stop
 // for good on "the stamp of another array" (found by the three-VM test).
 func TestLeaseOfCreatedArray(t *testing.T) {
-	dir := t.TempDir()
-	var paths []string
-	for _, n := range []string{"a.img", "b.img"} {
-		p := filepath.Join(dir, n)
-		if err := os.WriteFile(p, make([]byte, 5<<20), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		paths = append(paths, p)
-	}
+	paths := memberImages(t)
 	u := [16]byte{7, 8, 9}
 	const d = 600 * time.Millisecond
 	la, lb := leaseLayer(t, 1, d), leaseLayer(t, 2, d)
@@ -375,30 +382,10 @@ func TestLeaseOwnerRefusesOnlyWhenFenced(t *testing.T) {
 // it was built with (not quorate) and the array's I/O stayed stopped for
 // good on a quorate node (about one daemon start in ten).
 func TestLeaseViewBeforeRegistration(t *testing.T) {
-	dir := t.TempDir()
-	var ems []array.EngineMember
-	for i, n := range []string{"a.img", "b.img"} {
-		p := filepath.Join(dir, n)
-		if err := os.WriteFile(p, make([]byte, 5<<20), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		m, err := array.OpenFile(p, true)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { m.Close() })
-		ems = append(ems, array.EngineMember{Dev: uint32(i), Slot: i, State: array.MemberInSync, Member: m, DataOffset: 2048})
-	}
 	l := leaseLayer(t, 1, time.Minute)
 	u := [16]byte{7}
-	a, err := l.newEngine(u) // the guard starts with the layer's view: none, not quorate
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := a.eng.Start(context.Background(), array.EngineSetup{Level: superblock.LevelRAID1, RaidDisks: 2,
-		DevSectors: 8192, Members: ems}); err != nil {
-		t.Fatal(err)
-	}
+	// The guard starts with the layer's view: none, not quorate.
+	a := startRAID1(t, l, u, memberImages(t))
 	l.SetView(3, true) // the node becomes quorate meanwhile
 	l.register(u, a)
 	if err := a.guard.Renew(); err != nil {
