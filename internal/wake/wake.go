@@ -40,7 +40,7 @@ import (
 // goroutines blocking at once cannot use up file descriptors: each
 // eventfd-backed Waiter holds one descriptor for the life of the process
 // (they are pooled, never closed). Get hands out at most GOMAXPROCS of them
-// at once; GetForLoop is bounded by Limit alone.
+// at once.
 const Limit = 64
 
 // A Waiter is woken at most once per use: Wake ends the current wait, later
@@ -50,11 +50,10 @@ type Waiter struct {
 	woken atomic.Bool
 
 	// Eventfd-backed waiters (see pollfd_linux.go).
-	fd       *pollFD
-	inFlight bool               // handed out by Get: counts against its bound
-	seq      uint64             // numbers the calls of Wait
-	intr     atomic.Uint64      // highest seq whose context ended
-	readyF   func(uintptr) bool // built once: Wait does not allocate
+	fd     *pollFD
+	seq    uint64             // numbers the calls of Wait
+	intr   atomic.Uint64      // highest seq whose context ended
+	readyF func(uintptr) bool // built once: Wait does not allocate
 
 	// Channel-backed waiters.
 	ch chan struct{}
@@ -64,7 +63,7 @@ var (
 	poolMu  sync.Mutex
 	free    []*Waiter // eventfd-backed, idle
 	created int       // eventfd-backed Waiters in existence
-	flights int       // of them, those handed out by Get (not GetForLoop)
+	flights int       // of them, those handed out and not yet put back
 	noFD    atomic.Bool
 	chPool  = sync.Pool{New: func() any { return &Waiter{ch: make(chan struct{}, 1)} }}
 
@@ -81,7 +80,7 @@ var (
 // wakes no thread, and the eventfd's write(2) would only add a system call
 // per wake-up (BenchmarkRemoteThroughput: one more write per lock + unlock
 // pair and about 1 µs more CPU).
-func Get() *Waiter { return get(true) }
+func Get() *Waiter { return get() }
 
 // GetChannel returns an idle channel-backed Waiter, for a wait that will
 // select on a context anyway: Wait with a context that can end registers
@@ -93,17 +92,10 @@ func GetChannel() *Waiter {
 	return chPool.Get().(*Waiter)
 }
 
-// GetForLoop returns an idle Waiter for a goroutine that waits for work in
-// a loop (a callback dispatcher, a receive loop). Such a goroutine waits
-// most of its life, so it does not count against the GOMAXPROCS bound of
-// Get (idle loops would otherwise take the eventfds from requests); only
-// Limit bounds it.
-func GetForLoop() *Waiter { return get(false) }
-
-func get(inFlight bool) *Waiter {
+func get() *Waiter {
 	if !noFD.Load() {
 		poolMu.Lock()
-		if inFlight && flights >= runtime.GOMAXPROCS(0) {
+		if flights >= runtime.GOMAXPROCS(0) {
 			poolMu.Unlock()
 			stats.fallbacks.Add(1)
 			return chPool.Get().(*Waiter)
@@ -112,30 +104,23 @@ func get(inFlight bool) *Waiter {
 			w := free[n-1]
 			free[n-1] = nil
 			free = free[:n-1]
-			w.inFlight = inFlight
-			if inFlight {
-				flights++
-			}
+			flights++
 			poolMu.Unlock()
 			return w
 		}
 		if created < Limit {
 			created++
-			if inFlight {
-				flights++
-			}
+			flights++
 			poolMu.Unlock()
 			fd, err := newPollFD()
 			if err == nil {
-				w := &Waiter{fd: fd, inFlight: inFlight}
+				w := &Waiter{fd: fd}
 				w.readyF = w.ready
 				return w
 			}
 			poolMu.Lock()
 			created--
-			if inFlight {
-				flights--
-			}
+			flights--
 			poolMu.Unlock()
 			noFD.Store(true) // no eventfd here (or none left): stop trying
 		} else {
@@ -163,9 +148,7 @@ func Put(w *Waiter) {
 		return
 	}
 	poolMu.Lock()
-	if w.inFlight {
-		flights--
-	}
+	flights--
 	free = append(free, w)
 	poolMu.Unlock()
 }
