@@ -168,6 +168,11 @@ type Node struct {
 	// deferDelay bounds how long a message nobody waits for is held for a
 	// later message to the same node to carry it.
 	deferDelay time.Duration
+
+	// parked lists the lockspaces holding replies made by the transport's
+	// reader, sent when the reader ends its batch (batchDone).
+	parkMu sync.Mutex
+	parked []*space
 }
 
 type earlyMsg struct {
@@ -225,6 +230,7 @@ func NewNode(cfg Config) (*Node, error) {
 			}
 		}
 		tc.Handler = n.receive
+		tc.BatchDone = n.batchDone
 		// Under membership control a message belongs to a view: one queued
 		// for a node that restarted and was readmitted in the current view
 		// is for its new run (recovery's messages in particular, which
@@ -293,7 +299,7 @@ func lockspaceID(name string) transport.LockspaceID {
 func (n *Node) receive(from transport.NodeID, ls transport.LockspaceID, gen uint64, payload []byte) {
 	if sp := (*n.lookup.Load())[ls]; sp != nil {
 		sp.mu.Lock()
-		sp.step(NodeID(from), gen, payload)
+		sp.stepParked(NodeID(from), gen, payload)
 		sp.mu.Unlock()
 		return
 	}
@@ -324,8 +330,32 @@ func (n *Node) receive(from transport.NodeID, ls transport.LockspaceID, gen uint
 	}
 	n.mu.Unlock()
 	sp.mu.Lock()
-	sp.step(NodeID(from), gen, payload)
+	sp.stepParked(NodeID(from), gen, payload)
 	sp.mu.Unlock()
+}
+
+// batchDone is the transport's end of a reader's batch: the replies the
+// lockspaces parked while it handled the batch's frames leave now, one
+// frame per node and lockspace.
+func (n *Node) batchDone(transport.NodeID) {
+	n.parkMu.Lock()
+	parked := n.parked
+	n.parked = nil
+	n.parkMu.Unlock()
+	for i, sp := range parked {
+		sp.mu.Lock()
+		sp.isParked = false
+		sp.sendDue()
+		sp.mu.Unlock()
+		parked[i] = nil
+	}
+	if len(parked) > 0 && cap(parked) <= 64 {
+		n.parkMu.Lock()
+		if n.parked == nil {
+			n.parked = parked[:0]
+		}
+		n.parkMu.Unlock()
+	}
 }
 
 // OpenOptions are the parameters of a lockspace, fixed when it is created;
@@ -538,6 +568,11 @@ type space struct {
 	batches    []outBatch
 	deferTimer *time.Timer
 	deferArmed bool
+	// parking: the messages being produced are for a reader's batch and
+	// wait for its end (stepParked); isParked: the space is listed in
+	// node.parked.
+	parking  bool
+	isParked bool
 }
 
 // awaitResume waits, with mu released, until the lockspace resumes after a
@@ -644,6 +679,32 @@ func (sp *space) step(from NodeID, gen uint64, payload []byte) {
 	sp.flush()
 }
 
+// stepParked applies a message the transport's reader handed over: like
+// step, except that the messages it produces are parked in their batches
+// until the reader has handled every frame it holds (Node.batchDone), so
+// the replies to a burst of requests leave together. Anything else that
+// sends to the same node meanwhile takes them along. Called with mu held.
+func (sp *space) stepParked(from NodeID, gen uint64, payload []byte) {
+	if err := sp.sp.Step(from, gen, payload); err != nil {
+		sp.log.Warn("dropping malformed lock message", "from", from, "err", err)
+		return
+	}
+	sp.parking = true
+	sp.flush()
+	sp.parking = false
+	if !sp.isParked {
+		for i := range sp.batches {
+			if sp.batches[i].send {
+				sp.isParked = true
+				sp.node.parkMu.Lock()
+				sp.node.parked = append(sp.node.parked, sp)
+				sp.node.parkMu.Unlock()
+				break
+			}
+		}
+	}
+}
+
 // flush sends the messages the Space produced and hands its callbacks to
 // their lock handles. Called with mu held after every step, so messages leave
 // in the order they were made.
@@ -656,6 +717,16 @@ func (sp *space) flush() {
 		sp.send(out)
 	}
 	sp.apply(cbs)
+}
+
+// sendDue sends every batch that has a message that must go now. Called
+// with mu held.
+func (sp *space) sendDue() {
+	for i := range sp.batches {
+		if b := &sp.batches[i]; b.send {
+			sp.sendBatch(b)
+		}
+	}
 }
 
 // maxBatch bounds the payload of one frame of batched messages.
@@ -691,9 +762,9 @@ func (sp *space) send(out []Outgoing) {
 	held := false
 	for i := range sp.batches {
 		b := &sp.batches[i]
-		if b.send {
+		if b.send && !sp.parking {
 			sp.sendBatch(b)
-		} else if len(b.buf) > 0 {
+		} else if len(b.buf) > 0 && !b.send {
 			held = true
 		}
 	}

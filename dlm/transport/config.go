@@ -52,6 +52,14 @@ type Config struct {
 	Incarnation uint64
 	// Handler receives data frames; required.
 	Handler Handler
+	// BatchDone, if set, is called by the reader of from's connection when
+	// it has handled every frame it had whole in memory, before it waits
+	// for the network again (and at least every AckEvery frames of a
+	// stream that never pauses). A handler may hold back what it sends in
+	// reply to each frame and send it all here: replies to a burst of
+	// frames then leave in one write instead of one write each. It runs on
+	// the reader, like Handler, and must not block.
+	BatchDone func(from NodeID)
 	// Logger receives connection events and protocol errors; nil means
 	// slog.Default().
 	Logger *slog.Logger

@@ -10,16 +10,46 @@ import (
 // handler. A caller waiting for a reply waits on its own channel, woken by
 // the handler; nothing else reads the connection.
 
-// readLoop reads c until it fails or is closed.
+// readLoop reads c until it fails or is closed. It calls Config.BatchDone
+// when the frames a read brought in whole have been handled, before any
+// read that could wait for the network (see wholeRecordBuffered).
 func (p *peer) readLoop(c *conn) {
 	defer p.t.wg.Done()
+	done := p.t.cfg.BatchDone
+	n := 0
 	for {
 		if err := p.readFrame(c); err != nil {
+			if n > 0 && done != nil {
+				done(p.id)
+			}
 			p.readFailed(c, err)
 			return
 		}
+		n++
+		if done != nil && (n >= p.t.cfg.AckEvery || !p.wholeRecordBuffered(c)) {
+			done(p.id)
+			n = 0
+		}
 		p.afterFrame(c)
 	}
+}
+
+// wholeRecordBuffered reports whether c's read buffer holds a complete
+// record, which readFrame handles without reading from the socket.
+func (p *peer) wholeRecordBuffered(c *conn) bool {
+	b := c.br.Buffered()
+	if b < recHdrLen {
+		return false
+	}
+	hb, err := c.br.Peek(recHdrLen)
+	if err != nil {
+		return false
+	}
+	n, err := recordLen(hb, p.t.cfg.MaxFrameSize)
+	if err != nil {
+		return true // readFrame fails on it without reading
+	}
+	return recHdrLen+n <= b
 }
 
 // afterFrame keeps acknowledgements flowing after a handled frame: at a

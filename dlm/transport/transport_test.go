@@ -727,3 +727,97 @@ func TestPeerRestartKeepsCurrentGeneration(t *testing.T) {
 		})
 	}
 }
+
+// TestBatchDone checks when the reader reports the end of a batch: once
+// for a burst that arrived together (not once per frame), never with a
+// whole frame still buffered, at least every AckEvery frames, and before
+// any read that waits for the network.
+func TestBatchDone(t *testing.T) {
+	const ackEvery = 8
+	release := make(chan struct{})
+	var mu sync.Mutex
+	var handled, sinceDone int
+	var batches []int // frames handled between two BatchDone calls
+	b := newNode(t, 2, testKey, func(c *Config) {
+		c.AckEvery = ackEvery
+		inner := c.Handler
+		c.Handler = func(from NodeID, ls LockspaceID, gen uint64, payload []byte) {
+			inner(from, ls, gen, payload)
+			mu.Lock()
+			handled++
+			sinceDone++
+			first := handled == 1
+			mu.Unlock()
+			if first {
+				<-release // hold the reader so the burst piles up in the socket
+			}
+		}
+		c.BatchDone = func(from NodeID) {
+			if from != 1 {
+				t.Errorf("BatchDone for node %d, want 1", from)
+			}
+			mu.Lock()
+			batches = append(batches, sinceDone)
+			sinceDone = 0
+			mu.Unlock()
+		}
+	})
+	a := newNode(t, 1, testKey, nil)
+	connect(a, b)
+	a.Send(2, 1, 1, message(0, 8))
+	waitFor(t, "the first frame in the handler", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return handled == 1
+	})
+	const burst = 5 // fewer than ackEvery: one batch
+	for i := range uint64(burst) {
+		a.Send(2, 1, 1, message(1+i, 64))
+	}
+	// The burst is written in one go (the sender coalesces) and sits in
+	// the receiver's socket until the handler lets the reader go on.
+	waitFor(t, "the burst written", func() bool { return a.Stats().FramesSent >= 1+burst })
+	time.Sleep(50 * time.Millisecond)
+	close(release)
+	waitFor(t, "the burst handled", func() bool { return b.in.count(1) == 1+burst })
+	waitFor(t, "its batch reported", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return sinceDone == 0
+	})
+	mu.Lock()
+	got := append([]int(nil), batches...)
+	mu.Unlock()
+	t.Logf("frames per batch: %v", got)
+	if len(got) > 3 || got[len(got)-1] < 2 {
+		t.Fatalf("frames per batch %v: the burst was not reported as one batch", got)
+	}
+
+	// A long stream is cut every AckEvery frames at the latest.
+	mu.Lock()
+	batches = nil
+	mu.Unlock()
+	const long = 200
+	for i := range uint64(long) {
+		a.Send(2, 1, 1, message(1+burst+i, 64))
+	}
+	waitFor(t, "the stream handled", func() bool { return b.in.count(1) == 1+burst+long })
+	waitFor(t, "its batches reported", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return sinceDone == 0
+	})
+	mu.Lock()
+	defer mu.Unlock()
+	sum := 0
+	for _, n := range batches {
+		if n > ackEvery {
+			t.Errorf("a batch of %d frames, more than AckEvery (%d)", n, ackEvery)
+		}
+		sum += n
+	}
+	if sum != long {
+		t.Errorf("batches cover %d frames, want %d", sum, long)
+	}
+	b.in.check(t)
+}
