@@ -149,6 +149,7 @@ var optTable = []optDef{
 	{"add", 'a', false}, {"add-spare", 0, false}, {"remove", 'r', false}, {"fail", 'f', false}, {"re-add", 0, false},
 	{"cluster-confirm", 0, false},
 	{"detail", 'D', false}, {"examine", 'E', false}, {"examine-bitmap", 'X', false}, {"stop", 'S', false},
+	{"zero-superblock", 0, false},
 	{"readwrite", 'w', false}, {"readonly", 'o', false}, {"wait", 'W', false}, {"scan", 's', false},
 	{"status", 0, false}, {"cluster", 0, false}, {"locks", 0, false},
 	{"verbose", 'v', false}, {"quiet", 'q', false}, {"help", 'h', false}, {"version", 'V', false},
@@ -182,6 +183,7 @@ mdadm's syntax, for mdcluster arrays (run by mdclusterd on this node):
   %[1]s --grow /dev/mdN --bitmap=internal|clustered|none [--bitmap-chunk= --nodes=]
   %[1]s --detail|--stop|--readwrite|--wait /dev/mdN...
   %[1]s --examine|--examine-bitmap DEVICE...   (reads the devices, no daemon)
+  %[1]s --zero-superblock [--force] DEVICE...  (wipes the md superblock, no daemon)
 mdcluster's own:
   %[1]s --status     the arrays, laid out like /proc/mdstat
   %[1]s --cluster    the daemon's status: members, quorum, generation, fencing
@@ -347,7 +349,7 @@ func modeFor(code string) (mode string, force bool) {
 		return modeAssemble, true
 	case "manage":
 		return modeManage, true
-	case "misc", "detail", "examine", "examine-bitmap", "status", "cluster", "locks":
+	case "misc", "detail", "examine", "examine-bitmap", "zero-superblock", "status", "cluster", "locks":
 		return modeMisc, true
 	case "grow":
 		return modeGrow, true
@@ -476,6 +478,8 @@ func (p *parser) option(code, shown, val string) bool {
 		o.force = true
 	case code == "force" && in(modeManage):
 		o.force = true
+	case (code == "force" || code == "f") && in(modeMisc):
+		o.force = true
 	case code == "uuid" && in(modeAssemble):
 		if o.uuid != "" {
 			p.fail(exitUsage, "uuid cannot be set twice.  Second value %s.\n", val)
@@ -548,7 +552,7 @@ func (p *parser) option(code, shown, val string) bool {
 		o.devmode = "fail"
 	case code == "cluster-confirm" && in(modeManage):
 		o.devmode = "cluster-confirm"
-	case in(modeMisc) && (code == "detail" || code == "examine" || code == "examine-bitmap" || code == "stop" ||
+	case in(modeMisc) && (code == "detail" || code == "examine" || code == "examine-bitmap" || code == "zero-superblock" || code == "stop" ||
 		code == "readwrite" || code == "wait" || code == "status" || code == "cluster" || code == "locks"):
 		if o.devmode != "" && o.devmode != code && (o.devmode == "examine" || code == "examine") {
 			if o.devmode == "examine" {

@@ -180,6 +180,8 @@ func dispatch(e *env, o *options) int {
 		switch d.act {
 		case "examine-bitmap":
 			status |= examineBitmapOne(e, d.name)
+		case "zero-superblock":
+			status |= zeroSuperblockOne(e, o, d.name)
 		case "detail":
 			status |= s.detail(d.name)
 		case "stop":
@@ -189,7 +191,7 @@ func dispatch(e *env, o *options) int {
 		case "wait":
 			status |= s.wait(d.name)
 		}
-		if s.client == nil && d.act != "examine-bitmap" && status != exitOK {
+		if s.client == nil && d.act != "examine-bitmap" && d.act != "zero-superblock" && status != exitOK {
 			return status // the daemon is unreachable: do not try each device
 		}
 	}

@@ -97,7 +97,7 @@ func TestBadArguments(t *testing.T) {
 		{[]string{"--detail"}, 2, "mdadm-go: No devices given.\n"},
 		{[]string{"--detail", "--brief", "/dev/md0"}, 2, "mdadm-go: unrecognized option '--brief'\n"},
 		{[]string{"--wait=x", "/dev/md0"}, 2, "mdadm-go: option '--wait' doesn't allow an argument\n"},
-		{[]string{"--stop", "--force", "/dev/md0"}, 2, "mdadm-go: :option --force not valid in misc mode\n"},
+		{[]string{"--stop", "--assume-clean", "/dev/md0"}, 2, "mdadm-go: :option --assume-clean not valid in misc mode\n"},
 		{[]string{"--readwrite", "-l1", "/dev/md0"}, 2, "mdadm-go: option -l not valid in misc mode\n"},
 		{[]string{"--status", "--add"}, 2, "mdadm-go: :option --add not valid in misc mode\n"},
 		{[]string{"--locks", "-x"}, 2, "mdadm-go: invalid option -- 'x'\n"},

@@ -341,7 +341,7 @@ func checkNewDevice(array [16]byte, d Member, st *arrayState) error {
 	case candidateUUID(array):
 		return nil // an abandoned candidate
 	}
-	return fmt.Errorf("%w: it carries a superblock of array %s: zero it first (mdadm --zero-superblock)", ErrRefusedChange, bitmap.FormatUUID(sb.SetUUID))
+	return fmt.Errorf("%w: it carries a superblock of array %s: zero it first (mdadm-go --zero-superblock)", ErrRefusedChange, bitmap.FormatUUID(sb.SetUUID))
 }
 
 // CheckApplied is a receiver's verdict on a METADATA_UPDATED, REMOVE or
