@@ -228,6 +228,22 @@ done
 elapsed "recovery onto loop2 complete"
 run 'echo 3 > /proc/sys/vm/drop_caches'
 run "same $sum \$(low md5sum < /dev/nbd2 | cut -d' ' -f1)"
+echo '=== scenario 3 (cont.): the failed member reused: removed, wiped, added back from node 2'
+run mg 1 /dev/md0 --remove /dev/loop1
+for n in 1 2 3; do
+	must waitfor 60 "node $n: loop1 no longer a member" "! mg $n --detail /dev/md0 | grep -q /dev/loop1"
+done
+# Still carrying its old md0 superblock, --add is refused (re-add it)...
+run "! mg 2 /dev/md0 --add /dev/loop1 2>/out/readd.refused"
+run "grep -q 'of this array' /out/readd.refused"
+# ...and accepted once wiped.
+run mg 1 --zero-superblock /dev/loop1
+run "! mg 1 -E /dev/loop1"
+run mg 2 /dev/md0 --add /dev/loop1
+for n in 1 2 3; do
+	must waitfor 60 "node $n: loop1 a spare" "mg $n --detail /dev/md0 | grep -q ' spare   /dev/loop1'"
+done
+elapsed "loop1 wiped and added back as a spare"
 echo ok > /out/s3.ok
 
 echo '=== scenario 5: interop with Linux md'
