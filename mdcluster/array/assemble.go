@@ -28,13 +28,15 @@ const (
 
 // Create writes a new array to the devices at paths (mdadm --create; see
 // the package function Create for what is written) and assembles it on
-// this node. The other nodes then Assemble it. For a clustered array the
-// first slot's initial dirty bits are cleared after Create: mdadm sets them
-// so that md resyncs a new array, but md runs that resync from the
+// this node. The other nodes then Assemble it. The first slot's initial
+// dirty bits are cleared after Create, for clustered and internal bitmaps
+// alike: mdadm sets them, but md runs a new array's resync from the
 // superblock's resync offset (or skips it with --assume-clean) and ignores
-// the bits, and here the same resync is coordinated through the resync
-// lock and its windows, so that another node takes it over when the
-// resyncing node dies.
+// the bits, while this engine resyncs every bit it finds set at start, so
+// leaving them would resync a --assume-clean array in full. A new array's
+// resync runs from the resync offset here too, coordinated through the
+// resync lock and its windows, so that another node takes it over when
+// the resyncing node dies.
 func (m *Manager) Create(ctx context.Context, spec CreateSpec, paths []string) (created *Created, err error) {
 	m.mu.Lock()
 	if m.phase != PhaseStopped || m.dead {
@@ -69,7 +71,7 @@ func (m *Manager) Create(ctx context.Context, spec CreateSpec, paths []string) (
 	if err != nil {
 		return nil, err
 	}
-	if c.Bitmap != nil && c.Bitmap.Nodes > 0 {
+	if c.Bitmap != nil {
 		clean, err := bitmap.NewSlot(*c.Bitmap)
 		if err != nil {
 			return nil, fmt.Errorf("create: %w", err)

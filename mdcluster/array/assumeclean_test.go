@@ -1,0 +1,84 @@
+package array
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/mdcluster/mdcluster/bitmap"
+	"github.com/mdcluster/mdcluster/mdcluster/store"
+)
+
+// syncCounter is a RAIDEngine that counts the Sync requests it gets.
+type syncCounter struct {
+	*RAIDEngine
+	syncs atomic.Int64
+}
+
+func (s *syncCounter) Sync(ctx context.Context, req SyncRequest) error {
+	s.syncs.Add(1)
+	return s.RAIDEngine.Sync(ctx, req)
+}
+
+// TestAssumeCleanInternalNoResync: an array created here with an internal
+// bitmap and --assume-clean starts without any resync, and its bitmap is
+// clean on disk; without --assume-clean it resyncs in full. (Create writes
+// slot 0 all dirty, as mdadm does; an engine that took those bits at face
+// value would resync the --assume-clean array in full, too.)
+func TestAssumeCleanInternalNoResync(t *testing.T) {
+	for _, clean := range []bool{true, false} {
+		name := map[bool]string{true: "assume-clean", false: "resync"}[clean]
+		t.Run(name, func(t *testing.T) {
+			dir := t.TempDir()
+			var paths []string
+			for _, n := range []string{"a.img", "b.img"} {
+				p := filepath.Join(dir, n)
+				if err := os.WriteFile(p, nil, 0o644); err != nil {
+					t.Fatal(err)
+				}
+				if err := os.Truncate(p, imgSize); err != nil {
+					t.Fatal(err)
+				}
+				paths = append(paths, p)
+			}
+			eng := &syncCounter{RAIDEngine: NewRAIDEngine(RAIDEngineConfig{TickInterval: 50 * time.Millisecond, ResyncIOSize: copyStep, Logger: testLog(t)})}
+			m, err := New(Config{Store: store.NewMem(), Devices: []string{filepath.Join(dir, "*.img")}, Engine: eng, Logger: testLog(t),
+				ResyncRetry: 50 * time.Millisecond, ResyncWindow: testWindow, DaemonSleep: 100 * time.Millisecond})
+			if err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), guard)
+			defer cancel()
+			c, err := m.Create(ctx, CreateSpec{Level: 1, RaidDevices: 2, Bitmap: BitmapInternal, BitmapChunk: testBitmapChunk,
+				Name: "md0", AssumeClean: clean}, paths)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer func() { _ = m.Stop(context.Background()) }()
+			if !clean {
+				eventually(t, guard, func() bool { return m.Status().Clean }, "the initial resync to finish")
+				if eng.syncs.Load() == 0 {
+					t.Fatal("an array created without --assume-clean was not resynced")
+				}
+				return
+			}
+			// Give a wrongly started resync time to show.
+			time.Sleep(500 * time.Millisecond)
+			if n := eng.syncs.Load(); n != 0 {
+				t.Fatalf("%d resync requests for an array created with --assume-clean", n)
+			}
+			for _, d := range c.Devices {
+				sl, err := bitmap.ReadSlot(d.Member, c.BitmapLayout, 0)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if dirty := sl.DirtyChunks(); len(dirty) != 0 {
+					t.Fatalf("%s: %d chunks dirty in the bitmap of a new --assume-clean array", d.Member.Name(), len(dirty))
+				}
+			}
+		})
+	}
+}
