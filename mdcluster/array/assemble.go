@@ -184,7 +184,29 @@ func (m *Manager) Detach() error {
 // Messages that arrive between 3 and 6 are acted on against the state read
 // so far and reach the engine when it starts (md's start-up race, "fix
 // NULL pointer dereference in process_metadata_update", cannot happen).
-func (m *Manager) Assemble(ctx context.Context) (err error) {
+//
+// A clustered array is not assembled on a node that does not see every
+// working member (ErrMemberNotSeen), unless AssembleWith's FailUnseen says
+// to record those members as faulty first.
+func (m *Manager) Assemble(ctx context.Context) error {
+	return m.AssembleWith(ctx, AssembleOptions{})
+}
+
+// AssembleOptions are the choices of a forced assemble.
+type AssembleOptions struct {
+	// FailUnseen (mdadm-go --assemble --force or --run) fails, cluster-wide
+	// and before the engine starts, every member of a clustered array that
+	// the array lists as working but this node does not see, as md records
+	// a member missing at assemble: the array then runs degraded, and the
+	// member, when it shows up again, has to be re-added (a bitmap-based
+	// catch-up) instead of being taken as current. For a member that is
+	// really gone; a member only this node cannot reach (a path missing
+	// from its configuration) is then failed for every node too.
+	FailUnseen bool
+}
+
+// AssembleWith is Assemble with options.
+func (m *Manager) AssembleWith(ctx context.Context, opts AssembleOptions) (err error) {
 	ctx, cancel := context.WithTimeout(ctx, m.cfg.AssembleTimeout)
 	defer cancel()
 	m.mu.Lock()
@@ -314,6 +336,11 @@ func (m *Manager) Assemble(ctx context.Context) (err error) {
 		return err
 	}
 
+	if opts.FailUnseen {
+		if err := m.failUnseen(ctx); err != nil {
+			return fmt.Errorf("assemble: %w", err)
+		}
+	}
 	// The state after the join, then the engine.
 	m.mu.Lock()
 	if err := m.reloadLocked(0, "assemble: state after joining the broadcast"); err != nil {
@@ -343,6 +370,42 @@ func (m *Manager) Assemble(ctx context.Context) (err error) {
 	m.mu.Unlock()
 	m.startLoops()
 	m.log.Info("array running", "members", m.Members(), "events", events)
+	return nil
+}
+
+// failUnseen fails every working member this node does not see, each as
+// one journalled change announced to every node (AssembleOptions).
+func (m *Manager) failUnseen(ctx context.Context) error {
+	m.mu.Lock()
+	m.allowUnseen = true
+	err := m.reloadLocked(0, "assemble --force: looking for members this node does not see")
+	unseen := m.st.unseen()
+	m.mu.Unlock()
+	defer func() {
+		m.mu.Lock()
+		m.allowUnseen = false
+		m.mu.Unlock()
+	}()
+	if err != nil {
+		return err
+	}
+	for _, dev := range unseen {
+		m.log.Warn("forced assemble: failing a working member this node does not see", "dev", dev)
+		t, err := m.begin(ctx, fmt.Sprintf("fail unseen device %d", dev), true)
+		if err != nil {
+			return err
+		}
+		st := m.state()
+		p, err := planFail(st, dev, m.cfg.Now())
+		if err == nil {
+			_, err = t.run(ctx, "fail", p, st)
+		}
+		t.end(ctx)
+		if err != nil {
+			return fmt.Errorf("fail unseen device %d: %w", dev, err)
+		}
+		m.log.Info("member failed cluster-wide: this node did not see it at assemble", "dev", dev)
+	}
 	return nil
 }
 

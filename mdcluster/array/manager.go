@@ -266,6 +266,11 @@ var (
 	// ErrDeviceNotFound: this node cannot find the device among its
 	// configured paths (a receiver's answer to NEWDISK).
 	ErrDeviceNotFound = errors.New("device not found among the configured paths")
+	// ErrMemberNotSeen: this node does not see a member the array lists
+	// as working, so it must not run the array (its writes would miss
+	// that mirror); the node refuses to assemble, or stops its array when
+	// a change makes it so.
+	ErrMemberNotSeen = errors.New("working member not seen by this node")
 	// ErrRefusedChange: the change is not allowed (it would leave the
 	// array without a copy, the device is busy, ...). Nothing changed.
 	ErrRefusedChange = errors.New("change refused")
@@ -317,8 +322,11 @@ type Manager struct {
 	diverged   time.Time    // first failed apply since the last good one
 	local      localSync
 	ownedRetry bool // an ownership slot resync failed: Reprobe later
-	failReason string
-	dead       bool
+	// allowUnseen lets reloads accept working members this node does not
+	// see, while a forced assemble fails them (AssembleOptions).
+	allowUnseen bool
+	failReason  string
+	dead        bool
 	// rejoining is set while a re-join after lost locks is under way
 	// (see rejoin); rejoinCancel ends it, rejoinWG waits for it.
 	rejoining    bool
@@ -718,7 +726,7 @@ func (m *Manager) reloadLocked(minEvents uint64, why string) error {
 	if err != nil {
 		return fmt.Errorf("reload superblocks (%s): %w", why, err)
 	}
-	if err := checkApplied(broadcast.Message{Type: broadcast.MetadataUpdated, Low: minEvents}, next); err != nil {
+	if err := checkAppliedSeen(broadcast.Message{Type: broadcast.MetadataUpdated, Low: minEvents}, next, m.allowUnseen); err != nil {
 		return fmt.Errorf("reload superblocks (%s): %w", why, err)
 	}
 	if m.engineOn {

@@ -3,6 +3,7 @@ package array
 import (
 	"fmt"
 	"io"
+	"slices"
 	"time"
 
 	"github.com/mdcluster/mdcluster/bitmap"
@@ -168,6 +169,11 @@ func PlanFail(s *State, dev uint32, now time.Time) (*ChangePlan, error) {
 
 func planFail(st *arrayState, dev uint32, now time.Time) (*ChangePlan, error) {
 	rec := st.Members[dev]
+	if rec == nil && slices.Contains(st.unseen(), dev) {
+		// A working member this node does not see (a forced assemble):
+		// failed by its role alone, as md records a missing member.
+		rec = &memberRec{MemberStatus: MemberStatus{Dev: dev, Slot: int(st.Shared.DevRoles[dev]), State: MemberInSync}}
+	}
 	if rec == nil {
 		return nil, fmt.Errorf("fail device %d: %w: no such member", dev, ErrRefusedChange)
 	}
@@ -354,8 +360,17 @@ func checkNewDevice(array [16]byte, d Member, st *arrayState) error {
 func CheckApplied(msg broadcast.Message, st *State) error { return checkApplied(msg, st.st) }
 
 func checkApplied(msg broadcast.Message, st *arrayState) error {
+	return checkAppliedSeen(msg, st, false)
+}
+
+// checkAppliedSeen is checkApplied; allowUnseen skips the check that this
+// node sees every working member (a forced assemble failing them).
+func checkAppliedSeen(msg broadcast.Message, st *arrayState, allowUnseen bool) error {
 	if st.Events() < msg.Low {
 		return fmt.Errorf("the freshest superblock found has events %d, the sender wrote %d: this node does not see the members the sender wrote", st.Events(), msg.Low)
+	}
+	if u := st.unseen(); len(u) > 0 && !allowUnseen {
+		return errUnseen(u)
 	}
 	switch msg.Type {
 	case broadcast.Remove:

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -12,6 +13,7 @@ import (
 
 	"github.com/mdcluster/mdcluster/broadcast"
 	"github.com/mdcluster/mdcluster/mdcluster/node"
+	"github.com/mdcluster/mdcluster/mdcluster/superblock"
 )
 
 // startCreate creates the array on node 1 and attaches the others, without
@@ -570,4 +572,76 @@ func TestMdBugFixNoRecoveryJobWhenAddingReAddingDisk(t *testing.T) {
 	}
 	c.agree("")
 	c.sameData("b.img", "c.img")
+}
+
+// TestAssembleRefusedWithoutAWorkingMember: a node that does not see a
+// member the array lists as in sync must not run the array. It used to:
+// node 2 assembled over a.img alone and its writes never reached b.img,
+// which node 1 kept reading as an in-sync mirror (stale data served), and
+// node 2's bitmap bits were cleared as if both mirrors had the write.
+func TestAssembleRefusedWithoutAWorkingMember(t *testing.T) {
+	c := newTCluster(t, 2)
+	for _, id := range c.ids {
+		c.manager(id, nil)
+	}
+	c.image("a.img")
+	c.image("b.img")
+	c.hide(2, "b.img")
+	c.startCreate(true, 2, "a.img", "b.img")
+	err := c.nodes[2].m.Assemble(c.ctx())
+	if !errors.Is(err, ErrMemberNotSeen) {
+		t.Fatalf("node 2 assembled without seeing b.img: %v (want ErrMemberNotSeen)", err)
+	}
+	if !strings.Contains(err.Error(), "device number(s) [1]") {
+		t.Errorf("the error does not name the missing member: %v", err)
+	}
+	if p := c.nodes[2].m.Status().Phase; p == PhaseRunning {
+		t.Fatal("node 2's array is running")
+	}
+	// Node 1 is unaffected, and once node 2 sees the member it assembles.
+	if got := len(c.nodes[1].m.Members()); got != 2 {
+		t.Fatalf("node 1 has %d members", got)
+	}
+	c.nodes[2].hideMu.Lock()
+	delete(c.nodes[2].hidden, "b.img")
+	c.nodes[2].hideMu.Unlock()
+	if err := c.nodes[2].m.Assemble(c.ctx()); err != nil {
+		t.Fatalf("node 2 seeing every member: %v", err)
+	}
+	c.agree("")
+}
+
+// TestForcedAssembleFailsUnseenMember: with FailUnseen (mdadm-go
+// --assemble --force), a node that does not see a working member records
+// it as faulty for every node, as md records a member missing at
+// assemble, and runs degraded; the node that saw it fails it too.
+func TestForcedAssembleFailsUnseenMember(t *testing.T) {
+	c := newTCluster(t, 2)
+	for _, id := range c.ids {
+		c.manager(id, nil)
+	}
+	c.image("a.img")
+	c.image("b.img")
+	c.hide(2, "b.img")
+	c.startCreate(true, 2, "a.img", "b.img")
+	if err := c.nodes[2].m.AssembleWith(c.ctx(), AssembleOptions{FailUnseen: true}); err != nil {
+		t.Fatalf("forced assemble: %v", err)
+	}
+	eventually(t, guard, func() bool {
+		for _, ms := range c.nodes[1].m.Members() {
+			if ms.Dev == 1 && ms.State == MemberFaulty {
+				return true
+			}
+		}
+		return false
+	}, "node 1 to list device 1 as faulty")
+	if p := c.nodes[2].m.Status().Phase; p != PhaseRunning {
+		t.Fatalf("node 2's array is %s after the forced assemble", p)
+	}
+	if ms := c.nodes[2].m.Members(); len(ms) != 1 || ms[0].Dev != 0 {
+		t.Fatalf("node 2 runs with members %v, want device 0 alone", ms)
+	}
+	if sb := readSuperOf(mustOpen(t, c.image("a.img"))); sb.DevRoles[1] != superblock.RoleFaulty {
+		t.Fatalf("a.img's superblock gives device 1 role %#x, want faulty", sb.DevRoles[1])
+	}
 }

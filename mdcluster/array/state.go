@@ -53,6 +53,37 @@ type arrayState struct {
 	Nodes     int
 	// BitmapSuper is the bitmap superblock read from the freshest member.
 	BitmapSuper *bitmap.Superblock
+	// Seen holds the device number of every device this node found with
+	// the array's superblock, used or not (nil: not recorded).
+	Seen map[uint32]bool
+}
+
+// unseen lists, for a clustered array, the device numbers that the
+// freshest superblock gives a working slot (in sync or recovering) but
+// that no device this node read carries. Such a node must not write to
+// the array: its writes would miss that mirror while the other nodes keep
+// reading it (md-cluster assumes every node sees every member; this is
+// where the assumption is checked). A node-local array runs degraded
+// without a missing member, as md does.
+func (s *arrayState) unseen() []uint32 {
+	if s == nil || s.Shared == nil || s.Seen == nil || !s.Clustered {
+		return nil
+	}
+	var out []uint32
+	for d, role := range s.Shared.DevRoles {
+		if uint32(role) < s.Shared.RaidDisks && role < superblock.RoleMax && !s.Seen[uint32(d)] {
+			out = append(out, uint32(d))
+		}
+	}
+	return out
+}
+
+// errUnseen is the error of a node that does not see working members.
+func errUnseen(devs []uint32) error {
+	return fmt.Errorf("%w: this node does not see device number(s) %v, which the array lists as working members: "+
+		"every node must see every member (check this node's device paths); fail the member from a node that sees it, "+
+		"or assemble with --run or --force to record it as faulty for every node (for a member that is really gone); "+
+		"writing without it here would leave that mirror stale while other nodes read it", ErrMemberNotSeen, devs)
 }
 
 // Events returns the freshest superblock's event count.
@@ -151,8 +182,11 @@ func stateFromInspection(insp *Inspection, paths map[Member]string) (*arrayState
 		return nil, fmt.Errorf("no usable superblock of the array: %s", insp.Reason)
 	}
 	fresh := insp.Members[insp.Freshest].Super
-	st := &arrayState{Shared: clone(fresh), Members: map[uint32]*memberRec{}}
+	st := &arrayState{Shared: clone(fresh), Members: map[uint32]*memberRec{}, Seen: map[uint32]bool{}}
 	for _, r := range insp.Members {
+		if r.Super != nil {
+			st.Seen[r.Super.DevNumber] = true
+		}
 		if r.Super == nil {
 			if r.Status != StatusMissing {
 				st.Rejected = append(st.Rejected, fmt.Sprintf("%s: %s", r.Name, r.Reason))

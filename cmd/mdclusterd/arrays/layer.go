@@ -139,7 +139,7 @@ func (l *Layer) Start(ctx context.Context, env daemon.ArrayEnv) error {
 			continue
 		}
 		actx, cancel := context.WithTimeout(ctx, 2*time.Minute)
-		_, err := l.assemble(actx, u, "/dev/md/"+shortName(l.nameOf(u), id))
+		_, err := l.assemble(actx, u, "/dev/md/"+shortName(l.nameOf(u), id), false)
 		cancel()
 		if err != nil {
 			l.log.Error("configured array not assembled", "array", id, "err", err)
@@ -394,7 +394,10 @@ func (l *Layer) exportFor(u [16]byte, md string) (string, string) {
 }
 
 // assemble starts array u here and exports it.
-func (l *Layer) assemble(ctx context.Context, u [16]byte, md string) (*arr, error) {
+// assemble assembles array u here as md; force (--force or --run) fails
+// the working members this node does not see instead of refusing
+// (array.AssembleOptions).
+func (l *Layer) assemble(ctx context.Context, u [16]byte, md string, force bool) (*arr, error) {
 	a, err := l.ensure(ctx, u)
 	if err != nil {
 		return nil, err
@@ -405,7 +408,7 @@ func (l *Layer) assemble(ctx context.Context, u [16]byte, md string) (*arr, erro
 	if running {
 		return nil, ctl.Errorf(ctl.CodeFailed, "%s is already in use.", md)
 	}
-	if err := a.mgr.Assemble(ctx); err != nil {
+	if err := a.mgr.AssembleWith(ctx, array.AssembleOptions{FailUnseen: force}); err != nil {
 		return nil, err
 	}
 	if err := l.started(a, md); err != nil {
@@ -756,7 +759,7 @@ func (l *Layer) cmdAssemble(ctx context.Context, args ctl.AssembleArgs) (any, er
 	if md == "" {
 		md = "/dev/md/" + shortName(l.nameOf(u), "0")
 	}
-	a, err := l.assemble(ctx, u, md)
+	a, err := l.assemble(ctx, u, md, args.Force || args.Run)
 	if err != nil {
 		return nil, err
 	}
