@@ -391,21 +391,31 @@ func (m *Manager) failUnseen(ctx context.Context) error {
 	}
 	for _, dev := range unseen {
 		m.log.Warn("forced assemble: failing a working member this node does not see", "dev", dev)
-		t, err := m.begin(ctx, fmt.Sprintf("fail unseen device %d", dev), true)
-		if err != nil {
+		if err := m.failMissing(ctx, dev); err != nil {
 			return err
 		}
-		st := m.state()
-		p, err := planFail(st, dev, m.cfg.Now())
-		if err == nil {
-			_, err = t.run(ctx, "fail", p, st)
-		}
-		t.end(ctx)
-		if err != nil {
-			return fmt.Errorf("fail unseen device %d: %w", dev, err)
-		}
-		m.log.Info("member failed cluster-wide: this node did not see it at assemble", "dev", dev)
 	}
+	return nil
+}
+
+// failMissing fails working member dev, which no device this node read
+// carries, during an assemble: one journalled change (announced to every
+// node for a clustered array).
+func (m *Manager) failMissing(ctx context.Context, dev uint32) error {
+	t, err := m.begin(ctx, fmt.Sprintf("fail missing device %d", dev), true)
+	if err != nil {
+		return err
+	}
+	st := m.state()
+	p, err := planFail(st, dev, m.cfg.Now())
+	if err == nil {
+		_, err = t.run(ctx, "fail", p, st)
+	}
+	t.end(ctx)
+	if err != nil {
+		return fmt.Errorf("fail missing device %d: %w", dev, err)
+	}
+	m.log.Warn("member failed: no device found for it at assemble; the array runs degraded (re-add the member when it is back)", "dev", dev)
 	return nil
 }
 
@@ -454,6 +464,18 @@ func (m *Manager) assembleStandalone(ctx context.Context, st *arrayState) error 
 		m.mu.Unlock()
 		return fmt.Errorf("assemble: %w", err)
 	}
+	missing := m.st.missingWorking()
+	m.mu.Unlock()
+	// md runs a node-local array degraded without a member it does not
+	// find and records that member as gone in the next superblock write,
+	// so that it is not taken as current if it shows up again; the same
+	// here, as a fail change before anything is written to the array.
+	for _, dev := range missing {
+		if err := m.failMissing(ctx, dev); err != nil {
+			return fmt.Errorf("assemble: %w", err)
+		}
+	}
+	m.mu.Lock()
 	st = m.st
 	m.mu.Unlock()
 	var in WriteIntent

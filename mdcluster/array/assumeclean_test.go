@@ -10,6 +10,7 @@ import (
 
 	"github.com/mdcluster/mdcluster/bitmap"
 	"github.com/mdcluster/mdcluster/mdcluster/store"
+	"github.com/mdcluster/mdcluster/mdcluster/superblock"
 )
 
 // syncCounter is a RAIDEngine that counts the Sync requests it gets.
@@ -80,5 +81,71 @@ func TestAssumeCleanInternalNoResync(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestStandaloneAssembleFailsMissingMember: a node-local array assembled
+// without one of its working members runs degraded and records that
+// member as faulty, as md does, so that when the member shows up again
+// (with the data it had before, missing every write since) it is not
+// taken as a current mirror.
+func TestStandaloneAssembleFailsMissingMember(t *testing.T) {
+	dir := t.TempDir()
+	var paths []string
+	for _, n := range []string{"a.img", "b.img"} {
+		p := filepath.Join(dir, n)
+		if err := os.WriteFile(p, nil, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Truncate(p, imgSize); err != nil {
+			t.Fatal(err)
+		}
+		paths = append(paths, p)
+	}
+	kv := store.NewMem()
+	newManager := func(glob string) *Manager {
+		eng := NewRAIDEngine(RAIDEngineConfig{TickInterval: 50 * time.Millisecond, ResyncIOSize: copyStep, Logger: testLog(t)})
+		m, err := New(Config{Store: kv, Devices: []string{filepath.Join(dir, glob)}, Engine: eng, Logger: testLog(t),
+			ResyncRetry: 50 * time.Millisecond, ResyncWindow: testWindow, DaemonSleep: 100 * time.Millisecond})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return m
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), guard)
+	defer cancel()
+	m := newManager("*.img")
+	if _, err := m.Create(ctx, CreateSpec{Level: 1, RaidDevices: 2, Bitmap: BitmapInternal, BitmapChunk: testBitmapChunk,
+		Name: "md0", AssumeClean: true}, paths); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// b.img is not there at the next start.
+	m = newManager("a.img")
+	if err := m.Assemble(ctx); err != nil {
+		t.Fatalf("degraded assemble: %v", err)
+	}
+	if ms := m.Members(); len(ms) != 1 || ms[0].Dev != 0 {
+		t.Fatalf("running with %v, want device 0 alone", ms)
+	}
+	sb := readSuperOf(mustOpen(t, paths[0]))
+	if sb.DevRoles[1] != superblock.RoleFaulty {
+		t.Fatalf("a.img gives the missing device role %#x, want faulty", sb.DevRoles[1])
+	}
+	if err := m.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// b.img is back: it is not used as a mirror.
+	m = newManager("*.img")
+	if err := m.Assemble(ctx); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = m.Stop(context.Background()) }()
+	for _, ms := range m.Members() {
+		if ms.Dev == 1 && (ms.State == MemberInSync || ms.State == MemberRecovering) {
+			t.Fatalf("the member missed at the last start is used again as %s", ms.State)
+		}
 	}
 }

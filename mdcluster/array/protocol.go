@@ -169,9 +169,10 @@ func PlanFail(s *State, dev uint32, now time.Time) (*ChangePlan, error) {
 
 func planFail(st *arrayState, dev uint32, now time.Time) (*ChangePlan, error) {
 	rec := st.Members[dev]
-	if rec == nil && slices.Contains(st.unseen(), dev) {
-		// A working member this node does not see (a forced assemble):
-		// failed by its role alone, as md records a missing member.
+	if rec == nil && slices.Contains(st.missingWorking(), dev) {
+		// A working member this node does not see (a forced or a
+		// node-local assemble): failed by its role alone, as md records
+		// a member missing at assemble.
 		rec = &memberRec{MemberStatus: MemberStatus{Dev: dev, Slot: int(st.Shared.DevRoles[dev]), State: MemberInSync}}
 	}
 	if rec == nil {

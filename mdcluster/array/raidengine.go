@@ -893,38 +893,58 @@ func (e *RAIDEngine) ReadAt(p []byte, off int64) (int, error) {
 
 // WriteAt implements nbd.Backend.
 func (e *RAIDEngine) WriteAt(p []byte, off int64, flags nbd.IOFlags) error {
-	eng, err := e.current()
-	if err != nil {
-		return err
-	}
-	return eng.WriteAt(p, off, flags)
+	return e.retryLost(func(eng *raid.Engine) error { return eng.WriteAt(p, off, flags) })
 }
 
 // Flush implements nbd.Backend.
 func (e *RAIDEngine) Flush() error {
-	eng, err := e.current()
-	if err != nil {
-		return err
-	}
-	return eng.Flush()
+	return e.retryLost(func(eng *raid.Engine) error { return eng.Flush() })
 }
 
 // Trim implements nbd.Backend.
 func (e *RAIDEngine) Trim(off, n int64, flags nbd.IOFlags) error {
-	eng, err := e.current()
-	if err != nil {
-		return err
-	}
-	return eng.Trim(off, n, flags)
+	return e.retryLost(func(eng *raid.Engine) error { return eng.Trim(off, n, flags) })
 }
 
 // WriteZeroes implements nbd.Backend.
 func (e *RAIDEngine) WriteZeroes(off, n int64, flags nbd.IOFlags) error {
+	return e.retryLost(func(eng *raid.Engine) error { return eng.WriteZeroes(off, n, flags) })
+}
+
+// retryLost runs op on the running engine. If op fails because this
+// node's bitmap slot lock was lost (the cluster excluded the node and
+// readmitted it clean), the manager is about to re-join the array
+// (Manager.startRejoin holds I/O, stops and restarts the engine): the
+// request then waits for that, as one arriving during the re-join does
+// (HoldWait), and runs once more on the engine the re-join starts. Nothing
+// of it reached a member: the write intent, which failed, goes first.
+func (e *RAIDEngine) retryLost(op func(*raid.Engine) error) error {
 	eng, err := e.current()
 	if err != nil {
 		return err
 	}
-	return eng.WriteZeroes(off, n, flags)
+	err = op(eng)
+	if err == nil || !errors.Is(err, ownership.ErrNotOwner) {
+		return err
+	}
+	deadline := time.Now().Add(e.cfg.HoldWait)
+	for {
+		e.mu.Lock()
+		moved := e.hold != nil || e.eng != eng
+		e.mu.Unlock()
+		if moved {
+			break
+		}
+		if time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	eng, cerr := e.current()
+	if cerr != nil {
+		return fmt.Errorf("%w (after: %w)", cerr, err)
+	}
+	return op(eng)
 }
 
 // Size implements nbd.Backend: the array's size as of the last Start.

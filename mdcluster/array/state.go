@@ -58,15 +58,11 @@ type arrayState struct {
 	Seen map[uint32]bool
 }
 
-// unseen lists, for a clustered array, the device numbers that the
-// freshest superblock gives a working slot (in sync or recovering) but
-// that no device this node read carries. Such a node must not write to
-// the array: its writes would miss that mirror while the other nodes keep
-// reading it (md-cluster assumes every node sees every member; this is
-// where the assumption is checked). A node-local array runs degraded
-// without a missing member, as md does.
-func (s *arrayState) unseen() []uint32 {
-	if s == nil || s.Shared == nil || s.Seen == nil || !s.Clustered {
+// missingWorking lists the device numbers that the freshest superblock
+// gives a working slot (in sync or recovering) but that no device this
+// node read carries.
+func (s *arrayState) missingWorking() []uint32 {
+	if s == nil || s.Shared == nil || s.Seen == nil {
 		return nil
 	}
 	var out []uint32
@@ -76,6 +72,19 @@ func (s *arrayState) unseen() []uint32 {
 		}
 	}
 	return out
+}
+
+// unseen is missingWorking for a clustered array: a node that does not
+// see such a member must not write to the array, because its writes would
+// miss that mirror while the other nodes keep reading it (md-cluster
+// assumes every node sees every member; this is where the assumption is
+// checked). A node-local array instead records its missing members as
+// faulty when it assembles, as md does (assembleStandalone).
+func (s *arrayState) unseen() []uint32 {
+	if s == nil || !s.Clustered {
+		return nil
+	}
+	return s.missingWorking()
 }
 
 // errUnseen is the error of a node that does not see working members.
