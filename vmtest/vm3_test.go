@@ -37,8 +37,11 @@ const VM3CutsEnv = "MDCLUSTER_VM3_CUTS"
 const VM3ProfileEnv = "MDCLUSTER_VM3_PROFILE"
 
 // VM3LeaseEnv sets the I/O lease as "DURATION,WATCHDOG_TIMEOUT,MARGIN"
-// (default "500ms,2s,2500ms"; the margin must be at least the watchdog
-// timeout plus half the duration, and softdog counts whole seconds).
+// (default "1s,2s,3s": a fence waits 4 s; the margin must be at least the
+// watchdog timeout plus half the duration, and softdog counts whole
+// seconds). A node whose stamp reads stall for longer than duration +
+// watchdog timeout is reset by its watchdog: with "500ms,2s,2500ms" (a
+// 3 s wait) a survivor was, on a host at load 10 (docs/vmtest.md).
 const VM3LeaseEnv = "MDCLUSTER_VM3_LEASE"
 
 // VM3SpeedMinEnv sets the daemons' raid.speed_limit_min in KiB/s (default
@@ -84,7 +87,7 @@ func vm3Config(n int) string {
 	if p := os.Getenv(VM3ProfileEnv); p != "" {
 		profile = p
 	}
-	lease := [3]string{"500ms", "2s", "2500ms"}
+	lease := [3]string{"1s", "2s", "3s"}
 	if l := strings.Split(os.Getenv(VM3LeaseEnv), ","); len(l) == 3 {
 		copy(lease[:], l)
 	}
