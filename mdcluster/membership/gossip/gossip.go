@@ -110,6 +110,10 @@ type Config struct {
 	// goroutines, never concurrently, with memberlist's node lock held: it
 	// must not block nor call into memberlist.
 	OnMeta func(id NodeID, m Meta, gone bool)
+
+	// wrapTransport, if set (tests only), wraps memberlist's UDP/TCP
+	// transport, e.g. to hold a node's traffic as a descheduled VM would.
+	wrapTransport func(memberlist.Transport) memberlist.Transport
 }
 
 // maxBadMetaLogged bounds the nodes whose rejected metadata is remembered
@@ -286,6 +290,18 @@ func NewDetector(cfg Config, onChange func([]NodeID), onMsg func(from NodeID, pa
 		badMeta: map[NodeID]*badMetaLog{}}
 	mc.Events = (*events)(d)
 	mc.Delegate = (*delegate)(d)
+	if cfg.wrapTransport != nil {
+		nt, err := memberlist.NewNetTransport(&memberlist.NetTransportConfig{
+			BindAddrs: []string{mc.BindAddr}, BindPort: mc.BindPort, Logger: mc.Logger})
+		if err != nil {
+			return nil, fmt.Errorf("gossip: node %s: transport on %s:%d: %w", cfg.Self, mc.BindAddr, mc.BindPort, err)
+		}
+		if mc.BindPort == 0 {
+			mc.BindPort = nt.GetAutoBindPort()
+			mc.AdvertisePort = mc.BindPort
+		}
+		mc.Transport = cfg.wrapTransport(nt)
+	}
 	ml, err := memberlist.Create(mc)
 	if err != nil {
 		return nil, fmt.Errorf("gossip: node %s: starting memberlist on %s:%d: %w", cfg.Self, mc.BindAddr, cfg.Port, err)
