@@ -32,14 +32,23 @@ const VM3Env = "MDCLUSTER_VM3"
 // VM3CutsEnv sets how many power cuts the test makes (default 10).
 const VM3CutsEnv = "MDCLUSTER_VM3_CUTS"
 
-// VM3ProfileEnv sets the daemons' profile ("lan", the default, or
+// VM3ProfileEnv sets the daemons' profile ("vm", the default, "lan" or
 // "storage-lan").
 const VM3ProfileEnv = "MDCLUSTER_VM3_PROFILE"
 
 // VM3LeaseEnv sets the I/O lease as "DURATION,WATCHDOG_TIMEOUT,MARGIN"
-// (default "2s,2s,3s"; the margin must be at least the watchdog timeout
-// plus half the duration).
+// (default "1s,2s,3s": a fence waits 4 s; the margin must be at least the
+// watchdog timeout plus half the duration, and softdog counts whole
+// seconds). A node whose stamp reads stall for longer than duration +
+// watchdog timeout is reset by its watchdog: with "500ms,2s,2500ms" (a
+// 3 s wait) a survivor was, on a host at load 10 (docs/vmtest.md).
 const VM3LeaseEnv = "MDCLUSTER_VM3_LEASE"
+
+// VM3SpeedMinEnv sets the daemons' raid.speed_limit_min in KiB/s (default
+// 100000): the pace a resync keeps while the array has other I/O. md's
+// default, 1000, held the dead slot's resync to 1 MB/s under the
+// survivors' writers.
+const VM3SpeedMinEnv = "MDCLUSTER_VM3_SPEED_MIN"
 
 // VM3SpareEnv sets how many spare additions are timed (default 5).
 const VM3SpareEnv = "MDCLUSTER_VM3_SPARES"
@@ -74,13 +83,17 @@ func vm3Config(n int) string {
 			seeds = append(seeds, fmt.Sprintf("\"169.254.0.%d:7946\"", j))
 		}
 	}
-	profile := "lan"
+	profile := "vm"
 	if p := os.Getenv(VM3ProfileEnv); p != "" {
 		profile = p
 	}
-	lease := [3]string{"2s", "2s", "3s"}
+	lease := [3]string{"1s", "2s", "3s"}
 	if l := strings.Split(os.Getenv(VM3LeaseEnv), ","); len(l) == 3 {
 		copy(lease[:], l)
+	}
+	speedMin := "100000"
+	if v := os.Getenv(VM3SpeedMinEnv); v != "" {
+		speedMin = v
 	}
 	return fmt.Sprintf(`node_id = %d
 profile = %q
@@ -107,6 +120,8 @@ watchdog = "/dev/watchdog"
 # Longer than a fence's pause (duration + margin, while the survivors
 # wait for the new view): a survivor's requests wait, they do not fail.
 stop_wait = "30s"
+[raid]
+speed_limit_min = %s
 [devices]
 search = ["/dev/vd[a-f]"]
 [[array]]
@@ -123,7 +138,7 @@ nbd_device = "/dev/nbd1"
 socket = "/run/mdcluster/mdclusterd.sock"
 [shutdown]
 leave_timeout = "10s"
-`, n, profile, n, strings.Join(seeds, ", "), n, lease[0], lease[1], lease[2])
+`, n, profile, n, strings.Join(seeds, ", "), n, lease[0], lease[1], lease[2], speedMin)
 }
 
 // vm3Init is every guest's /init: the node number comes from the kernel
@@ -857,15 +872,24 @@ func TestCluster3VM(t *testing.T) {
 	// Scenario 2 with scenario 4 after each cut.
 	cuts := envInt(t, VM3CutsEnv, 10, 1, 1000)
 	var held, resynced []time.Duration
+	var steps [][vm3Steps]time.Duration
 	divergentTotal, lostTotal := 0, 0
 	for epoch := 1; epoch <= cuts; epoch++ {
 		md, dev, devs := "md0", "/dev/nbd0", []int{0, 1, 2}
 		if epoch%2 == 0 {
 			md, dev, devs = "md1", "/dev/nbd1", []int{3, 4, 5}
 		}
-		h, rs := c.powerCut(epoch, md, uuid[md], dev, devs, &divergentTotal, &lostTotal)
+		h, rs, st := c.powerCut(epoch, md, uuid[md], dev, devs, &divergentTotal, &lostTotal)
 		held = append(held, h)
 		resynced = append(resynced, rs)
+		steps = append(steps, st)
+	}
+	for i, name := range vm3StepNames {
+		var v []time.Duration
+		for _, st := range steps {
+			v = append(v, st[i])
+		}
+		c.logf("FIGURE power cut step %q: median %v of %d: %v", name, median(v).Round(time.Millisecond), len(v), v)
 	}
 	c.logf("FIGURE power cut of node 2 -> a survivor holds its slot, fenced and recovered: median %v of %d: %v", median(held).Round(time.Millisecond), len(held), held)
 	c.logf("FIGURE power cut of node 2 -> its dirty chunks resynced: median %v of %d: %v", median(resynced).Round(time.Millisecond), len(resynced), resynced)
@@ -918,7 +942,19 @@ func (c *vm3Cluster) waitLogf(timeout time.Duration, what func() string, cond fu
 // every write acknowledged must read back, through node 1 and from the
 // images, whose copies must all be identical; node 2 boots again and
 // rejoins. It returns the two figures.
-func (c *vm3Cluster) powerCut(epoch int, md, uuid, dev string, devs []int, divergentTotal, lostTotal *int) (held, resynced time.Duration) {
+// vm3StepNames name the steps from a power cut to the resync, in order;
+// powerCut returns each one's duration (from the end of the previous).
+var vm3StepNames = [...]string{
+	"cut -> declared dead (failure detector)",
+	"-> generation stamped (view agreed, fence began)",
+	"-> fenced (the fence's wait)",
+	"-> slot held (lock recovery, slot merged)",
+	"-> resynced",
+}
+
+const vm3Steps = len(vm3StepNames)
+
+func (c *vm3Cluster) powerCut(epoch int, md, uuid, dev string, devs []int, divergentTotal, lostTotal *int) (held, resynced time.Duration, steps [vm3Steps]time.Duration) {
 	c.t.Helper()
 	for n := 1; n <= 3; n++ {
 		r := vm3Region(n, epoch)
@@ -984,8 +1020,24 @@ func (c *vm3Cluster) powerCut(epoch int, md, uuid, dev string, devs []int, diver
 		}
 	}
 	held, resynced = last.Sub(cut), rsync.at.Sub(cut)
-	c.logf("cut %d: fenced +%v, lock recovery done +%v/+%v, slot merged +%v (%s), resynced +%v",
-		epoch, fenced.at.Sub(cut).Round(time.Millisecond), rec[0].at.Sub(cut).Round(time.Millisecond), rec[1].at.Sub(cut).Round(time.Millisecond),
+	// The breakdown: the first survivor to declare node 2 dead, the
+	// fencer's stamp (the fence's wait runs from it).
+	dead, stamped := fenced.at, fenced.at
+	for _, n := range []int{1, 3} {
+		if l, ok := c.firstLog(n, cut, "failure detector", "peer=2", "alive=false"); ok && l.at.Before(dead) {
+			dead = l.at
+		}
+		if l, ok := c.firstLog(n, cut, "storage fence: generation stamped"); ok && l.at.Before(stamped) {
+			stamped = l.at
+		}
+	}
+	if stamped.Before(dead) {
+		stamped = dead
+	}
+	steps = [vm3Steps]time.Duration{dead.Sub(cut), stamped.Sub(dead), fenced.at.Sub(stamped), last.Sub(fenced.at), rsync.at.Sub(last)}
+	c.logf("cut %d: declared dead +%v, stamped +%v, fenced +%v, lock recovery done +%v/+%v, slot merged +%v (%s), resynced +%v",
+		epoch, dead.Sub(cut).Round(time.Millisecond), stamped.Sub(cut).Round(time.Millisecond), fenced.at.Sub(cut).Round(time.Millisecond),
+		rec[0].at.Sub(cut).Round(time.Millisecond), rec[1].at.Sub(cut).Round(time.Millisecond),
 		merged.at.Sub(cut).Round(time.Millisecond), merged.line, resynced.Round(time.Millisecond))
 
 	// Stop the survivors' writers; what they acknowledged.
@@ -1030,7 +1082,7 @@ func (c *vm3Cluster) powerCut(epoch int, md, uuid, dev string, devs []int, diver
 	r := vm3Region(2, epoch)
 	c.run(2, 5*time.Minute, fmt.Sprintf("vm3guest verify %s 2 %d %d %d %d %d", dev, epoch, r.Start, r.Len, r.Block, acked[1]))
 	c.logf("cut %d: node 2 rebooted and rejoined in %v; its acknowledged writes read back through its own device", epoch, time.Since(back).Round(time.Millisecond))
-	return held, resynced
+	return held, resynced, steps
 }
 
 // interop is scenario 5: stop the cluster, switch md0's bitmap to

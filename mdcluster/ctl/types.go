@@ -45,7 +45,7 @@ type Status struct {
 // NodeInfo identifies the node and its endpoints.
 type NodeInfo struct {
 	ID uint32 `json:"id"`
-	// Profile is the timing profile: "lan" or "storage-lan".
+	// Profile is the timing profile: "lan", "vm" or "storage-lan".
 	Profile string `json:"profile"`
 	// GossipAddr is the failure detector's endpoint (other nodes' seeds).
 	GossipAddr string `json:"gossip_addr"`

@@ -23,6 +23,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/crc32"
+	"sync"
 	"time"
 	"unsafe"
 )
@@ -237,7 +238,8 @@ func (s *Stamper) Highest() (Record, error) {
 // Stamp writes generation gen on every member (fence.GenerationStamper).
 // A member already holding gen or a newer generation is left alone (the
 // stamp never goes down). Each write preserves the rest of the 4 KiB
-// region, is durable (FUA, or write then Sync) and is read back. Stamp
+// region, is durable (FUA, or write then Sync) and is read back; the
+// members are written in parallel, all with the same record. Stamp
 // returns nil only when every member holds at least gen; otherwise the
 // joined *MemberError values, so the fence fails and is retried (after
 // the array has failed the member that cannot be written).
@@ -250,16 +252,33 @@ func (s *Stamper) Stamp(ctx context.Context, gen uint64) error {
 	if s.Now != nil {
 		now = s.Now
 	}
-	var errs []error
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	// The members are stamped in parallel: the fence's wait starts when
+	// the last one is durable, so a stamp that went member after member
+	// (a read, a FUA write and a read back each) lengthened every fence
+	// by all but one member's I/O.
+	at := now()
+	memberErrs := make([]error, len(devs))
+	var wg sync.WaitGroup
 	for i, d := range devs {
 		if d == nil {
 			continue
 		}
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		if err := s.stampOne(d, gen, now()); err != nil {
-			errs = append(errs, &MemberError{Member: i, Err: err})
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := s.stampOne(d, gen, at); err != nil {
+				memberErrs[i] = &MemberError{Member: i, Err: err}
+			}
+		}()
+	}
+	wg.Wait()
+	var errs []error
+	for _, err := range memberErrs {
+		if err != nil {
+			errs = append(errs, err)
 		}
 	}
 	if len(errs) > 0 {

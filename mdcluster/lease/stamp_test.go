@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -193,5 +195,58 @@ func TestStamperCorruptForeignUnreadable(t *testing.T) {
 	s.Members = func() []Device { return []Device{fds[0], nil} }
 	if err := s.Stamp(context.Background(), 6); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// barrierDevice holds its first read until every member of the group has
+// started one (or a second passed): a stamp that went member after member
+// would never get past the first.
+type barrierDevice struct {
+	Device
+	started *sync.WaitGroup
+	all     chan struct{}
+	once    sync.Once
+	waited  *atomic.Int32
+}
+
+func (d *barrierDevice) ReadAt(p []byte, off int64) (int, error) {
+	d.once.Do(func() {
+		d.started.Done()
+		select {
+		case <-d.all:
+			d.waited.Add(1)
+		case <-time.After(time.Second):
+		}
+	})
+	return d.Device.ReadAt(p, off)
+}
+
+// TestStampMembersInParallel: the fence's wait runs from the last member
+// made durable, so Stamp writes the members in parallel; each member must
+// still end up stamped.
+func TestStampMembersInParallel(t *testing.T) {
+	const n = 4
+	_, members := newMembers(t, n)
+	var started sync.WaitGroup
+	started.Add(n)
+	all := make(chan struct{})
+	go func() { started.Wait(); close(all) }()
+	var waited atomic.Int32
+	devs := members()
+	wrapped := make([]Device, n)
+	for i, d := range devs {
+		wrapped[i] = &barrierDevice{Device: d, started: &started, all: all, waited: &waited}
+	}
+	s := &Stamper{Array: testUUID, Node: 1, Members: func() []Device { return wrapped }}
+	if err := s.Stamp(context.Background(), 9); err != nil {
+		t.Fatal(err)
+	}
+	if w := waited.Load(); w != n {
+		t.Fatalf("%d of %d members were being stamped at the same time, want all", w, n)
+	}
+	for i, d := range devs {
+		if r, err := s.ReadMember(d); err != nil || r.Generation != 9 {
+			t.Fatalf("member %d after the stamp: %+v, %v", i, r, err)
+		}
 	}
 }

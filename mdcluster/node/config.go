@@ -150,6 +150,20 @@ func StorageLANConfig() Config {
 	return c
 }
 
+// VMConfig is the profile for nodes that are virtual machines on a shared
+// or overcommitted host, where a guest may be descheduled for up to about
+// a second: memberlist probes every 300 ms and declares a silent node dead
+// after a 1.2 s suspicion (about 1.3-2 s after a crash; a node that runs
+// again within the suspicion refutes it and stays in), and the agreement
+// keeps DefaultLANConfig's 50 ms tick and 1 s prepare timeout, which a
+// stalled guest's slow answers do not trip. Between DefaultLANConfig
+// (5-7 s) and StorageLANConfig (0.3-0.6 s, which flaps under such stalls).
+func VMConfig() Config {
+	c := DefaultLANConfig()
+	c.Profile = gossip.VM
+	return c
+}
+
 // validate checks what New cannot default.
 func (c *Config) validate() error {
 	var errs []error

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"sync"
 	"time"
 
 	"github.com/mdcluster/mdcluster/bitmap"
@@ -199,12 +200,20 @@ func (l *Layer) Stamp(ctx context.Context, gen uint64) error {
 	if len(as) == 0 {
 		l.log.Warn("storage fence: no array known here, nothing to stamp", "generation", gen)
 	}
-	var errs []error
-	for _, a := range as {
-		if err := l.stampArray(ctx, a, gen); err != nil {
-			errs = append(errs, fmt.Errorf("array %s: %w", bitmap.FormatUUID(a.uuid), err))
-		}
+	// Every array in parallel (and each array's members, lease.Stamper):
+	// the fence's wait runs from the last stamp made durable.
+	errs := make([]error, len(as))
+	var wg sync.WaitGroup
+	for i, a := range as {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := l.stampArray(ctx, a, gen); err != nil {
+				errs[i] = fmt.Errorf("array %s: %w", bitmap.FormatUUID(a.uuid), err)
+			}
+		}()
 	}
+	wg.Wait()
 	return errors.Join(errs...)
 }
 

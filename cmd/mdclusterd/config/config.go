@@ -69,6 +69,10 @@ const (
 	// ProfileStorageLAN is node.StorageLANConfig: for a dedicated, lightly
 	// loaded storage network; a crash is detected in about 0.5 s.
 	ProfileStorageLAN Profile = "storage-lan"
+	// ProfileVM is node.VMConfig: for nodes that are virtual machines on
+	// shared or overcommitted hosts (a guest may stall for up to about a
+	// second without being excluded); a crash is detected in about 1.3-2 s.
+	ProfileVM Profile = "vm"
 )
 
 // Gossip is the failure detector's endpoint and the seeds it joins.

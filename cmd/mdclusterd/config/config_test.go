@@ -196,6 +196,16 @@ nbd_device = "/dev/nbd3"
 	}
 }
 
+// TestParseProfiles: every profile name decodes to its own profile (a
+// typo in the switch would quietly run another profile's timings).
+func TestParseProfiles(t *testing.T) {
+	for _, p := range []Profile{ProfileLAN, ProfileVM, ProfileStorageLAN} {
+		if got := mustParse(t, replaceLine(2, `profile = "`+string(p)+`"`)).Profile; got != p {
+			t.Errorf("profile %q decoded as %q", p, got)
+		}
+	}
+}
+
 func mustParse(t *testing.T, doc string) *Config {
 	t.Helper()
 	cfg, err := Parse(file, []byte(doc), testFS())
@@ -224,7 +234,7 @@ func TestParseErrors(t *testing.T) {
 		{13, "m = 2\nquorom = 1", "14: quorum.quorom: unknown key"},
 		{1, `node_id = 0`, "1: node_id: node ID 0 is out of range (1 to 4294967295; 0 is reserved)"},
 		{1, `node = 1`, "node_id: missing: every node needs its cluster node ID (a number from 1)\n" + file + ":1: node: unknown key"},
-		{2, `profile = "fast"`, `2: profile: "fast" is not a profile ("lan" or "storage-lan")`},
+		{2, `profile = "fast"`, `2: profile: "fast" is not a profile ("lan", "vm" or "storage-lan")`},
 		{2, `Profile = "lan"`, "2: Profile: unknown key (did you mean profile?)"},
 		{3, `data_dir = "var/lib/mdcluster"`, `3: data_dir: "var/lib/mdcluster" is not an absolute path`},
 		{3, `data_dir = "/var/lib/afile"`, "3: data_dir: /var/lib/afile exists and is not a directory"},

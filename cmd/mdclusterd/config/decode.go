@@ -34,10 +34,10 @@ func (d *decoder) decode(doc map[string]any) *Config {
 	cfg.Profile = ProfileLAN
 	if s, ok := d.str(root, "profile"); ok {
 		switch Profile(s) {
-		case ProfileLAN, ProfileStorageLAN:
+		case ProfileLAN, ProfileStorageLAN, ProfileVM:
 			cfg.Profile = Profile(s)
 		default:
-			d.errorf("profile", "%q is not a profile (\"lan\" or \"storage-lan\")", s)
+			d.errorf("profile", "%q is not a profile (\"lan\", \"vm\" or \"storage-lan\")", s)
 		}
 	}
 

@@ -139,10 +139,7 @@ func Start(ctx context.Context, opts Options) (d *Daemon, err error) {
 				"level", i+1)
 		}
 	}
-	nc := node.DefaultLANConfig()
-	if cfg.Profile == config.ProfileStorageLAN {
-		nc = node.StorageLANConfig()
-	}
+	nc := nodeProfile(cfg.Profile)
 	nc.ID = cfg.NodeID
 	nc.Quorum = cfg.Quorum
 	nc.DLMListenAddr = cfg.DLM.ListenAddr
@@ -512,3 +509,15 @@ func lockRows(in []dlm.LockInfo) []ctl.Lock {
 }
 
 var _ fence.Fencer = (*recordingFencer)(nil)
+
+// nodeProfile is the node runtime's configuration for a profile of the
+// configuration file (its timings; the caller fills in the rest).
+func nodeProfile(p config.Profile) node.Config {
+	switch p {
+	case config.ProfileStorageLAN:
+		return node.StorageLANConfig()
+	case config.ProfileVM:
+		return node.VMConfig()
+	}
+	return node.DefaultLANConfig()
+}

@@ -51,6 +51,17 @@ const (
 	// round trips and hosts that do not stall gossip goroutines for tens of
 	// milliseconds; otherwise expect false suspicions.
 	Fast
+	// VM is for nodes that are virtual machines on a shared, overcommitted
+	// host (or any host that deschedules the daemon for up to about a
+	// second): probe every 300 ms with a 200 ms timeout, suspicion 4 probe
+	// intervals (1.2 s), gossip every 100 ms. A crashed node is declared
+	// dead in about 1.3-2 s. What keeps a healthy but descheduled node in
+	// is the suspicion: a late or lost probe only makes the node a
+	// suspect, and it refutes the suspicion as soon as it runs again and
+	// hears of it; only a node silent for the whole suspicion timeout (plus
+	// the failed probe before it, 0.3 s) is declared dead. See
+	// docs/membership.md, "Timings".
+	VM
 )
 
 func (p Profile) String() string {
@@ -59,6 +70,8 @@ func (p Profile) String() string {
 		return "lan"
 	case Fast:
 		return "fast"
+	case VM:
+		return "vm"
 	}
 	return fmt.Sprintf("profile(%d)", int(p))
 }
@@ -97,6 +110,10 @@ type Config struct {
 	// goroutines, never concurrently, with memberlist's node lock held: it
 	// must not block nor call into memberlist.
 	OnMeta func(id NodeID, m Meta, gone bool)
+
+	// wrapTransport, if set (tests only), wraps memberlist's UDP/TCP
+	// transport, e.g. to hold a node's traffic as a descheduled VM would.
+	wrapTransport func(memberlist.Transport) memberlist.Transport
 }
 
 // maxBadMetaLogged bounds the nodes whose rejected metadata is remembered
@@ -155,6 +172,30 @@ func MemberlistConfig(cfg Config) (*memberlist.Config, error) {
 		mc.PushPullInterval = 5 * time.Second
 		mc.GossipToTheDeadTime = 5 * time.Second
 		mc.AwarenessMaxMultiplier = 3 // a struggling node slows its probing to at most 300 ms
+	case VM:
+		mc.ProbeInterval = 300 * time.Millisecond
+		mc.ProbeTimeout = 200 * time.Millisecond
+		// Suspicion timeout 4 × max(1, log10 n) × 300 ms: 1.2 s below 10
+		// nodes. With 4 the timer waits for 2 confirmations, which a
+		// cluster of fewer than 4 nodes cannot give, so it runs at that
+		// minimum there; larger clusters start at 3× and shorten it as
+		// other nodes confirm.
+		mc.SuspicionMult = 4
+		mc.SuspicionMaxTimeoutMult = 3
+		mc.IndirectChecks = 3
+		// Suspicions and refutations travel by gossip: a short interval
+		// lets a suspect's refutation reach the others well inside the
+		// suspicion timeout.
+		mc.GossipInterval = 100 * time.Millisecond
+		mc.GossipNodes = 3
+		mc.RetransmitMult = 4
+		mc.TCPTimeout = 2 * time.Second
+		mc.PushPullInterval = 15 * time.Second
+		mc.GossipToTheDeadTime = 15 * time.Second
+		// Lifeguard: a node that sees itself missing acks (it is the slow
+		// one) stretches its own probe interval and timeout up to 8×, so a
+		// descheduled prober does not suspect healthy peers.
+		mc.AwarenessMaxMultiplier = 8
 	default:
 		return nil, fmt.Errorf("gossip: unknown profile %d", int(cfg.Profile))
 	}
@@ -249,6 +290,18 @@ func NewDetector(cfg Config, onChange func([]NodeID), onMsg func(from NodeID, pa
 		badMeta: map[NodeID]*badMetaLog{}}
 	mc.Events = (*events)(d)
 	mc.Delegate = (*delegate)(d)
+	if cfg.wrapTransport != nil {
+		nt, err := memberlist.NewNetTransport(&memberlist.NetTransportConfig{
+			BindAddrs: []string{mc.BindAddr}, BindPort: mc.BindPort, Logger: mc.Logger})
+		if err != nil {
+			return nil, fmt.Errorf("gossip: node %s: transport on %s:%d: %w", cfg.Self, mc.BindAddr, mc.BindPort, err)
+		}
+		if mc.BindPort == 0 {
+			mc.BindPort = nt.GetAutoBindPort()
+			mc.AdvertisePort = mc.BindPort
+		}
+		mc.Transport = cfg.wrapTransport(nt)
+	}
 	ml, err := memberlist.Create(mc)
 	if err != nil {
 		return nil, fmt.Errorf("gossip: node %s: starting memberlist on %s:%d: %w", cfg.Self, mc.BindAddr, cfg.Port, err)

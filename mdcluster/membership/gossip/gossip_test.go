@@ -49,6 +49,23 @@ func TestProfiles(t *testing.T) {
 	if s := time.Duration(fast.SuspicionMult) * fast.ProbeInterval; s >= 500*time.Millisecond {
 		t.Fatalf("fast suspicion timeout %v", s)
 	}
+	// The VM profile: a healthy node descheduled for up to a second must
+	// be able to refute its suspicion in time (the suspicion timeout, what
+	// a stall must outlast to exclude it), and a crashed node must still
+	// be declared dead within 2 s: at most two probe intervals until a
+	// probe of it fails (both survivors probe it in turn), then the
+	// suspicion.
+	vm, err := MemberlistConfig(Config{Self: 7, ClusterKey: key, Profile: VM})
+	if err != nil {
+		t.Fatal(err)
+	}
+	suspicion := time.Duration(vm.SuspicionMult) * vm.ProbeInterval
+	if detect := 2*vm.ProbeInterval + suspicion; suspicion < time.Second || detect > 2*time.Second || vm.ProbeTimeout >= vm.ProbeInterval {
+		t.Fatalf("vm profile: probe %v/%v, suspicion %v, detection up to %v", vm.ProbeInterval, vm.ProbeTimeout, suspicion, detect)
+	}
+	if VM.String() != "vm" {
+		t.Fatalf("VM.String() = %q", VM.String())
+	}
 	if fast.Name != "7" || fast.BindAddr != "127.0.0.1" || fast.BindPort != 7000 || len(fast.SecretKey) != 32 {
 		t.Fatalf("fast config: name %q bind %s:%d key %d bytes", fast.Name, fast.BindAddr, fast.BindPort, len(fast.SecretKey))
 	}
@@ -154,11 +171,15 @@ func startNode(t *testing.T, id NodeID, q ddraid.Config, key []byte, f *fence.Te
 	return n
 }
 
-// testProfile is Fast, or LAN with MEMBERSHIP_GOSSIP_PROFILE=lan (to
-// measure the default profile's detection time; it takes several seconds).
+// testProfile is Fast, or LAN with MEMBERSHIP_GOSSIP_PROFILE=lan, or VM
+// with MEMBERSHIP_GOSSIP_PROFILE=vm (to measure those profiles' detection
+// times; they take seconds).
 func testProfile() Profile {
-	if os.Getenv("MEMBERSHIP_GOSSIP_PROFILE") == "lan" {
+	switch os.Getenv("MEMBERSHIP_GOSSIP_PROFILE") {
+	case "lan":
 		return LAN
+	case "vm":
+		return VM
 	}
 	return Fast
 }
