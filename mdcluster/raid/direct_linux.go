@@ -33,6 +33,10 @@ type DirectFile struct {
 	// noRWF is set once pwritev2(RWF_DSYNC) was refused, so the fallback
 	// is used from then on without asking again.
 	noRWF atomic.Bool
+	// noAIO is set once native AIO refused a write (EINVAL: the file
+	// system cannot do asynchronous direct I/O); the engine then writes
+	// with pwrite.
+	noAIO atomic.Bool
 }
 
 // OpenDirect opens path read-write with O_DIRECT. File systems without
@@ -211,6 +215,15 @@ func (d *DirectFile) pwrite(p []byte, off int64, fua bool) (int, error) {
 	}
 	return done, nil
 }
+
+// aioFD returns the descriptor for the engine's native AIO writes, or ok
+// false when writes must go through WriteAt (closed, or AIO refused).
+func (d *DirectFile) aioFD() (fd int, ok bool) {
+	return d.fd, !d.closed.Load() && !d.noAIO.Load()
+}
+
+// aioRefused makes every later write go through WriteAt.
+func (d *DirectFile) aioRefused() { d.noAIO.Store(true) }
 
 // Sync flushes the device's volatile cache (fdatasync).
 func (d *DirectFile) Sync() error {
