@@ -124,16 +124,29 @@ type aioWrite struct {
 // aioWriteAll submits every write of ws from this thread and returns when
 // all of them have completed, each with its res set. It returns false,
 // having started nothing, when AIO is not available (the caller then
-// writes the usual way). The buffers must not move or be reused until it
-// returns (Go's collector does not move heap objects, and ws keeps them
-// alive).
+// writes the usual way).
 func aioWriteAll(ws []aioWrite) bool {
-	if len(ws) == 0 || len(ws) > aioMaxBatch {
+	c, submitted, ok := aioSubmit(ws)
+	if !ok {
 		return false
 	}
-	c := getAIOCtx()
+	aioReap(c, ws, submitted)
+	return true
+}
+
+// aioSubmit submits every write of ws from this thread without waiting
+// for them. It returns the context to reap them from and how many the
+// kernel took (the others already have their errno in res); ok false,
+// having started nothing, when AIO is not available. The buffers must not
+// be reused, and ws must stay as it is, until aioReap returns (Go's
+// collector does not move heap objects; ws keeps the buffers alive).
+func aioSubmit(ws []aioWrite) (c *aioCtx, submitted int, ok bool) {
+	if len(ws) == 0 || len(ws) > aioMaxBatch {
+		return nil, 0, false
+	}
+	c = getAIOCtx()
 	if c == nil {
-		return false
+		return nil, 0, false
 	}
 	for i := range ws {
 		w := &ws[i]
@@ -144,10 +157,9 @@ func aioWriteAll(ws []aioWrite) bool {
 		c.ptrs[i] = &c.cbs[i]
 		w.res = 0
 	}
-	// Submit; an iocb the kernel refuses outright gets its errno as the
-	// result and is skipped (io_submit reports it only when it is the
-	// first of the array it was given).
-	submitted := 0
+	// An iocb the kernel refuses outright gets its errno as the result
+	// and is skipped (io_submit reports it only when it is the first of
+	// the array it was given).
 	for i := 0; i < len(ws); {
 		r, _, e := unix.Syscall(unix.SYS_IO_SUBMIT, c.id, uintptr(len(ws)-i), uintptr(unsafe.Pointer(&c.ptrs[i])))
 		switch {
@@ -164,8 +176,13 @@ func aioWriteAll(ws []aioWrite) bool {
 			submitted += int(r)
 		}
 	}
-	// Reap exactly what was submitted: the context goes back to the pool
-	// empty.
+	return c, submitted, true
+}
+
+// aioReap waits for the submitted writes of ws to complete, sets their
+// results and gives the context back. It reaps exactly what was
+// submitted, so the context goes back to the pool empty.
+func aioReap(c *aioCtx, ws []aioWrite, submitted int) {
 	for got := 0; got < submitted; {
 		n, _, e := unix.Syscall6(unix.SYS_IO_GETEVENTS, c.id, uintptr(submitted-got), uintptr(submitted-got),
 			uintptr(unsafe.Pointer(&c.events[0])), 0, 0)
@@ -184,7 +201,6 @@ func aioWriteAll(ws []aioWrite) bool {
 	}
 	runtime.KeepAlive(ws)
 	putAIOCtx(c)
-	return true
 }
 
 // aioAvailable reports whether this build can submit native AIO.
