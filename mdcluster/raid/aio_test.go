@@ -14,7 +14,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/mdcluster/mdcluster/mdcluster/export/nbd"
 	"golang.org/x/sys/unix"
 )
 
@@ -293,81 +292,5 @@ func TestAIOConcurrentWrites(t *testing.T) {
 		if !bytes.Equal(got, model) {
 			t.Fatalf("member %d differs from the model at %d (replay: RAID_AIO_SEED=%d)", i, firstDiff(got, model), seed)
 		}
-	}
-}
-
-// TestAIOStartWriteAt checks the engine's started writes (what the NBD
-// server uses for a streamed write's pieces): several started from one
-// goroutine are in flight together and each one's wait returns its
-// result; writes AIO cannot take (FUA, an unaligned buffer) still work,
-// on a goroutine; and a mirror failing under a started write fails that
-// member while the write succeeds degraded.
-func TestAIOStartWriteAt(t *testing.T) {
-	dir := t.TempDir()
-	const size = 4 << 20
-	e, devs := newDirectRAID1(t, size, newFile(t, dir, "a", size), newFile(t, dir, "b", size))
-	data := alignedBuf(1 << 20)
-	for i := range data {
-		data[i] = byte(i*13 + 5)
-	}
-	var waits []func() error
-	for lo := 0; lo < len(data); lo += 256 << 10 {
-		waits = append(waits, e.StartWriteAt(data[lo:lo+256<<10], int64(lo), 0))
-	}
-	for i, w := range waits {
-		if err := w(); err != nil {
-			t.Fatalf("started piece %d: %v", i, err)
-		}
-	}
-	if s := e.Stats(); s.AIOWrites != 8 || s.Writes != 4 {
-		t.Fatalf("4 started writes: %d writes, %d AIO member writes; want 4 and 8", s.Writes, s.AIOWrites)
-	}
-	// FUA (blocking writes), and a buffer that is not aligned (WriteAt on a
-	// goroutine: bounced, then through AIO).
-	odd := make([]byte, 8192+1)[1:]
-	copy(odd, data)
-	if err := e.StartWriteAt(data[:64<<10], 2<<20, nbd.FUA)(); err != nil {
-		t.Fatalf("started FUA write: %v", err)
-	}
-	if err := e.StartWriteAt(odd, 3<<20, 0)(); err != nil {
-		t.Fatalf("started write from an unaligned buffer: %v", err)
-	}
-	if s := e.Stats(); s.AIOWrites != 10 || s.Writes != 6 || s.FUAWrites != 1 || s.Bounced != 1 {
-		t.Fatalf("after a FUA and an unaligned started write: %+v", s)
-	}
-	got := alignedBuf(len(data))
-	for i, d := range devs {
-		for _, c := range []struct {
-			off  int64
-			want []byte
-		}{{0, data}, {2 << 20, data[:64<<10]}, {3 << 20, odd}} {
-			if _, err := d.ReadAt(got[:len(c.want)], c.off); err != nil {
-				t.Fatal(err)
-			}
-			if !bytes.Equal(got[:len(c.want)], c.want) {
-				t.Fatalf("member %d at %d: not the started write's data", i, c.off)
-			}
-		}
-	}
-	if err := e.StartWriteAt(data, size, 0)(); err == nil {
-		t.Fatal("started write past the end: no error")
-	}
-	// The second mirror refuses writes from now on.
-	ro, err := unix.Open(devs[1].Path(), unix.O_RDONLY|unix.O_DIRECT|unix.O_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.Dup2(ro, devs[1].fd); err != nil {
-		t.Fatal(err)
-	}
-	unix.Close(ro)
-	if err := e.StartWriteAt(data[:256<<10], 1<<20, 0)(); err != nil {
-		t.Fatalf("started write with one mirror failing: %v, want success (degraded)", err)
-	}
-	if m := e.Members(); m[1].State != Failed {
-		t.Fatalf("member whose started write failed is %v, want failed", m[1].State)
-	}
-	if s := e.Stats(); s.DegradedWrites != 1 {
-		t.Fatalf("%d degraded writes, want 1", s.DegradedWrites)
 	}
 }
