@@ -124,29 +124,16 @@ type aioWrite struct {
 // aioWriteAll submits every write of ws from this thread and returns when
 // all of them have completed, each with its res set. It returns false,
 // having started nothing, when AIO is not available (the caller then
-// writes the usual way).
+// writes the usual way). The buffers must not move or be reused until it
+// returns (Go's collector does not move heap objects, and ws keeps them
+// alive).
 func aioWriteAll(ws []aioWrite) bool {
-	c, submitted, ok := aioSubmit(ws)
-	if !ok {
+	if len(ws) == 0 || len(ws) > aioMaxBatch {
 		return false
 	}
-	aioReap(c, ws, submitted)
-	return true
-}
-
-// aioSubmit submits every write of ws from this thread without waiting
-// for them. It returns the context to reap them from and how many the
-// kernel took (the others already have their errno in res); ok false,
-// having started nothing, when AIO is not available. The buffers must not
-// be reused, and ws must stay as it is, until aioReap returns (Go's
-// collector does not move heap objects; ws keeps the buffers alive).
-func aioSubmit(ws []aioWrite) (c *aioCtx, submitted int, ok bool) {
-	if len(ws) == 0 || len(ws) > aioMaxBatch {
-		return nil, 0, false
-	}
-	c = getAIOCtx()
+	c := getAIOCtx()
 	if c == nil {
-		return nil, 0, false
+		return false
 	}
 	for i := range ws {
 		w := &ws[i]
@@ -157,9 +144,10 @@ func aioSubmit(ws []aioWrite) (c *aioCtx, submitted int, ok bool) {
 		c.ptrs[i] = &c.cbs[i]
 		w.res = 0
 	}
-	// An iocb the kernel refuses outright gets its errno as the result
-	// and is skipped (io_submit reports it only when it is the first of
-	// the array it was given).
+	// Submit; an iocb the kernel refuses outright gets its errno as the
+	// result and is skipped (io_submit reports it only when it is the
+	// first of the array it was given).
+	submitted := 0
 	for i := 0; i < len(ws); {
 		r, _, e := unix.Syscall(unix.SYS_IO_SUBMIT, c.id, uintptr(len(ws)-i), uintptr(unsafe.Pointer(&c.ptrs[i])))
 		switch {
@@ -176,13 +164,8 @@ func aioSubmit(ws []aioWrite) (c *aioCtx, submitted int, ok bool) {
 			submitted += int(r)
 		}
 	}
-	return c, submitted, true
-}
-
-// aioReap waits for the submitted writes of ws to complete, sets their
-// results and gives the context back. It reaps exactly what was
-// submitted, so the context goes back to the pool empty.
-func aioReap(c *aioCtx, ws []aioWrite, submitted int) {
+	// Reap exactly what was submitted: the context goes back to the pool
+	// empty.
 	for got := 0; got < submitted; {
 		n, _, e := unix.Syscall6(unix.SYS_IO_GETEVENTS, c.id, uintptr(submitted-got), uintptr(submitted-got),
 			uintptr(unsafe.Pointer(&c.events[0])), 0, 0)
@@ -201,6 +184,7 @@ func aioReap(c *aioCtx, ws []aioWrite, submitted int) {
 	}
 	runtime.KeepAlive(ws)
 	putAIOCtx(c)
+	return true
 }
 
 // aioAvailable reports whether this build can submit native AIO.

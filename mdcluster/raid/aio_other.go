@@ -13,16 +13,8 @@ type aioWrite struct {
 
 const aioMaxBatch = 16
 
-type aioCtx struct{}
-
 // aioWriteAll always declines: the engine writes each member the usual way.
 func aioWriteAll(ws []aioWrite) bool { return false }
-
-// aioSubmit always declines.
-func aioSubmit(ws []aioWrite) (c *aioCtx, submitted int, ok bool) { return nil, 0, false }
-
-// aioReap is never called: nothing was submitted.
-func aioReap(c *aioCtx, ws []aioWrite, submitted int) {}
 
 // aioAvailable reports whether this build can submit native AIO.
 const aioAvailable = false

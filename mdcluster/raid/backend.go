@@ -13,9 +13,6 @@ import (
 // The engine is what the daemon exports over NBD.
 var _ nbd.Backend = (*Engine)(nil)
 
-// Its writes can be started without waiting for the device.
-var _ nbd.WriteStarter = (*Engine)(nil)
-
 // The engine is the array that bitmap/ownership resyncs.
 var _ ownership.Array = (*Engine)(nil)
 
@@ -28,48 +25,6 @@ func (e *Engine) WriteAt(p []byte, off int64, flags nbd.IOFlags) error {
 		return err
 	}
 	return e.write(p, off, flags&nbd.FUA != 0)
-}
-
-// StartWriteAt starts a write of p at off and returns a function that
-// waits for it and returns what WriteAt would have (nbd.WriteStarter).
-// For a write the engine can submit with native AIO (no FUA, aligned,
-// at most MaxIOSize, every copy on a device that takes AIO) everything up
-// to the members' writes happens on the caller's goroutine, which then
-// returns with the writes in the kernel's hands; wait reaps them and
-// finishes the write. Anything else runs WriteAt on a goroutine of its
-// own. wait must be called exactly once, and p left alone until then.
-// The NBD server starts the pieces of a streamed write this way from the
-// connection's reader, as their data arrives.
-func (e *Engine) StartWriteAt(p []byte, off int64, flags nbd.IOFlags) (wait func() error) {
-	n := int64(len(p))
-	fua := flags&nbd.FUA != 0
-	if err := e.checkRange("write", off, n); err != nil {
-		return func() error { return err }
-	}
-	bs := int64(e.bs)
-	if fua || n == 0 || n > int64(e.cfg.MaxIOSize) || off&(bs-1) != 0 || n&(bs-1) != 0 || !isAligned(p) ||
-		e.mut&mutIntentAfterData != 0 || !e.aioReady() {
-		ch := make(chan error, 1)
-		go func() { ch <- e.write(p, off, fua) }()
-		return func() error { return <-ch }
-	}
-	lk, wi, err := e.beginWrite(n, off, off, off+n)
-	if err != nil {
-		return func() error { return err }
-	}
-	pl, degraded := e.planWrite(p, off)
-	started := e.aioStart(pl, p)
-	if !started {
-		// A member changed since aioReady: write the usual way, here.
-		e.runWrites(pl, p, false)
-	}
-	return func() error {
-		if started {
-			e.aioFinish(pl)
-		}
-		degraded, fails, err := e.writeResult(pl, p, off, degraded)
-		return e.endWrite(lk, wi, n, off, off+n, false, degraded, fails, err)
-	}
 }
 
 // Trim accepts a discard and does nothing (nbd.Backend). md raid1 passes

@@ -40,7 +40,6 @@ type plan struct {
 	exts   []extent
 	locs   []Loc
 	groups []opGroup
-	aio    aioBatch
 }
 
 var planPool = sync.Pool{New: func() any { return new(plan) }}
@@ -49,7 +48,6 @@ func getPlan() *plan { return planPool.Get().(*plan) }
 
 func putPlan(p *plan) {
 	p.exts, p.locs, p.groups = p.exts[:0], p.locs[:0], p.groups[:0]
-	p.aio = aioBatch{} // drop the buffers and devices it refers to
 	planPool.Put(p)
 }
 
@@ -190,23 +188,18 @@ type asyncWriter interface {
 	aioRefused()
 }
 
-// aioBatch is a plan's writes while they are in the kernel's hands.
-type aioBatch struct {
-	ws        [aioMaxBatch]aioWrite
-	own       [aioMaxBatch]int     // the group of each write
-	refs      [aioMaxBatch]*devRef // each group's device
-	n         int
-	ctx       *aioCtx
-	submitted int
-}
-
-// aioStart submits the plan's writes (every member's) in one native AIO
-// batch from this thread and returns without waiting; aioFinish then
-// reaps them. It returns false, having done nothing, when some member's
-// device cannot take AIO, the batch is too large or no AIO context is
-// free: the caller then uses runWrites.
-func (e *Engine) aioStart(pl *plan, buf []byte) bool {
-	b := &pl.aio
+// writeGroupsAIO does what writeCopies' goroutines do, with every member's
+// operations submitted in one native AIO batch from this thread. It
+// returns false, having done nothing, when some member's device cannot
+// take AIO or no AIO context is free; the caller then uses devWrite. Each
+// write's own result decides its member's fate as devWrite's would: an
+// error fails the group (and so the member, in writeCopies); a write AIO
+// refused (EINVAL, EAGAIN, EOPNOTSUPP) or cut short is finished with the
+// device's WriteAt.
+func (e *Engine) writeGroupsAIO(pl *plan, buf []byte) bool {
+	var arr [aioMaxBatch]aioWrite
+	var own [aioMaxBatch]int // group of each write
+	var refs [aioMaxBatch]*devRef
 	n := 0
 	for i := range pl.groups {
 		g := &pl.groups[i]
@@ -219,13 +212,13 @@ func (e *Engine) aioStart(pl *plan, buf []byte) bool {
 			return false
 		}
 		fd, ok := aw.aioFD()
-		if !ok || n+len(g.ops) > len(b.ws) {
+		if !ok || n+len(g.ops) > len(arr) {
 			return false
 		}
-		b.refs[i] = ref
+		refs[i] = ref
 		for _, op := range g.ops {
-			b.ws[n] = aioWrite{fd: fd, p: buf[op.bo : op.bo+op.n], off: ref.dataOff + op.dev}
-			b.own[n] = i
+			arr[n] = aioWrite{fd: fd, p: buf[op.bo : op.bo+op.n], off: ref.dataOff + op.dev}
+			own[n] = i
 			n++
 		}
 	}
@@ -238,50 +231,34 @@ func (e *Engine) aioStart(pl *plan, buf []byte) bool {
 			stopped = true
 		}
 	}
+	ws := arr[:n]
 	if stopped {
 		k := 0
-		for j := range n {
-			if pl.groups[b.own[j]].err == nil {
-				b.ws[k], b.own[k] = b.ws[j], b.own[j]
+		for j := range ws {
+			if pl.groups[own[j]].err == nil {
+				ws[k], own[k] = ws[j], own[j]
 				k++
 			}
 		}
-		n = k
+		ws = ws[:k]
 	}
-	b.n = n
-	for j := range n {
-		e.members[pl.groups[b.own[j]].m].pending.Add(1)
+	for j := range ws {
+		e.members[pl.groups[own[j]].m].pending.Add(1)
 	}
-	if n == 0 {
-		b.ctx = nil
-		return true
-	}
-	c, submitted, ok := aioSubmit(b.ws[:n])
-	if !ok {
-		for j := range n {
-			e.members[pl.groups[b.own[j]].m].pending.Add(-1)
+	if len(ws) > 0 && !aioWriteAll(ws) {
+		for j := range ws {
+			e.members[pl.groups[own[j]].m].pending.Add(-1)
 		}
 		for i := range pl.groups {
 			pl.groups[i].err = nil
 		}
 		return false
 	}
-	b.ctx, b.submitted = c, submitted
-	return true
-}
-
-// aioFinish waits for the writes aioStart submitted and records each
-// one's outcome in its member's group, as devWrite would have.
-func (e *Engine) aioFinish(pl *plan) {
-	b := &pl.aio
-	if b.ctx != nil {
-		aioReap(b.ctx, b.ws[:b.n], b.submitted)
-	}
-	for j := range b.n {
-		w := &b.ws[j]
-		g := &pl.groups[b.own[j]]
+	for j := range ws {
+		w := &ws[j]
+		g := &pl.groups[own[j]]
 		m := e.members[g.m]
-		err := e.aioResult(b.refs[b.own[j]], w)
+		err := e.aioResult(refs[own[j]], w)
 		m.pending.Add(-1)
 		if err != nil && e.mut&mutAIOLoseError == 0 {
 			m.errors.Add(1)
@@ -294,6 +271,7 @@ func (e *Engine) aioFinish(pl *plan) {
 		m.bytesWritten.Add(uint64(len(w.p)))
 		e.st.aioWrites.Add(1)
 	}
+	return true
 }
 
 // aioResult turns an AIO write's result into devWrite's error, finishing
@@ -354,22 +332,10 @@ func (e *Engine) write(p []byte, off int64, fua bool) error {
 		return nil
 	}
 	lo, hi := e.blockRange(off, n)
-	lk, wi, err := e.beginWrite(n, off, lo, hi)
-	if err != nil {
-		return err
-	}
-	degraded, fails, err := e.writePieces(p, off, lo, hi, fua)
-	return e.endWrite(lk, wi, n, lo, hi, fua, degraded, fails, err)
-}
-
-// beginWrite is a write's first half: admission, the range lock (outside
-// any remote resync window) and the write intent. On success the caller
-// owes endWrite; on error nothing is held.
-func (e *Engine) beginWrite(n, off, lo, hi int64) (*rangeEntry, WriteIntent, error) {
 	var lk *rangeEntry
 	for {
 		if err := e.admit(); err != nil {
-			return nil, nil, err
+			return err
 		}
 		var waited bool
 		if e.mut&mutNoRangeLock != 0 {
@@ -391,31 +357,20 @@ func (e *Engine) beginWrite(n, off, lo, hi int64) (*rangeEntry, WriteIntent, err
 		e.st.windowWaits.Add(1)
 		<-changed
 	}
-	e.userIO.Add(1)
-	wi := e.writeIntent()
-	var err error
-	if wi == nil && e.cfg.RequireIntent {
-		err = fmt.Errorf("raid: write of %d bytes at %d: no write-intent bitmap yet", n, off)
-	} else if wi != nil && e.mut&mutIntentAfterData == 0 {
-		if werr := wi.StartWrite(lo, hi-lo); werr != nil {
-			err = fmt.Errorf("raid: write of %d bytes at %d: write intent: %w", n, off, werr)
-		}
-	}
-	if err != nil {
-		e.locks.unlock(lk)
-		e.release()
-		return nil, nil, err
-	}
-	return lk, wi, nil
-}
-
-// endWrite is a write's second half, once its data is on the copies (or
-// failed): the bitmap's EndWrite (keeping the chunks dirty if a copy
-// missed it), waiting for member failures to be recorded, the counters,
-// and releasing what beginWrite took. It returns the write's result.
-func (e *Engine) endWrite(lk *rangeEntry, wi WriteIntent, n, lo, hi int64, fua, degraded bool, fails []<-chan struct{}, err error) error {
 	defer e.release()
 	defer e.locks.unlock(lk)
+	e.userIO.Add(1)
+
+	wi := e.writeIntent()
+	if wi == nil && e.cfg.RequireIntent {
+		return fmt.Errorf("raid: write of %d bytes at %d: no write-intent bitmap yet", n, off)
+	}
+	if wi != nil && e.mut&mutIntentAfterData == 0 {
+		if err := wi.StartWrite(lo, hi-lo); err != nil {
+			return fmt.Errorf("raid: write of %d bytes at %d: write intent: %w", n, off, err)
+		}
+	}
+	degraded, fails, err := e.writePieces(p, off, lo, hi, fua)
 	if wi != nil && e.mut&mutIntentAfterData != 0 {
 		_ = wi.StartWrite(lo, hi-lo)
 	}
@@ -443,31 +398,6 @@ func (e *Engine) endWrite(lk *rangeEntry, wi WriteIntent, n, lo, hi int64, fua, 
 		e.st.fuaWrites.Add(1)
 	}
 	return nil
-}
-
-// aioReady reports whether every writable member's device takes native
-// AIO now.
-func (e *Engine) aioReady() bool {
-	if !aioAvailable {
-		return false
-	}
-	for _, m := range e.members {
-		if !m.writable() {
-			continue
-		}
-		ref := m.dev.Load()
-		if ref == nil {
-			return false
-		}
-		aw, ok := ref.dev.(asyncWriter)
-		if !ok {
-			return false
-		}
-		if _, ok := aw.aioFD(); !ok {
-			return false
-		}
-	}
-	return true
 }
 
 // writePieces writes the block-aligned range [lo, hi) covering p's
@@ -525,27 +455,13 @@ func max64(a, b int64) int64 {
 }
 
 // writeCopies writes buf, array bytes [off, off+len(buf)), to every
-// writable copy: all of them submitted at once with native AIO where the
-// devices take it, otherwise one goroutine per member. degraded says some
-// copy did not get it (member missing, failed, or failing now). fails are
-// the failure callbacks to wait for. It fails unless every copy was
-// written or its member is now failed, and every block reached a readable
-// copy.
+// writable copy, one goroutine per member. degraded says some copy did not
+// get it (member missing, failed, or failing now). fails are the failure
+// callbacks to wait for. It fails unless every copy was written or its
+// member is now failed, and every block reached a readable copy.
 func (e *Engine) writeCopies(buf []byte, off int64, fua bool) (degraded bool, fails []<-chan struct{}, err error) {
-	pl, degraded := e.planWrite(buf, off)
-	if !fua && e.aioStart(pl, buf) {
-		e.aioFinish(pl)
-	} else {
-		e.runWrites(pl, buf, fua)
-	}
-	return e.writeResult(pl, buf, off, degraded)
-}
-
-// planWrite returns the member operations that write buf at array offset
-// off (a pooled plan: writeResult gives it back) and whether some copy
-// is skipped because its member is not writable.
-func (e *Engine) planWrite(buf []byte, off int64) (pl *plan, degraded bool) {
-	pl = getPlan()
+	pl := getPlan()
+	defer putPlan(pl)
 	e.extents(pl, off, int64(len(buf)))
 	for _, x := range pl.exts {
 		for _, l := range pl.locs[x.lo:x.hi] {
@@ -556,27 +472,17 @@ func (e *Engine) planWrite(buf []byte, off int64) (pl *plan, degraded bool) {
 			pl.add(l.Member, ioOp{dev: l.Off, bo: x.off - off, n: x.n})
 		}
 	}
-	return pl, degraded
-}
-
-// runWrites runs the plan's writes with blocking device writes, one
-// goroutine per member.
-func (e *Engine) runWrites(pl *plan, buf []byte, fua bool) {
-	pl.run(func(g *opGroup) {
-		m := e.members[g.m]
-		for _, op := range g.ops {
-			if err := e.devWrite(m, buf[op.bo:op.bo+op.n], op.dev, fua); err != nil {
-				g.err = err
-				return
+	if fua || !e.writeGroupsAIO(pl, buf) {
+		pl.run(func(g *opGroup) {
+			m := e.members[g.m]
+			for _, op := range g.ops {
+				if err := e.devWrite(m, buf[op.bo:op.bo+op.n], op.dev, fua); err != nil {
+					g.err = err
+					return
+				}
 			}
-		}
-	})
-}
-
-// writeResult judges the plan's outcome (see writeCopies), failing the
-// members whose writes failed, and gives the plan back.
-func (e *Engine) writeResult(pl *plan, buf []byte, off int64, degraded bool) (_ bool, fails []<-chan struct{}, err error) {
-	defer putPlan(pl)
+		})
+	}
 	var errs []error
 	for i := range pl.groups {
 		g := &pl.groups[i]

@@ -51,21 +51,6 @@ type Backend interface {
 	Capabilities() Capabilities
 }
 
-// WriteStarter is an optional Backend extension: a backend whose writes
-// can be handed to the device without a thread waiting on each one. The
-// server uses it for the pieces of a streamed write (see doc.go): the
-// connection's reader starts each piece as its data arrives and one
-// goroutine per request waits for them and replies, instead of a
-// goroutine per piece.
-type WriteStarter interface {
-	// StartWriteAt starts what WriteAt(p, off, flags) does and returns a
-	// function that waits for it and returns WriteAt's result. It may
-	// block while it starts (for admission, say), but not for the device.
-	// wait must be called exactly once, and p must not change until it
-	// returns.
-	StartWriteAt(p []byte, off int64, flags IOFlags) (wait func() error)
-}
-
 // IOFlags modify a write-type Backend call. They mirror the NBD command
 // flags the server passes through.
 type IOFlags uint8

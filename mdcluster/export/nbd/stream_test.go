@@ -4,10 +4,8 @@ import (
 	"bytes"
 	"slices"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"testing"
-	"time"
 )
 
 // pieceBackend records every WriteAt (offset, length, flags), can fail
@@ -53,24 +51,6 @@ func (b *pieceBackend) ReadAt(p []byte, off int64) (int, error) {
 	return b.MemBackend.ReadAt(p, off)
 }
 
-// starterBackend is a pieceBackend that is also a WriteStarter: a started
-// write runs on a goroutine of its own a little later (so the server's
-// waiter really waits), and started counts the writes started.
-type starterBackend struct {
-	*pieceBackend
-	started atomic.Int64
-}
-
-func (b *starterBackend) StartWriteAt(p []byte, off int64, f IOFlags) func() error {
-	b.started.Add(1)
-	ch := make(chan error, 1)
-	go func() {
-		time.Sleep(200 * time.Microsecond)
-		ch <- b.pieceBackend.WriteAt(p, off, f)
-	}()
-	return func() error { return <-ch }
-}
-
 // calls returns the writes so far, sorted by offset, and forgets them.
 func (b *pieceBackend) calls() []pieceCall {
 	b.mu.Lock()
@@ -87,28 +67,11 @@ func (b *pieceBackend) calls() []pieceCall {
 // smaller writes and writes that are not alone in flight go whole; a
 // failed piece fails the request (and only it); and a client that hangs
 // up half-way through the data gets no reply, has none of the missing
-// pieces written and leaves nothing in flight. It runs with a plain
-// backend (a goroutine per piece) and with a WriteStarter (the reader
-// starts the pieces, one waiter replies).
+// pieces written and leaves nothing in flight.
 func TestStreamedWrite(t *testing.T) {
 	const size = 8 << 20
-	t.Run("WriteAt", func(t *testing.T) {
-		be := &pieceBackend{MemBackend: NewMemBackend(size), failAt: -1}
-		testStreamedWrite(t, be, be)
-	})
-	t.Run("StartWriteAt", func(t *testing.T) {
-		be := &starterBackend{pieceBackend: &pieceBackend{MemBackend: NewMemBackend(size), failAt: -1}}
-		testStreamedWrite(t, be.pieceBackend, be)
-		// 21 + 1 + 1 streamed writes of 5 pieces, and the cut-off one's
-		// first piece.
-		if n := be.started.Load(); n != 23*5+1 {
-			t.Fatalf("%d pieces started with StartWriteAt, want %d", n, 23*5+1)
-		}
-	})
-}
-
-func testStreamedWrite(t *testing.T, be *pieceBackend, backend Backend) {
-	s, sock := startServer(t, Config{Exports: []Export{{Name: "p", Backend: backend}}})
+	be := &pieceBackend{MemBackend: NewMemBackend(size), failAt: -1}
+	s, sock := startServer(t, Config{Exports: []Export{{Name: "p", Backend: be}}})
 	c := dialGo(t, sock, "p")
 
 	want := func(what string, got []pieceCall, exp ...pieceCall) {

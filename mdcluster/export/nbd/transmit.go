@@ -247,9 +247,6 @@ const streamPiece = 256 << 10
 // reply (the stream is out of step and the connection closes).
 func (c *conn) streamWrite(r request, buf []byte) error {
 	c.s.stats.streamed.Add(1)
-	if ws, ok := c.exp.Backend.(WriteStarter); ok {
-		return c.streamStarted(ws, r, buf)
-	}
 	j := &streamJob{c: c, r: r, buf: buf}
 	j.left.Store(1) // the reader's own reference, dropped when all is read
 	c.running.Add(1)
@@ -264,46 +261,6 @@ func (c *conn) streamWrite(r request, buf []byte) error {
 		go j.write(lo, hi)
 	}
 	j.done()
-	return nil
-}
-
-// streamStarted is streamWrite for a WriteStarter backend: the reader
-// starts each piece itself as its data arrives, and one goroutine, begun
-// with the first piece, waits for the pieces in order and replies (or,
-// if the data stopped arriving, only releases the buffer once every
-// started piece is done). The waiter runs from the start so that pieces
-// holding backend resources (the engine's in-flight slots) are finished
-// while later ones are read, whatever the write's size.
-func (c *conn) streamStarted(ws WriteStarter, r request, buf []byte) error {
-	pieces := (len(buf) + streamPiece - 1) / streamPiece
-	waits := make(chan func() error, pieces)
-	c.running.Add(1)
-	aborted := false
-	go func() {
-		defer c.running.Done()
-		var first error
-		for w := range waits {
-			if err := w(); err != nil && first == nil {
-				first = err
-			}
-		}
-		if aborted {
-			c.finish(len(buf), buf)
-			return
-		}
-		c.complete(r, first, buf)
-	}()
-	flags := c.ioFlags(r)
-	for lo := 0; lo < len(buf); lo += streamPiece {
-		hi := min(lo+streamPiece, len(buf))
-		if _, err := io.ReadFull(c.br, buf[lo:hi]); err != nil {
-			aborted = true // seen by the waiter after close(waits)
-			close(waits)
-			return c.readErr("write data", err)
-		}
-		waits <- ws.StartWriteAt(buf[lo:hi], int64(r.offset)+int64(lo), flags)
-	}
-	close(waits)
 	return nil
 }
 
