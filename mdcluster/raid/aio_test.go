@@ -294,3 +294,40 @@ func TestAIOConcurrentWrites(t *testing.T) {
 		}
 	}
 }
+
+// TestAIORefusedFallsBack: a mirror whose descriptor AIO refuses with
+// EINVAL (an eventfd swapped in with dup2: it has no write_iter) has that
+// write redone with pwrite, which fails (ESPIPE) and so fails the member;
+// the device uses pwrite from then on, and the other mirror keeps using
+// AIO.
+func TestAIORefusedFallsBack(t *testing.T) {
+	dir := t.TempDir()
+	const size = 4 << 20
+	e, devs := newDirectRAID1(t, size, newFile(t, dir, "a", size), newFile(t, dir, "b", size))
+	efd, err := unix.Eventfd(0, unix.EFD_CLOEXEC)
+	if err != nil {
+		t.Skipf("eventfd: %v", err)
+	}
+	if err := unix.Dup2(efd, devs[1].fd); err != nil {
+		t.Fatal(err)
+	}
+	unix.Close(efd)
+	p := alignedBuf(64 << 10)
+	if err := e.WriteAt(p, 0, 0); err != nil {
+		t.Fatalf("write with one mirror refusing AIO and failing pwrite: %v, want success (degraded)", err)
+	}
+	s := e.Stats()
+	if s.AIOFallbacks != 1 || s.AIOWrites != 1 {
+		t.Fatalf("%d AIO writes, %d fallbacks; want 1 and 1", s.AIOWrites, s.AIOFallbacks)
+	}
+	if _, ok := devs[1].aioFD(); ok {
+		t.Fatal("the device AIO refused still offers AIO")
+	}
+	m := e.Members()
+	if m[1].State != Failed || m[1].Errors == 0 {
+		t.Fatalf("member whose fallback write failed: %v with %d errors, want failed", m[1].State, m[1].Errors)
+	}
+	if _, ok := devs[0].aioFD(); !ok {
+		t.Fatal("the healthy mirror lost AIO")
+	}
+}
