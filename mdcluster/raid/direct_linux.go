@@ -24,6 +24,11 @@ import (
 // writes use pwritev2 with RWF_DSYNC, which the block layer turns into a
 // FUA write (or a write plus flush where the device has no FUA); on
 // kernels without it, WriteAtFUA falls back to a write and fdatasync.
+//
+// The engine does not call WriteAt for its data writes to a DirectFile
+// where it can help it: it submits every member's write of a request at
+// once with Linux native AIO on the descriptor (see writeCopies), and
+// comes back to WriteAt for a write AIO refuses or cuts short.
 type DirectFile struct {
 	fd     int
 	path   string
