@@ -571,10 +571,11 @@ type Stats struct {
 	DegradedWrites, MemberFailures, FailuresRefused uint64
 	// ResyncBytes counts bytes copied by resync, recovery and catch-up.
 	ResyncBytes uint64
-	// AIOWrites counts member writes submitted with Linux native AIO (all
-	// of a request's copies from one thread, see doc.go); AIOFallbacks
-	// member writes that AIO refused or cut short and that were finished
-	// with a plain write.
+	// AIOWrites counts member writes submitted with Linux native AIO (on
+	// DirectFile members every copy of a request is submitted at once
+	// from the calling thread, instead of a blocking write per member);
+	// AIOFallbacks member writes that AIO refused or cut short and that
+	// were finished with a plain write.
 	AIOWrites, AIOFallbacks uint64
 }
 
