@@ -24,6 +24,11 @@ import (
 // writes use pwritev2 with RWF_DSYNC, which the block layer turns into a
 // FUA write (or a write plus flush where the device has no FUA); on
 // kernels without it, WriteAtFUA falls back to a write and fdatasync.
+//
+// The engine does not call WriteAt for its data writes to a DirectFile
+// where it can help it: it submits every member's write of a request at
+// once with Linux native AIO on the descriptor (see writeCopies), and
+// comes back to WriteAt for a write AIO refuses or cuts short.
 type DirectFile struct {
 	fd     int
 	path   string
@@ -33,6 +38,10 @@ type DirectFile struct {
 	// noRWF is set once pwritev2(RWF_DSYNC) was refused, so the fallback
 	// is used from then on without asking again.
 	noRWF atomic.Bool
+	// noAIO is set once native AIO refused a write (EINVAL: the file
+	// system cannot do asynchronous direct I/O); the engine then writes
+	// with pwrite.
+	noAIO atomic.Bool
 }
 
 // OpenDirect opens path read-write with O_DIRECT. File systems without
@@ -211,6 +220,15 @@ func (d *DirectFile) pwrite(p []byte, off int64, fua bool) (int, error) {
 	}
 	return done, nil
 }
+
+// aioFD returns the descriptor for the engine's native AIO writes, or ok
+// false when writes must go through WriteAt (closed, or AIO refused).
+func (d *DirectFile) aioFD() (fd int, ok bool) {
+	return d.fd, !d.closed.Load() && !d.noAIO.Load()
+}
+
+// aioRefused makes every later write go through WriteAt.
+func (d *DirectFile) aioRefused() { d.noAIO.Store(true) }
 
 // Sync flushes the device's volatile cache (fdatasync).
 func (d *DirectFile) Sync() error {

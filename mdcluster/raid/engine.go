@@ -279,6 +279,7 @@ const (
 	mutNoRangeLock     mutation = 1 << iota // overlapping writes are not serialised
 	mutIntentAfterData                      // the bitmap bit is set after the data write
 	mutNoBarrier                            // resync copies without holding writes out
+	mutAIOLoseError                         // an AIO member write's error is taken for success
 )
 
 type intentRef struct{ w WriteIntent }
@@ -291,6 +292,7 @@ type engineStats struct {
 	readRetries, corrected, unrecoverable            atomic.Uint64
 	degradedWrites, memberFailures, notFailed        atomic.Uint64
 	resyncBytes                                      atomic.Uint64
+	aioWrites, aioFallbacks                          atomic.Uint64
 }
 
 // Defaults for Config fields.
@@ -569,6 +571,12 @@ type Stats struct {
 	DegradedWrites, MemberFailures, FailuresRefused uint64
 	// ResyncBytes counts bytes copied by resync, recovery and catch-up.
 	ResyncBytes uint64
+	// AIOWrites counts member writes submitted with Linux native AIO (on
+	// DirectFile members every copy of a request is submitted at once
+	// from the calling thread, instead of a blocking write per member);
+	// AIOFallbacks member writes that AIO refused or cut short and that
+	// were finished with a plain write.
+	AIOWrites, AIOFallbacks uint64
 }
 
 // Stats returns the engine's counters.
@@ -581,7 +589,7 @@ func (e *Engine) Stats() Stats {
 		RangeWaits: s.rangeWaits.Load(), WindowWaits: s.windowWaits.Load(), Bounced: s.bounced.Load(),
 		ReadRetries: s.readRetries.Load(), ReadErrorsCorrected: s.corrected.Load(), ReadErrorsUnrecoverable: s.unrecoverable.Load(),
 		DegradedWrites: s.degradedWrites.Load(), MemberFailures: s.memberFailures.Load(), FailuresRefused: s.notFailed.Load(),
-		ResyncBytes: s.resyncBytes.Load(),
+		ResyncBytes: s.resyncBytes.Load(), AIOWrites: s.aioWrites.Load(), AIOFallbacks: s.aioFallbacks.Load(),
 	}
 }
 
