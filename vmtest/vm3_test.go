@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"encoding/base64"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -49,6 +50,41 @@ const VM3LeaseEnv = "MDCLUSTER_VM3_LEASE"
 // default, 1000, held the dead slot's resync to 1 MB/s under the
 // survivors' writers.
 const VM3SpeedMinEnv = "MDCLUSTER_VM3_SPEED_MIN"
+
+// VM3FenceEnv chooses the survivors' fencing: "stamp" (the default) is the
+// storage generation stamp alone, which waits out the victim's lease;
+// "switch" puts a power switch first (fence_vm3, a ClusterLabs-style agent
+// in the guest that asks the test host to power the victim off, as
+// fence_ipmilan asks a BMC), with the stamp as the second level.
+const VM3FenceEnv = "MDCLUSTER_VM3_FENCE"
+
+// vm3SwitchAgent is fence_vm3: it prints its request on the daemon's log
+// serial (ttyS2, a file on the host) and waits for the host's answer, a
+// file the host creates through the control agent (vm3Cluster.powerSwitch).
+const vm3SwitchAgent = `#!/bin/sh
+action=off port=
+while read -r l; do
+	case "$l" in
+	action=*) action=${l#action=} ;;
+	port=*) port=${l#port=} ;;
+	esac
+done
+case "$action" in
+off|reboot) ;;
+monitor|list) exit 0 ;;
+*) echo "fence_vm3: action $action not supported" >&2; exit 1 ;;
+esac
+[ -n "$port" ] || { echo "fence_vm3: no port" >&2; exit 1; }
+id=$$-$(cut -d' ' -f1 /proc/uptime)
+echo "@@FENCE $id $port" > /dev/ttyS2
+i=0
+while [ ! -e /tmp/fence.$id ]; do
+	i=$((i+1))
+	[ $i -ge 1500 ] && { echo "fence_vm3: no answer from the power switch" >&2; exit 1; }
+	sleep 0.02
+done
+grep -qx off /tmp/fence.$id
+`
 
 // VM3SpareEnv sets how many spare additions are timed (default 5).
 const VM3SpareEnv = "MDCLUSTER_VM3_SPARES"
@@ -95,6 +131,18 @@ func vm3Config(n int) string {
 	if v := os.Getenv(VM3SpeedMinEnv); v != "" {
 		speedMin = v
 	}
+	power := ""
+	if vm3Switch() {
+		power = `[[fencing.level]]
+[[fencing.level.agent]]
+path = "/usr/sbin/fence_vm3"
+timeout = "20s"
+[fencing.level.agent.node_options]
+"1" = { port = "1" }
+"2" = { port = "2" }
+"3" = { port = "3" }
+`
+	}
 	return fmt.Sprintf(`node_id = %d
 profile = %q
 data_dir = "/var/lib/mdc"
@@ -110,7 +158,7 @@ data_nodes = [1, 2, 3]
 m = 2
 [fencing]
 timeout = "60s"
-[[fencing.level]]
+%s[[fencing.level]]
 stamp = true
 [lease]
 duration = %q
@@ -138,8 +186,12 @@ nbd_device = "/dev/nbd1"
 socket = "/run/mdcluster/mdclusterd.sock"
 [shutdown]
 leave_timeout = "10s"
-`, n, profile, n, strings.Join(seeds, ", "), n, lease[0], lease[1], lease[2], speedMin)
+`, n, profile, n, strings.Join(seeds, ", "), n, power, lease[0], lease[1], lease[2], speedMin)
 }
+
+// vm3Switch reports whether the survivors fence through the power switch
+// first (VM3FenceEnv).
+func vm3Switch() bool { return os.Getenv(VM3FenceEnv) == "switch" }
 
 // vm3Init is every guest's /init: the node number comes from the kernel
 // command line (mdcnode=N); the control agent runs on ttyS1, the daemon's
@@ -235,15 +287,20 @@ type vm3VM struct {
 
 // vm3Cluster is the harness.
 type vm3Cluster struct {
-	t        *testing.T
-	work     string // kept on failure
-	kernel   *Kernel
-	initrd   string
-	images   []string
-	hub      *vm3Hub
-	vms      [3]*vm3VM
-	clocks   []string           // every clock measurement, for the report
-	clockLog [][2]time.Duration // offset, error bound of each
+	t *testing.T
+	// powerMu guards the VMs' boot directory and QEMU process between the
+	// test and the power switch (powerSwitch); switchKilled lists the
+	// nodes the switch powered off while they ran.
+	powerMu      sync.Mutex
+	switchKilled []int
+	work         string // kept on failure
+	kernel       *Kernel
+	initrd       string
+	images       []string
+	hub          *vm3Hub
+	vms          [3]*vm3VM
+	clocks       []string           // every clock measurement, for the report
+	clockLog     [][2]time.Duration // offset, error bound of each
 }
 
 func (c *vm3Cluster) logf(format string, args ...any) {
@@ -266,8 +323,10 @@ func (c *vm3Cluster) launch(n int) {
 		v = &vm3VM{n: n}
 		c.vms[n-1] = v
 	}
+	c.powerMu.Lock()
 	v.boot++
 	v.dir = filepath.Join(c.work, fmt.Sprintf("n%d.boot%d", n, v.boot))
+	c.powerMu.Unlock()
 	if err := os.MkdirAll(v.dir, 0o755); err != nil {
 		c.t.Fatal(err)
 	}
@@ -298,8 +357,10 @@ func (c *vm3Cluster) launch(n int) {
 	if err := cmd.Start(); err != nil {
 		c.t.Fatalf("starting QEMU for node %d: %v", n, err)
 	}
+	c.powerMu.Lock()
 	v.cmd = cmd
 	v.exited = make(chan struct{})
+	c.powerMu.Unlock()
 	go func() { cmd.Wait(); qlog.Close(); close(v.exited) }()
 	deadline := time.Now().Add(30 * time.Second)
 	for {
@@ -476,10 +537,97 @@ func (c *vm3Cluster) alive() {
 		}
 		select {
 		case <-v.exited:
+			c.powerMu.Lock()
+			killed := slices.Contains(c.switchKilled, v.n)
+			c.powerMu.Unlock()
+			if killed {
+				c.fatalf("node %d was powered off by the power switch at another node's request while it ran (a false failure suspicion)", v.n)
+			}
 			c.fatalf("node %d's QEMU exited: the guest reset or powered off (a watchdog reset shows as \"softdog\" in %s)", v.n, filepath.Join(v.dir, "console.log"))
 		default:
 		}
 	}
+}
+
+// powerSwitch is the host end of fence_vm3, a power switch: every 20 ms
+// it reads what each VM's daemon log (the current boot's) has gained, and
+// for every "@@FENCE ID PORT" request powers node PORT off (SIGKILL to its
+// QEMU, unless it is off already) and answers on the requester's control
+// channel by creating /tmp/fence.ID holding "off", as a BMC confirms a
+// power-off. A node powered off while it ran makes the test fail (alive).
+func (c *vm3Cluster) powerSwitch(stop <-chan struct{}, done chan<- struct{}) {
+	defer close(done)
+	type pos struct {
+		dir string
+		off int64
+	}
+	seen := map[int]pos{}
+	re := regexp.MustCompile(`@@FENCE (\S+) ([1-3])\b`)
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		select {
+		case <-stop:
+			return
+		case <-tick.C:
+		}
+		for n := 1; n <= 3; n++ {
+			c.powerMu.Lock()
+			dir := ""
+			if v := c.vms[n-1]; v != nil {
+				dir = v.dir
+			}
+			c.powerMu.Unlock()
+			if dir == "" {
+				continue
+			}
+			p := seen[n]
+			if p.dir != dir {
+				p = pos{dir: dir}
+			}
+			f, err := os.Open(filepath.Join(dir, "daemon.log"))
+			if err != nil {
+				continue
+			}
+			b, _ := io.ReadAll(io.NewSectionReader(f, p.off, 1<<40))
+			f.Close()
+			if i := bytes.LastIndexByte(b, '\n'); i >= 0 {
+				b = b[:i+1] // whole lines only
+			} else {
+				b = nil
+			}
+			p.off += int64(len(b))
+			seen[n] = p
+			for _, m := range re.FindAllSubmatch(b, -1) {
+				id, victim := string(m[1]), int(m[2][0]-'0')
+				c.logf("power switch: node %d asks to power node %d off: %s", n, victim, c.powerOff(victim))
+				go func(v *vm3VM) {
+					if _, err := c.try(v, 20*time.Second, "echo off > /tmp/fence."+id); err != nil {
+						c.logf("power switch: answering node %d: %v", v.n, err)
+					}
+				}(c.vms[n-1])
+			}
+		}
+	}
+}
+
+// powerOff powers node n off if it runs, and says what it found.
+func (c *vm3Cluster) powerOff(n int) string {
+	c.powerMu.Lock()
+	defer c.powerMu.Unlock()
+	v := c.vms[n-1]
+	if v == nil || v.cmd == nil {
+		return "no such VM"
+	}
+	select {
+	case <-v.exited:
+		return "it was off already"
+	default:
+	}
+	v.cmd.Process.Kill()
+	<-v.exited
+	c.switchKilled = append(c.switchKilled, n)
+	return "powered off (it was running)"
 }
 
 // fatalf saves every VM's logs, names the directory and fails.
@@ -509,9 +657,11 @@ func (c *vm3Cluster) collect() {
 // kill cuts node n's power: SIGKILL to its QEMU. It returns the host time.
 func (c *vm3Cluster) kill(n int) time.Time {
 	v := c.vms[n-1]
+	c.powerMu.Lock()
 	at := time.Now()
 	v.cmd.Process.Kill()
 	<-v.exited
+	c.powerMu.Unlock()
 	v.conn.Close()
 	v.conn = nil
 	return at
@@ -755,6 +905,7 @@ func TestCluster3VM(t *testing.T) {
 	if _, err := os.Stat("/etc/mke2fs.conf"); err == nil {
 		g.AddHostFile("etc/mke2fs.conf", "/etc/mke2fs.conf", 0o644)
 	}
+	g.AddFile("usr/sbin/fence_vm3", []byte(vm3SwitchAgent), 0o755)
 	g.AddFile("etc/mdc/cluster.key", []byte("766d74657374206b657920666f72207468726565206d64636c7573746572642e\n"), 0o600)
 	for n := 1; n <= 3; n++ {
 		g.AddFile(fmt.Sprintf("etc/mdc/n%d.toml", n), []byte(vm3Config(n)), 0o600)
@@ -787,6 +938,11 @@ func TestCluster3VM(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	if vm3Switch() {
+		stop, done := make(chan struct{}), make(chan struct{})
+		go c.powerSwitch(stop, done)
+		defer func() { close(stop); <-done }()
+	}
 	t0 := time.Now()
 	for n := 1; n <= 3; n++ {
 		c.launch(n)
