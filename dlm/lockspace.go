@@ -173,6 +173,8 @@ type Node struct {
 	// reader, sent when the reader ends its batch (batchDone).
 	parkMu sync.Mutex
 	parked []*space
+	// parkedAny is set while parked is not empty: batchDone's quick check.
+	parkedAny atomic.Bool
 }
 
 type earlyMsg struct {
@@ -299,7 +301,7 @@ func lockspaceID(name string) transport.LockspaceID {
 func (n *Node) receive(from transport.NodeID, ls transport.LockspaceID, gen uint64, payload []byte) {
 	if sp := (*n.lookup.Load())[ls]; sp != nil {
 		sp.mu.Lock()
-		sp.stepParked(NodeID(from), gen, payload)
+		n.stepFrom(sp, from, gen, payload)
 		sp.mu.Unlock()
 		return
 	}
@@ -330,17 +332,35 @@ func (n *Node) receive(from transport.NodeID, ls transport.LockspaceID, gen uint
 	}
 	n.mu.Unlock()
 	sp.mu.Lock()
-	sp.stepParked(NodeID(from), gen, payload)
+	n.stepFrom(sp, from, gen, payload)
 	sp.mu.Unlock()
+}
+
+// stepFrom applies a message the transport's reader handed over: its
+// replies are parked until the reader's batch ends when more frames of the
+// batch follow (the replies to all of them then leave together), and sent
+// at once after the last one, as for a lone request: parking it would only
+// put the reply behind the local wake-ups the step makes. Called with
+// sp.mu held.
+func (n *Node) stepFrom(sp *space, from transport.NodeID, gen uint64, payload []byte) {
+	if n.tr != nil && n.tr.MoreFrames(from) {
+		sp.stepParked(NodeID(from), gen, payload)
+		return
+	}
+	sp.step(NodeID(from), gen, payload)
 }
 
 // batchDone is the transport's end of a reader's batch: the replies the
 // lockspaces parked while it handled the batch's frames leave now, one
 // frame per node and lockspace.
 func (n *Node) batchDone(transport.NodeID) {
+	if !n.parkedAny.Load() {
+		return
+	}
 	n.parkMu.Lock()
 	parked := n.parked
 	n.parked = nil
+	n.parkedAny.Store(false)
 	n.parkMu.Unlock()
 	for i, sp := range parked {
 		sp.mu.Lock()
@@ -698,6 +718,7 @@ func (sp *space) stepParked(from NodeID, gen uint64, payload []byte) {
 				sp.isParked = true
 				sp.node.parkMu.Lock()
 				sp.node.parked = append(sp.node.parked, sp)
+				sp.node.parkedAny.Store(true)
 				sp.node.parkMu.Unlock()
 				break
 			}

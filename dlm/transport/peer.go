@@ -47,6 +47,9 @@ type peer struct {
 	genTable *map[LockspaceID]uint64
 	genLS    LockspaceID
 	genCur   uint64
+	// more is set by the reader while the handler runs for a frame that
+	// further whole frames follow in its buffer (Transport.MoreFrames).
+	more atomic.Bool
 
 	mu      sync.Mutex
 	addr    string // "" while the address is unknown: never dialled, queue bounded

@@ -36,20 +36,37 @@ func (p *peer) readLoop(c *conn) {
 
 // wholeRecordBuffered reports whether c's read buffer holds a complete
 // record, which readFrame handles without reading from the socket.
-func (p *peer) wholeRecordBuffered(c *conn) bool {
+func (p *peer) wholeRecordBuffered(c *conn) bool { return p.wholeRecordAt(c, 0) }
+
+// wholeRecordAt reports whether a complete record starts at byte skip of
+// c's read buffer (the bytes before it are buffered already). It never
+// reads from the socket.
+func (p *peer) wholeRecordAt(c *conn, skip int) bool {
 	b := c.br.Buffered()
-	if b < recHdrLen {
+	if b < skip+recHdrLen {
 		return false
 	}
-	hb, err := c.br.Peek(recHdrLen)
+	hb, err := c.br.Peek(skip + recHdrLen)
 	if err != nil {
 		return false
 	}
-	n, err := recordLen(hb, p.t.cfg.MaxFrameSize)
+	n, err := recordLen(hb[skip:], p.t.cfg.MaxFrameSize)
 	if err != nil {
 		return true // readFrame fails on it without reading
 	}
-	return recHdrLen+n <= b
+	return skip+recHdrLen+n <= b
+}
+
+// MoreFrames reports, while the handler runs for a frame from node from,
+// whether that peer's reader holds further whole frames it will hand
+// over before it waits for the network (and before Config.BatchDone). A
+// handler that holds its replies back until BatchDone can send at once
+// when this is false: the frame is the last of its batch, and waiting
+// would only delay the reply. Only meaningful on the reader's goroutine,
+// that is inside the handler.
+func (t *Transport) MoreFrames(from NodeID) bool {
+	p := (*t.peers.Load())[from]
+	return p != nil && p.more.Load()
 }
 
 // afterFrame keeps acknowledgements flowing after a handled frame: at a
@@ -82,7 +99,9 @@ func (p *peer) readFrame(c *conn) error {
 		if err != nil {
 			return err
 		}
+		p.more.Store(p.wholeRecordAt(c, total))
 		err = p.openAndReceive(c, b[:recHdrLen], b[recHdrLen:])
+		p.more.Store(false)
 		c.br.Discard(total)
 		return err
 	}
