@@ -99,7 +99,17 @@ func TestDemoCore(t *testing.T) {
 	c.Stop()
 	for _, d := range c.Nodes {
 		if l := d.Grep("DATA RACE"); len(l) > 0 {
-			t.Errorf("node %d: the race detector reported a data race (see %s)", d.ID, d.Log)
+			// The log goes with the test's temporary directory: show the
+			// report here.
+			b, _ := os.ReadFile(d.Log)
+			report := string(b)
+			if i := strings.Index(report, "WARNING: DATA RACE"); i >= 0 {
+				report = report[i:]
+			}
+			if len(report) > 20000 {
+				report = report[:20000]
+			}
+			t.Errorf("node %d: the race detector reported a data race:\n%s", d.ID, report)
 		}
 	}
 	t.Logf("create %v, assemble %v, write %v, read back %v", r.Create, r.Assemble, r.Write, r.ReadBack)

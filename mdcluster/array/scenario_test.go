@@ -290,45 +290,58 @@ func Test03SwitchResync(t *testing.T) {
 	for _, id := range c.ids {
 		c.manager(id, nil)
 	}
-	reached := make(chan node.NodeID, 1)
-	c.holdSync(1, SyncResync, 3*testWindow/512, reached)
-	c.createAndAssemble(false, 2, "a.img", "b.img")
-	select {
-	case <-reached:
-	case <-time.After(guard):
-		t.Fatal("node 1 never started the resync")
+	// Whichever node takes the resync lock first resyncs (usually the
+	// creator, not always): it is held at the third window and dies there.
+	reached := make(chan node.NodeID, 3)
+	for _, id := range c.ids {
+		c.holdSync(id, SyncResync, 3*testWindow/512, reached)
 	}
+	c.createAndAssemble(false, 2, "a.img", "b.img")
+	var victim node.NodeID
+	select {
+	case victim = <-reached:
+	case <-time.After(guard):
+		t.Fatal("no node started the resync")
+	}
+	var others []node.NodeID
+	for _, id := range c.ids {
+		if id != victim {
+			c.nodes[id].eng.setBeforeCopy(nil)
+			others = append(others, id)
+		}
+	}
+	t.Logf("node %d is resyncing; nodes %v wait", victim, others)
 	eventually(t, guard, func() bool {
-		for _, id := range []node.NodeID{2, 3} {
+		for _, id := range others {
 			st := c.nodes[id].m.Status()
-			if st.Sync.RemoteFrom != 1 || !st.Sync.Remote.Active() || !st.Sync.Pending {
+			if uint32(st.Sync.RemoteFrom) != uint32(victim) || !st.Sync.Remote.Active() || !st.Sync.Pending {
 				return false
 			}
 		}
 		return true
-	}, "nodes 2 and 3 to see node 1's window (REMOTE) and wait for the resync lock (PENDING)")
-	if w := c.nodes[2].eng.RemoteWindow(); w.Lo != 3*testWindow/512 {
-		t.Fatalf("node 2's engine holds window %+v, want the one at sector %d", w, 3*testWindow/512)
+	}, "the other nodes to see the resyncing node's window (REMOTE) and wait for the resync lock (PENDING)")
+	if w := c.nodes[others[0]].eng.RemoteWindow(); w.Lo != 3*testWindow/512 {
+		t.Fatalf("node %d's engine holds window %+v, want the one at sector %d", others[0], w, 3*testWindow/512)
 	}
-	// Node 2's writes outside the window go through; into it they wait.
-	c.writeSome(2, 90, 0)
-	c.crash(1)
-	c.waitDeparted(1)
+	// Writes outside the window go through; into it they wait.
+	c.writeSome(others[0], 90, 0)
+	c.crash(victim)
+	c.waitDeparted(victim)
 	c.waitSynced()
-	for _, id := range []node.NodeID{2, 3} {
+	for _, id := range others {
 		if st := c.nodes[id].m.Status(); !st.Clean {
 			t.Fatalf("node %d: not clean after the takeover: %+v", id, st)
 		}
 	}
 	c.sameData("a.img", "b.img")
-	// Node 1 comes back: nothing to sync.
-	m1 := c.restart(1)
-	if err := m1.Assemble(c.ctx()); err != nil {
+	// The dead node comes back: nothing to sync.
+	m := c.restart(victim)
+	if err := m.Assemble(c.ctx()); err != nil {
 		t.Fatal(err)
 	}
 	c.agree("")
-	if st := m1.Status(); !st.Clean || st.Sync.Running {
-		t.Fatalf("node 1 after restart: %+v", st)
+	if st := m.Status(); !st.Clean || st.Sync.Running {
+		t.Fatalf("node %d after restart: %+v", victim, st)
 	}
 }
 
@@ -480,25 +493,35 @@ func Test03SwitchResyncStop(t *testing.T) {
 	for _, id := range c.ids {
 		c.manager(id, nil)
 	}
-	reached := make(chan node.NodeID, 1)
-	c.holdSync(1, SyncResync, 4*testWindow/512, reached)
-	c.createAndAssemble(false, 2, "a.img", "b.img")
-	select {
-	case <-reached:
-	case <-time.After(guard):
-		t.Fatal("node 1 never reached the held sync step (another node may have taken the sync)")
+	reached := make(chan node.NodeID, 3)
+	for _, id := range c.ids {
+		c.holdSync(id, SyncResync, 4*testWindow/512, reached)
 	}
-	if err := c.nodes[1].m.Stop(c.ctx()); err != nil {
+	c.createAndAssemble(false, 2, "a.img", "b.img")
+	var victim node.NodeID
+	select {
+	case victim = <-reached:
+	case <-time.After(guard):
+		t.Fatal("no node reached the held sync step")
+	}
+	var others []node.NodeID
+	for _, id := range c.ids {
+		if id != victim {
+			c.nodes[id].eng.setBeforeCopy(nil)
+			others = append(others, id)
+		}
+	}
+	if err := c.nodes[victim].m.Stop(c.ctx()); err != nil {
 		t.Fatal(err)
 	}
 	var resumed uint64
-	for _, id := range []node.NodeID{2, 3} {
+	for _, id := range others {
 		c.nodes[id].m.mu.Lock()
 		resumed = max(resumed, c.nodes[id].m.remote.Hints[workKey(SyncResync, 0)])
 		c.nodes[id].m.mu.Unlock()
 	}
 	c.waitSynced()
-	for _, id := range []node.NodeID{2, 3} {
+	for _, id := range others {
 		if st := c.nodes[id].m.Status(); !st.Clean {
 			t.Fatalf("node %d not clean: %+v", id, st)
 		}
@@ -507,7 +530,8 @@ func Test03SwitchResyncStop(t *testing.T) {
 	if resumed != 4*testWindow/512 {
 		t.Fatalf("the takers' resume point is %d, want %d (the stopped node's last window)", resumed, 4*testWindow/512)
 	}
-	if err := c.nodes[1].m.Assemble(c.ctx()); err != nil {
+	c.nodes[victim].eng.setBeforeCopy(nil)
+	if err := c.nodes[victim].m.Assemble(c.ctx()); err != nil {
 		t.Fatal(err)
 	}
 	c.agree("")

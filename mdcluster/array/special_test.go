@@ -3,6 +3,7 @@ package array
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -465,32 +466,43 @@ func TestMdadmPR130ConfirmWritesNoSuperblock(t *testing.T) {
 
 // TestMdBugMakeResyncLockInterruptible is md's "make resync lock also
 // could be interruptted" and "introduce dlm_lock_sync_interruptible to fix
-// tasks hang": while node 1 resyncs, node 2 waits for the resync lock
-// (PENDING); stopping node 2's array does not wait for node 1.
+// tasks hang": while one node resyncs, another waits for the resync lock
+// (PENDING); stopping the waiter's array does not wait for the resync.
 func TestMdBugMakeResyncLockInterruptible(t *testing.T) {
 	c := newTCluster(t, 3)
 	for _, id := range c.ids {
 		c.manager(id, nil)
 	}
-	reached := make(chan node.NodeID, 1)
-	c.holdSync(1, SyncResync, 0, reached)
+	// Whichever node takes the resync lock first is held in its resync.
+	reached := make(chan node.NodeID, 3)
+	for _, id := range c.ids {
+		c.holdSync(id, SyncResync, 0, reached)
+	}
 	c.fill("a.img", 1)
 	c.fill("b.img", 2)
 	c.createAndAssemble(false, 2, "a.img", "b.img")
+	var holder node.NodeID
 	select {
-	case <-reached:
+	case holder = <-reached:
 	case <-time.After(guard):
-		t.Fatal("node 1 never reached the held sync step (another node may have taken the sync)")
+		t.Fatal("no node reached the held sync step")
 	}
-	eventually(t, guard, func() bool { return c.nodes[2].m.Status().Sync.Pending }, "node 2 to wait for the resync lock")
+	waiter := c.ids[0]
+	for _, id := range c.ids {
+		if id != holder {
+			c.nodes[id].eng.setBeforeCopy(nil)
+			waiter = id
+		}
+	}
+	eventually(t, guard, func() bool { return c.nodes[waiter].m.Status().Sync.Pending }, fmt.Sprintf("node %d to wait for the resync lock", waiter))
 	start := time.Now()
-	if err := c.nodes[2].m.Stop(c.ctx()); err != nil {
+	if err := c.nodes[waiter].m.Stop(c.ctx()); err != nil {
 		t.Fatal(err)
 	}
 	if took := time.Since(start); took > 3*time.Second {
 		t.Fatalf("stopping a node that waits for the resync lock took %v", took)
 	}
-	c.nodes[1].eng.setBeforeCopy(nil)
+	c.nodes[holder].eng.setBeforeCopy(nil)
 }
 
 // TestMdBugUnsupportedMessagesAnswered: md before the 2024 timeout fix
