@@ -49,6 +49,9 @@ func TestDemoCore(t *testing.T) {
 				b, _ := os.ReadFile(d.Log)
 				lines := strings.Split(string(b), "\n")
 				t.Logf("--- node %d log (last 40 lines):\n%s", d.ID, strings.Join(lines[max(0, len(lines)-40):], "\n"))
+				if i := strings.Index(string(b), "WARNING: DATA RACE"); i >= 0 {
+					t.Logf("--- node %d: race report:\n%s", d.ID, string(b[i:min(len(b), i+20000)]))
+				}
 			}
 		}
 	}()

@@ -71,6 +71,9 @@ type Daemon struct {
 	fencer  *recordingFencer
 	stamper *stamperSlot
 	node    *node.Node
+	// nodeRef is node for the node's own goroutines (onEvent): they run
+	// from node.New on, before Start has set node.
+	nodeRef atomic.Pointer[node.Node]
 	control *controlServer
 	mserver *metricsServer
 	started time.Time
@@ -156,6 +159,7 @@ func Start(ctx context.Context, opts Options) (d *Daemon, err error) {
 		return nil, fmt.Errorf("starting the node: %w", err)
 	}
 	d.node = n
+	d.nodeRef.Store(n)
 	d.started = time.Now()
 	undo = append(undo, func() { _ = n.Close() })
 
@@ -223,10 +227,11 @@ func (d *Daemon) onEvent(e node.Event) {
 	default:
 		return
 	}
-	if d.node == nil {
+	n := d.nodeRef.Load()
+	if n == nil {
 		return
 	}
-	st := d.node.Status()
+	st := n.Status()
 	q := "quorate"
 	if !st.Quorate {
 		q = "not quorate"
@@ -241,14 +246,15 @@ func (d *Daemon) onEvent(e node.Event) {
 // ballot would then ignore that view's fence.
 func (d *Daemon) tellView(e node.Event) {
 	obs, ok := d.arrays.(ViewObserver)
-	if !ok || d.node == nil {
+	n := d.nodeRef.Load()
+	if !ok || n == nil {
 		return
 	}
 	switch e.Kind {
 	case node.EventInstall, node.EventRecovered, node.EventQuorum:
 		d.viewMu.Lock()
 		defer d.viewMu.Unlock()
-		st := d.node.Status()
+		st := n.Status()
 		obs.SetView(st.View.Gen, st.Quorate)
 	}
 }
