@@ -557,6 +557,8 @@ func (c *vm3Cluster) alive() {
 // power-off. A node powered off while it ran makes the test fail (alive).
 func (c *vm3Cluster) powerSwitch(stop <-chan struct{}, done chan<- struct{}) {
 	defer close(done)
+	var answers sync.WaitGroup // the answers in flight end before the test does
+	defer answers.Wait()
 	type pos struct {
 		dir string
 		off int64
@@ -601,11 +603,12 @@ func (c *vm3Cluster) powerSwitch(stop <-chan struct{}, done chan<- struct{}) {
 			for _, m := range re.FindAllSubmatch(b, -1) {
 				id, victim := string(m[1]), int(m[2][0]-'0')
 				c.logf("power switch: node %d asks to power node %d off: %s", n, victim, c.powerOff(victim))
-				go func(v *vm3VM) {
+				answers.Go(func() {
+					v := c.vms[n-1]
 					if _, err := c.try(v, 20*time.Second, "echo off > /tmp/fence."+id); err != nil {
 						c.logf("power switch: answering node %d: %v", v.n, err)
 					}
-				}(c.vms[n-1])
+				})
 			}
 		}
 	}
