@@ -203,6 +203,10 @@ func (s *Superblock) Validate() error {
 // DLM slot numbers and a 64-bit recovery map, so more than 64 cannot work.
 const MaxNodes = 64
 
+// DefaultNodes is mdadm's node count for --bitmap=clustered when --nodes
+// is not given.
+const DefaultNodes = 4
+
 // MaxBits bounds the number of chunks in one slot (2^31 bits = 256 MiB of
 // bitmap). mdadm caps internal bitmaps far below this; anything larger is
 // certainly corrupt and would make us allocate absurd buffers.

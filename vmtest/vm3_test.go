@@ -86,6 +86,10 @@ done
 grep -qx off /tmp/fence.$id
 `
 
+// VM3LogEnv sets the daemons' log level (default "info"; "debug" shows
+// every step of a change, with its time, in each node's daemon.log).
+const VM3LogEnv = "MDCLUSTER_VM3_LOG"
+
 // VM3SpareEnv sets how many spare additions are timed (default 5).
 const VM3SpareEnv = "MDCLUSTER_VM3_SPARES"
 
@@ -130,6 +134,10 @@ func vm3Config(n int) string {
 	speedMin := "100000"
 	if v := os.Getenv(VM3SpeedMinEnv); v != "" {
 		speedMin = v
+	}
+	logLevel := "info"
+	if v := os.Getenv(VM3LogEnv); v != "" {
+		logLevel = v
 	}
 	power := ""
 	if vm3Switch() {
@@ -186,7 +194,9 @@ nbd_device = "/dev/nbd1"
 socket = "/run/mdcluster/mdclusterd.sock"
 [shutdown]
 leave_timeout = "10s"
-`, n, profile, n, strings.Join(seeds, ", "), n, power, lease[0], lease[1], lease[2], speedMin)
+[log]
+level = %q
+`, n, profile, n, strings.Join(seeds, ", "), n, power, lease[0], lease[1], lease[2], speedMin, logLevel)
 }
 
 // vm3Switch reports whether the survivors fence through the power switch

@@ -9,8 +9,9 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/mdcluster/mdcluster/mdcluster/array"
+	"github.com/mdcluster/mdcluster/bitmap"
 	"github.com/mdcluster/mdcluster/mdcluster/ctl"
+	"github.com/mdcluster/mdcluster/mdcluster/superblock"
 )
 
 // version is mdadm-go's version; builds may set it with
@@ -448,7 +449,7 @@ func (p *parser) option(code, shown, val string) bool {
 		case 1:
 			p.fail(exitUsage, "layout not meaningful for raid1 arrays.\n")
 		}
-		if _, err := array.ParseRaid10Layout(val); err != nil {
+		if _, err := superblock.ParseRaid10Layout(val); err != nil {
 			p.fail(exitUsage, "layout for raid10 must be 'nNN', 'oNN' or 'fNN' where NN is a number, not %s\n", val)
 		}
 		o.layout = val
@@ -492,8 +493,8 @@ func (p *parser) option(code, shown, val string) bool {
 		if o.name != "" {
 			p.fail(exitUsage, "name cannot be set twice.  Second value %s.\n", val)
 		}
-		if len(val) > array.MaxName {
-			p.fail(exitUsage, "name '%s' is too long (at most %d characters)\n", val, array.MaxName)
+		if len(val) > superblock.MaxName {
+			p.fail(exitUsage, "name '%s' is too long (at most %d characters)\n", val, superblock.MaxName)
 		}
 		o.name = val
 	case code == "readonly" && in(modeAssemble):
@@ -514,7 +515,7 @@ func (p *parser) option(code, shown, val string) bool {
 		case "none", "internal":
 		case "clustered":
 			if o.nodes < 1 {
-				o.nodes = array.DefaultNodes
+				o.nodes = bitmap.DefaultNodes
 			}
 		default:
 			if strings.Contains(val, "/") {

@@ -21,7 +21,6 @@ import (
 	"fmt"
 	"io"
 	"math/bits"
-	"strconv"
 	"strings"
 	"time"
 
@@ -57,7 +56,7 @@ const (
 	// DefaultChunkSize is mdadm's raid10 chunk when none is given.
 	DefaultChunkSize = 512 << 10
 	// DefaultNodes is mdadm's node count for --bitmap=clustered.
-	DefaultNodes = 4
+	DefaultNodes = bitmap.DefaultNodes
 	// MaxNodes is the most node slots Create writes: md-cluster recovers
 	// slots through a 64-bit map, and the bitmap package refuses more.
 	MaxNodes = bitmap.MaxNodes
@@ -66,7 +65,7 @@ const (
 	MaxClusterName = bitmap.ClusterNameLen - 1
 	// MaxName is the longest array name (set_name is 32 bytes, and mdadm
 	// keeps a NUL).
-	MaxName = 31
+	MaxName = superblock.MaxName
 
 	// bitmapOffset is where mdadm puts an internal bitmap on v1.2
 	// metadata: 8 sectors (4 KiB) after the superblock.
@@ -323,31 +322,9 @@ type oldSB struct {
 	desc   string
 }
 
-// ParseRaid10Layout turns mdadm's raid10 layout names into md's layout
-// word: "nN" is N near copies (0x100 + N), "fN" N far copies (N<<8 + 1),
-// "oN" N offset copies (0x10000 + N<<8 + 1), with 1 <= N <= 200.
-func ParseRaid10Layout(s string) (uint32, error) {
-	bad := fmt.Errorf("layout for raid10 must be 'nNN', 'oNN' or 'fNN' where NN is a number, not %s", s)
-	if len(s) < 2 || (s[0] != 'n' && s[0] != 'f' && s[0] != 'o') {
-		return 0, bad
-	}
-	for _, c := range s[1:] {
-		if c < '0' || c > '9' {
-			return 0, bad
-		}
-	}
-	n, err := strconv.Atoi(s[1:])
-	if err != nil || n < 1 || n > 200 {
-		return 0, bad
-	}
-	switch s[0] {
-	case 'n':
-		return 0x100 + uint32(n), nil
-	case 'o':
-		return 0x10000 + uint32(n)<<8 + 1, nil
-	}
-	return uint32(n)<<8 + 1, nil
-}
+// ParseRaid10Layout is superblock.ParseRaid10Layout: mdadm's raid10 layout
+// syntax (nN, fN, oN) as md's layout word.
+func ParseRaid10Layout(s string) (uint32, error) { return superblock.ParseRaid10Layout(s) }
 
 // chooseBMSpace is the room mdadm sets aside for a bitmap on a device of
 // devSectors sectors when it has not sized one yet: 4 KiB, 64 KiB above
