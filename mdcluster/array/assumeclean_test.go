@@ -24,6 +24,36 @@ func (s *syncCounter) Sync(ctx context.Context, req SyncRequest) error {
 	return s.RAIDEngine.Sync(ctx, req)
 }
 
+// standaloneImages makes empty member images of imgSize bytes in a new
+// directory.
+func standaloneImages(t *testing.T, names ...string) (dir string, paths []string) {
+	t.Helper()
+	dir = t.TempDir()
+	for _, n := range names {
+		p := filepath.Join(dir, n)
+		if err := os.WriteFile(p, nil, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Truncate(p, imgSize); err != nil {
+			t.Fatal(err)
+		}
+		paths = append(paths, p)
+	}
+	return dir, paths
+}
+
+// standaloneManager is a manager without a cluster (node-local arrays) over
+// the devices glob matches.
+func standaloneManager(t *testing.T, kv store.Store, eng Engine, glob string) *Manager {
+	t.Helper()
+	m, err := New(Config{Store: kv, Devices: []string{glob}, Engine: eng, Logger: testLog(t),
+		ResyncRetry: 50 * time.Millisecond, ResyncWindow: testWindow, DaemonSleep: 100 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
 // TestAssumeCleanInternalNoResync: an array created here with an internal
 // bitmap and --assume-clean starts without any resync, and its bitmap is
 // clean on disk; without --assume-clean it resyncs in full. (Create writes
@@ -33,24 +63,9 @@ func TestAssumeCleanInternalNoResync(t *testing.T) {
 	for _, clean := range []bool{true, false} {
 		name := map[bool]string{true: "assume-clean", false: "resync"}[clean]
 		t.Run(name, func(t *testing.T) {
-			dir := t.TempDir()
-			var paths []string
-			for _, n := range []string{"a.img", "b.img"} {
-				p := filepath.Join(dir, n)
-				if err := os.WriteFile(p, nil, 0o644); err != nil {
-					t.Fatal(err)
-				}
-				if err := os.Truncate(p, imgSize); err != nil {
-					t.Fatal(err)
-				}
-				paths = append(paths, p)
-			}
+			dir, paths := standaloneImages(t, "a.img", "b.img")
 			eng := &syncCounter{RAIDEngine: NewRAIDEngine(RAIDEngineConfig{TickInterval: 50 * time.Millisecond, ResyncIOSize: copyStep, Logger: testLog(t)})}
-			m, err := New(Config{Store: store.NewMem(), Devices: []string{filepath.Join(dir, "*.img")}, Engine: eng, Logger: testLog(t),
-				ResyncRetry: 50 * time.Millisecond, ResyncWindow: testWindow, DaemonSleep: 100 * time.Millisecond})
-			if err != nil {
-				t.Fatal(err)
-			}
+			m := standaloneManager(t, store.NewMem(), eng, filepath.Join(dir, "*.img"))
 			ctx, cancel := context.WithTimeout(context.Background(), guard)
 			defer cancel()
 			c, err := m.Create(ctx, CreateSpec{Level: 1, RaidDevices: 2, Bitmap: BitmapInternal, BitmapChunk: testBitmapChunk,
@@ -90,27 +105,11 @@ func TestAssumeCleanInternalNoResync(t *testing.T) {
 // (with the data it had before, missing every write since) it is not
 // taken as a current mirror.
 func TestStandaloneAssembleFailsMissingMember(t *testing.T) {
-	dir := t.TempDir()
-	var paths []string
-	for _, n := range []string{"a.img", "b.img"} {
-		p := filepath.Join(dir, n)
-		if err := os.WriteFile(p, nil, 0o644); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.Truncate(p, imgSize); err != nil {
-			t.Fatal(err)
-		}
-		paths = append(paths, p)
-	}
+	dir, paths := standaloneImages(t, "a.img", "b.img")
 	kv := store.NewMem()
 	newManager := func(glob string) *Manager {
 		eng := NewRAIDEngine(RAIDEngineConfig{TickInterval: 50 * time.Millisecond, ResyncIOSize: copyStep, Logger: testLog(t)})
-		m, err := New(Config{Store: kv, Devices: []string{filepath.Join(dir, glob)}, Engine: eng, Logger: testLog(t),
-			ResyncRetry: 50 * time.Millisecond, ResyncWindow: testWindow, DaemonSleep: 100 * time.Millisecond})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return m
+		return standaloneManager(t, kv, eng, filepath.Join(dir, glob))
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), guard)
 	defer cancel()

@@ -228,6 +228,14 @@ func (c *tcluster) hide(id node.NodeID, name string) {
 	tn.hideMu.Unlock()
 }
 
+// unhide makes a device hidden with hide visible to node id again.
+func (c *tcluster) unhide(id node.NodeID, name string) {
+	tn := c.nodes[id]
+	tn.hideMu.Lock()
+	delete(tn.hidden, name)
+	tn.hideMu.Unlock()
+}
+
 // image creates a member image file and returns its path.
 func (c *tcluster) image(name string) string {
 	c.t.Helper()

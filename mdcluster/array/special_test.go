@@ -586,20 +586,25 @@ func TestMdBugFixNoRecoveryJobWhenAddingReAddingDisk(t *testing.T) {
 	c.sameData("b.img", "c.img")
 }
 
+// hiddenMemberCluster is two nodes and a raid1 over a.img and b.img that
+// node 1 created and node 2 attached to, node 2 not seeing b.img.
+func hiddenMemberCluster(t *testing.T) *tcluster {
+	c := newTCluster(t, 2)
+	for _, id := range c.ids {
+		c.manager(id, nil)
+	}
+	c.hide(2, "b.img")
+	c.startCreate(true, 2, "a.img", "b.img")
+	return c
+}
+
 // TestAssembleRefusedWithoutAWorkingMember: a node that does not see a
 // member the array lists as in sync must not run the array. It used to:
 // node 2 assembled over a.img alone and its writes never reached b.img,
 // which node 1 kept reading as an in-sync mirror (stale data served), and
 // node 2's bitmap bits were cleared as if both mirrors had the write.
 func TestAssembleRefusedWithoutAWorkingMember(t *testing.T) {
-	c := newTCluster(t, 2)
-	for _, id := range c.ids {
-		c.manager(id, nil)
-	}
-	c.image("a.img")
-	c.image("b.img")
-	c.hide(2, "b.img")
-	c.startCreate(true, 2, "a.img", "b.img")
+	c := hiddenMemberCluster(t)
 	err := c.nodes[2].m.Assemble(c.ctx())
 	if !errors.Is(err, ErrMemberNotSeen) {
 		t.Fatalf("node 2 assembled without seeing b.img: %v (want ErrMemberNotSeen)", err)
@@ -614,9 +619,7 @@ func TestAssembleRefusedWithoutAWorkingMember(t *testing.T) {
 	if got := len(c.nodes[1].m.Members()); got != 2 {
 		t.Fatalf("node 1 has %d members", got)
 	}
-	c.nodes[2].hideMu.Lock()
-	delete(c.nodes[2].hidden, "b.img")
-	c.nodes[2].hideMu.Unlock()
+	c.unhide(2, "b.img")
 	if err := c.nodes[2].m.Assemble(c.ctx()); err != nil {
 		t.Fatalf("node 2 seeing every member: %v", err)
 	}
@@ -628,14 +631,7 @@ func TestAssembleRefusedWithoutAWorkingMember(t *testing.T) {
 // it as faulty for every node, as md records a member missing at
 // assemble, and runs degraded; the node that saw it fails it too.
 func TestForcedAssembleFailsUnseenMember(t *testing.T) {
-	c := newTCluster(t, 2)
-	for _, id := range c.ids {
-		c.manager(id, nil)
-	}
-	c.image("a.img")
-	c.image("b.img")
-	c.hide(2, "b.img")
-	c.startCreate(true, 2, "a.img", "b.img")
+	c := hiddenMemberCluster(t)
 	if err := c.nodes[2].m.AssembleWith(c.ctx(), AssembleOptions{FailUnseen: true}); err != nil {
 		t.Fatalf("forced assemble: %v", err)
 	}

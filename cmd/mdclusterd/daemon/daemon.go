@@ -70,9 +70,8 @@ type Daemon struct {
 	notify  func(states ...string) (bool, error)
 	fencer  *recordingFencer
 	stamper *stamperSlot
-	node    *node.Node
-	// nodeRef is node for the node's own goroutines (onEvent): they run
-	// from node.New on, before Start has set node.
+	// nodeRef is the node (Node). Atomic: the node's own goroutines
+	// (onEvent) run from node.New on, before Start has stored it.
 	nodeRef atomic.Pointer[node.Node]
 	control *controlServer
 	mserver *metricsServer
@@ -158,7 +157,6 @@ func Start(ctx context.Context, opts Options) (d *Daemon, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("starting the node: %w", err)
 	}
-	d.node = n
 	d.nodeRef.Store(n)
 	d.started = time.Now()
 	undo = append(undo, func() { _ = n.Close() })
@@ -189,7 +187,7 @@ func Start(ctx context.Context, opts Options) (d *Daemon, err error) {
 }
 
 // Node returns the node runtime (for the array layer and tests).
-func (d *Daemon) Node() *node.Node { return d.node }
+func (d *Daemon) Node() *node.Node { return d.nodeRef.Load() }
 
 // Metrics returns the daemon's metrics (its Registry is the seam for the
 // array layer's collectors).
@@ -310,7 +308,7 @@ func (d *Daemon) leave(ctx context.Context) error {
 		// others take over without fencing a node that may write.
 		return fmt.Errorf("the array layer did not quiesce, so the node does not leave gracefully: %w", err)
 	}
-	if v := d.node.Status().View; len(v.Members) == 1 && v.Members[0] == d.cfg.NodeID {
+	if v := d.Node().Status().View; len(v.Members) == 1 && v.Members[0] == d.cfg.NodeID {
 		// Nobody remains to install a view without this node, so the
 		// agreement's leave could never complete; nobody is there to
 		// fence it either. Restarted, it finds its view again.
@@ -318,7 +316,7 @@ func (d *Daemon) leave(ctx context.Context) error {
 		return nil
 	}
 	start := time.Now()
-	if err := d.node.Leave(ctx); err != nil {
+	if err := d.Node().Leave(ctx); err != nil {
 		return fmt.Errorf("leaving the cluster within shutdown.leave_timeout (%v): %w", d.cfg.Shutdown.LeaveTimeout, err)
 	}
 	d.log.Info("left the cluster gracefully", "took", time.Since(start).Round(time.Millisecond))
@@ -340,7 +338,7 @@ func (d *Daemon) Close() {
 		if err := d.arrays.Close(); err != nil {
 			d.log.Error("closing the array layer", "err", err)
 		}
-		if err := d.node.Close(); err != nil {
+		if err := d.Node().Close(); err != nil {
 			d.log.Error("closing the node", "err", err)
 		}
 		d.log.Info("mdclusterd stopped")
@@ -397,7 +395,7 @@ func (d *Daemon) leaveCommand(ctx context.Context) (any, error) {
 
 // Status reports the node as the `status` command shows it.
 func (d *Daemon) Status() ctl.Status {
-	n := d.node
+	n := d.Node()
 	st := n.Status()
 	alive := n.Alive()
 	q := d.cfg.Quorum
@@ -469,7 +467,7 @@ func ids32(ids []membership.NodeID) []uint32 {
 
 // Locks dumps one lockspace, or all of them when name is empty.
 func (d *Daemon) Locks(name string) (ctl.Locks, error) {
-	dn := d.node.DLM()
+	dn := d.Node().DLM()
 	names := dn.Lockspaces()
 	if name != "" {
 		if !slices.Contains(names, name) {
