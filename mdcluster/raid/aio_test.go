@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -26,7 +27,38 @@ import (
 // read-only descriptor (refused at submission: EBADF) and one at an
 // unaligned offset (EINVAL), whose errors must come back on those writes
 // alone.
+//
+// It runs twice: through the pool, whose contexts wait for their
+// completions on an eventfd in the runtime's poller, and on contexts that
+// reap by blocking in io_getevents (the fallback where the eventfd cannot
+// be polled).
 func TestAIOWriteAll(t *testing.T) {
+	t.Run("pool", func(t *testing.T) {
+		c := getAIOCtx()
+		if c == nil {
+			t.Skip("native AIO not available")
+		}
+		polled := c.done != nil
+		putAIOCtx(c)
+		if !polled {
+			t.Fatal("the pool's context has no pollable eventfd: its writes would block a thread each")
+		}
+		testAIOWriteAll(t, aioWriteAll)
+	})
+	t.Run("blocking", func(t *testing.T) {
+		testAIOWriteAll(t, func(ws []aioWrite) bool {
+			c, e := newAIOCtx(false)
+			if e != 0 {
+				return false
+			}
+			defer unix.Syscall(unix.SYS_IO_DESTROY, c.id, 0, 0)
+			c.writeAll(ws)
+			return true
+		})
+	})
+}
+
+func testAIOWriteAll(t *testing.T, writeAll func([]aioWrite) bool) {
 	dir := t.TempDir()
 	const files, per, size = 3, 4, 8 << 20
 	var fds []int
@@ -62,7 +94,7 @@ func TestAIOWriteAll(t *testing.T) {
 				}
 				ws = append(ws, aioWrite{fd: ro, p: alignedBuf(bs), off: 0},
 					aioWrite{fd: fds[1], p: alignedBuf(bs), off: 1})
-				if !aioWriteAll(ws) {
+				if !writeAll(ws) {
 					errc <- errors.New("native AIO not available")
 					return
 				}
@@ -330,4 +362,133 @@ func TestAIORefusedFallsBack(t *testing.T) {
 	if _, ok := devs[0].aioFD(); !ok {
 		t.Fatal("the healthy mirror lost AIO")
 	}
+}
+
+// TestAIOWaitHoldsNoThread: requests waiting for their member writes must
+// not hold an OS thread each, blocked in io_getevents. A child process
+// starts 64 writers, each with a context of its own and a 64 KiB O_DIRECT
+// write in flight most of the time, while a sampler reads every thread's
+// current system call (/proc/self/task/*/syscall) and reports the most
+// threads it saw in io_getevents at once. With the poller waits only the
+// final, non-blocking reap is ever there; the same child with contexts
+// that block in io_getevents is run as the control and must show more, or
+// the test would prove nothing.
+func TestAIOWaitHoldsNoThread(t *testing.T) {
+	const childEnv = "RAID_AIO_THREADS_CHILD"
+	if mode := os.Getenv(childEnv); mode != "" {
+		aioThreadsChild(t, mode == "poll")
+		return
+	}
+	if testing.Short() {
+		t.Skip("starts child processes")
+	}
+	inGetevents := func(mode string) int {
+		cmd := exec.Command(os.Args[0], "-test.run=^TestAIOWaitHoldsNoThread$", "-test.count=1", "-test.v")
+		cmd.Env = append(os.Environ(), childEnv+"="+mode, "TMPDIR="+t.TempDir())
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("child (%s): %v\n%s", mode, err, out)
+		}
+		for _, l := range strings.Split(string(out), "\n") {
+			var n int
+			if _, err := fmt.Sscanf(strings.TrimSpace(l), "in io_getevents: %d", &n); err == nil {
+				return n
+			}
+			if strings.Contains(l, "SKIP") {
+				t.Skipf("child (%s): %s", mode, out)
+			}
+		}
+		t.Fatalf("child (%s) reported no count:\n%s", mode, out)
+		return 0
+	}
+	polled, blocking := inGetevents("poll"), inGetevents("block")
+	t.Logf("most threads seen in io_getevents at once, 64 writers: %d waiting in the poller, %d with blocking reaps", polled, blocking)
+	if polled > 2 {
+		t.Errorf("%d threads at once in io_getevents with the poller waits, want at most 2 (the non-blocking reaps): waiting writers hold threads", polled)
+	}
+	if blocking <= 2 {
+		t.Errorf("the blocking control had at most %d threads in io_getevents at once: the test cannot tell the two apart", blocking)
+	}
+}
+
+// aioThreadsChild is TestAIOWaitHoldsNoThread's child: 64 writers each
+// make 200 writes of 64 KiB while a sampler counts the threads in
+// io_getevents; it prints "in io_getevents: N", the most at once.
+func aioThreadsChild(t *testing.T, poll bool) {
+	dir := t.TempDir()
+	const writers, writes, bs = 64, 200, 64 << 10
+	path := filepath.Join(dir, "f")
+	// Written in full first: no write allocates blocks.
+	if err := os.WriteFile(path, make([]byte, writers*bs), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	fd := openDirect(t, path).fd
+	stop := make(chan struct{})
+	most := make(chan int)
+	go func() {
+		m := 0
+		for {
+			select {
+			case <-stop:
+				most <- m
+				return
+			default:
+			}
+			m = max(m, threadsInSyscall(unix.SYS_IO_GETEVENTS))
+			time.Sleep(200 * time.Microsecond)
+		}
+	}()
+	var wg sync.WaitGroup
+	errc := make(chan error, writers)
+	for w := range writers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c, e := newAIOCtx(poll)
+			if e != 0 {
+				errc <- fmt.Errorf("io_setup: %v", e)
+				return
+			}
+			defer unix.Syscall(unix.SYS_IO_DESTROY, c.id, 0, 0)
+			if poll && c.done == nil {
+				errc <- errors.New("no pollable eventfd")
+				return
+			}
+			p := alignedBuf(bs)
+			for range writes {
+				ws := []aioWrite{{fd: fd, p: p, off: int64(w * bs)}}
+				c.writeAll(ws)
+				if ws[0].res != bs {
+					errc <- fmt.Errorf("write: result %d", ws[0].res)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(stop)
+	m := <-most
+	close(errc)
+	for err := range errc {
+		t.Fatal(err)
+	}
+	fmt.Printf("in io_getevents: %d\n", m)
+}
+
+// threadsInSyscall counts this process's threads whose current system
+// call is nr.
+func threadsInSyscall(nr int) int {
+	tasks, _ := os.ReadDir("/proc/self/task")
+	n := 0
+	for _, task := range tasks {
+		b, err := os.ReadFile("/proc/self/task/" + task.Name() + "/syscall")
+		if err != nil {
+			continue
+		}
+		var got int
+		if _, err := fmt.Sscan(string(b), &got); err == nil && got == nr {
+			n++
+		}
+	}
+	return n
 }

@@ -425,6 +425,7 @@ func TestNBDClients(t *testing.T) {
 //
 // Targets: NBD / engine ≥ 0.7 for sequential, ≥ 0.5 for random writes.
 // NBD_RAID_BENCH_SEQ_DEPTH lists the sequential depths (default "1,4");
+// NBD_RAID_BENCH_RAND=0 leaves out the random writes;
 // NBD_RAID_BENCH_FIO_ARGS adds fio options to every job;
 // NBD_RAID_BENCH_ONLY=nbd (or engine) runs one side alone, so that
 // -cpuprofile, -blockprofile and -mutexprofile show just the server (or
@@ -464,7 +465,9 @@ func TestBenchNBDvsEngine(t *testing.T) {
 		}
 		loads = append(loads, load{name: fmt.Sprintf("seq 1 MiB qd%d", d), bs: 1 << 20, depth: d, total: 64 << 20})
 	}
-	loads = append(loads, load{name: "rand 4 KiB qd32", bs: 4096, depth: 32, total: 16 << 20, random: true})
+	if os.Getenv("NBD_RAID_BENCH_RAND") != "0" {
+		loads = append(loads, load{name: "rand 4 KiB qd32", bs: 4096, depth: 32, total: 16 << 20, random: true})
+	}
 	for i := range loads {
 		l := &loads[i]
 		rw := "write"
