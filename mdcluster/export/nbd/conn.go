@@ -21,8 +21,9 @@ const (
 // conn is one client connection: negotiation, then transmission.
 //
 // One goroutine (serve) reads the socket: options, then request headers and
-// write data. Each request that reaches the backend runs in a goroutine of
-// its own and queues its reply when done, so replies go out in completion
+// write data. Each request that reaches the backend runs on a worker
+// goroutine of its own (kept for later requests once done) and queues its
+// reply when done, so replies go out in completion
 // order; whichever completion finds no writer at work writes the queue out
 // with one writev per batch (see reply), so completions never wait for
 // each other's socket writes.
@@ -60,6 +61,13 @@ type conn struct {
 	iov     net.Buffers    // a batch's writev
 
 	bw *bufio.Writer // negotiation replies
+
+	// Workers (see spawn): goroutines that ran a request and wait for the
+	// next one, so that a request does not start on a fresh goroutine
+	// whose stack must grow to the backend's depth every time.
+	wkMu     sync.Mutex
+	idle     []chan job
+	wkClosed bool
 }
 
 func newConn(s *Server, nc net.Conn) *conn {

@@ -24,6 +24,7 @@ func (c *conn) transmit(x *export) error {
 
 	err := c.readRequests()
 	c.running.Wait()
+	c.stopWorkers()
 	c.dlMu.Lock()
 	forced := c.forced
 	c.dlMu.Unlock()
@@ -223,8 +224,71 @@ func (c *conn) request(r request) error {
 		}
 	}
 	c.running.Add(1)
-	go c.run(r, buf)
+	c.spawn(job{r: r, buf: buf})
 	return nil
+}
+
+// job is what a worker runs: a request, or one piece of a streamed write.
+type job struct {
+	r      request
+	buf    []byte
+	sj     *streamJob // a piece of this streamed write: buf[lo:hi]
+	lo, hi int
+}
+
+// spawn runs j on an idle worker, or on a new one when none is idle.
+// Requests in flight are bounded by the budget, so workers are too: at
+// most MaxInFlight requests (each streamed write's pieces counted) run at
+// once, and no more workers than that stay idle.
+func (c *conn) spawn(j job) {
+	c.wkMu.Lock()
+	if n := len(c.idle); n > 0 {
+		ch := c.idle[n-1]
+		c.idle = c.idle[:n-1]
+		c.wkMu.Unlock()
+		ch <- j // buffered: never blocks
+		return
+	}
+	c.wkMu.Unlock()
+	go c.worker(j)
+}
+
+// worker runs j, then waits for further jobs until the connection stops
+// its workers.
+func (c *conn) worker(j job) {
+	ch := make(chan job, 1)
+	for {
+		if j.sj != nil {
+			j.sj.write(j.lo, j.hi)
+		} else {
+			c.run(j.r, j.buf)
+		}
+		j = job{} // keep no buffer alive while idle
+		c.wkMu.Lock()
+		if c.wkClosed || len(c.idle) >= c.s.cfg.MaxInFlight {
+			c.wkMu.Unlock()
+			return
+		}
+		c.idle = append(c.idle, ch)
+		c.wkMu.Unlock()
+		var ok bool
+		if j, ok = <-ch; !ok {
+			return
+		}
+	}
+}
+
+// stopWorkers ends the idle workers once no request is in flight; a worker
+// still finishing its last job ends instead of going idle.
+func (c *conn) stopWorkers() {
+	c.wkMu.Lock()
+	c.wkClosed = true
+	idle := c.idle
+	c.idle = nil
+	c.wkMu.Unlock()
+	for _, ch := range idle {
+		close(ch)
+	}
 }
 
 // streamPiece is the unit in which a large write's data is handed to the
@@ -258,7 +322,7 @@ func (c *conn) streamWrite(r request, buf []byte) error {
 			return c.readErr("write data", err)
 		}
 		j.left.Add(1)
-		go j.write(lo, hi)
+		c.spawn(job{sj: j, lo: lo, hi: hi})
 	}
 	j.done()
 	return nil
