@@ -11,6 +11,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"os"
+	"runtime"
 	"sync"
 	"syscall"
 	"testing"
@@ -837,3 +838,53 @@ func (h countingHandler) WithAttrs([]slog.Attr) slog.Handler { return h }
 func (h countingHandler) WithGroup(string) slog.Handler      { return h }
 
 func newCountingLogger(count func()) *slog.Logger { return slog.New(countingHandler{count}) }
+
+// TestWorkersReusedAndStopped: requests run on workers that wait for the
+// next request instead of ending, so a connection that has sent thousands
+// of requests 8 at a time holds about 8 workers (a server that started a
+// goroutine per request and kept each afterwards would hold up to
+// MaxInFlight idle ones); streamed writes' pieces use the same workers;
+// and once the client is gone, no worker is left behind.
+func TestWorkersReusedAndStopped(t *testing.T) {
+	const depth, rounds = 8, 300
+	_, sock, m := memServer(t, 16<<20, nil)
+	base := runtime.NumGoroutine()
+	c := dialGo(t, sock, "mem")
+	data := pattern(4096, 3)
+	for r := range rounds {
+		var chs []<-chan result
+		for i := range depth {
+			_, ch := c.send(cmdWrite, 0, uint64((r*depth+i)%4096)*4096, 4096, data, 0)
+			chs = append(chs, ch)
+		}
+		for _, ch := range chs {
+			if res := c.wait(ch); res.err != nil || res.errno != 0 {
+				t.Fatalf("round %d: write: %v, errno %d", r, res.err, res.errno)
+			}
+		}
+	}
+	// A streamed write (alone in flight, several pieces).
+	big := pattern(4*streamPiece, 9)
+	if errno := c.writeAt(big, 0, 0); errno != 0 {
+		t.Fatalf("streamed write: errno %d", errno)
+	}
+	if got, _ := m.ReadAt(make([]byte, len(big)), 0); got != len(big) {
+		t.Fatalf("read back %d bytes", got)
+	}
+	// The reply goes out before the worker is idle: give it a moment.
+	var during int
+	for range 100 {
+		if during = runtime.NumGoroutine() - base; during <= depth+4 {
+			break
+		}
+		time.Sleep(time.Millisecond)
+	}
+	// The client's reader, the connection's reader and at most about
+	// depth workers (the streamed write's pieces reuse them).
+	if during > depth+4 {
+		t.Fatalf("%d goroutines more than before the connection after %d requests %d at a time, want at most %d", during, rounds*depth, depth, depth+4)
+	}
+	c.disc()
+	c.waitClosed()
+	waitFor(t, "the connection's goroutines to end", func() bool { return runtime.NumGoroutine() <= base })
+}
