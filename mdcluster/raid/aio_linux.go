@@ -126,8 +126,11 @@ type aioWrite struct {
 // having started nothing, when AIO is not available (the caller then
 // writes the usual way). The buffers must not move or be reused until it
 // returns (Go's collector does not move heap objects, and ws keeps them
-// alive).
-func aioWriteAll(ws []aioWrite) bool {
+// alive). hook, when not nil, is called on this thread with false just
+// before the batch is submitted (nothing has started yet) and with true
+// once every write is submitted, before waiting for them (see
+// AIOObserver).
+func aioWriteAll(ws []aioWrite, hook func(submitted bool)) bool {
 	if len(ws) == 0 || len(ws) > aioMaxBatch {
 		return false
 	}
@@ -143,6 +146,9 @@ func aioWriteAll(ws []aioWrite) bool {
 		}
 		c.ptrs[i] = &c.cbs[i]
 		w.res = 0
+	}
+	if hook != nil {
+		hook(false)
 	}
 	// Submit; an iocb the kernel refuses outright gets its errno as the
 	// result and is skipped (io_submit reports it only when it is the
@@ -163,6 +169,9 @@ func aioWriteAll(ws []aioWrite) bool {
 			i += int(r)
 			submitted += int(r)
 		}
+	}
+	if hook != nil {
+		hook(true)
 	}
 	// Reap exactly what was submitted: the context goes back to the pool
 	// empty.

@@ -62,7 +62,7 @@ func TestAIOWriteAll(t *testing.T) {
 				}
 				ws = append(ws, aioWrite{fd: ro, p: alignedBuf(bs), off: 0},
 					aioWrite{fd: fds[1], p: alignedBuf(bs), off: 1})
-				if !aioWriteAll(ws) {
+				if !aioWriteAll(ws, nil) {
 					errc <- errors.New("native AIO not available")
 					return
 				}
