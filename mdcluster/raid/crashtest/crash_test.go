@@ -739,7 +739,6 @@ func sortedKeys(m map[uint64]bool) []uint64 {
 func (c *cluster) verify(im image, dead int, at string) {
 	t := c.t
 	c.mu.Lock()
-	defer c.mu.Unlock()
 	per := uint64(c.sp.BitmapChunk / pageSize)
 	bad := 0
 	for b := range uint64(len(c.blocks)) {
@@ -770,8 +769,8 @@ func (c *cluster) verify(im image, dead int, at string) {
 			break
 		}
 	}
+	c.mu.Unlock() // not deferred: fatalf must not run (nor exit) holding it
 	if bad > 0 {
-		c.mu.Unlock()
 		c.fatalf("%s: %d bad blocks", at, bad)
 	}
 }

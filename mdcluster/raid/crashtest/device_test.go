@@ -346,12 +346,12 @@ func (p *probe) arm(class string, after int64) {
 // write completed has the time to show it.
 func (p *probe) aioSubmit(d *aioDev, b []byte, off int64) {
 	no := p.ops.Add(1)
-	class := caller() + "-aio"
-	if class == "data-aio" {
-		class = "aio"
-		if _, cp, _, ok := p.geo.Virt(d.member, off-p.dataOff); ok {
-			class = fmt.Sprintf("aio-c%d", cp)
-		}
+	// Only the engine's data writes go by AIO; the class comes from where
+	// the write lands, not from the stack (the submitting goroutine is
+	// the request's own, but a broken engine might submit elsewhere).
+	class := "aio"
+	if _, cp, _, ok := p.geo.Virt(d.member, off-p.dataOff); ok {
+		class = fmt.Sprintf("aio-c%d", cp)
 	}
 	p.mu.Lock()
 	if p.paused {
