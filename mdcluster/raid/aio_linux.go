@@ -239,8 +239,11 @@ type aioWrite struct {
 // having started nothing, when AIO is not available (the caller then
 // writes the usual way). The buffers must not move or be reused until it
 // returns (Go's collector does not move heap objects, and ws keeps them
-// alive).
-func aioWriteAll(ws []aioWrite) bool {
+// alive). hook, when not nil, is called on this thread with false just
+// before the batch is submitted (nothing has started yet) and with true
+// once every write is submitted, before waiting for them (see
+// AIOObserver).
+func aioWriteAll(ws []aioWrite, hook func(submitted bool)) bool {
 	if len(ws) == 0 || len(ws) > aioMaxBatch {
 		return false
 	}
@@ -248,14 +251,15 @@ func aioWriteAll(ws []aioWrite) bool {
 	if c == nil {
 		return false
 	}
-	c.writeAll(ws)
+	c.writeAll(ws, hook)
 	putAIOCtx(c)
 	return true
 }
 
 // writeAll submits every write of ws (at most aioMaxBatch) on the context
-// and returns when all have completed, each with its res set.
-func (c *aioCtx) writeAll(ws []aioWrite) {
+// and returns when all have completed, each with its res set; hook as for
+// aioWriteAll.
+func (c *aioCtx) writeAll(ws []aioWrite, hook func(submitted bool)) {
 	for i := range ws {
 		w := &ws[i]
 		c.cbs[i] = iocb{
@@ -267,6 +271,9 @@ func (c *aioCtx) writeAll(ws []aioWrite) {
 		}
 		c.ptrs[i] = &c.cbs[i]
 		w.res = 0
+	}
+	if hook != nil {
+		hook(false)
 	}
 	// Submit; an iocb the kernel refuses outright gets its errno as the
 	// result and is skipped (io_submit reports it only when it is the
@@ -287,6 +294,9 @@ func (c *aioCtx) writeAll(ws []aioWrite) {
 			i += int(r)
 			submitted += int(r)
 		}
+	}
+	if hook != nil {
+		hook(true)
 	}
 	// Reap exactly what was submitted: the context goes back to the pool
 	// empty. With the eventfd, the events are all in the ring once all

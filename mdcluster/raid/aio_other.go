@@ -14,7 +14,7 @@ type aioWrite struct {
 const aioMaxBatch = 16
 
 // aioWriteAll always declines: the engine writes each member the usual way.
-func aioWriteAll(ws []aioWrite) bool { return false }
+func aioWriteAll(ws []aioWrite, hook func(submitted bool)) bool { return false }
 
 // aioAvailable reports whether this build can submit native AIO.
 const aioAvailable = false

@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -43,7 +44,7 @@ func TestAIOWriteAll(t *testing.T) {
 		if !polled {
 			t.Fatal("the pool's context has no pollable eventfd: its writes would block a thread each")
 		}
-		testAIOWriteAll(t, aioWriteAll)
+		testAIOWriteAll(t, func(ws []aioWrite) bool { return aioWriteAll(ws, nil) })
 	})
 	t.Run("blocking", func(t *testing.T) {
 		testAIOWriteAll(t, func(ws []aioWrite) bool {
@@ -52,7 +53,7 @@ func TestAIOWriteAll(t *testing.T) {
 				return false
 			}
 			defer unix.Syscall(unix.SYS_IO_DESTROY, c.id, 0, 0)
-			c.writeAll(ws)
+			c.writeAll(ws, nil)
 			return true
 		})
 	})
@@ -457,7 +458,7 @@ func aioThreadsChild(t *testing.T, poll bool) {
 			p := alignedBuf(bs)
 			for range writes {
 				ws := []aioWrite{{fd: fd, p: p, off: int64(w * bs)}}
-				c.writeAll(ws)
+				c.writeAll(ws, nil)
 				if ws[0].res != bs {
 					errc <- fmt.Errorf("write: result %d", ws[0].res)
 					return
@@ -491,4 +492,75 @@ func threadsInSyscall(nr int) int {
 		}
 	}
 	return n
+}
+
+// observedFile is a DirectFile the engine still submits AIO to (it embeds
+// one) that records what AIOObserver is told, and what the file holds
+// under each write when AIOSubmit is called.
+type observedFile struct {
+	*DirectFile
+	name string
+	mu   *sync.Mutex
+	log  *[]string
+}
+
+func (o *observedFile) AIOSubmit(p []byte, off int64) {
+	old := alignedBuf(len(p))
+	if _, err := o.DirectFile.ReadAt(old, off); err != nil {
+		panic(err)
+	}
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	*o.log = append(*o.log, fmt.Sprintf("submit %s %d+%d unchanged=%t", o.name, off, len(p), !bytes.Equal(old, p)))
+}
+
+func (o *observedFile) AIOInFlight(p []byte, off int64) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	*o.log = append(*o.log, fmt.Sprintf("inflight %s %d+%d", o.name, off, len(p)))
+}
+
+// TestAIOObserver: a device embedding a DirectFile still gets the
+// engine's AIO writes, and AIOObserver hears of every one: AIOSubmit for
+// each member's write before the batch starts (the file still holds the
+// old data), then AIOInFlight for each.
+func TestAIOObserver(t *testing.T) {
+	if !aioAvailable {
+		t.Skip("no native AIO in this build")
+	}
+	dir := t.TempDir()
+	const size = 4 << 20
+	g, err := NewRAID1(2, (size-8192)/512)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var log []string
+	var ms []Member
+	for _, n := range []string{"a", "b"} {
+		ms = append(ms, Member{Device: &observedFile{DirectFile: openDirect(t, newFile(t, dir, n, size)), name: n, mu: &mu, log: &log},
+			DataOffset: 8192})
+	}
+	e, err := New(Config{Geometry: g, Members: ms, Logger: testLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	p := alignedBuf(16 << 10)
+	for i := range p {
+		p[i] = byte(i*7 + 3)
+	}
+	if err := e.WriteAt(p, 1<<20, 0); err != nil {
+		t.Fatal(err)
+	}
+	if s := e.Stats(); s.AIOWrites == 0 {
+		t.Skipf("the write made no AIO member writes (AIO unavailable here: %d fallbacks)", s.AIOFallbacks)
+	}
+	want := []string{
+		"submit a 1056768+16384 unchanged=true", "submit b 1056768+16384 unchanged=true",
+		"inflight a 1056768+16384", "inflight b 1056768+16384",
+	}
+	if !slices.Equal(log, want) {
+		t.Fatalf("observer heard\n%s\nwant\n%s", strings.Join(log, "\n"), strings.Join(want, "\n"))
+	}
 }

@@ -41,6 +41,28 @@ type Device interface {
 	Close() error
 }
 
+// AIOObserver is an optional interface of a Device whose writes the
+// engine submits with native AIO (a DirectFile, or a type embedding one so
+// that the engine still uses AIO on it). Those writes go to the descriptor
+// straight from the engine, past the Device's own WriteAt, so this is the
+// only way such a device learns of them: for each batch, on the submitting
+// goroutine, the engine calls AIOSubmit for every write to this device
+// just before the batch goes to the kernel (nothing of it has started),
+// then AIOInFlight for each once the whole batch is submitted, before it
+// waits for the completions. off is the device offset; p the data, which
+// the observer must neither keep nor change. Either may block: the
+// request waits, holding its range lock and its write intent.
+//
+// Production devices do not implement it. It exists so that a crash test
+// can stop a process with a request's mirror writes in flight (and record
+// what they overwrite), which the blocking path's WriteAt would otherwise
+// be the only place to do; a tracer could use it to count writes in
+// flight.
+type AIOObserver interface {
+	AIOSubmit(p []byte, off int64)
+	AIOInFlight(p []byte, off int64)
+}
+
 // Alignment is the memory alignment of the engine's I/O buffers: a page,
 // which satisfies O_DIRECT on every Linux file system and block device.
 const Alignment = 4096

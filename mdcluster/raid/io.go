@@ -245,7 +245,14 @@ func (e *Engine) writeGroupsAIO(pl *plan, buf []byte) bool {
 	for j := range ws {
 		e.members[pl.groups[own[j]].m].pending.Add(1)
 	}
-	if len(ws) > 0 && !aioWriteAll(ws) {
+	var hook func(submitted bool)
+	for j := range ws {
+		if _, ok := refs[own[j]].dev.(AIOObserver); ok {
+			hook = newAIONotice(ws, own[:len(ws)], refs[:]).notify
+			break
+		}
+	}
+	if len(ws) > 0 && !aioWriteAll(ws, hook) {
 		for j := range ws {
 			e.members[pl.groups[own[j]].m].pending.Add(-1)
 		}
@@ -272,6 +279,35 @@ func (e *Engine) writeGroupsAIO(pl *plan, buf []byte) bool {
 		e.st.aioWrites.Add(1)
 	}
 	return true
+}
+
+// aioNotice tells the members' devices that implement AIOObserver about
+// their writes of a batch. It is built only when some device observes, so
+// the usual path allocates nothing for it.
+type aioNotice struct {
+	ws  []aioWrite
+	obs []AIOObserver // of each write; nil where its device does not observe
+}
+
+func newAIONotice(ws []aioWrite, own []int, refs []*devRef) *aioNotice {
+	n := &aioNotice{ws: ws, obs: make([]AIOObserver, len(ws))}
+	for j := range ws {
+		n.obs[j], _ = refs[own[j]].dev.(AIOObserver)
+	}
+	return n
+}
+
+// notify is aioWriteAll's hook: before submission, or once in flight.
+func (n *aioNotice) notify(submitted bool) {
+	for j, o := range n.obs {
+		switch {
+		case o == nil:
+		case submitted:
+			o.AIOInFlight(n.ws[j].p, n.ws[j].off)
+		default:
+			o.AIOSubmit(n.ws[j].p, n.ws[j].off)
+		}
+	}
 }
 
 // aioResult turns an AIO write's result into devWrite's error, finishing

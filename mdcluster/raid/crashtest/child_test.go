@@ -10,6 +10,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -36,7 +37,8 @@ import (
 //	→ gossip <addr>              its node is running
 //	← join <addr> | waitview <ids> (→ view <gen>)
 //	← array                      engine + ownership driver, Join (→ joined ...)
-//	← write | quiesce | resume   the writers (→ writing | quiesced | writing)
+//	← write | quiesce | resume   the writers (→ writing | quiesced <aio writes>
+//	                             <aio fallbacks> | writing)
 //	← arm <class> <n>            pause the device I/O at the first operation
 //	                             of class after n more (→ armed; later paused ...)
 //	← hold | recover             hold slot recoveries until recover
@@ -357,7 +359,8 @@ func runChild(idStr string) error {
 				o.printf("error: quiesce: %v", err)
 				continue
 			}
-			o.printf("quiesced")
+			st := arr.e.Stats()
+			o.printf("quiesced %d %d", st.AIOWrites, st.AIOFallbacks)
 		case "arm":
 			after, _ := strconv.ParseInt(f[2], 10, 64)
 			arr.probe.arm(f[1], after)
@@ -382,8 +385,12 @@ func runChild(idStr string) error {
 	return nil
 }
 
+// undoFile, in a node's directory, is what an AIO pause's write overwrote.
+const undoFile = "undo"
+
 // openArray builds the node's array the way docs/raid.md wires it: the
-// engine over the members (each behind this process's volatile cache),
+// engine over the members (each behind this process's volatile cache, or
+// in the AIO variant the files themselves),
 // the ownership driver over the engine's bitmap mirrors, the engine as
 // the driver's Array, Join, then the engine writes under the driver's
 // write-intent bitmap; a goroutine is md's bitmap daemon.
@@ -397,15 +404,19 @@ func openArray(o *out, ls *dlm.Lockspace, fwd *forward, id int, sp spec, gate *r
 		return nil, err
 	}
 	a := &array{o: o, id: id, sp: sp, geo: g, epoch: epoch, seed: seed}
-	a.probe = &probe{geo: g, dataOff: sp.DataOff, report: o.printf}
+	a.probe = &probe{geo: g, dataOff: sp.DataOff, report: o.printf, undoPath: filepath.Join(os.Getenv(childDirEnv), undoFile)}
 	members := make([]raid.Member, len(sp.Files))
 	for i, path := range sp.Files {
 		df, err := raid.OpenDirect(path)
 		if err != nil {
 			return nil, err
 		}
-		members[i] = raid.Member{Device: &cacheDev{f: df, member: i, probe: a.probe, pages: map[int64][]byte{},
-			rng: rand.New(rand.NewPCG(seed, uint64(i)))}, DataOffset: sp.DataOff}
+		var dev raid.Device = &cacheDev{f: df, member: i, probe: a.probe, pages: map[int64][]byte{},
+			rng: rand.New(rand.NewPCG(seed, uint64(i)))}
+		if sp.AIO {
+			dev = &aioDev{DirectFile: df, member: i, probe: a.probe}
+		}
+		members[i] = raid.Member{Device: dev, DataOffset: sp.DataOff}
 	}
 	a.e, err = raid.New(raid.Config{Geometry: g, Members: members, BitmapChunkSize: sp.BitmapChunk, RequireIntent: true,
 		Logger: logger, OnMemberFailed: func(m int, err error) { o.printf("error: member %d failed: %v", m, err) }})

@@ -25,18 +25,21 @@ type spec struct {
 	Slots        int    // bitmap slots (nodes)
 	BitmapChunk  int64  // bytes of array per bitmap bit
 	DaemonSleep  int    // ms: the bitmap daemon's idle time before clearing
-	Files        []string
+	// AIO: the members are aioDev (the engine's native AIO write path, no
+	// volatile cache) instead of cacheDev.
+	AIO   bool
+	Files []string
 }
 
 func (s spec) String() string {
-	return fmt.Sprintf("%s %d %d %d %d %d %d %d %d %d %s", s.Level, s.Disks, s.Layout, s.ChunkSectors, s.DevSectors,
-		s.DataOff, s.BitmapStart, s.Slots, s.BitmapChunk, s.DaemonSleep, strings.Join(s.Files, ","))
+	return fmt.Sprintf("%s %d %d %d %d %d %d %d %d %d %t %s", s.Level, s.Disks, s.Layout, s.ChunkSectors, s.DevSectors,
+		s.DataOff, s.BitmapStart, s.Slots, s.BitmapChunk, s.DaemonSleep, s.AIO, strings.Join(s.Files, ","))
 }
 
 func parseSpec(str string) (spec, error) {
 	f := strings.Fields(str)
-	if len(f) != 11 {
-		return spec{}, fmt.Errorf("spec %q: %d fields, want 11", str, len(f))
+	if len(f) != 12 {
+		return spec{}, fmt.Errorf("spec %q: %d fields, want 12", str, len(f))
 	}
 	var s spec
 	s.Level = f[0]
@@ -50,7 +53,12 @@ func parseSpec(str string) (spec, error) {
 	}
 	s.Disks, s.Layout, s.ChunkSectors, s.DevSectors = int(nums[0]), uint32(nums[1]), uint32(nums[2]), uint64(nums[3])
 	s.DataOff, s.BitmapStart, s.Slots, s.BitmapChunk, s.DaemonSleep = nums[4], nums[5], int(nums[6]), nums[7], int(nums[8])
-	s.Files = strings.Split(f[10], ",")
+	aio, err := strconv.ParseBool(f[10])
+	if err != nil {
+		return spec{}, fmt.Errorf("spec %q: field 10: %w", str, err)
+	}
+	s.AIO = aio
+	s.Files = strings.Split(f[11], ",")
 	return s, nil
 }
 

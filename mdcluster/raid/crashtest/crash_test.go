@@ -57,6 +57,29 @@ var killClasses = []string{"set-write", "set-sync", "data-c0", "data-c1", "fua-c
 // later one). The victim restarts, rejoins, writes again, and the next
 // kill point follows, rotating the victim through all three nodes.
 //
+// The "-aio" subtests run the same over the engine's production write
+// path: the members are the files themselves (aioDev: a *raid.DirectFile
+// with the probe around its own methods), so the engine submits every
+// plain data write's mirror copies with Linux native AIO, and the
+// survivors report their engines' AIO write counts (the run fails if
+// there were none). There is no volatile cache on this path, and a
+// SIGKILL cannot stop AIO already submitted: the kernel completes it
+// before the process is gone. So most of these kill points (aio-c0,
+// aio-c1) stop the victim once a request's batch is in the kernel and
+// before the engine has reaped it (raid.AIOObserver; only that request
+// waits, the node's other writers run on until the kill), and after the
+// kill the parent puts back, on one copy, what that write overwrote (the
+// probe read it just before submission): the state a power failure with
+// the write in flight may leave, one copy new and one old. That copy must
+// then differ from the other, its chunk must be marked in the dead slot
+// (the intent bit was durable before the data went out), recovery must
+// resync it, and no acknowledged durable write may be lost, which an
+// engine that acknowledged, ended the write intent or let its caller
+// flush and move on before reaping both copies fails. The other kill
+// points stop it at the blocking kinds as above (intent, FUA, flush,
+// bitmap daemon) or at a random moment under load, with AIO writes in
+// flight that then complete.
+//
 // RAID_CRASH_SEED=S replays a run's choices (process scheduling still
 // varies); RAID_CRASH_SOAK=N runs N kill points per array instead of the
 // short run.
@@ -73,7 +96,7 @@ func TestCrash(t *testing.T) {
 		seed = v
 	}
 	t.Logf("%s=%d", seedEnv, seed)
-	short := map[string]int{"raid1": 27, "raid10": 10}
+	short := map[string]int{"raid1": 27, "raid10": 10, "raid1-aio": 12, "raid10-aio": 8}
 	soak := 0
 	if s := os.Getenv(soakEnv); s != "" {
 		v, err := strconv.Atoi(s)
@@ -85,21 +108,37 @@ func TestCrash(t *testing.T) {
 	for _, sp := range []spec{
 		{Level: "raid1", Disks: 2, DevSectors: 6 << 11},
 		{Level: "raid10", Disks: 4, Layout: 0x102, ChunkSectors: 128, DevSectors: 4 << 11},
+		{Level: "raid1", Disks: 2, DevSectors: 6 << 11, AIO: true},
+		{Level: "raid10", Disks: 4, Layout: 0x102, ChunkSectors: 128, DevSectors: 4 << 11, AIO: true},
 	} {
-		t.Run(sp.Level, func(t *testing.T) {
-			n := short[sp.Level]
+		name := sp.name()
+		t.Run(name, func(t *testing.T) {
+			n := short[name]
 			if soak > 0 {
 				n = soak
 			}
 			t.Cleanup(func() {
 				if t.Failed() {
-					t.Logf("replay: %s=%d go test -race -count=1 -run 'TestCrash/%s$' ./mdcluster/raid/crashtest/", seedEnv, seed, sp.Level)
+					t.Logf("replay: %s=%d go test -race -count=1 -run 'TestCrash/%s$' ./mdcluster/raid/crashtest/", seedEnv, seed, name)
 				}
 			})
 			runCrash(t, sp, seed, n)
 		})
 	}
 }
+
+// name is the subtest's: the level, and "-aio" for the AIO variant.
+func (s spec) name() string {
+	if s.AIO {
+		return s.Level + "-aio"
+	}
+	return s.Level
+}
+
+// aioKillClasses are the AIO variant's kill classes besides its AIO
+// writes in flight (aio-c0, aio-c1): its plain data writes all go by AIO,
+// so data-c0/c1 never occur, and its members have no cache to lose.
+var aioKillClasses = []string{"set-write", "set-sync", "fua-c0", "fua-c1", "flush-sync", "clear-sync", "clear-write", "any"}
 
 // killPoint is where one victim dies.
 type killPoint struct {
@@ -116,19 +155,30 @@ func (k killPoint) String() string {
 	return fmt.Sprintf("node %d at the first %s after %d ops", k.victim, k.class, k.after)
 }
 
-// plan chooses n kill points from the seed.
-func plan(rng *rand.Rand, n int) []killPoint {
+// plan chooses n kill points from the seed; aio plans the AIO variant's.
+func plan(rng *rand.Rand, n int, aio bool) []killPoint {
 	var ks []killPoint
 	classes := slices.Clone(killClasses)
+	if aio {
+		classes = slices.Clone(aioKillClasses)
+	}
 	rng.Shuffle(len(classes), func(i, j int) { classes[i], classes[j] = classes[j], classes[i] })
-	classed := 0
+	classed, other := 0, 0
 	for i := range n {
 		k := killPoint{class: "time"}
 		// Every eighth at a random moment, the others at the classes in
 		// turn (27 kill points: each class twice); the order is shuffled
-		// below.
+		// below. In the AIO variant two of every three classed kill
+		// points are an AIO write in flight, alternating the copy that
+		// misses it (12 kill points: 8 of them).
 		if i%8 != 7 {
-			k.class = classes[classed%len(classes)]
+			switch {
+			case aio && classed%3 != 2:
+				k.class = fmt.Sprintf("aio-c%d", (classed-classed/3)%2)
+			default:
+				k.class = classes[other%len(classes)]
+				other++
+			}
 			k.after = int64(rng.IntN(100))
 			classed++
 		} else {
@@ -155,6 +205,7 @@ type child struct {
 	stdin io.WriteCloser
 	lines chan string
 	eof   chan struct{} // closed once the process is gone and reaped
+	aio   uint64        // its engine's AIO writes as of its last "quiesced"
 	ours  atomic.Bool   // the parent killed it (any other death disturbs the run)
 	log   string        // its stderr
 	dlm   string
@@ -688,7 +739,6 @@ func sortedKeys(m map[uint64]bool) []uint64 {
 func (c *cluster) verify(im image, dead int, at string) {
 	t := c.t
 	c.mu.Lock()
-	defer c.mu.Unlock()
 	per := uint64(c.sp.BitmapChunk / pageSize)
 	bad := 0
 	for b := range uint64(len(c.blocks)) {
@@ -719,8 +769,8 @@ func (c *cluster) verify(im image, dead int, at string) {
 			break
 		}
 	}
+	c.mu.Unlock() // not deferred: fatalf must not run (nor exit) holding it
 	if bad > 0 {
-		c.mu.Unlock()
 		c.fatalf("%s: %d bad blocks", at, bad)
 	}
 }
@@ -736,7 +786,9 @@ type outcome struct {
 	resynced int64  // array bytes the survivors' resync copied
 	detect   time.Duration
 	recover  time.Duration
-	acks     int // writes acknowledged by all nodes since the previous kill point
+	acks     int    // writes acknowledged by all nodes since the previous kill point
+	inflight bool   // the victim died with an AIO write in flight, one copy rolled back
+	aio      uint64 // the survivors' AIO writes since they last reported
 }
 
 // run starts the cluster and runs kill points until they are done or
@@ -769,7 +821,7 @@ func (c *cluster) run(kps []killPoint, outs *[]outcome) (d *disturbed) {
 
 func runCrash(t *testing.T, sp spec, seed uint64, n int) {
 	rng := rand.New(rand.NewPCG(seed, 0x5eed))
-	kps := plan(rng, n)
+	kps := plan(rng, n, sp.AIO)
 	start := time.Now()
 	var outs []outcome
 	var disturbances []string
@@ -811,6 +863,49 @@ func runCrash(t *testing.T, sp spec, seed uint64, n int) {
 	if dirty == 0 || torn == 0 {
 		t.Errorf("no kill point found dirty chunks (%d) or differing copies (%d) on disk: the test did not exercise recovery", dirty, torn)
 	}
+	if sp.AIO {
+		inflight, planned := 0, 0
+		var aio uint64
+		for _, o := range outs {
+			if o.inflight {
+				inflight++
+			}
+			if strings.HasPrefix(o.kp.class, "aio-") {
+				planned++
+			}
+			aio += o.aio
+		}
+		t.Logf("AIO: %d kill points with an AIO write in flight (%d planned), %d AIO member writes reported by the survivors", inflight, planned, aio)
+		if aio == 0 {
+			t.Errorf("the survivors' engines reported no AIO writes: the AIO variant did not exercise the AIO write path")
+		}
+		if inflight < planned {
+			t.Errorf("only %d of the %d AIO kill points stopped the victim with an AIO write in flight", inflight, planned)
+		}
+	}
+}
+
+// rollBack puts back, on the member, what the victim's paused AIO write
+// overwrote (its probe recorded it before submitting the batch), and
+// returns that record.
+func (c *cluster) rollBack(victim int, at string) *undoRec {
+	path := filepath.Join(c.dirs[victim], undoFile)
+	r, err := readUndo(path)
+	if err != nil {
+		c.fatalf("%s: the victim paused with an AIO write in flight but left no record of it: %v", at, err)
+	}
+	f, err := raid.OpenDirect(c.sp.Files[r.member])
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.WriteAt(r.old, r.off); err != nil {
+		c.t.Fatalf("%s: rolling back member %d %d+%d: %v", at, r.member, r.off, r.n, err)
+	}
+	if err := os.Remove(path); err != nil {
+		c.t.Fatal(err)
+	}
+	return r
 }
 
 // killAndRecover runs one kill point: stop the victim where kp says, kill
@@ -845,6 +940,14 @@ func (c *cluster) killAndRecover(i int, kp killPoint) outcome {
 	}
 	t0 := time.Now()
 	victim.kill()
+	// The kernel completed the victim's AIO writes in flight before the
+	// process was gone; a power failure could have kept any of them off
+	// the medium. Put back what the paused one overwrote on its copy.
+	var undo *undoRec
+	if strings.HasSuffix(o.paused, " in flight") {
+		undo = c.rollBack(kp.victim, at)
+		o.inflight = true
+	}
 	c.mu.Lock()
 	for w := range writersPerNode {
 		c.pend[[2]int{kp.victim, w}] = nil // acknowledged, never flushed: may be lost
@@ -866,6 +969,16 @@ func (c *cluster) killAndRecover(i int, kp killPoint) outcome {
 	for _, ch := range torn {
 		if !im.slots[slot][ch] {
 			c.fatalf("%s: chunk %d's copies differ on disk but the dead node's slot does not mark it (slot marks %v)", at, ch, dirty)
+		}
+	}
+	if undo != nil {
+		// The rolled-back copy holds an older version than the other:
+		// its chunk must be among those whose copies differ.
+		v, _, _, ok := c.geo.Virt(undo.member, undo.off-c.sp.DataOff)
+		ch := uint64(v / c.sp.BitmapChunk)
+		if !ok || !slices.Contains(torn, ch) {
+			c.fatalf("%s: the AIO write in flight at member %d %d+%d was rolled back on that copy, yet its chunk's copies do not differ (differing: %v)",
+				at, undo.member, undo.off, undo.n, torn)
 		}
 	}
 
@@ -922,7 +1035,12 @@ func (c *cluster) killAndRecover(i int, kp killPoint) outcome {
 		s.send("quiesce")
 	}
 	for _, s := range survivors {
-		s.expect("quiesced", 30*time.Second)
+		f := strings.Fields(s.expect("quiesced", 30*time.Second))
+		if len(f) == 3 {
+			n, _ := strconv.ParseUint(f[1], 10, 64)
+			o.aio += n - s.aio
+			s.aio = n
+		}
 		c.mu.Lock()
 		for w := range writersPerNode {
 			c.durable(s.id, w)
@@ -938,7 +1056,11 @@ func (c *cluster) killAndRecover(i int, kp killPoint) outcome {
 		s.send("resume")
 		s.expect("writing", 10*time.Second)
 	}
-	t.Logf("%-48s stopped at %-32s dirty %2d, copies differing %2d, resynced %4d KiB; recovery pending after %v, done in %v",
-		kp.String(), o.paused, o.dirty, o.torn, o.resynced>>10, o.detect.Round(time.Millisecond), o.recover.Round(time.Millisecond))
+	aio := ""
+	if c.sp.AIO {
+		aio = fmt.Sprintf("; survivors' AIO writes %d", o.aio)
+	}
+	t.Logf("%-48s stopped at %-40s dirty %2d, copies differing %2d, resynced %4d KiB; recovery pending after %v, done in %v%s",
+		kp.String(), o.paused, o.dirty, o.torn, o.resynced>>10, o.detect.Round(time.Millisecond), o.recover.Round(time.Millisecond), aio)
 	return o
 }

@@ -3,6 +3,7 @@ package crashtest
 import (
 	"fmt"
 	"math/rand/v2"
+	"os"
 	"runtime"
 	"slices"
 	"strings"
@@ -144,6 +145,43 @@ func (d *cacheDev) Sync() error {
 	return d.f.Sync()
 }
 
+// aioDev is a member as a node of the AIO variant reaches it: the shared
+// file itself (O_DIRECT), with no cache of the process's own. It embeds
+// *raid.DirectFile, so the engine sees a device it may submit native AIO
+// to and sends its plain data writes straight to the file's descriptor,
+// as in production; those bypass WriteAt, and reach the probe through
+// raid.AIOObserver instead. Every other operation (intent bits, FUA data
+// writes, flushes, the bitmap daemon, resync, and any write AIO refused)
+// goes through the probe as with cacheDev, and then to the file.
+type aioDev struct {
+	*raid.DirectFile
+	member int
+	probe  *probe
+}
+
+func (d *aioDev) WriteAt(p []byte, off int64) (int, error) {
+	d.probe.before(opWrite, d.member, off, len(p))
+	return d.DirectFile.WriteAt(p, off)
+}
+
+func (d *aioDev) WriteAtFUA(p []byte, off int64) (int, error) {
+	d.probe.before(opFUA, d.member, off, len(p))
+	return d.DirectFile.WriteAtFUA(p, off)
+}
+
+func (d *aioDev) Sync() error {
+	d.probe.before(opSync, d.member, 0, 0)
+	return d.DirectFile.Sync()
+}
+
+// AIOSubmit is told of an AIO write before its batch is submitted.
+func (d *aioDev) AIOSubmit(p []byte, off int64) { d.probe.aioSubmit(d, p, off) }
+
+// AIOInFlight is told of it once the batch is in the kernel.
+func (d *aioDev) AIOInFlight(p []byte, off int64) { d.probe.aioInFlight(d.member, p, off) }
+
+var _ raid.AIOObserver = (*aioDev)(nil)
+
 // Device operation kinds the probe sees.
 const (
 	opWrite = "write"
@@ -160,6 +198,7 @@ const (
 //	set-write, set-sync       the write-intent bitmap setting bits (StartWrite)
 //	data-c0, data-c1          a plain data write of copy 0 or 1 of a block
 //	fua-c0, fua-c1            a FUA data write of copy 0 or 1
+//	aio-c0, aio-c1            a native AIO data write of copy 0 or 1 (aioDev)
 //	flush-sync                the array's Flush
 //	clear-sync, clear-write   the bitmap daemon (Tick): preflush, cleared page
 //	merge-*, slot-*, resync-* slot recovery on a survivor
@@ -170,6 +209,7 @@ type probe struct {
 
 	ops           atomic.Int64
 	resyncWritten atomic.Int64 // bytes written by the engine's resync
+	undoPath      string       // where an AIO pause records what its write overwrites
 
 	mu      sync.Mutex
 	armed   bool
@@ -179,6 +219,22 @@ type probe struct {
 	sibLo   int64 // array range of the paused data write: its other copies still go through
 	sibHi   int64
 	sibFrom int
+	// inflight is the AIO write chosen to pause at once its batch is
+	// submitted (aioSubmit armed it, aioInFlight stops there).
+	inflight *undoRec
+}
+
+// undoRec is an AIO write the victim was stopped with in flight, and what
+// its member held there before: the parent puts old back on that copy
+// after the kill, as if the power had failed before this copy's write
+// reached the medium (see TestCrash).
+type undoRec struct {
+	member int
+	off    int64 // member offset
+	n      int
+	old    []byte
+	no     int64 // the probe's operation number
+	class  string
 }
 
 // caller names the phase that issued the current device operation, from
@@ -276,4 +332,84 @@ func (p *probe) arm(class string, after int64) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.armed, p.pattern, p.after = true, class, p.ops.Load()+after
+}
+
+// aioSubmit is called for every native AIO write (aioDev) before its batch
+// is submitted. Under a pause of the blocking kinds it blocks like any
+// other operation. When it is the armed operation, it records what the
+// write overwrites on its member (in undoPath, for the parent) and lets the
+// batch go: aioInFlight stops the submitting goroutine once every write
+// of the batch is in the kernel. Unlike the other pauses, that one stops
+// only this request (holding its range lock, with its intent bits set
+// and not acknowledged): the node's other writers go on until the kill,
+// so a broken engine that acknowledged, flushed or moved on before this
+// write completed has the time to show it.
+func (p *probe) aioSubmit(d *aioDev, b []byte, off int64) {
+	no := p.ops.Add(1)
+	// Only the engine's data writes go by AIO; the class comes from where
+	// the write lands, not from the stack (the submitting goroutine is
+	// the request's own, but a broken engine might submit elsewhere).
+	class := "aio"
+	if _, cp, _, ok := p.geo.Virt(d.member, off-p.dataOff); ok {
+		class = fmt.Sprintf("aio-c%d", cp)
+	}
+	p.mu.Lock()
+	if p.paused {
+		p.mu.Unlock()
+		select {}
+	}
+	if !p.armed || no < p.after || !matches(p.pattern, class, d.member) {
+		p.mu.Unlock()
+		return
+	}
+	p.armed = false
+	p.mu.Unlock()
+	rec := &undoRec{member: d.member, off: off, n: len(b), old: alignedBuf(len(b)), no: no, class: class}
+	if _, err := d.DirectFile.ReadAt(rec.old, off); err != nil {
+		p.report("error: probe: reading what AIO write m%d %d+%d overwrites: %v", d.member, off, len(b), err)
+		select {}
+	}
+	hdr := fmt.Sprintf("%d %d %d\n", rec.member, rec.off, rec.n)
+	if err := os.WriteFile(p.undoPath, append([]byte(hdr), rec.old...), 0o644); err != nil {
+		p.report("error: probe: %v", err)
+		select {}
+	}
+	p.mu.Lock()
+	p.inflight = rec
+	p.mu.Unlock()
+}
+
+// aioInFlight is called for every native AIO write once its batch is
+// submitted; it stops the armed one's goroutine for good.
+func (p *probe) aioInFlight(member int, b []byte, off int64) {
+	p.mu.Lock()
+	r := p.inflight
+	p.mu.Unlock()
+	if r == nil || r.member != member || r.off != off || r.n != len(b) {
+		return
+	}
+	p.report("paused %d %s m%d %d+%d in flight", r.no, r.class, member, off, len(b))
+	select {}
+}
+
+// readUndo reads the record aioSubmit left in path.
+func readUndo(path string) (*undoRec, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	hdr, rest, ok := strings.Cut(string(b), "\n")
+	r := &undoRec{}
+	if !ok {
+		return nil, fmt.Errorf("%s: no header", path)
+	}
+	if _, err := fmt.Sscanf(hdr, "%d %d %d", &r.member, &r.off, &r.n); err != nil {
+		return nil, fmt.Errorf("%s: header %q: %w", path, hdr, err)
+	}
+	if len(rest) != r.n {
+		return nil, fmt.Errorf("%s: %d bytes after the header, want %d", path, len(rest), r.n)
+	}
+	r.old = alignedBuf(r.n)
+	copy(r.old, rest)
+	return r, nil
 }
