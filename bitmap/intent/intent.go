@@ -20,6 +20,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/mdcluster/mdcluster/bitmap"
@@ -75,6 +76,43 @@ type Config struct {
 	Owner Ownership
 	// DaemonSleep overrides the superblock's daemon_sleep when non-zero.
 	DaemonSleep time.Duration
+	// Parallel runs f(0), ..., f(n-1) and returns when all have returned:
+	// the per-mirror part of a bitmap write (its pages and the sync) and
+	// of Tick's preflush, one call per mirror. nil runs them one after the
+	// other, in mirror order, which deterministic simulators and the crash
+	// tests (whose crash points count I/O operations) need. A daemon sets
+	// ParallelGo: a flush then costs the slowest mirror's write and sync
+	// instead of the sum over the mirrors, and every write that sets a
+	// new bit waits for that flush.
+	Parallel func(n int, f func(i int))
+}
+
+// ParallelGo is a Config.Parallel that runs each call on its own
+// goroutine (the last on the caller's).
+func ParallelGo(n int, f func(i int)) {
+	if n <= 1 {
+		if n == 1 {
+			f(0)
+		}
+		return
+	}
+	var wg sync.WaitGroup
+	wg.Add(n - 1)
+	for i := 0; i < n-1; i++ {
+		go func() {
+			defer wg.Done()
+			f(i)
+		}()
+	}
+	f(n - 1)
+	wg.Wait()
+}
+
+// serial is the default Config.Parallel: one call after the other.
+func serial(n int, f func(i int)) {
+	for i := 0; i < n; i++ {
+		f(i)
+	}
 }
 
 // chunk is the per-chunk state md keeps in its 16-bit counters, plus what
@@ -108,6 +146,8 @@ type Intent struct {
 	owner   Ownership
 	sleep   time.Duration
 	base    int64 // byte offset of our slot
+	// parallel runs the per-mirror I/O (Config.Parallel).
+	parallel func(n int, f func(i int))
 
 	chunks     map[uint64]*chunk
 	dirtyPages map[int]bool // pages changed since the last flush snapshot
@@ -142,8 +182,12 @@ func New(cfg Config) (*Intent, error) {
 	if sleep <= 0 {
 		sleep = bitmap.DefaultDaemonSleep * time.Second
 	}
+	par := cfg.Parallel
+	if par == nil {
+		par = serial
+	}
 	in := &Intent{
-		layout: cfg.Layout, slot: cfg.Slot, mirrors: cfg.Mirrors, owner: cfg.Owner,
+		layout: cfg.Layout, slot: cfg.Slot, mirrors: cfg.Mirrors, owner: cfg.Owner, parallel: par,
 		sleep: sleep, base: cfg.Layout.SlotOffset(s),
 		chunks: map[uint64]*chunk{}, dirtyPages: map[int]bool{},
 	}
@@ -302,16 +346,39 @@ func (in *Intent) snapshotPages() []page {
 	return out
 }
 
-// writePages writes the pages to each mirror and syncs it.
+// writePages writes the pages to each mirror and syncs it, the mirrors
+// through in.parallel.
 func (in *Intent) writePages(pages []page) error {
-	for i, m := range in.mirrors {
+	errs := make([]error, len(in.mirrors))
+	var failed atomic.Bool // run one after the other, the first error stops the rest
+	in.parallel(len(in.mirrors), func(i int) {
+		if failed.Load() {
+			return
+		}
+		defer func() {
+			if errs[i] != nil {
+				failed.Store(true)
+			}
+		}()
+		m := in.mirrors[i]
 		for _, p := range pages {
 			if _, err := m.WriteAt(p.data, p.off); err != nil {
-				return fmt.Errorf("bitmap slot %d: mirror %d: write at %d: %w", in.owner.Slot(), i, p.off, err)
+				errs[i] = fmt.Errorf("bitmap slot %d: mirror %d: write at %d: %w", in.owner.Slot(), i, p.off, err)
+				return
 			}
 		}
 		if err := m.Sync(); err != nil {
-			return fmt.Errorf("bitmap slot %d: mirror %d: sync: %w", in.owner.Slot(), i, err)
+			errs[i] = fmt.Errorf("bitmap slot %d: mirror %d: sync: %w", in.owner.Slot(), i, err)
+		}
+	})
+	return firstErr(errs)
+}
+
+// firstErr returns the first non-nil error (the lowest mirror's).
+func firstErr(errs []error) error {
+	for _, err := range errs {
+		if err != nil {
+			return err
 		}
 	}
 	return nil
@@ -337,13 +404,18 @@ func (in *Intent) Tick(now time.Duration) (int, error) {
 	}
 	seq := in.endSeq
 	in.mu.Unlock()
-	var err error
-	for i, m := range in.mirrors {
-		if err = m.Sync(); err != nil {
-			err = fmt.Errorf("bitmap slot %d: mirror %d: preflush: %w", in.owner.Slot(), i, err)
-			break
+	errs := make([]error, len(in.mirrors))
+	var failed atomic.Bool // run one after the other, the first error stops the rest
+	in.parallel(len(in.mirrors), func(i int) {
+		if failed.Load() {
+			return
 		}
-	}
+		if err := in.mirrors[i].Sync(); err != nil {
+			errs[i] = fmt.Errorf("bitmap slot %d: mirror %d: preflush: %w", in.owner.Slot(), i, err)
+			failed.Store(true)
+		}
+	})
+	err := firstErr(errs)
 	in.mu.Lock()
 	if err != nil {
 		return 0, err

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/mdcluster/mdcluster/bitmap"
@@ -59,6 +60,12 @@ type Config struct {
 	// before each flush: the daemon adds its storage lease there
 	// (mdcluster/lease.Owner re-reads the generation stamp first).
 	WrapOwner func(intent.Ownership) intent.Ownership
+	// Parallel runs the per-mirror I/O of slot reads and clears, and is
+	// handed to the write-intent engine (intent.Config.Parallel); nil runs
+	// it one mirror after the other (simulators, crash tests). A daemon
+	// sets intent.ParallelGo: a dead slot's read, merge and clear then
+	// cost one mirror's latency each instead of the sum.
+	Parallel func(n int, f func(i int))
 	// Mutation, when not zero, makes the driver deliberately wrong in one
 	// way, so tests (the simulator's invariants) can prove they catch it.
 	// Never set it outside tests.
@@ -214,7 +221,8 @@ func (d *Driver) Join(ctx context.Context) error {
 	if d.cfg.WrapOwner != nil {
 		owner = d.cfg.WrapOwner(d)
 	}
-	in, err := intent.New(intent.Config{Layout: d.cfg.Layout, Slot: slot, Mirrors: d.cfg.Mirrors, Owner: owner, DaemonSleep: d.cfg.DaemonSleep})
+	in, err := intent.New(intent.Config{Layout: d.cfg.Layout, Slot: slot, Mirrors: d.cfg.Mirrors, Owner: owner, DaemonSleep: d.cfg.DaemonSleep,
+		Parallel: d.cfg.Parallel})
 	if err != nil {
 		_ = lk.Unlock(context.WithoutCancel(ctx), 0)
 		return fmt.Errorf("join slot %d: %w", d.slot, err)
@@ -565,11 +573,15 @@ func (d *Driver) dropClaim(ctx context.Context, s int) error {
 // writes them one after the other), and any copy's bit may guard data that
 // differs. Unreadable copies are skipped as long as one is readable.
 func (d *Driver) readUnion(s int) (*bitmap.Slot, error) {
+	slots := make([]*bitmap.Slot, len(d.cfg.Mirrors))
+	readErrs := make([]error, len(d.cfg.Mirrors))
+	d.parallel(len(d.cfg.Mirrors), func(i int) {
+		slots[i], readErrs[i] = bitmap.ReadSlot(d.cfg.Mirrors[i], d.cfg.Layout, s)
+	})
 	var out *bitmap.Slot
 	var errs []error
-	for i, m := range d.cfg.Mirrors {
-		sl, err := bitmap.ReadSlot(m, d.cfg.Layout, s)
-		if err != nil {
+	for i, sl := range slots {
+		if err := readErrs[i]; err != nil {
 			errs = append(errs, fmt.Errorf("mirror %d: %w", i, err))
 			continue
 		}
@@ -601,15 +613,40 @@ func (d *Driver) clear(s int) error {
 	if err != nil {
 		return fmt.Errorf("clear slot %d: %w", s, err)
 	}
-	for i, m := range d.cfg.Mirrors {
-		if err := bitmap.WriteSlot(m, d.cfg.Layout, s, clean); err != nil {
-			return fmt.Errorf("clear slot %d: mirror %d: %w", s, i, err)
+	errs := make([]error, len(d.cfg.Mirrors))
+	var failed atomic.Bool // run one after the other, the first error stops the rest
+	d.parallel(len(d.cfg.Mirrors), func(i int) {
+		if failed.Load() {
+			return
 		}
-		if err := m.Sync(); err != nil {
-			return fmt.Errorf("clear slot %d: mirror %d: sync: %w", s, i, err)
+		m := d.cfg.Mirrors[i]
+		if err := bitmap.WriteSlot(m, d.cfg.Layout, s, clean); err != nil {
+			errs[i] = fmt.Errorf("clear slot %d: mirror %d: %w", s, i, err)
+		} else if err := m.Sync(); err != nil {
+			errs[i] = fmt.Errorf("clear slot %d: mirror %d: sync: %w", s, i, err)
+		}
+		if errs[i] != nil {
+			failed.Store(true)
+		}
+	})
+	for _, err := range errs {
+		if err != nil {
+			return err
 		}
 	}
 	return nil
+}
+
+// parallel runs the per-mirror I/O: Config.Parallel, or one mirror after
+// the other.
+func (d *Driver) parallel(n int, f func(i int)) {
+	if d.cfg.Parallel != nil {
+		d.cfg.Parallel(n, f)
+		return
+	}
+	for i := 0; i < n; i++ {
+		f(i)
+	}
 }
 
 // resync announces the window covering chunks in our own value block, has

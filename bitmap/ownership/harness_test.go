@@ -11,6 +11,7 @@ import (
 	"net"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -58,6 +59,30 @@ type host struct {
 	at   ioOp // the operation the crash happened before
 	// onCrash runs right after a hook-triggered crash (outside mu).
 	onCrash func()
+	// opDelay, when set, makes every I/O operation last that long, and
+	// inflight/maxInflight count the operations running at once (the
+	// rig with parallel mirror I/O).
+	opDelay     time.Duration
+	inflight    atomic.Int32
+	maxInflight atomic.Int32
+}
+
+// io runs one operation's body, counting overlapping ones.
+func (h *host) io(f func()) {
+	if h.opDelay == 0 {
+		f()
+		return
+	}
+	n := h.inflight.Add(1)
+	for {
+		m := h.maxInflight.Load()
+		if n <= m || h.maxInflight.CompareAndSwap(m, n) {
+			break
+		}
+	}
+	time.Sleep(h.opDelay)
+	f()
+	h.inflight.Add(-1)
 }
 
 type hostDev struct {
@@ -125,15 +150,19 @@ func (d *hostDev) ReadAt(p []byte, off int64) (int, error) {
 	if err := d.h.step(ioOp{host: d.h.id, read: true, mirror: d.mirror, off: off, n: len(p)}); err != nil {
 		return 0, err
 	}
-	d.h.mu.Lock()
-	defer d.h.mu.Unlock()
-	n, err := d.disk.ReadAt(p, off)
-	for _, w := range d.pending {
-		lo, hi := max(off, w.off), min(off+int64(len(p)), w.off+int64(len(w.data)))
-		if lo < hi {
-			copy(p[lo-off:hi-off], w.data[lo-w.off:hi-w.off])
+	var n int
+	var err error
+	d.h.io(func() {
+		d.h.mu.Lock()
+		defer d.h.mu.Unlock()
+		n, err = d.disk.ReadAt(p, off)
+		for _, w := range d.pending {
+			lo, hi := max(off, w.off), min(off+int64(len(p)), w.off+int64(len(w.data)))
+			if lo < hi {
+				copy(p[lo-off:hi-off], w.data[lo-w.off:hi-w.off])
+			}
 		}
-	}
+	})
 	return n, err
 }
 
@@ -141,9 +170,11 @@ func (d *hostDev) WriteAt(p []byte, off int64) (int, error) {
 	if err := d.h.step(ioOp{host: d.h.id, write: true, mirror: d.mirror, off: off, n: len(p)}); err != nil {
 		return 0, err
 	}
-	d.h.mu.Lock()
-	defer d.h.mu.Unlock()
-	d.pending = append(d.pending, pendingWrite{off: off, data: slices.Clone(p)})
+	d.h.io(func() {
+		d.h.mu.Lock()
+		defer d.h.mu.Unlock()
+		d.pending = append(d.pending, pendingWrite{off: off, data: slices.Clone(p)})
+	})
 	return len(p), nil
 }
 
@@ -151,15 +182,19 @@ func (d *hostDev) Sync() error {
 	if err := d.h.step(ioOp{host: d.h.id, mirror: d.mirror}); err != nil {
 		return err
 	}
-	d.h.mu.Lock()
-	defer d.h.mu.Unlock()
-	for _, w := range d.pending {
-		if _, err := d.disk.WriteAt(w.data, w.off); err != nil {
-			return err
+	var err error
+	d.h.io(func() {
+		d.h.mu.Lock()
+		defer d.h.mu.Unlock()
+		for _, w := range d.pending {
+			if _, err = d.disk.WriteAt(w.data, w.off); err != nil {
+				return
+			}
 		}
-	}
-	d.pending = nil
-	return d.disk.Sync()
+		d.pending = nil
+		err = d.disk.Sync()
+	})
+	return err
 }
 
 // array is the test RAID1: writes go through the node's write intent to
@@ -265,6 +300,13 @@ func ctxFor(t testing.TB) context.Context {
 // which cached writes survive a crash. It does not join the drivers.
 func newRig(t testing.TB, seed uint64) *rig {
 	t.Helper()
+	return newRigWith(t, seed, nil, 0)
+}
+
+// newRigWith is newRig with the drivers' Config.Parallel set to parallel
+// and every I/O operation lasting opDelay.
+func newRigWith(t testing.TB, seed uint64, parallel func(int, func(int)), opDelay time.Duration) *rig {
+	t.Helper()
 	r := &rig{t: t, gen: 1, written: map[uint64]bool{}}
 	sb := testSuper()
 	l, err := bitmap.NewLayout(&sb, bmStart, bitmap.SlotAlign)
@@ -313,7 +355,7 @@ func newRig(t testing.TB, seed uint64) *rig {
 		if err != nil {
 			t.Fatal(err)
 		}
-		h := &host{id: i, rng: rand.New(rand.NewPCG(seed, uint64(i)))}
+		h := &host{id: i, rng: rand.New(rand.NewPCG(seed, uint64(i))), opDelay: opDelay}
 		var mirrors []intent.Device
 		for m, d := range r.disks {
 			hd := &hostDev{h: h, mirror: m, disk: d}
@@ -323,7 +365,7 @@ func newRig(t testing.TB, seed uint64) *rig {
 		arr := &array{h: h, barrier: barrier}
 		recovered := make(chan error, 8)
 		drv, err := ownership.New(ownership.Config{
-			Lockspace: ls, Node: id, Layout: l, Mirrors: mirrors, Array: arr,
+			Lockspace: ls, Node: id, Layout: l, Mirrors: mirrors, Array: arr, Parallel: parallel,
 			Logger:      lg.With("test_node", i),
 			OnRecovered: func(_ uint64, _ []dlm.NodeID, err error) { recovered <- err },
 		})

@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mdcluster/mdcluster/bitmap/intent"
 	"github.com/mdcluster/mdcluster/bitmap/ownership"
 	"github.com/mdcluster/mdcluster/dlm"
 )
@@ -16,9 +17,20 @@ import (
 // drivers an event. A node dies in the middle of mirrored writes to two
 // chunks; the lock manager's own view change must make exactly one
 // survivor recover its slot, resync exactly those chunks, and leave the
-// slot clean and idle.
+// slot clean and idle. With Config.Parallel = intent.ParallelGo (the
+// daemon's setting) the same must hold, and the mirrors' I/O must really
+// overlap (each operation lasts 5 ms there).
 func TestRecoveryEventsFromTheLockManager(t *testing.T) {
-	r := newRig(t, 7)
+	t.Run("serial", func(t *testing.T) { testRecoveryEvents(t, nil) })
+	t.Run("parallel", func(t *testing.T) { testRecoveryEvents(t, intent.ParallelGo) })
+}
+
+func testRecoveryEvents(t *testing.T, parallel func(int, func(int))) {
+	var delay time.Duration
+	if parallel != nil {
+		delay = 5 * time.Millisecond
+	}
+	r := newRigWith(t, 7, parallel, delay)
 	ctx := ctxFor(t)
 	for _, n := range r.nodes {
 		// A second handle of the same lockspace carries the events; the
@@ -77,4 +89,11 @@ func TestRecoveryEventsFromTheLockManager(t *testing.T) {
 	r.checkSlotClean(imgs, 2, "after recovery")
 	r.checkConsistent(imgs, "after recovery")
 	r.checkIdle(ctx, 2, "after recovery")
+	if parallel != nil {
+		for _, n := range r.alive() {
+			if m := n.h.maxInflight.Load(); m < 2 {
+				t.Fatalf("node %d: at most %d I/O operation at a time with parallel mirror I/O, want 2", n.id, m)
+			}
+		}
+	}
 }

@@ -281,6 +281,7 @@ func (m *Manager) AssembleWith(ctx context.Context, opts AssembleOptions) (err e
 	}
 	own, err := ownership.New(ownership.Config{Lockspace: serialLocker{ls}, Node: m.self, Layout: st.Layout, Mirrors: mirrors,
 		Array: slotResyncer{m}, DaemonSleep: m.cfg.DaemonSleep, Logger: m.log, WrapOwner: m.cfg.WrapBitmapOwner,
+		Parallel: m.cfg.ParallelMirrors,
 		OnRecovered: func(gen uint64, departed []dlm.NodeID, err error) {
 			if err != nil {
 				m.mu.Lock()
@@ -508,7 +509,8 @@ func (m *Manager) assembleStandalone(ctx context.Context, st *arrayState) error 
 		if m.cfg.WrapBitmapOwner != nil {
 			owner = m.cfg.WrapBitmapOwner(owner)
 		}
-		iv, err := intent.New(intent.Config{Layout: st.Layout, Slot: slot, Mirrors: mirrors, Owner: owner, DaemonSleep: m.cfg.DaemonSleep})
+		iv, err := intent.New(intent.Config{Layout: st.Layout, Slot: slot, Mirrors: mirrors, Owner: owner, DaemonSleep: m.cfg.DaemonSleep,
+			Parallel: m.cfg.ParallelMirrors})
 		if err != nil {
 			return fmt.Errorf("assemble: %w", err)
 		}

@@ -137,6 +137,12 @@ type Config struct {
 	// lease: lease.Owner re-reads the generation stamp there, so a fenced
 	// node writes no bitmap either).
 	WrapBitmapOwner func(intent.Ownership) intent.Ownership
+	// ParallelMirrors runs the bitmap's per-mirror I/O (flushes, dead
+	// slots' reads and clears): intent.ParallelGo in the daemon, so each
+	// costs the slowest mirror's latency instead of the sum. nil runs it
+	// one mirror after the other, in order, which the crash tests' counted
+	// I/O operations need (intent.Config.Parallel).
+	ParallelMirrors func(n int, f func(i int))
 	// SharedDevices opens block devices without O_EXCL (OpenShared) when
 	// Open is nil: for several nodes under one kernel, never on a real
 	// node, where O_EXCL keeps a local md array or file system off the

@@ -207,29 +207,45 @@ func (s *Stamper) ReadMember(d Device) (Record, error) {
 
 // Highest reads every member's stamp and returns the highest valid one.
 // Any member that cannot be read, or holds a torn, corrupt or foreign
-// record, is an error (joined *MemberError values), returned together with
-// the highest stamp among the others: a node cannot know whether the
-// unreadable member holds a newer generation, so the lease treats any
-// error as "cannot read the stamp".
+// record, is an error (joined *MemberError values, in member order),
+// returned together with the highest stamp among the others: a node
+// cannot know whether the unreadable member holds a newer generation, so
+// the lease treats any error as "cannot read the stamp". The members are
+// read in parallel: every renewal and every bitmap flush of the daemon
+// waits for this read, which member after member cost the sum of the
+// members' latencies.
 func (s *Stamper) Highest() (Record, error) {
 	var best Record
 	best.Array = s.Array
-	var errs []error
 	devs := s.Members()
 	if len(devs) == 0 {
 		return best, errors.New("stamp: no members")
 	}
+	recs := make([]Record, len(devs))
+	memberErrs := make([]error, len(devs))
+	var wg sync.WaitGroup
 	for i, d := range devs {
 		if d == nil {
 			continue
 		}
-		r, err := s.ReadMember(d)
-		if err != nil {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			recs[i], memberErrs[i] = s.ReadMember(d)
+		}()
+	}
+	wg.Wait()
+	var errs []error
+	for i, d := range devs {
+		if d == nil {
+			continue
+		}
+		if err := memberErrs[i]; err != nil {
 			errs = append(errs, &MemberError{Member: i, Err: err})
 			continue
 		}
-		if r.Generation > best.Generation {
-			best = r
+		if recs[i].Generation > best.Generation {
+			best = recs[i]
 		}
 	}
 	return best, errors.Join(errs...)

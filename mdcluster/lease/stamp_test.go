@@ -250,3 +250,33 @@ func TestStampMembersInParallel(t *testing.T) {
 		}
 	}
 }
+
+// TestHighestReadsMembersInParallel: every renewal and every bitmap flush
+// waits for Highest, so it reads the members at the same time, and still
+// returns the highest stamp.
+func TestHighestReadsMembersInParallel(t *testing.T) {
+	const n = 4
+	_, members := newMembers(t, n)
+	devs := members()
+	s := &Stamper{Array: testUUID, Node: 1, Members: members}
+	if err := s.Stamp(context.Background(), 7); err != nil {
+		t.Fatal(err)
+	}
+	var started sync.WaitGroup
+	started.Add(n)
+	all := make(chan struct{})
+	go func() { started.Wait(); close(all) }()
+	var waited atomic.Int32
+	wrapped := make([]Device, n)
+	for i, d := range devs {
+		wrapped[i] = &barrierDevice{Device: d, started: &started, all: all, waited: &waited}
+	}
+	s.Members = func() []Device { return wrapped }
+	r, err := s.Highest()
+	if err != nil || r.Generation != 7 {
+		t.Fatalf("Highest: %+v, %v; want generation 7", r, err)
+	}
+	if w := waited.Load(); w != n {
+		t.Fatalf("%d of %d members were being read at the same time, want all", w, n)
+	}
+}
