@@ -8,7 +8,10 @@
 // joined) whether or not it runs here: the lock manager grants locks in a
 // lockspace only once every node of the view has opened it, so a create or
 // assemble on one node needs the others attached. A scanner does that
-// every scanInterval.
+// when the lock manager holds messages for a lockspace not opened here
+// (another node opened an array's lockspace: it created or assembled the
+// array, or recovers it into a view with this node), checked every
+// scanPoll, and every scanFallback in any case.
 package arrays
 
 import (
@@ -38,8 +41,21 @@ import (
 	"github.com/mdcluster/mdcluster/mdcluster/superblock"
 )
 
-// scanInterval is how often the devices are scanned for arrays to attach.
-const scanInterval = 300 * time.Millisecond
+// The scanner's timings. Reading every device's superblock is I/O on
+// every device of the search globs (an open, a size query and up to three
+// superblock reads each); it used to run every 300 ms, which on a small
+// or emulated machine took CPU and disk time from everything else. Now
+// the trigger is the lock manager's count of messages held for lockspaces
+// not opened here (dlm.NodeStats.EarlyHeld), an in-memory read every
+// scanPoll: another node that opens an array's lockspace sends this node
+// its lock traffic for it, which waits there until this node attaches.
+// scanFallback is the periodic scan that catches anything else (an array
+// whose first messages were dropped at the early-message bound, or a
+// node without a lock manager in tests).
+const (
+	scanPoll     = 100 * time.Millisecond
+	scanFallback = 3 * time.Second
+)
 
 // DefaultClusterName is the clustered bitmap's cluster name when
 // --home-cluster is not given.
@@ -64,6 +80,14 @@ type Layer struct {
 
 	stop chan struct{}
 	wg   sync.WaitGroup
+
+	// earlyHeld returns the lock manager's count of messages held for
+	// lockspaces not opened here (nil: no node, only the fallback scan);
+	// scanNow is the scan the scanner runs (l.scan); tests replace both,
+	// and the timings.
+	earlyHeld            func() int
+	scanNow              func(context.Context)
+	pollEvery, fallEvery time.Duration
 }
 
 // arr is one array known to this node.
@@ -90,7 +114,11 @@ type arr struct {
 }
 
 // New returns the array layer.
-func New() *Layer { return &Layer{arrays: map[[16]byte]*arr{}, stop: make(chan struct{})} }
+func New() *Layer {
+	l := &Layer{arrays: map[[16]byte]*arr{}, stop: make(chan struct{}), pollEvery: scanPoll, fallEvery: scanFallback}
+	l.scanNow = l.scan
+	return l
+}
 
 var _ daemon.ArrayLayer = (*Layer)(nil)
 
@@ -124,6 +152,10 @@ func (l *Layer) Start(ctx context.Context, env daemon.ArrayEnv) error {
 		l.wg.Add(1)
 		go l.feedWatchdog(wd, lc.Duration/4)
 	}
+	if env.Node != nil && l.earlyHeld == nil {
+		d := env.Node.DLM()
+		l.earlyHeld = func() int { return d.Stats().EarlyHeld }
+	}
 	l.scan(ctx)
 	l.wg.Add(1)
 	go l.scanner()
@@ -150,18 +182,42 @@ func (l *Layer) Start(ctx context.Context, env daemon.ArrayEnv) error {
 
 func (l *Layer) scanner() {
 	defer l.wg.Done()
-	t := time.NewTicker(scanInterval)
+	t := time.NewTicker(l.pollEvery)
 	defer t.Stop()
+	last := time.Now()
+	lastEarly := 0
+	if l.earlyHeld != nil {
+		lastEarly = l.earlyHeld()
+	}
 	for {
 		select {
 		case <-l.stop:
 			return
 		case <-t.C:
 		}
+		early := 0
+		if l.earlyHeld != nil {
+			early = l.earlyHeld()
+		}
+		due := scanDue(time.Since(last), l.fallEvery, early, lastEarly)
+		lastEarly = early
+		if !due {
+			continue
+		}
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		l.scan(ctx)
+		l.scanNow(ctx)
 		cancel()
+		last = time.Now()
 	}
+}
+
+// scanDue says whether the scanner scans now: the lock manager's count of
+// messages held for lockspaces not opened here rose since the last poll
+// (new messages for an array not attached here; a count that stays the
+// same, or falls as a lockspace opened here takes its messages, brings
+// nothing new), or fallback has passed since the last scan.
+func scanDue(since, fallback time.Duration, early, lastEarly int) bool {
+	return early > lastEarly || since >= fallback
 }
 
 // probe reads the md superblock of every device under the search globs.
@@ -264,7 +320,8 @@ func (l *Layer) newArr(u [16]byte) (*arr, error) {
 	cfg := array.Config{Cluster: array.NodeCluster(l.env.Node), Devices: l.env.Config.Devices.Search, Engine: a.eng,
 		UUID: u, Logger: l.log, ResyncWindow: 4 << 20,
 		ResyncLockWait: time.Second, ResyncRetry: 300 * time.Millisecond, DaemonSleep: time.Second,
-		SharedDevices: l.env.Config.Devices.Shared, RejoinLimit: l.env.Config.RAID.RejoinLimit}
+		SharedDevices: l.env.Config.Devices.Shared, RejoinLimit: l.env.Config.RAID.RejoinLimit,
+		ParallelMirrors: intent.ParallelGo}
 	if g := a.guard; g != nil {
 		// Every bitmap flush re-reads the stamp first (leaseOwner).
 		cfg.WrapBitmapOwner = func(o intent.Ownership) intent.Ownership { return leaseOwner{Ownership: o, guard: g} }

@@ -4,7 +4,9 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/mdcluster/mdcluster/mdcluster/array"
 	"github.com/mdcluster/mdcluster/mdcluster/ctl"
@@ -110,6 +112,83 @@ func TestDropCandidates(t *testing.T) {
 	for u := range want {
 		if !seen[u] {
 			t.Errorf("%x dropped", u)
+		}
+	}
+}
+
+func TestScanDue(t *testing.T) {
+	for _, c := range []struct {
+		since            time.Duration
+		early, lastEarly int
+		want             bool
+	}{
+		{0, 0, 0, false},
+		{time.Second, 3, 3, false},    // the same held messages: nothing new
+		{time.Second, 0, 4, false},    // a lockspace opened here took its messages
+		{time.Second, 1, 0, true},     // a new lockspace's first message
+		{time.Second, 5, 4, true},     // more messages
+		{3 * time.Second, 0, 0, true}, // the fallback
+	} {
+		if got := scanDue(c.since, 3*time.Second, c.early, c.lastEarly); got != c.want {
+			t.Errorf("scanDue(%v, 3s, %d, %d) = %v, want %v", c.since, c.early, c.lastEarly, got, c.want)
+		}
+	}
+}
+
+// TestScannerScansOnHeldMessages: the scanner reads the devices when the
+// lock manager starts holding messages for a lockspace not opened here,
+// within a few polls, not at the fallback period (an hour here), and not
+// again while nothing changes.
+func TestScannerScansOnHeldMessages(t *testing.T) {
+	l := New()
+	var early atomic.Int64
+	scans := make(chan struct{}, 16)
+	l.earlyHeld = func() int { return int(early.Load()) }
+	l.scanNow = func(context.Context) { scans <- struct{}{} }
+	l.pollEvery, l.fallEvery = 5*time.Millisecond, time.Hour
+	l.wg.Add(1)
+	go l.scanner()
+	defer func() { close(l.stop); l.wg.Wait() }()
+	select {
+	case <-scans:
+		t.Fatal("scanned with no message held")
+	case <-time.After(100 * time.Millisecond):
+	}
+	early.Store(2)
+	select {
+	case <-scans:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no scan after messages were held for an unknown lockspace")
+	}
+	select {
+	case <-scans:
+		t.Fatal("scanned again although the held messages did not change")
+	case <-time.After(100 * time.Millisecond):
+	}
+	early.Store(0) // attached: the lockspace took them
+	early.Store(3)
+	select {
+	case <-scans:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no scan after more messages were held")
+	}
+}
+
+// TestScannerFallback: with no lock manager to ask, the scanner still
+// scans every fallback period.
+func TestScannerFallback(t *testing.T) {
+	l := New()
+	scans := make(chan struct{}, 16)
+	l.scanNow = func(context.Context) { scans <- struct{}{} }
+	l.pollEvery, l.fallEvery = 5*time.Millisecond, 50*time.Millisecond
+	l.wg.Add(1)
+	go l.scanner()
+	defer func() { close(l.stop); l.wg.Wait() }()
+	for i := 0; i < 2; i++ {
+		select {
+		case <-scans:
+		case <-time.After(10 * time.Second):
+			t.Fatalf("scan %d: none within 10 s with a 50 ms fallback", i+1)
 		}
 	}
 }
