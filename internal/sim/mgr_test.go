@@ -105,8 +105,8 @@ func TestManagerMutationsCaught(t *testing.T) {
 			// sender dies between its steps and a survivor must finish or
 			// roll back its change, which few runs hit and any change in
 			// the membership layer's timing moves from seed to seed (it
-			// was manager seed 1; since restarted nodes stop their
-			// start-up wait at the first view installed, seed 75).
+			// was seed 2; since restarted nodes stop their
+			// start-up wait at the first view installed, seed 153).
 			for _, seed := range mgrSeeds(100) {
 				cfg := randomConfig(seed)
 				cfg.Broadcast.Manager.Mutation = tc.mut
