@@ -93,6 +93,32 @@ const VM3LogEnv = "MDCLUSTER_VM3_LOG"
 // VM3SpareEnv sets how many spare additions are timed (default 5).
 const VM3SpareEnv = "MDCLUSTER_VM3_SPARES"
 
+// VM3StateEnv chooses where each node keeps its data_dir (the state
+// store). Unset (or "disk"): on a small ext4 disk of the node's own
+// (state-nN.img, attached to that VM only), so a node that is power-cut
+// and boots again restarts from its persisted view, promises and journal,
+// as a real node does. "tmpfs": on the guest's initramfs, lost at every
+// power cut, like a node whose system disk was replaced.
+const VM3StateEnv = "MDCLUSTER_VM3_STATE"
+
+// vm3StateSize is each node's state disk: badger's files for a few small
+// records fit many times over.
+const vm3StateSize = 64 << 20
+
+// vm3PersistentState reports whether the nodes keep data_dir on their own
+// state disks (VM3StateEnv).
+func vm3PersistentState(t *testing.T) bool {
+	switch v := os.Getenv(VM3StateEnv); v {
+	case "", "disk":
+		return true
+	case "tmpfs":
+		return false
+	default:
+		t.Fatalf("%s=%q: want disk or tmpfs", VM3StateEnv, v)
+		return false
+	}
+}
+
 // vm3Disks are the shared images: vda, vdb, vdc hold md0 (raid1 over two,
 // the third a spare), vdd, vde, vdf md1 (raid10 near=2 over three).
 const (
@@ -220,6 +246,14 @@ n=$(sed -n 's/.*mdcnode=\([0-9]*\).*/\1/p' /proc/cmdline)
 hostname n$n
 echo $n > /etc/node
 %s
+# The node's own state disk (serial mdc-state, absent with
+# MDCLUSTER_VM3_STATE=tmpfs) holds data_dir; ext4 replays its journal here
+# after a power cut.
+for b in /sys/block/vd*; do
+  if [ "$(cat $b/serial 2>/dev/null)" = mdc-state ]; then
+    mount -t ext4 /dev/${b##*/} /var/lib/mdc && echo "state disk ${b##*/} mounted on /var/lib/mdc" || echo "state disk ${b##*/}: mount failed"
+  fi
+done
 ip link set lo up
 ip addr add 169.254.0.$n/16 dev eth0
 ip link set eth0 up
@@ -307,6 +341,7 @@ type vm3Cluster struct {
 	kernel       *Kernel
 	initrd       string
 	images       []string
+	state        [3]string // each node's own state disk ("" with VM3StateEnv=tmpfs)
 	hub          *vm3Hub
 	vms          [3]*vm3VM
 	clocks       []string           // every clock measurement, for the report
@@ -357,6 +392,14 @@ func (c *vm3Cluster) launch(n int) {
 		args = append(args,
 			"-drive", fmt.Sprintf("file=%s,format=raw,cache=none,aio=threads,file.locking=off,if=none,id=d%d", img, i),
 			"-device", fmt.Sprintf("virtio-blk-pci,drive=d%d,share-rw=on,serial=mdc-d%d,addr=0x%x", i, i, 8+i))
+	}
+	if st := c.state[n-1]; st != "" {
+		// This node's alone (QEMU's image locking stays on): cache=none
+		// and no cache in QEMU, so what the guest flushed is in the host
+		// file when QEMU is killed.
+		args = append(args,
+			"-drive", fmt.Sprintf("file=%s,format=raw,cache=none,aio=threads,if=none,id=state", st),
+			"-device", "virtio-blk-pci,drive=state,serial=mdc-state,addr=0x10")
 	}
 	cmd := exec.Command("qemu-system-x86_64", args...)
 	qlog, err := os.Create(filepath.Join(v.dir, "qemu.log"))
@@ -861,7 +904,7 @@ func TestCluster3VM(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	k, err := FetchKernel(cache, []string{"md-mod", "raid1", "raid10", "loop", "nbd", "softdog", "virtio_pci", "virtio_blk", "virtio_net"})
+	k, err := FetchKernel(cache, []string{"md-mod", "raid1", "raid10", "loop", "nbd", "softdog", "virtio_pci", "virtio_blk", "virtio_net", "crc32c_generic", "ext4"})
 	if err != nil {
 		t.Fatalf("kernel: %v", err)
 	}
@@ -947,6 +990,22 @@ func TestCluster3VM(t *testing.T) {
 		}
 		c.images = append(c.images, img)
 	}
+	if vm3PersistentState(t) {
+		// Formatted once here; every later boot of the node mounts it.
+		for n := 1; n <= 3; n++ {
+			img := filepath.Join(work, fmt.Sprintf("state-n%d.img", n))
+			if err := os.WriteFile(img, nil, 0o644); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Truncate(img, vm3StateSize); err != nil {
+				t.Fatal(err)
+			}
+			if b, err := exec.Command(tools["mke2fs"], "-q", "-F", "-t", "ext4", "-L", fmt.Sprintf("mdc-state-n%d", n), img).CombinedOutput(); err != nil {
+				t.Fatalf("formatting node %d's state disk: %v\n%s", n, err, b)
+			}
+			c.state[n-1] = img
+		}
+	}
 	if c.hub, err = newVM3Hub(); err != nil {
 		t.Fatal(err)
 	}
@@ -968,6 +1027,7 @@ func TestCluster3VM(t *testing.T) {
 		if r.out != want {
 			c.fatalf("node %d sees the disks as\n%s\nwant\n%s", n, r.out, want)
 		}
+		c.checkStateDisk(n)
 	}
 	c.logf("three VMs booted in %v", time.Since(t0).Round(time.Millisecond))
 	for n := 1; n <= 3; n++ {
@@ -1071,6 +1131,18 @@ func TestCluster3VM(t *testing.T) {
 
 	c.interop()
 	ok = true
+}
+
+// checkStateDisk fails the test unless node n's data_dir is its own
+// state disk (when the harness gave it one): a mount that failed at boot
+// would leave the daemon on the initramfs and the test unaware.
+func (c *vm3Cluster) checkStateDisk(n int) {
+	c.t.Helper()
+	if c.state[n-1] == "" {
+		return
+	}
+	r := c.run(n, time.Minute, "grep ' /var/lib/mdc ext4 ' /proc/mounts")
+	c.logf("node %d: data_dir on its state disk: %s", n, strings.TrimSpace(r.out))
 }
 
 // startDaemon starts mdclusterd on node n from its configuration file, its
@@ -1242,8 +1314,18 @@ func (c *vm3Cluster) powerCut(epoch int, md, uuid, dev string, devs []int, diver
 	// Scenario 4: node 2 boots again and rejoins.
 	back := time.Now()
 	c.start(2)
+	c.checkStateDisk(2)
 	c.startDaemon(2)
 	c.waitQuorate(2)
+	if c.state[1] != "" {
+		// It restarted from what it persisted before the cut, not as a
+		// node that never ran.
+		l, ok := c.firstLog(2, back.Add(-time.Second), "loaded persisted membership state")
+		if !ok {
+			c.fatalf("cut %d: node 2 rebooted with its state disk but did not load its persisted membership state", epoch)
+		}
+		c.logf("cut %d: node 2 restarted from its state disk: %s", epoch, l.line)
+	}
 	for _, m := range []string{"md0", "md1"} {
 		c.waitFor(2, 5*time.Minute, m+" running on node 2, clean", "mdadm-go --detail /dev/"+m+" > /tmp/d && grep -q 'State : clean' /tmp/d && ! grep -q 'Resync Status\\|Rebuild Status' /tmp/d")
 	}

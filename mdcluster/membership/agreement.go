@@ -185,8 +185,9 @@ type Agreement struct {
 	acceptedRun    uint64            // generation of the last value this run (not an earlier one) accepted
 	lastNotQuorate string
 	// startupMembers are the other members of the persisted view this node
-	// restarted in; until they are all seen or StartupFenceAfter ticks have
-	// passed, no view leaving one of them out is proposed.
+	// restarted in; until they are all seen, StartupFenceAfter ticks have
+	// passed or a newer view is installed, no view leaving one of them out
+	// is proposed.
 	startupMembers []NodeID
 	startupWaitLog bool
 
@@ -740,6 +741,13 @@ func (a *Agreement) install(p Proposal, ballot uint64, from NodeID) {
 		a.restarted = false
 	}
 	a.excluded = false
+	// Any view installed after the restart supersedes the persisted one
+	// the start-up wait was about: the cluster is running again and who
+	// was left out of it (fenced first) was settled by whoever proposed
+	// it. Waiting on would only hold back this node's proposals when it
+	// coordinates, e.g. failover after the coordinator that readmitted it
+	// fails.
+	a.startupMembers = nil
 	// A node this view let go stays a leaver: its process may stay alive
 	// in gossip for a moment after it learns it is out (it shuts down only
 	// then), and it must not be proposed back meanwhile: that view would

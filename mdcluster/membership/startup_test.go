@@ -68,3 +68,42 @@ func withStartupWait(cfg Config) Config {
 	cfg.StartupFenceAfter = 3 * cfg.PrepareTimeout // 36 ticks
 	return cfg
 }
+
+// A node that restarts alone and is readmitted by the running cluster ends
+// its start-up wait with that view: the persisted view is superseded, so
+// when the coordinator fails right after, the restarted node (now the
+// coordinator) proposes the view without it at once instead of holding
+// failover back until StartupFenceAfter has passed since its start.
+func TestStartupWaitEndsWhenReadmitted(t *testing.T) {
+	c := formed(t, three, nil, calm)
+	c.mkCfg = withStartupWait
+	c.crash(2)
+	if !c.runUntil(300, func() bool {
+		return c.converged() && slices.Equal(lastInstall(c.nodes[1]).View.Members, []NodeID{1, 3})
+	}) {
+		t.Fatalf("node 2 was not removed:\n%s", c.describe())
+	}
+	start := c.now
+	c.start(2)
+	gen := c.nodes[2].persisted.Installed.Gen
+	if !c.runUntil(300, func() bool {
+		in := lastInstall(c.nodes[2])
+		return c.converged() && in.View.Gen > gen && slices.Equal(in.View.Members, []NodeID{1, 2, 3})
+	}) {
+		t.Fatalf("node 2 was not readmitted:\n%s", c.describe())
+	}
+	readmitted := c.now - start
+	if readmitted >= 36 {
+		t.Fatalf("node 2 readmitted %d ticks after its start, not before StartupFenceAfter (36): the test needs it earlier", readmitted)
+	}
+	c.crash(1)
+	if !c.runUntil(300, func() bool {
+		return c.converged() && slices.Equal(lastInstall(c.nodes[2]).View.Members, []NodeID{2, 3})
+	}) {
+		t.Fatalf("no view without the failed coordinator:\n%s", c.describe())
+	}
+	c.mustOK(t)
+	if took := c.now - start; took >= 36 {
+		t.Fatalf("view without node 1 installed %d ticks after node 2's start (readmitted after %d): held back by the start-up wait of a persisted view already superseded\n%s", took, readmitted, c.dumpTrace())
+	}
+}
