@@ -29,16 +29,24 @@ type benchArrayRig struct {
 	direct  bool
 }
 
-func newBenchArray(b *testing.B, withBitmap bool) *benchArrayRig {
+// benchLayout is the benchmarks' bitmap: a benchArray-sized array with
+// mdadm's default chunk size and daemon sleep.
+func benchLayout(b *testing.B) (bitmap.Superblock, bitmap.Layout) {
 	b.Helper()
-	dir := b.TempDir()
-	r := &benchArrayRig{start: time.Now(), direct: true}
 	sb := bitmap.Superblock{Magic: bitmap.Magic, Version: bitmap.VersionLE, SyncSize: benchArray / 512,
 		ChunkSize: bitmap.DefaultChunkSize, DaemonSleep: bitmap.DefaultDaemonSleep}
 	l, err := bitmap.NewLayout(&sb, 8192, bitmap.SlotAlign)
 	if err != nil {
 		b.Fatal(err)
 	}
+	return sb, l
+}
+
+func newBenchArray(b *testing.B, withBitmap bool) *benchArrayRig {
+	b.Helper()
+	dir := b.TempDir()
+	r := &benchArrayRig{start: time.Now(), direct: true}
+	sb, l := benchLayout(b)
 	var devs []intent.Device
 	for i := 0; i < 2; i++ {
 		path := filepath.Join(dir, []string{"m0", "m1"}[i])
@@ -188,12 +196,7 @@ func BenchmarkWriteIntentOverhead(b *testing.B) {
 func newFlushRig(b *testing.B, parallel func(int, func(int))) *intent.Intent {
 	b.Helper()
 	dir := b.TempDir()
-	sb := bitmap.Superblock{Magic: bitmap.Magic, Version: bitmap.VersionLE, SyncSize: benchArray / 512,
-		ChunkSize: bitmap.DefaultChunkSize, DaemonSleep: bitmap.DefaultDaemonSleep}
-	l, err := bitmap.NewLayout(&sb, 8192, bitmap.SlotAlign)
-	if err != nil {
-		b.Fatal(err)
-	}
+	sb, l := benchLayout(b)
 	var devs []intent.Device
 	for i := 0; i < 3; i++ {
 		path := filepath.Join(dir, fmt.Sprintf("m%d", i))

@@ -349,33 +349,38 @@ func (in *Intent) snapshotPages() []page {
 // writePages writes the pages to each mirror and syncs it, the mirrors
 // through in.parallel.
 func (in *Intent) writePages(pages []page) error {
-	errs := make([]error, len(in.mirrors))
-	var failed atomic.Bool // run one after the other, the first error stops the rest
-	in.parallel(len(in.mirrors), func(i int) {
-		if failed.Load() {
-			return
-		}
-		defer func() {
-			if errs[i] != nil {
-				failed.Store(true)
-			}
-		}()
+	return EachMirror(in.parallel, len(in.mirrors), func(i int) error {
 		m := in.mirrors[i]
 		for _, p := range pages {
 			if _, err := m.WriteAt(p.data, p.off); err != nil {
-				errs[i] = fmt.Errorf("bitmap slot %d: mirror %d: write at %d: %w", in.owner.Slot(), i, p.off, err)
-				return
+				return fmt.Errorf("bitmap slot %d: mirror %d: write at %d: %w", in.owner.Slot(), i, p.off, err)
 			}
 		}
 		if err := m.Sync(); err != nil {
-			errs[i] = fmt.Errorf("bitmap slot %d: mirror %d: sync: %w", in.owner.Slot(), i, err)
+			return fmt.Errorf("bitmap slot %d: mirror %d: sync: %w", in.owner.Slot(), i, err)
 		}
+		return nil
 	})
-	return firstErr(errs)
 }
 
-// firstErr returns the first non-nil error (the lowest mirror's).
-func firstErr(errs []error) error {
+// EachMirror runs f(i) for each of n mirrors through parallel (a
+// Config.Parallel; nil runs them one after the other, in order) and
+// returns the error of the lowest mirror that failed. Run one after the
+// other, the mirrors after a failure are not started.
+func EachMirror(parallel func(n int, f func(i int)), n int, f func(i int) error) error {
+	if parallel == nil {
+		parallel = serial
+	}
+	errs := make([]error, n)
+	var failed atomic.Bool
+	parallel(n, func(i int) {
+		if failed.Load() {
+			return
+		}
+		if errs[i] = f(i); errs[i] != nil {
+			failed.Store(true)
+		}
+	})
 	for _, err := range errs {
 		if err != nil {
 			return err
@@ -404,18 +409,12 @@ func (in *Intent) Tick(now time.Duration) (int, error) {
 	}
 	seq := in.endSeq
 	in.mu.Unlock()
-	errs := make([]error, len(in.mirrors))
-	var failed atomic.Bool // run one after the other, the first error stops the rest
-	in.parallel(len(in.mirrors), func(i int) {
-		if failed.Load() {
-			return
-		}
+	err := EachMirror(in.parallel, len(in.mirrors), func(i int) error {
 		if err := in.mirrors[i].Sync(); err != nil {
-			errs[i] = fmt.Errorf("bitmap slot %d: mirror %d: preflush: %w", in.owner.Slot(), i, err)
-			failed.Store(true)
+			return fmt.Errorf("bitmap slot %d: mirror %d: preflush: %w", in.owner.Slot(), i, err)
 		}
+		return nil
 	})
-	err := firstErr(errs)
 	in.mu.Lock()
 	if err != nil {
 		return 0, err

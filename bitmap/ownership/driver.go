@@ -7,7 +7,6 @@ import (
 	"log/slog"
 	"slices"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/mdcluster/mdcluster/bitmap"
@@ -575,8 +574,9 @@ func (d *Driver) dropClaim(ctx context.Context, s int) error {
 func (d *Driver) readUnion(s int) (*bitmap.Slot, error) {
 	slots := make([]*bitmap.Slot, len(d.cfg.Mirrors))
 	readErrs := make([]error, len(d.cfg.Mirrors))
-	d.parallel(len(d.cfg.Mirrors), func(i int) {
+	intent.EachMirror(d.cfg.Parallel, len(d.cfg.Mirrors), func(i int) error {
 		slots[i], readErrs[i] = bitmap.ReadSlot(d.cfg.Mirrors[i], d.cfg.Layout, s)
+		return nil // every mirror is read; the errors are weighed below
 	})
 	var out *bitmap.Slot
 	var errs []error
@@ -613,40 +613,16 @@ func (d *Driver) clear(s int) error {
 	if err != nil {
 		return fmt.Errorf("clear slot %d: %w", s, err)
 	}
-	errs := make([]error, len(d.cfg.Mirrors))
-	var failed atomic.Bool // run one after the other, the first error stops the rest
-	d.parallel(len(d.cfg.Mirrors), func(i int) {
-		if failed.Load() {
-			return
-		}
+	return intent.EachMirror(d.cfg.Parallel, len(d.cfg.Mirrors), func(i int) error {
 		m := d.cfg.Mirrors[i]
 		if err := bitmap.WriteSlot(m, d.cfg.Layout, s, clean); err != nil {
-			errs[i] = fmt.Errorf("clear slot %d: mirror %d: %w", s, i, err)
-		} else if err := m.Sync(); err != nil {
-			errs[i] = fmt.Errorf("clear slot %d: mirror %d: sync: %w", s, i, err)
+			return fmt.Errorf("clear slot %d: mirror %d: %w", s, i, err)
 		}
-		if errs[i] != nil {
-			failed.Store(true)
+		if err := m.Sync(); err != nil {
+			return fmt.Errorf("clear slot %d: mirror %d: sync: %w", s, i, err)
 		}
+		return nil
 	})
-	for _, err := range errs {
-		if err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-// parallel runs the per-mirror I/O: Config.Parallel, or one mirror after
-// the other.
-func (d *Driver) parallel(n int, f func(i int)) {
-	if d.cfg.Parallel != nil {
-		d.cfg.Parallel(n, f)
-		return
-	}
-	for i := 0; i < n; i++ {
-		f(i)
-	}
 }
 
 // resync announces the window covering chunks in our own value block, has
