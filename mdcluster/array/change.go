@@ -512,16 +512,21 @@ func (m *Manager) AddSpare(ctx context.Context, path string) (MemberStatus, erro
 	if _, err := t.run(ctx, "add", p, st); err != nil {
 		return MemberStatus{}, err
 	}
-	devNo := p.Entry.Dev
-	m.mu.Lock()
-	var out MemberStatus
-	if r := m.st.Members[devNo]; r != nil {
-		out = r.MemberStatus
-	}
-	m.mu.Unlock()
-	m.log.Info("device added on every node", "dev", devNo, "path", path, "device_uuid", bitmap.FormatUUID(p.Entry.DeviceUUID))
+	out := m.memberStatus(p.Entry.Dev)
+	m.log.Info("device added on every node", "dev", p.Entry.Dev, "path", path, "device_uuid", bitmap.FormatUUID(p.Entry.DeviceUUID))
 	m.wake(m.kick)
 	return out, nil
+}
+
+// memberStatus returns member dev's status as the manager knows it now
+// (zero if the array has no such member).
+func (m *Manager) memberStatus(dev uint32) MemberStatus {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if r := m.st.Members[dev]; r != nil {
+		return r.MemberStatus
+	}
+	return MemberStatus{}
 }
 
 // noNewDevRetry bounds the retries of the no-new-dev EX (see confirm).
@@ -679,14 +684,8 @@ func (m *Manager) ReAdd(ctx context.Context, path string) (MemberStatus, error) 
 	if _, err := t.run(ctx, "re-add", p, st); err != nil {
 		return MemberStatus{}, err
 	}
-	dev := p.Entry.Dev
-	m.mu.Lock()
-	var out MemberStatus
-	if r := m.st.Members[dev]; r != nil {
-		out = r.MemberStatus
-	}
-	m.mu.Unlock()
-	m.log.Info("member re-added on every node; it recovers from the union of the bitmaps", "dev", dev, "slot", p.Entry.Slot, "path", path)
+	out := m.memberStatus(p.Entry.Dev)
+	m.log.Info("member re-added on every node; it recovers from the union of the bitmaps", "dev", p.Entry.Dev, "slot", p.Entry.Slot, "path", path)
 	m.wake(m.kick)
 	return out, nil
 }

@@ -580,17 +580,7 @@ func (l *Layer) info(a *arr) (*array.Inspection, error) {
 // stops (flush, leave the broadcast, release the slot clean), every
 // attached one detaches.
 func (l *Layer) Quiesce(ctx context.Context) error {
-	l.mu.Lock()
-	if !l.closed {
-		l.closed = true
-		close(l.stop)
-	}
-	as := make([]*arr, 0, len(l.arrays))
-	for _, a := range l.arrays {
-		as = append(as, a)
-	}
-	l.mu.Unlock()
-	l.wg.Wait()
+	as := l.shutDown()
 	done := make(chan error, 1)
 	go func() {
 		var errs []error
@@ -611,8 +601,10 @@ func (l *Layer) Quiesce(ctx context.Context) error {
 	}
 }
 
-// Close implements daemon.ArrayLayer.
-func (l *Layer) Close() error {
+// shutDown marks the layer closed (no new array starts), waits for its
+// background work to end and returns every array it had. Quiesce and Close
+// both begin with it; calling it twice is harmless.
+func (l *Layer) shutDown() []*arr {
 	l.mu.Lock()
 	if !l.closed {
 		l.closed = true
@@ -624,6 +616,12 @@ func (l *Layer) Close() error {
 	}
 	l.mu.Unlock()
 	l.wg.Wait()
+	return as
+}
+
+// Close implements daemon.ArrayLayer.
+func (l *Layer) Close() error {
+	as := l.shutDown()
 	for _, a := range as {
 		l.mu.Lock()
 		srv, kdev := a.srv, a.kdev
