@@ -463,6 +463,14 @@ func (s *Sim) apply(n *Node, rd membership.Ready) {
 		s.fail("node %s: its agreement counts its lock manager as stopped=%v, but the applier left it stopped=%v (installs %d, stop %v, %v, quorate %v)",
 			n.ID, want, n.lmStopped, len(rd.Install), rd.Stop, rd.StopAfterInstall, n.Ag.Quorate())
 	}
+	if n.Up && n.inc == inc && s.failed == "" && (n.quorate || n.Ag.Quorate()) && n.viewGen == 0 {
+		// A restarted node's persisted view is not one it may act in: its
+		// lock state is gone, and the others may have installed newer views
+		// without it. Quorate there would let the lease, the array layer or
+		// an operator trust a view the cluster has left.
+		s.fail("node %s reports quorate in its persisted view gen %d before this incarnation installed any view (alive %v)",
+			n.ID, n.Ag.View().Gen, n.alive)
+	}
 }
 
 // effects is one node incarnation's apply.Effects: its simulated disk,

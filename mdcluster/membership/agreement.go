@@ -126,9 +126,21 @@ type Agreement struct {
 
 	alive     []NodeID // failure detector's belief, sorted, includes self
 	restarted bool     // this run started from a state in which self was a member
-	leaving   bool
-	left      bool
-	excluded  bool // a newer view without this node exists
+	// rejoining: this run started as a member of its persisted view and
+	// has installed no view since. That view is not one it may act in (its
+	// lock state is gone, and the cluster may have moved on without it), so
+	// it is not quorate until a view is installed.
+	rejoining bool
+	// peerGen is the newest generation this node has learned was installed
+	// or chosen elsewhere: the sender's installed generation that every
+	// message carries, and the chosen views an ACCEPT, COMMIT or PREPARED
+	// names. Once it is above this node's installed view, the cluster has
+	// moved on (without this node, or this node missed the commit) and the
+	// node is not quorate until it installs a view at least that new.
+	peerGen  uint64
+	leaving  bool
+	left     bool
+	excluded bool // a newer view without this node exists
 	// behind is the newest generation a peer said (in a HELLO) it has
 	// installed, when that is newer than this node's own view: the cluster
 	// moved on without this node and it missed the COMMIT that removed it.
@@ -230,11 +242,11 @@ func New(cfg Config) (*Agreement, error) {
 	}
 	a.maxSeen = max(a.hs.Promised, a.hs.Installed.Gen)
 	if a.hs.Installed.Gen > 0 && contains(a.hs.Installed.Members, cfg.Self) {
-		a.restarted = true
+		a.restarted, a.rejoining = true, true
 		if cfg.StartupFenceAfter > 0 {
 			a.startupMembers = minus(a.hs.Installed.Members, []NodeID{cfg.Self})
 		}
-		a.log(slog.LevelWarn, "restarted as a member of a persisted view; lock state is lost, asking to be readmitted clean",
+		a.log(slog.LevelWarn, "restarted as a member of a persisted view; lock state is lost, asking to be readmitted clean; not quorate until a view is installed",
 			slog.Uint64("gen", a.hs.Installed.Gen))
 	}
 	return a, nil
@@ -416,8 +428,38 @@ func (a *Agreement) Step(from NodeID, payload []byte) error {
 		return fmt.Errorf("membership: node %s: from %s: %w", a.cfg.Self, from, err)
 	}
 	a.handle(from, m)
+	a.notePeerGen(from, m)
 	a.run()
 	return nil
+}
+
+// notePeerGen learns from a peer's message which generations exist
+// elsewhere: the sender's installed view, and the chosen views it names.
+// It runs after the message was handled, so a COMMIT that this node
+// installs does not count as news. A generation above this node's view
+// means it was left behind: it stops calling itself quorate in that view
+// (see updateQuorum) until it installs one at least that new.
+func (a *Agreement) notePeerGen(from NodeID, m message) {
+	g := m.Gen
+	switch m.Type {
+	case mPrepared:
+		g = max(g, m.Installed.Gen)
+	case mAccept:
+		g = max(g, m.Base.Gen)
+	case mCommit:
+		g = max(g, m.Base.Gen, m.Value.Gen)
+	}
+	in := a.hs.Installed.Gen
+	if g <= in || g <= a.peerGen {
+		return
+	}
+	first := a.peerGen <= in
+	a.peerGen = g
+	if first && !a.left {
+		a.log(slog.LevelWarn, "the cluster has moved to a newer view than this node's: this node was left behind; not quorate until it installs a view that includes it",
+			slog.Any("node", from), slog.Uint64("cluster_gen", g), slog.Uint64("gen", in), slog.String("type", m.Type.String()))
+	}
+	a.updateQuorum()
 }
 
 // FenceResult reports the outcome of a Ready.Fence request. A failure is
@@ -741,6 +783,7 @@ func (a *Agreement) install(p Proposal, ballot uint64, from NodeID) {
 		a.restarted = false
 	}
 	a.excluded = false
+	a.rejoining = false
 	// Any view installed after the restart supersedes the persisted one
 	// the start-up wait was about: the cluster is running again and who
 	// was left out of it (fenced first) was settled by whoever proposed
@@ -1324,8 +1367,8 @@ func (a *Agreement) phaseTick() {
 
 func (a *Agreement) updateQuorum() {
 	in := a.hs.Installed
-	q := !a.left && !a.leaving && !a.excluded && in.Gen > 0 && contains(in.Members, a.cfg.Self) &&
-		a.cfg.Quorum.Quorate(intersect(in.Members, a.alive))
+	q := !a.left && !a.leaving && !a.excluded && !a.rejoining && a.peerGen <= in.Gen &&
+		in.Gen > 0 && contains(in.Members, a.cfg.Self) && a.cfg.Quorum.Quorate(intersect(in.Members, a.alive))
 	if q == a.quorate {
 		return
 	}
@@ -1343,7 +1386,8 @@ func (a *Agreement) updateQuorum() {
 	}
 	a.log(level, "quorum status changed", slog.Bool("quorate", q), slog.Uint64("gen", in.Gen),
 		slog.String("quorum", a.cfg.Quorum.Describe(intersect(in.Members, a.alive))),
-		slog.Bool("leaving", a.leaving || a.left), slog.Bool("excluded", a.excluded))
+		slog.Bool("leaving", a.leaving || a.left), slog.Bool("excluded", a.excluded),
+		slog.Bool("rejoining", a.rejoining), slog.Uint64("cluster_gen", max(a.peerGen, in.Gen)))
 }
 
 func sortedKeys[V any](m map[NodeID]V) []NodeID {

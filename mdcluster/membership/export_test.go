@@ -36,6 +36,22 @@ func EncodeAccept(gen, ballot uint64, value, base Proposal) []byte {
 	return encodeMessage(message{Type: mAccept, Gen: gen, Ballot: ballot, Value: value, Base: base})
 }
 
+// EncodePrepare encodes a PREPARE of ballot for intended, as a coordinator
+// whose installed view is gen sends it.
+func EncodePrepare(gen, ballot uint64, intended []NodeID) []byte {
+	return encodeMessage(message{Type: mPrepare, Gen: gen, Ballot: ballot, Intended: intended})
+}
+
+// MessageGen returns the sender's installed generation an encoded message
+// carries.
+func MessageGen(payload []byte) (uint64, error) {
+	m, err := decodeMessage(payload)
+	if err != nil {
+		return 0, err
+	}
+	return m.Gen, nil
+}
+
 // MessageType returns the type of an encoded message ("COMMITTED", ...).
 func MessageType(payload []byte) (string, error) {
 	m, err := decodeMessage(payload)

@@ -68,6 +68,11 @@ type simNode struct {
 	// restarts. The next view it installs after that generation must
 	// reset it: its old lock state must never merge with the cluster's.
 	fencedFor uint64
+	// runInstalls counts the views this incarnation installed.
+	runInstalls int
+	// heardGen is the newest installed generation a peer's message to this
+	// incarnation carried (every message carries its sender's).
+	heardGen uint64
 	// mute models a node alive to the failure detector that never answers
 	// agreement messages: it receives nothing and sends nothing.
 	mute bool
@@ -161,6 +166,7 @@ func (c *cluster) start(id NodeID) {
 		c.t.Fatalf("New(%s): %v", id, err)
 	}
 	n.a, n.up, n.exited, n.quorate, n.stopped = a, true, false, false, 0
+	n.runInstalls, n.heardGen = 0, 0
 	n.dlmStopped, n.stoppedAt = true, c.now // the driver starts its lock manager stopped
 	n.inc++
 	ap, err := apply.New(apply.Config{Self: id, Effects: nodeEffects{c: c, n: n, inc: n.inc}})
@@ -276,6 +282,9 @@ func (c *cluster) process(n *simNode) {
 			c.fail(fmt.Sprintf("node %s: %v", n.id, err))
 			return
 		}
+		if n.up && n.inc == inc {
+			c.checkQuorateNotStale(n)
+		}
 		if n.up && n.inc == inc && n.dlmStopped != want {
 			c.fail(fmt.Sprintf("node %s: its agreement counts its lock manager as stopped=%v, but the applier left it stopped=%v (installs %d, stop %v, %v)",
 				n.id, want, n.dlmStopped, len(rd.Install), rd.Stop, rd.StopAfterInstall))
@@ -326,6 +335,7 @@ func (e nodeEffects) RecoverLockManager(rc apply.Recovery) error {
 		return fmt.Errorf("node %s is down", e.n.id)
 	}
 	e.n.installs = append(e.n.installs, rc.Install)
+	e.n.runInstalls++
 	e.n.lastGen = rc.Gen
 	e.n.dlmStopped = false
 	return nil
@@ -428,6 +438,9 @@ func (c *cluster) deliver(e simEvent) {
 		// Partitions cut messages at delivery time too.
 		if !c.connected(e.from, e.to) || n.mute {
 			return
+		}
+		if g, err := MessageGen(e.data); err == nil {
+			n.heardGen = max(n.heardGen, g)
 		}
 		if err := n.a.Step(e.from, e.data); err != nil {
 			c.fail(fmt.Sprintf("node %s: Step from %s: %v", e.to, e.from, err))
@@ -592,6 +605,28 @@ func (c *cluster) check(n *simNode, rd Ready) {
 	}
 	if rd.Quorate != nil && *rd.Quorate && !believedQuorate {
 		c.fail(fmt.Sprintf("node %s reported quorate with alive set %v", n.id, n.alive))
+	}
+	if c.failed != "" {
+		c.tracef("FAIL: %s", c.failed)
+	}
+}
+
+// checkQuorateNotStale verifies, once a Ready is carried out, that a node
+// reporting quorate does so in a view it may act in: one this incarnation
+// installed (a restarted node's persisted view is not: its lock state is
+// gone and the others may have moved on without it), and not older than a
+// view a peer told it it has installed (the cluster has moved on: it was
+// left out, or it still has to catch up).
+func (c *cluster) checkQuorateNotStale(n *simNode) {
+	if !n.quorate {
+		return
+	}
+	gen := n.a.View().Gen
+	switch {
+	case n.runInstalls == 0:
+		c.fail(fmt.Sprintf("node %s reports quorate in its persisted view gen %d before this run installed any view", n.id, gen))
+	case n.heardGen > gen:
+		c.fail(fmt.Sprintf("node %s reports quorate in gen %d although a peer told it it has installed gen %d", n.id, gen, n.heardGen))
 	}
 	if c.failed != "" {
 		c.tracef("FAIL: %s", c.failed)

@@ -213,8 +213,12 @@ type Ready struct {
 	StopAfterInstall *StopAfterInstall
 	// Fence lists nodes this node (the coordinator) must fence now.
 	Fence []FenceRequest
-	// Quorate is set when the local quorum status changed. False means
-	// stop granting locks and stop array I/O now. True resumes nothing:
+	// Quorate is set when the local quorum status changed. A node is
+	// quorate when enough members of its installed view are alive and
+	// that view is current as far as it knows: not while it restarted and
+	// awaits readmission, nor once a peer's message shows the cluster at
+	// a newer view (docs/membership.md, "A view the cluster has left").
+	// False means stop granting locks and stop array I/O now. True resumes nothing:
 	// once quorum is back, the machine asks for a new view (even with the
 	// same members) and the Install resumes the lock manager.
 	Quorate *bool

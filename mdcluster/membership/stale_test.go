@@ -1,0 +1,156 @@
+package membership_test
+
+import (
+	"slices"
+	"strings"
+	"testing"
+
+	. "github.com/mdcluster/mdcluster/mdcluster/membership"
+)
+
+// TestRestartedNodeNotQuorateInStaleView: a node powered off, removed by
+// the others (gen G+1 without it) and booted again from its persisted
+// state (gen G with it) must not call itself quorate in gen G, although
+// the failure detector soon lists every member of gen G as alive. Its
+// lock state is gone and the cluster is a generation ahead without it: it
+// is not quorate until a view that readmits it is installed. (The
+// three-VM test saw node 2 log quorate=true in its old view right after
+// the restart, until it was readmitted.)
+func TestRestartedNodeNotQuorateInStaleView(t *testing.T) {
+	c := formed(t, three, nil, calm)
+	old := c.nodes[1].a.View().Gen
+	c.crash(2)
+	if !c.runUntil(300, func() bool {
+		return c.converged() && slices.Equal(lastInstall(c.nodes[1]).View.Members, []NodeID{1, 3})
+	}) {
+		t.Fatalf("node 2 was not removed:\n%s", c.describe())
+	}
+	removed := c.nodes[1].a.View().Gen
+	if removed <= old {
+		t.Fatalf("view without node 2 has gen %d, not above %d", removed, old)
+	}
+	c.start(2)
+	n := c.nodes[2]
+	gen := n.a.View().Gen
+	if gen != old {
+		t.Fatalf("node 2 restarted in gen %d, want its persisted gen %d", gen, old)
+	}
+	sawAllAlive := false
+	for range 300 {
+		if n.a.View().Gen > removed {
+			break
+		}
+		if slices.Equal(n.alive, []NodeID{1, 2, 3}) {
+			sawAllAlive = true
+		}
+		if n.quorate || n.a.Quorate() {
+			t.Fatalf("t=%d: restarted node 2 reports quorate in its persisted view gen %d (alive %v) while the cluster is at gen %d without it\n%s\n%s",
+				c.now, n.a.View().Gen, n.alive, removed, c.describe(), c.dumpTrace())
+		}
+		c.step()
+	}
+	if !sawAllAlive {
+		t.Fatalf("node 2's detector never listed every member: the test did not exercise the stale view\n%s", c.describe())
+	}
+	if !c.runUntil(300, func() bool {
+		return c.converged() && slices.Equal(lastInstall(c.nodes[2]).View.Members, []NodeID{1, 2, 3})
+	}) {
+		t.Fatalf("node 2 was not readmitted:\n%s", c.describe())
+	}
+	c.mustOK(t)
+	if in := lastInstall(n); !in.Reset || in.View.Gen <= removed || !n.quorate {
+		t.Fatalf("node 2 readmitted as %+v (quorate %v), want a reset into a view after gen %d, quorate", in, n.quorate, removed)
+	}
+}
+
+// TestLeftBehindNodeNotQuorate: a node that did not restart, but was cut
+// off while the others installed a newer view without it, calls itself
+// quorate in its old view once its detector lists the members again (it
+// cannot know better yet). The first message from a peer carries that
+// peer's installed generation: from then on it must report not quorate
+// (Ready.Quorate=false, so the driver stops I/O and lock traffic at once),
+// say why in its log, and stay so until it installs a view that includes
+// it.
+func TestLeftBehindNodeNotQuorate(t *testing.T) {
+	a, err := New(Config{Self: 2, Quorum: three, PrepareTimeout: 12})
+	if err != nil {
+		t.Fatal(err)
+	}
+	all := []NodeID{1, 2, 3}
+	a.SetAlive(all)
+	v1 := Proposal{Gen: 1, Members: all}
+	if err := a.Step(1, EncodeCommit(1, 1, v1, Proposal{})); err != nil {
+		t.Fatal(err)
+	}
+	if rd := a.Ready(); len(rd.Install) != 1 || !a.Quorate() || a.LockManagerStopped() {
+		t.Fatalf("first view not installed and running: %+v", rd)
+	}
+
+	// Nodes 1 and 3 installed gen 5 = [1 3] meanwhile; node 1 now prepares
+	// a view that readmits node 2. Its PREPARE carries gen 5.
+	if err := a.Step(1, EncodePrepare(5, 6, all)); err != nil {
+		t.Fatal(err)
+	}
+	rd := a.Ready()
+	if a.Quorate() || rd.Quorate == nil || *rd.Quorate {
+		t.Fatalf("after a PREPARE from a peer at gen 5, node 2 (gen 1) reports quorate=%v (Ready.Quorate %v): it is quorate in a view the cluster has left",
+			a.Quorate(), rd.Quorate)
+	}
+	if !a.LockManagerStopped() {
+		t.Fatal("lock manager not counted as stopped")
+	}
+	var logged bool
+	for _, e := range rd.Log {
+		if strings.Contains(e.Msg, "left behind") {
+			logged = true
+		}
+	}
+	if !logged {
+		t.Fatalf("no log line says the node was left behind: %+v", rd.Log)
+	}
+
+	// The readmitting view: ACCEPT on base gen 5 (without node 2), COMMIT.
+	base := Proposal{Gen: 5, Members: []NodeID{1, 3}, Prev: View{Gen: 1, Members: all}}
+	value := Proposal{Gen: 6, Members: all, Prev: base.View()}
+	if err := a.Step(1, EncodeAccept(5, 6, value, base)); err != nil {
+		t.Fatal(err)
+	}
+	if rd := a.Ready(); a.Quorate() || len(rd.Install) > 0 {
+		t.Fatalf("after the ACCEPT: quorate %v, installs %+v; want not quorate, nothing installed", a.Quorate(), rd.Install)
+	}
+	if err := a.Step(1, EncodeCommit(5, 6, value, base)); err != nil {
+		t.Fatal(err)
+	}
+	rd = a.Ready()
+	if len(rd.Install) != 1 || rd.Install[0].View.Gen != 6 || !rd.Install[0].Reset {
+		t.Fatalf("COMMIT installs %+v, want gen 6 with reset", rd.Install)
+	}
+	if !a.Quorate() || rd.Quorate == nil || !*rd.Quorate || a.LockManagerStopped() || rd.StopAfterInstall != nil {
+		t.Fatalf("after readmission: quorate %v (Ready.Quorate %v), stopped %v, stop after install %+v; want quorate and running",
+			a.Quorate(), rd.Quorate, a.LockManagerStopped(), rd.StopAfterInstall)
+	}
+}
+
+// TestStorageFencedNodeNotQuorateAfterHeal: the cut-off node keeps running
+// (storage fencing), the others install a view without it, the partition
+// heals. The cluster checker fails any node that reports quorate in a view
+// older than one a peer told it about (checkQuorateNotStale).
+func TestStorageFencedNodeNotQuorateAfterHeal(t *testing.T) {
+	c := formed(t, three, nil, simNet{MaxDelay: 1, FenceLag: 1, StorageFence: 1})
+	c.partition(map[NodeID]int{3: 1})
+	if !c.runUntil(300, func() bool { return slices.Equal(lastInstall(c.nodes[1]).View.Members, []NodeID{1, 2}) }) {
+		t.Fatalf("node 3 was not removed:\n%s", c.describe())
+	}
+	c.mustOK(t)
+	if !c.nodes[3].up {
+		t.Fatal("node 3 was powered off; the test needs it running (storage fencing)")
+	}
+	c.heal()
+	if !c.runUntil(300, func() bool {
+		return c.converged() && slices.Equal(lastInstall(c.nodes[3]).View.Members, []NodeID{1, 2, 3})
+	}) {
+		c.mustOK(t)
+		t.Fatalf("node 3 was not readmitted:\n%s", c.describe())
+	}
+	c.mustOK(t)
+}
