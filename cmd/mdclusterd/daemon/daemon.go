@@ -393,6 +393,19 @@ func (d *Daemon) leaveCommand(ctx context.Context) (any, error) {
 	return ctl.LeaveResult{Seconds: d.leaveTook.Seconds()}, nil
 }
 
+// quorumSummary is the status's one-line quorum explanation: the data-node
+// arithmetic of view gen (ev), unless the arithmetic passes while the
+// agreement says this node is not quorate (it is rejoining after a
+// restart, the cluster has moved to a newer view, or it is leaving). A bare
+// "quorate" there would contradict the Quorate line printed above it.
+func quorumSummary(ev ddraid.Status, quorate bool, gen uint64) string {
+	if !ev.Quorate || quorate {
+		return ev.String()
+	}
+	return fmt.Sprintf("%d of %d data nodes of view %d present (need %d), but this node is not quorate in it: it is rejoining after a restart, the cluster has moved to a newer view, or it is leaving (the node's log says which)",
+		ev.Present, ev.DataNodes, gen, ev.Need)
+}
+
 // Status reports the node as the `status` command shows it.
 func (d *Daemon) Status() ctl.Status {
 	n := d.Node()
@@ -412,7 +425,7 @@ func (d *Daemon) Status() ctl.Status {
 		State: "running",
 		View:  ctl.View{Generation: st.View.Gen, Members: ids32(st.View.Members)},
 		Quorum: ctl.Quorum{ExpectedVotes: ev.DataNodes, TotalVotes: ev.Present, Quorum: ev.Need,
-			TieBreaker: uint32(q.TieBreaker), TieBreakerPresent: ev.TieBreakerPresent, Quorate: st.Quorate, Summary: ev.String(),
+			TieBreaker: uint32(q.TieBreaker), TieBreakerPresent: ev.TieBreakerPresent, Quorate: st.Quorate, Summary: quorumSummary(ev, st.Quorate, st.View.Gen),
 			DataNodes: ids32(q.DataNodes), NonDataNodes: ids32(q.NonDataNodes)},
 		RecoveredGeneration: st.Recovered,
 		LockManagerStopped:  st.Stopped,
