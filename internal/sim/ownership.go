@@ -68,6 +68,10 @@ type OwnStats struct {
 	// its slot marks) rather than by a survivor; DebtsMoved moved to the
 	// slot of a recoverer that died after clearing the slot it recovered.
 	Debts, DebtsPaid, DebtsPaidByOwner, DebtsMoved int
+	// ResetsAfterLeave counts rejoins with reset after every node left the
+	// array at the end of the run (the manager's crash rounds): they start
+	// no array, as a daemon whose array is stopped does not join it again.
+	ResetsAfterLeave int
 }
 
 // resync records one chunk resynced, by whom.
@@ -93,8 +97,8 @@ type ownSim struct {
 	names  []string            // the slots' lock names
 	nodes  map[NodeID]*ownNode // current array incarnation per running node
 	epochs int
-	// over: finish ran; nodes that restart later (the manager's crash
-	// rounds, bcast.go) start no array.
+	// over: finish ran; nodes that restart or rejoin clean later (the
+	// manager's crash rounds, bcast.go) start no array.
 	over bool
 	// pending lists, per chunk, the writes that reached the first mirror
 	// and neither reached the second nor were resynced.
@@ -311,7 +315,10 @@ func (o *ownSim) death(on *ownNode) {
 // installing (hook: model.installed, before the Space recovers into the
 // view) delivers RecoverPrepare (if the stop was not seen yet) and
 // RecoverDeparted; a node rejoining clean (reset) loses its array
-// incarnation and starts the next.
+// incarnation and starts the next, unless every node has left the array
+// (finish ran): the array is stopped there, and a stopped array does not
+// join again (the array manager re-joins after lost locks only while
+// running), so nothing would ever leave it and release its slot lock.
 func (o *ownSim) installing(n *Node, in membership.Install) {
 	if o == nil {
 		return
@@ -322,6 +329,11 @@ func (o *ownSim) installing(n *Node, in membership.Install) {
 	}
 	if in.Reset {
 		o.retire(on, "rejoining clean")
+		if o.over {
+			o.stats.ResetsAfterLeave++
+			o.s.tracef("own %s: the array was left: rejoining clean starts no array", n.ID)
+			return
+		}
 		on = o.newIncarnation(n)
 		if on.dead {
 			return
@@ -642,7 +654,7 @@ func (o *ownSim) checkCoverage(when string) bool {
 // debt to be paid, then has every node leave the array (releasing its own
 // slot lock) so the lock model's end checks see an empty lockspace.
 func (o *ownSim) finish() {
-	if o == nil || o.s.failed != "" {
+	if o == nil || o.over || o.s.failed != "" {
 		return
 	}
 	s := o.s

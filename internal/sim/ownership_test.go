@@ -331,3 +331,51 @@ func TestSpaceLockerContract(t *testing.T) {
 	}
 	finish(t, s)
 }
+
+// TestResetAfterLeaveStartsNoArray: once every node has left the array at
+// the end of a run, a node that rejoins clean must not start (and join)
+// the array again. Seeds 32422 and 36017 found it: the manager's crash
+// round, after the leave, made node 2 rejoin with a reset; the simulation
+// started a new array incarnation there, whose join took node 2's own slot
+// lock (bitmap0001) in PW, and nothing left the array again, so the end
+// check found the lock still granted at its master. A daemon does not do
+// that (the array manager re-joins after lost locks only while the array
+// runs). Here the rejoin comes from a storage fence: node 3 is cut off
+// after the leave, fenced (it runs on, holding its lock state), and
+// rejoins with a reset after the heal.
+func TestResetAfterLeaveStartsNoArray(t *testing.T) {
+	nodes := []NodeID{1, 2, 3}
+	f := calm()
+	f.StorageFence = 1
+	cfg := Config{Seed: 1, Quorum: ddraid.Config{DataNodes: nodes, Quorum: 2}, LVBLen: 16, TossLimit: 2, Faults: f,
+		Ownership: &OwnershipConfig{Chunks: 8}}
+	cfg.Trace = traceWriter()
+	s, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Close)
+	if !s.RunUntil(500, func() bool { return s.ConvergedOn(nodes...) && s.ownJoined(nodes...) }) {
+		fatal(t, s, "the cluster did not form with every node in the array")
+	}
+	s.own.finish() // every node leaves the array
+	if s.Failed() != "" {
+		fatal(t, s, "leaving the array")
+	}
+	resets := s.Stats().Resets
+	s.Partition(map[NodeID]int{3: 1})
+	if !s.RunUntil(500, func() bool { return s.ConvergedOn(1, 2) }) {
+		fatal(t, s, "the majority did not move on without node 3")
+	}
+	s.Heal()
+	if !s.RunUntil(500, func() bool { return s.ConvergedOn(nodes...) }) {
+		fatal(t, s, "node 3 did not rejoin after the heal")
+	}
+	if got := s.Stats().Resets - resets; got != 1 {
+		t.Fatalf("node 3's rejoin carried out %d resets, want 1 (the scenario no longer takes the path it tests)", got)
+	}
+	finish(t, s) // no slot lock may be left
+	if got := s.OwnStats().ResetsAfterLeave; got != 1 {
+		t.Fatalf("%d rejoins with reset after the leave, want 1", got)
+	}
+}

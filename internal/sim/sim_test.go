@@ -224,6 +224,7 @@ func addOwn(t *OwnStats, s OwnStats) {
 	t.DebtsPaid += s.DebtsPaid
 	t.DebtsPaidByOwner += s.DebtsPaidByOwner
 	t.DebtsMoved += s.DebtsMoved
+	t.ResetsAfterLeave += s.ResetsAfterLeave
 }
 
 func add(t *Stats, s Stats) {
