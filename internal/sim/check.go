@@ -68,14 +68,8 @@ func (s *Sim) checkMasters() {
 // reset, quorum, fence before install.
 func (s *Sim) checkReady(n *Node, rd membership.Ready) {
 	believedQuorate := s.q.Quorate(n.alive)
-	for _, e := range rd.Log {
-		if strings.HasPrefix(e.Msg, selfFenceLog) {
-			for _, a := range e.Attrs {
-				if a.Key == "gen" {
-					s.selfFence(n, a.Value.Uint64())
-				}
-			}
-		}
+	for _, g := range selfFenceGens(rd) {
+		s.selfFence(n, g)
 	}
 	last := n.lastGen
 	for _, in := range rd.Install {
@@ -151,6 +145,27 @@ func (s *Sim) checkReady(n *Node, rd membership.Ready) {
 // completes a view naming itself as failed (it stops its own I/O instead of
 // fencing itself).
 const selfFenceLog = "this node is a failed member of the view being completed"
+
+// selfFenceGens returns the generations of the views a Ready says its node
+// completes as a failed member of them, stopping itself instead of being
+// fenced. The Agreement logs the line for every such view, also when the
+// node is stopped already (seed 39598: a coordinator stopped as a failed
+// member of gen 5 completed gen 14, which named it failed again, and the
+// line, then logged only when the node stopped, was missing).
+func selfFenceGens(rd membership.Ready) []uint64 {
+	var gens []uint64
+	for _, e := range rd.Log {
+		if !strings.HasPrefix(e.Msg, selfFenceLog) {
+			continue
+		}
+		for _, a := range e.Attrs {
+			if a.Key == "gen" {
+				gens = append(gens, a.Value.Uint64())
+			}
+		}
+	}
+	return gens
+}
 
 // selfFence notes that node n stopped itself as a failed member of view gen:
 // it must be stopped now (Quorate=false comes in the same Ready, before the

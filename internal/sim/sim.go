@@ -463,6 +463,15 @@ func (s *Sim) apply(n *Node, rd membership.Ready) {
 		s.fail("node %s: its agreement counts its lock manager as stopped=%v, but the applier left it stopped=%v (installs %d, stop %v, %v, quorate %v)",
 			n.ID, want, n.lmStopped, len(rd.Install), rd.Stop, rd.StopAfterInstall, n.Ag.Quorate())
 	}
+	if n.Up && n.inc == inc && s.failed == "" && (n.quorate || n.Ag.Quorate() || !n.lmStopped) {
+		// A node that stands in for its own fence (it completes a view
+		// naming it failed) must be stopped once the Ready that sends the
+		// COMMIT is carried out: its log line alone excuses nothing.
+		for _, g := range selfFenceGens(rd) {
+			s.fail("node %s stopped itself as a failed member of gen %d instead of being fenced, but it is still running (quorate %v/%v, lock manager stopped %v)",
+				n.ID, g, n.quorate, n.Ag.Quorate(), n.lmStopped)
+		}
+	}
 	if n.Up && n.inc == inc && s.failed == "" && (n.quorate || n.Ag.Quorate()) && n.viewGen == 0 {
 		// A restarted node's persisted view is not one it may act in: its
 		// lock state is gone, and the others may have installed newer views

@@ -200,6 +200,27 @@ func TestStartupWaitSeed1835(t *testing.T) {
 	}
 }
 
+// TestSelfFenceTwiceSeed39598 replays the seed where a coordinator stood in
+// for its own fence a second time: node 1, stopped as a failed member of
+// gen 5 (which it completed itself), was readmitted by gen 12 while cut
+// off, never installed it, and then completed gen 14, which removed it
+// again. The Agreement logged its self-fence line only when the node
+// stopped, so not for gen 14, and the fence-before-install check failed at
+// step 471 ("node 3 installed gen 14 removing failed node 1, which was not
+// fenced for it"). The run must pass and must still take that path.
+func TestSelfFenceTwiceSeed39598(t *testing.T) {
+	s, msg := runRandom(39598, randomSteps, traceWriter())
+	if msg != "" {
+		t.Fatalf("seed 39598, step %d: %s", stepOf(s), msg)
+	}
+	for _, g := range []uint64{5, 14} {
+		if !s.m.selfFenced[[2]uint64{1, g}] {
+			t.Errorf("seed 39598 no longer has node 1 stand in for its own fence for gen %d (the agreement's timing changed?); "+
+				"membership's TestSelfFenceLoggedForEveryView still covers the pattern", g)
+		}
+	}
+}
+
 func stepOf(s *Sim) int {
 	if s == nil {
 		return 0

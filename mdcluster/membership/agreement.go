@@ -1224,12 +1224,19 @@ func (a *Agreement) onAccepted(from NodeID, m message) {
 		// off when the value was proposed). It does not fence itself: it
 		// stops its own I/O now (Quorate=false, acted on before the commit
 		// is sent) and rejoins with a reset later.
+		//
+		// The line is logged for every view completed this way, also when
+		// the node is stopped already (excluded by an earlier view, which
+		// it may itself have completed this way): the "view chosen" line
+		// below lists nobody to fence, and this line is the only record
+		// of who stands in for that fence, for operators and for the
+		// simulator's fence-before-install check alike.
 		failed = minus(failed, []NodeID{a.cfg.Self})
 		a.selfFenced = a.value.Gen
+		a.log(slog.LevelWarn, "this node is a failed member of the view being completed; stopping its own I/O instead of fencing itself",
+			slog.Uint64("gen", a.value.Gen), slog.Bool("already_stopped", a.excluded))
 		if !a.excluded {
 			a.excluded = true
-			a.log(slog.LevelWarn, "this node is a failed member of the view being completed; stopping its own I/O instead of fencing itself",
-				slog.Uint64("gen", a.value.Gen))
 			a.updateQuorum()
 		}
 	}

@@ -76,6 +76,8 @@ type simNode struct {
 	// mute models a node alive to the failure detector that never answers
 	// agreement messages: it receives nothing and sends nothing.
 	mute bool
+	// selfFenced is this incarnation's SelfFenced as last seen.
+	selfFenced uint64
 }
 
 type simEvent struct {
@@ -166,7 +168,7 @@ func (c *cluster) start(id NodeID) {
 		c.t.Fatalf("New(%s): %v", id, err)
 	}
 	n.a, n.up, n.exited, n.quorate, n.stopped = a, true, false, false, 0
-	n.runInstalls, n.heardGen = 0, 0
+	n.runInstalls, n.heardGen, n.selfFenced = 0, 0, 0
 	n.dlmStopped, n.stoppedAt = true, c.now // the driver starts its lock manager stopped
 	n.inc++
 	ap, err := apply.New(apply.Config{Self: id, Effects: nodeEffects{c: c, n: n, inc: n.inc}})
@@ -270,10 +272,14 @@ func (c *cluster) process(n *simNode) {
 		if rd.Empty() {
 			return
 		}
+		selfFenced := uint64(0) // a self-fence decided in this Ready
 		if g := SelfFenced(n.a); g != 0 {
 			c.fenced[[2]uint64{uint64(n.id), g}] = true // it stopped itself (see onAccepted)
 			if n.lastGen < g {
 				n.fencedFor = max(n.fencedFor, g) // and must rejoin clean, like a fenced node
+			}
+			if g != n.selfFenced {
+				selfFenced, n.selfFenced = g, g
 			}
 		}
 		c.check(n, rd)
@@ -284,6 +290,13 @@ func (c *cluster) process(n *simNode) {
 		}
 		if n.up && n.inc == inc {
 			c.checkQuorateNotStale(n)
+		}
+		if n.up && n.inc == inc && selfFenced != 0 && (n.quorate || n.a.Quorate() || !n.dlmStopped) {
+			// It stands in for its own fence, so it must be stopped by the
+			// time the COMMIT of that view has gone out.
+			c.fail(fmt.Sprintf("node %s stood in for its own fence for gen %d, but it is still running (quorate %v/%v, lock manager stopped %v)",
+				n.id, selfFenced, n.quorate, n.a.Quorate(), n.dlmStopped))
+			return
 		}
 		if n.up && n.inc == inc && n.dlmStopped != want {
 			c.fail(fmt.Sprintf("node %s: its agreement counts its lock manager as stopped=%v, but the applier left it stopped=%v (installs %d, stop %v, %v)",
