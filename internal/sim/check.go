@@ -2,7 +2,6 @@ package sim
 
 import (
 	"slices"
-	"strings"
 
 	"github.com/mdcluster/mdcluster/dlm"
 	"github.com/mdcluster/mdcluster/mdcluster/membership"
@@ -68,7 +67,7 @@ func (s *Sim) checkMasters() {
 // reset, quorum, fence before install.
 func (s *Sim) checkReady(n *Node, rd membership.Ready) {
 	believedQuorate := s.q.Quorate(n.alive)
-	for _, g := range selfFenceGens(rd) {
+	for _, g := range rd.SelfFenceGens() {
 		s.selfFence(n, g)
 	}
 	last := n.lastGen
@@ -139,32 +138,6 @@ func (s *Sim) checkReady(n *Node, rd membership.Ready) {
 	if rd.Quorate != nil && *rd.Quorate && !believedQuorate {
 		s.fail("node %s reported quorate with alive set %v", n.ID, n.alive)
 	}
-}
-
-// selfFenceLog starts the Agreement's log line for a coordinator that
-// completes a view naming itself as failed (it stops its own I/O instead of
-// fencing itself).
-const selfFenceLog = "this node is a failed member of the view being completed"
-
-// selfFenceGens returns the generations of the views a Ready says its node
-// completes as a failed member of them, stopping itself instead of being
-// fenced. The Agreement logs the line for every such view, also when the
-// node is stopped already (seed 39598: a coordinator stopped as a failed
-// member of gen 5 completed gen 14, which named it failed again, and the
-// line, then logged only when the node stopped, was missing).
-func selfFenceGens(rd membership.Ready) []uint64 {
-	var gens []uint64
-	for _, e := range rd.Log {
-		if !strings.HasPrefix(e.Msg, selfFenceLog) {
-			continue
-		}
-		for _, a := range e.Attrs {
-			if a.Key == "gen" {
-				gens = append(gens, a.Value.Uint64())
-			}
-		}
-	}
-	return gens
 }
 
 // selfFence notes that node n stopped itself as a failed member of view gen:

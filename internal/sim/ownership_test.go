@@ -18,7 +18,13 @@ import (
 // and waits until every node joined the array.
 func ownScenario(t *testing.T, nodes []NodeID, m int, mut ownership.Mutation) *Sim {
 	t.Helper()
-	cfg := Config{Seed: 1, Quorum: ddraid.Config{DataNodes: nodes, Quorum: m}, LVBLen: 16, TossLimit: 2, Faults: calm(),
+	return ownScenarioFaults(t, nodes, m, mut, calm())
+}
+
+// ownScenarioFaults is ownScenario with faults f.
+func ownScenarioFaults(t *testing.T, nodes []NodeID, m int, mut ownership.Mutation, f Faults) *Sim {
+	t.Helper()
+	cfg := Config{Seed: 1, Quorum: ddraid.Config{DataNodes: nodes, Quorum: m}, LVBLen: 16, TossLimit: 2, Faults: f,
 		Ownership: &OwnershipConfig{Chunks: 8, Mutation: mut}}
 	cfg.Trace = traceWriter()
 	s, err := New(cfg)
@@ -347,17 +353,7 @@ func TestResetAfterLeaveStartsNoArray(t *testing.T) {
 	nodes := []NodeID{1, 2, 3}
 	f := calm()
 	f.StorageFence = 1
-	cfg := Config{Seed: 1, Quorum: ddraid.Config{DataNodes: nodes, Quorum: 2}, LVBLen: 16, TossLimit: 2, Faults: f,
-		Ownership: &OwnershipConfig{Chunks: 8}}
-	cfg.Trace = traceWriter()
-	s, err := New(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(s.Close)
-	if !s.RunUntil(500, func() bool { return s.ConvergedOn(nodes...) && s.ownJoined(nodes...) }) {
-		fatal(t, s, "the cluster did not form with every node in the array")
-	}
+	s := ownScenarioFaults(t, nodes, 2, 0, f)
 	s.own.finish() // every node leaves the array
 	if s.Failed() != "" {
 		fatal(t, s, "leaving the array")

@@ -467,7 +467,7 @@ func (s *Sim) apply(n *Node, rd membership.Ready) {
 		// A node that stands in for its own fence (it completes a view
 		// naming it failed) must be stopped once the Ready that sends the
 		// COMMIT is carried out: its log line alone excuses nothing.
-		for _, g := range selfFenceGens(rd) {
+		for _, g := range rd.SelfFenceGens() {
 			s.fail("node %s stopped itself as a failed member of gen %d instead of being fenced, but it is still running (quorate %v/%v, lock manager stopped %v)",
 				n.ID, g, n.quorate, n.Ag.Quorate(), n.lmStopped)
 		}

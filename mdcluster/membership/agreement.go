@@ -1233,7 +1233,7 @@ func (a *Agreement) onAccepted(from NodeID, m message) {
 		// simulator's fence-before-install check alike.
 		failed = minus(failed, []NodeID{a.cfg.Self})
 		a.selfFenced = a.value.Gen
-		a.log(slog.LevelWarn, "this node is a failed member of the view being completed; stopping its own I/O instead of fencing itself",
+		a.log(slog.LevelWarn, SelfFenceLog+"; stopping its own I/O instead of fencing itself",
 			slog.Uint64("gen", a.value.Gen), slog.Bool("already_stopped", a.excluded))
 		if !a.excluded {
 			a.excluded = true

@@ -2,31 +2,10 @@ package membership
 
 import (
 	"slices"
-	"strings"
 	"testing"
 
 	"github.com/mdcluster/mdcluster/ddraid"
 )
-
-// selfFenceMsg starts the line a coordinator logs when it completes a view
-// that names it as failed (it stops its own I/O instead of fencing itself).
-const selfFenceMsg = "this node is a failed member of the view being completed"
-
-// selfFenceGens returns the generations of the self-fence lines in rd.
-func selfFenceGens(rd Ready) []uint64 {
-	var gens []uint64
-	for _, e := range rd.Log {
-		if !strings.HasPrefix(e.Msg, selfFenceMsg) {
-			continue
-		}
-		for _, at := range e.Attrs {
-			if at.Key == "gen" {
-				gens = append(gens, at.Value.Uint64())
-			}
-		}
-	}
-	return gens
-}
 
 // prepareBallot returns the ballot of the PREPARE this Ready sends, or 0.
 func prepareBallot(t *testing.T, rd Ready) uint64 {
@@ -85,7 +64,7 @@ func TestSelfFenceLoggedForEveryView(t *testing.T) {
 		}
 	}
 	rd := a.Ready()
-	if got := selfFenceGens(rd); !slices.Equal(got, []uint64{5}) || SelfFenced(a) != 5 {
+	if got := rd.SelfFenceGens(); !slices.Equal(got, []uint64{5}) || SelfFenced(a) != 5 {
 		t.Fatalf("gen 5: self-fence lines for %v (recorded %d), want [5]; log %v", got, SelfFenced(a), rd.Log)
 	}
 	if a.Quorate() || !a.LockManagerStopped() || !Excluded(a) {
@@ -140,7 +119,7 @@ func TestSelfFenceLoggedForEveryView(t *testing.T) {
 	if !committed || SelfFenced(a) != 15 {
 		t.Fatalf("gen 15 not committed as a self-fenced view (commit sent %v, recorded %d)", committed, SelfFenced(a))
 	}
-	if got := selfFenceGens(rd); !slices.Equal(got, []uint64{15}) {
+	if got := rd.SelfFenceGens(); !slices.Equal(got, []uint64{15}) {
 		t.Fatalf("gen 15 removes node 1 without a fence, and its commit went out with self-fence lines for %v, want [15]: "+
 			"nothing records who stood in for the fence; log %v", got, rd.Log)
 	}

@@ -25,6 +25,30 @@ import (
 	"github.com/mdcluster/mdcluster/ddraid"
 )
 
+// SelfFenceLog starts the warning an Agreement logs (in Ready.Log) for each
+// view it completes as a failed member of that view: instead of fencing
+// itself it stops its own I/O. The view's "view chosen" line lists nobody
+// to fence then, so this line is the record of who stood in for that fence,
+// for operators and for checkers of the fence-before-install rule alike.
+const SelfFenceLog = "this node is a failed member of the view being completed"
+
+// SelfFenceGens returns the generations of the views rd's node completed
+// as a failed member of them (the SelfFenceLog lines in rd.Log).
+func (rd Ready) SelfFenceGens() []uint64 {
+	var gens []uint64
+	for _, e := range rd.Log {
+		if !strings.HasPrefix(e.Msg, SelfFenceLog) {
+			continue
+		}
+		for _, at := range e.Attrs {
+			if at.Key == "gen" {
+				gens = append(gens, at.Value.Uint64())
+			}
+		}
+	}
+	return gens
+}
+
 // NodeID identifies a node; it is the ddraid (and DLM) node ID, so quorum
 // rules and fencing plans can be applied to views directly.
 type NodeID = ddraid.NodeID
