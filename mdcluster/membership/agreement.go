@@ -440,15 +440,7 @@ func (a *Agreement) Step(from NodeID, payload []byte) error {
 // means it was left behind: it stops calling itself quorate in that view
 // (see updateQuorum) until it installs one at least that new.
 func (a *Agreement) notePeerGen(from NodeID, m message) {
-	g := m.Gen
-	switch m.Type {
-	case mPrepared:
-		g = max(g, m.Installed.Gen)
-	case mAccept:
-		g = max(g, m.Base.Gen)
-	case mCommit:
-		g = max(g, m.Base.Gen, m.Value.Gen)
-	}
+	g := genIn(m)
 	in := a.hs.Installed.Gen
 	if g <= in || g <= a.peerGen {
 		return
@@ -460,6 +452,31 @@ func (a *Agreement) notePeerGen(from NodeID, m message) {
 			slog.Any("node", from), slog.Uint64("cluster_gen", g), slog.Uint64("gen", in), slog.String("type", m.Type.String()))
 	}
 	a.updateQuorum()
+}
+
+// genIn is the newest generation message m shows installed or chosen
+// somewhere: the sender's installed view, and the chosen views it names.
+func genIn(m message) uint64 {
+	g := m.Gen
+	switch m.Type {
+	case mPrepared:
+		g = max(g, m.Installed.Gen)
+	case mAccept:
+		g = max(g, m.Base.Gen)
+	case mCommit:
+		g = max(g, m.Base.Gen, m.Value.Gen)
+	}
+	return g
+}
+
+// superseded reports whether view gen is older than a view this node
+// knows exists elsewhere, counting message m that is being handled (and
+// is noted only after). Installed, such a view would leave the node not
+// quorate (updateQuorum) while its DLM recovery, which may grant at once,
+// resumes the lock manager for the length of the Ready: the same reason
+// not to install it as a view in which too few members are alive.
+func (a *Agreement) superseded(gen uint64, m message) bool {
+	return gen < max(a.peerGen, genIn(m))
 }
 
 // FenceResult reports the outcome of a Ready.Fence request. A failure is
@@ -682,8 +699,11 @@ func (a *Agreement) onAccept(from NodeID, m message) {
 		// base is then installed with the value, at its COMMIT (which
 		// carries the base too), just before the value, once this node is
 		// quorate in that: accepting does not need it installed.
-		if live := intersect(m.Base.Members, a.alive); a.cfg.Quorum.Quorate(live) {
+		if live := intersect(m.Base.Members, a.alive); a.cfg.Quorum.Quorate(live) && !a.superseded(m.Base.Gen, m) {
 			a.install(m.Base, 0, from)
+		} else if a.superseded(m.Base.Gen, m) {
+			a.log(slog.LevelInfo, "not installing the missed predecessor of a proposal now: a newer view exists; it is installed with the proposal's commit",
+				slog.Uint64("ballot", m.Ballot), slog.Uint64("base_gen", m.Base.Gen), slog.Uint64("cluster_gen", max(a.peerGen, genIn(m))))
 		} else {
 			a.log(slog.LevelInfo, "not installing the missed predecessor of a proposal now: this node is not quorate in it; it is installed with the proposal's commit",
 				slog.Uint64("ballot", m.Ballot), slog.Uint64("base_gen", m.Base.Gen), slog.String("quorum", a.cfg.Quorum.Describe(live)))
@@ -742,6 +762,16 @@ func (a *Agreement) onCommit(from NodeID, m message) {
 		// it, once it sees enough of the view's members.
 		a.log(slog.LevelWarn, "not installing a view in which this node is not quorate",
 			slog.Uint64("gen", v.Gen), slog.String("quorum", a.cfg.Quorum.Describe(live)))
+		return
+	}
+	if a.superseded(v.Gen, m) {
+		// The cluster is past this view already: installed, it would
+		// leave this node not quorate (left behind) while its recovery
+		// resumed the lock manager. Wait unacknowledged, as above: the
+		// newer view's COMMIT (which carries its base) or its exclusion
+		// reaches this node, or it asks to be readmitted.
+		a.log(slog.LevelInfo, "not installing a view the cluster has moved past",
+			slog.Uint64("gen", v.Gen), slog.Uint64("cluster_gen", max(a.peerGen, genIn(m))))
 		return
 	}
 	if contains(m.Base.Members, a.cfg.Self) && m.Base.Gen > a.hs.Installed.Gen {

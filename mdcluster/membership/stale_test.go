@@ -154,3 +154,66 @@ func TestStorageFencedNodeNotQuorateAfterHeal(t *testing.T) {
 	}
 	c.mustOK(t)
 }
+
+// TestSupersededViewNotInstalled: a node that knows the cluster is at a
+// newer generation does not install an older view it missed, neither from
+// its COMMIT nor as the base of an ACCEPT. Installed, the older view would
+// leave it not quorate (the cluster is past it) while its DLM recovery
+// resumed the lock manager for the length of the Ready, which may grant
+// at once (simulator seed 54061: node 5, left behind at gen 16 by a
+// PREPARE from gen 20, then got the repeated COMMIT of gen 17 and granted
+// a lock in it).
+func TestSupersededViewNotInstalled(t *testing.T) {
+	a, err := New(Config{Self: 2, Quorum: three, PrepareTimeout: 12})
+	if err != nil {
+		t.Fatal(err)
+	}
+	all := []NodeID{1, 2, 3}
+	a.SetAlive(all)
+	v1 := Proposal{Gen: 1, Members: all}
+	if err := a.Step(1, EncodeCommit(1, 1, v1, Proposal{})); err != nil {
+		t.Fatal(err)
+	}
+	if rd := a.Ready(); len(rd.Install) != 1 || !a.Quorate() {
+		t.Fatalf("first view not installed: %+v", rd)
+	}
+	// A PREPARE from node 3, at gen 5: node 2 is left behind.
+	if err := a.Step(3, EncodePrepare(5, 6, all)); err != nil {
+		t.Fatal(err)
+	}
+	if rd := a.Ready(); a.Quorate() || !a.LockManagerStopped() {
+		t.Fatalf("after a PREPARE from gen 5: quorate %v, lock manager stopped %v (%+v)", a.Quorate(), a.LockManagerStopped(), rd)
+	}
+	// The repeated COMMIT of gen 2 (which node 2 missed) arrives from node
+	// 1, which still sends it: it must not be installed.
+	v2 := Proposal{Gen: 2, Members: all, Prev: v1.View()}
+	if err := a.Step(1, EncodeCommit(1, 2, v2, v1)); err != nil {
+		t.Fatal(err)
+	}
+	rd := a.Ready()
+	if len(rd.Install) > 0 || a.View().Gen != 1 {
+		t.Fatalf("a view the cluster has moved past was installed: %+v (view now %d)", rd.Install, a.View().Gen)
+	}
+	if a.Quorate() || !a.LockManagerStopped() {
+		t.Fatalf("after the old COMMIT: quorate %v, lock manager stopped %v", a.Quorate(), a.LockManagerStopped())
+	}
+	// Nor as the base of an ACCEPT whose base is older than gen 5.
+	v3 := Proposal{Gen: 3, Members: all, Prev: v2.View()}
+	if err := a.Step(1, EncodeAccept(2, 7, v3, v2)); err != nil {
+		t.Fatal(err)
+	}
+	if rd := a.Ready(); len(rd.Install) > 0 {
+		t.Fatalf("an ACCEPT's base older than the cluster's view was installed: %+v", rd.Install)
+	}
+	// The newest view's COMMIT, carrying its base, is installed, and the
+	// node is quorate and running in it.
+	v5 := Proposal{Gen: 5, Members: all, Prev: v1.View()}
+	v6 := Proposal{Gen: 6, Members: all, Prev: v5.View()}
+	if err := a.Step(3, EncodeCommit(5, 8, v6, v5)); err != nil {
+		t.Fatal(err)
+	}
+	rd = a.Ready()
+	if len(rd.Install) == 0 || a.View().Gen != 6 || !a.Quorate() || a.LockManagerStopped() {
+		t.Fatalf("the newest view: installs %+v, view %d, quorate %v, stopped %v", rd.Install, a.View().Gen, a.Quorate(), a.LockManagerStopped())
+	}
+}
