@@ -20,19 +20,8 @@ import (
 // gen 15 = [3 4 5]. It now sees 2, 3 and 4: quorate in gen 1 and in the
 // proposed gen 18 = [2 3 4], but in gen 15 only 3 and 4 of it are alive.
 func TestAcceptDoesNotInstallBaseWithoutQuorum(t *testing.T) {
-	a, err := New(Config{Self: 3, Quorum: five, PrepareTimeout: 12})
-	if err != nil {
-		t.Fatal(err)
-	}
 	all := []NodeID{1, 2, 3, 4, 5}
-	a.SetAlive(all)
-	v1 := Proposal{Gen: 1, Members: all}
-	if err := a.Step(1, EncodeCommit(1, 1, v1, Proposal{})); err != nil {
-		t.Fatal(err)
-	}
-	if rd := a.Ready(); len(rd.Install) != 1 || !a.Quorate() {
-		t.Fatalf("first view not installed: %+v", rd)
-	}
+	a, _ := inFirstView(t, 3, five, all)
 	a.SetAlive([]NodeID{2, 3, 4})
 	a.Ready()
 	if !a.Quorate() {

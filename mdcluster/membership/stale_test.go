@@ -5,6 +5,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/mdcluster/mdcluster/ddraid"
 	. "github.com/mdcluster/mdcluster/mdcluster/membership"
 )
 
@@ -72,19 +73,8 @@ func TestRestartedNodeNotQuorateInStaleView(t *testing.T) {
 // say why in its log, and stay so until it installs a view that includes
 // it.
 func TestLeftBehindNodeNotQuorate(t *testing.T) {
-	a, err := New(Config{Self: 2, Quorum: three, PrepareTimeout: 12})
-	if err != nil {
-		t.Fatal(err)
-	}
 	all := []NodeID{1, 2, 3}
-	a.SetAlive(all)
-	v1 := Proposal{Gen: 1, Members: all}
-	if err := a.Step(1, EncodeCommit(1, 1, v1, Proposal{})); err != nil {
-		t.Fatal(err)
-	}
-	if rd := a.Ready(); len(rd.Install) != 1 || !a.Quorate() || a.LockManagerStopped() {
-		t.Fatalf("first view not installed and running: %+v", rd)
-	}
+	a, _ := inFirstView(t, 2, three, all)
 
 	// Nodes 1 and 3 installed gen 5 = [1 3] meanwhile; node 1 now prepares
 	// a view that readmits node 2. Its PREPARE carries gen 5.
@@ -164,19 +154,8 @@ func TestStorageFencedNodeNotQuorateAfterHeal(t *testing.T) {
 // PREPARE from gen 20, then got the repeated COMMIT of gen 17 and granted
 // a lock in it).
 func TestSupersededViewNotInstalled(t *testing.T) {
-	a, err := New(Config{Self: 2, Quorum: three, PrepareTimeout: 12})
-	if err != nil {
-		t.Fatal(err)
-	}
 	all := []NodeID{1, 2, 3}
-	a.SetAlive(all)
-	v1 := Proposal{Gen: 1, Members: all}
-	if err := a.Step(1, EncodeCommit(1, 1, v1, Proposal{})); err != nil {
-		t.Fatal(err)
-	}
-	if rd := a.Ready(); len(rd.Install) != 1 || !a.Quorate() {
-		t.Fatalf("first view not installed: %+v", rd)
-	}
+	a, v1 := inFirstView(t, 2, three, all)
 	// A PREPARE from node 3, at gen 5: node 2 is left behind.
 	if err := a.Step(3, EncodePrepare(5, 6, all)); err != nil {
 		t.Fatal(err)
@@ -216,4 +195,23 @@ func TestSupersededViewNotInstalled(t *testing.T) {
 	if len(rd.Install) == 0 || a.View().Gen != 6 || !a.Quorate() || a.LockManagerStopped() {
 		t.Fatalf("the newest view: installs %+v, view %d, quorate %v, stopped %v", rd.Install, a.View().Gen, a.Quorate(), a.LockManagerStopped())
 	}
+}
+
+// inFirstView returns an Agreement for node self with every node of all
+// alive, running in view gen 1 = all (committed by node 1), and that view.
+func inFirstView(t *testing.T, self NodeID, q ddraid.Config, all []NodeID) (*Agreement, Proposal) {
+	t.Helper()
+	a, err := New(Config{Self: self, Quorum: q, PrepareTimeout: 12})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.SetAlive(all)
+	v1 := Proposal{Gen: 1, Members: all}
+	if err := a.Step(1, EncodeCommit(1, 1, v1, Proposal{})); err != nil {
+		t.Fatal(err)
+	}
+	if rd := a.Ready(); len(rd.Install) != 1 || !a.Quorate() || a.LockManagerStopped() {
+		t.Fatalf("first view not installed and running: %+v", rd)
+	}
+	return a, v1
 }
