@@ -39,10 +39,11 @@ func (n *Node) quorateChanged(q bool) {
 	switch {
 	case !q && n.cfg.Quorum.Quorate(in):
 		// Enough of the view's members are alive, but the agreement
-		// says this view is not one this node may act in: the cluster
-		// moved to a newer view (without it, or it missed the commit),
-		// or it is leaving. The arithmetic alone would read as quorate.
-		n.log.Warn(fmt.Sprintf("not quorate: %d of %d data nodes of view %d are alive, but the cluster has moved on from that view or this node is leaving; lock requests wait and array I/O stops until a view that includes this node is installed",
+		// says this view is not one this node may act in: it restarted
+		// and awaits readmission, the cluster moved to a newer view
+		// (without it, or it missed the commit), or it is leaving. The
+		// arithmetic alone would read as quorate.
+		n.log.Warn(fmt.Sprintf("not quorate: %d of %d data nodes of view %d are alive, but this node is rejoining after a restart, the cluster has moved on from that view, or this node is leaving; lock requests wait and array I/O stops until a view that includes this node is installed",
 			present, total, v.Gen), "gen", v.Gen, "view", v.Members, "alive_in_view", in)
 	case !q:
 		n.log.Warn(fmt.Sprintf("lost quorum: %d of %d data nodes alive (need %d of %d data nodes); lock requests wait and array I/O stops until a quorate view is installed",
