@@ -196,6 +196,10 @@ type Agreement struct {
 	acceptedAt     int64             // tick at which the pending accepted value was accepted
 	acceptedRun    uint64            // generation of the last value this run (not an earlier one) accepted
 	lastNotQuorate string
+	// bootPromised is the ballot promised in the persisted state this run
+	// started from: an earlier run of this node answered no ballot above
+	// it (the promise is durable before the answer is sent).
+	bootPromised uint64
 	// startupMembers are the other members of the persisted view this node
 	// restarted in; until they are all seen, StartupFenceAfter ticks have
 	// passed or a newer view is installed, no view leaving one of them out
@@ -241,6 +245,7 @@ func New(cfg Config) (*Agreement, error) {
 		suspended:     true, // the driver starts its lock manager stopped
 	}
 	a.maxSeen = max(a.hs.Promised, a.hs.Installed.Gen)
+	a.bootPromised = a.hs.Promised
 	if a.hs.Installed.Gen > 0 && contains(a.hs.Installed.Members, cfg.Self) {
 		a.restarted, a.rejoining = true, true
 		if cfg.StartupFenceAfter > 0 {
@@ -804,12 +809,19 @@ func (a *Agreement) install(p Proposal, ballot uint64, from NodeID) {
 	a.dirty = true
 	a.committer = from
 	// The restart is dealt with by a view that lists this node as
-	// Rejoined, or that joins it anew, but only if this run accepted that
-	// view: otherwise the others may have installed it, and sent its DLM
-	// recovery traffic, to the previous run (lost with it), so this node
-	// still asks to be readmitted as Rejoined.
+	// Rejoined, or that joins it anew, but only if this run, and no
+	// earlier one, took part in choosing that view: otherwise the others
+	// may have installed it, and sent its DLM recovery traffic, to the
+	// previous run (lost with it), so this node still asks to be
+	// readmitted as Rejoined. That this run accepted it proves nothing: a
+	// duplicate or late ACCEPT of a ballot the previous run had already
+	// accepted reaches the new run too. A view's first PREPARE is its
+	// generation's ballot, and every member of a view answered it, so a
+	// view whose generation is above the ballot this run's persisted
+	// state promised was prepared by this run, and installed nowhere
+	// before this run began.
 	if a.restarted && (contains(p.Rejoined, a.cfg.Self) ||
-		(!contains(p.Prev.Members, a.cfg.Self) && a.acceptedRun == p.Gen)) {
+		(!contains(p.Prev.Members, a.cfg.Self) && a.acceptedRun == p.Gen && p.Gen > a.bootPromised)) {
 		a.restarted = false
 	}
 	a.excluded = false
