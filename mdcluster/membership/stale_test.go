@@ -215,3 +215,43 @@ func inFirstView(t *testing.T, self NodeID, q ddraid.Config, all []NodeID) (*Agr
 	}
 	return a, v1
 }
+
+// TestWholeClusterRestartResumes: a node is not quorate in its persisted
+// view until it installs a new one, so when every node restarts at once
+// (a power outage of the whole cluster, or a cluster of one) none is
+// quorate at first; they must still agree a new view and run in it.
+func TestWholeClusterRestartResumes(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		q     ddraid.Config
+		nodes []NodeID
+	}{
+		{"one node", ddraid.Config{DataNodes: []NodeID{1}, Quorum: 1}, []NodeID{1}},
+		{"three nodes", three, []NodeID{1, 2, 3}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := formed(t, tc.q, nil, calm)
+			before := c.nodes[1].a.View().Gen
+			for _, id := range tc.nodes {
+				c.crash(id)
+			}
+			for _, id := range tc.nodes {
+				c.start(id)
+				if n := c.nodes[id]; n.a.Quorate() {
+					t.Fatalf("node %d quorate in its persisted view right after the restart", id)
+				}
+			}
+			if !c.runUntil(600, func() bool {
+				for _, id := range tc.nodes {
+					if n := c.nodes[id]; !n.a.Quorate() || n.a.LockManagerStopped() || n.a.View().Gen <= before {
+						return false
+					}
+				}
+				return c.converged()
+			}) {
+				t.Fatalf("not running in a new view after every node restarted:\n%s", c.describe())
+			}
+			c.mustOK(t)
+		})
+	}
+}
