@@ -435,3 +435,15 @@ func TestRAIDHoldAndRejoin(t *testing.T) {
 		t.Fatalf("raid: %+v, want hold_wait 2s and rejoin_limit 90s", cfg.RAID)
 	}
 }
+
+// TestParseEmptyExportTable: an [array.export] table with no keys at all
+// is refused like one without a socket (a fuzzed input once got through:
+// the array then had no export socket).
+func TestParseEmptyExportTable(t *testing.T) {
+	lines := strings.Split(base, "\n")
+	doc := strings.Join(append(append([]string(nil), lines[:28]...), lines[30:]...), "\n") // drop socket and tcp
+	_, err := Parse(file, []byte(doc), testFS())
+	if err == nil || !strings.Contains(err.Error(), "array[0].export.socket: missing: the unix socket path of the array's NBD export") {
+		t.Fatalf("empty [array.export]: %v", err)
+	}
+}

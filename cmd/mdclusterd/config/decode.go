@@ -471,7 +471,8 @@ func (d *decoder) arrays(root *table, haveSearch bool) []Array {
 		}
 		seen["array "+id] = t.path
 		ex := d.subtable(t, "export")
-		if _, present := t.m["export"]; !present {
+		_, hasExport := t.m["export"]
+		if !hasExport {
 			d.errorf(t.key("export"), "missing: where to export the array ([%s] with socket = \"/run/mdcluster/<name>.nbd\")", "array.export")
 		}
 		if s, ok := d.str(ex, "socket"); ok {
@@ -482,7 +483,9 @@ func (d *decoder) arrays(root *table, haveSearch bool) []Array {
 				seen["socket "+s] = t.path
 				a.ExportSocket = s
 			}
-		} else if _, present := ex.m["socket"]; !present && len(ex.m) > 0 {
+		} else if _, present := ex.m["socket"]; !present && hasExport {
+			// An [array.export] table without a socket, empty or not (a
+			// missing table is reported above).
 			d.errorf(ex.key("socket"), "missing: the unix socket path of the array's NBD export")
 		}
 		if s, ok := d.str(ex, "tcp"); ok {
