@@ -474,15 +474,17 @@ func genIn(m message) uint64 {
 	return g
 }
 
-// superseded reports whether view gen is older than a view this node
-// knows exists elsewhere, counting message m that is being handled (and
-// is noted only after). Installed, such a view would leave the node not
-// quorate (updateQuorum) while its DLM recovery, which may grant at once,
-// resumes the lock manager for the length of the Ready: the same reason
-// not to install it as a view in which too few members are alive.
-func (a *Agreement) superseded(gen uint64, m message) bool {
-	return gen < max(a.peerGen, genIn(m))
-}
+// knownGen is the newest generation this node knows exists elsewhere,
+// counting message m that is being handled (notePeerGen notes it only
+// after).
+func (a *Agreement) knownGen(m message) uint64 { return max(a.peerGen, genIn(m)) }
+
+// superseded reports whether view gen is older than knownGen(m).
+// Installed, such a view would leave the node not quorate (updateQuorum)
+// while its DLM recovery, which may grant at once, resumes the lock
+// manager for the length of the Ready: the same reason not to install it
+// as a view in which too few members are alive.
+func (a *Agreement) superseded(gen uint64, m message) bool { return gen < a.knownGen(m) }
 
 // FenceResult reports the outcome of a Ready.Fence request. A failure is
 // asked for again after FenceRetryTicks; nothing is installed until every
@@ -704,14 +706,15 @@ func (a *Agreement) onAccept(from NodeID, m message) {
 		// base is then installed with the value, at its COMMIT (which
 		// carries the base too), just before the value, once this node is
 		// quorate in that: accepting does not need it installed.
-		if live := intersect(m.Base.Members, a.alive); a.cfg.Quorum.Quorate(live) && !a.superseded(m.Base.Gen, m) {
-			a.install(m.Base, 0, from)
-		} else if a.superseded(m.Base.Gen, m) {
+		switch live := intersect(m.Base.Members, a.alive); {
+		case a.superseded(m.Base.Gen, m):
 			a.log(slog.LevelInfo, "not installing the missed predecessor of a proposal now: a newer view exists; it is installed with the proposal's commit",
-				slog.Uint64("ballot", m.Ballot), slog.Uint64("base_gen", m.Base.Gen), slog.Uint64("cluster_gen", max(a.peerGen, genIn(m))))
-		} else {
+				slog.Uint64("ballot", m.Ballot), slog.Uint64("base_gen", m.Base.Gen), slog.Uint64("cluster_gen", a.knownGen(m)))
+		case !a.cfg.Quorum.Quorate(live):
 			a.log(slog.LevelInfo, "not installing the missed predecessor of a proposal now: this node is not quorate in it; it is installed with the proposal's commit",
 				slog.Uint64("ballot", m.Ballot), slog.Uint64("base_gen", m.Base.Gen), slog.String("quorum", a.cfg.Quorum.Describe(live)))
+		default:
+			a.install(m.Base, 0, from)
 		}
 	}
 	if acc := a.hs.Accepted; acc == nil || acc.Ballot != m.Ballot || !acc.Value.equal(m.Value) {
@@ -776,7 +779,7 @@ func (a *Agreement) onCommit(from NodeID, m message) {
 		// newer view's COMMIT (which carries its base) or its exclusion
 		// reaches this node, or it asks to be readmitted.
 		a.log(slog.LevelInfo, "not installing a view the cluster has moved past",
-			slog.Uint64("gen", v.Gen), slog.Uint64("cluster_gen", max(a.peerGen, genIn(m))))
+			slog.Uint64("gen", v.Gen), slog.Uint64("cluster_gen", a.knownGen(m)))
 		return
 	}
 	if contains(m.Base.Members, a.cfg.Self) && m.Base.Gen > a.hs.Installed.Gen {
